@@ -1,0 +1,71 @@
+// Input validation shared by every op and backend. Each message names the op, the argument and
+// what was expected, so that a user sees e.g. "ltfast.balanced_softmax: log_prior must have C = 10
+// elements (one per class of logits), got shape [9]".
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <string>
+
+namespace ltfast {
+
+enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
+
+inline Reduction parse_reduction(c10::string_view reduction, const char* op) {
+  if (reduction == "mean") return Reduction::Mean;
+  if (reduction == "sum") return Reduction::Sum;
+  if (reduction == "none") return Reduction::None;
+  TORCH_CHECK_VALUE(false, op, ": reduction must be 'none', 'mean' or 'sum', got '",
+                    std::string(reduction), "'");
+}
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_logits(const at::Tensor& logits, const char* op) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be a 2-D tensor [N, C], got a ",
+                    logits.dim(), "-D tensor of shape ", logits.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(logits.scalar_type()), op,
+                   ": logits must be float32, float64, float16 or bfloat16, got ",
+                   logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, op, ": logits must have at least one class (C >= 1), got shape ",
+                    logits.sizes());
+}
+
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& logits,
+                              const char* op) {
+  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " must be on the same device as logits (",
+              logits.device(), "), got ", t.device());
+}
+
+inline void check_target(const at::Tensor& target, const at::Tensor& logits, const char* op) {
+  TORCH_CHECK_VALUE(target.dim() == 1, op, ": target must be a 1-D tensor [N] of class indices, got a ",
+                    target.dim(), "-D tensor of shape ", target.sizes());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong, op,
+                   ": target must be an int64 tensor of class indices, got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.size(0) == logits.size(0), op, ": target must have N = ", logits.size(0),
+                    " elements (one per row of logits), got shape ", target.sizes());
+  check_same_device(target, "target", logits, op);
+}
+
+// A per-class vector (log prior, adjustment, margin, weight): 1-D float of C elements.
+inline void check_class_vector(const at::Tensor& t, const char* name, const at::Tensor& logits,
+                               const char* op) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == logits.size(1), op, ": ", name, " must be a 1-D tensor of C = ",
+                    logits.size(1), " elements (one per class of logits), got shape ", t.sizes());
+  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), op, ": ", name,
+                   " must be a floating-point tensor, got ", t.scalar_type());
+  check_same_device(t, name, logits, op);
+}
+
+inline void check_row_statistic(const at::Tensor& t, const char* name, const at::Tensor& logits,
+                                const char* op) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == logits.size(0), op, ": ", name,
+                    " must be a 1-D tensor of N = ", logits.size(0), " elements, got shape ", t.sizes());
+  check_same_device(t, name, logits, op);
+}
+
+}  // namespace ltfast

@@ -1,0 +1,86 @@
+// Every ltfast op schema lives here, in one TORCH_LIBRARY block; each backend file
+// (csrc/ops/<family>/<family>_{cpu,cuda}.*) registers its own kernels, and ltfast/ops.py adds the
+// fake (meta) kernels, autograd and autocast.
+//
+// Each public loss op is a thin composite over a private forward op that also returns the per-row
+// statistics backward needs (autograd can only save what an op returns), and a private backward op.
+#include <Python.h>
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace ltfast {
+namespace {
+
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+at::Tensor balanced_softmax(const at::Tensor& logits, const at::Tensor& target,
+                            const at::Tensor& log_prior, c10::string_view reduction,
+                            int64_t ignore_index) {
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ltfast::_balanced_softmax_forward", "")
+          .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                c10::string_view, int64_t)>();
+  const auto loss = std::get<0>(forward.call(logits, target, log_prior, reduction, ignore_index));
+  // The kernels return the loss in the float32 accumulation dtype; like F.cross_entropy, the
+  // public op returns it in the logits dtype (the autocast kernel in ltfast/ops.py keeps float32).
+  return loss.to(logits.scalar_type());
+}
+
+at::Tensor adjusted_cross_entropy(const at::Tensor& logits, const at::Tensor& target,
+                                  const c10::optional<at::Tensor>& adjustment,
+                                  const c10::optional<at::Tensor>& target_margin,
+                                  const c10::optional<at::Tensor>& weight, double gamma,
+                                  double label_smoothing, c10::string_view reduction,
+                                  int64_t ignore_index) {
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ltfast::_adjusted_cross_entropy_forward", "")
+          .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&,
+                                const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                                const c10::optional<at::Tensor>&, double, double, c10::string_view,
+                                int64_t)>();
+  const auto loss = std::get<0>(forward.call(logits, target, adjustment, target_margin, weight, gamma,
+                                             label_smoothing, reduction, ignore_index));
+  return loss.to(logits.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ltfast, m) {
+  // Balanced Softmax (Ren et al. 2020; "PriorCE"/LADE-CE in the survey): F.cross_entropy on
+  // logits + log_prior.
+  m.def("balanced_softmax(Tensor logits, Tensor target, Tensor log_prior, str reduction=\"mean\", "
+        "int ignore_index=-100) -> Tensor",
+        &balanced_softmax);
+  m.def("_balanced_softmax_forward(Tensor logits, Tensor target, Tensor log_prior, str reduction, "
+        "int ignore_index) -> (Tensor loss, Tensor row_lse, Tensor denominator)");
+  m.def("_balanced_softmax_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor log_prior, "
+        "Tensor row_lse, Tensor denominator, str reduction, int ignore_index) -> Tensor");
+
+  // The cross-entropy family: CE on logits + adjustment - target_margin[y] * onehot(y), per-class
+  // weights with PyTorch's weighted mean, focal factor (1 - p_y)^gamma, label smoothing.
+  m.def("adjusted_cross_entropy(Tensor logits, Tensor target, Tensor? adjustment=None, "
+        "Tensor? target_margin=None, Tensor? weight=None, float gamma=0.0, float label_smoothing=0.0, "
+        "str reduction=\"mean\", int ignore_index=-100) -> Tensor",
+        &adjusted_cross_entropy);
+  m.def("_adjusted_cross_entropy_forward(Tensor logits, Tensor target, Tensor? adjustment, "
+        "Tensor? target_margin, Tensor? weight, float gamma, float label_smoothing, str reduction, "
+        "int ignore_index) -> (Tensor loss, Tensor row_lse, Tensor denominator)");
+  m.def("_adjusted_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, "
+        "Tensor? adjustment, Tensor? target_margin, Tensor? weight, Tensor row_lse, "
+        "Tensor denominator, float gamma, float label_smoothing, str reduction, int ignore_index) "
+        "-> Tensor");
+}
+
+}  // namespace ltfast
+
+// `import ltfast._C` loads this library, which runs the registrations above; the module itself
+// holds nothing.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,118 @@
+// The softmax cross-entropy family behind ltfast::balanced_softmax and
+// ltfast::adjusted_cross_entropy: argument preparation shared by the CPU and CUDA backends, and
+// the backend entry points. See csrc/common/softmax_math.h for the math.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+#include "../../common/checks.h"
+
+namespace ltfast {
+
+// Everything a backend kernel needs, validated and in kernel-friendly form: logits contiguous in
+// their own dtype, per-class vectors contiguous in the accumulation dtype (float32, or float64 for
+// float64 logits), undefined tensors for absent options.
+struct CrossEntropyArgs {
+  at::Tensor logits;
+  at::Tensor target;
+  at::Tensor adjustment;
+  at::Tensor target_margin;
+  at::Tensor weight;
+  double gamma = 0.0;
+  double label_smoothing = 0.0;
+  Reduction reduction = Reduction::Mean;
+  int64_t ignore_index = -100;
+  int64_t num_rows = 0;
+  int64_t num_classes = 0;
+  at::ScalarType accumulate_type = at::kFloat;
+};
+
+CrossEntropyArgs prepare_cross_entropy_args(const char* op, const at::Tensor& logits,
+                                            const at::Tensor& target,
+                                            const c10::optional<at::Tensor>& adjustment,
+                                            const char* adjustment_name,
+                                            const c10::optional<at::Tensor>& target_margin,
+                                            const c10::optional<at::Tensor>& weight, double gamma,
+                                            double label_smoothing, c10::string_view reduction,
+                                            int64_t ignore_index);
+
+// Checks the saved statistics and the upstream gradient handed to a backward op.
+void check_cross_entropy_backward_args(const char* op, const CrossEntropyArgs& args,
+                                       const at::Tensor& grad_loss, const at::Tensor& row_lse,
+                                       const at::Tensor& denominator);
+
+// Forward: (loss, row_lse, denominator). loss is [N] for reduction 'none', else a scalar;
+// row_lse [N] is the only per-row statistic saved for backward; denominator is the scalar the
+// summed loss was divided by (sum of target weights for 'mean', 1 otherwise). All three are in
+// the accumulation dtype.
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+ForwardResult cross_entropy_forward_cpu(const CrossEntropyArgs& args);
+at::Tensor cross_entropy_backward_cpu(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
+                                      const at::Tensor& row_lse, const at::Tensor& denominator);
+ForwardResult cross_entropy_forward_cuda(const CrossEntropyArgs& args);
+at::Tensor cross_entropy_backward_cuda(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
+                                       const at::Tensor& row_lse, const at::Tensor& denominator);
+
+}  // namespace ltfast
+
+namespace ltfast {
+
+// Schema-shaped adapters: each backend registers these with its own kernels, so the argument
+// handling of the four private ops is written once for all backends.
+using ForwardKernel = ForwardResult (*)(const CrossEntropyArgs&);
+using BackwardKernel = at::Tensor (*)(const CrossEntropyArgs&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&);
+
+template <ForwardKernel kernel>
+ForwardResult balanced_softmax_forward(const at::Tensor& logits, const at::Tensor& target,
+                                       const at::Tensor& log_prior, c10::string_view reduction,
+                                       int64_t ignore_index) {
+  const auto args = prepare_cross_entropy_args("ltfast.balanced_softmax", logits, target, log_prior,
+                                               "log_prior", c10::nullopt, c10::nullopt, 0.0, 0.0,
+                                               reduction, ignore_index);
+  return kernel(args);
+}
+
+template <BackwardKernel kernel>
+at::Tensor balanced_softmax_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                     const at::Tensor& target, const at::Tensor& log_prior,
+                                     const at::Tensor& row_lse, const at::Tensor& denominator,
+                                     c10::string_view reduction, int64_t ignore_index) {
+  const char* op = "ltfast._balanced_softmax_backward";
+  const auto args = prepare_cross_entropy_args(op, logits, target, log_prior, "log_prior",
+                                               c10::nullopt, c10::nullopt, 0.0, 0.0, reduction,
+                                               ignore_index);
+  check_cross_entropy_backward_args(op, args, grad_loss, row_lse, denominator);
+  return kernel(args, grad_loss, row_lse, denominator);
+}
+
+template <ForwardKernel kernel>
+ForwardResult adjusted_cross_entropy_forward(
+    const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& adjustment,
+    const c10::optional<at::Tensor>& target_margin, const c10::optional<at::Tensor>& weight,
+    double gamma, double label_smoothing, c10::string_view reduction, int64_t ignore_index) {
+  const auto args = prepare_cross_entropy_args("ltfast.adjusted_cross_entropy", logits, target,
+                                               adjustment, "adjustment", target_margin, weight, gamma,
+                                               label_smoothing, reduction, ignore_index);
+  return kernel(args);
+}
+
+template <BackwardKernel kernel>
+at::Tensor adjusted_cross_entropy_backward(
+    const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+    const c10::optional<at::Tensor>& adjustment, const c10::optional<at::Tensor>& target_margin,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& row_lse,
+    const at::Tensor& denominator, double gamma, double label_smoothing, c10::string_view reduction,
+    int64_t ignore_index) {
+  const char* op = "ltfast._adjusted_cross_entropy_backward";
+  const auto args = prepare_cross_entropy_args(op, logits, target, adjustment, "adjustment",
+                                               target_margin, weight, gamma, label_smoothing,
+                                               reduction, ignore_index);
+  check_cross_entropy_backward_args(op, args, grad_loss, row_lse, denominator);
+  return kernel(args, grad_loss, row_lse, denominator);
+}
+
+}  // namespace ltfast

@@ -1,0 +1,75 @@
+#include "cross_entropy.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace ltfast {
+
+namespace {
+
+at::Tensor class_vector_or_undefined(const c10::optional<at::Tensor>& t, const char* name,
+                                     const at::Tensor& logits, at::ScalarType accumulate_type,
+                                     const char* op) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  check_class_vector(*t, name, logits, op);
+  // [C] elements: converting costs nothing next to the [N, C] pass, and the kernels then read one
+  // dtype. The nn modules store their buffers in float32 already, so this is usually a no-op.
+  return t->to(accumulate_type).contiguous();
+}
+
+}  // namespace
+
+CrossEntropyArgs prepare_cross_entropy_args(const char* op, const at::Tensor& logits,
+                                            const at::Tensor& target,
+                                            const c10::optional<at::Tensor>& adjustment,
+                                            const char* adjustment_name,
+                                            const c10::optional<at::Tensor>& target_margin,
+                                            const c10::optional<at::Tensor>& weight, double gamma,
+                                            double label_smoothing, c10::string_view reduction,
+                                            int64_t ignore_index) {
+  check_logits(logits, op);
+  check_target(target, logits, op);
+  TORCH_CHECK_VALUE(std::isfinite(gamma) && gamma >= 0.0, op, ": gamma must be a finite number >= 0, got ",
+                    gamma);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+                    ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK_VALUE(gamma == 0.0 || label_smoothing == 0.0, op,
+                    ": gamma > 0 (focal) together with label_smoothing > 0 is not supported; "
+                    "use one of them, got gamma=", gamma, " and label_smoothing=", label_smoothing);
+
+  CrossEntropyArgs args;
+  args.accumulate_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  args.logits = logits.contiguous();
+  args.target = target.contiguous();
+  args.adjustment = class_vector_or_undefined(adjustment, adjustment_name, logits, args.accumulate_type, op);
+  args.target_margin = class_vector_or_undefined(target_margin, "target_margin", logits, args.accumulate_type, op);
+  args.weight = class_vector_or_undefined(weight, "weight", logits, args.accumulate_type, op);
+  args.gamma = gamma;
+  args.label_smoothing = label_smoothing;
+  args.reduction = parse_reduction(reduction, op);
+  args.ignore_index = ignore_index;
+  args.num_rows = logits.size(0);
+  args.num_classes = logits.size(1);
+  return args;
+}
+
+void check_cross_entropy_backward_args(const char* op, const CrossEntropyArgs& args,
+                                       const at::Tensor& grad_loss, const at::Tensor& row_lse,
+                                       const at::Tensor& denominator) {
+  check_row_statistic(row_lse, "row_lse", args.logits, op);
+  TORCH_CHECK_TYPE(row_lse.scalar_type() == args.accumulate_type, op, ": row_lse must be ",
+                   args.accumulate_type, ", got ", row_lse.scalar_type());
+  TORCH_CHECK_VALUE(denominator.numel() == 1, op, ": denominator must have one element, got shape ",
+                    denominator.sizes());
+  check_same_device(denominator, "denominator", args.logits, op);
+  if (args.reduction == Reduction::None) {
+    check_row_statistic(grad_loss, "grad_loss", args.logits, op);
+  } else {
+    TORCH_CHECK_VALUE(grad_loss.numel() == 1, op, ": grad_loss must have one element for reduction '",
+                      args.reduction == Reduction::Mean ? "mean" : "sum", "', got shape ", grad_loss.sizes());
+    check_same_device(grad_loss, "grad_loss", args.logits, op);
+  }
+}
+
+}  // namespace ltfast

@@ -1,0 +1,16 @@
+"""ltfast: fused long-tailed recognition losses for PyTorch.
+
+    import ltfast
+    loss = ltfast.balanced_softmax_loss(logits, target, ltfast.priors.log_prior(class_counts))
+    criterion = ltfast.nn.BalancedSoftmaxLoss(class_counts)   # drop-in for nn.CrossEntropyLoss
+
+The ops themselves are ``torch.ops.ltfast.*`` (registered when this package is imported).
+"""
+from . import _extension, priors, reference
+from .ops import adjusted_cross_entropy, balanced_softmax_loss
+from . import nn  # noqa: E402  (after ops: the modules use the functionals)
+
+__version__ = "0.1.0"
+__all__ = ["adjusted_cross_entropy", "balanced_softmax_loss", "nn", "priors", "reference", "has_cuda_kernels"]
+
+has_cuda_kernels = _extension.has_cuda_kernels

@@ -1,0 +1,56 @@
+"""Loads the compiled extension ltfast._C, which registers the torch.ops.ltfast.* kernels.
+
+If it cannot be loaded (not built, or a CPU without the AVX2/FMA/F16C instructions it was compiled
+for), ``AVAILABLE`` is False and ``LOAD_ERROR`` says why; the functionals and ``ltfast.nn`` then
+fall back to the plain-PyTorch ``ltfast.reference`` with a one-time warning.
+"""
+from __future__ import annotations
+
+import platform
+import warnings
+
+import torch
+
+AVAILABLE = False
+LOAD_ERROR: str | None = None
+
+
+def _cpu_supports_build() -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return True
+    # torch reports the best ATen kernel set this CPU can run; "AVX2" and "AVX512" both imply the
+    # AVX2+FMA+F16C code that setup.py compiles for.
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512", "AVX512_VNNI", "AMX")
+
+
+try:
+    if not _cpu_supports_build():
+        raise ImportError(
+            "ltfast._C is compiled for AVX2/FMA/F16C, which this CPU lacks "
+            f"(torch reports {torch.backends.cpu.get_cpu_capability()!r})")
+    from . import _C  # noqa: F401  (importing registers the ops)
+
+    AVAILABLE = True
+except ImportError as error:  # pragma: no cover - exercised only where the build is missing
+    LOAD_ERROR = str(error)
+
+_warned = False
+
+
+def warn_fallback_once() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"ltfast: the compiled kernels are unavailable ({LOAD_ERROR}); using the plain-PyTorch "
+            "ltfast.reference implementations instead (same values, slower). "
+            "Build them with `pip install -e . --no-build-isolation`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def has_cuda_kernels() -> bool:
+    """True when ltfast._C was compiled with its CUDA kernels."""
+    return AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "ltfast::_balanced_softmax_forward", "CUDA")

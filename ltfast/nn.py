@@ -1,0 +1,173 @@
+"""nn.Module losses: drop-in replacements for ``nn.CrossEntropyLoss`` built from per-class
+training counts. ``forward(input, target)`` takes ``[N, C]`` logits and ``[N]`` int64 targets and
+accepts ``ignore_index``, ``reduction`` and ``label_smoothing`` with nn.CrossEntropyLoss's meaning.
+Priors, margins and weights are float32 buffers: they follow ``.to(device)`` and are saved in the
+``state_dict``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import priors
+from .ops import adjusted_cross_entropy, balanced_softmax_loss
+
+
+def _check_reduction(reduction: str) -> str:
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    return reduction
+
+
+def _check_smoothing(label_smoothing: float) -> float:
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    return float(label_smoothing)
+
+
+class _CrossEntropyFamilyLoss(nn.Module):
+    """Shared plumbing: the nn.CrossEntropyLoss arguments and an optional per-class ``weight``."""
+
+    def __init__(self, weight: Optional[Tensor], ignore_index: int, reduction: str,
+                 label_smoothing: float) -> None:
+        super().__init__()
+        self.ignore_index = int(ignore_index)
+        self.reduction = _check_reduction(reduction)
+        self.label_smoothing = _check_smoothing(label_smoothing)
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}")
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        for buffer in self.buffers():
+            return buffer.numel()
+        return None
+
+
+class BalancedSoftmaxLoss(_CrossEntropyFamilyLoss):
+    """Balanced Softmax (Ren et al. 2020), the survey's PriorCELoss: cross-entropy on
+    ``logits + log(pi + 1e-9)`` with pi the training class prior. Predict with the raw logits."""
+
+    def __init__(self, class_counts, *, weight: Optional[Tensor] = None, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0) -> None:
+        super().__init__(weight, ignore_index, reduction, label_smoothing)
+        self.register_buffer("log_prior", priors.log_prior(class_counts))
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if self.weight is None and self.label_smoothing == 0.0:
+            return balanced_softmax_loss(input, target, self.log_prior, self.reduction, self.ignore_index)
+        return adjusted_cross_entropy(input, target, adjustment=self.log_prior, weight=self.weight,
+                                      label_smoothing=self.label_smoothing, reduction=self.reduction,
+                                      ignore_index=self.ignore_index)
+
+
+class LogitAdjustedLoss(_CrossEntropyFamilyLoss):
+    """Logit-adjusted loss (Menon et al. 2021): cross-entropy on ``logits + tau * log(pi + 1e-9)``.
+    ``tau = 1`` is Balanced Softmax."""
+
+    def __init__(self, class_counts, tau: float = 1.0, *, weight: Optional[Tensor] = None,
+                 ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> None:
+        super().__init__(weight, ignore_index, reduction, label_smoothing)
+        self.tau = float(tau)
+        self.register_buffer("adjustment", self.tau * priors.log_prior(class_counts))
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return adjusted_cross_entropy(input, target, adjustment=self.adjustment, weight=self.weight,
+                                      label_smoothing=self.label_smoothing, reduction=self.reduction,
+                                      ignore_index=self.ignore_index)
+
+
+class WeightedCrossEntropyLoss(_CrossEntropyFamilyLoss):
+    """Cross-entropy with per-class weights from the training counts.
+
+    ``scheme="survey"`` (default): the survey's weighted softmax, ``w_c = 1 + ln(n_max / n_c)``
+    (seed-methods.md §1.2). ``scheme="effective_number"``: class-balanced weights
+    ``(1 - beta) / (1 - beta^n_c)`` normalised to sum to C (Cui et al. 2019). Both reject classes
+    with zero samples. The mean divides by ``sum_i w_{y_i}``, as ``nn.CrossEntropyLoss(weight=w)``.
+    """
+
+    def __init__(self, class_counts, scheme: str = "survey", beta: float = 0.9999, *,
+                 ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> None:
+        if scheme == "survey":
+            weight = priors.survey_class_weights(class_counts)
+        elif scheme == "effective_number":
+            weight = priors.effective_number_weights(class_counts, beta)
+        else:
+            raise ValueError(f"scheme must be 'survey' or 'effective_number', got {scheme!r}")
+        super().__init__(weight, ignore_index, reduction, label_smoothing)
+        self.scheme = scheme
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return adjusted_cross_entropy(input, target, weight=self.weight, label_smoothing=self.label_smoothing,
+                                      reduction=self.reduction, ignore_index=self.ignore_index)
+
+
+class LDAMLoss(_CrossEntropyFamilyLoss):
+    """LDAM with deferred re-weighting (Cao et al. 2019), as the survey's Ensemble-codebase runs it
+    (seed-methods.md §1.9): ``s * m_y`` is subtracted from the target logit, with
+    ``m_c = max_margin * (n_min / n_c)^(1/4)``, applied to the model's logits as they are (the
+    survey's LDAM config has a plain linear classifier; the original LDAM-DRW code scales cosine
+    logits by s instead).
+
+    DRW: call :meth:`set_epoch` at the start of every epoch (0-based). From epoch ``drw_epoch`` on,
+    the loss uses class-balanced weights with ``beta`` (the survey: ``reweight_epoch=160`` with
+    1-based epochs and ``epoch > 160``, i.e. ``drw_epoch=160`` here). ``drw_epoch=None`` never
+    re-weights. The current epoch is saved in the ``state_dict``.
+    """
+
+    def __init__(self, class_counts, max_margin: float = 0.5, s: float = 30.0,
+                 drw_epoch: Optional[int] = None, beta: float = 0.9999, *, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0) -> None:
+        super().__init__(None, ignore_index, reduction, label_smoothing)
+        self.s = float(s)
+        self.max_margin = float(max_margin)
+        self.drw_epoch = drw_epoch
+        self.beta = float(beta)
+        self.epoch = 0
+        self.register_buffer("target_margin", self.s * priors.ldam_margins(class_counts, max_margin))
+        self.register_buffer("drw_weight", priors.effective_number_weights(class_counts, beta))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def reweighting(self) -> bool:
+        return self.drw_epoch is not None and self.epoch >= self.drw_epoch
+
+    def get_extra_state(self):
+        return {"epoch": self.epoch}
+
+    def set_extra_state(self, state) -> None:
+        self.epoch = int(state["epoch"])
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return adjusted_cross_entropy(input, target, target_margin=self.target_margin,
+                                      weight=self.drw_weight if self.reweighting else None,
+                                      label_smoothing=self.label_smoothing, reduction=self.reduction,
+                                      ignore_index=self.ignore_index)
+
+
+class FocalLoss(_CrossEntropyFamilyLoss):
+    """Focal loss ``w_y * (1 - p_y)^gamma * (-log p_y)`` (Lin et al. 2017) as the survey's
+    Main-codebase computes it: p_y is detached, so ``(1 - p_y)^gamma`` scales the gradient without
+    being differentiated (seed-methods.md §1.7; the survey's create_loss uses gamma = 3).
+    ``weight`` gives per-class alpha weights, with the weighted mean of nn.CrossEntropyLoss."""
+
+    def __init__(self, gamma: float, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
+                 reduction: str = "mean") -> None:
+        if not gamma >= 0.0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        super().__init__(weight, ignore_index, reduction, 0.0)
+        self.gamma = float(gamma)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return adjusted_cross_entropy(input, target, weight=self.weight, gamma=self.gamma,
+                                      reduction=self.reduction, ignore_index=self.ignore_index)
+
+
+__all__ = ["BalancedSoftmaxLoss", "LogitAdjustedLoss", "WeightedCrossEntropyLoss", "LDAMLoss", "FocalLoss"]

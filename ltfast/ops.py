@@ -1,0 +1,204 @@
+"""Python side of the torch.ops.ltfast ops: fake (meta) kernels, autograd, autocast, and the
+functionals users call.
+
+The schemas and the CPU/CUDA kernels are in csrc/. Each public loss op is a composite over a
+private forward op returning ``(loss, row_lse, denominator)``, whose autograd saves only the
+per-row log-sum-exp ``[N]`` and the scalar denominator, and calls a private backward op.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _extension, reference
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _accumulate_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(op: str, logits: Tensor, target: Tensor, reduction: str, class_vectors: dict):
+    # The C++ checks do not run on fake/meta tensors; these keep torch.compile and meta inputs
+    # failing with the same messages.
+    torch._check(logits.dim() == 2, lambda: f"{op}: logits must be a 2-D tensor [N, C], got {logits.dim()}-D")
+    torch._check(reduction in _REDUCTIONS,
+                 lambda: f"{op}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    torch._check(target.dim() == 1 and target.shape[0] == logits.shape[0],
+                 lambda: f"{op}: target must be a 1-D tensor of N = {logits.shape[0]} elements, got shape "
+                         f"{tuple(target.shape)}")
+    for name, vector in class_vectors.items():
+        if vector is None:
+            continue
+        torch._check(vector.dim() == 1 and vector.shape[0] == logits.shape[1],
+                     lambda: f"{op}: {name} must be a 1-D tensor of C = {logits.shape[1]} elements, got shape "
+                             f"{tuple(vector.shape)}")
+    for name, tensor in {"target": target, **class_vectors}.items():
+        if tensor is not None and tensor.device != logits.device:
+            raise RuntimeError(f"{op}: {name} must be on the same device as logits ({logits.device}), "
+                               f"got {tensor.device}")
+    acc = _accumulate_dtype(logits)
+    rows = logits.shape[0]
+    loss = logits.new_empty((rows,) if reduction == "none" else (), dtype=acc)
+    return loss, logits.new_empty((rows,), dtype=acc), logits.new_empty((), dtype=acc)
+
+
+def _column_sum(grad_logits: Tensor) -> Tensor:
+    # d loss / d adjustment_c = sum_i d loss / d z_ic, since a = z + adjustment.
+    return grad_logits.sum(0, dtype=torch.float32 if grad_logits.dtype != torch.float64 else torch.float64)
+
+
+def _margin_grad(grad_logits: Tensor, target: Tensor, ignore_index: int, num_classes: int) -> Tensor:
+    # d loss / d margin_c = -sum over rows of class c of d loss / d z_{i,y_i}; ignored rows have a
+    # zero gradient row, so they add nothing wherever they point.
+    safe_target = torch.where(target == ignore_index, torch.zeros_like(target), target)
+    at_target = grad_logits.gather(1, safe_target[:, None]).squeeze(1)
+    acc = torch.float64 if grad_logits.dtype == torch.float64 else torch.float32
+    return -torch.zeros(num_classes, dtype=acc, device=grad_logits.device).index_add(0, safe_target, at_target.to(acc))
+
+
+def _register() -> None:
+    lib = torch.library
+
+    # ---------------------------------------------------------------- balanced_softmax
+    @lib.register_fake("ltfast::_balanced_softmax_forward")
+    def _(logits, target, log_prior, reduction, ignore_index):
+        return _fake_forward("ltfast.balanced_softmax", logits, target, reduction, {"log_prior": log_prior})
+
+    @lib.register_fake("ltfast::_balanced_softmax_backward")
+    def _(grad_loss, logits, target, log_prior, row_lse, denominator, reduction, ignore_index):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    def bs_setup_context(ctx, inputs, output):
+        logits, target, log_prior, reduction, ignore_index = inputs
+        _, row_lse, denominator = output
+        ctx.save_for_backward(logits, target, log_prior, row_lse, denominator)
+        ctx.reduction, ctx.ignore_index = reduction, ignore_index
+        ctx.mark_non_differentiable(row_lse, denominator)
+
+    def bs_backward(ctx, grad_loss, _grad_lse, _grad_denominator):
+        logits, target, log_prior, row_lse, denominator = ctx.saved_tensors
+        grad_logits = torch.ops.ltfast._balanced_softmax_backward(
+            grad_loss, logits, target, log_prior, row_lse, denominator, ctx.reduction, ctx.ignore_index)
+        grad_prior = _column_sum(grad_logits).to(log_prior.dtype) if ctx.needs_input_grad[2] else None
+        return (grad_logits if ctx.needs_input_grad[0] else None), None, grad_prior, None, None
+
+    lib.register_autograd("ltfast::_balanced_softmax_forward", bs_backward, setup_context=bs_setup_context)
+
+    # ---------------------------------------------------------------- adjusted_cross_entropy
+    @lib.register_fake("ltfast::_adjusted_cross_entropy_forward")
+    def _(logits, target, adjustment, target_margin, weight, gamma, label_smoothing, reduction, ignore_index):
+        return _fake_forward("ltfast.adjusted_cross_entropy", logits, target, reduction,
+                             {"adjustment": adjustment, "target_margin": target_margin, "weight": weight})
+
+    @lib.register_fake("ltfast::_adjusted_cross_entropy_backward")
+    def _(grad_loss, logits, target, adjustment, target_margin, weight, row_lse, denominator, gamma,
+          label_smoothing, reduction, ignore_index):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    def ace_setup_context(ctx, inputs, output):
+        (logits, target, adjustment, target_margin, weight, gamma, label_smoothing, reduction,
+         ignore_index) = inputs
+        _, row_lse, denominator = output
+        if weight is not None and weight.requires_grad:
+            raise RuntimeError("ltfast.adjusted_cross_entropy: the gradient with respect to `weight` is "
+                               "not implemented; pass weight.detach()")
+        ctx.save_for_backward(logits, target, adjustment, target_margin, weight, row_lse, denominator)
+        ctx.options = (gamma, label_smoothing, reduction, ignore_index)
+        ctx.mark_non_differentiable(row_lse, denominator)
+
+    def ace_backward(ctx, grad_loss, _grad_lse, _grad_denominator):
+        logits, target, adjustment, target_margin, weight, row_lse, denominator = ctx.saved_tensors
+        gamma, label_smoothing, reduction, ignore_index = ctx.options
+        grad_logits = torch.ops.ltfast._adjusted_cross_entropy_backward(
+            grad_loss, logits, target, adjustment, target_margin, weight, row_lse, denominator, gamma,
+            label_smoothing, reduction, ignore_index)
+        grad_adjustment = grad_margin = None
+        if ctx.needs_input_grad[2]:
+            grad_adjustment = _column_sum(grad_logits).to(adjustment.dtype)
+        if ctx.needs_input_grad[3]:
+            grad_margin = _margin_grad(grad_logits, target, ignore_index, logits.shape[1]).to(target_margin.dtype)
+        return ((grad_logits if ctx.needs_input_grad[0] else None), None, grad_adjustment, grad_margin,
+                None, None, None, None, None)
+
+    lib.register_autograd("ltfast::_adjusted_cross_entropy_forward", ace_backward,
+                          setup_context=ace_setup_context)
+
+    # ---------------------------------------------------------------- autocast
+    # Under autocast F.cross_entropy runs in float32. The kernels already read bf16/fp16 logits and
+    # accumulate in float32, so instead of casting the [N, C] logits up (a full extra copy), the
+    # autocast kernels return the private op's float32 loss as it is.
+    impl_lib = torch.library.Library("ltfast", "IMPL")
+    _register.keepalive = impl_lib  # the registrations live as long as this Library object
+    for device_key in ("AutocastCUDA", "AutocastCPU"):
+        exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, device_key))
+
+        # Arguments left at their schema defaults are not passed to Python kernels: spell them out.
+        def balanced_softmax_autocast(logits, target, log_prior, reduction="mean", ignore_index=-100,
+                                      exclude=exclude):
+            with torch._C._ExcludeDispatchKeyGuard(exclude):
+                return torch.ops.ltfast._balanced_softmax_forward(logits, target, log_prior, reduction,
+                                                                  ignore_index)[0]
+
+        def adjusted_cross_entropy_autocast(logits, target, adjustment=None, target_margin=None, weight=None,
+                                            gamma=0.0, label_smoothing=0.0, reduction="mean", ignore_index=-100,
+                                            exclude=exclude):
+            with torch._C._ExcludeDispatchKeyGuard(exclude):
+                return torch.ops.ltfast._adjusted_cross_entropy_forward(
+                    logits, target, adjustment, target_margin, weight, gamma, label_smoothing, reduction,
+                    ignore_index)[0]
+
+        impl_lib.impl("balanced_softmax", balanced_softmax_autocast, device_key)
+        impl_lib.impl("adjusted_cross_entropy", adjusted_cross_entropy_autocast, device_key)
+
+
+if _extension.AVAILABLE:
+    _register()
+
+
+def balanced_softmax_loss(logits: Tensor, target: Tensor, log_prior: Tensor, reduction: str = "mean",
+                          ignore_index: int = -100) -> Tensor:
+    """Balanced Softmax loss: exactly ``F.cross_entropy(logits + log_prior, target, reduction=...,
+    ignore_index=...)``, fused (one pass forward, one backward, only ``[N]`` saved).
+
+    Args:
+        logits: ``[N, C]`` float32/float16/bfloat16/float64, any strides.
+        target: ``[N]`` int64 class indices in ``[0, C)`` or ``ignore_index``.
+        log_prior: ``[C]`` log class prior, e.g. :func:`ltfast.priors.log_prior` of the training counts.
+        reduction: ``'mean'`` (over non-ignored rows), ``'sum'`` or ``'none'`` (``[N]``).
+        ignore_index: rows with this target contribute 0 and are not counted in the mean.
+
+    Returns the loss in the logits dtype (float32 under autocast).
+    """
+    if not _extension.AVAILABLE:
+        _extension.warn_fallback_once()
+        return reference.balanced_softmax(logits, target, log_prior, reduction, ignore_index)
+    return torch.ops.ltfast.balanced_softmax(logits, target, log_prior, reduction, ignore_index)
+
+
+def adjusted_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | None = None,
+                           target_margin: Tensor | None = None, weight: Tensor | None = None,
+                           gamma: float = 0.0, label_smoothing: float = 0.0, reduction: str = "mean",
+                           ignore_index: int = -100) -> Tensor:
+    """The fused cross-entropy family on adjusted logits
+    ``a = logits + adjustment - target_margin[y] * onehot(y)``:
+
+    - ``adjustment`` ``[C]``: additive per-class bias (``tau * log_prior`` for logit adjustment,
+      ``log_prior`` for Balanced Softmax);
+    - ``target_margin`` ``[C]``: subtracted from the target logit only (LDAM: ``s * m_y``);
+    - ``weight`` ``[C]``: per-class weights, mean divided by ``sum_i w_{y_i}`` as in PyTorch;
+    - ``gamma``: focal modulation ``(1 - p_y)^gamma``. As in the survey's FocalLoss
+      (Main-codebase/loss/FocalLoss.py, seed-methods.md §1.7), p_y is detached, so the factor scales
+      the gradient but is not differentiated (the Lin et al. paper differentiates it);
+    - ``label_smoothing``: as in ``F.cross_entropy``; cannot be combined with ``gamma > 0``.
+
+    With every option left at its default this is ``F.cross_entropy(logits, target)``.
+    """
+    if not _extension.AVAILABLE:
+        _extension.warn_fallback_once()
+        return reference.adjusted_cross_entropy(logits, target, adjustment, target_margin, weight, gamma,
+                                                label_smoothing, reduction, ignore_index)
+    return torch.ops.ltfast.adjusted_cross_entropy(logits, target, adjustment, target_margin, weight,
+                                                   float(gamma), float(label_smoothing), reduction,
+                                                   ignore_index)

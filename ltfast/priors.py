@@ -1,0 +1,78 @@
+"""Per-class statistics computed from training counts, as the survey's code computes them
+(shared/reference/seed-methods.md §1). Every function takes the counts as a list, NumPy array or
+tensor of non-negative numbers, one per class, and returns a float32 tensor of the same length.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+Counts = Union[Sequence[float], Tensor, "numpy.ndarray"]  # noqa: F821
+
+# The survey's PriorCELoss/LADELoss use log(pi + 1e-9): a class with no training image gets the
+# finite log prior log(1e-9) = -20.7 instead of -inf.
+LOG_PRIOR_EPS = 1e-9
+
+
+def as_counts(class_counts: Counts, name: str = "class_counts") -> Tensor:
+    """Validates counts and returns them as a float64 CPU tensor."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64, device="cpu")
+    if counts.dim() != 1 or counts.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence with one count per class, "
+                         f"got shape {tuple(counts.shape)}")
+    if not torch.isfinite(counts).all() or (counts < 0).any():
+        raise ValueError(f"{name} must be finite and >= 0, got {counts.tolist()[:10]}...")
+    if counts.sum() <= 0:
+        raise ValueError(f"{name} must contain at least one positive count")
+    return counts
+
+
+def _require_positive(counts: Tensor, name: str, what: str) -> None:
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"{name} has classes with zero training samples (indices {empty[:10]}); "
+                         f"{what} is undefined for them. Drop those classes or give them a count.")
+
+
+def class_prior(class_counts: Counts) -> Tensor:
+    """pi_c = n_c / sum_k n_k."""
+    counts = as_counts(class_counts)
+    return (counts / counts.sum()).float()
+
+
+def log_prior(class_counts: Counts, eps: float = LOG_PRIOR_EPS) -> Tensor:
+    """log(pi_c + eps), the survey's Balanced Softmax / LADE prior (finite for empty classes)."""
+    counts = as_counts(class_counts)
+    return torch.log(counts / counts.sum() + eps).float()
+
+
+def survey_class_weights(class_counts: Counts) -> Tensor:
+    """Weighted softmax weights w_c = 1 + ln(n_max / n_c) (Main-codebase/loss/WeightedSoftmaxLoss.py).
+    Raises for a class with zero samples (its weight would be infinite)."""
+    counts = as_counts(class_counts)
+    _require_positive(counts, "class_counts", "the weight 1 + ln(n_max / n_c)")
+    return (1.0 + torch.log(counts.max() / counts)).float()
+
+
+def effective_number_weights(class_counts: Counts, beta: float = 0.9999) -> Tensor:
+    """Class-balanced weights (Cui et al. 2019) w_c ∝ (1 - beta) / (1 - beta^n_c), normalised to
+    sum to C, as the survey's CBLoss and the LDAM-DRW re-weighting compute them."""
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta}")
+    counts = as_counts(class_counts)
+    _require_positive(counts, "class_counts", "the effective number (1 - beta^n_c) / (1 - beta)")
+    weights = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts))
+    return (weights / weights.sum() * counts.numel()).float()
+
+
+def ldam_margins(class_counts: Counts, max_margin: float = 0.5) -> Tensor:
+    """LDAM margins m_c = max_margin * n_c^(-1/4) / max_k n_k^(-1/4) (seed-methods.md §1.9).
+    Raises for a class with zero samples (its margin would be infinite)."""
+    if not max_margin > 0.0:
+        raise ValueError(f"max_margin must be > 0, got {max_margin}")
+    counts = as_counts(class_counts)
+    _require_positive(counts, "class_counts", "the LDAM margin n_c^(-1/4)")
+    inv_quarter = counts.pow(-0.25)
+    return (max_margin * inv_quarter / inv_quarter.max()).float()

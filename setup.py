@@ -1,0 +1,112 @@
+"""Build of ltfast._C: the C++ CPU kernels always, the CUDA kernels when they can be built.
+
+LTFAST_CUDA=auto (default) builds the CUDA kernels when torch is a CUDA build and nvcc is found;
+LTFAST_CUDA=1 requires them (the build fails loudly otherwise); LTFAST_CUDA=0 skips them.
+TORCH_CUDA_ARCH_LIST is honoured; the default covers sm_80 (A100) and sm_90 (H100/H200).
+"""
+import glob
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;9.0"
+
+
+def _log(message):
+    print(f"[ltfast setup] {message}", file=sys.stderr, flush=True)
+
+
+def _real_cuda_home():
+    """The toolkit folder. The nvcc on PATH may be a wrapper script, whose folder torch would take
+    for CUDA_HOME; nvcc --dryrun prints the real TOP folder of the toolkit."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        try:
+            out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60)
+            for line in (out.stdout + out.stderr).splitlines():
+                if "TOP=" in line:
+                    top = os.path.realpath(line.split("TOP=", 1)[1].strip().strip('"'))
+                    if os.path.exists(os.path.join(top, "bin", "nvcc")):
+                        return top
+        except (OSError, subprocess.SubprocessError):
+            pass
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    return None
+
+
+_mode = os.environ.get("LTFAST_CUDA", "auto").strip().lower()
+if _mode not in ("auto", "0", "1"):
+    raise SystemExit(f"LTFAST_CUDA must be auto, 0 or 1, got {_mode!r}")
+_cuda_home = _real_cuda_home() if _mode != "0" else None
+if _cuda_home:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _want_cuda():
+    if _mode == "0":
+        return False
+    problems = []
+    if not torch.version.cuda:
+        problems.append(f"torch {torch.__version__} is not a CUDA build")
+    if not _cuda_home:
+        problems.append("nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+    if problems:
+        if _mode == "1":
+            raise SystemExit("LTFAST_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(problems))
+        _log("building without CUDA kernels: " + "; ".join(problems))
+        return False
+    return True
+
+
+def _extension():
+    with_cuda = _want_cuda()
+    cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    # torch's CUDA headers include cusparse.h and friends, which pip's CUDA wheels ship here.
+    for site in {os.path.dirname(os.path.dirname(torch.__file__))}:
+        nvidia_include = os.path.join(site, "nvidia", "cu13", "include")
+        if os.path.isdir(nvidia_include):
+            include_dirs.append(nvidia_include)
+    cxx_flags = ["-O3", "-Wno-unknown-pragmas"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        # at::vec's AVX2 Vectorized<float> is ~8x the scalar fallback that an extension compiled
+        # without these flags would get. ltfast/_extension.py refuses to load _C on a CPU without
+        # AVX2+FMA+F16C (and falls back to ltfast.reference) instead of crashing with SIGILL.
+        cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+        _log(f"building CUDA kernels with {os.path.join(_cuda_home, 'bin', 'nvcc')} for "
+             f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}: {', '.join(cuda_sources)}")
+        return CUDAExtension(
+            "ltfast._C",
+            cpp_sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=[("LTFAST_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        )
+    return CppExtension("ltfast._C", cpp_sources, include_dirs=include_dirs,
+                        extra_compile_args={"cxx": cxx_flags})
+
+
+setup(
+    packages=find_packages(include=["ltfast", "ltfast.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,442 @@
+"""The fused cross-entropy family against ltfast.reference: values, gradients, dtypes, reductions,
+ignore_index, non-finite logits, opcheck, gradcheck, torch.compile, determinism and bad inputs."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ltfast
+from ltfast import reference
+from conftest import device_params
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+SHAPES = [(1, 2), (7, 10), (129, 1000), (3, 8142)]
+REDUCTIONS = ["mean", "sum", "none"]
+IGNORE = -100
+
+# Forward/backward tolerances against a float64 reference on the same (rounded) inputs. Low
+# precision: the op reads the same bf16/fp16 values and accumulates in fp32, so the error is the
+# final rounding of the loss/gradient to the logits dtype.
+TOL = {
+    torch.float64: dict(rtol=1e-9, atol=1e-12),
+    torch.float32: dict(rtol=2e-5, atol=2e-6),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=2e-3),
+    torch.float16: dict(rtol=2e-3, atol=2e-4),
+}
+
+# name -> builder(C, gen) giving the keyword arguments of ltfast.adjusted_cross_entropy (or the
+# balanced softmax op for "balanced_softmax").
+def _counts(C, gen):
+    return torch.randint(1, 1000, (C,), generator=gen).double()
+
+
+VARIANTS = {
+    "balanced_softmax": lambda C, g: dict(log_prior=ltfast.priors.log_prior(_counts(C, g))),
+    "cross_entropy": lambda C, g: dict(),
+    "logit_adjusted": lambda C, g: dict(adjustment=1.5 * ltfast.priors.log_prior(_counts(C, g))),
+    "ldam": lambda C, g: dict(target_margin=30 * ltfast.priors.ldam_margins(_counts(C, g)) / 10),
+    "ldam_drw": lambda C, g: dict(target_margin=3 * ltfast.priors.ldam_margins(_counts(C, g)),
+                                  weight=ltfast.priors.effective_number_weights(_counts(C, g))),
+    "weighted": lambda C, g: dict(weight=ltfast.priors.survey_class_weights(_counts(C, g))),
+    "focal": lambda C, g: dict(gamma=2.0),
+    "focal_weighted_adjusted": lambda C, g: dict(gamma=0.5, weight=torch.rand(C, generator=g) + 0.5,
+                                                 adjustment=torch.randn(C, generator=g)),
+    "label_smoothing": lambda C, g: dict(label_smoothing=0.1),
+    "smoothing_weighted_adjusted": lambda C, g: dict(label_smoothing=0.2, weight=torch.rand(C, generator=g) + 0.5,
+                                                     adjustment=torch.randn(C, generator=g),
+                                                     target_margin=torch.rand(C, generator=g)),
+}
+
+
+def run_op(variant, logits, target, kwargs, reduction="mean", ignore_index=IGNORE):
+    if variant == "balanced_softmax":
+        return ltfast.balanced_softmax_loss(logits, target, kwargs["log_prior"], reduction, ignore_index)
+    return ltfast.adjusted_cross_entropy(logits, target, reduction=reduction, ignore_index=ignore_index, **kwargs)
+
+
+def run_reference(variant, logits, target, kwargs, reduction="mean", ignore_index=IGNORE):
+    if variant == "balanced_softmax":
+        return reference.balanced_softmax(logits, target, kwargs["log_prior"], reduction, ignore_index)
+    return reference.adjusted_cross_entropy(logits, target, reduction=reduction, ignore_index=ignore_index, **kwargs)
+
+
+def make_inputs(shape, dtype, device, seed=0, ignored_rows=(), scale=3.0, non_contiguous=False):
+    gen = torch.Generator().manual_seed(seed)
+    N, C = shape
+    if non_contiguous:  # a transposed view: column-major [N, C]
+        logits = (torch.randn(C, N, generator=gen) * scale).to(dtype).to(device).t()
+    else:
+        logits = (torch.randn(N, C, generator=gen) * scale).to(dtype).to(device)
+    target = torch.randint(0, C, (N,), generator=gen)
+    for row in ignored_rows:
+        if row < N:
+            target[row] = IGNORE
+    return logits, target.to(device), gen
+
+
+def to_device(kwargs, device):
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+
+
+def check_against_reference(variant, shape, dtype, reduction, device, ignored_rows=(1, 4), non_contiguous=False,
+                            scale=3.0):
+    logits, target, gen = make_inputs(shape, dtype, device, ignored_rows=ignored_rows, non_contiguous=non_contiguous,
+                                      scale=scale)
+    kwargs = to_device(VARIANTS[variant](shape[1], gen), device)
+    logits = logits.detach().requires_grad_()
+    loss = run_op(variant, logits, target, kwargs, reduction)
+    assert loss.dtype == dtype
+    expected_shape = (shape[0],) if reduction == "none" else ()
+    assert loss.shape == expected_shape
+
+    logits64 = logits.detach().double().requires_grad_()
+    kwargs64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+    expected = run_reference(variant, logits64, target, kwargs64, reduction)
+
+    grad_out = torch.randn(expected.shape, generator=gen, dtype=torch.float64).to(device)
+    (grad,) = torch.autograd.grad(loss, logits, grad_out.to(loss.dtype))
+    (expected_grad,) = torch.autograd.grad(expected, logits64, grad_out)
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    tol = TOL[dtype]
+    torch.testing.assert_close(loss.double(), expected.detach(), **tol)
+    # Gradients: absolute tolerance relative to the gradient's scale (mean divides by N).
+    grad_scale = expected_grad.abs().max().item() or 1.0
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * grad_scale)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_matches_reference(variant, shape, dtype, reduction, device):
+    check_against_reference(variant, shape, dtype, reduction, device)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_non_contiguous_logits(variant, dtype, device):
+    check_against_reference(variant, (33, 70), dtype, "mean", device, non_contiguous=True)
+    # a column slice: rows are strided in memory
+    logits, target, gen = make_inputs((9, 40), dtype, device)
+    kwargs = to_device(VARIANTS[variant](20, gen), device)
+    sliced = logits[:, ::2]
+    torch.testing.assert_close(run_op(variant, sliced, target % 20, kwargs).double(),
+                               run_op(variant, sliced.contiguous(), target % 20, kwargs).double())
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_all_rows_ignored(variant, reduction, device):
+    logits, target, gen = make_inputs((5, 11), torch.float32, device)
+    target = torch.full_like(target, IGNORE)
+    kwargs = to_device(VARIANTS[variant](11, gen), device)
+    logits.requires_grad_()
+    loss = run_op(variant, logits, target, kwargs, reduction)
+    expected = run_reference(variant, logits, target, kwargs, reduction)
+    if reduction == "mean":  # 0 / 0, as F.cross_entropy
+        assert torch.isnan(loss) and torch.isnan(expected)
+    else:
+        torch.testing.assert_close(loss, expected)
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("variant", ["balanced_softmax", "ldam_drw", "smoothing_weighted_adjusted", "focal"])
+def test_custom_ignore_index(variant, device):
+    logits, target, gen = make_inputs((12, 9), torch.float32, device)
+    target[3] = 7
+    kwargs = to_device(VARIANTS[variant](9, gen), device)
+    for reduction in REDUCTIONS:
+        got = run_op(variant, logits, target, kwargs, reduction, ignore_index=7)
+        want = run_reference(variant, logits, target, kwargs, reduction, ignore_index=7)
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_extreme_logits_match_cross_entropy(dtype, device):
+    """Logits of +-1e4 stay finite; +-inf and NaN give what F.cross_entropy gives."""
+    C = 37
+    logits = torch.randn(6, C).to(dtype)
+    logits[0] *= 1e4                       # huge spread
+    logits[1, 5] = float("-inf")           # one impossible class (not the target)
+    logits[2, :] = float("-inf")           # every class impossible -> NaN
+    logits[3, 9] = float("inf")            # +inf -> NaN
+    logits[4, 2] = float("nan")            # NaN -> NaN
+    target = torch.tensor([3, 1, 0, 9, 2, 8])
+    logits = logits.to(device).requires_grad_()
+    target = target.to(device)
+    loss = ltfast.adjusted_cross_entropy(logits, target, reduction="none")
+    expected = F.cross_entropy(logits.detach().float(), target, reduction="none")
+    torch.testing.assert_close(loss.float(), expected, rtol=1e-2, atol=1e-3, equal_nan=True)
+    assert torch.isfinite(loss[:2]).all() and torch.isfinite(loss[5])
+    ref_logits = logits.detach().float().requires_grad_()
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    (ref_grad,) = torch.autograd.grad(F.cross_entropy(ref_logits, target, reduction="sum"), ref_logits)
+    torch.testing.assert_close(grad.float(), ref_grad, rtol=1e-2, atol=1e-3, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradcheck_float64(variant, device):
+    logits, target, gen = make_inputs((6, 9), torch.float64, device, ignored_rows=(2,))
+    kwargs = to_device(VARIANTS[variant](9, gen), device)
+    kwargs = {k: (v.double() if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+    differentiable = [k for k in ("log_prior", "adjustment", "target_margin") if k in kwargs]
+    for reduction in REDUCTIONS:
+        if kwargs.get("gamma", 0.0) != 0.0:
+            # The survey's focal factor is detached, so finite differences (which see it) are not
+            # the intended gradient: compare with the reference's autograd in float64 instead.
+            check_against_reference(variant, (6, 9), torch.float64, reduction, device)
+            continue
+        inputs = [logits.clone().requires_grad_()] + [kwargs[k].clone().requires_grad_() for k in differentiable]
+
+        def fn(x, *vectors):
+            return run_op(variant, x, target, {**kwargs, **dict(zip(differentiable, vectors))}, reduction)
+
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
+
+
+def _opcheck_samples(device):
+    logits, target, gen = make_inputs((8, 13), torch.float32, device, ignored_rows=(3,))
+    prior = ltfast.priors.log_prior(_counts(13, gen)).to(device)
+    w = (torch.rand(13, generator=gen) + 0.5).to(device)
+    m = torch.rand(13, generator=gen).to(device)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = logits.to(dtype).requires_grad_()
+        for reduction in REDUCTIONS:
+            yield torch.ops.ltfast.balanced_softmax, (x, target, prior, reduction, IGNORE)
+            yield torch.ops.ltfast._balanced_softmax_forward, (x, target, prior, reduction, IGNORE)
+            yield torch.ops.ltfast.adjusted_cross_entropy, (x, target, prior, m, w, 0.0, 0.1, reduction, IGNORE)
+            yield torch.ops.ltfast._adjusted_cross_entropy_forward, (x, target, prior, m, w, 1.5, 0.0, reduction, IGNORE)
+            yield torch.ops.ltfast._adjusted_cross_entropy_forward, (x, target, None, None, None, 0.0, 0.0, reduction, IGNORE)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_opcheck(device):
+    for op, args in _opcheck_samples(device):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_opcheck_backward_ops(device):
+    logits, target, gen = make_inputs((8, 13), torch.float32, device, ignored_rows=(3,))
+    prior = ltfast.priors.log_prior(_counts(13, gen)).to(device)
+    for reduction in REDUCTIONS:
+        loss, lse, denom = torch.ops.ltfast._balanced_softmax_forward(logits, target, prior, reduction, IGNORE)
+        grad = torch.ones_like(loss)
+        torch.library.opcheck(torch.ops.ltfast._balanced_softmax_backward,
+                              (grad, logits, target, prior, lse, denom, reduction, IGNORE))
+        loss, lse, denom = torch.ops.ltfast._adjusted_cross_entropy_forward(
+            logits, target, prior, prior.abs(), prior.abs(), 0.0, 0.1, reduction, IGNORE)
+        torch.library.opcheck(torch.ops.ltfast._adjusted_cross_entropy_backward,
+                              (grad, logits, target, prior, prior.abs(), prior.abs(), lse, denom, 0.0, 0.1,
+                               reduction, IGNORE))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend, device):
+    torch._dynamo.reset()
+    criterion = ltfast.nn.LDAMLoss([500, 100, 20, 5, 3, 200, 40], drw_epoch=0).to(device)
+    bs = ltfast.nn.BalancedSoftmaxLoss([500, 100, 20, 5, 3, 200, 40]).to(device)
+
+    def step(x, y):
+        return bs(x, y) + criterion(x, y) + ltfast.adjusted_cross_entropy(x, y, label_smoothing=0.1)
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    for seed in range(3):  # different values, same shapes: no recompilation needed
+        logits, target, _ = make_inputs((16, 7), torch.float32, device, seed=seed, ignored_rows=(5,))
+        x1 = logits.clone().requires_grad_()
+        x2 = logits.clone().requires_grad_()
+        got = compiled(x1, target)
+        want = step(x2, target)
+        torch.testing.assert_close(got, want)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("variant", ["balanced_softmax", "smoothing_weighted_adjusted", "ldam_drw"])
+def test_deterministic(variant, device):
+    logits, target, gen = make_inputs((513, 1000), torch.float32, device)
+    kwargs = to_device(VARIANTS[variant](1000, gen), device)
+    results = []
+    for _ in range(2):
+        x = logits.clone().requires_grad_()
+        loss = run_op(variant, x, target, kwargs)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_saves_only_row_statistics(device):
+    """Backward keeps the input logits and [N]/scalar statistics, never a new [N, C] buffer."""
+    N, C = 64, 100
+    logits, target, gen = make_inputs((N, C), torch.float32, device)
+    logits.requires_grad_()
+    prior = ltfast.priors.log_prior(_counts(C, gen)).to(device)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for fn in (lambda: ltfast.balanced_softmax_loss(logits, target, prior),
+                   lambda: ltfast.adjusted_cross_entropy(logits, target, prior, prior.abs(), prior.abs(),
+                                                         label_smoothing=0.1)):
+            fn()
+    large = [t for t in saved if t.numel() >= N * C]
+    assert all(t.data_ptr() == logits.data_ptr() for t in large), [t.shape for t in large]
+    assert all(t.numel() in (1, N, C, N * C) for t in saved)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_log_prior_and_margin_gradients(device):
+    logits, target, gen = make_inputs((20, 6), torch.float64, device, ignored_rows=(0,))
+    prior = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    margin = torch.rand(6, dtype=torch.float64, device=device, requires_grad=True)
+    got = torch.autograd.grad(ltfast.adjusted_cross_entropy(logits, target, prior, margin), (prior, margin))
+    want = torch.autograd.grad(reference.adjusted_cross_entropy(logits, target, prior, margin), (prior, margin))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+# ------------------------------------------------------------------ bad inputs
+def _bad_call(device, **overrides):
+    args = dict(logits=torch.randn(4, 5, device=device), target=torch.tensor([0, 1, 2, 3], device=device),
+                log_prior=torch.zeros(5, device=device))
+    args.update(overrides)
+    return lambda: ltfast.balanced_softmax_loss(args["logits"], args["target"], args["log_prior"],
+                                                args.get("reduction", "mean"))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("overrides, error, pattern", [
+    (dict(logits=torch.randn(20)), ValueError, r"logits must be a 2-D tensor \[N, C\], got a 1-D"),
+    (dict(logits=torch.randn(4, 5, 2)), ValueError, r"logits must be a 2-D tensor \[N, C\], got a 3-D"),
+    (dict(logits=torch.randn(4, 5).int()), TypeError, r"logits must be float32, float64, float16 or bfloat16"),
+    (dict(target=torch.tensor([0, 1, 2])), ValueError, r"target must have N = 4 elements"),
+    (dict(target=torch.zeros(4, 1, dtype=torch.long)), ValueError, r"target must be a 1-D tensor"),
+    (dict(target=torch.tensor([0.0, 1.0, 2.0, 3.0])), TypeError, r"target must be an int64 tensor"),
+    (dict(log_prior=torch.zeros(4)), ValueError, r"log_prior must be a 1-D tensor of C = 5 elements"),
+    (dict(log_prior=torch.zeros(5, 1)), ValueError, r"log_prior must be a 1-D tensor of C = 5 elements"),
+    (dict(reduction="avg"), ValueError, r"reduction must be 'none', 'mean' or 'sum', got 'avg'"),
+])
+def test_bad_inputs_name_the_argument(overrides, error, pattern, device):
+    overrides = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in overrides.items()}
+    with pytest.raises(error, match=pattern):
+        _bad_call(device, **overrides)()
+
+
+def test_target_out_of_range_names_the_row():
+    for bad in (5, -1):
+        with pytest.raises(IndexError, match=rf"target\[2\] = {bad} is out of range: expected a class index in \[0, 5\)"):
+            _bad_call("cpu", target=torch.tensor([0, 1, bad, 3]))()
+
+
+def test_prior_on_another_device():
+    other = "cuda" if torch.cuda.is_available() else "meta"
+    with pytest.raises(RuntimeError, match=r"log_prior must be on the same device as logits"):
+        _bad_call("cpu", log_prior=torch.zeros(5, device=other))()
+    with pytest.raises(RuntimeError, match=r"weight must be on the same device as logits"):
+        ltfast.adjusted_cross_entropy(torch.randn(4, 5), torch.tensor([0, 1, 2, 3]),
+                                      weight=torch.ones(5, device=other))
+
+
+def test_bad_hyperparameters():
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"gamma must be a finite number >= 0, got -1"):
+        ltfast.adjusted_cross_entropy(x, y, gamma=-1.0)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
+        ltfast.adjusted_cross_entropy(x, y, label_smoothing=1.5)
+    with pytest.raises(ValueError, match=r"gamma > 0 \(focal\) together with label_smoothing > 0"):
+        ltfast.adjusted_cross_entropy(x, y, gamma=1.0, label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"target_margin must be a 1-D tensor of C = 5"):
+        ltfast.adjusted_cross_entropy(x, y, target_margin=torch.zeros(6))
+
+
+def test_weight_gradient_is_refused():
+    x, y = torch.randn(4, 5, requires_grad=True), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(RuntimeError, match=r"gradient with respect to `weight` is not implemented"):
+        ltfast.adjusted_cross_entropy(x, y, weight=torch.ones(5, requires_grad=True))
+
+
+# ------------------------------------------------------------------ CUDA-only properties
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_no_host_sync_and_graph_capture():
+    logits, target, gen = make_inputs((256, 1000), torch.bfloat16, "cuda", ignored_rows=(3,))
+    prior = ltfast.priors.log_prior(_counts(1000, gen)).cuda()
+    weight = ltfast.priors.survey_class_weights(_counts(1000, gen)).cuda()
+    x = logits.clone().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for fn in (lambda: ltfast.balanced_softmax_loss(x, target, prior),
+                   lambda: ltfast.adjusted_cross_entropy(x, target, prior, weight, weight, label_smoothing=0.1),
+                   lambda: ltfast.adjusted_cross_entropy(x, target, weight=weight, gamma=2.0, reduction="none").sum()):
+            fn().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # CUDA graph capture of forward + backward of the private ops.
+    static_x = logits.float().clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            loss, lse, denom = torch.ops.ltfast._balanced_softmax_forward(static_x, target, prior, "mean", IGNORE)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss, lse, denom = torch.ops.ltfast._balanced_softmax_forward(static_x, target, prior, "mean", IGNORE)
+        grad = torch.ops.ltfast._balanced_softmax_backward(torch.ones_like(loss), static_x, target, prior, lse,
+                                                           denom, "mean", IGNORE)
+    static_x.copy_(torch.randn_like(static_x))
+    graph.replay()
+    expected = F.cross_entropy(static_x + prior, target, ignore_index=IGNORE)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_autocast_returns_float32():
+    logits, target, gen = make_inputs((32, 100), torch.float32, "cuda")
+    prior = ltfast.priors.log_prior(_counts(100, gen)).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = ltfast.balanced_softmax_loss(logits.bfloat16(), target, prior)
+        expected = F.cross_entropy(logits.bfloat16() + prior, target)
+    assert loss.dtype == torch.float32 == expected.dtype
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_autocast_returns_float32():
+    logits, target, gen = make_inputs((32, 100), torch.float32, "cpu")
+    prior = ltfast.priors.log_prior(_counts(100, gen))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ltfast.balanced_softmax_loss(logits.bfloat16(), target, prior)
+    assert loss.dtype == torch.float32
+    expected = F.cross_entropy(logits.bfloat16().double() + prior.double(), target)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_is_exactly_balanced_softmax_definition():
+    """balanced_softmax == F.cross_entropy(logits + log_prior) to float32 rounding, every reduction."""
+    logits, target, gen = make_inputs((100, 50), torch.float32, "cpu", ignored_rows=(7, 8))
+    prior = ltfast.priors.log_prior(_counts(50, gen))
+    for reduction in REDUCTIONS:
+        got = torch.ops.ltfast.balanced_softmax(logits, target, prior, reduction, IGNORE)
+        want = F.cross_entropy(logits + prior, target, reduction=reduction, ignore_index=IGNORE)
+        torch.testing.assert_close(got, want, rtol=3e-6, atol=1e-6)
+    assert math.isclose(
+        torch.ops.ltfast.balanced_softmax(logits, target, prior).item(),
+        F.cross_entropy(logits + prior, target).item(), rel_tol=3e-6)
