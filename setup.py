@@ -84,7 +84,10 @@ def _extension():
         nvidia_include = os.path.join(site, "nvidia", "cu13", "include")
         if os.path.isdir(nvidia_include):
             include_dirs.append(nvidia_include)
-    cxx_flags = ["-O3", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for is header code that only runs in parallel when the extension
+    # itself is compiled with OpenMP (without it, 2 threads were slower than 1 here: fwd+bwd at
+    # [4096, 1000] 6.8 ms vs 3.6 ms with it, on 2 cores).
+    cxx_flags = ["-O3", "-Wno-unknown-pragmas", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
         # at::vec's AVX2 Vectorized<float> is ~8x the scalar fallback that an extension compiled
         # without these flags would get. ltfast/_extension.py refuses to load _C on a CPU without

@@ -440,3 +440,25 @@ def test_is_exactly_balanced_softmax_definition():
     assert math.isclose(
         torch.ops.ltfast.balanced_softmax(logits, target, prior).item(),
         F.cross_entropy(logits + prior, target).item(), rel_tol=3e-6)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_wide_rows_with_non_finite_tiles(dtype, device):
+    """Rows wider than one CPU tile (2048 classes): a whole tile of -inf, a NaN in a later tile."""
+    C = 5000
+    logits = torch.randn(3, C).to(dtype)
+    logits[0, :2048] = float("-inf")
+    logits[1, 4500] = float("nan")
+    target = torch.tensor([3000, 10, 4999])
+    margin = torch.rand(C)
+    logits = logits.to(device).requires_grad_()
+    target, margin = target.to(device), margin.to(device)
+    loss = ltfast.adjusted_cross_entropy(logits, target, target_margin=margin, reduction="none")
+    ref_logits = logits.detach().double().requires_grad_()
+    expected = reference.adjusted_cross_entropy(ref_logits, target, target_margin=margin.double(), reduction="none")
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-2, atol=1e-3, equal_nan=True)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1]) and torch.isfinite(loss[2])
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    (ref_grad,) = torch.autograd.grad(expected.sum(), ref_logits)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-3, equal_nan=True)

@@ -1,8 +1,8 @@
 // CPU backend of the softmax cross-entropy family: at::parallel_for over rows, each row processed
-// with at::vec (AVX2 where setup.py enables it). Per row, forward makes one pass over the logits
-// in memory (adding the adjustment, writing the adjusted row to an L1-resident buffer and taking
-// its max) and one over that buffer (exp-sum); backward reads the logits once and writes the
-// gradient once.
+// with at::vec (AVX2 where setup.py enables it). Forward takes each row in L1-sized tiles: one pass
+// over the logits in memory (adding the adjustment, writing the tile to an L1 buffer and taking its
+// max) and one over the buffer (exp-sum), merged tile by tile into an online softmax. Backward
+// reads the logits once and writes the gradient once.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -39,6 +39,11 @@ T nan_propagating_max(T a, T b) {
   return (a > b || a != a) ? a : b;
 }
 
+// Classes per tile: 2048 floats (8 KB) of adjusted logits plus the same slice of the per-class
+// vectors stay in a 32 KB L1d. A whole 8142-class row (32 KB) did not: forward at [1024, 8142]
+// took 0.67 ns per element against 0.55 ns at [4096, 1000].
+constexpr int64_t kTileClasses = 2048;
+
 // Rows per parallel task: enough work (~32K elements) to amortise the task overhead.
 int64_t rows_per_task(int64_t num_classes) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, num_classes));
@@ -71,8 +76,15 @@ int64_t checked_target(const int64_t* target, int64_t row, int64_t num_classes,
   return y;
 }
 
-// Writes the adjusted row a_c = z_c + adjustment_c (the margin is applied by the caller) into
-// `adjusted` and returns its max (NaN if any entry is NaN).
+template <typename scalar_t, typename acc_t>
+acc_t adjusted_target_logit(const scalar_t* logits_row, const acc_t* adjustment, const acc_t* margin,
+                            int64_t y) {
+  const acc_t z = static_cast<acc_t>(logits_row[y]);
+  return (adjustment ? math::adjusted_logit(z, adjustment[y]) : z) - (margin ? margin[y] : acc_t(0));
+}
+
+// Writes the adjusted logits a_c = z_c + adjustment_c of C classes (the margin is applied by the
+// caller) into `adjusted` and returns their max (NaN if any entry is NaN).
 template <typename scalar_t, typename acc_t>
 acc_t load_adjusted_row(const scalar_t* logits_row, const acc_t* adjustment, int64_t C,
                         acc_t* adjusted) {
@@ -120,7 +132,7 @@ void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tens
   acc_t* lse_out = row_lse.data_ptr<acc_t>();
 
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> adjusted(C);
+    std::vector<acc_t> tile(std::min(C, kTileClasses));
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = checked_target(target, i, C, args.ignore_index);
       if (y == args.ignore_index) {
@@ -128,31 +140,46 @@ void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tens
         lse_out[i] = acc_t(0);
         continue;
       }
-      acc_t row_max = load_adjusted_row(logits + i * C, adjustment, C, adjusted.data());
-      if (margin) {
-        adjusted[y] -= margin[y];
-        row_max = nan_propagating_max(row_max, adjusted[y]);  // a valid shift either way
-      }
-      const acc_t target_logit = adjusted[y];
-      const Vec vmax(row_max), vtarget(target_logit);
-      Vec vsum(acc_t(0)), voffset(acc_t(0));
-      int64_t c = 0;
-      for (; c + Vec::size() <= C; c += Vec::size()) {
-        const Vec a = Vec::loadu(adjusted.data() + c);
-        vsum = vsum + vec_exp(a - vmax);
-        if (smoothing) {
-          const Vec offset = a - vtarget;
-          voffset = voffset + (weight ? offset * Vec::loadu(weight + c) : offset);
+      const scalar_t* logits_row = logits + i * C;
+      const acc_t target_logit = adjusted_target_logit(logits_row, adjustment, margin, y);
+      const Vec vtarget(target_logit);
+      auto state = math::empty_softmax_state<acc_t>();
+      Vec voffset(acc_t(0));
+      acc_t offset_sum = acc_t(0);
+      // The row in L1-sized tiles: each tile is read from memory once (max pass), re-read from L1
+      // (exp pass) and merged into the row's online-softmax state (csrc/common/softmax_math.h).
+      for (int64_t start = 0; start < C; start += kTileClasses) {
+        const int64_t len = std::min(kTileClasses, C - start);
+        acc_t* a = tile.data();
+        acc_t tile_max = load_adjusted_row(logits_row + start, adjustment ? adjustment + start : nullptr, len, a);
+        if (margin && y >= start && y < start + len) {
+          a[y - start] = target_logit;
+          tile_max = nan_propagating_max(tile_max, target_logit);  // a valid shift either way
         }
+        if (tile_max == math::negative_infinity<acc_t>()) continue;  // contributes exactly 0
+        const Vec vmax(tile_max);
+        Vec vsum(acc_t(0));
+        const acc_t* w = weight ? weight + start : nullptr;
+        int64_t c = 0;
+        for (; c + Vec::size() <= len; c += Vec::size()) {
+          const Vec v = Vec::loadu(a + c);
+          vsum = vsum + vec_exp(v - vmax);
+          if (smoothing) {
+            const Vec offset = v - vtarget;
+            voffset = voffset + (w ? offset * Vec::loadu(w + c) : offset);
+          }
+        }
+        acc_t tile_sum = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& z) { return x + z; }, vsum);
+        for (; c < len; ++c) {
+          tile_sum += std::exp(a[c] - tile_max);
+          if (smoothing) offset_sum += (a[c] - target_logit) * (w ? w[c] : acc_t(1));
+        }
+        state = math::merge_softmax_states(state, math::SoftmaxState<acc_t>{tile_max, tile_sum});
       }
-      acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& z) { return x + z; }, vsum);
-      acc_t offset_sum = smoothing ? at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& z) { return x + z; }, voffset)
-                                   : acc_t(0);
-      for (; c < C; ++c) {
-        sum += std::exp(adjusted[c] - row_max);
-        if (smoothing) offset_sum += (adjusted[c] - target_logit) * (weight ? weight[c] : acc_t(1));
+      if (smoothing) {
+        offset_sum += at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& z) { return x + z; }, voffset);
       }
-      const acc_t lse = math::finish_log_sum_exp(math::SoftmaxState<acc_t>{row_max, sum});
+      const acc_t lse = math::finish_log_sum_exp(state);
       lse_out[i] = lse;
       loss_out[i] = math::row_loss(cfg, lse, target_logit, weight ? weight[y] : acc_t(1), offset_sum);
     }
@@ -174,8 +201,9 @@ void reduce_rows(const CrossEntropyArgs& args, const at::Tensor& row_loss, at::T
     if (y != args.ignore_index) total_weight += weight ? static_cast<double>(weight[y]) : 1.0;
   }
   const double denom = args.reduction == Reduction::Mean ? total_weight : 1.0;
-  loss.fill_(total / denom);
-  denominator.fill_(denom);
+  // Direct stores rather than fill_: two dispatcher round trips are ~10% of a small call.
+  *loss.data_ptr<acc_t>() = static_cast<acc_t>(total / denom);
+  *denominator.data_ptr<acc_t>() = static_cast<acc_t>(denom);
 }
 
 template <typename scalar_t>
@@ -196,10 +224,11 @@ void backward_kernel(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
   const bool per_row_grad = args.reduction == Reduction::None;
   const at::Tensor grad_acc = grad_loss.to(args.accumulate_type).contiguous();
   const acc_t* grad_in = grad_acc.data_ptr<acc_t>();
-  const acc_t inv_denominator = acc_t(1) / denominator.to(args.accumulate_type).item<acc_t>();
+  const at::Tensor denominator_acc = denominator.to(args.accumulate_type);
+  const acc_t inv_denominator = acc_t(1) / *denominator_acc.data_ptr<acc_t>();
 
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buffer(C);
+    std::vector<acc_t> tile(std::is_same_v<scalar_t, acc_t> ? 0 : std::min(C, kTileClasses));
     for (int64_t i = begin; i < end; ++i) {
       scalar_t* grad_row = grad + i * C;
       const int64_t y = checked_target(target, i, C, args.ignore_index);
@@ -209,45 +238,47 @@ void backward_kernel(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
       }
       const scalar_t* logits_row = logits + i * C;
       const acc_t lse = lse_in[i];
-      const acc_t target_logit = (adjustment ? math::adjusted_logit(static_cast<acc_t>(logits_row[y]), adjustment[y])
-                                             : static_cast<acc_t>(logits_row[y])) -
-                                 (margin ? margin[y] : acc_t(0));
       if (lse != lse) {  // NaN/inf in the row: every gradient is NaN, as in F.cross_entropy
         std::fill(grad_row, grad_row + C, static_cast<scalar_t>(lse));
         continue;
       }
+      const acc_t target_logit = adjusted_target_logit(logits_row, adjustment, margin, y);
       const acc_t scale = per_row_grad ? grad_in[i] : grad_in[0] * inv_denominator;
       const auto coef = math::row_gradient_coefficients(cfg, scale, lse, target_logit,
                                                         weight ? weight[y] : acc_t(1));
-      acc_t* out = reinterpret_cast<acc_t*>(grad_row);
-      const acc_t* source;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        source = logits_row;
-      } else {
-        at::vec::convert(logits_row, buffer.data(), C);
-        source = buffer.data();
-        out = buffer.data();
-      }
       const Vec vlse(lse), vprob(coef.prob_coef), vclass(coef.class_coef), vone(acc_t(1));
-      int64_t c = 0;
-      for (; c + Vec::size() <= C; c += Vec::size()) {
-        Vec a = Vec::loadu(source + c);
-        if (adjustment) a = math::adjusted_logit(a, Vec::loadu(adjustment + c));
-        const Vec w = weight ? Vec::loadu(weight + c) : vone;
-        math::element_gradient(vec_exp(a - vlse), vprob, vclass, w).store(out + c);
-      }
-      for (; c < C; ++c) {
-        const acc_t a = adjustment ? math::adjusted_logit(source[c], adjustment[c]) : source[c];
-        out[c] = math::element_gradient(std::exp(a - lse), coef.prob_coef, coef.class_coef,
-                                        weight ? weight[c] : acc_t(1));
-      }
-      // The target element: its probability uses the margin-adjusted logit, then the one-hot term.
-      const acc_t target_weight_c = weight ? weight[y] : acc_t(1);
-      out[y] = math::element_gradient(std::exp(target_logit - lse), coef.prob_coef, coef.class_coef,
-                                      target_weight_c) -
-               coef.target_coef;
-      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-        at::vec::convert(buffer.data(), grad_row, C);
+      for (int64_t start = 0; start < C; start += kTileClasses) {
+        const int64_t len = std::min(kTileClasses, C - start);
+        const acc_t* source;
+        acc_t* out;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          source = logits_row + start;
+          out = grad_row + start;
+        } else {
+          at::vec::convert(logits_row + start, tile.data(), len);
+          source = out = tile.data();
+        }
+        const acc_t* adj = adjustment ? adjustment + start : nullptr;
+        const acc_t* w = weight ? weight + start : nullptr;
+        int64_t c = 0;
+        for (; c + Vec::size() <= len; c += Vec::size()) {
+          Vec a = Vec::loadu(source + c);
+          if (adj) a = math::adjusted_logit(a, Vec::loadu(adj + c));
+          math::element_gradient(vec_exp(a - vlse), vprob, vclass, w ? Vec::loadu(w + c) : vone).store(out + c);
+        }
+        for (; c < len; ++c) {
+          const acc_t a = adj ? math::adjusted_logit(source[c], adj[c]) : source[c];
+          out[c] = math::element_gradient(std::exp(a - lse), coef.prob_coef, coef.class_coef, w ? w[c] : acc_t(1));
+        }
+        if (y >= start && y < start + len) {
+          // The target element: its probability uses the margin-adjusted logit, then the one-hot term.
+          out[y - start] = math::element_gradient(std::exp(target_logit - lse), coef.prob_coef, coef.class_coef,
+                                                  w ? w[y - start] : acc_t(1)) -
+                           coef.target_coef;
+        }
+        if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+          at::vec::convert(tile.data(), grad_row + start, len);
+        }
       }
     }
   });
@@ -262,15 +293,14 @@ ForwardResult forward_cpu(const CrossEntropyArgs& args) {
                                   "ltfast_cross_entropy_forward_cpu",
                                   [&] { forward_kernel<scalar_t>(args, row_loss, row_lse); });
   if (args.reduction == Reduction::None) {
-    denominator.fill_(1.0);
+    AT_DISPATCH_FLOATING_TYPES(args.accumulate_type, "ltfast_denominator", [&] {
+      *denominator.data_ptr<scalar_t>() = scalar_t(1);
+    });
     return {row_loss, row_lse, denominator};
   }
   at::Tensor loss = at::empty({}, acc_options);
-  if (args.accumulate_type == at::kDouble) {
-    reduce_rows<double>(args, row_loss, loss, denominator);
-  } else {
-    reduce_rows<float>(args, row_loss, loss, denominator);
-  }
+  AT_DISPATCH_FLOATING_TYPES(args.accumulate_type, "ltfast_reduce_rows",
+                             [&] { reduce_rows<scalar_t>(args, row_loss, loss, denominator); });
   return {loss, row_lse, denominator};
 }
 

@@ -1,0 +1,263 @@
+"""Throughput of every ltfast part against what a user would use instead, measured in one run.
+
+    python benchmarks/throughput.py [--device cpu|cuda] [--quick] [--json PATH]
+
+Loss suite: each fused op against its plain-PyTorch version in ltfast.reference, run eagerly and
+under torch.compile, forward and forward+backward. Prints a table (median and p20/p80 ms, peak
+memory on CUDA, speed-up of ltfast over the faster baseline) and, with --json, writes the records
+described in DESIGN.md. On CUDA it also measures the card's copy bandwidth in the same run and
+reports the achieved GB/s of each op (bytes: one read of the logits forward; one read and one
+write backward).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import ltfast  # noqa: E402
+from ltfast import priors, reference  # noqa: E402
+
+
+@dataclass
+class Record:
+    suite: str
+    name: str
+    impl: str
+    device: str
+    device_name: str
+    dtype: str
+    shape: list
+    mode: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    peak_mem_mb: float | None
+    items_per_s: float | None
+    extra: dict = field(default_factory=dict)
+
+
+def keep_freed_memory_in_the_heap() -> bool:
+    """glibc returns freed blocks of more than 32 MB of heap top to the OS after every call, so the
+    next [4096, 1000] allocation page-faults and zeroes 16 MB again (eager fwd: 12.6 ms instead of
+    2.9 ms here). That measures the allocator, not the loss: raise the trim threshold for every
+    implementation alike, as a caching allocator (jemalloc, tcmalloc) would."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**34)
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def peak_memory_mb(fn, device: str) -> float | None:
+    """MiB allocated at the peak of one call above what was in use before it (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def measure_interleaved(calls: dict, device: str, min_time_s: float, max_reps: int, warmup: int):
+    """Times the implementations round-robin, one call each per round, until min_time_s has
+    passed (at least 5, at most max_reps rounds), so that a slow spell of a shared machine hits
+    every implementation alike. Returns {impl: [ms per call]}."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    times = {impl: [] for impl in calls}
+    start_all = time.perf_counter()
+    rounds = 0
+    while rounds < max_reps and (rounds < 5 or time.perf_counter() - start_all < min_time_s * len(calls)):
+        for impl, fn in calls.items():
+            times[impl].append(time_call(fn, device))
+        rounds += 1
+    return times
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+# ------------------------------------------------------------------ loss definitions
+def balanced_softmax_case(C, device):
+    counts = torch.logspace(3.1, 0.7, C).round()  # ImageNet-LT-like profile, 1280 -> 5 images
+    log_prior = priors.log_prior(counts).to(device)
+    return (lambda x, y: ltfast.balanced_softmax_loss(x, y, log_prior),
+            lambda x, y: reference.balanced_softmax(x, y, log_prior))
+
+
+def ldam_drw_case(C, device):
+    counts = torch.logspace(3.1, 0.7, C).round()
+    margin = (30 * priors.ldam_margins(counts)).to(device)
+    weight = priors.effective_number_weights(counts).to(device)
+    return (lambda x, y: ltfast.adjusted_cross_entropy(x, y, target_margin=margin, weight=weight),
+            lambda x, y: reference.adjusted_cross_entropy(x, y, target_margin=margin, weight=weight))
+
+
+LOSSES = {"balanced_softmax": balanced_softmax_case, "ldam_drw": ldam_drw_case}
+
+
+def copy_bandwidth_gb_s(device: str) -> float:
+    """Device-to-device copy of 1 GiB: bytes read + written per second."""
+    src = torch.empty(2**28, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times = measure_interleaved({"copy": lambda: dst.copy_(src)}, device, min_time_s=0.5, max_reps=50, warmup=3)
+    return 2 * src.numel() * 4 / (statistics.median(times["copy"]) * 1e-3) / 1e9
+
+
+def loss_suite(args) -> list[Record]:
+    device = args.device
+    if args.quick:
+        plan = [("balanced_softmax", (256, 1000), torch.float32), ("balanced_softmax", (4096, 1000), torch.float32)]
+    else:
+        shapes = [(256, 1000), (4096, 1000), (1024, 8142)]
+        plan = [(name, shape, torch.float32) for name in LOSSES for shape in shapes]
+        if device == "cuda":
+            plan += [(name, (65536, 8142), torch.bfloat16) for name in LOSSES]
+            plan += [(name, (4096, 1000), torch.bfloat16) for name in LOSSES]
+    copy_bw = copy_bandwidth_gb_s(device) if device == "cuda" else None
+    records = []
+    gen = torch.Generator().manual_seed(0)
+    for name, (N, C), dtype in plan:
+        fused, ref = LOSSES[name](C, device)
+        logits = (torch.randn(N, C, generator=gen) * 2).to(device=device, dtype=dtype)
+        target = torch.randint(0, C, (N,), generator=gen).to(device)
+        compiled_ref = torch.compile(ref, dynamic=False)
+        impls = {"ltfast": fused, "eager": ref, "compile": compiled_ref}
+        for mode in ("fwd", "fwd_bwd"):
+            x = logits.detach().clone().requires_grad_(mode == "fwd_bwd")
+            calls = {}
+            for impl, fn in impls.items():
+                if mode == "fwd":
+                    def call(fn=fn):
+                        with torch.no_grad():
+                            fn(x, target)
+                else:
+                    def call(fn=fn):
+                        x.grad = None
+                        fn(x, target).backward()
+                calls[impl] = call
+            # warm-up 3: torch.compile compiles on the first calls
+            times = measure_interleaved(calls, device, args.min_time, args.max_reps, warmup=3)
+            medians = {impl: statistics.median(t) for impl, t in times.items()}
+            for impl, t in times.items():
+                median = medians[impl]
+                extra = {}
+                if device == "cuda":
+                    passes = 1 if mode == "fwd" else 3  # logits read fwd; read + grad write bwd
+                    achieved = passes * logits.numel() * logits.element_size() / (median * 1e-3) / 1e9
+                    extra = {"achieved_gb_s": round(achieved, 1), "copy_gb_s": round(copy_bw, 1),
+                             "fraction_of_copy_bw": round(achieved / copy_bw, 3)}
+                if impl == "ltfast":
+                    extra["speedup_vs_best_baseline"] = round(min(medians["eager"], medians["compile"]) / median, 2)
+                    extra["speedup_vs_eager"] = round(medians["eager"] / median, 2)
+                    extra["speedup_vs_compile"] = round(medians["compile"] / median, 2)
+                peak = peak_memory_mb(calls[impl], device)
+                records.append(Record("loss", name, impl, device, device_name(device), str(dtype).replace("torch.", ""),
+                                      [N, C], mode, round(median, 4), round(percentile(t, 0.2), 4),
+                                      round(percentile(t, 0.8), 4), None if peak is None else round(peak, 2),
+                                      round(N / (median * 1e-3), 1), extra))
+        torch._dynamo.reset()
+    return records
+
+
+def print_table(records: list[Record]) -> None:
+    header = f"{'suite':5} {'name':17} {'shape':>12} {'dtype':9} {'mode':8} {'impl':8} {'median ms':>10} {'p20':>9} {'p80':>9} {'peak MiB':>9} {'speed-up':>9} {'GB/s':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in records:
+        peak = "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.1f}"
+        speedup = r.extra.get("speedup_vs_best_baseline")
+        gbs = r.extra.get("achieved_gb_s")
+        print(f"{r.suite:5} {r.name:17} {'x'.join(map(str, r.shape)):>12} {r.dtype:9} {r.mode:8} {r.impl:8} "
+              f"{r.median_ms:10.3f} {r.p20_ms:9.3f} {r.p80_ms:9.3f} {peak:>9} "
+              f"{(f'{speedup:.2f}x' if speedup else ''):>9} {(f'{gbs:.0f}' if gbs else ''):>7}")
+    copy = next((r.extra["copy_gb_s"] for r in records if "copy_gb_s" in r.extra), None)
+    if copy:
+        print(f"copy bandwidth measured in this run: {copy:.0f} GB/s")
+    print("speed-up = min(eager, compile) median / ltfast median, same run")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--quick", action="store_true", help="balanced_softmax at two shapes (< 1 min on 2 cores)")
+    parser.add_argument("--json", metavar="PATH", help="write the records to PATH")
+    parser.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per row")
+    parser.add_argument("--max-reps", type=int, default=200)
+    parser.add_argument("--glibc-default-malloc", action="store_true",
+                        help="keep glibc's default trimming (see keep_freed_memory_in_the_heap)")
+    args = parser.parse_args(argv)
+    if args.device == "cpu" and not args.glibc_default_malloc:
+        keep_freed_memory_in_the_heap()
+    if args.min_time is None:
+        args.min_time = 0.3 if args.quick else 1.0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if not ltfast._extension.AVAILABLE:
+        parser.error(f"ltfast._C is not available ({ltfast._extension.LOAD_ERROR}): build it first")
+    if args.device == "cuda" and not ltfast.has_cuda_kernels():
+        parser.error("ltfast._C was built without CUDA kernels")
+    records = loss_suite(args)
+    print_table(records)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump([{**{k: v for k, v in asdict(r).items() if k != "extra"}, **r.extra} for r in records], f, indent=1)
+        print(f"wrote {len(records)} records to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

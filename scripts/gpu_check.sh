@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The one script to run on a GPU machine (e.g. through the device tool, from the repo root):
+# builds ltfast against the torch installed there, runs the CUDA tests, runs the CUDA benchmark
+# into $OUT, and prints a short table last. Budget: under 8 minutes on an H100 (16 cores).
+#
+#   OUT=/some/folder bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+PYTHON=${PYTHON:-python}
+status=0
+start=$(date +%s)
+stamp() { echo "== [$(( $(date +%s) - start ))s] $*"; }
+
+stamp "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.csv"
+"$PYTHON" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" | tee "$OUT/versions.txt"
+for module in pytest ninja; do
+  "$PYTHON" -c "import $module" 2>/dev/null || echo "WARNING: python module $module is missing here (no network: carry it)" | tee -a "$OUT/versions.txt"
+done
+
+stamp "build (sm_90 only, 16 jobs)"
+if ! TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} LTFAST_CUDA=1 \
+    "$PYTHON" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  tail -n 40 "$OUT/build.log"
+  echo "ERROR: build failed (log: $OUT/build.log)"
+  exit 1
+fi
+"$PYTHON" -c "import ltfast, sys; ok = ltfast.has_cuda_kernels(); print('CUDA kernels registered:', ok); sys.exit(0 if ok else 1)" || exit 1
+
+stamp "CUDA tests"
+timeout 240 "$PYTHON" -m pytest tests -m cuda -q -p no:cacheprovider --junitxml="$OUT/cuda-tests.xml" 2>&1 | tee "$OUT/cuda-tests.log" | tail -n 25
+test_status=${PIPESTATUS[0]}
+[ "$test_status" -eq 0 ] || status=1
+
+stamp "CUDA benchmark"
+timeout 300 "$PYTHON" benchmarks/throughput.py --device cuda --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
+bench_status=$?
+[ "$bench_status" -eq 0 ] || { status=1; tail -n 30 "$OUT/bench.txt"; }
+
+stamp "profiler launch counts"
+timeout 60 "$PYTHON" benchmarks/launch_counts.py --json "$OUT/launch_counts.json" 2>&1 | tee "$OUT/launch_counts.txt" | tail -n 12
+
+stamp "summary (tests exit $test_status, benchmark exit $bench_status)"
+tail -n 5 "$OUT/cuda-tests.log"
+grep -E "^loss|^copy|^speed" "$OUT/bench.txt" | grep -E "ltfast|copy|speed" || true
+exit $status
