@@ -46,7 +46,7 @@ def _fake_forward(op: str, logits: Tensor, target: Tensor, reduction: str, class
 
 def _column_sum(grad_logits: Tensor) -> Tensor:
     # d loss / d adjustment_c = sum_i d loss / d z_ic, since a = z + adjustment.
-    return grad_logits.sum(0, dtype=torch.float32 if grad_logits.dtype != torch.float64 else torch.float64)
+    return grad_logits.sum(0, dtype=_accumulate_dtype(grad_logits))
 
 
 def _margin_grad(grad_logits: Tensor, target: Tensor, ignore_index: int, num_classes: int) -> Tensor:
@@ -54,8 +54,30 @@ def _margin_grad(grad_logits: Tensor, target: Tensor, ignore_index: int, num_cla
     # zero gradient row, so they add nothing wherever they point.
     safe_target = torch.where(target == ignore_index, torch.zeros_like(target), target)
     at_target = grad_logits.gather(1, safe_target[:, None]).squeeze(1)
-    acc = torch.float64 if grad_logits.dtype == torch.float64 else torch.float32
+    acc = _accumulate_dtype(grad_logits)
     return -torch.zeros(num_classes, dtype=acc, device=grad_logits.device).index_add(0, safe_target, at_target.to(acc))
+
+
+# Eager fast path. register_autograd's generic wrapper costs ~40 us per forward+backward on top of
+# a plain autograd.Function (120 vs 82 us for a [2, 3] batch here), which is 10% of a [256, 1000]
+# training step's loss. Outside torch.compile and autocast, the functionals call an
+# autograd.Function built from the very same setup_context/backward as the registered autograd.
+_EAGER_FUNCTIONS: dict = {}
+
+
+def _eager_function(forward_op, setup_context, backward):
+    def forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return forward_op(*args)
+
+    return type(f"Eager_{forward_op.__name__}", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward)})
+
+
+def _use_eager_function(logits: Tensor) -> bool:
+    return (torch.is_grad_enabled() and logits.requires_grad and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled(logits.device.type))
 
 
 def _register() -> None:
@@ -85,6 +107,8 @@ def _register() -> None:
         return (grad_logits if ctx.needs_input_grad[0] else None), None, grad_prior, None, None
 
     lib.register_autograd("ltfast::_balanced_softmax_forward", bs_backward, setup_context=bs_setup_context)
+    _EAGER_FUNCTIONS["balanced_softmax"] = _eager_function(
+        torch.ops.ltfast._balanced_softmax_forward.default, bs_setup_context, bs_backward)
 
     # ---------------------------------------------------------------- adjusted_cross_entropy
     @lib.register_fake("ltfast::_adjusted_cross_entropy_forward")
@@ -124,6 +148,8 @@ def _register() -> None:
 
     lib.register_autograd("ltfast::_adjusted_cross_entropy_forward", ace_backward,
                           setup_context=ace_setup_context)
+    _EAGER_FUNCTIONS["adjusted_cross_entropy"] = _eager_function(
+        torch.ops.ltfast._adjusted_cross_entropy_forward.default, ace_setup_context, ace_backward)
 
     # ---------------------------------------------------------------- autocast
     # Under autocast F.cross_entropy runs in float32. The kernels already read bf16/fp16 logits and
@@ -174,6 +200,9 @@ def balanced_softmax_loss(logits: Tensor, target: Tensor, log_prior: Tensor, red
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.balanced_softmax(logits, target, log_prior, reduction, ignore_index)
+    if _use_eager_function(logits):
+        loss = _EAGER_FUNCTIONS["balanced_softmax"].apply(logits, target, log_prior, reduction, ignore_index)[0]
+        return loss.to(logits.dtype)
     return torch.ops.ltfast.balanced_softmax(logits, target, log_prior, reduction, ignore_index)
 
 
@@ -199,6 +228,8 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | 
         _extension.warn_fallback_once()
         return reference.adjusted_cross_entropy(logits, target, adjustment, target_margin, weight, gamma,
                                                 label_smoothing, reduction, ignore_index)
-    return torch.ops.ltfast.adjusted_cross_entropy(logits, target, adjustment, target_margin, weight,
-                                                   float(gamma), float(label_smoothing), reduction,
-                                                   ignore_index)
+    args = (logits, target, adjustment, target_margin, weight, float(gamma), float(label_smoothing), reduction,
+            ignore_index)
+    if _use_eager_function(logits):
+        return _EAGER_FUNCTIONS["adjusted_cross_entropy"].apply(*args)[0].to(logits.dtype)
+    return torch.ops.ltfast.adjusted_cross_entropy(*args)
