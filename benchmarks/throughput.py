@@ -146,7 +146,14 @@ def ldam_drw_case(C, device):
             lambda x, y: reference.adjusted_cross_entropy(x, y, target_margin=margin, weight=weight))
 
 
-LOSSES = {"balanced_softmax": balanced_softmax_case, "ldam_drw": ldam_drw_case}
+def lade_case(C, device):
+    counts = torch.logspace(3.1, 0.7, C).round()
+    log_prior = priors.log_prior(counts).to(device)
+    return (lambda x, y: ltfast.lade_loss(x, y, log_prior),
+            lambda x, y: reference.lade(x, y, log_prior))
+
+
+LOSSES = {"balanced_softmax": balanced_softmax_case, "ldam_drw": ldam_drw_case, "lade": lade_case}
 
 
 def copy_bandwidth_gb_s(device: str) -> float:
@@ -160,7 +167,8 @@ def copy_bandwidth_gb_s(device: str) -> float:
 def loss_suite(args) -> list[Record]:
     device = args.device
     if args.quick:
-        plan = [("balanced_softmax", (256, 1000), torch.float32), ("balanced_softmax", (4096, 1000), torch.float32)]
+        plan = [("balanced_softmax", (256, 1000), torch.float32), ("balanced_softmax", (4096, 1000), torch.float32),
+                ("lade", (4096, 1000), torch.float32)]
     else:
         shapes = [(256, 1000), (4096, 1000), (1024, 8142)]
         if device == "cpu":
@@ -172,7 +180,11 @@ def loss_suite(args) -> list[Record]:
             plan += [("balanced_softmax", (4096, 1000), torch.bfloat16),
                      ("balanced_softmax", (65536, 8142), torch.bfloat16),
                      ("ldam_drw", (4096, 1000), torch.float32),
-                     ("ldam_drw", (65536, 8142), torch.bfloat16)]
+                     ("ldam_drw", (65536, 8142), torch.bfloat16),
+                     ("lade", (4096, 1000), torch.float32),
+                     ("lade", (16384, 8142), torch.bfloat16)]
+    if args.losses:
+        plan = [row for row in plan if row[0] in args.losses]
     copy_bw = copy_bandwidth_gb_s(device) if device == "cuda" else None
     records = []
     gen = torch.Generator().manual_seed(0)
@@ -239,7 +251,9 @@ def print_table(records: list[Record]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="balanced_softmax at two shapes (< 1 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="balanced_softmax at two shapes and lade at one (< 1 min on 2 cores)")
+    parser.add_argument("--losses", nargs="+", choices=list(LOSSES), help="only these losses")
     parser.add_argument("--json", metavar="PATH", help="write the records to PATH")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per row")
     parser.add_argument("--max-reps", type=int, default=200)

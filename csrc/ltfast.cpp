@@ -48,6 +48,29 @@ at::Tensor adjusted_cross_entropy(const at::Tensor& logits, const at::Tensor& ta
   return loss.to(logits.scalar_type());
 }
 
+using LadeForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+at::Tensor lade_composite(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& log_prior,
+                          double ce_weight, double alpha, double remine_lambda, int64_t ignore_index) {
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ltfast::_lade_forward", "")
+          .typed<LadeForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
+                                    double, int64_t)>();
+  const auto loss = std::get<0>(forward.call(logits, target, log_prior, ce_weight, alpha, remine_lambda, ignore_index));
+  return loss.to(logits.scalar_type());
+}
+
+at::Tensor lade(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& log_prior, double alpha,
+                double remine_lambda, int64_t ignore_index) {
+  return lade_composite(logits, target, log_prior, 1.0, alpha, remine_lambda, ignore_index);
+}
+
+at::Tensor lade_regularizer(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& log_prior,
+                            double remine_lambda, int64_t ignore_index) {
+  return lade_composite(logits, target, log_prior, 0.0, 1.0, remine_lambda, ignore_index);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ltfast, m) {
@@ -74,6 +97,20 @@ TORCH_LIBRARY(ltfast, m) {
         "Tensor? adjustment, Tensor? target_margin, Tensor? weight, Tensor row_lse, "
         "Tensor denominator, float gamma, float label_smoothing, str reduction, int ignore_index) "
         "-> Tensor");
+
+  // LADE (Hong et al. 2021) as in the survey's code: PriorCE (mean) + alpha * LADER, and LADER alone.
+  // LADER = -sum_c pi_c (F_c - S_c - lambda S_c^2), a column-wise log-mean-exp over the batch.
+  m.def("lade(Tensor logits, Tensor target, Tensor log_prior, float alpha=0.1, float remine_lambda=0.1, "
+        "int ignore_index=-100) -> Tensor",
+        &lade);
+  m.def("lade_regularizer(Tensor logits, Tensor target, Tensor log_prior, float remine_lambda=0.1, "
+        "int ignore_index=-100) -> Tensor",
+        &lade_regularizer);
+  m.def("_lade_forward(Tensor logits, Tensor target, Tensor log_prior, float ce_weight, float alpha, "
+        "float remine_lambda, int ignore_index) -> (Tensor loss, Tensor row_lse, Tensor column_stats, "
+        "Tensor num_valid)");
+  m.def("_lade_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor log_prior, Tensor row_lse, "
+        "Tensor column_stats, Tensor num_valid, float ce_weight, int ignore_index) -> Tensor");
 }
 
 }  // namespace ltfast

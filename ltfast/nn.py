@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import priors
-from .ops import adjusted_cross_entropy, balanced_softmax_loss
+from .ops import adjusted_cross_entropy, balanced_softmax_loss, lade_loss
 
 
 def _check_reduction(reduction: str) -> str:
@@ -170,4 +170,72 @@ class FocalLoss(_CrossEntropyFamilyLoss):
                                       reduction=self.reduction, ignore_index=self.ignore_index)
 
 
-__all__ = ["BalancedSoftmaxLoss", "LogitAdjustedLoss", "WeightedCrossEntropyLoss", "LDAMLoss", "FocalLoss"]
+def gather_batch_with_grad(logits: Tensor, target: Tensor, ignore_index: int, group=None):
+    """All-gathers logits and targets over the process group, rank by rank. Local batches may differ in
+    size: each is padded to the largest with rows whose target is ``ignore_index`` (they count
+    nowhere). The logits keep their autograd graph: the backward sums the gathered gradient over the
+    ranks (reduce-scatter), so each rank's logits receive ``world_size * dL/dz_local`` and DDP's
+    averaging of parameter gradients yields exactly the single-process gradient of L on the whole
+    batch. Costs one host synchronisation per call, to learn the batch sizes."""
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    world = dist.get_world_size(group)
+    local = torch.tensor([logits.shape[0]], device=target.device, dtype=torch.long)
+    sizes = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(sizes, local, group=group)
+    largest = int(torch.stack(sizes).max())
+    pad = largest - logits.shape[0]
+    if pad:
+        logits = torch.cat([logits, logits.new_zeros(pad, logits.shape[1])])
+        target = torch.cat([target, target.new_full((pad,), ignore_index)])
+    gathered_logits = dist_fn.all_gather(logits, group=group)
+    gathered_target = [torch.empty_like(target) for _ in range(world)]
+    dist.all_gather(gathered_target, target, group=group)
+    return torch.cat(gathered_logits), torch.cat(gathered_target)
+
+
+class LADELoss(nn.Module):
+    """LADE loss (Hong et al. 2021) as the survey trains it: Balanced Softmax (PriorCE, mean) plus
+    ``alpha`` times the LADER regulariser, with the survey's defaults alpha = remine_lambda = 0.1
+    (seed-methods.md §1.5; see :func:`ltfast.lade_loss` for the math).
+
+    LADER's column log-mean-exp runs over the batch, so its value depends on which rows share a
+    call. The survey used ``nn.DataParallel``: one loss call on the whole 256-sample batch.
+    Under DDP:
+
+    - ``gather_batch=False`` (default): each rank computes LADE on its local batch (e.g. 64 rows).
+      S_c then estimates the log-mean-exp from 64 samples instead of 256, a different (noisier,
+      biased for small batches) estimator than the survey's.
+    - ``gather_batch=True``: the loss all-gathers logits and targets across ranks and computes LADE
+      on the concatenated batch; values equal the single-process loss on that batch on every rank,
+      and after DDP's gradient averaging the parameter gradients equal the single-process ones
+      (see :func:`gather_batch_with_grad`). Outside an initialised process group it does nothing.
+    """
+
+    def __init__(self, class_counts, alpha: float = 0.1, remine_lambda: float = 0.1, gather_batch: bool = False,
+                 *, ignore_index: int = -100, process_group=None) -> None:
+        super().__init__()
+        if remine_lambda < 0:
+            raise ValueError(f"remine_lambda must be >= 0, got {remine_lambda}")
+        self.alpha = float(alpha)
+        self.remine_lambda = float(remine_lambda)
+        self.gather_batch = bool(gather_batch)
+        self.ignore_index = int(ignore_index)
+        self.process_group = process_group
+        self.register_buffer("log_prior", priors.log_prior(class_counts))
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.log_prior.numel()}, alpha={self.alpha}, remine_lambda={self.remine_lambda}, "
+                f"gather_batch={self.gather_batch}")
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if self.gather_batch:
+            import torch.distributed as dist
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+                input, target = gather_batch_with_grad(input, target, self.ignore_index, self.process_group)
+        return lade_loss(input, target, self.log_prior, self.alpha, self.remine_lambda, self.ignore_index)
+
+
+__all__ = ["BalancedSoftmaxLoss", "LogitAdjustedLoss", "WeightedCrossEntropyLoss", "LDAMLoss", "FocalLoss",
+           "LADELoss", "gather_batch_with_grad"]

@@ -151,6 +151,39 @@ def _register() -> None:
     _EAGER_FUNCTIONS["adjusted_cross_entropy"] = _eager_function(
         torch.ops.ltfast._adjusted_cross_entropy_forward.default, ace_setup_context, ace_backward)
 
+    # ---------------------------------------------------------------- lade
+    @lib.register_fake("ltfast::_lade_forward")
+    def _(logits, target, log_prior, ce_weight, alpha, remine_lambda, ignore_index):
+        _fake_forward("ltfast.lade", logits, target, "mean", {"log_prior": log_prior})
+        acc = _accumulate_dtype(logits)
+        return (logits.new_empty((), dtype=acc), logits.new_empty((logits.shape[0],), dtype=acc),
+                logits.new_empty((3, logits.shape[1]), dtype=acc), logits.new_empty((), dtype=acc))
+
+    @lib.register_fake("ltfast::_lade_backward")
+    def _(grad_loss, logits, target, log_prior, row_lse, column_stats, num_valid, ce_weight, ignore_index):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    def lade_setup_context(ctx, inputs, output):
+        logits, target, log_prior, ce_weight, _alpha, _remine_lambda, ignore_index = inputs
+        _, row_lse, column_stats, num_valid = output
+        if log_prior.requires_grad:
+            raise RuntimeError("ltfast.lade: the gradient with respect to `log_prior` is not implemented; "
+                               "pass log_prior.detach()")
+        ctx.save_for_backward(logits, target, log_prior, row_lse, column_stats, num_valid)
+        ctx.options = (ce_weight, ignore_index)
+        ctx.mark_non_differentiable(row_lse, column_stats, num_valid)
+
+    def lade_backward(ctx, grad_loss, *_unused):
+        logits, target, log_prior, row_lse, column_stats, num_valid = ctx.saved_tensors
+        ce_weight, ignore_index = ctx.options
+        grad_logits = torch.ops.ltfast._lade_backward(grad_loss, logits, target, log_prior, row_lse, column_stats,
+                                                      num_valid, ce_weight, ignore_index)
+        return grad_logits, None, None, None, None, None, None
+
+    lib.register_autograd("ltfast::_lade_forward", lade_backward, setup_context=lade_setup_context)
+    _EAGER_FUNCTIONS["lade"] = _eager_function(torch.ops.ltfast._lade_forward.default, lade_setup_context,
+                                               lade_backward)
+
     # ---------------------------------------------------------------- autocast
     # Under autocast F.cross_entropy runs in float32. The kernels already read bf16/fp16 logits and
     # accumulate in float32, so instead of casting the [N, C] logits up (a full extra copy), the
@@ -175,6 +208,20 @@ def _register() -> None:
                     logits, target, adjustment, target_margin, weight, gamma, label_smoothing, reduction,
                     ignore_index)[0]
 
+        def lade_autocast(logits, target, log_prior, alpha=0.1, remine_lambda=0.1, ignore_index=-100,
+                          exclude=exclude):
+            with torch._C._ExcludeDispatchKeyGuard(exclude):
+                return torch.ops.ltfast._lade_forward(logits, target, log_prior, 1.0, alpha, remine_lambda,
+                                                      ignore_index)[0]
+
+        def lade_regularizer_autocast(logits, target, log_prior, remine_lambda=0.1, ignore_index=-100,
+                                      exclude=exclude):
+            with torch._C._ExcludeDispatchKeyGuard(exclude):
+                return torch.ops.ltfast._lade_forward(logits, target, log_prior, 0.0, 1.0, remine_lambda,
+                                                      ignore_index)[0]
+
+        impl_lib.impl("lade", lade_autocast, device_key)
+        impl_lib.impl("lade_regularizer", lade_regularizer_autocast, device_key)
         impl_lib.impl("balanced_softmax", balanced_softmax_autocast, device_key)
         impl_lib.impl("adjusted_cross_entropy", adjusted_cross_entropy_autocast, device_key)
 
@@ -233,3 +280,43 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | 
     if _use_eager_function(logits):
         return _EAGER_FUNCTIONS["adjusted_cross_entropy"].apply(*args)[0].to(logits.dtype)
     return torch.ops.ltfast.adjusted_cross_entropy(*args)
+
+
+def _lade(logits, target, log_prior, ce_weight, alpha, remine_lambda, ignore_index, public_op, public_args):
+    if _use_eager_function(logits):
+        loss = _EAGER_FUNCTIONS["lade"].apply(logits, target, log_prior, float(ce_weight), float(alpha),
+                                             float(remine_lambda), ignore_index)[0]
+        return loss.to(logits.dtype)
+    return public_op(*public_args)
+
+
+def lade_loss(logits: Tensor, target: Tensor, log_prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1,
+              ignore_index: int = -100) -> Tensor:
+    """LADE loss of the survey's code (seed-methods.md §1.5): PriorCE (Balanced Softmax, mean over the
+    non-ignored rows) plus ``alpha`` times the LADER regulariser, a scalar.
+
+    ``LADER = -sum_c pi_c (F_c - S_c - remine_lambda * S_c^2)`` with ``F_c`` the mean target logit of
+    class c in the batch (0 when c is absent: ``/(n_c + 1e-8)``) and
+    ``S_c = log mean_i exp(z_ic - log_prior_c + log(1/C + 1e-9))`` over the batch rows, so classes
+    absent from the batch still contribute through S_c. ``pi_c = exp(log_prior_c)``: with
+    ``log_prior = log(pi + 1e-9)`` (:func:`ltfast.priors.log_prior`) that is ``pi_c + 1e-9``, where the
+    survey's code weights by ``pi_c`` itself (a difference of 1e-9 per class). Rows with
+    ``ignore_index`` are left out of every term, including the batch size in S_c.
+
+    The batch is the one passed in: under DDP, see ``ltfast.nn.LADELoss(gather_batch=True)``.
+    """
+    if not _extension.AVAILABLE:
+        _extension.warn_fallback_once()
+        return reference.lade(logits, target, log_prior, alpha, remine_lambda, ignore_index)
+    return _lade(logits, target, log_prior, 1.0, alpha, remine_lambda, ignore_index, torch.ops.ltfast.lade,
+                 (logits, target, log_prior, float(alpha), float(remine_lambda), ignore_index))
+
+
+def lade_regularizer(logits: Tensor, target: Tensor, log_prior: Tensor, remine_lambda: float = 0.1,
+                     ignore_index: int = -100) -> Tensor:
+    """The LADER regulariser alone (the survey's ``LADELoss.forward``), see :func:`lade_loss`."""
+    if not _extension.AVAILABLE:
+        _extension.warn_fallback_once()
+        return reference.lade_regularizer(logits, target, log_prior, remine_lambda, ignore_index)
+    return _lade(logits, target, log_prior, 0.0, 1.0, remine_lambda, ignore_index, torch.ops.ltfast.lade_regularizer,
+                 (logits, target, log_prior, float(remine_lambda), ignore_index))

@@ -7,6 +7,8 @@ promotion gives (bfloat16 logits plus a float32 prior compute in float32), as us
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -55,3 +57,30 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | 
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / row_weight.sum()
+
+
+def lade_regularizer(logits: Tensor, target: Tensor, log_prior: Tensor, remine_lambda: float = 0.1,
+                     ignore_index: int = -100) -> Tensor:
+    """LADER, transcribed from the survey's Main-codebase/loss/LADELoss.py (seed-methods.md §1.5):
+    C x N masks, mean target logit per class with the 1e-8 term, column logsumexp over the batch with
+    the -log(pi + 1e-9) + log(1/C + 1e-9) shift, remine_lambda * S^2, and -sum_c pi_c E_c.
+    Ignored rows are dropped first. pi_c = exp(log_prior_c) (see ltfast.lade_loss)."""
+    num_classes = logits.shape[1]
+    valid = target != ignore_index
+    y_pred, target = logits[valid], target[valid]
+    prior = log_prior.exp()
+    classes = torch.arange(num_classes, device=target.device).view(-1, 1)
+    per_cls_pred_spread = y_pred.T * (target == classes)                                      # C x N
+    pred_spread = (y_pred - log_prior + math.log(1.0 / num_classes + 1e-9)).T                  # C x N
+    num_samples_per_cls = torch.sum(target == classes, -1).float()                            # C
+    first_term = torch.sum(per_cls_pred_spread, -1) / (num_samples_per_cls + 1e-8)
+    second_term = torch.logsumexp(pred_spread, -1) - math.log(per_cls_pred_spread.size(-1))
+    estim_loss = first_term - second_term - remine_lambda * second_term ** 2
+    return -torch.sum(estim_loss * prior)
+
+
+def lade(logits: Tensor, target: Tensor, log_prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1,
+         ignore_index: int = -100) -> Tensor:
+    """LADE as the survey trains it (lade.yaml): PriorCELoss (weight 1) + alpha * LADELoss."""
+    return (balanced_softmax(logits, target, log_prior, "mean", ignore_index)
+            + alpha * lade_regularizer(logits, target, log_prior, remine_lambda, ignore_index))

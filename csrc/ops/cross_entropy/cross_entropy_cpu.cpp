@@ -40,7 +40,6 @@ math::CrossEntropyConfig<acc_t> make_config(const CrossEntropyArgs& args) {
 template <typename scalar_t>
 void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tensor& row_lse) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
   const int64_t N = args.num_rows, C = args.num_classes;
   const scalar_t* logits = args.logits.data_ptr<scalar_t>();
   const int64_t* target = args.target.data_ptr<int64_t>();

@@ -104,7 +104,8 @@ template <typename scalar_t, int GROUP>
 __global__ void __launch_bounds__(kBlockThreads)
     forward_rows_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
                         at::opmath_type<scalar_t>* __restrict__ row_loss,
-                        at::opmath_type<scalar_t>* __restrict__ row_lse) {
+                        at::opmath_type<scalar_t>* __restrict__ row_lse,
+                        at::opmath_type<scalar_t>* __restrict__ unit_denominator) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   __shared__ GroupScratch<acc_t> scratch;
@@ -112,6 +113,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t C = p.num_classes;
   const bool smoothing = p.cfg.label_smoothing != acc_t(0);
   const bool sum_weights = smoothing && p.weight != nullptr;
+  // reduction 'none': the denominator is 1, written here rather than by a separate fill launch.
+  if (unit_denominator != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *unit_denominator = acc_t(1);
 
   // Every thread of a block runs the same number of iterations (the row loop bound is uniform
   // per group, and for block groups the group is the block), so __syncthreads in group_reduce is safe.
@@ -296,19 +299,22 @@ ForwardResult forward_cuda(const CrossEntropyArgs& args) {
                                   "ltfast_cross_entropy_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto p = make_params<acc_t>(args);
+    acc_t* unit_denominator = none ? denominator.data_ptr<acc_t>() : nullptr;
     if (args.num_rows > 0) {
       if (args.num_classes <= kWarpRowMaxClasses) {
         forward_rows_kernel<scalar_t, 32><<<grid_for(args.num_rows, kBlockThreads / 32), kBlockThreads, 0, stream>>>(
-            args.logits.data_ptr<scalar_t>(), p, row_loss.data_ptr<acc_t>(), row_lse.data_ptr<acc_t>());
+            args.logits.data_ptr<scalar_t>(), p, row_loss.data_ptr<acc_t>(), row_lse.data_ptr<acc_t>(),
+            unit_denominator);
       } else {
         forward_rows_kernel<scalar_t, kBlockThreads><<<grid_for(args.num_rows, 1), kBlockThreads, 0, stream>>>(
-            args.logits.data_ptr<scalar_t>(), p, row_loss.data_ptr<acc_t>(), row_lse.data_ptr<acc_t>());
+            args.logits.data_ptr<scalar_t>(), p, row_loss.data_ptr<acc_t>(), row_lse.data_ptr<acc_t>(),
+            unit_denominator);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    if (none) {
+    } else if (none) {
       denominator.fill_(1.0);
-    } else {
+    }
+    if (!none) {
       reduce_rows_kernel<acc_t><<<1, kBlockThreads, 0, stream>>>(
           row_loss.data_ptr<acc_t>(), p, args.reduction == Reduction::Mean, loss.data_ptr<acc_t>(),
           denominator.data_ptr<acc_t>());

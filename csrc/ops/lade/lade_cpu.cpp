@@ -1,0 +1,240 @@
+// CPU backend of LADE. Forward: blocks of rows (a fixed number per block, so the result does not
+// depend on the thread count); per block, the row log-sum-exp of every row (PriorCE) and, over the
+// block's rows held in L2, the per-class column max and exp-sum, merged afterwards block by block
+// in a fixed order. Backward: one pass per row, reading the logits once and writing the gradient
+// once (row softmax and column softmax of each element from the saved statistics).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../../common/cpu_softmax.h"
+#include "../../common/softmax_math.h"
+#include "lade.h"
+
+namespace ltfast {
+namespace {
+
+using namespace cpu;
+
+// Rows per block: ~64K elements (256 KB of float32) so the block's two column passes read it from
+// L2 (1 MB per core here); at least 4 rows so a block amortises its [C] partial states.
+int64_t rows_per_block(int64_t num_classes) {
+  return std::max<int64_t>(4, std::min<int64_t>(64, 65536 / std::max<int64_t>(1, num_classes)));
+}
+
+template <typename scalar_t>
+LadeForwardResult forward_kernel(const LadeArgs& args) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = args.num_rows, C = args.num_classes;
+  const scalar_t* logits = args.logits.data_ptr<scalar_t>();
+  const int64_t* target = args.target.data_ptr<int64_t>();
+  const acc_t* log_prior = args.log_prior.data_ptr<acc_t>();
+  const bool with_ce = args.ce_weight != 0.0;
+  const auto acc_options = args.logits.options().dtype(args.accumulate_type);
+
+  at::Tensor row_lse = at::zeros({N}, acc_options);
+  at::Tensor column_stats = at::empty({3, C}, acc_options);
+  at::Tensor loss = at::empty({}, acc_options);
+  at::Tensor num_valid_out = at::empty({}, acc_options);
+  std::vector<acc_t> row_nll(N, acc_t(0));
+  acc_t* lse_out = row_lse.data_ptr<acc_t>();
+
+  const int64_t block_rows = rows_per_block(C);
+  const int64_t num_blocks = (N + block_rows - 1) / block_rows;
+  std::vector<acc_t> partial_max(num_blocks * C), partial_sum(num_blocks * C);
+
+  at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    std::vector<acc_t> tile(std::min(C, kTileClasses));
+    std::vector<acc_t> block_buffer(std::is_same_v<scalar_t, acc_t> ? 0 : block_rows * C);
+    std::vector<const acc_t*> rows;
+    rows.reserve(block_rows);
+    for (int64_t b = block_begin; b < block_end; ++b) {
+      const int64_t first = b * block_rows, last = std::min(N, first + block_rows);
+      rows.clear();
+      for (int64_t i = first; i < last; ++i) {
+        const int64_t y = checked_target(target, i, C, args.ignore_index);
+        if (y == args.ignore_index) continue;
+        const acc_t* row;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          row = logits + i * C;
+        } else {
+          acc_t* converted = block_buffer.data() + (i - first) * C;
+          at::vec::convert(logits + i * C, converted, C);
+          row = converted;
+        }
+        rows.push_back(row);
+        if (with_ce) {  // PriorCE: log-sum-exp of z + log_prior
+          const acc_t target_logit = row[y] + log_prior[y];
+          const auto state = adjusted_row_softmax_state(row, C, log_prior, static_cast<const acc_t*>(nullptr), y,
+                                                        target_logit, tile.data(), static_cast<const acc_t*>(nullptr),
+                                                        static_cast<acc_t*>(nullptr));
+          lse_out[i] = math::finish_log_sum_exp(state);
+          row_nll[i] = lse_out[i] - target_logit;
+        }
+      }
+      // Column max, then column exp-sum, over the block's valid rows (the shift by
+      // -log_prior_c + log(1/C) is constant per column and is added back in the finishing step).
+      acc_t* col_max = partial_max.data() + b * C;
+      acc_t* col_sum = partial_sum.data() + b * C;
+      std::fill(col_max, col_max + C, math::negative_infinity<acc_t>());
+      std::fill(col_sum, col_sum + C, acc_t(0));
+      int64_t vec_end = C - C % Vec::size();
+      for (const acc_t* row : rows) {
+        for (int64_t c = 0; c < vec_end; c += Vec::size()) {
+          at::vec::maximum(Vec::loadu(col_max + c), Vec::loadu(row + c)).store(col_max + c);
+        }
+        for (int64_t c = vec_end; c < C; ++c) col_max[c] = nan_propagating_max(col_max[c], row[c]);
+      }
+      for (const acc_t* row : rows) {
+        for (int64_t c = 0; c < vec_end; c += Vec::size()) {
+          (Vec::loadu(col_sum + c) + vec_exp(Vec::loadu(row + c) - Vec::loadu(col_max + c))).store(col_sum + c);
+        }
+        for (int64_t c = vec_end; c < C; ++c) col_sum[c] += std::exp(row[c] - col_max[c]);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        if (col_max[c] == math::negative_infinity<acc_t>()) col_sum[c] = acc_t(0);  // exactly 0, not exp(NaN)
+      }
+    }
+  });
+
+  // Per class: merge the block states in block order (deterministic), then the survey's terms.
+  std::vector<double> target_sum(C, 0.0), class_count(C, 0.0);
+  double ce_total = 0.0;
+  int64_t num_valid = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t y = target[i];
+    if (y == args.ignore_index) continue;
+    target_sum[y] += static_cast<double>(static_cast<acc_t>(logits[i * C + y]));
+    class_count[y] += 1.0;
+    ce_total += static_cast<double>(row_nll[i]);
+    ++num_valid;
+  }
+  const double log_n = std::log(static_cast<double>(num_valid));
+  const double balanced = lade_balanced_log_prior(C);
+  const double lambda = args.remine_lambda, alpha = args.alpha;
+  acc_t* stats = column_stats.data_ptr<acc_t>();
+  double lader = 0.0;
+  for (int64_t c = 0; c < C; ++c) {
+    auto state = math::empty_softmax_state<acc_t>();
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      state = math::merge_softmax_states(state, math::SoftmaxState<acc_t>{partial_max[b * C + c], partial_sum[b * C + c]});
+    }
+    const double column_lse = static_cast<double>(math::finish_log_sum_exp(state));  // of z_ic alone
+    const double prior = std::exp(static_cast<double>(log_prior[c]));
+    const double s_c = column_lse - static_cast<double>(log_prior[c]) + balanced - log_n;
+    // n_c + 1e-8 in float32, as the survey's code computes it (`.float()` counts): the 1e-8 only
+    // keeps absent classes (n_c = 0, F_c = 0) finite and vanishes in rounding for n_c >= 1.
+    const double count_term = static_cast<double>(static_cast<float>(class_count[c]) + 1e-8f);
+    const double f_c = target_sum[c] / count_term;
+    lader -= prior * (f_c - s_c - lambda * s_c * s_c);
+    stats[c] = static_cast<acc_t>(-column_lse);
+    stats[C + c] = static_cast<acc_t>(alpha * prior * (1.0 + 2.0 * lambda * s_c));
+    stats[2 * C + c] = static_cast<acc_t>(alpha * prior / count_term);
+  }
+  const double ce = with_ce ? args.ce_weight * ce_total / static_cast<double>(num_valid) : 0.0;
+  *loss.data_ptr<acc_t>() = static_cast<acc_t>(ce + alpha * lader);
+  *num_valid_out.data_ptr<acc_t>() = static_cast<acc_t>(num_valid);
+  return {loss, row_lse, column_stats, num_valid_out};
+}
+
+template <typename scalar_t>
+at::Tensor backward_kernel(const LadeArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_lse,
+                           const at::Tensor& column_stats, const at::Tensor& num_valid) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = args.num_rows, C = args.num_classes;
+  at::Tensor grad_logits = at::empty_like(args.logits, at::MemoryFormat::Contiguous);
+  const scalar_t* logits = args.logits.data_ptr<scalar_t>();
+  scalar_t* grad = grad_logits.data_ptr<scalar_t>();
+  const int64_t* target = args.target.data_ptr<int64_t>();
+  const acc_t* log_prior = args.log_prior.data_ptr<acc_t>();
+  const at::Tensor lse_t = row_lse.contiguous(), stats_t = column_stats.contiguous();
+  const acc_t* lse_in = lse_t.data_ptr<acc_t>();
+  const acc_t* column_offset = stats_t.data_ptr<acc_t>();
+  const acc_t* sigma_coef = column_offset + C;
+  const acc_t* target_coef = column_offset + 2 * C;
+  const acc_t g = *grad_loss.to(args.accumulate_type).data_ptr<acc_t>();
+  const acc_t count = *num_valid.to(args.accumulate_type).data_ptr<acc_t>();
+  const bool with_ce = args.ce_weight != 0.0;
+  const acc_t ce_coef = with_ce ? g * static_cast<acc_t>(args.ce_weight) / count : acc_t(0);
+
+  at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tile(std::is_same_v<scalar_t, acc_t> ? 0 : std::min(C, kTileClasses));
+    const Vec vg(g), vce(ce_coef);
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t* grad_row = grad + i * C;
+      const int64_t y = checked_target(target, i, C, args.ignore_index);
+      if (y == args.ignore_index) {
+        std::fill(grad_row, grad_row + C, scalar_t(0));
+        continue;
+      }
+      const acc_t lse = lse_in[i];
+      if (with_ce && lse != lse) {  // NaN/inf in the row: NaN gradients, as F.cross_entropy
+        std::fill(grad_row, grad_row + C, static_cast<scalar_t>(lse));
+        continue;
+      }
+      const Vec vlse(lse);
+      for (int64_t start = 0; start < C; start += kTileClasses) {
+        const int64_t len = std::min(kTileClasses, C - start);
+        const acc_t* source;
+        acc_t* out;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          source = logits + i * C + start;
+          out = grad_row + start;
+        } else {
+          at::vec::convert(logits + i * C + start, tile.data(), len);
+          source = out = tile.data();
+        }
+        const acc_t* lp = log_prior + start;
+        const acc_t* offset = column_offset + start;
+        const acc_t* coef = sigma_coef + start;
+        int64_t c = 0;
+        for (; c + Vec::size() <= len; c += Vec::size()) {
+          const Vec z = Vec::loadu(source + c);
+          Vec value = vg * Vec::loadu(coef + c) * vec_exp(z + Vec::loadu(offset + c));
+          if (with_ce) value = value + vce * vec_exp(math::adjusted_logit(z, Vec::loadu(lp + c)) - vlse);
+          value.store(out + c);
+        }
+        for (; c < len; ++c) {
+          acc_t value = g * coef[c] * std::exp(source[c] + offset[c]);
+          if (with_ce) value += ce_coef * std::exp(math::adjusted_logit(source[c], lp[c]) - lse);
+          out[c] = value;
+        }
+        if (y >= start && y < start + len) out[y - start] -= ce_coef + g * target_coef[y];
+        if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+          at::vec::convert(tile.data(), grad_row + start, len);
+        }
+      }
+    }
+  });
+  return grad_logits;
+}
+
+}  // namespace
+
+LadeForwardResult lade_forward_cpu(const LadeArgs& args) {
+  LadeForwardResult result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(), "ltfast_lade_forward_cpu",
+                                  [&] { result = forward_kernel<scalar_t>(args); });
+  return result;
+}
+
+at::Tensor lade_backward_cpu(const LadeArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_lse,
+                             const at::Tensor& column_stats, const at::Tensor& num_valid) {
+  at::Tensor result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(), "ltfast_lade_backward_cpu",
+                                  [&] { result = backward_kernel<scalar_t>(args, grad_loss, row_lse, column_stats, num_valid); });
+  return result;
+}
+
+TORCH_LIBRARY_IMPL(ltfast, CPU, m) {
+  m.impl("_lade_forward", &lade_forward<lade_forward_cpu>);
+  m.impl("_lade_backward", &lade_backward<lade_backward_cpu>);
+}
+
+}  // namespace ltfast
