@@ -102,7 +102,41 @@ LadeForwardResult forward_kernel(const LadeArgs& args) {
     }
   });
 
-  // Per class: merge the block states in block order (deterministic), then the survey's terms.
+  // Per class: merge the block states in block order (deterministic). Vectorised over classes: first
+  // the overall column max, then sum_b sum_bc * exp(max_bc - max_c). A per-class scalar merge cost
+  // ~1 ms of serial exps at [4096, 1000] (64 blocks x 1000 classes), a fifth of the forward.
+  std::vector<acc_t> column_max(C, math::negative_infinity<acc_t>()), column_sum(C, acc_t(0));
+  const int64_t vec_end = C - C % Vec::size();
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const acc_t* block_max = partial_max.data() + b * C;
+    for (int64_t c = 0; c < vec_end; c += Vec::size()) {
+      at::vec::maximum(Vec::loadu(column_max.data() + c), Vec::loadu(block_max + c)).store(column_max.data() + c);
+    }
+    for (int64_t c = vec_end; c < C; ++c) column_max[c] = nan_propagating_max(column_max[c], block_max[c]);
+  }
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    const acc_t* block_max = partial_max.data() + b * C;
+    const acc_t* block_sum = partial_sum.data() + b * C;
+    for (int64_t c = 0; c < vec_end; c += Vec::size()) {
+      const Vec scale = vec_exp(Vec::loadu(block_max + c) - Vec::loadu(column_max.data() + c));
+      (Vec::loadu(column_sum.data() + c) + Vec::loadu(block_sum + c) * scale).store(column_sum.data() + c);
+    }
+    for (int64_t c = vec_end; c < C; ++c) column_sum[c] += block_sum[c] * std::exp(block_max[c] - column_max[c]);
+  }
+  // Blocks whose column is all -inf (sum 0) may have multiplied 0 by exp(NaN) above: redo those
+  // columns with the -inf-safe scalar merge.
+  for (int64_t c = 0; c < C; ++c) {
+    if (!(column_sum[c] == column_sum[c]) || column_max[c] == math::negative_infinity<acc_t>()) {
+      auto state = math::empty_softmax_state<acc_t>();
+      for (int64_t b = 0; b < num_blocks; ++b) {
+        state = math::merge_softmax_states(state, math::SoftmaxState<acc_t>{partial_max[b * C + c], partial_sum[b * C + c]});
+      }
+      column_max[c] = state.max;
+      column_sum[c] = state.sum;
+    }
+  }
+
+  // The survey's terms, per class, in float64.
   std::vector<double> target_sum(C, 0.0), class_count(C, 0.0);
   double ce_total = 0.0;
   int64_t num_valid = 0;
@@ -120,10 +154,7 @@ LadeForwardResult forward_kernel(const LadeArgs& args) {
   acc_t* stats = column_stats.data_ptr<acc_t>();
   double lader = 0.0;
   for (int64_t c = 0; c < C; ++c) {
-    auto state = math::empty_softmax_state<acc_t>();
-    for (int64_t b = 0; b < num_blocks; ++b) {
-      state = math::merge_softmax_states(state, math::SoftmaxState<acc_t>{partial_max[b * C + c], partial_sum[b * C + c]});
-    }
+    const math::SoftmaxState<acc_t> state{column_max[c], column_sum[c]};
     const double column_lse = static_cast<double>(math::finish_log_sum_exp(state));  // of z_ic alone
     const double prior = std::exp(static_cast<double>(log_prior[c]));
     const double s_c = column_lse - static_cast<double>(log_prior[c]) + balanced - log_n;
