@@ -187,3 +187,30 @@ def test_module_and_bad_inputs():
         ltfast.lade_loss(x, y, lp.to("cuda" if torch.cuda.is_available() else "meta"))
     with pytest.raises(ValueError, match="remine_lambda must be >= 0"):
         ltfast.nn.LADELoss(counts, remine_lambda=-0.1)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("scale", [0.1, 8.0, 30.0])
+def test_wide_and_narrow_logit_spreads(scale, dtype, device):
+    """The CPU kernels share one exponential between the row and column softmax when the logits'
+    spread allows it (kSharedExpSpread) and take two otherwise: both regimes match the reference."""
+    for op in OPS:
+        check(op, (300, 97), dtype, device, scale=scale)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_rare_class_with_tiny_row_probability(device):
+    """A class every sample scores very low (tiny row softmax) still has a column softmax of order
+    1/N: its gradient must stay exact (the shared-exponential shortcut must not drop it)."""
+    logits, target, gen = make_inputs((64, 20), torch.float64, device, scale=2.0)
+    logits[:, 7] -= 60.0
+    logits[:, 3] += 25.0
+    lp = prior_for(20, gen, device, torch.float64)
+    for op, (fused, ref) in OPS.items():
+        x, x64 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        got, want = fused(x, target, lp), ref(x64, target, lp)
+        torch.testing.assert_close(got, want)
+        g, w = torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x64)[0]
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-14)
+        assert w[:, 7].abs().max() > 1e-6  # the column term is what carries this gradient

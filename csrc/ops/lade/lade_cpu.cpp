@@ -22,6 +22,12 @@ using namespace cpu;
 
 // Rows per block: ~64K elements (256 KB of float32) so the block's two column passes read it from
 // L2 (1 MB per core here); at least 4 rows so a block amortises its [C] partial states.
+// Largest spread (in log units) of the row maxima and the class terms for which one exponential
+// per element serves both the row and the column softmax (forward and backward): the scale factors
+// stay within e^+-20, and an element whose column term exceeds e^-47 keeps a row term above e^-87,
+// the smallest normal float. Random N(0, 2^2) logits at C = 1000 spread over ~10.
+constexpr double kSharedExpSpread = 40.0;
+
 int64_t rows_per_block(int64_t num_classes) {
   return std::max<int64_t>(4, std::min<int64_t>(64, 65536 / std::max<int64_t>(1, num_classes)));
 }
@@ -49,13 +55,22 @@ LadeForwardResult forward_kernel(const LadeArgs& args) {
   std::vector<acc_t> partial_max(num_blocks * C), partial_sum(num_blocks * C);
 
   at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    std::vector<acc_t> tile(std::min(C, kTileClasses));
     std::vector<acc_t> block_buffer(std::is_same_v<scalar_t, acc_t> ? 0 : block_rows * C);
+    std::vector<acc_t> row_max(block_rows), class_scale(C);
     std::vector<const acc_t*> rows;
+    std::vector<int64_t> row_ids;
     rows.reserve(block_rows);
+    row_ids.reserve(block_rows);
+    const int64_t vec_end = C - C % Vec::size();
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t first = b * block_rows, last = std::min(N, first + block_rows);
+      acc_t* col_max = partial_max.data() + b * C;
+      acc_t* col_sum = partial_sum.data() + b * C;
+      std::fill(col_max, col_max + C, math::negative_infinity<acc_t>());
+      std::fill(col_sum, col_sum + C, acc_t(0));
       rows.clear();
+      row_ids.clear();
+      // Pass A, one read of each valid row: its max of z + log_prior (PriorCE) and the column maxima.
       for (int64_t i = first; i < last; ++i) {
         const int64_t y = checked_target(target, i, C, args.ignore_index);
         if (y == args.ignore_index) continue;
@@ -67,37 +82,76 @@ LadeForwardResult forward_kernel(const LadeArgs& args) {
           at::vec::convert(logits + i * C, converted, C);
           row = converted;
         }
+        Vec vmax(math::negative_infinity<acc_t>());
+        for (int64_t c = 0; c < vec_end; c += Vec::size()) {
+          const Vec z = Vec::loadu(row + c);
+          at::vec::maximum(Vec::loadu(col_max + c), z).store(col_max + c);
+          if (with_ce) vmax = at::vec::maximum(vmax, math::adjusted_logit(z, Vec::loadu(log_prior + c)));
+        }
+        acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& z) { return at::vec::maximum(x, z); }, vmax);
+        for (int64_t c = vec_end; c < C; ++c) {
+          col_max[c] = nan_propagating_max(col_max[c], row[c]);
+          m = nan_propagating_max(m, math::adjusted_logit(row[c], log_prior[c]));
+        }
+        row_max[rows.size()] = m;
         rows.push_back(row);
-        if (with_ce) {  // PriorCE: log-sum-exp of z + log_prior
-          const acc_t target_logit = row[y] + log_prior[y];
-          const auto state = adjusted_row_softmax_state(row, C, log_prior, static_cast<const acc_t*>(nullptr), y,
-                                                        target_logit, tile.data(), static_cast<const acc_t*>(nullptr),
-                                                        static_cast<acc_t*>(nullptr));
-          lse_out[i] = math::finish_log_sum_exp(state);
-          row_nll[i] = lse_out[i] - target_logit;
-        }
+        row_ids.push_back(i);
       }
-      // Column max, then column exp-sum, over the block's valid rows (the shift by
-      // -log_prior_c + log(1/C) is constant per column and is added back in the finishing step).
-      acc_t* col_max = partial_max.data() + b * C;
-      acc_t* col_sum = partial_sum.data() + b * C;
-      std::fill(col_max, col_max + C, math::negative_infinity<acc_t>());
-      std::fill(col_sum, col_sum + C, acc_t(0));
-      int64_t vec_end = C - C % Vec::size();
-      for (const acc_t* row : rows) {
+      // Pass B. exp(z_ic - M_c) = exp(z_ic + lp_c - m_i) * exp(m_i - G) * exp(G - lp_c - M_c): when
+      // every m_i and every lp_c + M_c of the block lie within kSharedExpSpread of each other, the
+      // row softmax's exponential also gives the column's, with both factors far from overflow
+      // (|exponent| <= 20) and no column term that matters (> e^-47 of its column max) underflowing.
+      // Otherwise (e.g. logits of 1e4) each softmax takes its own exponential.
+      acc_t lo = -math::negative_infinity<acc_t>(), hi = math::negative_infinity<acc_t>();
+      for (size_t k = 0; k < rows.size(); ++k) {
+        lo = std::min(lo, row_max[k]);
+        hi = std::max(hi, row_max[k]);
+      }
+      for (int64_t c = 0; c < C && with_ce && !rows.empty(); ++c) {
+        const acc_t v = log_prior[c] + col_max[c];
+        lo = std::min(lo, v);
+        hi = std::max(hi, v);
+      }
+      const bool shared = with_ce && !rows.empty() && std::isfinite(lo) && std::isfinite(hi) &&
+                          hi - lo <= kSharedExpSpread;
+      const acc_t center = (lo + hi) / 2;
+      if (shared) {
+        for (int64_t c = 0; c < C; ++c) class_scale[c] = std::exp(center - log_prior[c] - col_max[c]);
+      }
+      for (size_t k = 0; k < rows.size(); ++k) {
+        const acc_t* row = rows[k];
+        const acc_t m = row_max[k];
+        if (!with_ce) break;
+        const Vec vm(m), vrow_scale(shared ? std::exp(m - center) : acc_t(0));
+        Vec vsum(acc_t(0));
         for (int64_t c = 0; c < vec_end; c += Vec::size()) {
-          at::vec::maximum(Vec::loadu(col_max + c), Vec::loadu(row + c)).store(col_max + c);
+          const Vec z = Vec::loadu(row + c);
+          const Vec e = vec_exp(math::adjusted_logit(z, Vec::loadu(log_prior + c)) - vm);
+          vsum = vsum + e;
+          if (shared) (Vec::loadu(col_sum + c) + e * vrow_scale).store(col_sum + c);
         }
-        for (int64_t c = vec_end; c < C; ++c) col_max[c] = nan_propagating_max(col_max[c], row[c]);
-      }
-      for (const acc_t* row : rows) {
-        for (int64_t c = 0; c < vec_end; c += Vec::size()) {
-          (Vec::loadu(col_sum + c) + vec_exp(Vec::loadu(row + c) - Vec::loadu(col_max + c))).store(col_sum + c);
+        acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& z) { return x + z; }, vsum);
+        for (int64_t c = vec_end; c < C; ++c) {
+          const acc_t e = std::exp(math::adjusted_logit(row[c], log_prior[c]) - m);
+          sum += e;
+          if (shared) col_sum[c] += e * std::exp(m - center);
         }
-        for (int64_t c = vec_end; c < C; ++c) col_sum[c] += std::exp(row[c] - col_max[c]);
+        const int64_t i = row_ids[k];
+        lse_out[i] = math::finish_log_sum_exp(math::SoftmaxState<acc_t>{m, sum});
+        row_nll[i] = lse_out[i] - math::adjusted_logit(row[target[i]], log_prior[target[i]]);
       }
-      for (int64_t c = 0; c < C; ++c) {
-        if (col_max[c] == math::negative_infinity<acc_t>()) col_sum[c] = acc_t(0);  // exactly 0, not exp(NaN)
+      if (shared) {
+        for (int64_t c = 0; c < C; ++c) col_sum[c] *= class_scale[c];
+      } else {
+        for (const acc_t* row : rows) {
+          for (int64_t c = 0; c < vec_end; c += Vec::size()) {
+            (Vec::loadu(col_sum + c) + vec_exp(Vec::loadu(row + c) - Vec::loadu(col_max + c))).store(col_sum + c);
+          }
+          for (int64_t c = vec_end; c < C; ++c) col_sum[c] += std::exp(row[c] - col_max[c]);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          if (col_max[c] == math::negative_infinity<acc_t>()) col_sum[c] = acc_t(0);  // exactly 0, not exp(NaN)
+        }
       }
     }
   });
@@ -194,6 +248,23 @@ at::Tensor backward_kernel(const LadeArgs& args, const at::Tensor& grad_loss, co
   const bool with_ce = args.ce_weight != 0.0;
   const acc_t ce_coef = with_ce ? g * static_cast<acc_t>(args.ce_weight) / count : acc_t(0);
 
+  // sigma_ic = exp(z_ic - column_lse_c) = p_ic * exp(lse_i - G) * exp(G - a_c), a_c = column_lse_c + lp_c:
+  // as in the forward, one exponential per element serves both softmaxes for the rows whose lse_i
+  // lies with every a_c within kSharedExpSpread; the per-class factor times g * sigma_coef_c is
+  // computed once per call.
+  acc_t lo = -math::negative_infinity<acc_t>(), hi = math::negative_infinity<acc_t>();
+  for (int64_t c = 0; c < C && with_ce; ++c) {
+    const acc_t a_c = log_prior[c] - column_offset[c];
+    lo = std::min(lo, a_c);
+    hi = std::max(hi, a_c);
+  }
+  const bool classes_shared = with_ce && std::isfinite(lo) && std::isfinite(hi) && hi - lo <= kSharedExpSpread;
+  const acc_t center = (lo + hi) / 2;
+  std::vector<acc_t> shared_coef(classes_shared ? C : 0);
+  for (int64_t c = 0; c < static_cast<int64_t>(shared_coef.size()); ++c) {
+    shared_coef[c] = g * sigma_coef[c] * std::exp(center - (log_prior[c] - column_offset[c]));
+  }
+
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile(std::is_same_v<scalar_t, acc_t> ? 0 : std::min(C, kTileClasses));
     const Vec vg(g), vce(ce_coef);
@@ -209,7 +280,8 @@ at::Tensor backward_kernel(const LadeArgs& args, const at::Tensor& grad_loss, co
         std::fill(grad_row, grad_row + C, static_cast<scalar_t>(lse));
         continue;
       }
-      const Vec vlse(lse);
+      const bool shared = classes_shared && std::isfinite(lse) && std::max(hi, lse) - std::min(lo, lse) <= kSharedExpSpread;
+      const Vec vlse(lse), vrow_scale(shared ? std::exp(lse - center) : acc_t(0));
       for (int64_t start = 0; start < C; start += kTileClasses) {
         const int64_t len = std::min(kTileClasses, C - start);
         const acc_t* source;
@@ -225,11 +297,19 @@ at::Tensor backward_kernel(const LadeArgs& args, const at::Tensor& grad_loss, co
         const acc_t* offset = column_offset + start;
         const acc_t* coef = sigma_coef + start;
         int64_t c = 0;
-        for (; c + Vec::size() <= len; c += Vec::size()) {
-          const Vec z = Vec::loadu(source + c);
-          Vec value = vg * Vec::loadu(coef + c) * vec_exp(z + Vec::loadu(offset + c));
-          if (with_ce) value = value + vce * vec_exp(math::adjusted_logit(z, Vec::loadu(lp + c)) - vlse);
-          value.store(out + c);
+        if (shared) {
+          const acc_t* scoef = shared_coef.data() + start;
+          for (; c + Vec::size() <= len; c += Vec::size()) {
+            const Vec p = vec_exp(math::adjusted_logit(Vec::loadu(source + c), Vec::loadu(lp + c)) - vlse);
+            (p * (vce + Vec::loadu(scoef + c) * vrow_scale)).store(out + c);
+          }
+        } else {
+          for (; c + Vec::size() <= len; c += Vec::size()) {
+            const Vec z = Vec::loadu(source + c);
+            Vec value = vg * Vec::loadu(coef + c) * vec_exp(z + Vec::loadu(offset + c));
+            if (with_ce) value = value + vce * vec_exp(math::adjusted_logit(z, Vec::loadu(lp + c)) - vlse);
+            value.store(out + c);
+          }
         }
         for (; c < len; ++c) {
           acc_t value = g * coef[c] * std::exp(source[c] + offset[c]);
