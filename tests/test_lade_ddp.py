@@ -36,6 +36,7 @@ def worker(rank, world, init_file, out_dir, gather):
         loss.backward()
         torch.save({"loss": loss.detach(), "weight_grad": model.weight.grad, "bias_grad": model.bias.grad},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears its connections down while the other still uses them
     finally:
         dist.destroy_process_group()
 

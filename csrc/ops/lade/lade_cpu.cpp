@@ -20,16 +20,20 @@ namespace {
 
 using namespace cpu;
 
-// Rows per block: ~64K elements (256 KB of float32) so the block's two column passes read it from
-// L2 (1 MB per core here); at least 4 rows so a block amortises its [C] partial states.
 // Largest spread (in log units) of the row maxima and the class terms for which one exponential
 // per element serves both the row and the column softmax (forward and backward): the scale factors
 // stay within e^+-20, and an element whose column term exceeds e^-47 keeps a row term above e^-87,
 // the smallest normal float. Random N(0, 2^2) logits at C = 1000 spread over ~10.
 constexpr double kSharedExpSpread = 40.0;
 
+// Classes per column tile: the tile's column max, column sum and log prior (3 x 4 KB) stay in a
+// 32 KB L1d while the block's rows stream through.
+constexpr int64_t kColumnTile = 1024;
+
+// Rows per block: ~128K elements (512 KB of float32), so that pass B re-reads the block from L2
+// (1 MB per core here); at least 4 rows so a block amortises its [C] partial states.
 int64_t rows_per_block(int64_t num_classes) {
-  return std::max<int64_t>(4, std::min<int64_t>(64, 65536 / std::max<int64_t>(1, num_classes)));
+  return std::max<int64_t>(4, std::min<int64_t>(64, 131072 / std::max<int64_t>(1, num_classes)));
 }
 
 template <typename scalar_t>
@@ -56,12 +60,11 @@ LadeForwardResult forward_kernel(const LadeArgs& args) {
 
   at::parallel_for(0, num_blocks, 1, [&](int64_t block_begin, int64_t block_end) {
     std::vector<acc_t> block_buffer(std::is_same_v<scalar_t, acc_t> ? 0 : block_rows * C);
-    std::vector<acc_t> row_max(block_rows), class_scale(C);
+    std::vector<acc_t> row_max(block_rows), row_sum(block_rows), row_scale(block_rows);
     std::vector<const acc_t*> rows;
     std::vector<int64_t> row_ids;
     rows.reserve(block_rows);
     row_ids.reserve(block_rows);
-    const int64_t vec_end = C - C % Vec::size();
     for (int64_t b = block_begin; b < block_end; ++b) {
       const int64_t first = b * block_rows, last = std::min(N, first + block_rows);
       acc_t* col_max = partial_max.data() + b * C;
@@ -70,88 +73,108 @@ LadeForwardResult forward_kernel(const LadeArgs& args) {
       std::fill(col_sum, col_sum + C, acc_t(0));
       rows.clear();
       row_ids.clear();
-      // Pass A, one read of each valid row: its max of z + log_prior (PriorCE) and the column maxima.
       for (int64_t i = first; i < last; ++i) {
         const int64_t y = checked_target(target, i, C, args.ignore_index);
         if (y == args.ignore_index) continue;
-        const acc_t* row;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          row = logits + i * C;
+          rows.push_back(logits + i * C);
         } else {
           acc_t* converted = block_buffer.data() + (i - first) * C;
           at::vec::convert(logits + i * C, converted, C);
-          row = converted;
+          rows.push_back(converted);
         }
-        Vec vmax(math::negative_infinity<acc_t>());
-        for (int64_t c = 0; c < vec_end; c += Vec::size()) {
-          const Vec z = Vec::loadu(row + c);
-          at::vec::maximum(Vec::loadu(col_max + c), z).store(col_max + c);
-          if (with_ce) vmax = at::vec::maximum(vmax, math::adjusted_logit(z, Vec::loadu(log_prior + c)));
-        }
-        acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& z) { return at::vec::maximum(x, z); }, vmax);
-        for (int64_t c = vec_end; c < C; ++c) {
-          col_max[c] = nan_propagating_max(col_max[c], row[c]);
-          m = nan_propagating_max(m, math::adjusted_logit(row[c], log_prior[c]));
-        }
-        row_max[rows.size()] = m;
-        rows.push_back(row);
         row_ids.push_back(i);
       }
-      // Pass B. exp(z_ic - M_c) = exp(z_ic + lp_c - m_i) * exp(m_i - G) * exp(G - lp_c - M_c): when
-      // every m_i and every lp_c + M_c of the block lie within kSharedExpSpread of each other, the
-      // row softmax's exponential also gives the column's, with both factors far from overflow
-      // (|exponent| <= 20) and no column term that matters (> e^-47 of its column max) underflowing.
-      // Otherwise (e.g. logits of 1e4) each softmax takes its own exponential.
+      const int64_t R = static_cast<int64_t>(rows.size());
+      std::fill(row_max.begin(), row_max.end(), math::negative_infinity<acc_t>());
+      std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+      // Both passes go column tile by column tile so that the tile's per-class arrays stay in L1
+      // while the block's rows stream through it (at C = 8142 whole-row arrays did not fit).
+      // Pass A: the max of z + log_prior of each row (PriorCE) and the column maxima.
+      for (int64_t start = 0; start < C; start += kColumnTile) {
+        const int64_t len = std::min(kColumnTile, C - start), vec_len = len - len % Vec::size();
+        acc_t* cmax = col_max + start;
+        const acc_t* lp = log_prior + start;
+        for (int64_t k = 0; k < R; ++k) {
+          const acc_t* row = rows[k] + start;
+          Vec vmax(math::negative_infinity<acc_t>());
+          for (int64_t c = 0; c < vec_len; c += Vec::size()) {
+            const Vec z = Vec::loadu(row + c);
+            at::vec::maximum(Vec::loadu(cmax + c), z).store(cmax + c);
+            if (with_ce) vmax = at::vec::maximum(vmax, math::adjusted_logit(z, Vec::loadu(lp + c)));
+          }
+          acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& z) { return at::vec::maximum(x, z); }, vmax);
+          for (int64_t c = vec_len; c < len; ++c) {
+            cmax[c] = nan_propagating_max(cmax[c], row[c]);
+            m = nan_propagating_max(m, math::adjusted_logit(row[c], lp[c]));
+          }
+          row_max[k] = nan_propagating_max(row_max[k], m);
+        }
+      }
+      // exp(z_ic - M_c) = exp(z_ic + lp_c - m_i) * exp(m_i - G) * exp(G - lp_c - M_c): when every m_i
+      // and every lp_c + M_c of the block lie within kSharedExpSpread of each other, the row
+      // softmax's exponential also gives the column's, both factors within e^+-20 and no column term
+      // that matters (> e^-47 of its column max) underflowing. Otherwise (e.g. logits of 1e4) each
+      // softmax takes its own exponential.
       acc_t lo = -math::negative_infinity<acc_t>(), hi = math::negative_infinity<acc_t>();
-      for (size_t k = 0; k < rows.size(); ++k) {
+      for (int64_t k = 0; k < R; ++k) {
         lo = std::min(lo, row_max[k]);
         hi = std::max(hi, row_max[k]);
       }
-      for (int64_t c = 0; c < C && with_ce && !rows.empty(); ++c) {
-        const acc_t v = log_prior[c] + col_max[c];
-        lo = std::min(lo, v);
-        hi = std::max(hi, v);
+      for (int64_t c = 0; c < C && with_ce && R > 0; ++c) {
+        lo = std::min(lo, log_prior[c] + col_max[c]);
+        hi = std::max(hi, log_prior[c] + col_max[c]);
       }
-      const bool shared = with_ce && !rows.empty() && std::isfinite(lo) && std::isfinite(hi) &&
-                          hi - lo <= kSharedExpSpread;
+      const bool shared = with_ce && R > 0 && std::isfinite(lo) && std::isfinite(hi) && hi - lo <= kSharedExpSpread;
       const acc_t center = (lo + hi) / 2;
-      if (shared) {
-        for (int64_t c = 0; c < C; ++c) class_scale[c] = std::exp(center - log_prior[c] - col_max[c]);
-      }
-      for (size_t k = 0; k < rows.size(); ++k) {
-        const acc_t* row = rows[k];
-        const acc_t m = row_max[k];
-        if (!with_ce) break;
-        const Vec vm(m), vrow_scale(shared ? std::exp(m - center) : acc_t(0));
-        Vec vsum(acc_t(0));
-        for (int64_t c = 0; c < vec_end; c += Vec::size()) {
-          const Vec z = Vec::loadu(row + c);
-          const Vec e = vec_exp(math::adjusted_logit(z, Vec::loadu(log_prior + c)) - vm);
-          vsum = vsum + e;
-          if (shared) (Vec::loadu(col_sum + c) + e * vrow_scale).store(col_sum + c);
-        }
-        acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& z) { return x + z; }, vsum);
-        for (int64_t c = vec_end; c < C; ++c) {
-          const acc_t e = std::exp(math::adjusted_logit(row[c], log_prior[c]) - m);
-          sum += e;
-          if (shared) col_sum[c] += e * std::exp(m - center);
-        }
-        const int64_t i = row_ids[k];
-        lse_out[i] = math::finish_log_sum_exp(math::SoftmaxState<acc_t>{m, sum});
-        row_nll[i] = lse_out[i] - math::adjusted_logit(row[target[i]], log_prior[target[i]]);
-      }
-      if (shared) {
-        for (int64_t c = 0; c < C; ++c) col_sum[c] *= class_scale[c];
-      } else {
-        for (const acc_t* row : rows) {
-          for (int64_t c = 0; c < vec_end; c += Vec::size()) {
-            (Vec::loadu(col_sum + c) + vec_exp(Vec::loadu(row + c) - Vec::loadu(col_max + c))).store(col_sum + c);
+      for (int64_t k = 0; k < R && shared; ++k) row_scale[k] = std::exp(row_max[k] - center);
+      // Pass B: exp-sums of every row and column.
+      for (int64_t start = 0; start < C; start += kColumnTile) {
+        const int64_t len = std::min(kColumnTile, C - start), vec_len = len - len % Vec::size();
+        acc_t* cmax = col_max + start;
+        acc_t* csum = col_sum + start;
+        const acc_t* lp = log_prior + start;
+        for (int64_t k = 0; k < R && with_ce; ++k) {
+          const acc_t* row = rows[k] + start;
+          const acc_t m = row_max[k];
+          const Vec vm(m), vscale(shared ? row_scale[k] : acc_t(0));
+          Vec vsum(acc_t(0));
+          for (int64_t c = 0; c < vec_len; c += Vec::size()) {
+            const Vec e = vec_exp(math::adjusted_logit(Vec::loadu(row + c), Vec::loadu(lp + c)) - vm);
+            vsum = vsum + e;
+            if (shared) (Vec::loadu(csum + c) + e * vscale).store(csum + c);
           }
-          for (int64_t c = vec_end; c < C; ++c) col_sum[c] += std::exp(row[c] - col_max[c]);
+          acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& z) { return x + z; }, vsum);
+          for (int64_t c = vec_len; c < len; ++c) {
+            const acc_t e = std::exp(math::adjusted_logit(row[c], lp[c]) - m);
+            sum += e;
+            if (shared) csum[c] += e * row_scale[k];
+          }
+          row_sum[k] += sum;
         }
-        for (int64_t c = 0; c < C; ++c) {
-          if (col_max[c] == math::negative_infinity<acc_t>()) col_sum[c] = acc_t(0);  // exactly 0, not exp(NaN)
+        if (shared) {  // the per-class factor, C exponentials per block, vectorised
+          const Vec vcenter(center);
+          for (int64_t c = 0; c < vec_len; c += Vec::size()) {
+            (Vec::loadu(csum + c) * vec_exp(vcenter - Vec::loadu(lp + c) - Vec::loadu(cmax + c))).store(csum + c);
+          }
+          for (int64_t c = vec_len; c < len; ++c) csum[c] *= std::exp(center - lp[c] - cmax[c]);
+        } else {
+          for (int64_t k = 0; k < R; ++k) {
+            const acc_t* row = rows[k] + start;
+            for (int64_t c = 0; c < vec_len; c += Vec::size()) {
+              (Vec::loadu(csum + c) + vec_exp(Vec::loadu(row + c) - Vec::loadu(cmax + c))).store(csum + c);
+            }
+            for (int64_t c = vec_len; c < len; ++c) csum[c] += std::exp(row[c] - cmax[c]);
+          }
+          for (int64_t c = 0; c < len; ++c) {
+            if (cmax[c] == math::negative_infinity<acc_t>()) csum[c] = acc_t(0);  // exactly 0, not exp(NaN)
+          }
         }
+      }
+      for (int64_t k = 0; k < R && with_ce; ++k) {
+        const int64_t i = row_ids[k], y = target[i];
+        lse_out[i] = math::finish_log_sum_exp(math::SoftmaxState<acc_t>{row_max[k], row_sum[k]});
+        row_nll[i] = lse_out[i] - math::adjusted_logit(rows[k][y], log_prior[y]);
       }
     }
   });
