@@ -1,8 +1,9 @@
 // CPU backend of LADE. Forward: blocks of rows (a fixed number per block, so the result does not
-// depend on the thread count); per block, the row log-sum-exp of every row (PriorCE) and, over the
-// block's rows held in L2, the per-class column max and exp-sum, merged afterwards block by block
-// in a fixed order. Backward: one pass per row, reading the logits once and writing the gradient
-// once (row softmax and column softmax of each element from the saved statistics).
+// depend on the thread count); per block, one read of its rows from memory gives each row's max
+// (PriorCE) and the column maxima, and a second pass from L2 the row and column exp-sums, sharing
+// one exponential per element where the logits' spread allows it; the block states are merged per
+// class in a fixed order. Backward: one pass per row, reading the logits once and writing the
+// gradient once (row softmax and column softmax of each element from the saved statistics).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
