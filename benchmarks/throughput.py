@@ -153,7 +153,22 @@ def lade_case(C, device):
             lambda x, y: reference.lade(x, y, log_prior))
 
 
-LOSSES = {"balanced_softmax": balanced_softmax_case, "ldam_drw": ldam_drw_case, "lade": lade_case}
+def seql_case(C, device):
+    counts = torch.logspace(3.1, 0.7, C).round()
+    tail = priors.tail_classes(counts).to(device)  # the survey's 4.3e-4 frequency threshold
+    return (lambda x, y: ltfast.softmax_equalization_loss(x, y, tail, 0.9),
+            lambda x, y: reference.softmax_equalization_loss(x, y, tail, 0.9))
+
+
+def eql_case(C, device):
+    counts = torch.logspace(3.1, 0.7, C).round()
+    tail = priors.tail_classes(counts).to(device)
+    return (lambda x, y: ltfast.equalization_loss(x, y, tail),
+            lambda x, y: reference.equalization_loss(x, y, tail))
+
+
+LOSSES = {"balanced_softmax": balanced_softmax_case, "ldam_drw": ldam_drw_case, "lade": lade_case,
+          "seql": seql_case, "eql": eql_case}
 
 
 def copy_bandwidth_gb_s(device: str) -> float:
@@ -182,7 +197,9 @@ def loss_suite(args) -> list[Record]:
                      ("ldam_drw", (4096, 1000), torch.float32),
                      ("ldam_drw", (65536, 8142), torch.bfloat16),
                      ("lade", (4096, 1000), torch.float32),
-                     ("lade", (16384, 8142), torch.bfloat16)]
+                     ("lade", (16384, 8142), torch.bfloat16),
+                     ("seql", (4096, 1000), torch.float32),
+                     ("eql", (4096, 1000), torch.float32)]
     if args.losses:
         plan = [row for row in plan if row[0] in args.losses]
     copy_bw = copy_bandwidth_gb_s(device) if device == "cuda" else None

@@ -48,6 +48,28 @@ at::Tensor adjusted_cross_entropy(const at::Tensor& logits, const at::Tensor& ta
   return loss.to(logits.scalar_type());
 }
 
+at::Tensor softmax_equalization_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tail_mask,
+                                     const at::Tensor& seed, double gamma, c10::string_view reduction,
+                                     int64_t ignore_index) {
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ltfast::_softmax_equalization_loss_forward", "")
+          .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                c10::string_view, int64_t)>();
+  const auto loss = std::get<0>(forward.call(logits, target, tail_mask, seed, gamma, reduction, ignore_index));
+  return loss.to(logits.scalar_type());
+}
+
+at::Tensor equalization_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tail_mask,
+                             c10::string_view reduction, int64_t ignore_index) {
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ltfast::_equalization_loss_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    c10::string_view, int64_t)>();
+  return std::get<0>(forward.call(logits, target, tail_mask, reduction, ignore_index)).to(logits.scalar_type());
+}
+
 using LadeForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 at::Tensor lade_composite(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& log_prior,
@@ -97,6 +119,26 @@ TORCH_LIBRARY(ltfast, m) {
         "Tensor? adjustment, Tensor? target_margin, Tensor? weight, Tensor row_lse, "
         "Tensor denominator, float gamma, float label_smoothing, str reduction, int ignore_index) "
         "-> Tensor");
+
+  // SEQL (Tan et al. 2021, "ESQL" in the survey): cross-entropy where each tail-class negative logit
+  // is dropped from the softmax with probability gamma, per element, from a counter-based hash of
+  // `seed` (int64 [2]) and the element's position; backward regenerates the same decisions.
+  m.def("softmax_equalization_loss(Tensor logits, Tensor target, Tensor tail_mask, Tensor seed, float gamma=0.9, "
+        "str reduction=\"mean\", int ignore_index=-100) -> Tensor",
+        &softmax_equalization_loss);
+  m.def("_softmax_equalization_loss_forward(Tensor logits, Tensor target, Tensor tail_mask, Tensor seed, "
+        "float gamma, str reduction, int ignore_index) -> (Tensor loss, Tensor row_lse, Tensor denominator)");
+  m.def("_softmax_equalization_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor tail_mask, "
+        "Tensor seed, Tensor row_lse, Tensor denominator, float gamma, str reduction, int ignore_index) -> Tensor");
+
+  // EQL (Tan et al. 2020), sigmoid form: sum_c w_ic BCE(z_ic, y_ic), w = 0 for tail-class negatives.
+  m.def("equalization_loss(Tensor logits, Tensor target, Tensor tail_mask, str reduction=\"mean\", "
+        "int ignore_index=-100) -> Tensor",
+        &equalization_loss);
+  m.def("_equalization_loss_forward(Tensor logits, Tensor target, Tensor tail_mask, str reduction, "
+        "int ignore_index) -> (Tensor loss, Tensor denominator)");
+  m.def("_equalization_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor tail_mask, "
+        "Tensor denominator, str reduction, int ignore_index) -> Tensor");
 
   // LADE (Hong et al. 2021) as in the survey's code: PriorCE (mean) + alpha * LADER, and LADER alone.
   // LADER = -sum_c pi_c (F_c - S_c - lambda S_c^2), a column-wise log-mean-exp over the batch.

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from . import priors
-from .ops import adjusted_cross_entropy, balanced_softmax_loss, lade_loss
+from .ops import (adjusted_cross_entropy, balanced_softmax_loss, equalization_loss, lade_loss,
+                  softmax_equalization_loss)
 
 
 def _check_reduction(reduction: str) -> str:
@@ -170,6 +171,52 @@ class FocalLoss(_CrossEntropyFamilyLoss):
                                       reduction=self.reduction, ignore_index=self.ignore_index)
 
 
+class SoftmaxEqualizationLoss(nn.Module):
+    """Softmax equalization loss (SEQL, "ESQL" in the survey) as the survey trains it: each negative
+    logit of a tail class is removed from the softmax with probability ``gamma`` per (sample, class)
+    element (see :func:`ltfast.softmax_equalization_loss`). Tail classes: training frequency
+    ``<= lambda_`` (the survey's 4.3e-4), or ``n_c < count_threshold`` when that is given (the EQL
+    author's reference code). Every call draws a new seed from torch's generator on the input's
+    device, so runs are reproducible after ``torch.manual_seed``."""
+
+    def __init__(self, class_counts, gamma: float = 0.9, lambda_: float = priors.SEQL_FREQUENCY_THRESHOLD, *,
+                 count_threshold: Optional[int] = None, ignore_index: int = -100, reduction: str = "mean") -> None:
+        super().__init__()
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be a probability in [0, 1], got {gamma}")
+        self.gamma = float(gamma)
+        self.ignore_index = int(ignore_index)
+        self.reduction = _check_reduction(reduction)
+        self.register_buffer("tail_mask", priors.tail_classes(class_counts, lambda_, count_threshold))
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.tail_mask.numel()}, tail_classes={int(self.tail_mask.sum())}, "
+                f"gamma={self.gamma}, reduction={self.reduction!r}")
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return softmax_equalization_loss(input, target, self.tail_mask, self.gamma, self.reduction, self.ignore_index)
+
+
+class EqualizationLoss(nn.Module):
+    """Equalization loss (Tan et al., CVPR 2020), sigmoid form: per-class binary cross-entropy with
+    the negative term of tail classes suppressed (see :func:`ltfast.equalization_loss`). Tail
+    classes as in :class:`SoftmaxEqualizationLoss` (frequency ``<= lambda_``, default the survey's
+    SEQL threshold, or ``n_c < count_threshold``)."""
+
+    def __init__(self, class_counts, lambda_: float = priors.SEQL_FREQUENCY_THRESHOLD, *,
+                 count_threshold: Optional[int] = None, ignore_index: int = -100, reduction: str = "mean") -> None:
+        super().__init__()
+        self.ignore_index = int(ignore_index)
+        self.reduction = _check_reduction(reduction)
+        self.register_buffer("tail_mask", priors.tail_classes(class_counts, lambda_, count_threshold))
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.tail_mask.numel()}, tail_classes={int(self.tail_mask.sum())}"
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return equalization_loss(input, target, self.tail_mask, self.reduction, self.ignore_index)
+
+
 def gather_batch_with_grad(logits: Tensor, target: Tensor, ignore_index: int, group=None):
     """All-gathers logits and targets over the process group, rank by rank. Local batches may differ in
     size: each is padded to the largest with rows whose target is ``ignore_index`` (they count
@@ -238,4 +285,4 @@ class LADELoss(nn.Module):
 
 
 __all__ = ["BalancedSoftmaxLoss", "LogitAdjustedLoss", "WeightedCrossEntropyLoss", "LDAMLoss", "FocalLoss",
-           "LADELoss", "gather_batch_with_grad"]
+           "LADELoss", "gather_batch_with_grad", "SoftmaxEqualizationLoss", "EqualizationLoss"]

@@ -151,6 +151,64 @@ def _register() -> None:
     _EAGER_FUNCTIONS["adjusted_cross_entropy"] = _eager_function(
         torch.ops.ltfast._adjusted_cross_entropy_forward.default, ace_setup_context, ace_backward)
 
+    # ---------------------------------------------------------------- softmax_equalization_loss
+    @lib.register_fake("ltfast::_softmax_equalization_loss_forward")
+    def _(logits, target, tail_mask, seed, gamma, reduction, ignore_index):
+        return _fake_forward("ltfast.softmax_equalization_loss", logits, target, reduction,
+                             {"tail_mask": tail_mask})
+
+    @lib.register_fake("ltfast::_softmax_equalization_loss_backward")
+    def _(grad_loss, logits, target, tail_mask, seed, row_lse, denominator, gamma, reduction, ignore_index):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    def seql_setup_context(ctx, inputs, output):
+        logits, target, tail_mask, seed, gamma, reduction, ignore_index = inputs
+        _, row_lse, denominator = output
+        # The drop mask is not saved: backward regenerates it from `seed`.
+        ctx.save_for_backward(logits, target, tail_mask, seed, row_lse, denominator)
+        ctx.options = (gamma, reduction, ignore_index)
+        ctx.mark_non_differentiable(row_lse, denominator)
+
+    def seql_backward(ctx, grad_loss, *_unused):
+        logits, target, tail_mask, seed, row_lse, denominator = ctx.saved_tensors
+        gamma, reduction, ignore_index = ctx.options
+        grad_logits = torch.ops.ltfast._softmax_equalization_loss_backward(
+            grad_loss, logits, target, tail_mask, seed, row_lse, denominator, gamma, reduction, ignore_index)
+        return grad_logits, None, None, None, None, None, None
+
+    lib.register_autograd("ltfast::_softmax_equalization_loss_forward", seql_backward,
+                          setup_context=seql_setup_context)
+    _EAGER_FUNCTIONS["softmax_equalization_loss"] = _eager_function(
+        torch.ops.ltfast._softmax_equalization_loss_forward.default, seql_setup_context, seql_backward)
+
+    # ---------------------------------------------------------------- equalization_loss (EQL)
+    @lib.register_fake("ltfast::_equalization_loss_forward")
+    def _(logits, target, tail_mask, reduction, ignore_index):
+        loss, _, denominator = _fake_forward("ltfast.equalization_loss", logits, target, reduction,
+                                             {"tail_mask": tail_mask})
+        return loss, denominator
+
+    @lib.register_fake("ltfast::_equalization_loss_backward")
+    def _(grad_loss, logits, target, tail_mask, denominator, reduction, ignore_index):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    def eql_setup_context(ctx, inputs, output):
+        logits, target, tail_mask, reduction, ignore_index = inputs
+        ctx.save_for_backward(logits, target, tail_mask, output[1])
+        ctx.options = (reduction, ignore_index)
+        ctx.mark_non_differentiable(output[1])
+
+    def eql_backward(ctx, grad_loss, _grad_denominator):
+        logits, target, tail_mask, denominator = ctx.saved_tensors
+        reduction, ignore_index = ctx.options
+        grad_logits = torch.ops.ltfast._equalization_loss_backward(grad_loss, logits, target, tail_mask, denominator,
+                                                                   reduction, ignore_index)
+        return grad_logits, None, None, None, None
+
+    lib.register_autograd("ltfast::_equalization_loss_forward", eql_backward, setup_context=eql_setup_context)
+    _EAGER_FUNCTIONS["equalization_loss"] = _eager_function(
+        torch.ops.ltfast._equalization_loss_forward.default, eql_setup_context, eql_backward)
+
     # ---------------------------------------------------------------- lade
     @lib.register_fake("ltfast::_lade_forward")
     def _(logits, target, log_prior, ce_weight, alpha, remine_lambda, ignore_index):
@@ -220,6 +278,19 @@ def _register() -> None:
                 return torch.ops.ltfast._lade_forward(logits, target, log_prior, 0.0, 1.0, remine_lambda,
                                                       ignore_index)[0]
 
+        def seql_autocast(logits, target, tail_mask, seed, gamma=0.9, reduction="mean", ignore_index=-100,
+                          exclude=exclude):
+            with torch._C._ExcludeDispatchKeyGuard(exclude):
+                return torch.ops.ltfast._softmax_equalization_loss_forward(
+                    logits, target, tail_mask, seed, gamma, reduction, ignore_index)[0]
+
+        def eql_autocast(logits, target, tail_mask, reduction="mean", ignore_index=-100, exclude=exclude):
+            with torch._C._ExcludeDispatchKeyGuard(exclude):
+                return torch.ops.ltfast._equalization_loss_forward(logits, target, tail_mask, reduction,
+                                                                   ignore_index)[0]
+
+        impl_lib.impl("softmax_equalization_loss", seql_autocast, device_key)
+        impl_lib.impl("equalization_loss", eql_autocast, device_key)
         impl_lib.impl("lade", lade_autocast, device_key)
         impl_lib.impl("lade_regularizer", lade_regularizer_autocast, device_key)
         impl_lib.impl("balanced_softmax", balanced_softmax_autocast, device_key)
@@ -320,3 +391,49 @@ def lade_regularizer(logits: Tensor, target: Tensor, log_prior: Tensor, remine_l
         return reference.lade_regularizer(logits, target, log_prior, remine_lambda, ignore_index)
     return _lade(logits, target, log_prior, 0.0, 1.0, remine_lambda, ignore_index, torch.ops.ltfast.lade_regularizer,
                  (logits, target, log_prior, float(remine_lambda), ignore_index))
+
+
+def new_seed(device) -> Tensor:
+    """Two int64 keys for the counter-based drop decisions of SEQL, drawn from torch's generator on
+    ``device`` (reproducible after ``torch.manual_seed``; no host synchronisation)."""
+    return torch.randint(0, 2**31 - 1, (2,), dtype=torch.int64, device=device)
+
+
+def softmax_equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor, gamma: float = 0.9,
+                              reduction: str = "mean", ignore_index: int = -100,
+                              seed: Tensor | None = None) -> Tensor:
+    """Softmax equalization loss as the survey's code computes it (Main-codebase/loss/SEQLLoss.py,
+    seed-methods.md §1.3): cross-entropy in which every negative logit of a tail class
+    (``tail_mask[c]``) is removed from the softmax with probability ``gamma``, independently per
+    (sample, class) element; head classes and the target are always kept, and removed entries get
+    exactly zero gradient. The survey replaces them by -1e7; ltfast removes them, which is the same
+    softmax without the risk of NaN.
+
+    The drop decisions come from a counter-based hash of ``seed`` (int64 [2], drawn with
+    :func:`new_seed` from torch's generator when not given) and each element's position: nothing is
+    stored, backward recomputes them, and the same seed gives the same loss and gradients.
+    """
+    if seed is None:
+        seed = new_seed(logits.device)
+    if not _extension.AVAILABLE:
+        _extension.warn_fallback_once()
+        return reference.softmax_equalization_loss(logits, target, tail_mask, gamma, reduction, ignore_index)
+    args = (logits, target, tail_mask, seed, float(gamma), reduction, ignore_index)
+    if _use_eager_function(logits):
+        return _EAGER_FUNCTIONS["softmax_equalization_loss"].apply(*args)[0].to(logits.dtype)
+    return torch.ops.ltfast.softmax_equalization_loss(*args)
+
+
+def equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor, reduction: str = "mean",
+                      ignore_index: int = -100) -> Tensor:
+    """Equalization loss, sigmoid form (Tan et al., CVPR 2020, with E(r) = 1 for classification):
+    ``sum_c w_ic * BCE(z_ic, onehot(y_i)_c)`` with ``w_ic = 0`` for the negative term of a tail
+    class (``tail_mask[c]``) and 1 otherwise; ``'mean'`` divides by the number of non-ignored rows,
+    as the EQL code divides the class-summed loss by the number of samples."""
+    if not _extension.AVAILABLE:
+        _extension.warn_fallback_once()
+        return reference.equalization_loss(logits, target, tail_mask, reduction, ignore_index)
+    args = (logits, target, tail_mask, reduction, ignore_index)
+    if _use_eager_function(logits):
+        return _EAGER_FUNCTIONS["equalization_loss"].apply(*args)[0].to(logits.dtype)
+    return torch.ops.ltfast.equalization_loss(*args)

@@ -76,3 +76,21 @@ def ldam_margins(class_counts: Counts, max_margin: float = 0.5) -> Tensor:
     _require_positive(counts, "class_counts", "the LDAM margin n_c^(-1/4)")
     inv_quarter = counts.pow(-0.25)
     return (max_margin * inv_quarter / inv_quarter.max()).float()
+
+
+# The survey's SEQL threshold (Main-codebase/loss/SEQLLoss.py): a class is "head" if its training
+# frequency exceeds 4.3e-4 (on ImageNet-LT: 50 or more of 115,846 images).
+SEQL_FREQUENCY_THRESHOLD = 4.3e-4
+
+
+def tail_classes(class_counts: Counts, lambda_: float = SEQL_FREQUENCY_THRESHOLD,
+                 count_threshold: int | None = None) -> Tensor:
+    """Bool mask of the "tail" classes of the equalization losses. By frequency, as the survey does:
+    tail when n_c / sum_k n_k <= lambda_ (head is strictly above). By count, as the EQL author's
+    reference code does, when ``count_threshold`` is given: tail when n_c < count_threshold."""
+    counts = as_counts(class_counts)
+    if count_threshold is not None:
+        return counts < count_threshold
+    if not 0.0 <= lambda_ <= 1.0:
+        raise ValueError(f"lambda_ must be a frequency in [0, 1], got {lambda_}")
+    return ~(counts / counts.sum() > lambda_)

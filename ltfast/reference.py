@@ -84,3 +84,40 @@ def lade(logits: Tensor, target: Tensor, log_prior: Tensor, alpha: float = 0.1, 
     """LADE as the survey trains it (lade.yaml): PriorCELoss (weight 1) + alpha * LADELoss."""
     return (balanced_softmax(logits, target, log_prior, "mean", ignore_index)
             + alpha * lade_regularizer(logits, target, log_prior, remine_lambda, ignore_index))
+
+
+def softmax_equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor, gamma: float = 0.9,
+                              reduction: str = "mean", ignore_index: int = -100,
+                              keep: Tensor | None = None) -> Tensor:
+    """SEQL as in the survey's Main-codebase/loss/SEQLLoss.py (seed-methods.md §1.3): a uniform draw
+    per (sample, class) element, keep = head | (u > gamma) | target, dropped logits replaced by
+    -1e7 (in float32, as the survey's mask is), then cross-entropy. ``keep`` ([N, C] bool) replaces
+    the random draw, so a test can replay the mask an ltfast kernel used."""
+    num_classes = logits.shape[1]
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    is_target = F.one_hot(safe_target, num_classes).bool()
+    if keep is None:
+        keep = torch.rand(logits.shape, device=logits.device) > gamma
+    keep = keep | ~tail_mask.bool()[None, :] | is_target
+    masked = torch.where(keep, logits, torch.full_like(logits, -1e7, dtype=torch.promote_types(logits.dtype, torch.float32)))
+    return F.cross_entropy(masked, target, reduction=reduction, ignore_index=ignore_index)
+
+
+def equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor, reduction: str = "mean",
+                      ignore_index: int = -100) -> Tensor:
+    """Sigmoid EQL (Tan et al. 2020): per-class BCE with logits against the one-hot target, the
+    negative term of tail classes suppressed (w = 1 - tail_c * (1 - y)), summed over classes, and
+    for 'mean' divided by the number of non-ignored rows."""
+    num_classes = logits.shape[1]
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    onehot = F.one_hot(safe_target, num_classes).to(logits.dtype)
+    weight = 1.0 - tail_mask.to(logits.dtype)[None, :] * (1.0 - onehot)
+    per_element = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+    loss = (per_element * weight).sum(1) * valid
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / valid.sum()

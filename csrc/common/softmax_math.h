@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -150,6 +151,73 @@ LTFAST_HOST_DEVICE RowGradientCoefficients<T> row_gradient_coefficients(
 template <typename T>
 LTFAST_HOST_DEVICE T element_gradient(T probability, T prob_coef, T class_coef, T class_weight) {
   return probability * prob_coef - class_coef * class_weight;
+}
+
+}  // namespace math
+}  // namespace ltfast
+
+namespace ltfast {
+namespace math {
+
+// ---------------------------------------------------------------- SEQL drop decisions
+// A keyed, counter-based 32-bit hash (Wellons' "lowbias32" finaliser: 2 multiplies, 3 xor-shifts,
+// bias ~0.17 in his avalanche test) decides whether element (i, c) of a batch is dropped. Nothing
+// is stored: backward recomputes the forward's decisions from the same seed. Two rounds (per-class
+// key, per-row key, then the element hash) keep different rows' masks independent.
+LTFAST_HOST_DEVICE uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+LTFAST_HOST_DEVICE uint32_t seql_column_key(int64_t c, uint32_t key) {
+  return hash32(static_cast<uint32_t>(c) ^ key);
+}
+
+LTFAST_HOST_DEVICE uint32_t seql_row_key(int64_t i, uint32_t key) {
+  return hash32(hash32(static_cast<uint32_t>(i)) ^ static_cast<uint32_t>(static_cast<uint64_t>(i) >> 32) ^ key);
+}
+
+// Drop threshold for probability gamma: an element is dropped when its hash < gamma * 2^32
+// (held in 64 bits so that gamma = 1 drops every candidate).
+inline uint64_t seql_threshold(double gamma) {
+  const double t = gamma * 4294967296.0;
+  return t <= 0.0 ? 0 : (t >= 4294967296.0 ? (uint64_t(1) << 32) : static_cast<uint64_t>(t));
+}
+
+// Whether element (row_key, column_key) of a tail class that is not the row's target is dropped.
+LTFAST_HOST_DEVICE bool seql_dropped(uint32_t column_key, uint32_t row_key, uint64_t threshold) {
+  return static_cast<uint64_t>(hash32(column_key ^ row_key)) < threshold;
+}
+
+}  // namespace math
+}  // namespace ltfast
+
+namespace ltfast {
+namespace math {
+
+// ---------------------------------------------------------------- EQL (sigmoid)
+// Binary cross-entropy with logits of one element, max(z, 0) - y z + log(1 + exp(-|z|)), written as
+// the part without the logarithm plus log1p_term = exp(-|z|) (the CPU kernel multiplies the
+// (1 + exp(-|z|)) factors of a row and takes one log per 128 elements).
+template <typename T>
+LTFAST_HOST_DEVICE T bce_linear_part(T z, T y) {
+  return (z > T(0) ? z : T(0)) - y * z;
+}
+
+template <typename T>
+LTFAST_HOST_DEVICE T sigmoid_fn(T z) {
+  const T e = exp_fn(z > T(0) ? -z : z);  // exp(-|z|) <= 1: no overflow
+  return z >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+}
+
+// EQL's weight of element (i, c): the negative term of a tail class is suppressed (Tan et al. 2020,
+// with E(r) = 1 for classification): w = 1 - tail_c * (1 - y_ic).
+LTFAST_HOST_DEVICE bool eql_suppressed(bool tail, bool is_target) {
+  return tail && !is_target;
 }
 
 }  // namespace math

@@ -28,7 +28,16 @@ struct CrossEntropyArgs {
   int64_t num_rows = 0;
   int64_t num_classes = 0;
   at::ScalarType accumulate_type = at::kFloat;
+  // SEQL: tail-class negatives dropped with probability drop_probability, decided per element by
+  // math::seql_dropped from the two int64 keys in `seed`. Undefined tail_mask = no dropping.
+  at::Tensor tail_mask;  // uint8 [C], 1 = tail class
+  at::Tensor seed;       // int64 [2]
+  double drop_probability = 0.0;
 };
+
+CrossEntropyArgs prepare_seql_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                                   const at::Tensor& tail_mask, const at::Tensor& seed, double gamma,
+                                   c10::string_view reduction, int64_t ignore_index);
 
 CrossEntropyArgs prepare_cross_entropy_args(const char* op, const at::Tensor& logits,
                                             const at::Tensor& target,
@@ -111,6 +120,28 @@ at::Tensor adjusted_cross_entropy_backward(
   const auto args = prepare_cross_entropy_args(op, logits, target, adjustment, "adjustment",
                                                target_margin, weight, gamma, label_smoothing,
                                                reduction, ignore_index);
+  check_cross_entropy_backward_args(op, args, grad_loss, row_lse, denominator);
+  return kernel(args, grad_loss, row_lse, denominator);
+}
+
+}  // namespace ltfast
+
+namespace ltfast {
+
+template <ForwardKernel kernel>
+ForwardResult seql_forward(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tail_mask,
+                           const at::Tensor& seed, double gamma, c10::string_view reduction, int64_t ignore_index) {
+  return kernel(prepare_seql_args("ltfast.softmax_equalization_loss", logits, target, tail_mask, seed, gamma,
+                                  reduction, ignore_index));
+}
+
+template <BackwardKernel kernel>
+at::Tensor seql_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                         const at::Tensor& tail_mask, const at::Tensor& seed, const at::Tensor& row_lse,
+                         const at::Tensor& denominator, double gamma, c10::string_view reduction,
+                         int64_t ignore_index) {
+  const char* op = "ltfast._softmax_equalization_loss_backward";
+  const auto args = prepare_seql_args(op, logits, target, tail_mask, seed, gamma, reduction, ignore_index);
   check_cross_entropy_backward_args(op, args, grad_loss, row_lse, denominator);
   return kernel(args, grad_loss, row_lse, denominator);
 }

@@ -37,6 +37,32 @@ math::CrossEntropyConfig<acc_t> make_config(const CrossEntropyArgs& args) {
   return cfg;
 }
 
+// The per-call half of SEQL's drop decisions: the column keys and the threshold.
+class SeqlKeys {
+ public:
+  explicit SeqlKeys(const CrossEntropyArgs& args) {
+    if (!args.tail_mask.defined()) return;
+    const int64_t* seed = args.seed.data_ptr<int64_t>();
+    row_seed_ = static_cast<uint32_t>(seed[1]);
+    tail_ = args.tail_mask.data_ptr<uint8_t>();
+    threshold_ = math::seql_threshold(args.drop_probability);
+    column_keys_.resize(args.num_classes);
+    for (int64_t c = 0; c < args.num_classes; ++c) {
+      column_keys_[c] = math::seql_column_key(c, static_cast<uint32_t>(seed[0]));
+    }
+  }
+  bool enabled() const { return tail_ != nullptr; }
+  RowDrops row(int64_t i, int64_t y) const {
+    return RowDrops{tail_, column_keys_.data(), enabled() ? math::seql_row_key(i, row_seed_) : 0u, threshold_, y};
+  }
+
+ private:
+  const uint8_t* tail_ = nullptr;
+  std::vector<uint32_t> column_keys_;
+  uint32_t row_seed_ = 0;
+  uint64_t threshold_ = 0;
+};
+
 template <typename scalar_t>
 void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tensor& row_lse) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -50,6 +76,7 @@ void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tens
   const bool smoothing = cfg.label_smoothing != acc_t(0);
   acc_t* loss_out = row_loss.data_ptr<acc_t>();
   acc_t* lse_out = row_lse.data_ptr<acc_t>();
+  const SeqlKeys seql(args);
 
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile(std::min(C, kTileClasses));
@@ -63,8 +90,10 @@ void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tens
       const scalar_t* logits_row = logits + i * C;
       const acc_t target_logit = adjusted_target_logit(logits_row, adjustment, margin, y);
       acc_t offset_sum = acc_t(0);
+      const RowDrops drops = seql.row(i, y);
       const auto state = adjusted_row_softmax_state(logits_row, C, adjustment, margin, y, target_logit, tile.data(),
-                                                    weight, smoothing ? &offset_sum : nullptr);
+                                                    weight, smoothing ? &offset_sum : nullptr,
+                                                    seql.enabled() ? &drops : nullptr);
       const acc_t lse = math::finish_log_sum_exp(state);
       lse_out[i] = lse;
       loss_out[i] = math::row_loss(cfg, lse, target_logit, weight ? weight[y] : acc_t(1), offset_sum);
@@ -112,6 +141,7 @@ void backward_kernel(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
   const acc_t* grad_in = grad_acc.data_ptr<acc_t>();
   const at::Tensor denominator_acc = denominator.to(args.accumulate_type);
   const acc_t inv_denominator = acc_t(1) / *denominator_acc.data_ptr<acc_t>();
+  const SeqlKeys seql(args);
 
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile(std::is_same_v<scalar_t, acc_t> ? 0 : std::min(C, kTileClasses));
@@ -156,6 +186,7 @@ void backward_kernel(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
           const acc_t a = adj ? math::adjusted_logit(source[c], adj[c]) : source[c];
           out[c] = math::element_gradient(std::exp(a - lse), coef.prob_coef, coef.class_coef, w ? w[c] : acc_t(1));
         }
+        if (seql.enabled()) seql.row(i, y).overwrite_dropped(out, start, len, acc_t(0));  // exactly zero
         if (y >= start && y < start + len) {
           // The target element: its probability uses the margin-adjusted logit, then the one-hot term.
           out[y - start] = math::element_gradient(std::exp(target_logit - lse), coef.prob_coef, coef.class_coef,
@@ -212,6 +243,8 @@ at::Tensor cross_entropy_backward_cpu(const CrossEntropyArgs& args, const at::Te
 }
 
 TORCH_LIBRARY_IMPL(ltfast, CPU, m) {
+  m.impl("_softmax_equalization_loss_forward", &seql_forward<cross_entropy_forward_cpu>);
+  m.impl("_softmax_equalization_loss_backward", &seql_backward<cross_entropy_backward_cpu>);
   m.impl("_balanced_softmax_forward", &balanced_softmax_forward<cross_entropy_forward_cpu>);
   m.impl("_balanced_softmax_backward", &balanced_softmax_backward<cross_entropy_backward_cpu>);
   m.impl("_adjusted_cross_entropy_forward", &adjusted_cross_entropy_forward<cross_entropy_forward_cpu>);

@@ -84,7 +84,23 @@ struct KernelParams {
   int64_t num_classes;
   int64_t ignore_index;
   math::CrossEntropyConfig<acc_t> cfg;  // total_weight is filled in-kernel when weights are given
+  // SEQL (nullable tail): tail-class negatives dropped per element, keys read from device memory.
+  const uint8_t* tail;
+  const int64_t* seed;
+  uint64_t drop_threshold;
 };
+
+// The row's SEQL key (0 when SEQL is off); the element decision is then per class.
+template <typename acc_t>
+__device__ __forceinline__ uint32_t seql_row_key(const KernelParams<acc_t>& p, int64_t row) {
+  return p.tail ? math::seql_row_key(row, static_cast<uint32_t>(p.seed[1])) : 0u;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ bool seql_dropped(const KernelParams<acc_t>& p, uint32_t row_key, int64_t c, int64_t y) {
+  return p.tail && c != y && p.tail[c] &&
+         math::seql_dropped(math::seql_column_key(c, static_cast<uint32_t>(p.seed[0])), row_key, p.drop_threshold);
+}
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t load_adjusted(const scalar_t* row, const KernelParams<acc_t>& p,
@@ -131,6 +147,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
     const scalar_t* z = logits + row * C;
     const acc_t target_logit = target_logit_of(z, p, y);
+    const uint32_t row_key = seql_row_key(p, row);
 
     math::SoftmaxState<acc_t> state = math::empty_softmax_state<acc_t>();
     acc_t offset_sum = acc_t(0), weight_sum = acc_t(0);
@@ -139,7 +156,8 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
       for (int k = 0; k < kUnroll; ++k) {
         const int64_t c = base + int64_t(k) * GROUP;
-        a[k] = c < C ? (c == y ? target_logit : load_adjusted(z, p, c)) : math::negative_infinity<acc_t>();
+        a[k] = (c >= C || seql_dropped(p, row_key, c, y)) ? math::negative_infinity<acc_t>()
+                                                          : (c == y ? target_logit : load_adjusted(z, p, c));
       }
       acc_t chunk_max = a[0];
 #pragma unroll
@@ -239,6 +257,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     const acc_t lse = row_lse[row];
     const acc_t target_logit = target_logit_of(z, p, y);
     const acc_t scale = per_row_grad ? grad_loss[row] : shared_scale;
+    const uint32_t row_key = seql_row_key(p, row);
     const auto coef = math::row_gradient_coefficients(cfg, scale, lse, target_logit,
                                                       p.weight ? p.weight[y] : acc_t(1));
     for (int64_t base = lane; base < C; base += int64_t(GROUP) * kUnroll) {
@@ -255,6 +274,7 @@ __global__ void __launch_bounds__(kBlockThreads)
           acc_t grad = math::element_gradient(math::exp_fn(a[k] - lse), coef.prob_coef, coef.class_coef,
                                               p.weight ? p.weight[c] : acc_t(1));
           if (c == y) grad -= coef.target_coef;
+          if (seql_dropped(p, row_key, c, y)) grad = acc_t(0);  // dropped: exactly zero gradient
           g[c] = static_cast<scalar_t>(grad);
         }
       }
@@ -277,6 +297,9 @@ KernelParams<acc_t> make_params(const CrossEntropyArgs& args) {
   p.cfg.label_smoothing = static_cast<acc_t>(args.label_smoothing);
   p.cfg.inv_num_classes = acc_t(1) / static_cast<acc_t>(args.num_classes);
   p.cfg.total_weight = static_cast<acc_t>(args.num_classes);
+  p.tail = args.tail_mask.defined() ? args.tail_mask.data_ptr<uint8_t>() : nullptr;
+  p.seed = args.seed.defined() ? args.seed.data_ptr<int64_t>() : nullptr;
+  p.drop_threshold = math::seql_threshold(args.drop_probability);
   return p;
 }
 
@@ -362,6 +385,8 @@ at::Tensor cross_entropy_backward_cuda(const CrossEntropyArgs& args, const at::T
 }
 
 TORCH_LIBRARY_IMPL(ltfast, CUDA, m) {
+  m.impl("_softmax_equalization_loss_forward", &seql_forward<cross_entropy_forward_cuda>);
+  m.impl("_softmax_equalization_loss_backward", &seql_backward<cross_entropy_backward_cuda>);
   m.impl("_balanced_softmax_forward", &balanced_softmax_forward<cross_entropy_forward_cuda>);
   m.impl("_balanced_softmax_backward", &balanced_softmax_backward<cross_entropy_backward_cuda>);
   m.impl("_adjusted_cross_entropy_forward", &adjusted_cross_entropy_forward<cross_entropy_forward_cuda>);
