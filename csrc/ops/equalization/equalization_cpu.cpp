@@ -32,6 +32,17 @@ acc_t sum_of_logs(const Vectorized<acc_t>& product) {
   return total;
 }
 
+// w_c of a negative entry: 0 for tail classes, 1 otherwise (the target entry always has w = 1).
+template <typename acc_t>
+std::vector<acc_t> negative_weights(const EqualizationArgs& args) {
+  const uint8_t* tail = args.tail_mask.data_ptr<uint8_t>();
+  std::vector<acc_t> weights(args.num_classes);
+  for (int64_t c = 0; c < args.num_classes; ++c) {
+    weights[c] = math::eql_suppressed(tail[c] != 0, false) ? acc_t(0) : acc_t(1);
+  }
+  return weights;
+}
+
 template <typename scalar_t>
 EqualizationForwardResult forward_kernel(const EqualizationArgs& args) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -39,13 +50,10 @@ EqualizationForwardResult forward_kernel(const EqualizationArgs& args) {
   const int64_t N = args.num_rows, C = args.num_classes;
   const scalar_t* logits = args.logits.data_ptr<scalar_t>();
   const int64_t* target = args.target.data_ptr<int64_t>();
-  const uint8_t* tail = args.tail_mask.data_ptr<uint8_t>();
   const auto options = args.logits.options().dtype(args.accumulate_type);
   at::Tensor row_loss = at::empty({N}, options);
   acc_t* loss_out = row_loss.data_ptr<acc_t>();
-  // w_c for a negative entry: 0 for tail classes, 1 otherwise (the target entry always has w = 1).
-  std::vector<acc_t> negative_weight(C);
-  for (int64_t c = 0; c < C; ++c) negative_weight[c] = math::eql_suppressed(tail[c] != 0, false) ? acc_t(0) : acc_t(1);
+  const std::vector<acc_t> negative_weight = negative_weights<acc_t>(args);
 
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer(std::is_same_v<scalar_t, acc_t> ? 0 : C);
@@ -119,13 +127,11 @@ at::Tensor backward_kernel(const EqualizationArgs& args, const at::Tensor& grad_
   const scalar_t* logits = args.logits.data_ptr<scalar_t>();
   scalar_t* grad = grad_logits.data_ptr<scalar_t>();
   const int64_t* target = args.target.data_ptr<int64_t>();
-  const uint8_t* tail = args.tail_mask.data_ptr<uint8_t>();
   const at::Tensor grad_acc = grad_loss.to(args.accumulate_type).contiguous();
   const acc_t* grad_in = grad_acc.data_ptr<acc_t>();
   const acc_t inv_denominator = acc_t(1) / *denominator.to(args.accumulate_type).data_ptr<acc_t>();
   const bool per_row = args.reduction == Reduction::None;
-  std::vector<acc_t> negative_weight(C);
-  for (int64_t c = 0; c < C; ++c) negative_weight[c] = math::eql_suppressed(tail[c] != 0, false) ? acc_t(0) : acc_t(1);
+  const std::vector<acc_t> negative_weight = negative_weights<acc_t>(args);
 
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer(std::is_same_v<scalar_t, acc_t> ? 0 : C);
