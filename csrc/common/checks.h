@@ -61,6 +61,16 @@ inline void check_class_vector(const at::Tensor& t, const char* name, const at::
   check_same_device(t, name, logits, op);
 }
 
+// The equalization losses' per-class tail flags: 1-D bool (or uint8) of C elements.
+inline void check_tail_mask(const at::Tensor& tail_mask, const at::Tensor& logits, const char* op) {
+  TORCH_CHECK_VALUE(tail_mask.dim() == 1 && tail_mask.size(0) == logits.size(1), op,
+                    ": tail_mask must be a 1-D tensor of C = ", logits.size(1), " elements, got shape ",
+                    tail_mask.sizes());
+  TORCH_CHECK_TYPE(tail_mask.scalar_type() == at::kBool || tail_mask.scalar_type() == at::kByte, op,
+                   ": tail_mask must be a bool (or uint8) tensor, got ", tail_mask.scalar_type());
+  check_same_device(tail_mask, "tail_mask", logits, op);
+}
+
 inline void check_row_statistic(const at::Tensor& t, const char* name, const at::Tensor& logits,
                                 const char* op) {
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == logits.size(0), op, ": ", name,

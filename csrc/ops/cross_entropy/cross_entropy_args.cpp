@@ -59,12 +59,7 @@ CrossEntropyArgs prepare_seql_args(const char* op, const at::Tensor& logits, con
                                    c10::string_view reduction, int64_t ignore_index) {
   CrossEntropyArgs args = prepare_cross_entropy_args(op, logits, target, c10::nullopt, "adjustment", c10::nullopt,
                                                      c10::nullopt, 0.0, 0.0, reduction, ignore_index);
-  TORCH_CHECK_VALUE(tail_mask.dim() == 1 && tail_mask.size(0) == logits.size(1), op,
-                    ": tail_mask must be a 1-D tensor of C = ", logits.size(1), " elements, got shape ",
-                    tail_mask.sizes());
-  TORCH_CHECK_TYPE(tail_mask.scalar_type() == at::kBool || tail_mask.scalar_type() == at::kByte, op,
-                   ": tail_mask must be a bool (or uint8) tensor, got ", tail_mask.scalar_type());
-  check_same_device(tail_mask, "tail_mask", logits, op);
+  check_tail_mask(tail_mask, logits, op);
   TORCH_CHECK_VALUE(seed.numel() == 2 && seed.scalar_type() == at::kLong, op,
                     ": seed must be an int64 tensor of 2 elements (e.g. ltfast.ops.new_seed(device)), got ",
                     seed.scalar_type(), " of shape ", seed.sizes());
