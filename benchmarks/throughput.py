@@ -14,12 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+from dataclasses import asdict
 
 import torch
 
@@ -27,107 +24,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import ltfast  # noqa: E402
 from ltfast import priors, reference  # noqa: E402
 
-
-@dataclass
-class Record:
-    suite: str
-    name: str
-    impl: str
-    device: str
-    device_name: str
-    dtype: str
-    shape: list
-    mode: str
-    median_ms: float
-    p20_ms: float
-    p80_ms: float
-    peak_mem_mb: float | None
-    items_per_s: float | None
-    extra: dict = field(default_factory=dict)
-
-
-def keep_freed_memory_in_the_heap() -> bool:
-    """glibc returns freed blocks of more than 32 MB of heap top to the OS after every call, so the
-    next [4096, 1000] allocation page-faults and zeroes 16 MB again (eager fwd: 12.6 ms instead of
-    2.9 ms here). That measures the allocator, not the loss: raise the trim threshold for every
-    implementation alike, as a caching allocator (jemalloc, tcmalloc) would."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        # mallopt takes C ints: 1 GiB is the largest round trim threshold that fits.
-        ok = libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**30)
-        return bool(ok)
-    except (OSError, AttributeError):
-        return False
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_call(fn, device: str) -> float:
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def peak_memory_mb(fn, device: str) -> float | None:
-    """MiB allocated at the peak of one call above what was in use before it (CUDA only)."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def measure_interleaved(calls: dict, device: str, min_time_s: float, max_reps: int, warmup: int):
-    """Times the implementations round-robin, one call each per round, until min_time_s has
-    passed (at least 5, at most max_reps rounds), so that a slow spell of a shared machine hits
-    every implementation alike. Returns {impl: [ms per call]}."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    synchronize(device)
-    times = {impl: [] for impl in calls}
-    start_all = time.perf_counter()
-    rounds = 0
-    while rounds < max_reps and (rounds < 5 or time.perf_counter() - start_all < min_time_s * len(calls)):
-        for impl, fn in calls.items():
-            times[impl].append(time_call(fn, device))
-        rounds += 1
-    return times
-
-
-def percentile(values, q):
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (Record, device_name, keep_freed_memory_in_the_heap, measure_interleaved,  # noqa: E402
+                    peak_memory_mb, percentile)
 
 
 # ------------------------------------------------------------------ loss definitions
@@ -265,11 +164,28 @@ def print_table(records: list[Record]) -> None:
     print("speed-up = min(eager, compile) median / ltfast median, same run")
 
 
+def _data_suite():
+    from data_suite import data_suite
+    return data_suite
+
+
+def _compat_suite():
+    from compat_suite import compat_suite
+    return compat_suite
+
+
+# Each entry returns the suite's function (args) -> list[Record]; imported lazily so that one
+# suite's dependencies (DALI for data) are only needed when it runs.
+SUITES = {"loss": lambda: loss_suite, "data": _data_suite, "compat": _compat_suite}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true",
                         help="balanced_softmax at two shapes and lade at one (< 1 min on 2 cores)")
+    parser.add_argument("--suites", nargs="+", choices=list(SUITES), default=list(SUITES),
+                        help="which suites to run (default: all)")
     parser.add_argument("--losses", nargs="+", choices=list(LOSSES), help="only these losses")
     parser.add_argument("--json", metavar="PATH", help="write the records to PATH")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per row")
@@ -287,7 +203,9 @@ def main(argv=None) -> int:
         parser.error(f"ltfast._C is not available ({ltfast._extension.LOAD_ERROR}): build it first")
     if args.device == "cuda" and not ltfast.has_cuda_kernels():
         parser.error("ltfast._C was built without CUDA kernels")
-    records = loss_suite(args)
+    records = []
+    for suite in args.suites:
+        records += SUITES[suite]()(args)
     print_table(records)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

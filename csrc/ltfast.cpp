@@ -153,6 +153,16 @@ TORCH_LIBRARY(ltfast, m) {
         "Tensor num_valid)");
   m.def("_lade_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor log_prior, Tensor row_lse, "
         "Tensor column_stats, Tensor num_valid, float ce_weight, int ignore_index) -> Tensor");
+
+  // Sampler index draws (ltfast/data/samplers.py): positions [start, start + count) of epoch
+  // `epoch` (epoch_length positions over all ranks), each a pure function of (seed, epoch,
+  // position). Classes in CSR form: members[class_offsets[k]:class_offsets[k + 1]] is class k.
+  // class_aware_sample: the survey's ClassAwareSampler (class cycles, num_samples_cls per visit).
+  // class_weighted_sample: class by inverse CDF, then a uniform member (square-root, progressive).
+  m.def("class_aware_sample(Tensor class_offsets, Tensor members, int seed, int epoch, int start, int count, "
+        "int num_samples_cls, int epoch_length) -> Tensor");
+  m.def("class_weighted_sample(Tensor class_cdf, Tensor class_offsets, Tensor members, int seed, int epoch, "
+        "int start, int count, int epoch_length) -> Tensor");
 }
 
 }  // namespace ltfast

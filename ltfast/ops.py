@@ -242,6 +242,19 @@ def _register() -> None:
     _EAGER_FUNCTIONS["lade"] = _eager_function(torch.ops.ltfast._lade_forward.default, lade_setup_context,
                                                lade_backward)
 
+    # ---------------------------------------------------------------- sampler draws (ltfast.data)
+    @lib.register_fake("ltfast::class_aware_sample")
+    def _(class_offsets, members, seed, epoch, start, count, num_samples_cls, epoch_length):
+        torch._check(members.device == class_offsets.device,
+                     lambda: "ltfast.class_aware_sample: members must be on the same device as class_offsets")
+        return members.new_empty((count,))
+
+    @lib.register_fake("ltfast::class_weighted_sample")
+    def _(class_cdf, class_offsets, members, seed, epoch, start, count, epoch_length):
+        torch._check(class_cdf.shape[0] == class_offsets.shape[0] - 1,
+                     lambda: "ltfast.class_weighted_sample: class_cdf must have one entry per class")
+        return members.new_empty((count,))
+
     # ---------------------------------------------------------------- autocast
     # Under autocast F.cross_entropy runs in float32. The kernels already read bf16/fp16 logits and
     # accumulate in float32, so instead of casting the [N, C] logits up (a full extra copy), the

@@ -121,3 +121,109 @@ def equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor, reducti
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / valid.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler index draws (torch.ops.ltfast.class_aware_sample / class_weighted_sample), in numpy
+# uint64 arithmetic, which wraps exactly as the kernels' unsigned integers do. Element by element
+# the same counter-based functions as csrc/common/counter_random.h and csrc/ops/sampling/sampling.h,
+# vectorised over positions: the test oracle, and the fallback when ltfast._C is unavailable.
+_U32 = 0xFFFFFFFF
+_CLASS_ORDER_TAG, _MEMBER_ORDER_TAG, _WEIGHTED_TAG = 0x636C6173, 0x6D656D62, 0x77676874
+
+
+def _hash32(x):
+    import numpy as np
+    x = np.asarray(x, dtype=np.uint64) & _U32
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x7FEB352D)) & _U32
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x846CA68B)) & _U32
+    x ^= x >> np.uint64(16)
+    return x
+
+
+def _mix_key(key, value):
+    import numpy as np
+    value = np.asarray(value, dtype=np.uint64)
+    return _hash32(_hash32(np.asarray(key, dtype=np.uint64) ^ (value & _U32)) ^ (value >> np.uint64(32)))
+
+
+def _seed_key(seed: int, tag: int):
+    return _mix_key(_hash32(tag), seed & 0xFFFFFFFFFFFFFFFF)
+
+
+def _uniform01(key, counter):
+    import numpy as np
+    first = _mix_key(key, counter)
+    second = _hash32(first ^ np.uint64(0x68E31DA4))
+    bits = ((first << np.uint64(21)) ^ (second >> np.uint64(11))) & np.uint64((1 << 53) - 1)
+    return bits.astype(np.float64) * (1.0 / 9007199254740992.0)
+
+
+def _permute(position, n, key):
+    """Keyed 4-round Feistel permutation of [0, n) with cycle walking, at the given positions
+    (n and key may be arrays of the same length)."""
+    import numpy as np
+    position = np.asarray(position, dtype=np.uint64)
+    n = np.broadcast_to(np.asarray(n, dtype=np.uint64), position.shape)
+    key = np.broadcast_to(np.asarray(key, dtype=np.uint64), position.shape)
+    bits = np.ceil(np.log2(np.maximum(n, 1).astype(np.float64))).astype(np.uint64)
+    # log2 rounding: fix up so that 2**bits >= n > 2**(bits - 1)
+    bits = np.where((np.uint64(1) << bits) < n, bits + np.uint64(1), bits)
+    bits = np.maximum(bits, np.uint64(2))
+    bits = bits + (bits & np.uint64(1))
+    half = bits // np.uint64(2)
+    mask = (np.uint64(1) << half) - np.uint64(1)
+    round_keys = [_hash32((key + np.uint64(0x9E3779B9 * (r + 1))) & _U32) for r in range(4)]
+    x = position.copy()
+    todo = n > 1
+    while todo.any():
+        left, right = x >> half, x & mask
+        for r in range(4):
+            f = _hash32((right & _U32) ^ round_keys[r]) & mask
+            left, right = right, left ^ f
+        walked = (left << half) | right
+        x = np.where(todo, walked, x)
+        todo = todo & (x >= n)
+    return np.where(n > 1, x, np.uint64(0))
+
+
+def class_aware_sample(class_offsets: Tensor, members: Tensor, seed: int, epoch: int, start: int, count: int,
+                       num_samples_cls: int, epoch_length: int) -> Tensor:
+    """The survey's ClassAwareSampler as a function of (seed, epoch, position); see
+    csrc/ops/sampling/sampling.h for the derivation."""
+    import numpy as np
+    offsets = class_offsets.cpu().numpy().astype(np.int64)
+    member_array = members.cpu().numpy()
+    num_classes = np.uint64(len(offsets) - 1)
+    per_class = np.uint64(num_samples_cls)
+    groups_per_epoch = np.uint64((epoch_length + num_samples_cls - 1) // num_samples_cls)
+    position = np.arange(start, start + count, dtype=np.uint64)
+    group = np.uint64(epoch) * groups_per_epoch + position // per_class
+    within_group = position % per_class
+    class_cycle = group // num_classes
+    cls = _permute(group % num_classes, num_classes, _mix_key(_seed_key(seed, _CLASS_ORDER_TAG), class_cycle))
+    begin = offsets[cls.astype(np.int64)]
+    size = (offsets[cls.astype(np.int64) + 1] - begin).astype(np.uint64)
+    draw = class_cycle * per_class + within_group
+    class_key = _mix_key(_seed_key(seed, _MEMBER_ORDER_TAG), cls)
+    slot = _permute(draw % size, size, _mix_key(class_key, draw // size))
+    return torch.from_numpy(member_array[begin + slot.astype(np.int64)].copy()).to(members.device)
+
+
+def class_weighted_sample(class_cdf: Tensor, class_offsets: Tensor, members: Tensor, seed: int, epoch: int,
+                          start: int, count: int, epoch_length: int) -> Tensor:
+    """Class by inverse CDF, then a uniform member of it, as a function of (seed, epoch, position)."""
+    import numpy as np
+    cdf = class_cdf.cpu().numpy().astype(np.float64)
+    offsets = class_offsets.cpu().numpy().astype(np.int64)
+    member_array = members.cpu().numpy()
+    key = _seed_key(seed, _WEIGHTED_TAG)
+    counter = np.uint64(epoch) * np.uint64(epoch_length) + np.arange(start, start + count, dtype=np.uint64)
+    u = _uniform01(key, np.uint64(2) * counter)
+    cls = np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1)
+    begin = offsets[cls]
+    size = offsets[cls + 1] - begin
+    slot = np.minimum((_uniform01(key, np.uint64(2) * counter + np.uint64(1)) * size).astype(np.int64), size - 1)
+    return torch.from_numpy(member_array[begin + slot].copy()).to(members.device)

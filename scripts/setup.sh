@@ -18,7 +18,29 @@ if [ "$have_torch" != "$TORCH_VERSION $TORCHVISION_VERSION" ]; then
   echo "== installing torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION"
   "$PYTHON" -m pip install --quiet "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
-"$PYTHON" -m pip install --quiet ninja "pytest>=7" expecttest numpy "setuptools>=64" wheel
+"$PYTHON" -m pip install --quiet ninja "pytest>=7" expecttest numpy "setuptools>=64" wheel \
+  pyyaml matplotlib tqdm pillow
+# DALI (CPU pipelines here, nvJPEG where a GPU is present). The cuda130 build matches torch's CUDA.
+if ! "$PYTHON" -c "import nvidia.dali" >/dev/null 2>&1; then
+  echo "== installing nvidia-dali-cuda130"
+  "$PYTHON" -m pip install --quiet nvidia-dali-cuda130
+fi
+
+# Real data without downloads: Fashion-MNIST (the CPU long-tail benchmark) and JPEG photos (the
+# decoder tests and the data benchmark), both Debian packages.
+DEBIAN_DATA_PACKAGES="dataset-fashion-mnist lomiri-wallpapers-16.04"
+missing=""
+for package in $DEBIAN_DATA_PACKAGES; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing="$missing $package"
+done
+if [ -n "$missing" ]; then
+  echo "== installing Debian packages:$missing"
+  if [ "$(id -u)" = "0" ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+    echo "ERROR: need root (or sudo) to apt-get install$missing" >&2; exit 1; fi
+  $SUDO apt-get update -qq
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing
+fi
 
 mode=${LTFAST_CUDA:-auto}
 if [ "$mode" = "1" ] && ! command -v nvcc >/dev/null 2>&1 && [ -z "${CUDA_HOME:-}" ]; then

@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "counter_random.h"
+
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define LTFAST_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -160,19 +162,9 @@ namespace ltfast {
 namespace math {
 
 // ---------------------------------------------------------------- SEQL drop decisions
-// A keyed, counter-based 32-bit hash (Wellons' "lowbias32" finaliser: 2 multiplies, 3 xor-shifts,
-// bias ~0.17 in his avalanche test) decides whether element (i, c) of a batch is dropped. Nothing
-// is stored: backward recomputes the forward's decisions from the same seed. Two rounds (per-class
-// key, per-row key, then the element hash) keep different rows' masks independent.
-LTFAST_HOST_DEVICE uint32_t hash32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352dU;
-  x ^= x >> 15;
-  x *= 0x846ca68bU;
-  x ^= x >> 16;
-  return x;
-}
-
+// hash32 (counter_random.h) decides whether element (i, c) of a batch is dropped. Nothing is stored:
+// backward recomputes the forward's decisions from the same seed. Two rounds (per-class key, per-row
+// key, then the element hash) keep different rows' masks independent.
 LTFAST_HOST_DEVICE uint32_t seql_column_key(int64_t c, uint32_t key) {
   return hash32(static_cast<uint32_t>(c) ^ key);
 }
