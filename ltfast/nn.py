@@ -217,6 +217,36 @@ class EqualizationLoss(nn.Module):
         return equalization_loss(input, target, self.tail_mask, self.reduction, self.ignore_index)
 
 
+class _AllGatherRows(torch.autograd.Function):
+    """Concatenates every rank's rows (equal sizes); backward sums the incoming gradient over the
+    ranks and returns this rank's slice: a reduce-scatter on NCCL, an all-reduce plus a slice on
+    backends without reduce-scatter (gloo). Written here because
+    ``torch.distributed.nn.functional.all_gather`` is deprecated (FutureWarning on every call)."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, group):
+        import torch.distributed as dist
+        ctx.group = group
+        parts = [torch.empty_like(rows, memory_format=torch.contiguous_format)
+                 for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, rows.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        import torch.distributed as dist
+        world = dist.get_world_size(ctx.group)
+        rank = dist.get_rank(ctx.group)
+        grad = grad.contiguous()
+        if dist.get_backend(ctx.group) == "nccl":
+            out = grad.new_empty((grad.shape[0] // world,) + tuple(grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+            return out, None
+        total = grad.clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total.chunk(world)[rank].clone(), None
+
+
 def gather_batch_with_grad(logits: Tensor, target: Tensor, ignore_index: int, group=None):
     """All-gathers logits and targets over the process group, rank by rank. Local batches may differ in
     size: each is padded to the largest with rows whose target is ``ignore_index`` (they count
@@ -225,7 +255,6 @@ def gather_batch_with_grad(logits: Tensor, target: Tensor, ignore_index: int, gr
     averaging of parameter gradients yields exactly the single-process gradient of L on the whole
     batch. Costs one host synchronisation per call, to learn the batch sizes."""
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
 
     world = dist.get_world_size(group)
     local = torch.tensor([logits.shape[0]], device=target.device, dtype=torch.long)
@@ -236,10 +265,10 @@ def gather_batch_with_grad(logits: Tensor, target: Tensor, ignore_index: int, gr
     if pad:
         logits = torch.cat([logits, logits.new_zeros(pad, logits.shape[1])])
         target = torch.cat([target, target.new_full((pad,), ignore_index)])
-    gathered_logits = dist_fn.all_gather(logits, group=group)
+    gathered_logits = _AllGatherRows.apply(logits, group)
     gathered_target = [torch.empty_like(target) for _ in range(world)]
-    dist.all_gather(gathered_target, target, group=group)
-    return torch.cat(gathered_logits), torch.cat(gathered_target)
+    dist.all_gather(gathered_target, target.contiguous(), group=group)
+    return gathered_logits, torch.cat(gathered_target)
 
 
 class LADELoss(nn.Module):

@@ -1,0 +1,161 @@
+"""Long-tailed accuracy of the survey's methods on Fashion-MNIST-LT (CPU, no download).
+
+    python benchmarks/accuracy.py --quick     # the main job: 1 seed, CE / Balanced Softmax / LADE
+    python benchmarks/accuracy.py             # 2 seeds, every configs/fmnist_lt method; writes
+                                              # benchmarks/results/fmnist_lt-cpu.{json,md}
+
+Each run is `ltfast.train.train` on configs/fmnist_lt/<method>.yaml (the same code as
+`python -m ltfast.train`), in this process, one after the other. Seeds change the training
+randomness (init, sampling, augmentation); the long-tailed subset (data.split_seed) stays the same,
+so the methods are compared on one dataset. Numbers are test-set accuracies (balanced 10k test set)
+of the best-validation epoch; cRT's stage 1 is the CE run of the same seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+ALL_METHODS = ["ce", "weighted_ce", "seql", "balanced_softmax", "lade", "ldam_drw", "crt"]
+QUICK_METHODS = ["ce", "balanced_softmax", "lade"]
+COLUMNS = ("top1", "many", "medium", "few")
+
+
+def run_method(method: str, seed: int, out_root: str, overrides: list[str], stage1: dict) -> dict:
+    from ltfast.train import load_config, train
+    out_dir = os.path.join(out_root, method, f"seed{seed}")
+    extra = [f"train.seed={seed}", f"train.out_dir={out_dir}", "train.progress=false"]
+    if method == "crt":
+        if seed not in stage1:
+            raise SystemExit("crt needs the ce run of the same seed: list ce before crt in --methods")
+        extra.append(f"model.init_from={stage1[seed]}")
+    cfg = load_config(os.path.join(ROOT, "configs", "fmnist_lt", f"{method}.yaml"), extra + overrides)
+    start = time.perf_counter()
+    summary = train(cfg)
+    wall = time.perf_counter() - start
+    if method == "ce":
+        stage1[seed] = os.path.join(out_dir, "best.pt")
+    test = summary["test"]
+    return {"method": method, "name": summary["name"], "seed": seed, "wall_s": wall,
+            "train_time_s": summary["train_time_s"], "best_epoch": summary["best_epoch"],
+            "epochs": cfg["optim"]["epochs"], **{k: test[k] for k in COLUMNS},
+            "per_class": test["per_class"], "plot": summary.get("plot"), "summary": summary.get("summary")}
+
+
+def aggregate(runs: list[dict], methods: list[str]) -> list[dict]:
+    rows = []
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        if not mine:
+            continue
+        row = {"method": method, "name": mine[0]["name"], "seeds": [r["seed"] for r in mine]}
+        for key in COLUMNS:
+            values = [r[key] for r in mine]
+            row[key] = statistics.fmean(values)
+            row[f"{key}_runs"] = values
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        row["wall_s"] = statistics.fmean(r["wall_s"] for r in mine)
+        rows.append(row)
+    ce = next((r for r in rows if r["method"] == "ce"), None)
+    for row in rows:
+        row["top1_vs_ce"] = None if ce is None else row["top1"] - ce["top1"]
+    return rows
+
+
+def markdown(rows: list[dict], runs: list[dict], meta: dict) -> str:
+    seeds = len(rows[0]["seeds"]) if rows else 0
+    lines = [f"Fashion-MNIST-LT (imbalance {meta['ratio']:g}, {meta['train_images']} training images; many / medium / "
+             f"few = {meta['shots']}), balanced 10k test set, best-validation epoch; mean over {seeds} seed(s)"
+             + (" (± standard deviation)" if seeds > 1 else "") + f". {meta['machine']}.", "",
+             "| method | top-1 (balanced) | many | medium | few | top-1 vs CE | s / run |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(row, key):
+        std = row.get(f"{key}_std")
+        return f"{row[key]:.2f}" + (f" ± {std:.2f}" if std is not None else "")
+    for row in rows:
+        delta = "" if row["top1_vs_ce"] is None or row["method"] == "ce" else f"{row['top1_vs_ce']:+.2f}"
+        lines.append(f"| {row['name']} | {cell(row, 'top1')} | {cell(row, 'many')} | {cell(row, 'medium')} | "
+                     f"{cell(row, 'few')} | {delta} | {row['wall_s']:.0f} |")
+    plots = [os.path.relpath(r["plot"], ROOT) for r in runs if r.get("plot")]
+    lines += ["", "Per-class accuracy plots: " + ", ".join(plots)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 seed, CE / Balanced Softmax / LADE (the main job)")
+    parser.add_argument("--seeds", type=int, help="training seeds 0..N-1 (default: 1 quick, 2 full)")
+    parser.add_argument("--methods", help="comma-separated configs/fmnist_lt names (default: all; quick: ce,"
+                                          "balanced_softmax,lade)")
+    parser.add_argument("--out-root", default=os.path.join(ROOT, "runs", "fmnist_lt"), help="run folders")
+    parser.add_argument("--json", help="results JSON (default: benchmarks/results/fmnist_lt-cpu.json, "
+                                       "quick: benchmarks/results/fmnist_lt-quick.tmp.json)")
+    parser.add_argument("--md", help="results markdown (default: next to the JSON, full mode only)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run, e.g. --set optim.epochs=10")
+    args = parser.parse_args(argv)
+
+    methods = args.methods.split(",") if args.methods else (QUICK_METHODS if args.quick else ALL_METHODS)
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {ALL_METHODS}")
+    if "crt" in methods and "ce" in methods:  # stage 1 first
+        methods = ["ce"] + [m for m in methods if m != "ce"]
+    seeds = args.seeds or (1 if args.quick else 2)
+    results_dir = os.path.join(ROOT, "benchmarks", "results")
+    json_path = args.json or os.path.join(results_dir, "fmnist_lt-quick.tmp.json" if args.quick else "fmnist_lt-cpu.json")
+    md_path = args.md or (None if args.quick else os.path.splitext(json_path)[0] + ".md")
+
+    import torch
+    from ltfast.train.metrics import shot_groups
+    start = time.perf_counter()
+    runs, stage1 = [], {}
+    for seed in range(seeds):
+        for method in methods:
+            print(f"=== {method}, seed {seed} ===", flush=True)
+            runs.append(run_method(method, seed, args.out_root, args.set, stage1))
+    total = time.perf_counter() - start
+
+    with open(runs[0]["summary"]) as f:
+        first = json.load(f)
+    counts = first["class_counts"]
+    groups = shot_groups(counts, first["config"]["eval"]["many_threshold"], first["config"]["eval"]["few_threshold"])
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    meta = {"ratio": first["config"]["data"]["ratio"], "train_images": sum(counts), "class_counts": counts,
+            "shots": " / ".join(str(int(groups[k].sum())) for k in ("many", "medium", "few")),
+            "machine": f"{torch.get_num_threads()} torch threads on {os.cpu_count()} cores ({cpu}), torch "
+                       f"{torch.__version__}", "seeds": seeds, "overrides": args.set, "total_wall_s": total}
+    rows = aggregate(runs, methods)
+    table = markdown(rows, runs, meta)
+    print("\n" + table)
+    for row in rows:
+        if row["method"] != "ce" and row["top1_vs_ce"] is not None:
+            print(f"{row['name']} - CE: {row['top1_vs_ce']:+.2f} points top-1, few-shot {row['few']:.2f} vs "
+                  f"{next(r for r in rows if r['method'] == 'ce')['few']:.2f}")
+    print(f"total {total:.0f} s for {len(runs)} runs")
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump({"meta": meta, "rows": rows, "runs": runs}, f, indent=1)
+    print(f"wrote {json_path}")
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(table)
+        print(f"wrote {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

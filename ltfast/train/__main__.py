@@ -1,0 +1,42 @@
+"""python -m ltfast.train --config configs/fmnist_lt/ce.yaml [section.key=value ...]
+
+Single process:  python -m ltfast.train --config configs/fmnist_lt/lade.yaml
+DDP (4 GPUs):    torchrun --nproc_per_node=4 -m ltfast.train --config configs/imagenet_lt/lade.yaml
+Multi-node:      torchrun --nnodes=2 --nproc_per_node=4 --rdzv-endpoint=HOST:29500 -m ltfast.train ...
+Resume:          the same command plus train.resume=true (or train.resume=auto for preemptible jobs)
+"""
+import argparse
+import sys
+
+from .config import ConfigError, dump, load_config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ltfast.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe (configs/<set>/<method>.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, parsed as YAML (optim.lr=0.05)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as error:
+        parser.exit(2, f"config error: {error}\n")
+    if args.print_config:
+        print(dump(cfg), end="")
+        return 0
+    from .trainer import train
+    import torch.distributed as dist
+    try:
+        train(cfg)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()  # train() ends with a barrier on success
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

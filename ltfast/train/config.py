@@ -1,0 +1,305 @@
+"""Training configuration: a YAML file (optionally inheriting from another through ``base:``) plus
+``key=value`` overrides from the command line, checked against one schema.
+
+The schema below is the whole list of knobs. Every key has a default, a type and, where it matters,
+a check; an unknown key, a wrong type or a bad value raises ``ConfigError`` naming the key, so a typo
+in a 200-epoch recipe fails at start-up rather than silently training something else.
+
+    cfg = load_config("configs/fmnist_lt/ce.yaml", ["optim.lr=0.05", "train.out_dir=runs/x"])
+    cfg["optim"]["lr"]  # 0.05
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Any, Callable, Iterable, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message starts with the offending key."""
+
+
+NoneType = type(None)
+
+DATASETS = ("fmnist_lt", "list", "synthetic")
+SAMPLERS = ("instance", "class_balanced", "square_root", "progressive")
+LOSSES = ("ce", "weighted_ce", "seql", "balanced_softmax", "lade", "ldam_drw", "focal", "logit_adjusted")
+SCHEDULES = ("cosine", "step", "multistep", "constant")
+
+
+def _positive(value) -> Optional[str]:
+    return None if value > 0 else "must be > 0"
+
+
+def _non_negative(value) -> Optional[str]:
+    return None if value >= 0 else "must be >= 0"
+
+
+def _probability(value) -> Optional[str]:
+    return None if 0 <= value <= 1 else "must be in [0, 1]"
+
+
+def _beta(value) -> Optional[str]:
+    return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
+def _choice(*choices) -> Callable[[Any], Optional[str]]:
+    def check(value):
+        return None if value in choices else f"must be one of {', '.join(map(repr, choices))}"
+    return check
+
+
+def _milestones(value) -> Optional[str]:
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in value):
+        return "must be a list of epoch numbers (ints >= 0)"
+    return None if list(value) == sorted(value) else "must be increasing"
+
+
+def _floats3(value) -> Optional[str]:
+    if value is None:
+        return None
+    return None if all(isinstance(v, (int, float)) for v in value) else "must be a list of numbers"
+
+
+# section -> key -> (default, allowed types, check or None, comment). Comments say why, not what.
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "data": {
+        "dataset": ("fmnist_lt", str, _choice(*DATASETS),
+                    "fmnist_lt: Debian's Fashion-MNIST, long-tailed in memory; list: root + list files "
+                    "(ImageNet-LT format) through DALI; synthetic: random in-memory images (tests)"),
+        "root": (None, (str, NoneType), None, "image root of the list files; fmnist_lt: its raw-data folder"),
+        "train_list": (None, (str, NoneType), None, "list file, '<relative path> <label>' per line"),
+        "val_list": (None, (str, NoneType), None, "model selection uses this split only (never test)"),
+        "test_list": (None, (str, NoneType), None, "reported numbers come from this split"),
+        "ratio": (100.0, (int, float), _positive, "imbalance n_max / n_min of fmnist_lt / synthetic"),
+        "n_max": (1000, int, _positive, "images of the head class (fmnist_lt / synthetic)"),
+        "val_per_class": (50, int, _non_negative, "balanced validation images per class held out of train"),
+        "test_per_class": (50, int, _positive, "synthetic only"),
+        "num_classes": (10, int, _positive, "synthetic only"),
+        "image_size": (28, int, _positive, "synthetic only (square images)"),
+        "channels": (1, int, _positive, "synthetic only"),
+        "split_seed": (0, int, None, "seed of the long-tailed subsampling, fixed across training seeds"),
+        "sampler": ("instance", str, _choice(*SAMPLERS), None),
+        "num_samples_cls": (4, int, _positive, "class_balanced: consecutive images per drawn class (survey: 4)"),
+        "batch_size": (256, int, _positive, "global batch, split evenly over the DDP ranks"),
+        "eval_batch_size": (256, int, _positive, "global batch for validation / test"),
+        "backend": ("dali", str, _choice("dali", "pil"), "list datasets: DALI pipeline or the PIL baseline"),
+        "crop_size": (224, int, _positive, None),
+        "resize_size": (256, int, _positive, "eval: resize, then centre crop crop_size"),
+        "color_jitter": (0.4, (int, float), _non_negative, "survey: ColorJitter(0.4, 0.4, 0.4, 0)"),
+        "num_threads": (None, (int, NoneType), None, "DALI CPU threads (None: the loader's default)"),
+        "pad": (4, int, _non_negative, "in-memory train augmentation: random crop after zero padding"),
+        "flip": (True, bool, None, "in-memory train augmentation: horizontal flip"),
+        "mean": (None, (list, NoneType), _floats3, "per-channel normalisation (None: the loader's default)"),
+        "std": (None, (list, NoneType), _floats3, None),
+    },
+    "model": {
+        "arch": ("small_resnet", str, None,
+                 "small_resnet (local, for 28x28 / 32x32) or any torchvision classification model, e.g. "
+                 "resnext50_32x4d; always from scratch, nothing is downloaded"),
+        "width": (32, int, _positive, "small_resnet: channels of the first stage (x2, x4 after)"),
+        "init_from": (None, (str, NoneType), None,
+                      "checkpoint whose model weights start this run (decoupled stage 2: the stage-1 best.pt)"),
+        "freeze_backbone": (False, bool, None,
+                            "train only the classifier 'fc'; BN stays in train mode as in the survey's cRT"),
+        "compile": (False, bool, None, "torch.compile the model"),
+        "channels_last": (True, bool, None, "on GPU only"),
+    },
+    "loss": {
+        "name": ("ce", str, _choice(*LOSSES), None),
+        "alpha": (0.1, (int, float), _non_negative, "LADE: weight of the LADER term (survey 0.1)"),
+        "remine_lambda": (0.1, (int, float), _non_negative, "LADE: lambda of the regularised DV bound"),
+        "gather_batch": (False, bool, None,
+                         "LADE under DDP: compute LADER on the all-gathered global batch, as the survey's "
+                         "DataParallel did"),
+        "gamma": (0.9, (int, float), _non_negative,
+                  "SEQL: drop probability of tail negatives (survey 0.9); focal: the exponent"),
+        "lambda_": (4.3e-4, (int, float), _probability, "SEQL: tail = training frequency <= lambda_"),
+        "count_threshold": (None, (int, NoneType), None, "SEQL: tail = fewer training images than this"),
+        "max_margin": (0.5, (int, float), _positive, "LDAM: largest margin"),
+        "s": (30.0, (int, float), _positive, "LDAM: scale of the margin"),
+        "drw_epoch": (None, (int, NoneType), None, "LDAM: 0-based epoch from which DRW re-weights"),
+        "beta": (0.9999, (int, float), _beta, "LDAM-DRW / effective-number weights"),
+        "tau": (1.0, (int, float), None, "logit_adjusted: tau"),
+    },
+    "optim": {
+        "epochs": (90, int, _positive, None),
+        "lr": (0.1, (int, float), _positive, "for the global batch"),
+        "momentum": (0.9, (int, float), _probability, None),
+        "weight_decay": (5e-4, (int, float), _non_negative, "on every parameter, BN and bias included (survey)"),
+        "nesterov": (False, bool, None, None),
+        "schedule": ("cosine", str, _choice(*SCHEDULES),
+                     "cosine: per step from lr to 0 at the end of the last step (no epoch at lr 0)"),
+        "warmup_epochs": (0, (int, float), _non_negative, "linear warm-up, per step"),
+        "milestones": ([], list, _milestones, "multistep: 0-based epochs where lr *= gamma"),
+        "step_size": (30, int, _positive, "step: lr *= gamma every step_size epochs"),
+        "gamma": (0.1, (int, float), _positive, "step / multistep decay factor"),
+    },
+    "eval": {
+        "every": (1, int, _positive, "validate every this many epochs (and after the last)"),
+        "many_threshold": (100, int, _non_negative, "many-shot: more than this many training images"),
+        "few_threshold": (20, int, _non_negative, "few-shot: fewer than this many training images"),
+        "shot_split": (None, (str, NoneType), None,
+                       "file with the many/medium/few classes (the survey's shot_list.npy, bool [3, C], "
+                       "or JSON {'many': [...], 'medium': [...], 'few': [...]}); overrides the thresholds"),
+        "ua": (None, (int, float, NoneType), None, "upper reference accuracy (%) for RA = top1 / UA"),
+        "reported": (None, (dict, NoneType), None, "the survey's numbers for this recipe, copied to the summary"),
+    },
+    "train": {
+        "seed": (0, int, None, None),
+        "out_dir": ("runs/default", str, None, "checkpoints, summary.json and the plot"),
+        "resume": (False, (bool, str), None,
+                   "true: continue from out_dir/last.pt (error if absent); 'auto': if present; or a path"),
+        "stop_after": (None, (int, NoneType), None,
+                       "stop after this many epochs of this run (time-limited jobs, interrupt tests)"),
+        "device": ("auto", str, None, "auto: cuda when available (rank's LOCAL_RANK), else cpu"),
+        "amp": ("auto", str, _choice("auto", "bf16", "none"), "auto: bf16 autocast on GPU, none on CPU"),
+        "threads": (None, (int, NoneType), None, "CPU threads per rank (None: cores / local ranks)"),
+        "progress": (True, bool, None, "tqdm bar on rank 0"),
+        "log_every": (20, int, _positive, "steps between loss read-outs (each one syncs the device)"),
+        "save_checkpoints": (True, bool, None, "last.pt every epoch and best.pt"),
+        "plot": (True, bool, None, "per-class accuracy PNG"),
+    },
+}
+TOP_LEVEL = {"name": (None, (str, NoneType), None, "method name for tables"),
+             "base": (None, (str, NoneType), None, "YAML this one inherits from (relative to this file)")}
+
+
+def defaults() -> dict:
+    cfg = {section: {key: copy.deepcopy(spec[0]) for key, spec in keys.items()} for section, keys in SCHEMA.items()}
+    cfg["name"] = None
+    return cfg
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """Section-wise merge: a child YAML changes only the keys it names (eval.reported is replaced whole)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "reported":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: str, seen: tuple = ()) -> dict:
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"base: circular inheritance through {path}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        parent = _read_yaml(os.path.join(os.path.dirname(path), base), seen + (path,))
+        data = _merge(parent, data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'optim.lr=0.05' -> (['optim', 'lr'], 0.05); the value is parsed as YAML ('null', '[1, 2]', 'true')."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _set(cfg: dict, path: list[str], value: Any) -> None:
+    node = cfg
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"{'.'.join(path)}: unknown config key (no section {part!r})")
+        node = node[part]
+    node[path[-1]] = value
+
+
+def validate(cfg: dict) -> dict:
+    """Checks every key against SCHEMA (names, types, values, cross-key rules); returns cfg."""
+    for key in cfg:
+        if key not in SCHEMA and key not in TOP_LEVEL:
+            raise ConfigError(f"{key}: unknown config section (known: {', '.join(list(SCHEMA) + list(TOP_LEVEL))})")
+    if not isinstance(cfg.get("name"), (str, NoneType)):
+        raise ConfigError(f"name: must be a string, got {cfg['name']!r}")
+    for section, keys in SCHEMA.items():
+        values = cfg.get(section)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: must be a mapping, got {values!r}")
+        for key in values:
+            if key not in keys:
+                raise ConfigError(f"{section}.{key}: unknown config key (known in {section}: {', '.join(keys)})")
+        for key, (_, types, check, _) in keys.items():
+            value = values[key]
+            types = types if isinstance(types, tuple) else (types,)
+            # bool is an int in Python; a YAML 'true' for a number is a mistake, not a 1.
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                names = " or ".join("null" if t is NoneType else t.__name__ for t in types)
+                raise ConfigError(f"{section}.{key}: must be {names}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{key}: must be finite, got {value!r}")
+            if check is not None and value is not None:
+                problem = check(value)
+                if problem:
+                    raise ConfigError(f"{section}.{key}: {problem}, got {value!r}")
+    _cross_checks(cfg)
+    return cfg
+
+
+def _cross_checks(cfg: dict) -> None:
+    data, optim, loss, evals, train = cfg["data"], cfg["optim"], cfg["loss"], cfg["eval"], cfg["train"]
+    if data["dataset"] == "list" and not data["train_list"]:
+        raise ConfigError("data.train_list: required when data.dataset is 'list'")
+    if data["dataset"] == "list" and not data["test_list"]:
+        raise ConfigError("data.test_list: required when data.dataset is 'list'")
+    for key in ("milestones",):
+        late = [m for m in optim[key] if m >= optim["epochs"]]
+        if late:
+            raise ConfigError(f"optim.{key}: {late} not below optim.epochs = {optim['epochs']} "
+                              f"(scale the milestones when changing the number of epochs)")
+    if optim["schedule"] == "multistep" and not optim["milestones"]:
+        raise ConfigError("optim.milestones: required when optim.schedule is 'multistep'")
+    if optim["warmup_epochs"] >= optim["epochs"]:
+        raise ConfigError(f"optim.warmup_epochs: must be below optim.epochs = {optim['epochs']}")
+    if loss["drw_epoch"] is not None and not 0 <= loss["drw_epoch"] < optim["epochs"]:
+        raise ConfigError(f"loss.drw_epoch: must be in [0, optim.epochs = {optim['epochs']}), got "
+                          f"{loss['drw_epoch']} (scale it when changing the number of epochs)")
+    if evals["few_threshold"] > evals["many_threshold"] + 1:
+        raise ConfigError("eval.few_threshold: must not exceed eval.many_threshold + 1")
+    if train["resume"] == "":
+        raise ConfigError("train.resume: empty path (true, false, auto or a checkpoint path)")
+    if cfg["model"]["freeze_backbone"] and not cfg["model"]["init_from"]:
+        raise ConfigError("model.freeze_backbone: needs model.init_from (a stage-1 checkpoint); "
+                          "a frozen random backbone is almost certainly a mistake")
+    if evals["ua"] is not None and not 0 < evals["ua"] <= 100:
+        raise ConfigError(f"eval.ua: must be an accuracy in (0, 100], got {evals['ua']}")
+
+
+def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> dict:
+    """Defaults <- YAML file (and its ``base:`` chain) <- ``key=value`` overrides, then validated.
+    Relative paths inside the YAML (data root / lists, init_from, shot_split) stay relative to the
+    working directory, as on the command line."""
+    cfg = defaults()
+    if path is not None:
+        cfg = _merge(cfg, _read_yaml(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        if len(keys) == 1 and keys[0] not in TOP_LEVEL:
+            raise ConfigError(f"{keys[0]}: overrides name section.key, e.g. optim.lr=0.05")
+        _set(cfg, keys, value)
+    cfg.pop("base", None)
+    # Ints are fine where floats are expected (lr: 1); store them as floats so the summary is uniform.
+    for section, keys in SCHEMA.items():
+        for key, (default, _, _, _) in keys.items():
+            value = cfg.get(section, {}).get(key)
+            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+                cfg[section][key] = float(value)
+    return validate(cfg)
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

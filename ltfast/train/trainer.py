@@ -1,0 +1,471 @@
+"""The trainer: one code path for a laptop CPU and for torchrun on GPUs.
+
+    summary = train(load_config("configs/fmnist_lt/balanced_softmax.yaml"))
+
+Reading order: ``train`` (the loop) calls ``setup_distributed``, ``build_data``, ``build_loss``,
+``evaluate`` and the checkpoint helpers below it. DDP is on when torchrun's WORLD_SIZE > 1 (NCCL on
+GPU, gloo on CPU); ``data.batch_size`` is the global batch, split evenly over the ranks. Every rank
+runs the same code; only rank 0 prints, saves and plots.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import ltfast
+
+from . import metrics
+from .config import ConfigError, dump
+from .models import build_model, freeze_backbone
+from .schedule import lr_factor
+
+
+# --------------------------------------------------------------------------------------------- DDP
+
+def setup_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). Initialises the process group from torchrun's environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_name == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_name)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world, device
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    # DDP broadcasts rank 0's BN running statistics at the start of every training forward, so after
+    # the last step each rank holds its own; evaluate and save rank 0's everywhere.
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
+# -------------------------------------------------------------------------------------------- data
+
+def _synthetic_split(per_class: list[int], data: dict, seed: int):
+    """Random uint8 images with a per-class template, so a model can learn them (tests, benchmarks)."""
+    from ltfast.data.datasets import InMemoryDataset
+    gen = torch.Generator().manual_seed(seed)
+    shape = (data["channels"], data["image_size"], data["image_size"])
+    templates = torch.rand((len(per_class),) + shape, generator=torch.Generator().manual_seed(data["split_seed"]))
+    labels = torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in enumerate(per_class)])
+    noise = torch.rand((labels.numel(),) + shape, generator=gen)
+    images = ((0.6 * templates[labels] + 0.4 * noise) * 255).to(torch.uint8)
+    return InMemoryDataset(images, labels)
+
+
+def load_datasets(data: dict) -> dict:
+    """{"train", "val" (or None), "test", "class_counts", "class_names", "in_memory"} from the config."""
+    from ltfast.data import datasets
+    if data["dataset"] == "fmnist_lt":
+        kwargs = {"root": data["root"]} if data["root"] else {}
+        lt = datasets.fashion_mnist_lt(ratio=data["ratio"], n_max=data["n_max"], val_per_class=data["val_per_class"],
+                                       seed=data["split_seed"], **kwargs)
+        return {"train": lt["train"], "val": lt["val"] if data["val_per_class"] else None, "test": lt["test"],
+                "class_counts": [int(c) for c in lt["class_counts"]], "class_names": list(lt["class_names"]),
+                "in_memory": True}
+    if data["dataset"] == "synthetic":
+        counts = datasets.long_tailed_counts(data["n_max"], data["num_classes"], data["ratio"])
+        seed = data["split_seed"]
+        val = (_synthetic_split([data["val_per_class"]] * data["num_classes"], data, seed + 1)
+               if data["val_per_class"] else None)
+        return {"train": _synthetic_split(counts, data, seed), "val": val,
+                "test": _synthetic_split([data["test_per_class"]] * data["num_classes"], data, seed + 2),
+                "class_counts": list(counts), "class_names": None, "in_memory": True}
+    train = datasets.read_list_file(data["train_list"], data["root"])
+    val = datasets.read_list_file(data["val_list"], data["root"]) if data["val_list"] else None
+    test = datasets.read_list_file(data["test_list"], data["root"])
+    counts = datasets.class_counts(train.labels, max(train.num_classes, test.num_classes))
+    return {"train": train, "val": val, "test": test, "class_counts": [int(c) for c in counts],
+            "class_names": None, "in_memory": False}
+
+
+def make_loader(sets: dict, split: str, data: dict, *, sampler, batch_size: int, device, train: bool, seed: int,
+                rank: Optional[int] = None, world: Optional[int] = None):
+    """DeviceTensorLoader for in-memory sets, the DALI (or PIL) pipeline for list files: both yield
+    normalised float images and int64 labels on ``device`` and have set_epoch / len."""
+    norm = {k: tuple(data[k]) for k in ("mean", "std") if data[k] is not None}
+    if sets["in_memory"]:
+        from ltfast.data.loaders import DeviceTensorLoader
+        return DeviceTensorLoader(sets[split], sampler, batch_size, device, train, pad=data["pad"], flip=data["flip"],
+                                  drop_last=train, seed=seed, rank=rank, world_size=world, **norm)
+    from ltfast.data.dali import make_image_loader
+    threads = {"num_threads": data["num_threads"]} if data["num_threads"] else {}
+    return make_image_loader(data["backend"], dataset=sets[split], sampler=sampler, batch_size=batch_size,
+                             device=device, train=train, crop_size=data["crop_size"], resize_size=data["resize_size"],
+                             color_jitter=data["color_jitter"], drop_last=train, seed=seed, rank=rank,
+                             world_size=world, **threads, **norm)
+
+
+def build_data(cfg: dict, rank: int, world: int, device) -> dict:
+    from ltfast.data.samplers import make_sampler
+    data, seed = cfg["data"], cfg["train"]["seed"]
+    for key in ("batch_size", "eval_batch_size"):
+        if data[key] % world:
+            raise ConfigError(f"data.{key}: {data[key]} is not divisible by the {world} ranks")
+    sets = load_datasets(data)
+    extra = {}
+    if data["sampler"] == "class_balanced":
+        extra["num_samples_cls"] = data["num_samples_cls"]
+    if data["sampler"] == "progressive":
+        extra["total_epochs"] = cfg["optim"]["epochs"]
+    # The sampler shards the training set (disjoint, equal length per rank); its stream and the
+    # loader's augmentation are pure functions of (seed, epoch, rank): that is what makes resume exact.
+    sampler = make_sampler(data["sampler"], sets["train"].labels, seed=seed, rank=rank, world_size=world, **extra)
+    per_rank = data["batch_size"] // world
+    out = dict(sets)
+    out["train_loader"] = make_loader(sets, "train", data, sampler=sampler, batch_size=per_rank, device=device,
+                                      train=True, seed=seed, rank=rank, world=world)
+    # Evaluation: both loaders go through the set in order, rank::world_size under DDP (disjoint, no
+    # padding), so the all-reduced per-class counts cover every image exactly once.
+    for split in ("val", "test"):
+        out[f"{split}_loader"] = None if sets[split] is None else make_loader(
+            sets, split, data, sampler=None, batch_size=data["eval_batch_size"] // world, device=device,
+            train=False, seed=seed, rank=rank, world=world)
+    if len(out["train_loader"]) == 0:
+        raise ConfigError(f"data.batch_size: {data['batch_size']} leaves no full batch per epoch "
+                          f"({len(sets['train'])} training images over {world} ranks)")
+    return out
+
+
+# -------------------------------------------------------------------------------------------- loss
+
+def build_loss(loss: dict, class_counts: list[int]) -> nn.Module:
+    """The recipe's loss from ltfast.nn; plain CE is nn.CrossEntropyLoss, exactly the survey's."""
+    name = loss["name"]
+    if name == "ce":
+        return nn.CrossEntropyLoss()
+    if name == "weighted_ce":
+        return ltfast.nn.WeightedCrossEntropyLoss(class_counts)
+    if name == "seql":
+        return ltfast.nn.SoftmaxEqualizationLoss(class_counts, gamma=loss["gamma"], lambda_=loss["lambda_"],
+                                                 count_threshold=loss["count_threshold"])
+    if name == "balanced_softmax":
+        return ltfast.nn.BalancedSoftmaxLoss(class_counts)
+    if name == "lade":
+        return ltfast.nn.LADELoss(class_counts, alpha=loss["alpha"], remine_lambda=loss["remine_lambda"],
+                                  gather_batch=loss["gather_batch"])
+    if name == "ldam_drw":
+        return ltfast.nn.LDAMLoss(class_counts, max_margin=loss["max_margin"], s=loss["s"],
+                                  drw_epoch=loss["drw_epoch"], beta=loss["beta"])
+    if name == "focal":
+        return ltfast.nn.FocalLoss(loss["gamma"])
+    if name == "logit_adjusted":
+        return ltfast.nn.LogitAdjustedLoss(class_counts, tau=loss["tau"])
+    raise ConfigError(f"loss.name: unknown loss {name!r}")
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, num_classes: int, device, autocast=contextlib.nullcontext,
+             memory_format=torch.contiguous_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class (correct, total), summed over all ranks: each rank evaluates its own shard."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(num_classes, dtype=torch.long, device=device)
+    total = torch.zeros(num_classes, dtype=torch.long, device=device)
+    for images, labels in loader:
+        with autocast():
+            logits = model(images.to(device, non_blocking=True).contiguous(memory_format=memory_format))
+        batch_correct, batch_total = metrics.count_correct(logits.float(), labels, num_classes)
+        correct += batch_correct
+        total += batch_total
+    model.train(was_training)
+    correct, total = metrics.all_reduce_counts(correct, total)
+    return correct.cpu(), total.cpu()
+
+
+# -------------------------------------------------------------------------------------- checkpoint
+
+def _rng_state() -> dict:
+    import numpy as np
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _gather_rng_states(world: int) -> list:
+    # Each rank's generator has its own stream (e.g. SEQL's drop seeds); keep all of them.
+    if world == 1:
+        return [_rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, _rng_state())
+    return states
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # an interrupted save never leaves a truncated last.pt behind
+
+
+def _resume_path(cfg: dict) -> Optional[str]:
+    resume, last = cfg["train"]["resume"], os.path.join(cfg["train"]["out_dir"], "last.pt")
+    if resume is False:
+        return None
+    if resume is True or resume == "auto":
+        if os.path.exists(last):
+            return last
+        if resume is True:
+            raise FileNotFoundError(f"train.resume: no checkpoint at {last}")
+        return None
+    if not os.path.exists(resume):
+        raise FileNotFoundError(f"train.resume: no checkpoint at {resume}")
+    return resume
+
+
+def load_model_weights(model: nn.Module, path: str) -> None:
+    """Model weights of a trainer checkpoint (last.pt or best.pt) or a bare state_dict."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    model.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------- train
+
+def _log(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, flush=True)
+
+
+def train(cfg: dict) -> dict:
+    """Trains, selects on validation, tests; returns (and on rank 0 writes) the summary dict."""
+    tcfg, ocfg, mcfg = cfg["train"], cfg["optim"], cfg["model"]
+    rank, world, device = setup_distributed(tcfg["device"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if device.type == "cpu" and (tcfg["threads"] or local_world > 1):
+        # Ranks sharing a machine would otherwise each start one thread per core.
+        torch.set_num_threads(tcfg["threads"] or max(1, (os.cpu_count() or 1) // local_world))
+    use_bf16 = tcfg["amp"] == "bf16" or (tcfg["amp"] == "auto" and device.type == "cuda")
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16
+                else contextlib.nullcontext)
+    channels_last = device.type == "cuda" and mcfg["channels_last"]
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the survey ran cudnn.deterministic; speed matters more here
+
+    seed = tcfg["seed"]
+    random.seed(seed)
+    torch.manual_seed(seed)
+    import numpy as np
+    np.random.seed(seed)
+
+    data = build_data(cfg, rank, world, device)
+    counts, num_classes = data["class_counts"], len(data["class_counts"])
+    in_channels = data["train"].images.shape[1] if data["in_memory"] else len(cfg["data"]["mean"] or (0, 0, 0))
+    model = build_model(mcfg["arch"], num_classes, in_channels, mcfg["width"])
+    if mcfg["init_from"]:
+        load_model_weights(model, mcfg["init_from"])
+    if mcfg["freeze_backbone"]:
+        freeze_backbone(model)
+    model.to(device)
+    model.to(memory_format=memory_format)
+    criterion = build_loss(cfg["loss"], counts).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=ocfg["lr"], momentum=ocfg["momentum"],
+                                weight_decay=ocfg["weight_decay"], nesterov=ocfg["nesterov"])
+    # No SyncBN: the survey's DataParallel also normalised each GPU's 64 images separately.
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    if mcfg["compile"]:
+        net = torch.compile(net)
+    # Training randomness beyond the data (SEQL's drop seeds) differs per rank.
+    torch.manual_seed(seed * 1000 + rank)
+
+    out_dir = tcfg["out_dir"]
+    groups = metrics.shot_groups(counts, cfg["eval"]["many_threshold"], cfg["eval"]["few_threshold"],
+                                 cfg["eval"]["shot_split"])
+    state = {"epoch": 0, "best_top1": -1.0, "best_epoch": None, "history": [], "train_time_s": 0.0,
+             "train_images": 0}
+    resume = _resume_path(cfg)
+    if resume:
+        ckpt = torch.load(resume, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        criterion.load_state_dict(ckpt["criterion"])
+        state = ckpt["state"]
+        changed = [k for k in ("data", "model", "loss", "optim") if ckpt["config"][k] != cfg[k]]
+        if changed:
+            _log(rank, f"warning: resuming {resume} with a different config in section(s) {', '.join(changed)}")
+        if len(ckpt["rng"]) == world:
+            _set_rng_state(ckpt["rng"][rank])
+        else:
+            _log(rank, f"resume: checkpoint from {len(ckpt['rng'])} ranks, running {world}: RNG streams reseeded")
+            torch.manual_seed(seed * 1000 + rank + 7919 * state["epoch"])
+        _log(rank, f"resumed from {resume} after epoch {state['epoch']}")
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+            f.write(dump(cfg))
+
+    loader = data["train_loader"]
+    steps_per_epoch = len(loader)
+    epochs, per_rank = ocfg["epochs"], cfg["data"]["batch_size"] // world
+    _log(rank, f"{cfg.get('name') or cfg['loss']['name']}: {mcfg['arch']}, {len(data['train'])} training images, "
+               f"{num_classes} classes, {world} rank(s) on {device.type}, {steps_per_epoch} steps/epoch of "
+               f"{cfg['data']['batch_size']}, {epochs} epochs{', bf16' if use_bf16 else ''}")
+    epochs_this_run, best_weights = 0, None
+    while state["epoch"] < epochs:
+        epoch = state["epoch"]
+        loader.set_epoch(epoch)
+        if hasattr(criterion, "set_epoch"):
+            criterion.set_epoch(epoch)  # LDAM's deferred re-weighting
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        bar = None
+        if rank == 0 and tcfg["progress"]:
+            from tqdm import tqdm
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+        start = time.perf_counter()
+        step = epoch * steps_per_epoch
+        for i, (images, labels) in enumerate(loader):
+            lr = ocfg["lr"] * lr_factor(step + i, steps_per_epoch, ocfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast():
+                logits = net(images.to(device, non_blocking=True).contiguous(memory_format=memory_format))
+                loss = criterion(logits, labels.to(device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach().float()
+            if bar is not None:
+                bar.update(1)
+                if (i + 1) % tcfg["log_every"] == 0:  # .item() syncs: only now and then
+                    rate = (i + 1) * per_rank * world / (time.perf_counter() - start)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+        if not math.isfinite(loss_sum.item()):
+            raise FloatingPointError(f"epoch {epoch + 1}: the training loss is not finite")
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - start
+        state["train_time_s"] += elapsed
+        state["train_images"] += steps_per_epoch * per_rank * world
+        record = {"epoch": epoch + 1, "loss": loss_sum.item() / steps_per_epoch, "lr": lr,
+                  "time_s": elapsed, "images_per_s": steps_per_epoch * per_rank * world / elapsed}
+
+        _broadcast_buffers(model)
+        last = epoch + 1 == epochs
+        best_now = False
+        if data["val_loader"] is not None and ((epoch + 1) % cfg["eval"]["every"] == 0 or last):
+            correct, total = evaluate(model, data["val_loader"], num_classes, device, autocast, memory_format)
+            val = metrics.summarize(correct, total, groups)
+            record["val_top1"] = val["top1"]
+            if val["top1"] > state["best_top1"]:
+                state["best_top1"], state["best_epoch"], best_now = val["top1"], epoch + 1, True
+        state["history"].append(record)
+        state["epoch"] = epoch + 1
+        rng = _gather_rng_states(world)  # every rank takes part in the gather
+        if rank == 0 and tcfg["save_checkpoints"]:
+            if best_now:
+                _atomic_save({"model": model.state_dict(), "epoch": epoch + 1, "val_top1": state["best_top1"]},
+                             os.path.join(out_dir, "best.pt"))
+            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "criterion": criterion.state_dict(), "schedule": {"step": (epoch + 1) * steps_per_epoch},
+                          "sampler": {"epoch": epoch + 1, "seed": seed},
+                          "state": state, "rng": rng, "world_size": world, "config": cfg},
+                         os.path.join(out_dir, "last.pt"))
+        if rank == 0 and best_now and not tcfg["save_checkpoints"]:
+            best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        val_text = f"  val {record['val_top1']:.2f} (best {state['best_top1']:.2f} @{state['best_epoch']})" \
+            if "val_top1" in record else ""
+        _log(rank, f"epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}  lr {lr:.4g}{val_text}  "
+                   f"{record['images_per_s']:.0f} img/s  {elapsed:.1f}s")
+        epochs_this_run += 1
+        if tcfg["stop_after"] is not None and epochs_this_run >= tcfg["stop_after"] and state["epoch"] < epochs:
+            _log(rank, f"stopping after {epochs_this_run} epoch(s) (train.stop_after); resume with train.resume=true")
+            if dist.is_initialized():
+                dist.barrier()
+            return {"status": "stopped", "epoch": state["epoch"], "out_dir": out_dir}
+
+    return _finish(cfg, model, data, groups, state, best_weights, device, autocast, memory_format, rank, world,
+                   use_bf16)
+
+
+def _finish(cfg, model, data, groups, state, best_weights, device, autocast, memory_format, rank, world,
+            use_bf16) -> dict:
+    """Test with the best-validation weights (last epoch's when there is no validation split)."""
+    out_dir, num_classes = cfg["train"]["out_dir"], len(data["class_counts"])
+    selection = "last epoch (no validation split)"
+    if data["val_loader"] is not None and state["best_epoch"] is not None:
+        selection = f"best validation top-1, epoch {state['best_epoch']}"
+        best_path = os.path.join(out_dir, "best.pt")
+        if cfg["train"]["save_checkpoints"]:
+            if dist.is_initialized():
+                dist.barrier()  # rank 0 has finished writing best.pt
+            load_model_weights(model, best_path)
+        else:
+            if world > 1:
+                objects = [best_weights]
+                dist.broadcast_object_list(objects, 0)
+                best_weights = objects[0]
+            model.load_state_dict(best_weights)
+    eval_start = time.perf_counter()
+    correct, total = evaluate(model, data["test_loader"], num_classes, device, autocast, memory_format)
+    test = metrics.summarize(correct, total, groups, cfg["eval"]["ua"])
+    test["correct"], test["total"] = correct.tolist(), total.tolist()  # to re-aggregate or compare runs
+    eval_time = time.perf_counter() - eval_start
+    summary = {
+        "name": cfg.get("name") or cfg["loss"]["name"], "status": "finished",
+        "selection": selection, "best_epoch": state["best_epoch"], "best_val_top1": state["best_top1"]
+        if state["best_epoch"] is not None else None,
+        "test": test, "reported": cfg["eval"]["reported"],
+        "class_counts": data["class_counts"], "class_names": data["class_names"],
+        "shots": {name: [int(c) for c in groups[name].nonzero().flatten()] for name in metrics.SHOTS},
+        "world_size": world, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "bf16": use_bf16, "torch_threads": torch.get_num_threads(),
+        "train_time_s": state["train_time_s"], "test_time_s": eval_time,
+        "train_images_per_s": state["train_images"] / max(state["train_time_s"], 1e-9),
+        "history": state["history"], "config": cfg,
+    }
+    if rank == 0:
+        if cfg["train"]["plot"]:
+            title = (f"{summary['name']}: test top-1 {test['top1']:.1f}, many {_fmt(test['many'])}, "
+                     f"medium {_fmt(test['medium'])}, few {_fmt(test['few'])}")
+            summary["plot"] = metrics.plot_per_class(test["per_class"], data["class_counts"], groups,
+                                                     os.path.join(out_dir, "per_class.png"), title,
+                                                     data["class_names"])
+        summary_path = os.path.join(out_dir, "summary.json")
+        summary["summary"] = summary_path
+        with open(summary_path, "w") as f:
+            json.dump(summary, f, indent=1)
+        ra = f"  RA {test['ra']:.1f}" if test.get("ra") is not None else ""
+        print(f"test ({selection}): top-1 {test['top1']:.2f}  many {_fmt(test['many'])}  "
+              f"medium {_fmt(test['medium'])}  few {_fmt(test['few'])}{ra}  -> {summary_path}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()  # ranks leave together: none tears its connections down while rank 0 still writes
+    return summary
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
