@@ -1,22 +1,34 @@
-"""Markdown table of a throughput.py --json file: medians of ltfast, eager and compiled reference,
-and ltfast's speed-up over each (CUDA: achieved GB/s and the fraction of the measured copy
-bandwidth).
+"""Markdown tables of a throughput.py --json file, one per suite:
+
+- loss: medians of ltfast, eager and compiled reference, and ltfast's speed-up over each (CUDA:
+  achieved GB/s and the fraction of the measured copy bandwidth);
+- data: images/s (or draws/s) of each implementation and the speed-up of ltfast's side (DALI,
+  DeviceTensorLoader, the sampler op) over the best baseline of the same row;
+- compat: each compat class against the plain transcription of the original.
 
     python benchmarks/summarize.py benchmarks/results/<file>.json
 """
 import json
 import sys
 
+# The implementation that is ltfast's side of each data row; the others are baselines.
+OURS = {"dali", "ltfast"}
 
-def main(path: str) -> int:
-    with open(path) as f:
-        records = json.load(f)
+
+def group(records, suite):
     rows = {}
     for r in records:
-        key = (r["name"], "x".join(map(str, r["shape"])), r["dtype"], r["mode"])
-        rows.setdefault(key, {})[r["impl"]] = r
+        if r["suite"] == suite:
+            key = (r["name"], "x".join(map(str, r["shape"])), r["dtype"], r["mode"])
+            rows.setdefault(key, {})[r["impl"]] = r
+    return rows
+
+
+def loss_table(records):
+    rows = group(records, "loss")
+    if not rows:
+        return
     cuda = any(r["device"] == "cuda" for r in records)
-    print(f"Device: {records[0]['device_name']}\n")
     header = "| loss | shape | dtype | mode | ltfast ms | eager ms | compile ms | vs eager | vs compile |"
     if cuda:
         header += " ltfast GB/s | of copy BW |"
@@ -30,6 +42,43 @@ def main(path: str) -> int:
         if cuda:
             line += f" {fused.get('achieved_gb_s', 0):.0f} | {fused.get('fraction_of_copy_bw', 0):.2f} |"
         print(line)
+    print()
+
+
+def data_table(records):
+    rows = group(records, "data")
+    if not rows:
+        return
+    print("| row | batch shape | mode | ltfast side | items/s | baseline | items/s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (name, shape, _dtype, mode), impls in rows.items():
+        ours = next(impl for impl in impls if impl in OURS)
+        baselines = {impl: r for impl, r in impls.items() if impl != ours}
+        best = max(baselines, key=lambda impl: baselines[impl]["items_per_s"])
+        a, b = impls[ours]["items_per_s"], baselines[best]["items_per_s"]
+        print(f"| {name} | {shape} | {mode} | {ours} | {a:,.0f} | {best} | {b:,.0f} | {a / b:.2f}x |")
+    print()
+
+
+def compat_table(records):
+    rows = group(records, "compat")
+    if not rows:
+        return
+    print("| class | shape | mode | ltfast ms | original ms | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for (name, shape, _dtype, mode), impls in rows.items():
+        ours, original = impls["ltfast"]["median_ms"], impls["original"]["median_ms"]
+        print(f"| {name} | {shape} | {mode} | {ours:.3f} | {original:.3f} | {original / ours:.2f}x |")
+    print()
+
+
+def main(path: str) -> int:
+    with open(path) as f:
+        records = json.load(f)
+    print(f"Device: {records[0]['device_name']}\n")
+    loss_table(records)
+    data_table(records)
+    compat_table(records)
     return 0
 
 
