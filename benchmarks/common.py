@@ -109,3 +109,20 @@ def percentile(values, q):
     k = (len(ordered) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def loss_calls(functions: dict, x, loss_of, mode: str) -> dict:
+    """One zero-argument call per implementation: ``loss_of(fn, x)`` forward under no_grad
+    (``mode='fwd'``) or forward and backward into ``x.grad`` (``'fwd_bwd'``)."""
+    calls = {}
+    for impl, fn in functions.items():
+        if mode == "fwd":
+            def call(fn=fn):
+                with torch.no_grad():
+                    loss_of(fn, x)
+        else:
+            def call(fn=fn):
+                x.grad = None
+                loss_of(fn, x).backward()
+        calls[impl] = call
+    return calls

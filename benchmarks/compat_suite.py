@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(_HERE, ".."))
 sys.path.insert(0, os.path.join(_HERE, "..", "tests"))
 sys.path.insert(0, _HERE)
 
-from common import Record, device_name, measure_interleaved, peak_memory_mb, percentile  # noqa: E402
+from common import Record, device_name, loss_calls, measure_interleaved, peak_memory_mb, percentile  # noqa: E402
 
 from ltfast.compat import ensemble, survey  # noqa: E402
 import _survey_originals as orig  # noqa: E402
@@ -92,17 +92,7 @@ def compat_suite(args) -> list[Record]:
                     source = logits
                 for mode in ("fwd", "fwd_bwd"):
                     x = source.detach().clone().requires_grad_(mode == "fwd_bwd")
-                    calls = {}
-                    for impl, module in (("ltfast", ours), ("original", original)):
-                        if mode == "fwd":
-                            def call(module=module):
-                                with torch.no_grad():
-                                    loss_of(module, x)
-                        else:
-                            def call(module=module):
-                                x.grad = None
-                                loss_of(module, x).backward()
-                        calls[impl] = call
+                    calls = loss_calls({"ltfast": ours, "original": original}, x, loss_of, mode)
                     times = measure_interleaved(calls, device, args.min_time, args.max_reps, warmup=3)
                     medians = {impl: statistics.median(t) for impl, t in times.items()}
                     for impl, t in times.items():

@@ -25,8 +25,8 @@ import ltfast  # noqa: E402
 from ltfast import priors, reference  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Record, device_name, keep_freed_memory_in_the_heap, measure_interleaved,  # noqa: E402
-                    peak_memory_mb, percentile)
+from common import (Record, device_name, keep_freed_memory_in_the_heap, loss_calls,  # noqa: E402
+                    measure_interleaved, peak_memory_mb, percentile)
 
 
 # ------------------------------------------------------------------ loss definitions
@@ -112,17 +112,7 @@ def loss_suite(args) -> list[Record]:
         impls = {"ltfast": fused, "eager": ref, "compile": compiled_ref}
         for mode in ("fwd", "fwd_bwd"):
             x = logits.detach().clone().requires_grad_(mode == "fwd_bwd")
-            calls = {}
-            for impl, fn in impls.items():
-                if mode == "fwd":
-                    def call(fn=fn):
-                        with torch.no_grad():
-                            fn(x, target)
-                else:
-                    def call(fn=fn):
-                        x.grad = None
-                        fn(x, target).backward()
-                calls[impl] = call
+            calls = loss_calls(impls, x, lambda fn, x: fn(x, target), mode)
             # warm-up 3: torch.compile compiles on the first calls
             times = measure_interleaved(calls, device, args.min_time, args.max_reps, warmup=3)
             medians = {impl: statistics.median(t) for impl, t in times.items()}

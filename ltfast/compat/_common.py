@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ltfast import priors
+
 IGNORE_INDEX = -100  # nn.CrossEntropyLoss's default, used by every original
 
 
@@ -52,13 +54,10 @@ def class_count_list(cls_num_list, owner: str, *, allow_zero: bool, name: str = 
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"{owner}: {name} must be a sequence of per-class training counts, got "
                             f"{type(cls_num_list).__name__}") from None
-    if counts.dim() != 1 or counts.numel() == 0:
-        raise ValueError(f"{owner}: {name} must be a non-empty 1-D sequence with one count per class, got shape "
-                         f"{tuple(counts.shape)}")
-    if not torch.isfinite(counts).all() or (counts < 0).any():
-        raise ValueError(f"{owner}: {name} must hold finite counts >= 0, got {counts.tolist()[:10]}")
-    if counts.sum() <= 0:
-        raise ValueError(f"{owner}: {name} must contain at least one positive count")
+    try:
+        counts = priors.as_counts(counts, name)  # the same checks as ltfast.nn's class_counts
+    except ValueError as error:
+        raise ValueError(f"{owner}: {error}") from None
     if not allow_zero:
         empty = (counts == 0).nonzero().flatten().tolist()
         if empty:
