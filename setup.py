@@ -76,7 +76,8 @@ def _want_cuda():
 
 def _extension():
     with_cuda = _want_cuda()
-    cpp_sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
+    # csrc/simt/ is the test-only SIMT emulator build (tests/simt_support.py), never part of _C.
+    cpp_sources = sorted(p for p in glob.glob("csrc/**/*.cpp", recursive=True) if not p.startswith("csrc/simt/"))
     cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
     include_dirs = [os.path.join(ROOT, "csrc")]
     # torch's CUDA headers include cusparse.h and friends, which pip's CUDA wheels ship here.

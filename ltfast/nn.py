@@ -1,8 +1,9 @@
 """nn.Module losses: drop-in replacements for ``nn.CrossEntropyLoss`` built from per-class
 training counts. ``forward(input, target)`` takes ``[N, C]`` logits and ``[N]`` int64 targets and
 accepts ``ignore_index``, ``reduction`` and ``label_smoothing`` with nn.CrossEntropyLoss's meaning.
-Priors, margins and weights are float32 buffers: they follow ``.to(device)`` and are saved in the
-``state_dict``.
+Priors, margins and weights are float64 buffers: they follow ``.to(device)`` and are saved in the
+``state_dict``, and each call casts them to the logits' accumulation dtype (float64 for float64
+logits, float32 otherwise), so float64 logits see values exact to float64.
 """
 from __future__ import annotations
 
@@ -14,6 +15,15 @@ from torch import Tensor, nn
 from . import priors
 from .ops import (adjusted_cross_entropy, balanced_softmax_loss, equalization_loss, lade_loss,
                   softmax_equalization_loss)
+
+
+def _at_use(buffer: Optional[Tensor], input: Tensor) -> Optional[Tensor]:
+    """A per-class float64 buffer in the accumulation dtype of ``input``: computing the buffers in
+    float32 left float64 losses 5e-7 (relative) away from a float64 reference."""
+    if buffer is None:
+        return None
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    return buffer if buffer.dtype == dtype else buffer.to(dtype)
 
 
 def _check_reduction(reduction: str) -> str:
@@ -37,7 +47,7 @@ class _CrossEntropyFamilyLoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.reduction = _check_reduction(reduction)
         self.label_smoothing = _check_smoothing(label_smoothing)
-        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float64))
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, reduction={self.reduction!r}, "
@@ -57,12 +67,14 @@ class BalancedSoftmaxLoss(_CrossEntropyFamilyLoss):
     def __init__(self, class_counts, *, weight: Optional[Tensor] = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0) -> None:
         super().__init__(weight, ignore_index, reduction, label_smoothing)
-        self.register_buffer("log_prior", priors.log_prior(class_counts))
+        self.register_buffer("log_prior", priors.log_prior(class_counts, dtype=torch.float64))
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         if self.weight is None and self.label_smoothing == 0.0:
-            return balanced_softmax_loss(input, target, self.log_prior, self.reduction, self.ignore_index)
-        return adjusted_cross_entropy(input, target, adjustment=self.log_prior, weight=self.weight,
+            return balanced_softmax_loss(input, target, _at_use(self.log_prior, input), self.reduction,
+                                         self.ignore_index)
+        return adjusted_cross_entropy(input, target, adjustment=_at_use(self.log_prior, input),
+                                      weight=_at_use(self.weight, input),
                                       label_smoothing=self.label_smoothing, reduction=self.reduction,
                                       ignore_index=self.ignore_index)
 
@@ -75,10 +87,11 @@ class LogitAdjustedLoss(_CrossEntropyFamilyLoss):
                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> None:
         super().__init__(weight, ignore_index, reduction, label_smoothing)
         self.tau = float(tau)
-        self.register_buffer("adjustment", self.tau * priors.log_prior(class_counts))
+        self.register_buffer("adjustment", self.tau * priors.log_prior(class_counts, dtype=torch.float64))
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return adjusted_cross_entropy(input, target, adjustment=self.adjustment, weight=self.weight,
+        return adjusted_cross_entropy(input, target, adjustment=_at_use(self.adjustment, input),
+                                      weight=_at_use(self.weight, input),
                                       label_smoothing=self.label_smoothing, reduction=self.reduction,
                                       ignore_index=self.ignore_index)
 
@@ -95,16 +108,17 @@ class WeightedCrossEntropyLoss(_CrossEntropyFamilyLoss):
     def __init__(self, class_counts, scheme: str = "survey", beta: float = 0.9999, *,
                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> None:
         if scheme == "survey":
-            weight = priors.survey_class_weights(class_counts)
+            weight = priors.survey_class_weights(class_counts, dtype=torch.float64)
         elif scheme == "effective_number":
-            weight = priors.effective_number_weights(class_counts, beta)
+            weight = priors.effective_number_weights(class_counts, beta, dtype=torch.float64)
         else:
             raise ValueError(f"scheme must be 'survey' or 'effective_number', got {scheme!r}")
         super().__init__(weight, ignore_index, reduction, label_smoothing)
         self.scheme = scheme
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return adjusted_cross_entropy(input, target, weight=self.weight, label_smoothing=self.label_smoothing,
+        return adjusted_cross_entropy(input, target, weight=_at_use(self.weight, input),
+                                      label_smoothing=self.label_smoothing,
                                       reduction=self.reduction, ignore_index=self.ignore_index)
 
 
@@ -130,8 +144,8 @@ class LDAMLoss(_CrossEntropyFamilyLoss):
         self.drw_epoch = drw_epoch
         self.beta = float(beta)
         self.epoch = 0
-        self.register_buffer("target_margin", self.s * priors.ldam_margins(class_counts, max_margin))
-        self.register_buffer("drw_weight", priors.effective_number_weights(class_counts, beta))
+        self.register_buffer("target_margin", self.s * priors.ldam_margins(class_counts, max_margin, dtype=torch.float64))
+        self.register_buffer("drw_weight", priors.effective_number_weights(class_counts, beta, dtype=torch.float64))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -147,8 +161,8 @@ class LDAMLoss(_CrossEntropyFamilyLoss):
         self.epoch = int(state["epoch"])
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return adjusted_cross_entropy(input, target, target_margin=self.target_margin,
-                                      weight=self.drw_weight if self.reweighting else None,
+        return adjusted_cross_entropy(input, target, target_margin=_at_use(self.target_margin, input),
+                                      weight=_at_use(self.drw_weight, input) if self.reweighting else None,
                                       label_smoothing=self.label_smoothing, reduction=self.reduction,
                                       ignore_index=self.ignore_index)
 
@@ -167,7 +181,7 @@ class FocalLoss(_CrossEntropyFamilyLoss):
         self.gamma = float(gamma)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return adjusted_cross_entropy(input, target, weight=self.weight, gamma=self.gamma,
+        return adjusted_cross_entropy(input, target, weight=_at_use(self.weight, input), gamma=self.gamma,
                                       reduction=self.reduction, ignore_index=self.ignore_index)
 
 
@@ -299,7 +313,7 @@ class LADELoss(nn.Module):
         self.gather_batch = bool(gather_batch)
         self.ignore_index = int(ignore_index)
         self.process_group = process_group
-        self.register_buffer("log_prior", priors.log_prior(class_counts))
+        self.register_buffer("log_prior", priors.log_prior(class_counts, dtype=torch.float64))
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.log_prior.numel()}, alpha={self.alpha}, remine_lambda={self.remine_lambda}, "
@@ -310,7 +324,8 @@ class LADELoss(nn.Module):
             import torch.distributed as dist
             if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
                 input, target = gather_batch_with_grad(input, target, self.ignore_index, self.process_group)
-        return lade_loss(input, target, self.log_prior, self.alpha, self.remine_lambda, self.ignore_index)
+        return lade_loss(input, target, _at_use(self.log_prior, input), self.alpha, self.remine_lambda,
+                         self.ignore_index)
 
 
 __all__ = ["BalancedSoftmaxLoss", "LogitAdjustedLoss", "WeightedCrossEntropyLoss", "LDAMLoss", "FocalLoss",

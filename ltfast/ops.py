@@ -54,8 +54,11 @@ def _margin_grad(grad_logits: Tensor, target: Tensor, ignore_index: int, num_cla
     # zero gradient row, so they add nothing wherever they point.
     safe_target = torch.where(target == ignore_index, torch.zeros_like(target), target)
     at_target = grad_logits.gather(1, safe_target[:, None]).squeeze(1)
+    # index_put_ with accumulate=True: on CUDA a sort-based kernel that adds each class's rows in a
+    # fixed order, so the result is the same run to run; index_add (atomics on CUDA) was not.
     acc = _accumulate_dtype(grad_logits)
-    return -torch.zeros(num_classes, dtype=acc, device=grad_logits.device).index_add(0, safe_target, at_target.to(acc))
+    total = torch.zeros(num_classes, dtype=acc, device=grad_logits.device)
+    return -total.index_put_((safe_target,), at_target.to(acc), accumulate=True)
 
 
 # Eager fast path. register_autograd's generic wrapper costs ~40 us per forward+backward on top of
@@ -321,7 +324,10 @@ def balanced_softmax_loss(logits: Tensor, target: Tensor, log_prior: Tensor, red
 
     Args:
         logits: ``[N, C]`` float32/float16/bfloat16/float64, any strides.
-        target: ``[N]`` int64 class indices in ``[0, C)`` or ``ignore_index``.
+        target: ``[N]`` int64 class indices in ``[0, C)`` or ``ignore_index``. Out of range: an
+            ``IndexError`` naming the row on the CPU; on CUDA a device-side assert (no host
+            synchronisation to check first), which leaves the CUDA context unusable, as
+            ``F.cross_entropy`` does.
         log_prior: ``[C]`` log class prior, e.g. :func:`ltfast.priors.log_prior` of the training counts.
         reduction: ``'mean'`` (over non-ignored rows), ``'sum'`` or ``'none'`` (``[N]``).
         ignore_index: rows with this target contribute 0 and are not counted in the mean.
@@ -354,6 +360,10 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | 
     - ``label_smoothing``: as in ``F.cross_entropy``; cannot be combined with ``gamma > 0``.
 
     With every option left at its default this is ``F.cross_entropy(logits, target)``.
+
+    A target outside ``[0, C)`` that is not ``ignore_index`` raises ``IndexError`` on the CPU; on CUDA
+    it is a device-side assert that leaves the CUDA context unusable (see README, "Targets out of
+    range"). The same holds for every ltfast loss.
     """
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()

@@ -1,6 +1,8 @@
 """Per-class statistics computed from training counts, as the survey's code computes them
 (shared/reference/seed-methods.md §1). Every function takes the counts as a list, NumPy array or
-tensor of non-negative numbers, one per class, and returns a float32 tensor of the same length.
+tensor of non-negative numbers, one per class, and returns a tensor of the same length, computed in
+float64 and returned in ``dtype`` (float32 by default; ``ltfast.nn`` keeps float64 buffers so that
+float64 logits see the exact values, and casts them to the accumulation dtype at use).
 """
 from __future__ import annotations
 
@@ -36,27 +38,27 @@ def _require_positive(counts: Tensor, name: str, what: str) -> None:
                          f"{what} is undefined for them. Drop those classes or give them a count.")
 
 
-def class_prior(class_counts: Counts) -> Tensor:
+def class_prior(class_counts: Counts, dtype: torch.dtype = torch.float32) -> Tensor:
     """pi_c = n_c / sum_k n_k."""
     counts = as_counts(class_counts)
-    return (counts / counts.sum()).float()
+    return (counts / counts.sum()).to(dtype)
 
 
-def log_prior(class_counts: Counts, eps: float = LOG_PRIOR_EPS) -> Tensor:
+def log_prior(class_counts: Counts, eps: float = LOG_PRIOR_EPS, dtype: torch.dtype = torch.float32) -> Tensor:
     """log(pi_c + eps), the survey's Balanced Softmax / LADE prior (finite for empty classes)."""
     counts = as_counts(class_counts)
-    return torch.log(counts / counts.sum() + eps).float()
+    return torch.log(counts / counts.sum() + eps).to(dtype)
 
 
-def survey_class_weights(class_counts: Counts) -> Tensor:
+def survey_class_weights(class_counts: Counts, dtype: torch.dtype = torch.float32) -> Tensor:
     """Weighted softmax weights w_c = 1 + ln(n_max / n_c) (Main-codebase/loss/WeightedSoftmaxLoss.py).
     Raises for a class with zero samples (its weight would be infinite)."""
     counts = as_counts(class_counts)
     _require_positive(counts, "class_counts", "the weight 1 + ln(n_max / n_c)")
-    return (1.0 + torch.log(counts.max() / counts)).float()
+    return (1.0 + torch.log(counts.max() / counts)).to(dtype)
 
 
-def effective_number_weights(class_counts: Counts, beta: float = 0.9999) -> Tensor:
+def effective_number_weights(class_counts: Counts, beta: float = 0.9999, dtype: torch.dtype = torch.float32) -> Tensor:
     """Class-balanced weights (Cui et al. 2019) w_c ∝ (1 - beta) / (1 - beta^n_c), normalised to
     sum to C, as the survey's CBLoss and the LDAM-DRW re-weighting compute them."""
     if not 0.0 <= beta < 1.0:
@@ -64,10 +66,10 @@ def effective_number_weights(class_counts: Counts, beta: float = 0.9999) -> Tens
     counts = as_counts(class_counts)
     _require_positive(counts, "class_counts", "the effective number (1 - beta^n_c) / (1 - beta)")
     weights = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts))
-    return (weights / weights.sum() * counts.numel()).float()
+    return (weights / weights.sum() * counts.numel()).to(dtype)
 
 
-def ldam_margins(class_counts: Counts, max_margin: float = 0.5) -> Tensor:
+def ldam_margins(class_counts: Counts, max_margin: float = 0.5, dtype: torch.dtype = torch.float32) -> Tensor:
     """LDAM margins m_c = max_margin * n_c^(-1/4) / max_k n_k^(-1/4) (seed-methods.md §1.9).
     Raises for a class with zero samples (its margin would be infinite)."""
     if not max_margin > 0.0:
@@ -75,7 +77,7 @@ def ldam_margins(class_counts: Counts, max_margin: float = 0.5) -> Tensor:
     counts = as_counts(class_counts)
     _require_positive(counts, "class_counts", "the LDAM margin n_c^(-1/4)")
     inv_quarter = counts.pow(-0.25)
-    return (max_margin * inv_quarter / inv_quarter.max()).float()
+    return (max_margin * inv_quarter / inv_quarter.max()).to(dtype)
 
 
 # The survey's SEQL threshold (Main-codebase/loss/SEQLLoss.py): a class is "head" if its training

@@ -59,6 +59,16 @@ fi
 grep -E "\[ltfast setup\]" "$log" || true
 grep -oE "(nvcc|c\+\+) .* -c [^ ]+\.(cu|cpp)" "$log" | sed -E 's/^(nvcc|c\+\+) .* -c ([^ ]+)$/  compiled \2 with \1/' | sort -u || true
 
+# The test-only SIMT emulator library (tests/simt_support.py): ltfast's CUDA kernels compiled for the
+# host, so that the `simt` tests run every kernel on this CPU. Never part of the installed package.
+echo "== building the SIMT emulator library (build/simt/)"
+if ! "$PYTHON" tests/simt_support.py --build >"$log" 2>&1; then
+  tail -n 60 "$log" >&2
+  echo "ERROR: building the SIMT emulator library failed (full log: $log)" >&2
+  exit 1
+fi
+tail -n 1 "$log"
+
 "$PYTHON" - "$mode" <<'PY'
 import sys
 import ltfast

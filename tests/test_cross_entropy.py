@@ -311,6 +311,31 @@ def test_log_prior_and_margin_gradients(device):
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.parametrize("device", device_params())
+def test_margin_gradient_accumulates_without_atomics(device):
+    # index_add is an atomicAdd per row on CUDA: the margin gradient then differed run to run. The
+    # per-class sums must come from an op that adds each class's rows in a fixed order.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    logits, target, gen = make_inputs((64, 5), torch.float32, device, ignored_rows=(0,))
+    margin = torch.rand(5, device=device, requires_grad=True)
+    loss = ltfast.adjusted_cross_entropy(logits, target, target_margin=margin)
+    with RecordOps() as recorded:
+        (grad,) = torch.autograd.grad(loss, margin)
+    assert not [n for n in recorded.names if "index_add" in n or "scatter_add" in n], recorded.names
+    assert torch.equal(grad, torch.autograd.grad(ltfast.adjusted_cross_entropy(logits, target, target_margin=margin),
+                                                 margin)[0])
+
+
 # ------------------------------------------------------------------ bad inputs
 def _bad_call(device, **overrides):
     args = dict(logits=torch.randn(4, 5, device=device), target=torch.tensor([0, 1, 2, 3], device=device),
@@ -342,6 +367,24 @@ def test_target_out_of_range_names_the_row():
     for bad in (5, -1):
         with pytest.raises(IndexError, match=rf"target\[2\] = {bad} is out of range: expected a class index in \[0, 5\)"):
             _bad_call("cpu", target=torch.tensor([0, 1, bad, 3]))()
+
+
+@pytest.mark.parametrize("device", [p for p in device_params() if p.id == "simt"])
+@pytest.mark.parametrize("loss", ["balanced_softmax", "adjusted_cross_entropy", "seql", "eql", "lade"])
+def test_target_out_of_range_is_a_kernel_assert_on_cuda(loss, device):
+    # Documented behaviour (README, "Targets out of range"): the CUDA kernels check in-kernel with
+    # CUDA_KERNEL_ASSERT, which the emulator raises as an error naming the kernel and the line.
+    logits, target = torch.randn(4, 5), torch.tensor([0, 1, 7, 3])
+    prior, tail = torch.zeros(5), torch.tensor([False, False, True, True, True])
+    calls = {
+        "balanced_softmax": lambda: ltfast.balanced_softmax_loss(logits, target, prior),
+        "adjusted_cross_entropy": lambda: ltfast.adjusted_cross_entropy(logits, target),
+        "seql": lambda: ltfast.softmax_equalization_loss(logits, target, tail),
+        "eql": lambda: ltfast.equalization_loss(logits, target, tail),
+        "lade": lambda: ltfast.lade_loss(logits, target, prior),
+    }
+    with pytest.raises(RuntimeError, match=r"CUDA_KERNEL_ASSERT\(y >= 0 && y < C .*\) failed at csrc/ops/"):
+        calls[loss]()
 
 
 def test_prior_on_another_device():

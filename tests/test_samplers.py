@@ -62,6 +62,27 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.ltfast.class_weighted_sample, (cdf, offsets, members, 3, 1, 2, 30, 40))
 
 
+@pytest.mark.parametrize("device", device_params())
+def test_bad_class_tables_are_rejected_on_every_device(device):
+    # The table values were checked for CPU tensors only: on CUDA an empty class made the kernel
+    # draw `hash % 0` and read outside `members` (on the `cuda` device this test failed before).
+    members = torch.arange(7, device=device)
+    empty_class = torch.tensor([0, 3, 3, 7], device=device)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        torch.ops.ltfast.class_aware_sample(empty_class, members, 0, 0, 0, 4, 1, 4)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        torch.ops.ltfast.class_weighted_sample(torch.tensor([0.5, 0.5, 1.0], dtype=torch.float64, device=device),
+                                               empty_class, members, 0, 0, 0, 4, 4)
+    with pytest.raises(ValueError, match="must end at members.numel"):
+        torch.ops.ltfast.class_aware_sample(torch.tensor([0, 3, 6], device=device), members, 0, 0, 0, 4, 1, 4)
+    offsets, members = class_table([3, 4], device)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        torch.ops.ltfast.class_weighted_sample(torch.tensor([0.7, 0.2], dtype=torch.float64, device=device),
+                                               offsets, members, 0, 0, 0, 4, 4)
+    # a valid call on the same device still works (and, for `simt`, runs the emulated kernel)
+    assert torch.ops.ltfast.class_aware_sample(offsets, members, 0, 0, 0, 4, 1, 4).shape == (4,)
+
+
 def test_op_errors_name_the_argument():
     offsets, members = class_table([3, 4])
     with pytest.raises(ValueError, match="num_samples_cls must be >= 1"):

@@ -1,286 +1,18 @@
-// CUDA backend of the softmax cross-entropy family. Only the parallel decomposition lives here:
-// the arithmetic is csrc/common/softmax_math.h, shared with the CPU kernels.
-//
-// One "group" of threads owns a row: a warp when C <= 1024 (8 rows per 256-thread block), the
-// whole block otherwise. Forward streams the row once with an online softmax (the row max and
-// exp-sum merged chunk by chunk), reduces the group's partial states with warp shuffles and, for
-// block groups, a fixed-order pass over shared memory, so results are bit-identical run to run.
-// Backward streams the row once more and writes the gradient once. No host synchronisation:
-// grad_output and the mean's denominator are read from device memory by the kernels.
+// CUDA backend of the softmax cross-entropy family: torch glue only (allocation, stream, dtype
+// dispatch, registration). The kernels and the launch plan are in cross_entropy_kernels.cuh; the
+// SIMT test build compiles this same file for the host (see csrc/common/gpu_glue.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
-#include "../../common/softmax_math.h"
+#include "../../common/gpu_glue.h"
 #include "cross_entropy.h"
+#include "cross_entropy_kernels.cuh"
 
 namespace ltfast {
-namespace {
+namespace cross_entropy_cuda {
 
-constexpr int kBlockThreads = 256;
-// Elements each thread keeps in flight per iteration: 4 independent loads hide DRAM latency
-// while the online-softmax merge costs one extra exp per 4 elements.
-constexpr int kUnroll = 4;
-// Rows of at most this many classes go to one warp; wider rows to a whole block.
-constexpr int64_t kWarpRowMaxClasses = 1024;
-
-template <typename T>
-__device__ __forceinline__ T shuffle_xor(T value, int offset) {
-  return __shfl_xor_sync(0xffffffffu, value, offset);
-}
-
-template <typename T>
-struct GroupScratch {
-  math::SoftmaxState<T> state[kBlockThreads / 32];
-  T sum_a[kBlockThreads / 32];
-  T sum_b[kBlockThreads / 32];
-};
-
-// Reduces a softmax state and two plain sums over the GROUP threads that own a row; every thread
-// of the group gets the result. Fixed reduction order: deterministic.
-template <int GROUP, typename T>
-__device__ __forceinline__ void group_reduce(math::SoftmaxState<T>& state, T& sum_a, T& sum_b,
-                                             GroupScratch<T>& scratch) {
-  constexpr int kWarpWidth = GROUP < 32 ? GROUP : 32;
-#pragma unroll
-  for (int offset = kWarpWidth / 2; offset > 0; offset /= 2) {
-    math::SoftmaxState<T> other{shuffle_xor(state.max, offset), shuffle_xor(state.sum, offset)};
-    state = math::merge_softmax_states(state, other);
-    sum_a += shuffle_xor(sum_a, offset);
-    sum_b += shuffle_xor(sum_b, offset);
-  }
-  if constexpr (GROUP > 32) {
-    constexpr int kWarps = GROUP / 32;
-    const int warp = threadIdx.x / 32;
-    if (threadIdx.x % 32 == 0) {
-      scratch.state[warp] = state;
-      scratch.sum_a[warp] = sum_a;
-      scratch.sum_b[warp] = sum_b;
-    }
-    __syncthreads();
-    state = scratch.state[0];
-    sum_a = scratch.sum_a[0];
-    sum_b = scratch.sum_b[0];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) {
-      state = math::merge_softmax_states(state, scratch.state[w]);
-      sum_a += scratch.sum_a[w];
-      sum_b += scratch.sum_b[w];
-    }
-    __syncthreads();  // scratch is reused by the next row
-  }
-}
-
-template <typename acc_t>
-struct KernelParams {
-  const int64_t* target;
-  const acc_t* adjustment;     // nullable
-  const acc_t* target_margin;  // nullable
-  const acc_t* weight;         // nullable
-  int64_t num_rows;
-  int64_t num_classes;
-  int64_t ignore_index;
-  math::CrossEntropyConfig<acc_t> cfg;  // total_weight is filled in-kernel when weights are given
-  // SEQL (nullable tail): tail-class negatives dropped per element, keys read from device memory.
-  const uint8_t* tail;
-  const int64_t* seed;
-  uint64_t drop_threshold;
-};
-
-// The row's SEQL key (0 when SEQL is off); the element decision is then per class.
-template <typename acc_t>
-__device__ __forceinline__ uint32_t seql_row_key(const KernelParams<acc_t>& p, int64_t row) {
-  return p.tail ? math::seql_row_key(row, static_cast<uint32_t>(p.seed[1])) : 0u;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ bool seql_dropped(const KernelParams<acc_t>& p, uint32_t row_key, int64_t c, int64_t y) {
-  return p.tail && c != y && p.tail[c] &&
-         math::seql_dropped(math::seql_column_key(c, static_cast<uint32_t>(p.seed[0])), row_key, p.drop_threshold);
-}
-
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t load_adjusted(const scalar_t* row, const KernelParams<acc_t>& p,
-                                               int64_t c) {
-  const acc_t z = static_cast<acc_t>(row[c]);
-  return p.adjustment ? math::adjusted_logit(z, p.adjustment[c]) : z;
-}
-
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t target_logit_of(const scalar_t* row, const KernelParams<acc_t>& p,
-                                                 int64_t y) {
-  const acc_t a = load_adjusted(row, p, y);
-  return p.target_margin ? a - p.target_margin[y] : a;
-}
-
-template <typename scalar_t, int GROUP>
-__global__ void __launch_bounds__(kBlockThreads)
-    forward_rows_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
-                        at::opmath_type<scalar_t>* __restrict__ row_loss,
-                        at::opmath_type<scalar_t>* __restrict__ row_lse,
-                        at::opmath_type<scalar_t>* __restrict__ unit_denominator) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kRowsPerBlock = kBlockThreads / GROUP;
-  __shared__ GroupScratch<acc_t> scratch;
-  const int lane = threadIdx.x % GROUP;
-  const int64_t C = p.num_classes;
-  const bool smoothing = p.cfg.label_smoothing != acc_t(0);
-  const bool sum_weights = smoothing && p.weight != nullptr;
-  // reduction 'none': the denominator is 1, written here rather than by a separate fill launch.
-  if (unit_denominator != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *unit_denominator = acc_t(1);
-
-  // Every thread of a block runs the same number of iterations (the row loop bound is uniform
-  // per group, and for block groups the group is the block), so __syncthreads in group_reduce is safe.
-  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < p.num_rows;
-       row += int64_t(gridDim.x) * kRowsPerBlock) {
-    const int64_t y = p.target[row];
-    if (y == p.ignore_index) {
-      if (lane == 0) {
-        row_loss[row] = acc_t(0);
-        row_lse[row] = acc_t(0);
-      }
-      continue;
-    }
-    CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
-    const scalar_t* z = logits + row * C;
-    const acc_t target_logit = target_logit_of(z, p, y);
-    const uint32_t row_key = seql_row_key(p, row);
-
-    math::SoftmaxState<acc_t> state = math::empty_softmax_state<acc_t>();
-    acc_t offset_sum = acc_t(0), weight_sum = acc_t(0);
-    for (int64_t base = lane; base < C; base += int64_t(GROUP) * kUnroll) {
-      acc_t a[kUnroll];
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        const int64_t c = base + int64_t(k) * GROUP;
-        a[k] = (c >= C || seql_dropped(p, row_key, c, y)) ? math::negative_infinity<acc_t>()
-                                                          : (c == y ? target_logit : load_adjusted(z, p, c));
-      }
-      acc_t chunk_max = a[0];
-#pragma unroll
-      for (int k = 1; k < kUnroll; ++k) chunk_max = a[k] > chunk_max ? a[k] : chunk_max;
-      acc_t chunk_sum = acc_t(0);
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) chunk_sum += math::exp_shifted(a[k], chunk_max);
-      state = math::merge_softmax_states(state, math::SoftmaxState<acc_t>{chunk_max, chunk_sum});
-      if (smoothing) {
-#pragma unroll
-        for (int k = 0; k < kUnroll; ++k) {
-          const int64_t c = base + int64_t(k) * GROUP;
-          if (c < C) {
-            const acc_t w = p.weight ? p.weight[c] : acc_t(1);
-            offset_sum += w * (a[k] - target_logit);
-            weight_sum += w;
-          }
-        }
-      }
-    }
-    group_reduce<GROUP>(state, offset_sum, weight_sum, scratch);
-    if (lane == 0) {
-      auto cfg = p.cfg;
-      if (sum_weights) cfg.total_weight = weight_sum;
-      const acc_t lse = math::finish_log_sum_exp(state);
-      row_lse[row] = lse;
-      row_loss[row] = math::row_loss(cfg, lse, target_logit, p.weight ? p.weight[y] : acc_t(1), offset_sum);
-    }
-  }
-}
-
-// Sum of the row losses and of the target weights in one block, in float64 and a fixed order.
-template <typename acc_t>
-__global__ void __launch_bounds__(kBlockThreads)
-    reduce_rows_kernel(const acc_t* __restrict__ row_loss, KernelParams<acc_t> p, bool mean,
-                       acc_t* __restrict__ loss, acc_t* __restrict__ denominator) {
-  __shared__ double totals[kBlockThreads];
-  __shared__ double weights[kBlockThreads];
-  double total = 0.0, total_weight = 0.0;
-  for (int64_t i = threadIdx.x; i < p.num_rows; i += kBlockThreads) {
-    total += static_cast<double>(row_loss[i]);
-    const int64_t y = p.target[i];
-    if (y != p.ignore_index && y >= 0 && y < p.num_classes) {
-      total_weight += p.weight ? static_cast<double>(p.weight[y]) : 1.0;
-    }
-  }
-  totals[threadIdx.x] = total;
-  weights[threadIdx.x] = total_weight;
-  __syncthreads();
-  for (int stride = kBlockThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      totals[threadIdx.x] += totals[threadIdx.x + stride];
-      weights[threadIdx.x] += weights[threadIdx.x + stride];
-    }
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    const double denom = mean ? weights[0] : 1.0;
-    *loss = static_cast<acc_t>(totals[0] / denom);
-    *denominator = static_cast<acc_t>(denom);
-  }
-}
-
-template <typename scalar_t, int GROUP>
-__global__ void __launch_bounds__(kBlockThreads)
-    backward_rows_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
-                         const at::opmath_type<scalar_t>* __restrict__ row_lse,
-                         const at::opmath_type<scalar_t>* __restrict__ grad_loss, bool per_row_grad,
-                         const at::opmath_type<scalar_t>* __restrict__ denominator,
-                         scalar_t* __restrict__ grad_logits) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kRowsPerBlock = kBlockThreads / GROUP;
-  __shared__ GroupScratch<acc_t> scratch;
-  const int lane = threadIdx.x % GROUP;
-  const int64_t C = p.num_classes;
-  const bool sum_weights = p.cfg.label_smoothing != acc_t(0) && p.weight != nullptr;
-  const acc_t shared_scale = per_row_grad ? acc_t(0) : grad_loss[0] / denominator[0];
-
-  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < p.num_rows;
-       row += int64_t(gridDim.x) * kRowsPerBlock) {
-    scalar_t* g = grad_logits + row * C;
-    const int64_t y = p.target[row];
-    if (y == p.ignore_index) {
-      for (int64_t c = lane; c < C; c += GROUP) g[c] = scalar_t(0);
-      continue;
-    }
-    CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
-    const scalar_t* z = logits + row * C;
-    auto cfg = p.cfg;
-    if (sum_weights) {  // W = sum_c w_c from the [C] vector (L2-resident), only with smoothing
-      math::SoftmaxState<acc_t> unused = math::empty_softmax_state<acc_t>();
-      acc_t weight_sum = acc_t(0), unused_sum = acc_t(0);
-      for (int64_t c = lane; c < C; c += GROUP) weight_sum += p.weight[c];
-      group_reduce<GROUP>(unused, weight_sum, unused_sum, scratch);
-      cfg.total_weight = weight_sum;
-    }
-    const acc_t lse = row_lse[row];
-    const acc_t target_logit = target_logit_of(z, p, y);
-    const acc_t scale = per_row_grad ? grad_loss[row] : shared_scale;
-    const uint32_t row_key = seql_row_key(p, row);
-    const auto coef = math::row_gradient_coefficients(cfg, scale, lse, target_logit,
-                                                      p.weight ? p.weight[y] : acc_t(1));
-    for (int64_t base = lane; base < C; base += int64_t(GROUP) * kUnroll) {
-      acc_t a[kUnroll];
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        const int64_t c = base + int64_t(k) * GROUP;
-        a[k] = c < C ? (c == y ? target_logit : load_adjusted(z, p, c)) : acc_t(0);
-      }
-#pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        const int64_t c = base + int64_t(k) * GROUP;
-        if (c < C) {
-          acc_t grad = math::element_gradient(math::exp_fn(a[k] - lse), coef.prob_coef, coef.class_coef,
-                                              p.weight ? p.weight[c] : acc_t(1));
-          if (c == y) grad -= coef.target_coef;
-          if (seql_dropped(p, row_key, c, y)) grad = acc_t(0);  // dropped: exactly zero gradient
-          g[c] = static_cast<scalar_t>(grad);
-        }
-      }
-    }
-  }
-}
+using cross_entropy_kernels::KernelParams;
 
 template <typename acc_t>
 KernelParams<acc_t> make_params(const CrossEntropyArgs& args) {
@@ -303,94 +35,62 @@ KernelParams<acc_t> make_params(const CrossEntropyArgs& args) {
   return p;
 }
 
-int64_t grid_for(int64_t num_rows, int rows_per_block) {
-  // One block per rows_per_block rows; the kernels also loop, so capping only bounds the launch.
-  const int64_t blocks = (num_rows + rows_per_block - 1) / rows_per_block;
-  return std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(1) << 30));
-}
-
-ForwardResult forward_cuda(const CrossEntropyArgs& args) {
-  c10::cuda::CUDAGuard guard(args.logits.device());
+ForwardResult forward(const CrossEntropyArgs& args) {
+  gpu::DeviceGuard guard(args.logits.device());
   const auto acc_options = args.logits.options().dtype(args.accumulate_type);
   const bool none = args.reduction == Reduction::None;
   at::Tensor row_loss = at::empty({args.num_rows}, acc_options);
   at::Tensor row_lse = at::empty({args.num_rows}, acc_options);
   at::Tensor loss = none ? row_loss : at::empty({}, acc_options);
   at::Tensor denominator = at::empty({}, acc_options);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  if (none && args.num_rows == 0) denominator.fill_(1.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(),
                                   "ltfast_cross_entropy_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto p = make_params<acc_t>(args);
-    acc_t* unit_denominator = none ? denominator.data_ptr<acc_t>() : nullptr;
-    if (args.num_rows > 0) {
-      if (args.num_classes <= kWarpRowMaxClasses) {
-        forward_rows_kernel<scalar_t, 32><<<grid_for(args.num_rows, kBlockThreads / 32), kBlockThreads, 0, stream>>>(
-            args.logits.data_ptr<scalar_t>(), p, row_loss.data_ptr<acc_t>(), row_lse.data_ptr<acc_t>(),
-            unit_denominator);
-      } else {
-        forward_rows_kernel<scalar_t, kBlockThreads><<<grid_for(args.num_rows, 1), kBlockThreads, 0, stream>>>(
-            args.logits.data_ptr<scalar_t>(), p, row_loss.data_ptr<acc_t>(), row_lse.data_ptr<acc_t>(),
-            unit_denominator);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else if (none) {
-      denominator.fill_(1.0);
-    }
-    if (!none) {
-      reduce_rows_kernel<acc_t><<<1, kBlockThreads, 0, stream>>>(
-          row_loss.data_ptr<acc_t>(), p, args.reduction == Reduction::Mean, loss.data_ptr<acc_t>(),
-          denominator.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    cross_entropy_kernels::launch_forward<scalar_t>(
+        args.logits.data_ptr<scalar_t>(), make_params<acc_t>(args), row_loss.data_ptr<acc_t>(),
+        row_lse.data_ptr<acc_t>(), none ? denominator.data_ptr<acc_t>() : nullptr, !none,
+        args.reduction == Reduction::Mean, loss.data_ptr<acc_t>(), denominator.data_ptr<acc_t>(),
+        gpu::current_stream());
   });
   return {loss, row_lse, denominator};
 }
 
-at::Tensor backward_cuda(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
-                         const at::Tensor& row_lse, const at::Tensor& denominator) {
-  c10::cuda::CUDAGuard guard(args.logits.device());
+at::Tensor backward(const CrossEntropyArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_lse,
+                    const at::Tensor& denominator) {
+  gpu::DeviceGuard guard(args.logits.device());
   at::Tensor grad_logits = at::empty_like(args.logits, at::MemoryFormat::Contiguous);
   if (args.num_rows == 0) return grad_logits;
   const at::Tensor grad = grad_loss.to(args.accumulate_type).contiguous();
   const at::Tensor lse = row_lse.contiguous();
   const at::Tensor denom = denominator.to(args.accumulate_type).contiguous();
-  const bool per_row_grad = args.reduction == Reduction::None;
-  auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(),
                                   "ltfast_cross_entropy_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto p = make_params<acc_t>(args);
-    if (args.num_classes <= kWarpRowMaxClasses) {
-      backward_rows_kernel<scalar_t, 32><<<grid_for(args.num_rows, kBlockThreads / 32), kBlockThreads, 0, stream>>>(
-          args.logits.data_ptr<scalar_t>(), p, lse.data_ptr<acc_t>(), grad.data_ptr<acc_t>(), per_row_grad,
-          denom.data_ptr<acc_t>(), grad_logits.data_ptr<scalar_t>());
-    } else {
-      backward_rows_kernel<scalar_t, kBlockThreads><<<grid_for(args.num_rows, 1), kBlockThreads, 0, stream>>>(
-          args.logits.data_ptr<scalar_t>(), p, lse.data_ptr<acc_t>(), grad.data_ptr<acc_t>(), per_row_grad,
-          denom.data_ptr<acc_t>(), grad_logits.data_ptr<scalar_t>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cross_entropy_kernels::launch_backward<scalar_t>(
+        args.logits.data_ptr<scalar_t>(), make_params<acc_t>(args), lse.data_ptr<acc_t>(), grad.data_ptr<acc_t>(),
+        args.reduction == Reduction::None, denom.data_ptr<acc_t>(), grad_logits.data_ptr<scalar_t>(),
+        gpu::current_stream());
   });
   return grad_logits;
 }
 
-}  // namespace
+}  // namespace cross_entropy_cuda
 
-ForwardResult cross_entropy_forward_cuda(const CrossEntropyArgs& args) { return forward_cuda(args); }
+ForwardResult cross_entropy_forward_cuda(const CrossEntropyArgs& args) { return cross_entropy_cuda::forward(args); }
 
 at::Tensor cross_entropy_backward_cuda(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
                                        const at::Tensor& row_lse, const at::Tensor& denominator) {
-  return backward_cuda(args, grad_loss, row_lse, denominator);
+  return cross_entropy_cuda::backward(args, grad_loss, row_lse, denominator);
 }
 
-TORCH_LIBRARY_IMPL(ltfast, CUDA, m) {
-  m.impl("_softmax_equalization_loss_forward", &seql_forward<cross_entropy_forward_cuda>);
-  m.impl("_softmax_equalization_loss_backward", &seql_backward<cross_entropy_backward_cuda>);
-  m.impl("_balanced_softmax_forward", &balanced_softmax_forward<cross_entropy_forward_cuda>);
-  m.impl("_balanced_softmax_backward", &balanced_softmax_backward<cross_entropy_backward_cuda>);
-  m.impl("_adjusted_cross_entropy_forward", &adjusted_cross_entropy_forward<cross_entropy_forward_cuda>);
-  m.impl("_adjusted_cross_entropy_backward", &adjusted_cross_entropy_backward<cross_entropy_backward_cuda>);
+LTFAST_GPU_LIBRARY_IMPL(m) {
+  LTFAST_GPU_IMPL(m, "_softmax_equalization_loss_forward", &seql_forward<cross_entropy_forward_cuda>);
+  LTFAST_GPU_IMPL(m, "_softmax_equalization_loss_backward", &seql_backward<cross_entropy_backward_cuda>);
+  LTFAST_GPU_IMPL(m, "_balanced_softmax_forward", &balanced_softmax_forward<cross_entropy_forward_cuda>);
+  LTFAST_GPU_IMPL(m, "_balanced_softmax_backward", &balanced_softmax_backward<cross_entropy_backward_cuda>);
+  LTFAST_GPU_IMPL(m, "_adjusted_cross_entropy_forward", &adjusted_cross_entropy_forward<cross_entropy_forward_cuda>);
+  LTFAST_GPU_IMPL(m, "_adjusted_cross_entropy_backward", &adjusted_cross_entropy_backward<cross_entropy_backward_cuda>);
 }
 
 }  // namespace ltfast

@@ -10,10 +10,11 @@ void check_index_vector(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
 }
 
-// Value checks read the tensors, so they run only where that costs no device synchronisation: on
-// CPU here, and for CUDA tensors in ltfast/data/samplers.py before the tables are moved there.
-void check_class_table_values(const at::Tensor& offsets, const at::Tensor& members, const char* op) {
-  if (!offsets.is_cpu()) return;
+// The class table is checked on every device: an empty class would make the kernels draw
+// `hash % 0` and read outside `members`. For tables on a GPU this copies C + 1 offsets to the host,
+// one synchronisation per call; the samplers call these ops once per epoch shard, not per step.
+void check_class_table_values(const at::Tensor& device_offsets, const at::Tensor& members, const char* op) {
+  const at::Tensor offsets = device_offsets.is_cpu() ? device_offsets : device_offsets.to(at::kCPU);
   const int64_t* o = offsets.data_ptr<int64_t>();
   const int64_t num_classes = offsets.numel() - 1;
   TORCH_CHECK_VALUE(o[0] == 0, op, ": class_offsets must start at 0, got ", o[0]);
@@ -77,8 +78,9 @@ SamplingArgs prepare_weighted_args(const at::Tensor& class_cdf, const at::Tensor
               ": class_cdf must be on the same device as class_offsets (", class_offsets.device(), "), got ",
               class_cdf.device());
   args.class_cdf = class_cdf.contiguous();
-  if (args.class_cdf.is_cpu()) {
-    const double* cdf = args.class_cdf.data_ptr<double>();
+  {  // on every device, as the class table (a host copy of C doubles for a GPU tensor)
+    const at::Tensor host_cdf = args.class_cdf.is_cpu() ? args.class_cdf : args.class_cdf.to(at::kCPU);
+    const double* cdf = host_cdf.data_ptr<double>();
     double previous = 0.0;
     for (int64_t c = 0; c < args.num_classes; ++c) {
       TORCH_CHECK_VALUE(cdf[c] >= previous && cdf[c] <= 1.0, op,

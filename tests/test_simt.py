@@ -1,0 +1,67 @@
+"""The SIMT emulator itself: each defect it claims to catch is caught, with the kernel and the
+source line named, and correct kernels pass under every schedule (csrc/simt/selftest_kernels.cpp)."""
+import pytest
+import torch
+
+import simt_support
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _library():
+    simt_support.load()
+
+
+def selftest(name, blocks=2, threads=64):
+    return torch.ops.ltfast_simt.selftest(name, blocks, threads)
+
+
+def test_correct_kernel_runs_under_every_schedule():
+    before = simt_support.counters()
+    out = selftest("correct", blocks=3, threads=256).view(3, 256)
+    lane = torch.arange(256) % 32
+    expected_sum = 256 * 257 // 2
+    down = torch.where(lane + 4 < 32, lane + 4, lane)
+    up = torch.where(lane % 16 >= 2, lane - 2, lane)
+    expected = expected_sum * 1000000 + (lane ^ 1) * 10000 + down * 100 + up
+    assert torch.equal(out, expected.expand(3, 256))
+    after = simt_support.counters()
+    assert after["launches"] - before["launches"] == 3  # one per schedule
+    assert after["barriers"] - before["barriers"] == 3 * 3 * 9  # 9 barriers per block
+    assert after["collectives"] - before["collectives"] > 0
+
+
+@pytest.mark.parametrize("name, message", [
+    ("unwritten_shared", r"thread \(63, 0, 0\): read of __shared__ values\[0\] .*selftest_kernels.cpp:\d+.*which no thread of this "
+                         r"block has written .*last passed the barrier at csrc/simt/selftest_kernels.cpp:\d+"),
+    ("missing_barrier", r"output 0 differs between the schedules .*selftest missing_barrier_kernel.*missing "
+                        r"__syncthreads"),
+    ("divergent_barrier", r"divergent __syncthreads: this thread waits at csrc/simt/selftest_kernels.cpp:\d+ while "
+                          r"thread .* waits at csrc/simt/selftest_kernels.cpp:\d+"),
+    ("barrier_after_exit", r"__syncthreads at csrc/simt/selftest_kernels.cpp:\d+ is reached by part of the block "
+                           r"while thread \(5, 0, 0\) has exited"),
+    ("divergent_shuffle", r"deadlock: the warp collective at csrc/simt/selftest_kernels.cpp:\d+ \(mask 0xffffffff\) "
+                          r"names lane 16, which has exited"),
+    ("shuffle_barrier_deadlock", r"names lane 16, which waits at __syncthreads at csrc/simt/selftest_kernels.cpp"),
+    ("assert", r"kernel selftest assert_kernel.*thread \(7, 0, 0\): CUDA_KERNEL_ASSERT\(threadIdx.x != 7 && "
+               r"\"thread 7 is not allowed\"\) failed at csrc/simt/selftest_kernels.cpp:\d+"),
+    ("block_order", r"output 0 differs between the schedules"),
+    ("shared_out_of_bounds", r"__shared__ values\[256\] is out of bounds .* with 256 elements"),
+])
+def test_defect_is_caught_with_its_source_line(name, message):
+    threads = 256 if name == "shared_out_of_bounds" else 64
+    with pytest.raises(RuntimeError, match=message):
+        selftest(name, blocks=4, threads=threads)
+
+
+def test_invalid_launch_configuration_is_reported():
+    with pytest.raises(RuntimeError, match="bad launch size"):
+        selftest("correct", blocks=1, threads=2048)
+
+
+def test_every_cuda_op_has_an_emulated_kernel():
+    import ltfast
+    cuda_ops = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+                if n.startswith("ltfast::") and torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")}
+    if not ltfast.has_cuda_kernels():
+        pytest.fail("ltfast._C was built without its CUDA kernels: rebuild with LTFAST_CUDA=1")
+    assert cuda_ops == set(simt_support.emulated_ops())
