@@ -4,6 +4,9 @@
 //
 // Each public loss op is a thin composite over a private forward op that also returns the per-row
 // statistics backward needs (autograd can only save what an op returns), and a private backward op.
+// The composites pass logits.contiguous() to the private forward op: the kernels need contiguous
+// rows, and autograd then saves that copy, so a non-contiguous input is copied once per step rather
+// than once in forward and again in backward (contiguous() of a contiguous tensor is free).
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -24,7 +27,7 @@ at::Tensor balanced_softmax(const at::Tensor& logits, const at::Tensor& target,
           .findSchemaOrThrow("ltfast::_balanced_softmax_forward", "")
           .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 c10::string_view, int64_t)>();
-  const auto loss = std::get<0>(forward.call(logits, target, log_prior, reduction, ignore_index));
+  const auto loss = std::get<0>(forward.call(logits.contiguous(), target, log_prior, reduction, ignore_index));
   // The kernels return the loss in the float32 accumulation dtype; like F.cross_entropy, the
   // public op returns it in the logits dtype (the autocast kernel in ltfast/ops.py keeps float32).
   return loss.to(logits.scalar_type());
@@ -43,7 +46,7 @@ at::Tensor adjusted_cross_entropy(const at::Tensor& logits, const at::Tensor& ta
                                 const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
                                 const c10::optional<at::Tensor>&, double, double, c10::string_view,
                                 int64_t)>();
-  const auto loss = std::get<0>(forward.call(logits, target, adjustment, target_margin, weight, gamma,
+  const auto loss = std::get<0>(forward.call(logits.contiguous(), target, adjustment, target_margin, weight, gamma,
                                              label_smoothing, reduction, ignore_index));
   return loss.to(logits.scalar_type());
 }
@@ -56,7 +59,8 @@ at::Tensor softmax_equalization_loss(const at::Tensor& logits, const at::Tensor&
           .findSchemaOrThrow("ltfast::_softmax_equalization_loss_forward", "")
           .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                 c10::string_view, int64_t)>();
-  const auto loss = std::get<0>(forward.call(logits, target, tail_mask, seed, gamma, reduction, ignore_index));
+  const auto loss =
+      std::get<0>(forward.call(logits.contiguous(), target, tail_mask, seed, gamma, reduction, ignore_index));
   return loss.to(logits.scalar_type());
 }
 
@@ -67,7 +71,8 @@ at::Tensor equalization_loss(const at::Tensor& logits, const at::Tensor& target,
           .findSchemaOrThrow("ltfast::_equalization_loss_forward", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                     c10::string_view, int64_t)>();
-  return std::get<0>(forward.call(logits, target, tail_mask, reduction, ignore_index)).to(logits.scalar_type());
+  return std::get<0>(forward.call(logits.contiguous(), target, tail_mask, reduction, ignore_index))
+      .to(logits.scalar_type());
 }
 
 using LadeForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -79,7 +84,8 @@ at::Tensor lade_composite(const at::Tensor& logits, const at::Tensor& target, co
           .findSchemaOrThrow("ltfast::_lade_forward", "")
           .typed<LadeForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double,
                                     double, int64_t)>();
-  const auto loss = std::get<0>(forward.call(logits, target, log_prior, ce_weight, alpha, remine_lambda, ignore_index));
+  const auto loss =
+      std::get<0>(forward.call(logits.contiguous(), target, log_prior, ce_weight, alpha, remine_lambda, ignore_index));
   return loss.to(logits.scalar_type());
 }
 
@@ -102,9 +108,9 @@ TORCH_LIBRARY(ltfast, m) {
         "int ignore_index=-100) -> Tensor",
         &balanced_softmax);
   m.def("_balanced_softmax_forward(Tensor logits, Tensor target, Tensor log_prior, str reduction, "
-        "int ignore_index) -> (Tensor loss, Tensor row_lse, Tensor denominator)");
+        "int ignore_index) -> (Tensor loss, Tensor row_stats, Tensor denominator)");
   m.def("_balanced_softmax_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor log_prior, "
-        "Tensor row_lse, Tensor denominator, str reduction, int ignore_index) -> Tensor");
+        "Tensor row_stats, Tensor denominator, str reduction, int ignore_index) -> Tensor");
 
   // The cross-entropy family: CE on logits + adjustment - target_margin[y] * onehot(y), per-class
   // weights with PyTorch's weighted mean, focal factor (1 - p_y)^gamma, label smoothing.
@@ -114,9 +120,9 @@ TORCH_LIBRARY(ltfast, m) {
         &adjusted_cross_entropy);
   m.def("_adjusted_cross_entropy_forward(Tensor logits, Tensor target, Tensor? adjustment, "
         "Tensor? target_margin, Tensor? weight, float gamma, float label_smoothing, str reduction, "
-        "int ignore_index) -> (Tensor loss, Tensor row_lse, Tensor denominator)");
+        "int ignore_index) -> (Tensor loss, Tensor row_stats, Tensor denominator)");
   m.def("_adjusted_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, "
-        "Tensor? adjustment, Tensor? target_margin, Tensor? weight, Tensor row_lse, "
+        "Tensor? adjustment, Tensor? target_margin, Tensor? weight, Tensor row_stats, "
         "Tensor denominator, float gamma, float label_smoothing, str reduction, int ignore_index) "
         "-> Tensor");
 
@@ -127,9 +133,9 @@ TORCH_LIBRARY(ltfast, m) {
         "str reduction=\"mean\", int ignore_index=-100) -> Tensor",
         &softmax_equalization_loss);
   m.def("_softmax_equalization_loss_forward(Tensor logits, Tensor target, Tensor tail_mask, Tensor seed, "
-        "float gamma, str reduction, int ignore_index) -> (Tensor loss, Tensor row_lse, Tensor denominator)");
+        "float gamma, str reduction, int ignore_index) -> (Tensor loss, Tensor row_stats, Tensor denominator)");
   m.def("_softmax_equalization_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor tail_mask, "
-        "Tensor seed, Tensor row_lse, Tensor denominator, float gamma, str reduction, int ignore_index) -> Tensor");
+        "Tensor seed, Tensor row_stats, Tensor denominator, float gamma, str reduction, int ignore_index) -> Tensor");
 
   // EQL (Tan et al. 2020), sigmoid form: sum_c w_ic BCE(z_ic, y_ic), w = 0 for tail-class negatives.
   m.def("equalization_loss(Tensor logits, Tensor target, Tensor tail_mask, str reduction=\"mean\", "
@@ -149,9 +155,9 @@ TORCH_LIBRARY(ltfast, m) {
         "int ignore_index=-100) -> Tensor",
         &lade_regularizer);
   m.def("_lade_forward(Tensor logits, Tensor target, Tensor log_prior, float ce_weight, float alpha, "
-        "float remine_lambda, int ignore_index) -> (Tensor loss, Tensor row_lse, Tensor column_stats, "
+        "float remine_lambda, int ignore_index) -> (Tensor loss, Tensor row_stats, Tensor column_stats, "
         "Tensor num_valid)");
-  m.def("_lade_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor log_prior, Tensor row_lse, "
+  m.def("_lade_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor log_prior, Tensor row_stats, "
         "Tensor column_stats, Tensor num_valid, float ce_weight, int ignore_index) -> Tensor");
 
   // Sampler index draws (ltfast/data/samplers.py): positions [start, start + count) of epoch

@@ -2,8 +2,11 @@
 functionals users call.
 
 The schemas and the CPU/CUDA kernels are in csrc/. Each public loss op is a composite over a
-private forward op returning ``(loss, row_lse, denominator)``, whose autograd saves only the
-per-row log-sum-exp ``[N]`` and the scalar denominator, and calls a private backward op.
+private forward op returning ``(loss, row_stats, denominator)``, whose autograd saves only the
+per-row softmax statistics ``row_stats`` ``[2, N]`` (row max m and ``log sum exp(a - m)``, in the
+accumulation dtype; see csrc/ops/cross_entropy/cross_entropy.h) and the scalar denominator, and
+calls a private backward op. The logits are made contiguous once, before the private forward op,
+so that the tensor autograd saves is the one the kernels read (no second copy in backward).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ def _fake_forward(op: str, logits: Tensor, target: Tensor, reduction: str, class
     acc = _accumulate_dtype(logits)
     rows = logits.shape[0]
     loss = logits.new_empty((rows,) if reduction == "none" else (), dtype=acc)
-    return loss, logits.new_empty((rows,), dtype=acc), logits.new_empty((), dtype=acc)
+    return loss, logits.new_empty((2, rows), dtype=acc), logits.new_empty((), dtype=acc)
 
 
 def _column_sum(grad_logits: Tensor) -> Tensor:
@@ -92,20 +95,20 @@ def _register() -> None:
         return _fake_forward("ltfast.balanced_softmax", logits, target, reduction, {"log_prior": log_prior})
 
     @lib.register_fake("ltfast::_balanced_softmax_backward")
-    def _(grad_loss, logits, target, log_prior, row_lse, denominator, reduction, ignore_index):
+    def _(grad_loss, logits, target, log_prior, row_stats, denominator, reduction, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     def bs_setup_context(ctx, inputs, output):
         logits, target, log_prior, reduction, ignore_index = inputs
-        _, row_lse, denominator = output
-        ctx.save_for_backward(logits, target, log_prior, row_lse, denominator)
+        _, row_stats, denominator = output
+        ctx.save_for_backward(logits, target, log_prior, row_stats, denominator)
         ctx.reduction, ctx.ignore_index = reduction, ignore_index
-        ctx.mark_non_differentiable(row_lse, denominator)
+        ctx.mark_non_differentiable(row_stats, denominator)
 
-    def bs_backward(ctx, grad_loss, _grad_lse, _grad_denominator):
-        logits, target, log_prior, row_lse, denominator = ctx.saved_tensors
+    def bs_backward(ctx, grad_loss, _grad_row_stats, _grad_denominator):
+        logits, target, log_prior, row_stats, denominator = ctx.saved_tensors
         grad_logits = torch.ops.ltfast._balanced_softmax_backward(
-            grad_loss, logits, target, log_prior, row_lse, denominator, ctx.reduction, ctx.ignore_index)
+            grad_loss, logits, target, log_prior, row_stats, denominator, ctx.reduction, ctx.ignore_index)
         grad_prior = _column_sum(grad_logits).to(log_prior.dtype) if ctx.needs_input_grad[2] else None
         return (grad_logits if ctx.needs_input_grad[0] else None), None, grad_prior, None, None
 
@@ -120,26 +123,26 @@ def _register() -> None:
                              {"adjustment": adjustment, "target_margin": target_margin, "weight": weight})
 
     @lib.register_fake("ltfast::_adjusted_cross_entropy_backward")
-    def _(grad_loss, logits, target, adjustment, target_margin, weight, row_lse, denominator, gamma,
+    def _(grad_loss, logits, target, adjustment, target_margin, weight, row_stats, denominator, gamma,
           label_smoothing, reduction, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     def ace_setup_context(ctx, inputs, output):
         (logits, target, adjustment, target_margin, weight, gamma, label_smoothing, reduction,
          ignore_index) = inputs
-        _, row_lse, denominator = output
+        _, row_stats, denominator = output
         if weight is not None and weight.requires_grad:
             raise RuntimeError("ltfast.adjusted_cross_entropy: the gradient with respect to `weight` is "
                                "not implemented; pass weight.detach()")
-        ctx.save_for_backward(logits, target, adjustment, target_margin, weight, row_lse, denominator)
+        ctx.save_for_backward(logits, target, adjustment, target_margin, weight, row_stats, denominator)
         ctx.options = (gamma, label_smoothing, reduction, ignore_index)
-        ctx.mark_non_differentiable(row_lse, denominator)
+        ctx.mark_non_differentiable(row_stats, denominator)
 
-    def ace_backward(ctx, grad_loss, _grad_lse, _grad_denominator):
-        logits, target, adjustment, target_margin, weight, row_lse, denominator = ctx.saved_tensors
+    def ace_backward(ctx, grad_loss, _grad_row_stats, _grad_denominator):
+        logits, target, adjustment, target_margin, weight, row_stats, denominator = ctx.saved_tensors
         gamma, label_smoothing, reduction, ignore_index = ctx.options
         grad_logits = torch.ops.ltfast._adjusted_cross_entropy_backward(
-            grad_loss, logits, target, adjustment, target_margin, weight, row_lse, denominator, gamma,
+            grad_loss, logits, target, adjustment, target_margin, weight, row_stats, denominator, gamma,
             label_smoothing, reduction, ignore_index)
         grad_adjustment = grad_margin = None
         if ctx.needs_input_grad[2]:
@@ -161,22 +164,22 @@ def _register() -> None:
                              {"tail_mask": tail_mask})
 
     @lib.register_fake("ltfast::_softmax_equalization_loss_backward")
-    def _(grad_loss, logits, target, tail_mask, seed, row_lse, denominator, gamma, reduction, ignore_index):
+    def _(grad_loss, logits, target, tail_mask, seed, row_stats, denominator, gamma, reduction, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     def seql_setup_context(ctx, inputs, output):
         logits, target, tail_mask, seed, gamma, reduction, ignore_index = inputs
-        _, row_lse, denominator = output
+        _, row_stats, denominator = output
         # The drop mask is not saved: backward regenerates it from `seed`.
-        ctx.save_for_backward(logits, target, tail_mask, seed, row_lse, denominator)
+        ctx.save_for_backward(logits, target, tail_mask, seed, row_stats, denominator)
         ctx.options = (gamma, reduction, ignore_index)
-        ctx.mark_non_differentiable(row_lse, denominator)
+        ctx.mark_non_differentiable(row_stats, denominator)
 
     def seql_backward(ctx, grad_loss, *_unused):
-        logits, target, tail_mask, seed, row_lse, denominator = ctx.saved_tensors
+        logits, target, tail_mask, seed, row_stats, denominator = ctx.saved_tensors
         gamma, reduction, ignore_index = ctx.options
         grad_logits = torch.ops.ltfast._softmax_equalization_loss_backward(
-            grad_loss, logits, target, tail_mask, seed, row_lse, denominator, gamma, reduction, ignore_index)
+            grad_loss, logits, target, tail_mask, seed, row_stats, denominator, gamma, reduction, ignore_index)
         return grad_logits, None, None, None, None, None, None
 
     lib.register_autograd("ltfast::_softmax_equalization_loss_forward", seql_backward,
@@ -217,27 +220,28 @@ def _register() -> None:
     def _(logits, target, log_prior, ce_weight, alpha, remine_lambda, ignore_index):
         _fake_forward("ltfast.lade", logits, target, "mean", {"log_prior": log_prior})
         acc = _accumulate_dtype(logits)
-        return (logits.new_empty((), dtype=acc), logits.new_empty((logits.shape[0],), dtype=acc),
-                logits.new_empty((3, logits.shape[1]), dtype=acc), logits.new_empty((), dtype=acc))
+        # row_stats [2, N], column_stats [4, C] (layouts: csrc/ops/lade/lade.h), num_valid int64.
+        return (logits.new_empty((), dtype=acc), logits.new_empty((2, logits.shape[0]), dtype=acc),
+                logits.new_empty((4, logits.shape[1]), dtype=acc), logits.new_empty((), dtype=torch.int64))
 
     @lib.register_fake("ltfast::_lade_backward")
-    def _(grad_loss, logits, target, log_prior, row_lse, column_stats, num_valid, ce_weight, ignore_index):
+    def _(grad_loss, logits, target, log_prior, row_stats, column_stats, num_valid, ce_weight, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     def lade_setup_context(ctx, inputs, output):
         logits, target, log_prior, ce_weight, _alpha, _remine_lambda, ignore_index = inputs
-        _, row_lse, column_stats, num_valid = output
+        _, row_stats, column_stats, num_valid = output
         if log_prior.requires_grad:
             raise RuntimeError("ltfast.lade: the gradient with respect to `log_prior` is not implemented; "
                                "pass log_prior.detach()")
-        ctx.save_for_backward(logits, target, log_prior, row_lse, column_stats, num_valid)
+        ctx.save_for_backward(logits, target, log_prior, row_stats, column_stats, num_valid)
         ctx.options = (ce_weight, ignore_index)
-        ctx.mark_non_differentiable(row_lse, column_stats, num_valid)
+        ctx.mark_non_differentiable(row_stats, column_stats, num_valid)
 
     def lade_backward(ctx, grad_loss, *_unused):
-        logits, target, log_prior, row_lse, column_stats, num_valid = ctx.saved_tensors
+        logits, target, log_prior, row_stats, column_stats, num_valid = ctx.saved_tensors
         ce_weight, ignore_index = ctx.options
-        grad_logits = torch.ops.ltfast._lade_backward(grad_loss, logits, target, log_prior, row_lse, column_stats,
+        grad_logits = torch.ops.ltfast._lade_backward(grad_loss, logits, target, log_prior, row_stats, column_stats,
                                                       num_valid, ce_weight, ignore_index)
         return grad_logits, None, None, None, None, None, None
 
@@ -271,7 +275,7 @@ def _register() -> None:
         def balanced_softmax_autocast(logits, target, log_prior, reduction="mean", ignore_index=-100,
                                       exclude=exclude):
             with torch._C._ExcludeDispatchKeyGuard(exclude):
-                return torch.ops.ltfast._balanced_softmax_forward(logits, target, log_prior, reduction,
+                return torch.ops.ltfast._balanced_softmax_forward(logits.contiguous(), target, log_prior, reduction,
                                                                   ignore_index)[0]
 
         def adjusted_cross_entropy_autocast(logits, target, adjustment=None, target_margin=None, weight=None,
@@ -279,30 +283,30 @@ def _register() -> None:
                                             exclude=exclude):
             with torch._C._ExcludeDispatchKeyGuard(exclude):
                 return torch.ops.ltfast._adjusted_cross_entropy_forward(
-                    logits, target, adjustment, target_margin, weight, gamma, label_smoothing, reduction,
+                    logits.contiguous(), target, adjustment, target_margin, weight, gamma, label_smoothing, reduction,
                     ignore_index)[0]
 
         def lade_autocast(logits, target, log_prior, alpha=0.1, remine_lambda=0.1, ignore_index=-100,
                           exclude=exclude):
             with torch._C._ExcludeDispatchKeyGuard(exclude):
-                return torch.ops.ltfast._lade_forward(logits, target, log_prior, 1.0, alpha, remine_lambda,
+                return torch.ops.ltfast._lade_forward(logits.contiguous(), target, log_prior, 1.0, alpha, remine_lambda,
                                                       ignore_index)[0]
 
         def lade_regularizer_autocast(logits, target, log_prior, remine_lambda=0.1, ignore_index=-100,
                                       exclude=exclude):
             with torch._C._ExcludeDispatchKeyGuard(exclude):
-                return torch.ops.ltfast._lade_forward(logits, target, log_prior, 0.0, 1.0, remine_lambda,
+                return torch.ops.ltfast._lade_forward(logits.contiguous(), target, log_prior, 0.0, 1.0, remine_lambda,
                                                       ignore_index)[0]
 
         def seql_autocast(logits, target, tail_mask, seed, gamma=0.9, reduction="mean", ignore_index=-100,
                           exclude=exclude):
             with torch._C._ExcludeDispatchKeyGuard(exclude):
                 return torch.ops.ltfast._softmax_equalization_loss_forward(
-                    logits, target, tail_mask, seed, gamma, reduction, ignore_index)[0]
+                    logits.contiguous(), target, tail_mask, seed, gamma, reduction, ignore_index)[0]
 
         def eql_autocast(logits, target, tail_mask, reduction="mean", ignore_index=-100, exclude=exclude):
             with torch._C._ExcludeDispatchKeyGuard(exclude):
-                return torch.ops.ltfast._equalization_loss_forward(logits, target, tail_mask, reduction,
+                return torch.ops.ltfast._equalization_loss_forward(logits.contiguous(), target, tail_mask, reduction,
                                                                    ignore_index)[0]
 
         impl_lib.impl("softmax_equalization_loss", seql_autocast, device_key)
@@ -338,7 +342,8 @@ def balanced_softmax_loss(logits: Tensor, target: Tensor, log_prior: Tensor, red
         _extension.warn_fallback_once()
         return reference.balanced_softmax(logits, target, log_prior, reduction, ignore_index)
     if _use_eager_function(logits):
-        loss = _EAGER_FUNCTIONS["balanced_softmax"].apply(logits, target, log_prior, reduction, ignore_index)[0]
+        loss = _EAGER_FUNCTIONS["balanced_softmax"].apply(logits.contiguous(), target, log_prior, reduction,
+                                                          ignore_index)[0]
         return loss.to(logits.dtype)
     return torch.ops.ltfast.balanced_softmax(logits, target, log_prior, reduction, ignore_index)
 
@@ -372,13 +377,13 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | 
     args = (logits, target, adjustment, target_margin, weight, float(gamma), float(label_smoothing), reduction,
             ignore_index)
     if _use_eager_function(logits):
-        return _EAGER_FUNCTIONS["adjusted_cross_entropy"].apply(*args)[0].to(logits.dtype)
+        return _EAGER_FUNCTIONS["adjusted_cross_entropy"].apply(logits.contiguous(), *args[1:])[0].to(logits.dtype)
     return torch.ops.ltfast.adjusted_cross_entropy(*args)
 
 
 def _lade(logits, target, log_prior, ce_weight, alpha, remine_lambda, ignore_index, public_op, public_args):
     if _use_eager_function(logits):
-        loss = _EAGER_FUNCTIONS["lade"].apply(logits, target, log_prior, float(ce_weight), float(alpha),
+        loss = _EAGER_FUNCTIONS["lade"].apply(logits.contiguous(), target, log_prior, float(ce_weight), float(alpha),
                                              float(remine_lambda), ignore_index)[0]
         return loss.to(logits.dtype)
     return public_op(*public_args)
@@ -443,7 +448,7 @@ def softmax_equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor,
         return reference.softmax_equalization_loss(logits, target, tail_mask, gamma, reduction, ignore_index)
     args = (logits, target, tail_mask, seed, float(gamma), reduction, ignore_index)
     if _use_eager_function(logits):
-        return _EAGER_FUNCTIONS["softmax_equalization_loss"].apply(*args)[0].to(logits.dtype)
+        return _EAGER_FUNCTIONS["softmax_equalization_loss"].apply(logits.contiguous(), *args[1:])[0].to(logits.dtype)
     return torch.ops.ltfast.softmax_equalization_loss(*args)
 
 
@@ -452,11 +457,22 @@ def equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor, reducti
     """Equalization loss, sigmoid form (Tan et al., CVPR 2020, with E(r) = 1 for classification):
     ``sum_c w_ic * BCE(z_ic, onehot(y_i)_c)`` with ``w_ic = 0`` for the negative term of a tail
     class (``tail_mask[c]``) and 1 otherwise; ``'mean'`` divides by the number of non-ignored rows,
-    as the EQL code divides the class-summed loss by the number of samples."""
+    as the EQL code divides the class-summed loss by the number of samples.
+
+    Per element (the same rule on every backend and in :func:`ltfast.reference.equalization_loss`):
+
+    - a suppressed element (``w_ic = 0``) contributes exactly 0 to the loss and to the gradient,
+      even when its logit is NaN or infinite;
+    - otherwise the loss is ``F.binary_cross_entropy_with_logits(z, y)`` for finite or NaN ``z``,
+      and its limit for ``z = +-inf``: 0 when the logit agrees with the label (``y = 0, z = -inf``
+      or ``y = 1, z = +inf``), ``+inf`` when it contradicts it. (PyTorch returns NaN for three of
+      these four cases; ltfast returns the limits.) The gradient is ``sigmoid(z) - y``, which is
+      what PyTorch returns at +-inf too, and NaN for a NaN logit.
+    """
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.equalization_loss(logits, target, tail_mask, reduction, ignore_index)
     args = (logits, target, tail_mask, reduction, ignore_index)
     if _use_eager_function(logits):
-        return _EAGER_FUNCTIONS["equalization_loss"].apply(*args)[0].to(logits.dtype)
+        return _EAGER_FUNCTIONS["equalization_loss"].apply(logits.contiguous(), *args[1:])[0].to(logits.dtype)
     return torch.ops.ltfast.equalization_loss(*args)

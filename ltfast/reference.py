@@ -108,14 +108,25 @@ def equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor, reducti
                       ignore_index: int = -100) -> Tensor:
     """Sigmoid EQL (Tan et al. 2020): per-class BCE with logits against the one-hot target, the
     negative term of tail classes suppressed (w = 1 - tail_c * (1 - y)), summed over classes, and
-    for 'mean' divided by the number of non-ignored rows."""
+    for 'mean' divided by the number of non-ignored rows.
+
+    Per element as ltfast.equalization_loss defines it (csrc/common/softmax_math.h,
+    eql_element_loss): a suppressed element is exactly 0 (loss and gradient) whatever its logit;
+    otherwise ``max(y ? -z : z, 0) + log1p(exp(-|z|)) = -logsigmoid(y ? z : -z)``, which is
+    ``F.binary_cross_entropy_with_logits`` for finite z and its limit (0 or +inf) at z = +-inf,
+    where PyTorch's formula gives NaN (logsigmoid's gradient is the analytic sigmoid(z) - y there
+    too). Ignored rows are exactly 0 too."""
     num_classes = logits.shape[1]
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
-    onehot = F.one_hot(safe_target, num_classes).to(logits.dtype)
-    weight = 1.0 - tail_mask.to(logits.dtype)[None, :] * (1.0 - onehot)
-    per_element = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
-    loss = (per_element * weight).sum(1) * valid
+    is_target = F.one_hot(safe_target, num_classes).bool()
+    suppressed = tail_mask.bool()[None, :] & ~is_target
+    dropped = suppressed | ~valid[:, None]
+    # Dropped elements never enter the arithmetic (torch.where's gradient to the other branch is an
+    # exact 0, even where that branch is NaN).
+    z = torch.where(dropped, torch.zeros_like(logits), logits)
+    per_element = -F.logsigmoid(torch.where(is_target, z, -z))
+    loss = torch.where(dropped, torch.zeros_like(per_element), per_element).sum(1)
     if reduction == "none":
         return loss
     if reduction == "sum":

@@ -297,7 +297,7 @@ def test_saves_only_row_statistics(device):
             fn()
     large = [t for t in saved if t.numel() >= N * C]
     assert all(t.data_ptr() == logits.data_ptr() for t in large), [t.shape for t in large]
-    assert all(t.numel() in (1, N, C, N * C) for t in saved)
+    assert all(t.numel() in (1, N, 2 * N, C, N * C) for t in saved)  # 2N: row_stats [2, N]
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -505,3 +505,124 @@ def test_wide_rows_with_non_finite_tiles(dtype, device):
     (grad,) = torch.autograd.grad(loss.sum(), logits)
     (ref_grad,) = torch.autograd.grad(expected.sum(), ref_logits)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-3, equal_nan=True)
+
+
+# Logit offsets at which a loss taken as lse - z with a rounded lse (one ulp of lse: 0.06 at 1e6
+# in float32, 0.125 at 1e15 in float64) is visibly wrong; the kernels take (z - max) - log_sum.
+LARGE_OFFSETS = {torch.float32: [1e4, 1e6, 1e7, 1e8], torch.float64: [1e15, 1e16]}
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("variant", ["cross_entropy", "balanced_softmax", "label_smoothing", "focal", "ldam_drw"])
+def test_large_logits_match_cross_entropy(variant, dtype, device):
+    """Issue 11.1: loss and gradient match PyTorch at any finite magnitude. The reference runs in the
+    logits dtype, so that it rounds the adjusted logits (z + log_prior, z - margin) as the kernels do."""
+    gen = torch.Generator().manual_seed(11)
+    kwargs = to_device(VARIANTS[variant](10, gen), device)
+    target = torch.randint(0, 10, (64,), generator=gen).to(device)
+    for offset in LARGE_OFFSETS[dtype]:
+        logits = (torch.randn(64, 10, generator=gen, dtype=torch.float64) * 3 + offset).to(dtype).to(device)
+        logits[0] = offset  # a tie of every class: the loss is exactly log C
+        x = logits.clone().requires_grad_()
+        loss = run_op(variant, x, target, kwargs, "none")
+        x_ref = logits.clone().requires_grad_()
+        expected = run_reference(variant, x_ref, target, {k: (v.to(dtype) if torch.is_tensor(v) else v)
+                                                          for k, v in kwargs.items()}, "none")
+        torch.testing.assert_close(loss, expected.detach(), rtol=TOL[dtype]["rtol"], atol=1e-5,
+                                   msg=lambda m: f"offset {offset}: {m}")
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        (expected_grad,) = torch.autograd.grad(expected.sum(), x_ref)
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-5 * expected_grad.abs().max().item(),
+                                   msg=lambda m: f"offset {offset}: {m}")
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_large_logits_issue_examples(device):
+    """The cases of issue 11.1: [[1e4, 1e4]] is log 2, a row of 1e30 is log C (float32 and float64)."""
+    for dtype in (torch.float32, torch.float64):
+        two = torch.tensor([[1e4, 1e4]], dtype=dtype, device=device)
+        got = ltfast.adjusted_cross_entropy(two, torch.tensor([1], device=device))
+        assert abs(got.item() - math.log(2)) < 1e-6, got.item()
+        huge = torch.full((2, 7), 1e30, dtype=dtype, device=device)
+        got = ltfast.adjusted_cross_entropy(huge, torch.tensor([3, 6], device=device), reduction="none")
+        torch.testing.assert_close(got.double(), torch.full((2,), math.log(7), dtype=torch.float64), rtol=1e-6, atol=0)
+        got = ltfast.balanced_softmax_loss(huge, torch.tensor([3, 6], device=device),
+                                           torch.zeros(7, device=device), reduction="none")
+        torch.testing.assert_close(got.double(), torch.full((2,), math.log(7), dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_row_stats_layout(device):
+    """The forward ops save row_stats [2, N] in the accumulation dtype: (max, log sum exp(a - max)),
+    both 0 for ignored rows (the contract the CUDA kernels follow too)."""
+    logits, target, gen = make_inputs((5, 9), torch.bfloat16, device, ignored_rows=(2,))
+    prior = ltfast.priors.log_prior(_counts(9, gen)).to(device)
+    _, stats, _ = torch.ops.ltfast._balanced_softmax_forward(logits, target, prior, "mean", IGNORE)
+    assert stats.shape == (2, 5) and stats.dtype == torch.float32
+    adjusted = logits.float() + prior
+    row_max = adjusted.max(1).values
+    expected_log_sum = torch.log(torch.exp(adjusted - row_max[:, None]).sum(1))
+    valid = target != IGNORE
+    torch.testing.assert_close(stats[0][valid], row_max[valid])
+    torch.testing.assert_close(stats[1][valid], expected_log_sum[valid])
+    assert (stats[:, ~valid] == 0).all()
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_label_smoothing_counts_a_tile_of_neg_inf(device):
+    """Issue 11.3: a whole CPU tile (2048 classes) of -inf still enters the smoothing term, so the loss
+    is inf as in F.cross_entropy (it was 9.36: the tile was skipped)."""
+    C = 5000
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, C, generator=gen)
+    logits[0, :2048] = float("-inf")
+    logits[1, 2048:4096] = float("-inf")  # a later tile
+    target = torch.tensor([3000, 10])
+    expected = F.cross_entropy(logits, target, label_smoothing=0.1, reduction="none")
+    assert torch.isinf(expected).all()
+    got = ltfast.adjusted_cross_entropy(logits.to(device), target.to(device), label_smoothing=0.1, reduction="none")
+    torch.testing.assert_close(got.cpu(), expected)
+    # Without smoothing the -inf tile adds exactly nothing.
+    got = ltfast.adjusted_cross_entropy(logits.to(device), target.to(device), reduction="none")
+    torch.testing.assert_close(got.cpu(), F.cross_entropy(logits, target, reduction="none"))
+
+
+def _saved_large_tensors(fn, numel):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = fn()
+    return loss, [t for t in saved if t.numel() == numel]
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_non_contiguous_logits_are_copied_once(device):
+    """Issue 11.4: non-contiguous logits are made contiguous once, before the private forward op,
+    and backward receives that copy (before, forward and backward each copied the strided input)."""
+    N, C = 12, 9
+    logits, target, gen = make_inputs((N, C), torch.float32, device, ignored_rows=(2,), non_contiguous=True)
+    assert not logits.is_contiguous()
+    prior = ltfast.priors.log_prior(_counts(C, gen)).to(device)
+    tail = (torch.rand(C, generator=gen) < 0.5).to(device)
+    seed = torch.tensor([5, 7], device=device)
+    calls = {
+        "balanced_softmax": lambda x: ltfast.balanced_softmax_loss(x, target, prior),
+        "balanced_softmax_op": lambda x: torch.ops.ltfast.balanced_softmax(x, target, prior),
+        "adjusted_cross_entropy": lambda x: ltfast.adjusted_cross_entropy(x, target, prior, label_smoothing=0.1),
+        "adjusted_cross_entropy_op": lambda x: torch.ops.ltfast.adjusted_cross_entropy(x, target, prior),
+        "seql": lambda x: ltfast.softmax_equalization_loss(x, target, tail, 0.5, seed=seed),
+        "seql_op": lambda x: torch.ops.ltfast.softmax_equalization_loss(x, target, tail, seed, 0.5),
+        "eql": lambda x: ltfast.equalization_loss(x, target, tail),
+        "eql_op": lambda x: torch.ops.ltfast.equalization_loss(x, target, tail),
+        "lade": lambda x: ltfast.lade_loss(x, target, prior),
+        "lade_op": lambda x: torch.ops.ltfast.lade(x, target, prior),
+        "lade_regularizer": lambda x: ltfast.lade_regularizer(x, target, prior),
+    }
+    for name, fn in calls.items():
+        x = logits.detach().requires_grad_()
+        loss, large = _saved_large_tensors(lambda: fn(x), N * C)
+        assert large and all(t.is_contiguous() for t in large), (name, [t.stride() for t in large])
+        (grad,) = torch.autograd.grad(loss, x)
+        x_contiguous = logits.detach().contiguous().requires_grad_()
+        (expected,) = torch.autograd.grad(fn(x_contiguous), x_contiguous)
+        torch.testing.assert_close(grad, expected, msg=name)

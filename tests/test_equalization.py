@@ -215,3 +215,79 @@ def test_tail_classes_and_module_errors():
         ltfast.softmax_equalization_loss(x, y, torch.ones(6, dtype=torch.bool), seed=torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"gamma \(drop probability\) must be in \[0, 1\]"):
         ltfast.softmax_equalization_loss(x, y, torch.ones(6, dtype=torch.bool), gamma=2.0)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_eql_large_logits(dtype, device):
+    """Issue 11.1 (EQL): a huge target logit must not swamp the rest of the row (11.3125 instead of
+    11.3969 at 1e6, C = 16; 0 instead of 1.104 at 1e8, C = 3)."""
+    gen = torch.Generator().manual_seed(4)
+    for C, value in ((16, 1e6), (3, 1e8), (37, -1e6), (37, 1e30)):
+        logits = torch.randn(4, C, generator=gen, dtype=torch.float64).to(dtype)
+        target = torch.tensor([0, 1, 2, C - 1])
+        logits[torch.arange(4), target] = value
+        logits[3, 0] = -value  # a huge negative of the opposite sign
+        tail = torch.zeros(C, dtype=torch.bool)
+        tail[1::3] = True
+        x = logits.to(device).requires_grad_()
+        loss = ltfast.equalization_loss(x, target.to(device), tail.to(device), "none")
+        x64 = logits.double().requires_grad_()
+        expected = reference.equalization_loss(x64, target, tail, "none")
+        torch.testing.assert_close(loss.double().cpu(), expected.detach(), rtol=TOL[dtype]["rtol"], atol=1e-6,
+                                   msg=lambda m: f"C={C}, {value}: {m}")
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        (expected_grad,) = torch.autograd.grad(expected.sum(), x64)
+        torch.testing.assert_close(grad.double().cpu(), expected_grad, rtol=TOL[dtype]["rtol"], atol=1e-6)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_eql_non_finite_logits(dtype, device):
+    """Issue 11.2: one EQL semantics per element on every backend. Suppressed (tail negative) entries
+    are exactly 0 in loss and gradient even for NaN/inf logits; kept entries give
+    F.binary_cross_entropy_with_logits, with its limit (0 or inf) at z = +-inf where PyTorch gives
+    NaN; the gradient is sigmoid(z) - y."""
+    inf, nan = float("inf"), float("nan")
+    # C = 20 so that both the vector lanes and the scalar tail lanes of the CPU kernel see each case.
+    C = 20
+    tail = torch.zeros(C, dtype=torch.bool)
+    tail[[2, 3, 4, 17, 18, 19]] = True
+    cases = [  # (column, value) per row; column 0 is the target of rows 0-3, column 10 of rows 4-7
+        [(2, nan), (3, inf), (4, -inf), (17, nan), (18, inf), (19, -inf)],  # suppressed only: finite
+        [(0, inf), (5, -inf), (16, -inf)],                                  # limits 0: loss finite
+        [(0, -inf)],                                                        # target at -inf: inf
+        [(6, inf)],                                                         # kept negative at +inf: inf
+        [(10, nan)],                                                        # kept NaN: NaN
+        [(15, nan), (18, nan)],                                             # kept NaN in a tail lane
+        [(10, inf), (17, -inf), (2, inf)],                                 # limit 0, suppressed: finite
+        [],
+    ]
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(len(cases), C, generator=gen)
+    for row, entries in enumerate(cases):
+        for column, value in entries:
+            logits[row, column] = value
+    target = torch.tensor([0, 0, 0, 0, 10, 10, 10, 10])
+    logits = logits.to(dtype)
+    x = logits.to(device).requires_grad_()
+    loss = ltfast.equalization_loss(x, target.to(device), tail.to(device), "none")
+    x64 = logits.double().requires_grad_()
+    expected = reference.equalization_loss(x64, target, tail, "none")
+    expected_finite = [True, True, False, False, False, False, True, True]
+    assert torch.isfinite(expected).tolist() == expected_finite
+    assert expected[2] == inf and expected[3] == inf and torch.isnan(expected[4:6]).all()
+    tol = TOL[dtype]
+    torch.testing.assert_close(loss.double().cpu(), expected.detach(), rtol=tol["rtol"], atol=tol["atol"] * C,
+                               equal_nan=True)
+    # Finite elements agree with PyTorch's BCE; the suppressed ones are exactly 0 in the gradient.
+    plain = F.binary_cross_entropy_with_logits(logits.double(), F.one_hot(target, C).double(), reduction="none")
+    suppressed = tail_negatives(target, tail)
+    finite_rows = torch.tensor(expected_finite)
+    torch.testing.assert_close(expected[finite_rows], (plain * ~suppressed).nan_to_num(0.0).sum(1)[finite_rows])
+    (grad,) = torch.autograd.grad(loss, x, torch.ones_like(loss))
+    (expected_grad,) = torch.autograd.grad(expected, x64, torch.ones_like(expected))
+    grad = grad.double().cpu()
+    assert (grad[suppressed] == 0).all() and (expected_grad[suppressed] == 0).all()
+    torch.testing.assert_close(grad, expected_grad, rtol=tol["rtol"], atol=tol["atol"], equal_nan=True)
+    assert grad[1, 0] == 0 and grad[2, 0] == -1 and grad[3, 6] == 1 and torch.isnan(grad[4, 10])

@@ -1,4 +1,6 @@
 """ltfast.lade / lade_regularizer against the survey transcription in ltfast.reference."""
+import math
+
 import pytest
 import torch
 
@@ -160,7 +162,7 @@ def test_saves_only_row_and_column_statistics():
         ltfast.lade_loss(logits, target, prior_for(C, gen, "cpu"))
     large = [t for t in saved if t.numel() >= N * C]
     assert all(t.data_ptr() == logits.data_ptr() for t in large)
-    assert all(t.numel() in (1, N, C, 3 * C, N * C) for t in saved)
+    assert all(t.numel() in (1, N, 2 * N, C, 4 * C, N * C) for t in saved)  # row_stats [2, N], column_stats [4, C]
 
 
 def test_module_and_bad_inputs():
@@ -214,3 +216,60 @@ def test_rare_class_with_tiny_row_probability(device):
         g, w = torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x64)[0]
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-14)
         assert w[:, 7].abs().max() > 1e-6  # the column term is what carries this gradient
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_large_logits(dtype, device):
+    """Issue 11.1 (LADE): the row softmax (PriorCE) and the column softmax (LADER) are taken from
+    (z - max) - log_sum, so the gradient stays exact when every logit is ~1e6 (1e15 in float64).
+
+    The oracle is the reference on z' = z - o (exact) plus the analytic effect of the shift o:
+    PriorCE, F - S and both softmaxes are shift-invariant, S_c = S'_c + o, so
+    LADER(z) = LADER(z') + sum_c pi_c lambda (2 o S'_c + o^2) and its gradient gains
+    2 lambda o pi_c sigma_ic. (The reference on z itself is not exact at 1e15: torch.logsumexp's
+    backward takes exp(z - lse) with lse rounded to 0.125.)"""
+    offset = 1e6 if dtype == torch.float32 else 1e15
+    gen = torch.Generator().manual_seed(9)
+    small = torch.randn(64, 10, generator=gen, dtype=torch.float64) * 3
+    logits = (small + offset).to(dtype)
+    shifted = logits.double() - offset  # exact
+    target = torch.randint(0, 10, (64,), generator=gen)
+    target[5] = -100
+    valid = target != -100
+    # log_prior = 0 keeps z + log_prior exact in float32 at 1e6, so PriorCE sees the same rows.
+    lp = torch.zeros(10, dtype=torch.float64)
+    lam, alpha = 0.1, 0.1
+    for op, (fused, ref) in OPS.items():
+        a = alpha if op == "lade" else 1.0
+        x = logits.to(device).requires_grad_()
+        got = fused(x, target.to(device), lp.to(device=device, dtype=dtype))
+        xs = shifted.clone().requires_grad_()
+        want_shifted = ref(xs, target, lp)
+        (want_grad,) = torch.autograd.grad(want_shifted, xs)
+        s_shifted = torch.logsumexp(shifted[valid] + math.log(1 / 10 + 1e-9), 0) - math.log(int(valid.sum()))
+        want = want_shifted.item() + a * lam * float((2 * offset * s_shifted + offset ** 2).sum())
+        sigma = torch.zeros_like(shifted)
+        sigma[valid] = torch.softmax(shifted[valid], 0)
+        want_grad = want_grad + a * 2 * lam * offset * sigma
+        assert math.isclose(got.item(), want, rel_tol=TOL[dtype]["rtol"]), (op, got.item(), want)
+        (g,) = torch.autograd.grad(got, x)
+        torch.testing.assert_close(g.double().cpu(), want_grad, rtol=0, atol=1e-5 * want_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_statistics_layout_and_exact_count(device):
+    """Issue 11.5: num_valid is an exact int64 count; row_stats [2, N] and column_stats [4, C] as
+    documented in csrc/ops/lade/lade.h (row/column max and log-sum-exp offset kept apart)."""
+    logits, target, gen = make_inputs((10, 7), torch.float32, device, ignored_rows=(4, 6))
+    lp = prior_for(7, gen, device)
+    _, row_stats, column_stats, num_valid = torch.ops.ltfast._lade_forward(logits, target, lp, 1.0, 0.1, 0.1, -100)
+    assert num_valid.dtype == torch.int64 and num_valid.shape == () and num_valid.item() == 8
+    assert row_stats.shape == (2, 10) and column_stats.shape == (4, 7)
+    valid = target != -100
+    adjusted = logits + lp
+    torch.testing.assert_close(row_stats[0][valid], adjusted[valid].max(1).values)
+    torch.testing.assert_close(row_stats[1][valid], torch.logsumexp(adjusted[valid] - row_stats[0][valid][:, None], 1))
+    assert (row_stats[:, ~valid] == 0).all()
+    torch.testing.assert_close(column_stats[0], logits[valid].max(0).values)
+    torch.testing.assert_close(column_stats[1], torch.logsumexp(logits[valid] - column_stats[0], 0))

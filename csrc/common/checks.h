@@ -71,11 +71,25 @@ inline void check_tail_mask(const at::Tensor& tail_mask, const at::Tensor& logit
   check_same_device(tail_mask, "tail_mask", logits, op);
 }
 
+// A per-row vector handed to a backward op (grad_loss of reduction 'none'): 1-D of N elements.
 inline void check_row_statistic(const at::Tensor& t, const char* name, const at::Tensor& logits,
                                 const char* op) {
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == logits.size(0), op, ": ", name,
                     " must be a 1-D tensor of N = ", logits.size(0), " elements, got shape ", t.sizes());
   check_same_device(t, name, logits, op);
+}
+
+// The per-row softmax statistics a forward op saves for backward (math::RowLogSumExp of each row):
+// row_stats [2, N] in the accumulation dtype, row_stats[0] = max m of the adjusted row,
+// row_stats[1] = log sum_c exp(a_c - m); both 0 for ignored rows.
+inline void check_row_stats(const at::Tensor& row_stats, const at::Tensor& logits,
+                            at::ScalarType accumulate_type, const char* op) {
+  TORCH_CHECK_VALUE(row_stats.dim() == 2 && row_stats.size(0) == 2 && row_stats.size(1) == logits.size(0), op,
+                    ": row_stats must have shape [2, N = ", logits.size(0),
+                    "] (row max and log-sum-exp offset per row), got shape ", row_stats.sizes());
+  TORCH_CHECK_TYPE(row_stats.scalar_type() == accumulate_type, op, ": row_stats must be ", accumulate_type,
+                   ", got ", row_stats.scalar_type());
+  check_same_device(row_stats, "row_stats", logits, op);
 }
 
 }  // namespace ltfast

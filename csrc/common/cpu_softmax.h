@@ -19,7 +19,7 @@ using at::vec::Vectorized;
 
 inline Vectorized<float> vec_exp(const Vectorized<float>& x) {
   // exp_u20: pure-intrinsics polynomial (max 20 ulp, ~2.4e-6 relative), about 2x the speed of the
-  // Sleef u10 exp; it is only ever applied to a - max <= 0 or a - lse, where that error is far
+  // Sleef u10 exp; it is only ever applied to (a - max) - log_sum <= 0 (or a - max), where that error is far
   // below the fp32 test tolerance. It maps NaN to a finite value, hence the row-level NaN rule in
   // the backward kernels.
   return x.exp_u20();
@@ -156,7 +156,16 @@ math::SoftmaxState<acc_t> adjusted_row_softmax_state(const scalar_t* logits_row,
       tile_max = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& z) { return at::vec::maximum(x, z); }, vmax);
       for (; c < len; ++c) tile_max = nan_propagating_max(tile_max, tile[c]);
     }
-    if (tile_max == math::negative_infinity<acc_t>()) continue;  // contributes exactly 0
+    if (tile_max == math::negative_infinity<acc_t>()) {
+      // A tile of -inf adds exactly 0 to the exp-sum (and exp(-inf - -inf) would be NaN), but its
+      // entries are still part of the smoothing term: -inf - a_y makes the loss +inf, as in
+      // F.cross_entropy. Rare, so a scalar loop.
+      if (offset_sum) {
+        const acc_t* w = weight ? weight + start : nullptr;
+        for (int64_t c = 0; c < len; ++c) *offset_sum += (tile[c] - target_logit) * (w ? w[c] : acc_t(1));
+      }
+      continue;
+    }
     const Vec vmax(tile_max);
     Vec vsum(acc_t(0));
     const acc_t* w = weight ? weight + start : nullptr;

@@ -4,9 +4,9 @@
 //
 // Notation (one row i of the batch, target class y, accumulation type T = float or double):
 //   a_c  = z_c + adjustment_c - [c == y] * target_margin_y     (the "adjusted logit")
-//   lse  = log sum_c exp(a_c)
-//   nll  = lse - a_y                                           (= -log p_y)
-//   loss = (1 - eps) * w_y * (1 - p_y)^gamma * nll + eps / C * sum_c w_c * (lse - a_c)
+//   m    = max_c a_c,  log_sum = log sum_c exp(a_c - m)           (RowLogSumExp)
+//   nll  = log_sum - (a_y - m)                                 (= -log p_y)
+//   loss = (1 - eps) * w_y * (1 - p_y)^gamma * nll + eps / C * sum_c w_c * (-log p_c)
 // which is F.cross_entropy(a, y, weight=w, label_smoothing=eps) for gamma = 0, and the survey's
 // focal loss (Main-codebase/loss/FocalLoss.py: modulating factor detached) for eps = 0.
 #pragma once
@@ -43,6 +43,8 @@ LTFAST_HOST_DEVICE float exp_fn(float x) {
 LTFAST_HOST_DEVICE double exp_fn(double x) { return exp(x); }
 LTFAST_HOST_DEVICE float log_fn(float x) { return logf(x); }
 LTFAST_HOST_DEVICE double log_fn(double x) { return log(x); }
+LTFAST_HOST_DEVICE float log1p_fn(float x) { return log1pf(x); }
+LTFAST_HOST_DEVICE double log1p_fn(double x) { return log1p(x); }
 LTFAST_HOST_DEVICE float expm1_fn(float x) { return expm1f(x); }
 LTFAST_HOST_DEVICE double expm1_fn(double x) { return expm1(x); }
 LTFAST_HOST_DEVICE float pow_fn(float x, float y) { return powf(x, y); }
@@ -83,14 +85,46 @@ LTFAST_HOST_DEVICE SoftmaxState<T> merge_softmax_states(SoftmaxState<T> a, Softm
   return {a.max, a.sum + b.sum * exp_shifted(b.max, a.max)};
 }
 
-// Log-sum-exp of a finished row. A row whose max is +inf or -inf (all entries -inf) is NaN in
-// F.cross_entropy (its log_softmax computes inf - inf); match that.
+// The log-sum-exp of a finished row, kept as its two parts: the row max m and
+// log_sum = log sum_c exp(a_c - m). The loss and the softmax are taken from (a - m) - log_sum, never
+// from a - lse with lse = m + log_sum rounded: at |a| ~ 1e6 in float32 one ulp of lse is 0.06, so
+// a rounded lse is off by up to 3% in each probability (and by the whole loss at 1e8).
 template <typename T>
-LTFAST_HOST_DEVICE T finish_log_sum_exp(SoftmaxState<T> state) {
+struct RowLogSumExp {
+  T max;
+  T log_sum;
+};
+
+// Finishes an online softmax state. A row whose max is +inf or -inf (all entries -inf) is NaN in
+// F.cross_entropy (its log_softmax computes inf - inf): both parts are then NaN, as they are for a
+// NaN max. A NaN entry below a finite max is carried in the sum and makes log_sum NaN.
+template <typename T>
+LTFAST_HOST_DEVICE RowLogSumExp<T> finish_row(SoftmaxState<T> state) {
   if (!(state.max > negative_infinity<T>() && state.max < -negative_infinity<T>())) {
-    return state.max - state.max;  // NaN for +-inf and for NaN
+    const T nan = state.max - state.max;  // NaN for +-inf and for NaN
+    return {nan, nan};
   }
-  return state.max + log_fn(state.sum);
+  return {state.max, log_fn(state.sum)};
+}
+
+// Whether a finished row is NaN (non-finite max, or a NaN entry): every loss and gradient of the row
+// is then NaN, as in F.cross_entropy.
+template <typename T>
+LTFAST_HOST_DEVICE bool row_is_nan(const RowLogSumExp<T>& row) {
+  return !(row.log_sum == row.log_sum);
+}
+
+// log p_c = (a_c - m) - log_sum. Works on scalars and on at::vec::Vectorized alike (T may be a
+// vector type with the row's m and log_sum broadcast into it).
+template <typename T>
+LTFAST_HOST_DEVICE T log_softmax_of(T a, T max, T log_sum) {
+  return (a - max) - log_sum;
+}
+
+// p_c = exp((a_c - m) - log_sum): the softmax probability of one adjusted logit.
+template <typename T>
+LTFAST_HOST_DEVICE T softmax_probability(T a, const RowLogSumExp<T>& row) {
+  return exp_fn(log_softmax_of(a, row.max, row.log_sum));
 }
 
 // Hyper-parameters of one call, shared by every row.
@@ -106,9 +140,9 @@ struct CrossEntropyConfig {
 // smoothing term is eps/C * (W * nll - that sum), which stays accurate for logits of 1e4 where
 // lse * W - sum_c w_c a_c would cancel catastrophically in float32.
 template <typename T>
-LTFAST_HOST_DEVICE T row_loss(const CrossEntropyConfig<T>& cfg, T log_sum_exp, T target_logit,
+LTFAST_HOST_DEVICE T row_loss(const CrossEntropyConfig<T>& cfg, const RowLogSumExp<T>& row, T target_logit,
                               T target_weight, T weighted_logit_offset_sum) {
-  const T nll = log_sum_exp - target_logit;
+  const T nll = row.log_sum - (target_logit - row.max);  // exact at any magnitude: a_y - m is small
   T loss = target_weight * nll;
   if (cfg.gamma != T(0)) {
     const T one_minus_p = -expm1_fn(-nll);  // 1 - p_y without cancellation near p_y = 1
@@ -134,10 +168,10 @@ struct RowGradientCoefficients {
 
 template <typename T>
 LTFAST_HOST_DEVICE RowGradientCoefficients<T> row_gradient_coefficients(
-    const CrossEntropyConfig<T>& cfg, T scale, T log_sum_exp, T target_logit, T target_weight) {
+    const CrossEntropyConfig<T>& cfg, T scale, const RowLogSumExp<T>& row, T target_logit, T target_weight) {
   T nll_coef = target_weight;
   if (cfg.gamma != T(0)) {
-    nll_coef *= pow_fn(-expm1_fn(target_logit - log_sum_exp), cfg.gamma);
+    nll_coef *= pow_fn(-expm1_fn(log_softmax_of(target_logit, row.max, row.log_sum)), cfg.gamma);
   }
   const T eps = cfg.label_smoothing;
   const T hard = (T(1) - eps) * nll_coef;
@@ -149,7 +183,8 @@ LTFAST_HOST_DEVICE RowGradientCoefficients<T> row_gradient_coefficients(
 }
 
 // Gradient of one element before the target correction. Works on scalars and on
-// at::vec::Vectorized alike; `probability` is exp(a_c - lse) computed by the backend.
+// at::vec::Vectorized alike; `probability` is p_c = exp((a_c - m) - log_sum) computed by the
+// backend (softmax_probability, or its vectorised equivalent).
 template <typename T>
 LTFAST_HOST_DEVICE T element_gradient(T probability, T prob_coef, T class_coef, T class_weight) {
   return probability * prob_coef - class_coef * class_weight;
@@ -192,12 +227,17 @@ namespace ltfast {
 namespace math {
 
 // ---------------------------------------------------------------- EQL (sigmoid)
-// Binary cross-entropy with logits of one element, max(z, 0) - y z + log(1 + exp(-|z|)), written as
-// the part without the logarithm plus log1p_term = exp(-|z|) (the CPU kernel multiplies the
-// (1 + exp(-|z|)) factors of a row and takes one log per 128 elements).
+// Binary cross-entropy with logits of one element, against y = is_target in {0, 1}:
+//   max(z, 0) - y z + log(1 + exp(-|z|)) = max(y ? -z : z, 0) + log(1 + exp(-|z|)),
+// written as the part without the logarithm plus log1p_term = exp(-|z|) (the CPU kernel multiplies
+// the (1 + exp(-|z|)) factors of a row and takes one log per 128 elements).
+// The linear part never forms y * z: that is NaN for y = 0 and z = +-inf, and a row sum of
+// max(z, 0) - y z adds +z_y and then subtracts it again, which at z_y = 1e6 cancels every other
+// term of the row in float32. max(+-z, 0) >= 0 has no cancellation.
 template <typename T>
-LTFAST_HOST_DEVICE T bce_linear_part(T z, T y) {
-  return (z > T(0) ? z : T(0)) - y * z;
+LTFAST_HOST_DEVICE T bce_linear_part(T z, bool is_target) {
+  const T signed_z = is_target ? -z : z;
+  return signed_z > T(0) ? signed_z : (signed_z != signed_z ? signed_z : T(0));  // NaN stays NaN
 }
 
 template <typename T>
@@ -210,6 +250,26 @@ LTFAST_HOST_DEVICE T sigmoid_fn(T z) {
 // with E(r) = 1 for classification): w = 1 - tail_c * (1 - y_ic).
 LTFAST_HOST_DEVICE bool eql_suppressed(bool tail, bool is_target) {
   return tail && !is_target;
+}
+
+// EQL's semantics of one element, shared by every backend and by ltfast.reference:
+// - a suppressed element (tail negative) contributes exactly 0 to the loss and the gradient, even
+//   for a NaN or infinite logit (it is never read into the arithmetic);
+// - otherwise the loss is F.binary_cross_entropy_with_logits(z, y) where that is finite or NaN for a
+//   NaN z, and its limit for z = +-inf: 0 when z has the sign of the label (y = 0, z = -inf and
+//   y = 1, z = +inf) and +inf otherwise. PyTorch itself returns NaN for three of these four cases
+//   (its formula forms 0 * inf); its gradients are already the limits: sigmoid(z) - y.
+template <typename T>
+LTFAST_HOST_DEVICE T eql_element_loss(T z, bool is_target, bool suppressed) {
+  if (suppressed) return T(0);
+  const T abs_z = z < T(0) ? -z : z;
+  return bce_linear_part(z, is_target) + log1p_fn(exp_fn(-abs_z));
+}
+
+template <typename T>
+LTFAST_HOST_DEVICE T eql_element_gradient(T z, bool is_target, bool suppressed) {
+  if (suppressed) return T(0);
+  return sigmoid_fn(z) - (is_target ? T(1) : T(0));
 }
 
 }  // namespace math

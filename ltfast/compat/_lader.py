@@ -55,20 +55,24 @@ class _LaderFunction(torch.autograd.Function):
         acc = _accumulate_dtype(logits)
         lp = log_prior.to(acc)
         # ce_weight 0, alpha 1: the op's own loss value is not used, only its column statistics.
-        _, row_lse, stats, num_valid = torch.ops.ltfast._lade_forward(
+        logits = logits.contiguous()  # once: the op and its backward then read this very tensor
+        _, row_stats, stats, num_valid = torch.ops.ltfast._lade_forward(
             logits, target, lp, 0.0, 1.0, float(remine_lambda), IGNORE_INDEX)
         target_sum, count_term = _class_terms(logits, target, logits.shape[1], acc)
-        loss, second = _lader_terms(-stats[0], target_sum, count_term, log_prior, prior, balanced_log_prior,
+        # column_stats rows 0 and 1: column max M_c and log sum_i exp(z_ic - M_c) (csrc/ops/lade/lade.h);
+        # the column log-sum-exp is their sum, taken in float64 so L_c keeps its digits at |z| ~ 1e6.
+        column_lse = (stats[0].double() + stats[1].double()).to(acc)
+        loss, second = _lader_terms(column_lse, target_sum, count_term, log_prior, prior, balanced_log_prior,
                                     num_valid, float(remine_lambda))
         p = prior.to(acc)
-        coefficients = torch.stack([stats[0], p * (1.0 + 2.0 * remine_lambda * second), p / count_term])
-        ctx.save_for_backward(logits, target, lp, row_lse, coefficients, num_valid)
+        coefficients = torch.stack([stats[0], stats[1], p * (1.0 + 2.0 * remine_lambda * second), p / count_term])
+        ctx.save_for_backward(logits, target, lp, row_stats, coefficients, num_valid)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, target, lp, row_lse, coefficients, num_valid = ctx.saved_tensors
-        grad = torch.ops.ltfast._lade_backward(grad_loss, logits, target, lp, row_lse, coefficients, num_valid,
+        logits, target, lp, row_stats, coefficients, num_valid = ctx.saved_tensors
+        grad = torch.ops.ltfast._lade_backward(grad_loss, logits, target, lp, row_stats, coefficients, num_valid,
                                                0.0, IGNORE_INDEX)
         return grad, None, None, None, None, None
 

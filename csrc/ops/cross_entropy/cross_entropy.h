@@ -50,20 +50,23 @@ CrossEntropyArgs prepare_cross_entropy_args(const char* op, const at::Tensor& lo
 
 // Checks the saved statistics and the upstream gradient handed to a backward op.
 void check_cross_entropy_backward_args(const char* op, const CrossEntropyArgs& args,
-                                       const at::Tensor& grad_loss, const at::Tensor& row_lse,
+                                       const at::Tensor& grad_loss, const at::Tensor& row_stats,
                                        const at::Tensor& denominator);
 
-// Forward: (loss, row_lse, denominator). loss is [N] for reduction 'none', else a scalar;
-// row_lse [N] is the only per-row statistic saved for backward; denominator is the scalar the
-// summed loss was divided by (sum of target weights for 'mean', 1 otherwise). All three are in
-// the accumulation dtype.
+// Forward: (loss, row_stats, denominator). loss is [N] for reduction 'none', else a scalar;
+// row_stats [2, N] is the only per-row statistic saved for backward: row_stats[0, i] = m_i, the max
+// of row i's adjusted logits (SEQL: of its kept entries), row_stats[1, i] = log sum_c exp(a_ic - m_i)
+// (math::RowLogSumExp, from math::finish_row: both NaN for a row with a NaN or a +-inf max, both 0
+// for an ignored row). Backward takes p_ic = exp((a_ic - m_i) - row_stats[1, i]), never
+// exp(a_ic - lse_i) with a rounded lse_i. denominator is the scalar the summed loss was divided by
+// (sum of target weights for 'mean', 1 otherwise). All three are in the accumulation dtype.
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 ForwardResult cross_entropy_forward_cpu(const CrossEntropyArgs& args);
 at::Tensor cross_entropy_backward_cpu(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
-                                      const at::Tensor& row_lse, const at::Tensor& denominator);
+                                      const at::Tensor& row_stats, const at::Tensor& denominator);
 ForwardResult cross_entropy_forward_cuda(const CrossEntropyArgs& args);
 at::Tensor cross_entropy_backward_cuda(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
-                                       const at::Tensor& row_lse, const at::Tensor& denominator);
+                                       const at::Tensor& row_stats, const at::Tensor& denominator);
 
 }  // namespace ltfast
 
@@ -88,14 +91,14 @@ ForwardResult balanced_softmax_forward(const at::Tensor& logits, const at::Tenso
 template <BackwardKernel kernel>
 at::Tensor balanced_softmax_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                                      const at::Tensor& target, const at::Tensor& log_prior,
-                                     const at::Tensor& row_lse, const at::Tensor& denominator,
+                                     const at::Tensor& row_stats, const at::Tensor& denominator,
                                      c10::string_view reduction, int64_t ignore_index) {
   const char* op = "ltfast._balanced_softmax_backward";
   const auto args = prepare_cross_entropy_args(op, logits, target, log_prior, "log_prior",
                                                c10::nullopt, c10::nullopt, 0.0, 0.0, reduction,
                                                ignore_index);
-  check_cross_entropy_backward_args(op, args, grad_loss, row_lse, denominator);
-  return kernel(args, grad_loss, row_lse, denominator);
+  check_cross_entropy_backward_args(op, args, grad_loss, row_stats, denominator);
+  return kernel(args, grad_loss, row_stats, denominator);
 }
 
 template <ForwardKernel kernel>
@@ -113,15 +116,15 @@ template <BackwardKernel kernel>
 at::Tensor adjusted_cross_entropy_backward(
     const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
     const c10::optional<at::Tensor>& adjustment, const c10::optional<at::Tensor>& target_margin,
-    const c10::optional<at::Tensor>& weight, const at::Tensor& row_lse,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& row_stats,
     const at::Tensor& denominator, double gamma, double label_smoothing, c10::string_view reduction,
     int64_t ignore_index) {
   const char* op = "ltfast._adjusted_cross_entropy_backward";
   const auto args = prepare_cross_entropy_args(op, logits, target, adjustment, "adjustment",
                                                target_margin, weight, gamma, label_smoothing,
                                                reduction, ignore_index);
-  check_cross_entropy_backward_args(op, args, grad_loss, row_lse, denominator);
-  return kernel(args, grad_loss, row_lse, denominator);
+  check_cross_entropy_backward_args(op, args, grad_loss, row_stats, denominator);
+  return kernel(args, grad_loss, row_stats, denominator);
 }
 
 }  // namespace ltfast
@@ -137,13 +140,13 @@ ForwardResult seql_forward(const at::Tensor& logits, const at::Tensor& target, c
 
 template <BackwardKernel kernel>
 at::Tensor seql_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
-                         const at::Tensor& tail_mask, const at::Tensor& seed, const at::Tensor& row_lse,
+                         const at::Tensor& tail_mask, const at::Tensor& seed, const at::Tensor& row_stats,
                          const at::Tensor& denominator, double gamma, c10::string_view reduction,
                          int64_t ignore_index) {
   const char* op = "ltfast._softmax_equalization_loss_backward";
   const auto args = prepare_seql_args(op, logits, target, tail_mask, seed, gamma, reduction, ignore_index);
-  check_cross_entropy_backward_args(op, args, grad_loss, row_lse, denominator);
-  return kernel(args, grad_loss, row_lse, denominator);
+  check_cross_entropy_backward_args(op, args, grad_loss, row_stats, denominator);
+  return kernel(args, grad_loss, row_stats, denominator);
 }
 
 }  // namespace ltfast

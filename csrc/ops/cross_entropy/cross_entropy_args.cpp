@@ -72,11 +72,9 @@ CrossEntropyArgs prepare_seql_args(const char* op, const at::Tensor& logits, con
 }
 
 void check_cross_entropy_backward_args(const char* op, const CrossEntropyArgs& args,
-                                       const at::Tensor& grad_loss, const at::Tensor& row_lse,
+                                       const at::Tensor& grad_loss, const at::Tensor& row_stats,
                                        const at::Tensor& denominator) {
-  check_row_statistic(row_lse, "row_lse", args.logits, op);
-  TORCH_CHECK_TYPE(row_lse.scalar_type() == args.accumulate_type, op, ": row_lse must be ",
-                   args.accumulate_type, ", got ", row_lse.scalar_type());
+  check_row_stats(row_stats, args.logits, args.accumulate_type, op);
   TORCH_CHECK_VALUE(denominator.numel() == 1, op, ": denominator must have one element, got shape ",
                     denominator.sizes());
   check_same_device(denominator, "denominator", args.logits, op);

@@ -64,7 +64,7 @@ class SeqlKeys {
 };
 
 template <typename scalar_t>
-void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tensor& row_lse) {
+void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tensor& row_stats) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = args.num_rows, C = args.num_classes;
   const scalar_t* logits = args.logits.data_ptr<scalar_t>();
@@ -75,7 +75,8 @@ void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tens
   const auto cfg = make_config<acc_t>(args);
   const bool smoothing = cfg.label_smoothing != acc_t(0);
   acc_t* loss_out = row_loss.data_ptr<acc_t>();
-  acc_t* lse_out = row_lse.data_ptr<acc_t>();
+  acc_t* max_out = row_stats.data_ptr<acc_t>();  // row_stats[0]
+  acc_t* log_sum_out = max_out + N;              // row_stats[1]
   const SeqlKeys seql(args);
 
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
@@ -84,7 +85,8 @@ void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tens
       const int64_t y = checked_target(target, i, C, args.ignore_index);
       if (y == args.ignore_index) {
         loss_out[i] = acc_t(0);
-        lse_out[i] = acc_t(0);
+        max_out[i] = acc_t(0);
+        log_sum_out[i] = acc_t(0);
         continue;
       }
       const scalar_t* logits_row = logits + i * C;
@@ -94,9 +96,10 @@ void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tens
       const auto state = adjusted_row_softmax_state(logits_row, C, adjustment, margin, y, target_logit, tile.data(),
                                                     weight, smoothing ? &offset_sum : nullptr,
                                                     seql.enabled() ? &drops : nullptr);
-      const acc_t lse = math::finish_log_sum_exp(state);
-      lse_out[i] = lse;
-      loss_out[i] = math::row_loss(cfg, lse, target_logit, weight ? weight[y] : acc_t(1), offset_sum);
+      const auto row = math::finish_row(state);
+      max_out[i] = row.max;
+      log_sum_out[i] = row.log_sum;
+      loss_out[i] = math::row_loss(cfg, row, target_logit, weight ? weight[y] : acc_t(1), offset_sum);
     }
   });
 }
@@ -123,7 +126,7 @@ void reduce_rows(const CrossEntropyArgs& args, const at::Tensor& row_loss, at::T
 
 template <typename scalar_t>
 void backward_kernel(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
-                     const at::Tensor& row_lse, const at::Tensor& denominator,
+                     const at::Tensor& row_stats, const at::Tensor& denominator,
                      at::Tensor& grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
@@ -134,7 +137,8 @@ void backward_kernel(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
   const acc_t* adjustment = data_or_null<acc_t>(args.adjustment);
   const acc_t* margin = data_or_null<acc_t>(args.target_margin);
   const acc_t* weight = data_or_null<acc_t>(args.weight);
-  const acc_t* lse_in = row_lse.data_ptr<acc_t>();
+  const acc_t* max_in = row_stats.data_ptr<acc_t>();  // row_stats[0]
+  const acc_t* log_sum_in = max_in + N;               // row_stats[1]
   const auto cfg = make_config<acc_t>(args);
   const bool per_row_grad = args.reduction == Reduction::None;
   const at::Tensor grad_acc = grad_loss.to(args.accumulate_type).contiguous();
@@ -153,16 +157,17 @@ void backward_kernel(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
         continue;
       }
       const scalar_t* logits_row = logits + i * C;
-      const acc_t lse = lse_in[i];
-      if (lse != lse) {  // NaN/inf in the row: every gradient is NaN, as in F.cross_entropy
-        std::fill(grad_row, grad_row + C, static_cast<scalar_t>(lse));
+      const math::RowLogSumExp<acc_t> row{max_in[i], log_sum_in[i]};
+      if (math::row_is_nan(row)) {  // NaN/inf in the row: every gradient is NaN, as in F.cross_entropy
+        std::fill(grad_row, grad_row + C, static_cast<scalar_t>(row.log_sum));
         continue;
       }
       const acc_t target_logit = adjusted_target_logit(logits_row, adjustment, margin, y);
       const acc_t scale = per_row_grad ? grad_in[i] : grad_in[0] * inv_denominator;
-      const auto coef = math::row_gradient_coefficients(cfg, scale, lse, target_logit,
+      const auto coef = math::row_gradient_coefficients(cfg, scale, row, target_logit,
                                                         weight ? weight[y] : acc_t(1));
-      const Vec vlse(lse), vprob(coef.prob_coef), vclass(coef.class_coef), vone(acc_t(1));
+      const Vec vmax(row.max), vlog_sum(row.log_sum), vprob(coef.prob_coef), vclass(coef.class_coef),
+          vone(acc_t(1));
       for (int64_t start = 0; start < C; start += kTileClasses) {
         const int64_t len = std::min(kTileClasses, C - start);
         const acc_t* source;
@@ -180,16 +185,19 @@ void backward_kernel(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
         for (; c + Vec::size() <= len; c += Vec::size()) {
           Vec a = Vec::loadu(source + c);
           if (adj) a = math::adjusted_logit(a, Vec::loadu(adj + c));
-          math::element_gradient(vec_exp(a - vlse), vprob, vclass, w ? Vec::loadu(w + c) : vone).store(out + c);
+          const Vec p = vec_exp(math::log_softmax_of(a, vmax, vlog_sum));
+          math::element_gradient(p, vprob, vclass, w ? Vec::loadu(w + c) : vone).store(out + c);
         }
         for (; c < len; ++c) {
           const acc_t a = adj ? math::adjusted_logit(source[c], adj[c]) : source[c];
-          out[c] = math::element_gradient(std::exp(a - lse), coef.prob_coef, coef.class_coef, w ? w[c] : acc_t(1));
+          out[c] = math::element_gradient(math::softmax_probability(a, row), coef.prob_coef, coef.class_coef,
+                                          w ? w[c] : acc_t(1));
         }
         if (seql.enabled()) seql.row(i, y).overwrite_dropped(out, start, len, acc_t(0));  // exactly zero
         if (y >= start && y < start + len) {
           // The target element: its probability uses the margin-adjusted logit, then the one-hot term.
-          out[y - start] = math::element_gradient(std::exp(target_logit - lse), coef.prob_coef, coef.class_coef,
+          out[y - start] = math::element_gradient(math::softmax_probability(target_logit, row), coef.prob_coef,
+                                                  coef.class_coef,
                                                   w ? w[y - start] : acc_t(1)) -
                            coef.target_coef;
         }
@@ -204,30 +212,31 @@ void backward_kernel(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
 ForwardResult forward_cpu(const CrossEntropyArgs& args) {
   const auto acc_options = args.logits.options().dtype(args.accumulate_type);
   at::Tensor row_loss = at::empty({args.num_rows}, acc_options);
-  at::Tensor row_lse = at::empty({args.num_rows}, acc_options);
+  // row_stats [2, N]: row max m and log sum_c exp(a_c - m) per row (see cross_entropy.h).
+  at::Tensor row_stats = at::empty({2, args.num_rows}, acc_options);
   at::Tensor denominator = at::empty({}, acc_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(),
                                   "ltfast_cross_entropy_forward_cpu",
-                                  [&] { forward_kernel<scalar_t>(args, row_loss, row_lse); });
+                                  [&] { forward_kernel<scalar_t>(args, row_loss, row_stats); });
   if (args.reduction == Reduction::None) {
     AT_DISPATCH_FLOATING_TYPES(args.accumulate_type, "ltfast_denominator", [&] {
       *denominator.data_ptr<scalar_t>() = scalar_t(1);
     });
-    return {row_loss, row_lse, denominator};
+    return {row_loss, row_stats, denominator};
   }
   at::Tensor loss = at::empty({}, acc_options);
   AT_DISPATCH_FLOATING_TYPES(args.accumulate_type, "ltfast_reduce_rows",
                              [&] { reduce_rows<scalar_t>(args, row_loss, loss, denominator); });
-  return {loss, row_lse, denominator};
+  return {loss, row_stats, denominator};
 }
 
 at::Tensor backward_cpu(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
-                        const at::Tensor& row_lse, const at::Tensor& denominator) {
+                        const at::Tensor& row_stats, const at::Tensor& denominator) {
   at::Tensor grad_logits = at::empty_like(args.logits, at::MemoryFormat::Contiguous);
-  const at::Tensor lse = row_lse.contiguous();
+  const at::Tensor stats = row_stats.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(),
                                   "ltfast_cross_entropy_backward_cpu", [&] {
-                                    backward_kernel<scalar_t>(args, grad_loss, lse, denominator,
+                                    backward_kernel<scalar_t>(args, grad_loss, stats, denominator,
                                                               grad_logits);
                                   });
   return grad_logits;
@@ -238,8 +247,8 @@ at::Tensor backward_cpu(const CrossEntropyArgs& args, const at::Tensor& grad_los
 ForwardResult cross_entropy_forward_cpu(const CrossEntropyArgs& args) { return forward_cpu(args); }
 
 at::Tensor cross_entropy_backward_cpu(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
-                                      const at::Tensor& row_lse, const at::Tensor& denominator) {
-  return backward_cpu(args, grad_loss, row_lse, denominator);
+                                      const at::Tensor& row_stats, const at::Tensor& denominator) {
+  return backward_cpu(args, grad_loss, row_stats, denominator);
 }
 
 TORCH_LIBRARY_IMPL(ltfast, CPU, m) {

@@ -1,13 +1,17 @@
 // CPU backend of the sigmoid equalization loss: at::parallel_for over rows, at::vec per row.
-// Forward: sum_c w_c [max(z, 0) - y z] plus sum_c w_c log(1 + exp(-|z|)), the latter as the log of
-// a running product of (1 + exp(-|z|)) factors (each in (1, 2]) taken every 16 vectors, so a row
-// of C elements costs C exponentials and C/16 vector logarithms. Backward: w (sigmoid(z) - y).
+// Forward: sum_c math::eql_element_loss, i.e. sum over the kept elements of max(y ? -z : z, 0) plus
+// log(1 + exp(-|z|)), the latter as the log of a running product of (1 + exp(-|z|)) factors (each
+// in (1, 2]) taken every 16 vectors, so a row of C elements costs C exponentials and C/16 vector
+// logarithms. Backward: math::eql_element_gradient, sigmoid(z) - y for kept elements, exactly 0 for
+// suppressed ones (tail negatives), whatever their logit.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../../common/cpu_softmax.h"
@@ -32,15 +36,19 @@ acc_t sum_of_logs(const Vectorized<acc_t>& product) {
   return total;
 }
 
-// w_c of a negative entry: 0 for tail classes, 1 otherwise (the target entry always has w = 1).
+// Per-class lane masks for the vector loops: all bits set for a class whose negative term counts,
+// 0 for a tail class (suppressed). A suppressed lane is cleared with a bitwise AND, so it is exactly
+// 0 even when z is NaN or +-inf (multiplying by a weight of 0 would give NaN).
 template <typename acc_t>
-std::vector<acc_t> negative_weights(const EqualizationArgs& args) {
+std::vector<acc_t> negative_keep_masks(const EqualizationArgs& args) {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
   const uint8_t* tail = args.tail_mask.data_ptr<uint8_t>();
-  std::vector<acc_t> weights(args.num_classes);
+  std::vector<acc_t> masks(args.num_classes);
   for (int64_t c = 0; c < args.num_classes; ++c) {
-    weights[c] = math::eql_suppressed(tail[c] != 0, false) ? acc_t(0) : acc_t(1);
+    const bits_t bits = math::eql_suppressed(tail[c] != 0, false) ? bits_t(0) : ~bits_t(0);
+    std::memcpy(&masks[c], &bits, sizeof(bits));
   }
-  return weights;
+  return masks;
 }
 
 template <typename scalar_t>
@@ -50,10 +58,11 @@ EqualizationForwardResult forward_kernel(const EqualizationArgs& args) {
   const int64_t N = args.num_rows, C = args.num_classes;
   const scalar_t* logits = args.logits.data_ptr<scalar_t>();
   const int64_t* target = args.target.data_ptr<int64_t>();
+  const uint8_t* tail = args.tail_mask.data_ptr<uint8_t>();
   const auto options = args.logits.options().dtype(args.accumulate_type);
   at::Tensor row_loss = at::empty({N}, options);
   acc_t* loss_out = row_loss.data_ptr<acc_t>();
-  const std::vector<acc_t> negative_weight = negative_weights<acc_t>(args);
+  const std::vector<acc_t> keep_mask = negative_keep_masks<acc_t>(args);
 
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer(std::is_same_v<scalar_t, acc_t> ? 0 : C);
@@ -71,17 +80,27 @@ EqualizationForwardResult forward_kernel(const EqualizationArgs& args) {
         at::vec::convert(logits + i * C, buffer.data(), C);
         z = buffer.data();
       }
-      // Negatives with weight w_c (target handled after): y = 0, so the linear part is max(z, 0).
+      // Every element is added once with its own label: the negatives in the vector loop
+      // (bce_linear_part(z, false) = max(z, 0)), the vector that holds the target and the tail
+      // lanes element by element through math::eql_element_loss. No term is added and subtracted
+      // again, so a target logit of 1e6 does not swamp the rest of the row.
+      const int64_t target_vector = y - y % Vec::size();
       Vec vlinear(acc_t(0)), vproduct(acc_t(1));
-      acc_t log_sum = acc_t(0);
+      acc_t log_sum = acc_t(0), scalar_part = acc_t(0);
       int pending = 0;
       int64_t c = 0;
       for (; c + Vec::size() <= C; c += Vec::size()) {
+        if (c == target_vector) {
+          for (int64_t k = c; k < c + Vec::size(); ++k) {
+            scalar_part += math::eql_element_loss(z[k], k == y, math::eql_suppressed(tail[k] != 0, k == y));
+          }
+          continue;
+        }
         const Vec v = Vec::loadu(z + c);
-        const Vec w = Vec::loadu(negative_weight.data() + c);
-        vlinear = vlinear + w * at::vec::maximum(v, vzero);  // bce_linear_part(z, y = 0)
+        const Vec keep = Vec::loadu(keep_mask.data() + c);
+        vlinear = vlinear + (at::vec::maximum(v, vzero) & keep);  // bce_linear_part(z, false); NaN kept
         const Vec e = vec_exp(vzero - v.abs());
-        vproduct = vproduct * (vone + w * e);  // w = 0 contributes a factor of 1
+        vproduct = vproduct * (vone + (e & keep));  // a suppressed lane contributes a factor of 1
         if (++pending == kProductVectors) {
           log_sum += sum_of_logs(vproduct);
           vproduct = vone;
@@ -89,16 +108,10 @@ EqualizationForwardResult forward_kernel(const EqualizationArgs& args) {
         }
       }
       acc_t loss = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, vlinear) + log_sum +
-                   sum_of_logs(vproduct);
+                   sum_of_logs(vproduct) + scalar_part;
       for (; c < C; ++c) {
-        const acc_t w = negative_weight[c];
-        loss += w * (math::bce_linear_part(z[c], acc_t(0)) + std::log1p(std::exp(-std::abs(z[c]))));
+        loss += math::eql_element_loss(z[c], c == y, math::eql_suppressed(tail[c] != 0, c == y));
       }
-      // The target entry: remove its negative-term contribution, add its positive term (w = 1).
-      const acc_t zy = z[y];
-      const acc_t softplus_tail = std::log1p(std::exp(-std::abs(zy)));
-      loss -= negative_weight[y] * (math::bce_linear_part(zy, acc_t(0)) + softplus_tail);
-      loss += math::bce_linear_part(zy, acc_t(1)) + softplus_tail;
       loss_out[i] = loss;
     }
   });
@@ -127,11 +140,12 @@ at::Tensor backward_kernel(const EqualizationArgs& args, const at::Tensor& grad_
   const scalar_t* logits = args.logits.data_ptr<scalar_t>();
   scalar_t* grad = grad_logits.data_ptr<scalar_t>();
   const int64_t* target = args.target.data_ptr<int64_t>();
+  const uint8_t* tail = args.tail_mask.data_ptr<uint8_t>();
   const at::Tensor grad_acc = grad_loss.to(args.accumulate_type).contiguous();
   const acc_t* grad_in = grad_acc.data_ptr<acc_t>();
   const acc_t inv_denominator = acc_t(1) / *denominator.to(args.accumulate_type).data_ptr<acc_t>();
   const bool per_row = args.reduction == Reduction::None;
-  const std::vector<acc_t> negative_weight = negative_weights<acc_t>(args);
+  const std::vector<acc_t> keep_mask = negative_keep_masks<acc_t>(args);
 
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buffer(std::is_same_v<scalar_t, acc_t> ? 0 : C);
@@ -159,11 +173,13 @@ at::Tensor backward_kernel(const EqualizationArgs& args, const at::Tensor& grad_
       for (; c + Vec::size() <= C; c += Vec::size()) {
         const Vec v = Vec::loadu(z + c);
         const Vec e = vec_exp(vzero - v.abs());  // sigmoid without overflow: 1/(1+e) or e/(1+e)
-        const Vec sigmoid = Vec::blendv(e / (vone + e), vone / (vone + e), v >= vzero);
-        (vscale * Vec::loadu(negative_weight.data() + c) * sigmoid).store(out + c);
+        Vec sigmoid = Vec::blendv(e / (vone + e), vone / (vone + e), v >= vzero);
+        sigmoid = Vec::blendv(sigmoid, v, v.isnan());  // vec_exp maps NaN to a number: keep the NaN
+        // math::eql_element_gradient(z, false, suppressed): suppressed lanes exactly 0 (bitwise AND).
+        ((vscale * sigmoid) & Vec::loadu(keep_mask.data() + c)).store(out + c);
       }
-      for (; c < C; ++c) out[c] = scale * negative_weight[c] * math::sigmoid_fn(z[c]);
-      out[y] = scale * (math::sigmoid_fn(target_logit) - acc_t(1));  // the target: w = 1, y = 1
+      for (; c < C; ++c) out[c] = scale * math::eql_element_gradient(z[c], false, math::eql_suppressed(tail[c] != 0, false));
+      out[y] = scale * math::eql_element_gradient(target_logit, true, math::eql_suppressed(tail[y] != 0, true));
       if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(buffer.data(), grad_row, C);
     }
   });

@@ -35,13 +35,15 @@ LadeArgs prepare_lade_args(const char* op, const at::Tensor& logits, const at::T
 }
 
 void check_lade_backward_args(const char* op, const LadeArgs& args, const at::Tensor& grad_loss,
-                              const at::Tensor& row_lse, const at::Tensor& column_stats,
+                              const at::Tensor& row_stats, const at::Tensor& column_stats,
                               const at::Tensor& num_valid) {
-  check_row_statistic(row_lse, "row_lse", args.logits, op);
-  TORCH_CHECK_VALUE(column_stats.dim() == 2 && column_stats.size(0) == 3 && column_stats.size(1) == args.num_classes,
-                    op, ": column_stats must have shape [3, C = ", args.num_classes, "], got ", column_stats.sizes());
-  TORCH_CHECK_TYPE(row_lse.scalar_type() == args.accumulate_type && column_stats.scalar_type() == args.accumulate_type,
-                   op, ": row_lse and column_stats must be ", args.accumulate_type);
+  check_row_stats(row_stats, args.logits, args.accumulate_type, op);
+  TORCH_CHECK_VALUE(column_stats.dim() == 2 && column_stats.size(0) == 4 && column_stats.size(1) == args.num_classes,
+                    op, ": column_stats must have shape [4, C = ", args.num_classes, "], got ", column_stats.sizes());
+  TORCH_CHECK_TYPE(column_stats.scalar_type() == args.accumulate_type, op, ": column_stats must be ",
+                   args.accumulate_type, ", got ", column_stats.scalar_type());
+  TORCH_CHECK_TYPE(num_valid.scalar_type() == at::kLong, op, ": num_valid must be int64, got ",
+                   num_valid.scalar_type());
   TORCH_CHECK_VALUE(grad_loss.numel() == 1, op, ": grad_loss must have one element, got shape ", grad_loss.sizes());
   TORCH_CHECK_VALUE(num_valid.numel() == 1, op, ": num_valid must have one element, got shape ", num_valid.sizes());
   check_same_device(column_stats, "column_stats", args.logits, op);

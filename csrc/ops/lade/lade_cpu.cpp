@@ -48,12 +48,13 @@ LadeForwardResult forward_kernel(const LadeArgs& args) {
   const bool with_ce = args.ce_weight != 0.0;
   const auto acc_options = args.logits.options().dtype(args.accumulate_type);
 
-  at::Tensor row_lse = at::zeros({N}, acc_options);
-  at::Tensor column_stats = at::empty({3, C}, acc_options);
+  at::Tensor row_stats = at::zeros({2, N}, acc_options);  // layout: lade.h
+  at::Tensor column_stats = at::empty({4, C}, acc_options);
   at::Tensor loss = at::empty({}, acc_options);
-  at::Tensor num_valid_out = at::empty({}, acc_options);
+  at::Tensor num_valid_out = at::empty({}, acc_options.dtype(at::kLong));
   std::vector<acc_t> row_nll(N, acc_t(0));
-  acc_t* lse_out = row_lse.data_ptr<acc_t>();
+  acc_t* row_max_out = row_stats.data_ptr<acc_t>();
+  acc_t* row_log_sum_out = row_max_out + N;
 
   const int64_t block_rows = rows_per_block(C);
   const int64_t num_blocks = (N + block_rows - 1) / block_rows;
@@ -156,9 +157,10 @@ LadeForwardResult forward_kernel(const LadeArgs& args) {
         if (shared) {  // the per-class factor, C exponentials per block, vectorised
           const Vec vcenter(center);
           for (int64_t c = 0; c < vec_len; c += Vec::size()) {
-            (Vec::loadu(csum + c) * vec_exp(vcenter - Vec::loadu(lp + c) - Vec::loadu(cmax + c))).store(csum + c);
+            // (G - M_c) first: both may be ~1e6, their difference is exact and small.
+            (Vec::loadu(csum + c) * vec_exp((vcenter - Vec::loadu(cmax + c)) - Vec::loadu(lp + c))).store(csum + c);
           }
-          for (int64_t c = vec_len; c < len; ++c) csum[c] *= std::exp(center - lp[c] - cmax[c]);
+          for (int64_t c = vec_len; c < len; ++c) csum[c] *= std::exp((center - cmax[c]) - lp[c]);
         } else {
           for (int64_t k = 0; k < R; ++k) {
             const acc_t* row = rows[k] + start;
@@ -174,8 +176,10 @@ LadeForwardResult forward_kernel(const LadeArgs& args) {
       }
       for (int64_t k = 0; k < R && with_ce; ++k) {
         const int64_t i = row_ids[k], y = target[i];
-        lse_out[i] = math::finish_log_sum_exp(math::SoftmaxState<acc_t>{row_max[k], row_sum[k]});
-        row_nll[i] = lse_out[i] - math::adjusted_logit(rows[k][y], log_prior[y]);
+        const auto row = math::finish_row(math::SoftmaxState<acc_t>{row_max[k], row_sum[k]});
+        row_max_out[i] = row.max;
+        row_log_sum_out[i] = row.log_sum;
+        row_nll[i] = row.log_sum - (math::adjusted_logit(rows[k][y], log_prior[y]) - row.max);
       }
     }
   });
@@ -214,15 +218,16 @@ LadeForwardResult forward_kernel(const LadeArgs& args) {
     }
   }
 
-  // The survey's terms, per class, in float64.
-  std::vector<double> target_sum(C, 0.0), class_count(C, 0.0);
+  // The survey's terms, per class, in float64; counts in int64 (exact at any batch size).
+  std::vector<double> target_sum(C, 0.0);
+  std::vector<int64_t> class_count(C, 0);
   double ce_total = 0.0;
   int64_t num_valid = 0;
   for (int64_t i = 0; i < N; ++i) {
     const int64_t y = target[i];
     if (y == args.ignore_index) continue;
     target_sum[y] += static_cast<double>(static_cast<acc_t>(logits[i * C + y]));
-    class_count[y] += 1.0;
+    class_count[y] += 1;
     ce_total += static_cast<double>(row_nll[i]);
     ++num_valid;
   }
@@ -232,27 +237,31 @@ LadeForwardResult forward_kernel(const LadeArgs& args) {
   acc_t* stats = column_stats.data_ptr<acc_t>();
   double lader = 0.0;
   for (int64_t c = 0; c < C; ++c) {
-    const math::SoftmaxState<acc_t> state{column_max[c], column_sum[c]};
-    const double column_lse = static_cast<double>(math::finish_log_sum_exp(state));  // of z_ic alone
+    const auto column = math::finish_row(math::SoftmaxState<acc_t>{column_max[c], column_sum[c]});
+    // log sum_i exp(z_ic), of z_ic alone; M_c + L_c in float64, so S_c keeps L_c's digits at |z| ~ 1e6.
+    const double column_lse = static_cast<double>(column.max) + static_cast<double>(column.log_sum);
     const double prior = std::exp(static_cast<double>(log_prior[c]));
     const double s_c = column_lse - static_cast<double>(log_prior[c]) + balanced - log_n;
-    // n_c + 1e-8 in float32, as the survey's code computes it (`.float()` counts): the 1e-8 only
-    // keeps absent classes (n_c = 0, F_c = 0) finite and vanishes in rounding for n_c >= 1.
-    const double count_term = static_cast<double>(static_cast<float>(class_count[c]) + 1e-8f);
+    // n_c + 1e-8 as the survey's code computes it in float32 (`.float()` counts): there the 1e-8
+    // only keeps absent classes (n_c = 0, F_c = 0) finite and vanishes in rounding for every
+    // n_c >= 1. Taken exactly here: n_c itself, 1e-8 for an absent class (float32 counts would
+    // also round n_c above 2^24).
+    const double count_term = class_count[c] > 0 ? static_cast<double>(class_count[c]) : 1e-8;
     const double f_c = target_sum[c] / count_term;
     lader -= prior * (f_c - s_c - lambda * s_c * s_c);
-    stats[c] = static_cast<acc_t>(-column_lse);
-    stats[C + c] = static_cast<acc_t>(alpha * prior * (1.0 + 2.0 * lambda * s_c));
-    stats[2 * C + c] = static_cast<acc_t>(alpha * prior / count_term);
+    stats[c] = column.max;
+    stats[C + c] = column.log_sum;
+    stats[2 * C + c] = static_cast<acc_t>(alpha * prior * (1.0 + 2.0 * lambda * s_c));
+    stats[3 * C + c] = static_cast<acc_t>(alpha * prior / count_term);
   }
   const double ce = with_ce ? args.ce_weight * ce_total / static_cast<double>(num_valid) : 0.0;
   *loss.data_ptr<acc_t>() = static_cast<acc_t>(ce + alpha * lader);
-  *num_valid_out.data_ptr<acc_t>() = static_cast<acc_t>(num_valid);
-  return {loss, row_lse, column_stats, num_valid_out};
+  *num_valid_out.data_ptr<int64_t>() = num_valid;
+  return {loss, row_stats, column_stats, num_valid_out};
 }
 
 template <typename scalar_t>
-at::Tensor backward_kernel(const LadeArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_lse,
+at::Tensor backward_kernel(const LadeArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
                            const at::Tensor& column_stats, const at::Tensor& num_valid) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
@@ -262,23 +271,26 @@ at::Tensor backward_kernel(const LadeArgs& args, const at::Tensor& grad_loss, co
   scalar_t* grad = grad_logits.data_ptr<scalar_t>();
   const int64_t* target = args.target.data_ptr<int64_t>();
   const acc_t* log_prior = args.log_prior.data_ptr<acc_t>();
-  const at::Tensor lse_t = row_lse.contiguous(), stats_t = column_stats.contiguous();
-  const acc_t* lse_in = lse_t.data_ptr<acc_t>();
-  const acc_t* column_offset = stats_t.data_ptr<acc_t>();
-  const acc_t* sigma_coef = column_offset + C;
-  const acc_t* target_coef = column_offset + 2 * C;
+  const at::Tensor row_t = row_stats.contiguous(), stats_t = column_stats.contiguous();
+  const acc_t* row_max_in = row_t.data_ptr<acc_t>();
+  const acc_t* row_log_sum_in = row_max_in + N;
+  const acc_t* column_max = stats_t.data_ptr<acc_t>();
+  const acc_t* column_log_sum = column_max + C;
+  const acc_t* sigma_coef = column_max + 2 * C;
+  const acc_t* target_coef = column_max + 3 * C;
   const acc_t g = *grad_loss.to(args.accumulate_type).data_ptr<acc_t>();
-  const acc_t count = *num_valid.to(args.accumulate_type).data_ptr<acc_t>();
+  const acc_t count = static_cast<acc_t>(*num_valid.to(at::kLong).data_ptr<int64_t>());
   const bool with_ce = args.ce_weight != 0.0;
   const acc_t ce_coef = with_ce ? g * static_cast<acc_t>(args.ce_weight) / count : acc_t(0);
 
-  // sigma_ic = exp(z_ic - column_lse_c) = p_ic * exp(lse_i - G) * exp(G - a_c), a_c = column_lse_c + lp_c:
-  // as in the forward, one exponential per element serves both softmaxes for the rows whose lse_i
-  // lies with every a_c within kSharedExpSpread; the per-class factor times g * sigma_coef_c is
-  // computed once per call.
+  // sigma_ic = exp((z_ic - M_c) - L_c) = p_ic * exp(lse_i - G) * exp(G - a_c), a_c = M_c + L_c + lp_c,
+  // lse_i = m_i + log_sum_i: as in the forward, one exponential per element serves both softmaxes
+  // for the rows whose lse_i lies with every a_c within kSharedExpSpread; the per-class factor times
+  // g * sigma_coef_c is computed once per call. The factors subtract the maxima first
+  // ((m_i - G) + log_sum_i, ((G - M_c) - lp_c) - L_c), so no rounded lse enters at |z| ~ 1e6.
   acc_t lo = -math::negative_infinity<acc_t>(), hi = math::negative_infinity<acc_t>();
   for (int64_t c = 0; c < C && with_ce; ++c) {
-    const acc_t a_c = log_prior[c] - column_offset[c];
+    const acc_t a_c = log_prior[c] + column_max[c] + column_log_sum[c];  // only to pick the regime
     lo = std::min(lo, a_c);
     hi = std::max(hi, a_c);
   }
@@ -286,7 +298,7 @@ at::Tensor backward_kernel(const LadeArgs& args, const at::Tensor& grad_loss, co
   const acc_t center = (lo + hi) / 2;
   std::vector<acc_t> shared_coef(classes_shared ? C : 0);
   for (int64_t c = 0; c < static_cast<int64_t>(shared_coef.size()); ++c) {
-    shared_coef[c] = g * sigma_coef[c] * std::exp(center - (log_prior[c] - column_offset[c]));
+    shared_coef[c] = g * sigma_coef[c] * std::exp(((center - column_max[c]) - log_prior[c]) - column_log_sum[c]);
   }
 
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
@@ -299,13 +311,15 @@ at::Tensor backward_kernel(const LadeArgs& args, const at::Tensor& grad_loss, co
         std::fill(grad_row, grad_row + C, scalar_t(0));
         continue;
       }
-      const acc_t lse = lse_in[i];
-      if (with_ce && lse != lse) {  // NaN/inf in the row: NaN gradients, as F.cross_entropy
-        std::fill(grad_row, grad_row + C, static_cast<scalar_t>(lse));
+      const math::RowLogSumExp<acc_t> row{row_max_in[i], row_log_sum_in[i]};
+      if (with_ce && math::row_is_nan(row)) {  // NaN/inf in the row: NaN gradients, as F.cross_entropy
+        std::fill(grad_row, grad_row + C, static_cast<scalar_t>(row.log_sum));
         continue;
       }
+      const acc_t lse = row.max + row.log_sum;  // only to pick the regime
       const bool shared = classes_shared && std::isfinite(lse) && std::max(hi, lse) - std::min(lo, lse) <= kSharedExpSpread;
-      const Vec vlse(lse), vrow_scale(shared ? std::exp(lse - center) : acc_t(0));
+      const Vec vrow_max(row.max), vrow_log_sum(row.log_sum),
+          vrow_scale(shared ? std::exp((row.max - center) + row.log_sum) : acc_t(0));
       for (int64_t start = 0; start < C; start += kTileClasses) {
         const int64_t len = std::min(kTileClasses, C - start);
         const acc_t* source;
@@ -318,26 +332,32 @@ at::Tensor backward_kernel(const LadeArgs& args, const at::Tensor& grad_loss, co
           source = out = tile.data();
         }
         const acc_t* lp = log_prior + start;
-        const acc_t* offset = column_offset + start;
+        const acc_t* cmax = column_max + start;
+        const acc_t* clog_sum = column_log_sum + start;
         const acc_t* coef = sigma_coef + start;
         int64_t c = 0;
         if (shared) {
           const acc_t* scoef = shared_coef.data() + start;
           for (; c + Vec::size() <= len; c += Vec::size()) {
-            const Vec p = vec_exp(math::adjusted_logit(Vec::loadu(source + c), Vec::loadu(lp + c)) - vlse);
+            const Vec a = math::adjusted_logit(Vec::loadu(source + c), Vec::loadu(lp + c));
+            const Vec p = vec_exp(math::log_softmax_of(a, vrow_max, vrow_log_sum));
             (p * (vce + Vec::loadu(scoef + c) * vrow_scale)).store(out + c);
           }
         } else {
           for (; c + Vec::size() <= len; c += Vec::size()) {
             const Vec z = Vec::loadu(source + c);
-            Vec value = vg * Vec::loadu(coef + c) * vec_exp(z + Vec::loadu(offset + c));
-            if (with_ce) value = value + vce * vec_exp(math::adjusted_logit(z, Vec::loadu(lp + c)) - vlse);
+            const Vec sigma = vec_exp(math::log_softmax_of(z, Vec::loadu(cmax + c), Vec::loadu(clog_sum + c)));
+            Vec value = vg * Vec::loadu(coef + c) * sigma;
+            if (with_ce) {
+              const Vec a = math::adjusted_logit(z, Vec::loadu(lp + c));
+              value = value + vce * vec_exp(math::log_softmax_of(a, vrow_max, vrow_log_sum));
+            }
             value.store(out + c);
           }
         }
         for (; c < len; ++c) {
-          acc_t value = g * coef[c] * std::exp(source[c] + offset[c]);
-          if (with_ce) value += ce_coef * std::exp(math::adjusted_logit(source[c], lp[c]) - lse);
+          acc_t value = g * coef[c] * std::exp(math::log_softmax_of(source[c], cmax[c], clog_sum[c]));
+          if (with_ce) value += ce_coef * math::softmax_probability(math::adjusted_logit(source[c], lp[c]), row);
           out[c] = value;
         }
         if (y >= start && y < start + len) out[y - start] -= ce_coef + g * target_coef[y];
@@ -359,11 +379,11 @@ LadeForwardResult lade_forward_cpu(const LadeArgs& args) {
   return result;
 }
 
-at::Tensor lade_backward_cpu(const LadeArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_lse,
+at::Tensor lade_backward_cpu(const LadeArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
                              const at::Tensor& column_stats, const at::Tensor& num_valid) {
   at::Tensor result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(), "ltfast_lade_backward_cpu",
-                                  [&] { result = backward_kernel<scalar_t>(args, grad_loss, row_lse, column_stats, num_valid); });
+                                  [&] { result = backward_kernel<scalar_t>(args, grad_loss, row_stats, column_stats, num_valid); });
   return result;
 }
 
