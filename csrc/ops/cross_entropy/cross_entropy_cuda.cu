@@ -40,7 +40,7 @@ ForwardResult forward(const CrossEntropyArgs& args) {
   const auto acc_options = args.logits.options().dtype(args.accumulate_type);
   const bool none = args.reduction == Reduction::None;
   at::Tensor row_loss = at::empty({args.num_rows}, acc_options);
-  at::Tensor row_lse = at::empty({args.num_rows}, acc_options);
+  at::Tensor row_stats = at::empty({2, args.num_rows}, acc_options);  // layout: cross_entropy.h
   at::Tensor loss = none ? row_loss : at::empty({}, acc_options);
   at::Tensor denominator = at::empty({}, acc_options);
   if (none && args.num_rows == 0) denominator.fill_(1.0);
@@ -49,26 +49,26 @@ ForwardResult forward(const CrossEntropyArgs& args) {
     using acc_t = at::opmath_type<scalar_t>;
     cross_entropy_kernels::launch_forward<scalar_t>(
         args.logits.data_ptr<scalar_t>(), make_params<acc_t>(args), row_loss.data_ptr<acc_t>(),
-        row_lse.data_ptr<acc_t>(), none ? denominator.data_ptr<acc_t>() : nullptr, !none,
+        row_stats.data_ptr<acc_t>(), none ? denominator.data_ptr<acc_t>() : nullptr, !none,
         args.reduction == Reduction::Mean, loss.data_ptr<acc_t>(), denominator.data_ptr<acc_t>(),
         gpu::current_stream());
   });
-  return {loss, row_lse, denominator};
+  return {loss, row_stats, denominator};
 }
 
-at::Tensor backward(const CrossEntropyArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_lse,
+at::Tensor backward(const CrossEntropyArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
                     const at::Tensor& denominator) {
   gpu::DeviceGuard guard(args.logits.device());
   at::Tensor grad_logits = at::empty_like(args.logits, at::MemoryFormat::Contiguous);
   if (args.num_rows == 0) return grad_logits;
   const at::Tensor grad = grad_loss.to(args.accumulate_type).contiguous();
-  const at::Tensor lse = row_lse.contiguous();
+  const at::Tensor stats = row_stats.contiguous();
   const at::Tensor denom = denominator.to(args.accumulate_type).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(),
                                   "ltfast_cross_entropy_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cross_entropy_kernels::launch_backward<scalar_t>(
-        args.logits.data_ptr<scalar_t>(), make_params<acc_t>(args), lse.data_ptr<acc_t>(), grad.data_ptr<acc_t>(),
+        args.logits.data_ptr<scalar_t>(), make_params<acc_t>(args), stats.data_ptr<acc_t>(), grad.data_ptr<acc_t>(),
         args.reduction == Reduction::None, denom.data_ptr<acc_t>(), grad_logits.data_ptr<scalar_t>(),
         gpu::current_stream());
   });
@@ -80,8 +80,8 @@ at::Tensor backward(const CrossEntropyArgs& args, const at::Tensor& grad_loss, c
 ForwardResult cross_entropy_forward_cuda(const CrossEntropyArgs& args) { return cross_entropy_cuda::forward(args); }
 
 at::Tensor cross_entropy_backward_cuda(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
-                                       const at::Tensor& row_lse, const at::Tensor& denominator) {
-  return cross_entropy_cuda::backward(args, grad_loss, row_lse, denominator);
+                                       const at::Tensor& row_stats, const at::Tensor& denominator) {
+  return cross_entropy_cuda::backward(args, grad_loss, row_stats, denominator);
 }
 
 LTFAST_GPU_LIBRARY_IMPL(m) {

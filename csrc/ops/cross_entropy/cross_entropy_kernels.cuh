@@ -119,7 +119,7 @@ template <typename scalar_t, int GROUP>
 __global__ void __launch_bounds__(kBlockThreads)
     forward_rows_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
                         at::opmath_type<scalar_t>* __restrict__ row_loss,
-                        at::opmath_type<scalar_t>* __restrict__ row_lse,
+                        at::opmath_type<scalar_t>* __restrict__ row_stats,
                         at::opmath_type<scalar_t>* __restrict__ unit_denominator) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
@@ -141,7 +141,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     if (y == p.ignore_index) {
       if (lane == 0) {
         row_loss[row] = acc_t(0);
-        row_lse[row] = acc_t(0);
+        row_stats[row] = acc_t(0);
+        row_stats[p.num_rows + row] = acc_t(0);
       }
       continue;
     }
@@ -183,9 +184,10 @@ __global__ void __launch_bounds__(kBlockThreads)
     if (lane == 0) {
       auto cfg = p.cfg;
       if (sum_weights) cfg.total_weight = weight_sum;
-      const acc_t lse = math::finish_log_sum_exp(state);
-      row_lse[row] = lse;
-      row_loss[row] = math::row_loss(cfg, lse, target_logit, p.weight ? p.weight[y] : acc_t(1), offset_sum);
+      const math::RowLogSumExp<acc_t> finished = math::finish_row(state);
+      row_stats[row] = finished.max;
+      row_stats[p.num_rows + row] = finished.log_sum;
+      row_loss[row] = math::row_loss(cfg, finished, target_logit, p.weight ? p.weight[y] : acc_t(1), offset_sum);
     }
   }
 }
@@ -225,7 +227,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 template <typename scalar_t, int GROUP>
 __global__ void __launch_bounds__(kBlockThreads)
     backward_rows_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
-                         const at::opmath_type<scalar_t>* __restrict__ row_lse,
+                         const at::opmath_type<scalar_t>* __restrict__ row_stats,
                          const at::opmath_type<scalar_t>* __restrict__ grad_loss, bool per_row_grad,
                          const at::opmath_type<scalar_t>* __restrict__ denominator,
                          scalar_t* __restrict__ grad_logits) {
@@ -248,6 +250,11 @@ __global__ void __launch_bounds__(kBlockThreads)
       continue;
     }
     CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
+    const math::RowLogSumExp<acc_t> stats{row_stats[row], row_stats[p.num_rows + row]};
+    if (math::row_is_nan(stats)) {  // NaN/inf in the row: every gradient is NaN, as in F.cross_entropy
+      for (int64_t c = lane; c < C; c += GROUP) g[c] = static_cast<scalar_t>(stats.log_sum);
+      continue;  // row-uniform: the whole group (for block groups, the block) takes this branch
+    }
     const scalar_t* z = logits + row * C;
     auto cfg = p.cfg;
     if (sum_weights) {  // W = sum_c w_c from the [C] vector (L2-resident), only with smoothing
@@ -257,11 +264,10 @@ __global__ void __launch_bounds__(kBlockThreads)
       group_reduce<GROUP>(unused, weight_sum, unused_sum, scratch_state, scratch_a, scratch_b);
       cfg.total_weight = weight_sum;
     }
-    const acc_t lse = row_lse[row];
     const acc_t target_logit = target_logit_of(z, p, y);
     const acc_t scale = per_row_grad ? grad_loss[row] : shared_scale;
     const uint32_t row_key = seql_row_key(p, row);
-    const auto coef = math::row_gradient_coefficients(cfg, scale, lse, target_logit,
+    const auto coef = math::row_gradient_coefficients(cfg, scale, stats, target_logit,
                                                       p.weight ? p.weight[y] : acc_t(1));
     for (int64_t base = lane; base < C; base += int64_t(GROUP) * kUnroll) {
       acc_t a[kUnroll];
@@ -274,7 +280,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       for (int k = 0; k < kUnroll; ++k) {
         const int64_t c = base + int64_t(k) * GROUP;
         if (c < C) {
-          acc_t grad = math::element_gradient(math::exp_fn(a[k] - lse), coef.prob_coef, coef.class_coef,
+          acc_t grad = math::element_gradient(math::softmax_probability(a[k], stats), coef.prob_coef, coef.class_coef,
                                               p.weight ? p.weight[c] : acc_t(1));
           if (c == y) grad -= coef.target_coef;
           if (seql_dropped(p, row_key, c, y)) grad = acc_t(0);  // dropped: exactly zero gradient
@@ -292,22 +298,22 @@ inline unsigned grid_for(int64_t num_rows, int rows_per_block) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(1) << 30)));
 }
 
-// Forward: per-row loss and log-sum-exp, then (unless `reduction_mean_or_sum` is null) the scalar
+// Forward: per-row loss and row_stats [2, N] (row max, log-sum offset), then (unless `reduction_mean_or_sum` is null) the scalar
 // loss and its denominator. `unit_denominator` (reduction 'none') receives 1.
 template <typename scalar_t>
 void launch_forward(const scalar_t* logits, const KernelParams<at::opmath_type<scalar_t>>& p,
-                    at::opmath_type<scalar_t>* row_loss, at::opmath_type<scalar_t>* row_lse,
+                    at::opmath_type<scalar_t>* row_loss, at::opmath_type<scalar_t>* row_stats,
                     at::opmath_type<scalar_t>* unit_denominator, bool reduce, bool mean,
                     at::opmath_type<scalar_t>* loss, at::opmath_type<scalar_t>* denominator, gpu::Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   if (p.num_rows > 0) {
     if (p.num_classes <= kWarpRowMaxClasses) {
       gpu::launch("cross_entropy forward_rows_kernel<warp>", &forward_rows_kernel<scalar_t, 32>,
-                  grid_for(p.num_rows, kBlockThreads / 32), kBlockThreads, stream, logits, p, row_loss, row_lse,
+                  grid_for(p.num_rows, kBlockThreads / 32), kBlockThreads, stream, logits, p, row_loss, row_stats,
                   unit_denominator);
     } else {
       gpu::launch("cross_entropy forward_rows_kernel<block>", &forward_rows_kernel<scalar_t, kBlockThreads>,
-                  grid_for(p.num_rows, 1), kBlockThreads, stream, logits, p, row_loss, row_lse, unit_denominator);
+                  grid_for(p.num_rows, 1), kBlockThreads, stream, logits, p, row_loss, row_stats, unit_denominator);
     }
   }
   if (reduce) {
@@ -318,17 +324,17 @@ void launch_forward(const scalar_t* logits, const KernelParams<at::opmath_type<s
 
 template <typename scalar_t>
 void launch_backward(const scalar_t* logits, const KernelParams<at::opmath_type<scalar_t>>& p,
-                     const at::opmath_type<scalar_t>* row_lse, const at::opmath_type<scalar_t>* grad_loss,
+                     const at::opmath_type<scalar_t>* row_stats, const at::opmath_type<scalar_t>* grad_loss,
                      bool per_row_grad, const at::opmath_type<scalar_t>* denominator, scalar_t* grad_logits,
                      gpu::Stream stream) {
   if (p.num_rows == 0) return;
   if (p.num_classes <= kWarpRowMaxClasses) {
     gpu::launch("cross_entropy backward_rows_kernel<warp>", &backward_rows_kernel<scalar_t, 32>,
-                grid_for(p.num_rows, kBlockThreads / 32), kBlockThreads, stream, logits, p, row_lse, grad_loss,
+                grid_for(p.num_rows, kBlockThreads / 32), kBlockThreads, stream, logits, p, row_stats, grad_loss,
                 per_row_grad, denominator, grad_logits);
   } else {
     gpu::launch("cross_entropy backward_rows_kernel<block>", &backward_rows_kernel<scalar_t, kBlockThreads>,
-                grid_for(p.num_rows, 1), kBlockThreads, stream, logits, p, row_lse, grad_loss, per_row_grad,
+                grid_for(p.num_rows, 1), kBlockThreads, stream, logits, p, row_stats, grad_loss, per_row_grad,
                 denominator, grad_logits);
   }
 }

@@ -17,13 +17,6 @@ namespace equalization_kernels {
 
 constexpr int kThreads = 256;
 
-template <typename acc_t>
-__device__ acc_t element_loss(acc_t z, bool is_target, bool tail) {
-  if (math::eql_suppressed(tail, is_target)) return acc_t(0);
-  const acc_t y = is_target ? acc_t(1) : acc_t(0);
-  return math::bce_linear_part(z, y) + log1p(math::exp_fn(z > acc_t(0) ? -z : z));
-}
-
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     forward_rows_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
@@ -37,7 +30,9 @@ __global__ void __launch_bounds__(kThreads)
     if (y != ignore_index) {
       CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
       for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-        sum += element_loss(static_cast<acc_t>(logits[row * C + c]), c == y, tail[c] != 0);
+        // Per-element semantics (non-finite logits, suppressed entries exactly 0): softmax_math.h.
+        sum += math::eql_element_loss(static_cast<acc_t>(logits[row * C + c]), c == y,
+                                      math::eql_suppressed(tail[c] != 0, c == y));
       }
     }
     partial[threadIdx.x] = sum;
@@ -93,8 +88,9 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t scale = y == ignore_index ? acc_t(0) : (per_row ? grad_loss[row] : grad_loss[0] / denominator[0]);
     for (int64_t c = threadIdx.x; c < C; c += kThreads) {
       acc_t g = acc_t(0);
-      if (y != ignore_index && !math::eql_suppressed(tail[c] != 0, c == y)) {
-        g = scale * (math::sigmoid_fn(static_cast<acc_t>(logits[row * C + c])) - (c == y ? acc_t(1) : acc_t(0)));
+      const bool suppressed = math::eql_suppressed(tail[c] != 0, c == y);
+      if (y != ignore_index && !suppressed) {  // suppressed: exactly 0, the logit is never read
+        g = scale * math::eql_element_gradient(static_cast<acc_t>(logits[row * C + c]), c == y, false);
       }
       grad_logits[row * C + c] = static_cast<scalar_t>(g);
     }

@@ -19,7 +19,7 @@ LadeForwardResult forward(const LadeArgs& args) {
   const int64_t N = args.num_rows, C = args.num_classes;
   const auto acc_options = args.logits.options().dtype(args.accumulate_type);
   const bool with_ce = args.ce_weight != 0.0;
-  at::Tensor row_nll, row_lse;
+  at::Tensor row_nll, row_stats;
   if (with_ce) {  // PriorCE rows: the cross-entropy family's row kernel with adjustment = log_prior
     CrossEntropyArgs ce;
     ce.logits = args.logits;
@@ -32,44 +32,47 @@ LadeForwardResult forward(const LadeArgs& args) {
     ce.accumulate_type = args.accumulate_type;
     auto rows = cross_entropy_forward_cuda(ce);
     row_nll = std::get<0>(rows);
-    row_lse = std::get<1>(rows);
+    row_stats = std::get<1>(rows);  // [2, N]: row max and log-sum offset (layout: lade.h)
   } else {
-    row_lse = at::zeros({N}, acc_options);
+    row_stats = at::zeros({2, N}, acc_options);
   }
   const int64_t num_blocks = lade_kernels::row_blocks_for(N);
-  at::Tensor partials = at::empty({4, num_blocks, C}, acc_options);
-  at::Tensor column_stats = at::empty({3, C}, acc_options);
+  at::Tensor partials = at::empty({3, num_blocks, C}, acc_options);
+  at::Tensor count_partials = at::empty({num_blocks, C}, acc_options.dtype(at::kLong));
+  at::Tensor column_stats = at::empty({4, C}, acc_options);
   at::Tensor loss = at::empty({}, acc_options);
-  at::Tensor num_valid = at::empty({}, acc_options);
+  at::Tensor num_valid = at::empty({}, acc_options.dtype(at::kLong));
   if (N == 0) {  // empty column states for the finishing kernel
     partials.select(0, 0).fill_(-std::numeric_limits<double>::infinity());
-    partials.narrow(0, 1, 3).zero_();
+    partials.narrow(0, 1, 2).zero_();
+    count_partials.zero_();
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(), "ltfast_lade_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     lade_kernels::launch_forward<scalar_t>(
         args.logits.data_ptr<scalar_t>(), args.target.data_ptr<int64_t>(), args.log_prior.data_ptr<acc_t>(),
         with_ce ? row_nll.data_ptr<acc_t>() : nullptr, N, C, args.ignore_index, args.ce_weight, args.alpha,
-        args.remine_lambda, lade_balanced_log_prior(C), partials.data_ptr<acc_t>(), loss.data_ptr<acc_t>(),
-        column_stats.data_ptr<acc_t>(), num_valid.data_ptr<acc_t>(), gpu::current_stream());
+        args.remine_lambda, lade_balanced_log_prior(C), partials.data_ptr<acc_t>(),
+        count_partials.data_ptr<int64_t>(), loss.data_ptr<acc_t>(), column_stats.data_ptr<acc_t>(),
+        num_valid.data_ptr<int64_t>(), gpu::current_stream());
   });
-  return {loss, row_lse, column_stats, num_valid};
+  return {loss, row_stats, column_stats, num_valid};
 }
 
-at::Tensor backward(const LadeArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_lse,
+at::Tensor backward(const LadeArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
                     const at::Tensor& column_stats, const at::Tensor& num_valid) {
   gpu::DeviceGuard guard(args.logits.device());
   at::Tensor grad_logits = at::empty_like(args.logits, at::MemoryFormat::Contiguous);
   if (args.num_rows == 0) return grad_logits;
   const at::Tensor grad = grad_loss.to(args.accumulate_type).contiguous();
-  const at::Tensor lse = row_lse.contiguous(), stats = column_stats.contiguous();
-  const at::Tensor count = num_valid.to(args.accumulate_type).contiguous();
+  const at::Tensor rows = row_stats.contiguous(), columns = column_stats.contiguous();
+  const at::Tensor count = num_valid.to(at::kLong).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(), "ltfast_lade_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     lade_kernels::launch_backward<scalar_t>(
         args.logits.data_ptr<scalar_t>(), args.target.data_ptr<int64_t>(), args.log_prior.data_ptr<acc_t>(),
-        lse.data_ptr<acc_t>(), stats.data_ptr<acc_t>(), grad.data_ptr<acc_t>(), count.data_ptr<acc_t>(),
-        args.num_rows, args.num_classes, args.ignore_index, static_cast<float>(args.ce_weight),
+        rows.data_ptr<acc_t>(), columns.data_ptr<acc_t>(), grad.data_ptr<acc_t>(), count.data_ptr<int64_t>(),
+        args.num_rows, args.num_classes, args.ignore_index, args.ce_weight,
         grad_logits.data_ptr<scalar_t>(), gpu::current_stream());
   });
   return grad_logits;
@@ -79,9 +82,9 @@ at::Tensor backward(const LadeArgs& args, const at::Tensor& grad_loss, const at:
 
 LadeForwardResult lade_forward_cuda(const LadeArgs& args) { return lade_cuda::forward(args); }
 
-at::Tensor lade_backward_cuda(const LadeArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_lse,
+at::Tensor lade_backward_cuda(const LadeArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
                               const at::Tensor& column_stats, const at::Tensor& num_valid) {
-  return lade_cuda::backward(args, grad_loss, row_lse, column_stats, num_valid);
+  return lade_cuda::backward(args, grad_loss, row_stats, column_stats, num_valid);
 }
 
 LTFAST_GPU_LIBRARY_IMPL(m) {
