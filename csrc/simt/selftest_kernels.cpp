@@ -132,6 +132,17 @@ at::Tensor selftest(c10::string_view name_view, int64_t blocks, int64_t threads)
   return out;
 }
 
+// __expf of each element as the emulated kernels see it (csrc/simt/simt.h).
+at::Tensor selftest_expf(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "ltfast_simt.selftest_expf: x must be float32");
+  at::Tensor input = x.contiguous();
+  at::Tensor out = at::empty_like(input);
+  const float* in = input.data_ptr<float>();
+  float* result = out.data_ptr<float>();
+  for (int64_t i = 0; i < input.numel(); ++i) result[i] = __expf(in[i]);
+  return out;
+}
+
 }  // namespace simt_selftest
 }  // namespace ltfast
 
@@ -139,4 +150,5 @@ at::Tensor selftest(c10::string_view name_view, int64_t blocks, int64_t threads)
 TORCH_LIBRARY_FRAGMENT(ltfast_simt, m) {
   m.def("selftest(str name, int blocks, int threads) -> Tensor",
         &ltfast::simt::Scheduled<&ltfast::simt_selftest::selftest>::call);
+  m.def("selftest_expf(Tensor x) -> Tensor", &ltfast::simt_selftest::selftest_expf);
 }
