@@ -65,6 +65,16 @@ ForwardResult cross_entropy_forward_cpu(const CrossEntropyArgs& args);
 at::Tensor cross_entropy_backward_cpu(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
                                       const at::Tensor& row_stats, const at::Tensor& denominator);
 ForwardResult cross_entropy_forward_cuda(const CrossEntropyArgs& args);
+
+// The CUDA row kernel alone (LADE's PriorCE rows): row_loss [N], row_stats [2, N] and the row
+// blocks' partial sums, double [2, blocks] (row 0: the loss sum of the block's rows, row 1: their
+// target-weight sum, i.e. the number of non-ignored rows without class weights).
+struct CrossEntropyRows {
+  at::Tensor row_loss;
+  at::Tensor row_stats;
+  at::Tensor partials;
+};
+CrossEntropyRows cross_entropy_rows_cuda(const CrossEntropyArgs& args);
 at::Tensor cross_entropy_backward_cuda(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
                                        const at::Tensor& row_stats, const at::Tensor& denominator);
 

@@ -35,6 +35,14 @@ KernelParams<acc_t> make_params(const CrossEntropyArgs& args) {
   return p;
 }
 
+// Block partials of the row kernel (double [2, blocks]: loss and target-weight sums), zeros when
+// there are no rows (the kernel then does not run and the finish adds zeros).
+at::Tensor row_partials(const CrossEntropyArgs& args) {
+  const int64_t blocks = cross_entropy_kernels::row_kernel_blocks(args.num_rows, args.num_classes);
+  const auto options = args.logits.options().dtype(at::kDouble);
+  return args.num_rows == 0 ? at::zeros({2, blocks}, options) : at::empty({2, blocks}, options);
+}
+
 ForwardResult forward(const CrossEntropyArgs& args) {
   gpu::DeviceGuard guard(args.logits.device());
   const auto acc_options = args.logits.options().dtype(args.accumulate_type);
@@ -43,6 +51,7 @@ ForwardResult forward(const CrossEntropyArgs& args) {
   at::Tensor row_stats = at::empty({2, args.num_rows}, acc_options);  // layout: cross_entropy.h
   at::Tensor loss = none ? row_loss : at::empty({}, acc_options);
   at::Tensor denominator = at::empty({}, acc_options);
+  at::Tensor partials = none ? at::Tensor() : row_partials(args);
   if (none && args.num_rows == 0) denominator.fill_(1.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(),
                                   "ltfast_cross_entropy_forward_cuda", [&] {
@@ -50,10 +59,27 @@ ForwardResult forward(const CrossEntropyArgs& args) {
     cross_entropy_kernels::launch_forward<scalar_t>(
         args.logits.data_ptr<scalar_t>(), make_params<acc_t>(args), row_loss.data_ptr<acc_t>(),
         row_stats.data_ptr<acc_t>(), none ? denominator.data_ptr<acc_t>() : nullptr, !none,
-        args.reduction == Reduction::Mean, loss.data_ptr<acc_t>(), denominator.data_ptr<acc_t>(),
-        gpu::current_stream());
+        args.reduction == Reduction::Mean, none ? nullptr : partials.data_ptr<double>(), loss.data_ptr<acc_t>(),
+        denominator.data_ptr<acc_t>(), gpu::current_stream());
   });
   return {loss, row_stats, denominator};
+}
+
+CrossEntropyRows rows(const CrossEntropyArgs& args) {
+  gpu::DeviceGuard guard(args.logits.device());
+  const auto acc_options = args.logits.options().dtype(args.accumulate_type);
+  CrossEntropyRows out;
+  out.row_loss = at::empty({args.num_rows}, acc_options);
+  out.row_stats = at::empty({2, args.num_rows}, acc_options);
+  out.partials = row_partials(args);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(),
+                                  "ltfast_cross_entropy_rows_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cross_entropy_kernels::launch_forward_rows<scalar_t>(
+        args.logits.data_ptr<scalar_t>(), make_params<acc_t>(args), out.row_loss.data_ptr<acc_t>(),
+        out.row_stats.data_ptr<acc_t>(), nullptr, out.partials.data_ptr<double>(), gpu::current_stream());
+  });
+  return out;
 }
 
 at::Tensor backward(const CrossEntropyArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
@@ -78,6 +104,8 @@ at::Tensor backward(const CrossEntropyArgs& args, const at::Tensor& grad_loss, c
 }  // namespace cross_entropy_cuda
 
 ForwardResult cross_entropy_forward_cuda(const CrossEntropyArgs& args) { return cross_entropy_cuda::forward(args); }
+
+CrossEntropyRows cross_entropy_rows_cuda(const CrossEntropyArgs& args) { return cross_entropy_cuda::rows(args); }
 
 at::Tensor cross_entropy_backward_cuda(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
                                        const at::Tensor& row_stats, const at::Tensor& denominator) {

@@ -3,12 +3,14 @@
 // the SIMT emulator's test library. The arithmetic is csrc/common/softmax_math.h, shared with the
 // CPU kernels; this file holds only the parallel decomposition.
 //
-// One "group" of threads owns a row: a warp when C <= 1024 (8 rows per 256-thread block), the
-// whole block otherwise. Forward streams the row once with an online softmax (the row max and
-// exp-sum merged chunk by chunk), reduces the group's partial states with warp shuffles and, for
-// block groups, a fixed-order pass over shared memory, so results are bit-identical run to run.
-// Backward streams the row once more and writes the gradient once. No host synchronisation:
-// grad_output and the mean's denominator are read from device memory by the kernels.
+// A "group" of threads owns a row (gpu_reduce::with_row_group): 8 lanes for C <= 32, a warp for
+// C <= 1024, the whole block otherwise. Forward streams the row once with an online softmax (the
+// row max and exp-sum merged chunk by chunk), reduces the group's partial states with shuffles
+// and, for block groups, a fixed-order pass over shared memory. For 'mean'/'sum' each block also
+// writes its rows' loss and weight sums (fixed order) and one small block adds those partials:
+// two launches, deterministic, no serial pass over N in one block. Backward streams the row once
+// more and writes the gradient once. No host synchronisation: grad_output and the mean's
+// denominator are read from device memory by the kernels.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -17,23 +19,17 @@
 #include <cstdint>
 
 #include "../../common/gpu_kernel.h"
+#include "../../common/gpu_reduce.cuh"
 #include "../../common/softmax_math.h"
 
 namespace ltfast {
 namespace cross_entropy_kernels {
 
-constexpr int kBlockThreads = 256;
+using gpu_reduce::kBlockThreads;
 constexpr int kWarpsPerBlock = kBlockThreads / 32;
 // Elements each thread keeps in flight per iteration: 4 independent loads hide DRAM latency
 // while the online-softmax merge costs one extra exp per 4 elements.
 constexpr int kUnroll = 4;
-// Rows of at most this many classes go to one warp; wider rows to a whole block.
-constexpr int64_t kWarpRowMaxClasses = 1024;
-
-template <typename T>
-__device__ __forceinline__ T shuffle_xor(T value, int offset) {
-  return __shfl_xor_sync(0xffffffffu, value, offset);
-}
 
 // Reduces a softmax state and two plain sums over the GROUP threads that own a row; every thread
 // of the group gets the result. Fixed reduction order: deterministic. The scratch arrays are
@@ -45,10 +41,11 @@ __device__ __forceinline__ void group_reduce(math::SoftmaxState<T>& state, T& su
   constexpr int kWarpWidth = GROUP < 32 ? GROUP : 32;
 #pragma unroll
   for (int offset = kWarpWidth / 2; offset > 0; offset /= 2) {
-    math::SoftmaxState<T> other{shuffle_xor(state.max, offset), shuffle_xor(state.sum, offset)};
+    math::SoftmaxState<T> other{gpu_reduce::group_shuffle_xor<GROUP>(state.max, offset),
+                                gpu_reduce::group_shuffle_xor<GROUP>(state.sum, offset)};
     state = math::merge_softmax_states(state, other);
-    sum_a += shuffle_xor(sum_a, offset);
-    sum_b += shuffle_xor(sum_b, offset);
+    sum_a += gpu_reduce::group_shuffle_xor<GROUP>(sum_a, offset);
+    sum_b += gpu_reduce::group_shuffle_xor<GROUP>(sum_b, offset);
   }
   if constexpr (GROUP > 32) {
     constexpr int kWarps = GROUP / 32;
@@ -120,12 +117,16 @@ __global__ void __launch_bounds__(kBlockThreads)
     forward_rows_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
                         at::opmath_type<scalar_t>* __restrict__ row_loss,
                         at::opmath_type<scalar_t>* __restrict__ row_stats,
-                        at::opmath_type<scalar_t>* __restrict__ unit_denominator) {
+                        at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   LTFAST_SHARED_ARRAY(math::SoftmaxState<acc_t>, scratch_state, kWarpsPerBlock);
   LTFAST_SHARED_ARRAY(acc_t, scratch_a, kWarpsPerBlock);
   LTFAST_SHARED_ARRAY(acc_t, scratch_b, kWarpsPerBlock);
+  LTFAST_SHARED_ARRAY(double, partial_loss, kRowsPerBlock);
+  LTFAST_SHARED_ARRAY(double, partial_weight, kRowsPerBlock);
+  // This group's rows, summed by its lane 0 in row order (only read when partials are requested).
+  double group_loss = 0.0, group_weight = 0.0;
   const int lane = threadIdx.x % GROUP;
   const int64_t C = p.num_classes;
   const bool smoothing = p.cfg.label_smoothing != acc_t(0);
@@ -185,41 +186,32 @@ __global__ void __launch_bounds__(kBlockThreads)
       auto cfg = p.cfg;
       if (sum_weights) cfg.total_weight = weight_sum;
       const math::RowLogSumExp<acc_t> finished = math::finish_row(state);
+      const acc_t target_weight = p.weight ? p.weight[y] : acc_t(1);
+      const acc_t loss = math::row_loss(cfg, finished, target_logit, target_weight, offset_sum);
       row_stats[row] = finished.max;
       row_stats[p.num_rows + row] = finished.log_sum;
-      row_loss[row] = math::row_loss(cfg, finished, target_logit, p.weight ? p.weight[y] : acc_t(1), offset_sum);
+      row_loss[row] = loss;
+      group_loss += static_cast<double>(loss);
+      group_weight += static_cast<double>(target_weight);
     }
+  }
+  if (partials != nullptr) {
+    gpu_reduce::write_block_partials<GROUP>(group_loss, group_weight, partials, partial_loss, partial_weight);
   }
 }
 
-// Sum of the row losses and of the target weights in one block, in float64 and a fixed order.
+// The scalar loss from the row kernel's block partials (double [2, num_blocks]: loss sums, target
+// weight sums), in one block and a fixed order.
 template <typename acc_t>
 __global__ void __launch_bounds__(kBlockThreads)
-    reduce_rows_kernel(const acc_t* __restrict__ row_loss, KernelParams<acc_t> p, bool mean,
-                       acc_t* __restrict__ loss, acc_t* __restrict__ denominator) {
-  LTFAST_SHARED_ARRAY(double, totals, kBlockThreads);
-  LTFAST_SHARED_ARRAY(double, weights, kBlockThreads);
-  double total = 0.0, total_weight = 0.0;
-  for (int64_t i = threadIdx.x; i < p.num_rows; i += kBlockThreads) {
-    total += static_cast<double>(row_loss[i]);
-    const int64_t y = p.target[i];
-    if (y != p.ignore_index && y >= 0 && y < p.num_classes) {
-      total_weight += p.weight ? static_cast<double>(p.weight[y]) : 1.0;
-    }
-  }
-  totals[threadIdx.x] = total;
-  weights[threadIdx.x] = total_weight;
-  __syncthreads();
-  for (int stride = kBlockThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      totals[threadIdx.x] += totals[threadIdx.x + stride];
-      weights[threadIdx.x] += weights[threadIdx.x + stride];
-    }
-    __syncthreads();
-  }
+    finish_kernel(const double* __restrict__ partials, int64_t num_blocks, bool mean, acc_t* __restrict__ loss,
+                  acc_t* __restrict__ denominator) {
+  LTFAST_SHARED_ARRAY(double, scratch, kBlockThreads);
+  const double total = gpu_reduce::sum_in_block(partials, num_blocks, scratch);
+  const double total_weight = gpu_reduce::sum_in_block(partials + num_blocks, num_blocks, scratch);
   if (threadIdx.x == 0) {
-    const double denom = mean ? static_cast<double>(weights[0]) : 1.0;
-    *loss = static_cast<acc_t>(totals[0] / denom);
+    const double denom = mean ? total_weight : 1.0;
+    *loss = static_cast<acc_t>(total / denom);
     *denominator = static_cast<acc_t>(denom);
   }
 }
@@ -292,33 +284,43 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 // ------------------------------------------------------------------------------ launch plan
-inline unsigned grid_for(int64_t num_rows, int rows_per_block) {
-  // One block per rows_per_block rows; the kernels also loop, so capping only bounds the launch.
-  const int64_t blocks = (num_rows + rows_per_block - 1) / rows_per_block;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t(1) << 30)));
+// Blocks of the row kernels for this call (the partials buffer of forward has 2 x this many).
+inline unsigned row_kernel_blocks(int64_t num_rows, int64_t num_classes) {
+  unsigned blocks = 1;
+  gpu_reduce::with_row_group(num_classes, [&](auto group) { blocks = gpu_reduce::row_blocks(num_rows, group); });
+  return blocks;
 }
 
-// Forward: per-row loss and row_stats [2, N] (row max, log-sum offset), then (unless `reduction_mean_or_sum` is null) the scalar
-// loss and its denominator. `unit_denominator` (reduction 'none') receives 1.
+// Row kernel: per-row loss, row_stats [2, N] (row max, log-sum offset) and, when `partials` (double
+// [2, row_kernel_blocks]) is given, the blocks' loss and weight sums. `unit_denominator`
+// (reduction 'none') receives 1.
+template <typename scalar_t>
+void launch_forward_rows(const scalar_t* logits, const KernelParams<at::opmath_type<scalar_t>>& p,
+                         at::opmath_type<scalar_t>* row_loss, at::opmath_type<scalar_t>* row_stats,
+                         at::opmath_type<scalar_t>* unit_denominator, double* partials, gpu::Stream stream) {
+  if (p.num_rows == 0) return;
+  gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
+    constexpr int kGroup = decltype(group)::value;
+    gpu::launch("cross_entropy forward_rows_kernel", &forward_rows_kernel<scalar_t, kGroup>,
+                gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_loss, row_stats,
+                unit_denominator, partials);
+  });
+}
+
+// Forward: the row kernel, then (reduce) the one-block finish over its partials. With N = 0 the
+// partials are zeros filled by the caller, and the finish still writes the loss (NaN for 'mean',
+// as F.cross_entropy) and the denominator.
 template <typename scalar_t>
 void launch_forward(const scalar_t* logits, const KernelParams<at::opmath_type<scalar_t>>& p,
                     at::opmath_type<scalar_t>* row_loss, at::opmath_type<scalar_t>* row_stats,
-                    at::opmath_type<scalar_t>* unit_denominator, bool reduce, bool mean,
+                    at::opmath_type<scalar_t>* unit_denominator, bool reduce, bool mean, double* partials,
                     at::opmath_type<scalar_t>* loss, at::opmath_type<scalar_t>* denominator, gpu::Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  if (p.num_rows > 0) {
-    if (p.num_classes <= kWarpRowMaxClasses) {
-      gpu::launch("cross_entropy forward_rows_kernel<warp>", &forward_rows_kernel<scalar_t, 32>,
-                  grid_for(p.num_rows, kBlockThreads / 32), kBlockThreads, stream, logits, p, row_loss, row_stats,
-                  unit_denominator);
-    } else {
-      gpu::launch("cross_entropy forward_rows_kernel<block>", &forward_rows_kernel<scalar_t, kBlockThreads>,
-                  grid_for(p.num_rows, 1), kBlockThreads, stream, logits, p, row_loss, row_stats, unit_denominator);
-    }
-  }
+  launch_forward_rows(logits, p, row_loss, row_stats, unit_denominator, reduce ? partials : nullptr, stream);
   if (reduce) {
-    gpu::launch("cross_entropy reduce_rows_kernel", &reduce_rows_kernel<acc_t>, 1, kBlockThreads, stream,
-                static_cast<const acc_t*>(row_loss), p, mean, loss, denominator);
+    gpu::launch("cross_entropy finish_kernel", &finish_kernel<acc_t>, 1, kBlockThreads, stream,
+                static_cast<const double*>(partials), static_cast<int64_t>(row_kernel_blocks(p.num_rows, p.num_classes)),
+                mean, loss, denominator);
   }
 }
 
@@ -328,15 +330,12 @@ void launch_backward(const scalar_t* logits, const KernelParams<at::opmath_type<
                      bool per_row_grad, const at::opmath_type<scalar_t>* denominator, scalar_t* grad_logits,
                      gpu::Stream stream) {
   if (p.num_rows == 0) return;
-  if (p.num_classes <= kWarpRowMaxClasses) {
-    gpu::launch("cross_entropy backward_rows_kernel<warp>", &backward_rows_kernel<scalar_t, 32>,
-                grid_for(p.num_rows, kBlockThreads / 32), kBlockThreads, stream, logits, p, row_stats, grad_loss,
+  gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
+    constexpr int kGroup = decltype(group)::value;
+    gpu::launch("cross_entropy backward_rows_kernel", &backward_rows_kernel<scalar_t, kGroup>,
+                gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_stats, grad_loss,
                 per_row_grad, denominator, grad_logits);
-  } else {
-    gpu::launch("cross_entropy backward_rows_kernel<block>", &backward_rows_kernel<scalar_t, kBlockThreads>,
-                grid_for(p.num_rows, 1), kBlockThreads, stream, logits, p, row_stats, grad_loss, per_row_grad,
-                denominator, grad_logits);
-  }
+  });
 }
 
 }  // namespace cross_entropy_kernels

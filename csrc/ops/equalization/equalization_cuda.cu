@@ -18,12 +18,21 @@ EqualizationForwardResult forward(const EqualizationArgs& args) {
   at::Tensor denominator = at::empty({}, options);
   const bool none = args.reduction == Reduction::None;
   at::Tensor loss = none ? row_loss : at::empty({}, options);
+  at::Tensor partials;  // the row blocks' loss sums and row counts, double [2, blocks]
+  if (!none) {
+    const int64_t blocks = equalization_kernels::row_kernel_blocks(args.num_rows, args.num_classes);
+    const auto double_options = options.dtype(at::kDouble);
+    partials = args.num_rows == 0 ? at::zeros({2, blocks}, double_options) : at::empty({2, blocks}, double_options);
+  } else if (args.num_rows == 0) {
+    denominator.fill_(1.0);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(), "ltfast_eql_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     equalization_kernels::launch_forward<scalar_t>(
         args.logits.data_ptr<scalar_t>(), args.target.data_ptr<int64_t>(), args.tail_mask.data_ptr<uint8_t>(),
-        args.num_rows, args.num_classes, args.ignore_index, args.reduction == Reduction::Mean, !none,
-        row_loss.data_ptr<acc_t>(), loss.data_ptr<acc_t>(), denominator.data_ptr<acc_t>(), gpu::current_stream());
+        args.num_rows, args.num_classes, args.ignore_index, !none, args.reduction == Reduction::Mean,
+        row_loss.data_ptr<acc_t>(), none ? nullptr : partials.data_ptr<double>(), loss.data_ptr<acc_t>(),
+        denominator.data_ptr<acc_t>(), gpu::current_stream());
   });
   return {loss, denominator};
 }

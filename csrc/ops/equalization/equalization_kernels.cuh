@@ -1,92 +1,94 @@
 // CUDA kernels of the sigmoid equalization loss and their launch plan, with no torch glue (compiled
-// by nvcc through equalization_cuda.cu, and by the host compiler for the SIMT emulator): a block
-// per row (grid-stride) for the forward row sums, a one-block fixed-order finishing kernel for
-// 'mean'/'sum', an elementwise backward.
+// by nvcc through equalization_cuda.cu, and by the host compiler for the SIMT emulator). A row
+// group (8 lanes for C <= 32, a warp up to 1024 classes, a block beyond: gpu_reduce::with_row_group)
+// sums a row's element losses; for 'mean'/'sum' each block also writes its rows' loss sum and row
+// count, which one small block adds in a fixed order. Backward is elementwise, a row group per row.
+// The per-element rule (non-finite logits, suppressed entries exactly 0) is softmax_math.h's.
 #pragma once
 
 #include <ATen/OpMathType.h>
 
-#include <algorithm>
 #include <cstdint>
 
 #include "../../common/gpu_kernel.h"
+#include "../../common/gpu_reduce.cuh"
 #include "../../common/softmax_math.h"
 
 namespace ltfast {
 namespace equalization_kernels {
 
-constexpr int kThreads = 256;
+using gpu_reduce::kBlockThreads;
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+template <typename scalar_t, int GROUP>
+__global__ void __launch_bounds__(kBlockThreads)
     forward_rows_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
                         const uint8_t* __restrict__ tail, int64_t N, int64_t C, int64_t ignore_index,
-                        at::opmath_type<scalar_t>* __restrict__ row_loss) {
+                        at::opmath_type<scalar_t>* __restrict__ row_loss,
+                        at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials) {
   using acc_t = at::opmath_type<scalar_t>;
-  LTFAST_SHARED_ARRAY(acc_t, partial, kThreads);
-  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+  constexpr int kRowsPerBlock = kBlockThreads / GROUP;
+  LTFAST_SHARED_ARRAY(acc_t, scratch, kBlockThreads / 32);
+  LTFAST_SHARED_ARRAY(double, partial_loss, kRowsPerBlock);
+  LTFAST_SHARED_ARRAY(double, partial_rows, kRowsPerBlock);
+  const int lane = threadIdx.x % GROUP;
+  // reduction 'none': the denominator is 1, written here rather than by a separate launch.
+  if (unit_denominator != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *unit_denominator = acc_t(1);
+  double group_loss = 0.0, group_rows = 0.0;  // this group's rows, summed by lane 0 in row order
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < N;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
     const int64_t y = target[row];
+    if (y == ignore_index) {  // row-uniform: the whole group skips
+      if (lane == 0) row_loss[row] = acc_t(0);
+      continue;
+    }
+    CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
     acc_t sum = acc_t(0);
-    if (y != ignore_index) {
-      CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
-      for (int64_t c = threadIdx.x; c < C; c += kThreads) {
-        // Per-element semantics (non-finite logits, suppressed entries exactly 0): softmax_math.h.
-        sum += math::eql_element_loss(static_cast<acc_t>(logits[row * C + c]), c == y,
-                                      math::eql_suppressed(tail[c] != 0, c == y));
-      }
+    for (int64_t c = lane; c < C; c += GROUP) {
+      sum += math::eql_element_loss(static_cast<acc_t>(logits[row * C + c]), c == y,
+                                    math::eql_suppressed(tail[c] != 0, c == y));
     }
-    partial[threadIdx.x] = sum;
-    __syncthreads();
-    for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-      if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
-      __syncthreads();
+    sum = gpu_reduce::group_sum<GROUP>(sum, scratch);
+    if (lane == 0) {
+      row_loss[row] = sum;
+      group_loss += static_cast<double>(sum);
+      group_rows += 1.0;
     }
-    if (threadIdx.x == 0) row_loss[row] = partial[0];
-    __syncthreads();
+  }
+  if (partials != nullptr) {
+    gpu_reduce::write_block_partials<GROUP>(group_loss, group_rows, partials, partial_loss, partial_rows);
   }
 }
 
+// The scalar loss and its denominator from the row kernel's block partials (double [2, blocks]:
+// loss sums, row counts), in one block and a fixed order.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    finish_kernel(const acc_t* __restrict__ row_loss, const int64_t* __restrict__ target, int64_t N,
-                  int64_t ignore_index, bool mean, bool reduce, acc_t* __restrict__ loss,
+__global__ void __launch_bounds__(kBlockThreads)
+    finish_kernel(const double* __restrict__ partials, int64_t num_blocks, bool mean, acc_t* __restrict__ loss,
                   acc_t* __restrict__ denominator) {
-  LTFAST_SHARED_ARRAY(double, totals, kThreads);
-  LTFAST_SHARED_ARRAY(double, counts, kThreads);
-  double total = 0.0, count = 0.0;
-  for (int64_t i = threadIdx.x; i < N; i += kThreads) {
-    if (target[i] == ignore_index) continue;
-    total += static_cast<double>(row_loss[i]);
-    count += 1.0;
-  }
-  totals[threadIdx.x] = total;
-  counts[threadIdx.x] = count;
-  __syncthreads();
-  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) {
-      totals[threadIdx.x] += totals[threadIdx.x + stride];
-      counts[threadIdx.x] += counts[threadIdx.x + stride];
-    }
-    __syncthreads();
-  }
+  LTFAST_SHARED_ARRAY(double, scratch, kBlockThreads);
+  const double total = gpu_reduce::sum_in_block(partials, num_blocks, scratch);
+  const double rows = gpu_reduce::sum_in_block(partials + num_blocks, num_blocks, scratch);
   if (threadIdx.x == 0) {
-    const double denom = mean ? static_cast<double>(counts[0]) : 1.0;
+    const double denom = mean ? rows : 1.0;
     *denominator = static_cast<acc_t>(denom);
-    if (reduce) *loss = static_cast<acc_t>(totals[0] / denom);
+    *loss = static_cast<acc_t>(total / denom);
   }
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads)
+template <typename scalar_t, int GROUP>
+__global__ void __launch_bounds__(kBlockThreads)
     backward_rows_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
                          const uint8_t* __restrict__ tail, const at::opmath_type<scalar_t>* __restrict__ grad_loss,
                          bool per_row, const at::opmath_type<scalar_t>* __restrict__ denominator, int64_t N,
                          int64_t C, int64_t ignore_index, scalar_t* __restrict__ grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+  constexpr int kRowsPerBlock = kBlockThreads / GROUP;
+  const int lane = threadIdx.x % GROUP;
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < N;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
     const int64_t y = target[row];
     const acc_t scale = y == ignore_index ? acc_t(0) : (per_row ? grad_loss[row] : grad_loss[0] / denominator[0]);
-    for (int64_t c = threadIdx.x; c < C; c += kThreads) {
+    for (int64_t c = lane; c < C; c += GROUP) {
       acc_t g = acc_t(0);
       const bool suppressed = math::eql_suppressed(tail[c] != 0, c == y);
       if (y != ignore_index && !suppressed) {  // suppressed: exactly 0, the logit is never read
@@ -98,21 +100,35 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ------------------------------------------------------------------------------ launch plan
-inline unsigned grid_rows(int64_t N) {
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(N, int64_t(1) << 30)));
+// Blocks of the row kernels (the forward partials buffer holds 2 x this many doubles).
+inline unsigned row_kernel_blocks(int64_t N, int64_t C) {
+  unsigned blocks = 1;
+  gpu_reduce::with_row_group(C, [&](auto group) { blocks = gpu_reduce::row_blocks(N, group); });
+  return blocks;
 }
 
+// Forward: the row kernel, then for 'mean'/'sum' the finish over its partials. With N = 0 the
+// partials are zeros filled by the caller. For 'none', `unit_denominator` receives 1 (and with
+// N = 0 the caller fills it).
 template <typename scalar_t>
 void launch_forward(const scalar_t* logits, const int64_t* target, const uint8_t* tail, int64_t N, int64_t C,
-                    int64_t ignore_index, bool mean, bool reduce, at::opmath_type<scalar_t>* row_loss,
-                    at::opmath_type<scalar_t>* loss, at::opmath_type<scalar_t>* denominator, gpu::Stream stream) {
+                    int64_t ignore_index, bool reduce, bool mean, at::opmath_type<scalar_t>* row_loss,
+                    double* partials, at::opmath_type<scalar_t>* loss, at::opmath_type<scalar_t>* denominator,
+                    gpu::Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   if (N > 0) {
-    gpu::launch("equalization forward_rows_kernel", &forward_rows_kernel<scalar_t>, grid_rows(N), kThreads, stream,
-                logits, target, tail, N, C, ignore_index, row_loss);
+    gpu_reduce::with_row_group(C, [&](auto group) {
+      constexpr int kGroup = decltype(group)::value;
+      gpu::launch("equalization forward_rows_kernel", &forward_rows_kernel<scalar_t, kGroup>,
+                  gpu_reduce::row_blocks(N, kGroup), kBlockThreads, stream, logits, target, tail, N, C, ignore_index,
+                  row_loss, reduce ? nullptr : denominator, reduce ? partials : nullptr);
+    });
   }
-  gpu::launch("equalization finish_kernel", &finish_kernel<acc_t>, 1, kThreads, stream,
-              static_cast<const acc_t*>(row_loss), target, N, ignore_index, mean, reduce, loss, denominator);
+  if (reduce) {
+    gpu::launch("equalization finish_kernel", &finish_kernel<acc_t>, 1, kBlockThreads, stream,
+                static_cast<const double*>(partials), static_cast<int64_t>(row_kernel_blocks(N, C)), mean, loss,
+                denominator);
+  }
 }
 
 template <typename scalar_t>
@@ -121,8 +137,12 @@ void launch_backward(const scalar_t* logits, const int64_t* target, const uint8_
                      const at::opmath_type<scalar_t>* denominator, int64_t N, int64_t C, int64_t ignore_index,
                      scalar_t* grad_logits, gpu::Stream stream) {
   if (N == 0) return;
-  gpu::launch("equalization backward_rows_kernel", &backward_rows_kernel<scalar_t>, grid_rows(N), kThreads, stream,
-              logits, target, tail, grad_loss, per_row, denominator, N, C, ignore_index, grad_logits);
+  gpu_reduce::with_row_group(C, [&](auto group) {
+    constexpr int kGroup = decltype(group)::value;
+    gpu::launch("equalization backward_rows_kernel", &backward_rows_kernel<scalar_t, kGroup>,
+                gpu_reduce::row_blocks(N, kGroup), kBlockThreads, stream, logits, target, tail, grad_loss, per_row,
+                denominator, N, C, ignore_index, grad_logits);
+  });
 }
 
 }  // namespace equalization_kernels

@@ -1,10 +1,17 @@
 // CUDA kernels of LADE and their launch plan, with no torch glue (compiled by nvcc through
-// lade_cuda.cu, and by the host compiler for the SIMT emulator). Forward, after the cross-entropy
-// family's row kernel (the PriorCE rows): one column pass (per class and block of rows: online
-// max/exp-sum, target-logit sum and count) and a one-block finishing kernel that merges the row
-// blocks in a fixed order and reduces the scalar loss. Saved statistics: lade.h. Backward, one launch: each element's row
-// softmax and column softmax from the saved statistics, the logits read once and the gradient
-// written once. Deterministic (no atomics), no host synchronisation.
+// lade_cuda.cu, and by the host compiler for the SIMT emulator). Saved statistics: lade.h.
+//
+// Forward, after the cross-entropy family's row kernel (PriorCE rows and their block partials):
+//   1. column pass: a block covers `column_lanes` classes x a block of rows; its threads split the
+//      rows too when C is small (C = 10: 16 classes x 16 row lanes, instead of 246 idle threads),
+//      merge their column states in shared memory in a fixed order, and write one partial per
+//      (row block, class) plus the row block's count of non-ignored rows;
+//   2. per-class finish over a grid (a thread per class): merges the row blocks' partials in
+//      order, writes column_stats and the class's LADER term, summed per block in a fixed order;
+//   3. scalar finish, one block: the PriorCE sum, the row count and the LADER partials.
+// Backward, one launch: a row group per row (gpu_reduce::with_row_group), each element's row and
+// column softmax from the saved statistics; the logits read once, the gradient written once.
+// Deterministic (no atomics), no host synchronisation.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -14,36 +21,46 @@
 #include <cstdint>
 
 #include "../../common/gpu_kernel.h"
+#include "../../common/gpu_reduce.cuh"
 #include "../../common/softmax_math.h"
 
 namespace ltfast {
 namespace lade_kernels {
 
-constexpr int kColumnThreads = 256;
-constexpr int kFinishThreads = 1024;
-constexpr int kRowThreads = 256;
-// At most this many row blocks in the column pass: enough blocks to fill an H100 at C = 1000
-// (4 x 64 = 256 blocks), and few enough that the one-block finish reads at most 64 x C partials.
+using gpu_reduce::kBlockThreads;
+// At most this many row blocks in the column pass: with C = 1000 that is 4 x 64 = 256 blocks (an
+// H100 has 132 SMs), and the per-class finish merges at most 64 partials per class.
 constexpr int64_t kMaxRowBlocks = 64;
+constexpr int64_t kMinRowsPerBlock = 64;
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kColumnThreads)
+__global__ void __launch_bounds__(kBlockThreads)
     column_partials_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target, int64_t N,
-                           int64_t C, int64_t rows_per_block, int64_t ignore_index,
-                           at::opmath_type<scalar_t>* __restrict__ partials, int64_t* __restrict__ count_partials) {
+                           int64_t C, int64_t rows_per_block, int64_t ignore_index, int column_lanes,
+                           at::opmath_type<scalar_t>* __restrict__ partials, int64_t* __restrict__ count_partials,
+                           int64_t* __restrict__ valid_partials) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = int64_t(blockIdx.x) * kColumnThreads + threadIdx.x;
-  if (c >= C) return;
+  LTFAST_SHARED_ARRAY(acc_t, lane_max, kBlockThreads);
+  LTFAST_SHARED_ARRAY(acc_t, lane_sum, kBlockThreads);
+  LTFAST_SHARED_ARRAY(acc_t, lane_target_sum, kBlockThreads);
+  LTFAST_SHARED_ARRAY(int64_t, lane_count, kBlockThreads);
+  LTFAST_SHARED_ARRAY(int64_t, lane_valid, kBlockThreads);
+  const int column_lane = threadIdx.x % column_lanes;
+  const int row_lane = threadIdx.x / column_lanes;
+  const int row_lanes = kBlockThreads / column_lanes;
+  const int64_t c = int64_t(blockIdx.x) * column_lanes + column_lane;
+  const bool active = c < C;  // inactive threads still count rows and reach the barrier
   const int64_t first = int64_t(blockIdx.y) * rows_per_block;
   const int64_t last = first + rows_per_block < N ? first + rows_per_block : N;
   auto state = math::empty_softmax_state<acc_t>();
   acc_t target_sum = acc_t(0);
-  int64_t count = 0;  // exact: a float count stops at 2^24
-#pragma unroll 4
-  for (int64_t i = first; i < last; ++i) {
-    const int64_t y = target[i];  // the same address for the whole warp: one broadcast load
+  int64_t count = 0, valid = 0;  // exact: a float count stops at 2^24
+  for (int64_t i = first + row_lane; i < last; i += row_lanes) {
+    const int64_t y = target[i];  // the same address for a warp's columns: one broadcast load
     if (y == ignore_index) continue;
     CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
+    ++valid;
+    if (!active) continue;
     const acc_t z = static_cast<acc_t>(logits[i * C + c]);  // consecutive threads, consecutive classes
     state = math::merge_softmax_states(state, math::SoftmaxState<acc_t>{z, acc_t(1)});
     if (y == c) {
@@ -51,54 +68,55 @@ __global__ void __launch_bounds__(kColumnThreads)
       ++count;
     }
   }
-  const int64_t slot = int64_t(blockIdx.y) * C + c;
-  const int64_t plane = int64_t(gridDim.y) * C;
-  partials[slot] = state.max;
-  partials[plane + slot] = state.sum;
-  partials[2 * plane + slot] = target_sum;
-  count_partials[slot] = count;
-}
-
-// Sum over the block in a fixed order; every thread gets the total. `scratch` is __shared__
-// double[kFinishThreads].
-template <typename Scratch>
-__device__ double block_sum(double value, Scratch& scratch) {
-  scratch[threadIdx.x] = value;
-  __syncthreads();
-  for (int stride = kFinishThreads / 2; stride > 0; stride /= 2) {
-    if (threadIdx.x < stride) scratch[threadIdx.x] += scratch[threadIdx.x + stride];
+  if (row_lanes > 1) {  // merge the row lanes of each column in order 0, 1, ..., row_lanes - 1
+    lane_max[threadIdx.x] = state.max;
+    lane_sum[threadIdx.x] = state.sum;
+    lane_target_sum[threadIdx.x] = target_sum;
+    lane_count[threadIdx.x] = count;
+    lane_valid[threadIdx.x] = valid;
     __syncthreads();
-  }
-  const double total = scratch[0];
-  __syncthreads();
-  return total;
-}
-
-template <typename acc_t>
-__global__ void __launch_bounds__(kFinishThreads)
-    finish_kernel(const acc_t* __restrict__ partials, const int64_t* __restrict__ count_partials,
-                  int64_t num_blocks, const acc_t* __restrict__ row_nll, const int64_t* __restrict__ target,
-                  const acc_t* __restrict__ log_prior, int64_t N, int64_t C, int64_t ignore_index, double ce_weight,
-                  double alpha, double remine_lambda, double balanced, acc_t* __restrict__ loss,
-                  acc_t* __restrict__ column_stats, int64_t* __restrict__ num_valid_out) {
-  LTFAST_SHARED_ARRAY(double, scratch, kFinishThreads);
-  double valid = 0.0, ce_total = 0.0;
-  for (int64_t i = threadIdx.x; i < N; i += kFinishThreads) {
-    if (target[i] != ignore_index) {
-      valid += 1.0;
-      if (row_nll != nullptr) ce_total += static_cast<double>(row_nll[i]);
+    if (row_lane == 0) {
+      for (int r = 1; r < row_lanes; ++r) {
+        const int other = r * column_lanes + column_lane;
+        state = math::merge_softmax_states(state, math::SoftmaxState<acc_t>{lane_max[other], lane_sum[other]});
+        target_sum += lane_target_sum[other];
+        count += lane_count[other];
+        valid += lane_valid[other];
+      }
     }
   }
-  const double num_valid = block_sum(valid, scratch);
-  ce_total = block_sum(ce_total, scratch);
-  const double log_n = log(num_valid);
-  const int64_t plane = num_blocks * C;
-  double lader = 0.0;
-  for (int64_t c = threadIdx.x; c < C; c += kFinishThreads) {
+  if (row_lane != 0) return;
+  if (active) {
+    const int64_t slot = int64_t(blockIdx.y) * C + c;
+    const int64_t plane = int64_t(gridDim.y) * C;
+    partials[slot] = state.max;
+    partials[plane + slot] = state.sum;
+    partials[2 * plane + slot] = target_sum;
+    count_partials[slot] = count;
+  }
+  if (blockIdx.x == 0 && column_lane == 0) valid_partials[blockIdx.y] = valid;
+}
+
+// A thread per class: merges the row blocks' column partials in order, writes column_stats (lade.h)
+// and adds the class's LADER term to its block's partial (fixed order).
+template <typename acc_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    finish_columns_kernel(const acc_t* __restrict__ partials, const int64_t* __restrict__ count_partials,
+                          const int64_t* __restrict__ valid_partials, int64_t num_row_blocks,
+                          const acc_t* __restrict__ log_prior, int64_t C, double alpha, double remine_lambda,
+                          double balanced, acc_t* __restrict__ column_stats, double* __restrict__ lader_partials) {
+  LTFAST_SHARED_ARRAY(double, scratch, kBlockThreads);
+  int64_t num_valid = 0;
+  for (int64_t b = 0; b < num_row_blocks; ++b) num_valid += valid_partials[b];  // <= 64 cached loads
+  const double log_n = log(static_cast<double>(num_valid));
+  const int64_t c = int64_t(blockIdx.x) * kBlockThreads + threadIdx.x;
+  double term = 0.0;
+  if (c < C) {
+    const int64_t plane = num_row_blocks * C;
     auto state = math::empty_softmax_state<acc_t>();
     double target_sum = 0.0;
     int64_t count = 0;
-    for (int64_t b = 0; b < num_blocks; ++b) {
+    for (int64_t b = 0; b < num_row_blocks; ++b) {
       state = math::merge_softmax_states(state, math::SoftmaxState<acc_t>{partials[b * C + c], partials[plane + b * C + c]});
       target_sum += static_cast<double>(partials[2 * plane + b * C + c]);
       count += count_partials[b * C + c];
@@ -112,22 +130,37 @@ __global__ void __launch_bounds__(kFinishThreads)
     // class finite (as the CPU kernel, lade.h).
     const double count_term = count > 0 ? static_cast<double>(count) : 1e-8;
     const double f_c = target_sum / count_term;
-    lader -= prior * (f_c - s_c - remine_lambda * s_c * s_c);
+    term = -prior * (f_c - s_c - remine_lambda * s_c * s_c);
     column_stats[c] = column.max;
     column_stats[C + c] = column.log_sum;
     column_stats[2 * C + c] = static_cast<acc_t>(alpha * prior * (1.0 + 2.0 * remine_lambda * s_c));
     column_stats[3 * C + c] = static_cast<acc_t>(alpha * prior / count_term);
   }
-  lader = block_sum(lader, scratch);
+  const double block_total = gpu_reduce::block_sum(term, scratch);
+  if (threadIdx.x == 0) lader_partials[blockIdx.x] = block_total;
+}
+
+// One block: loss = ce_weight * PriorCE_sum / N' + alpha * LADER, and N' (int64).
+template <typename acc_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    finish_scalar_kernel(const double* __restrict__ ce_partials, int64_t num_ce_blocks,
+                         const int64_t* __restrict__ valid_partials, int64_t num_row_blocks,
+                         const double* __restrict__ lader_partials, int64_t num_column_blocks, double ce_weight,
+                         double alpha, acc_t* __restrict__ loss, int64_t* __restrict__ num_valid_out) {
+  LTFAST_SHARED_ARRAY(double, scratch, kBlockThreads);
+  const double ce_total = ce_partials != nullptr ? gpu_reduce::sum_in_block(ce_partials, num_ce_blocks, scratch) : 0.0;
+  const double lader = gpu_reduce::sum_in_block(lader_partials, num_column_blocks, scratch);
   if (threadIdx.x == 0) {
-    const double ce = row_nll != nullptr ? ce_weight * ce_total / num_valid : 0.0;
+    int64_t num_valid = 0;
+    for (int64_t b = 0; b < num_row_blocks; ++b) num_valid += valid_partials[b];
+    const double ce = ce_partials != nullptr ? ce_weight * ce_total / static_cast<double>(num_valid) : 0.0;
     *loss = static_cast<acc_t>(ce + alpha * lader);
-    *num_valid_out = static_cast<int64_t>(num_valid);
+    *num_valid_out = num_valid;
   }
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kRowThreads)
+template <typename scalar_t, int GROUP>
+__global__ void __launch_bounds__(kBlockThreads)
     backward_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
                     const at::opmath_type<scalar_t>* __restrict__ log_prior,
                     const at::opmath_type<scalar_t>* __restrict__ row_stats,
@@ -135,6 +168,8 @@ __global__ void __launch_bounds__(kRowThreads)
                     const at::opmath_type<scalar_t>* __restrict__ grad_loss, const int64_t* __restrict__ num_valid,
                     int64_t N, int64_t C, int64_t ignore_index, double ce_weight, scalar_t* __restrict__ grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kRowsPerBlock = kBlockThreads / GROUP;
+  const int lane = threadIdx.x % GROUP;
   const acc_t g = grad_loss[0];
   const bool with_ce = ce_weight != 0.0;
   const acc_t ce_coef = with_ce ? g * static_cast<acc_t>(ce_weight) / static_cast<acc_t>(num_valid[0]) : acc_t(0);
@@ -143,22 +178,21 @@ __global__ void __launch_bounds__(kRowThreads)
   const acc_t* column_log_sum = column_stats + C;
   const acc_t* sigma_coef = column_stats + 2 * C;
   const acc_t* target_coef = column_stats + 3 * C;
-  // One block per row (grid-stride), threads over classes: coalesced reads of the row and of the
-  // per-class vectors, which stay in L2 across rows.
-  for (int64_t row = blockIdx.x; row < N; row += gridDim.x) {
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < N;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
     scalar_t* out = grad_logits + row * C;
     const int64_t y = target[row];
     if (y == ignore_index) {
-      for (int64_t c = threadIdx.x; c < C; c += kRowThreads) out[c] = scalar_t(0);
+      for (int64_t c = lane; c < C; c += GROUP) out[c] = scalar_t(0);
       continue;
     }
     const math::RowLogSumExp<acc_t> stats{row_stats[row], row_stats[N + row]};
     if (with_ce && math::row_is_nan(stats)) {  // NaN/inf in the row: NaN gradients, as F.cross_entropy
-      for (int64_t c = threadIdx.x; c < C; c += kRowThreads) out[c] = static_cast<scalar_t>(stats.log_sum);
+      for (int64_t c = lane; c < C; c += GROUP) out[c] = static_cast<scalar_t>(stats.log_sum);
       continue;
     }
     const scalar_t* z_row = logits + row * C;
-    for (int64_t c = threadIdx.x; c < C; c += kRowThreads) {
+    for (int64_t c = lane; c < C; c += GROUP) {
       const acc_t z = static_cast<acc_t>(z_row[c]);
       const acc_t sigma = math::exp_fn(math::log_softmax_of(z, column_max[c], column_log_sum[c]));
       acc_t value = g * sigma_coef[c] * sigma;
@@ -170,44 +204,66 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 // ------------------------------------------------------------------------------ launch plan
+// Row blocks of the column pass: one per 64 rows, at most kMaxRowBlocks.
 inline int64_t row_blocks_for(int64_t N) {
-  return std::max<int64_t>(1, std::min<int64_t>(kMaxRowBlocks, (N + 63) / 64));
+  return std::max<int64_t>(1, std::min<int64_t>(kMaxRowBlocks, (N + kMinRowsPerBlock - 1) / kMinRowsPerBlock));
 }
 
-// Column pass (when N > 0) and finish. `partials` is [3, row_blocks_for(N), C] (column max, exp-sum,
-// target-logit sum) and `count_partials` [row_blocks_for(N), C]; with N = 0 the caller fills them
-// with empty states instead.
+// Classes per column-pass block: the smallest power of two >= C, at most a block; the other threads
+// of the block split the rows (row lanes).
+inline int column_lanes_for(int64_t C) {
+  int lanes = 1;
+  while (lanes < C && lanes < kBlockThreads) lanes *= 2;
+  return lanes;
+}
+
+// Blocks of the per-class finish: a thread per class (the LADER partials buffer has this many).
+inline int64_t column_blocks_for(int64_t C) { return (C + kBlockThreads - 1) / kBlockThreads; }
+
+// Column pass (when N > 0), per-class finish and scalar finish. Buffers (lade_cuda.cu allocates
+// them; with N = 0 it fills the partials with empty states): partials [3, row_blocks_for(N), C]
+// (column max, exp-sum, target-logit sum), count_partials and the row-block counts int64
+// [row_blocks_for(N), C] and [row_blocks_for(N)], lader_partials double [column_blocks_for(C)].
+// `ce_partials` (double [2, num_ce_blocks]) is null for the regulariser alone.
 template <typename scalar_t>
 void launch_forward(const scalar_t* logits, const int64_t* target, const at::opmath_type<scalar_t>* log_prior,
-                    const at::opmath_type<scalar_t>* row_nll, int64_t N, int64_t C, int64_t ignore_index,
+                    const double* ce_partials, int64_t num_ce_blocks, int64_t N, int64_t C, int64_t ignore_index,
                     double ce_weight, double alpha, double remine_lambda, double balanced,
-                    at::opmath_type<scalar_t>* partials, int64_t* count_partials, at::opmath_type<scalar_t>* loss,
-                    at::opmath_type<scalar_t>* column_stats, int64_t* num_valid, gpu::Stream stream) {
+                    at::opmath_type<scalar_t>* partials, int64_t* count_partials, int64_t* valid_partials,
+                    double* lader_partials, at::opmath_type<scalar_t>* loss, at::opmath_type<scalar_t>* column_stats,
+                    int64_t* num_valid, gpu::Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t num_blocks = row_blocks_for(N);
+  const int64_t num_row_blocks = row_blocks_for(N);
+  const int column_lanes = column_lanes_for(C);
   if (N > 0) {
-    const int64_t rows_per_block = (N + num_blocks - 1) / num_blocks;
-    const gpu::dim3 grid(static_cast<unsigned>((C + kColumnThreads - 1) / kColumnThreads),
-                         static_cast<unsigned>(num_blocks));
-    gpu::launch("lade column_partials_kernel", &column_partials_kernel<scalar_t>, grid, kColumnThreads, stream,
-                logits, target, N, C, rows_per_block, ignore_index, partials, count_partials);
+    const int64_t rows_per_block = (N + num_row_blocks - 1) / num_row_blocks;
+    const gpu::dim3 grid(static_cast<unsigned>((C + column_lanes - 1) / column_lanes),
+                         static_cast<unsigned>(num_row_blocks));
+    gpu::launch("lade column_partials_kernel", &column_partials_kernel<scalar_t>, grid, kBlockThreads, stream, logits,
+                target, N, C, rows_per_block, ignore_index, column_lanes, partials, count_partials, valid_partials);
   }
-  gpu::launch("lade finish_kernel", &finish_kernel<acc_t>, 1, kFinishThreads, stream,
-              static_cast<const acc_t*>(partials), static_cast<const int64_t*>(count_partials), num_blocks, row_nll,
-              target, log_prior, N, C, ignore_index, ce_weight, alpha, remine_lambda, balanced, loss, column_stats,
-              num_valid);
+  const int64_t column_blocks = column_blocks_for(C);
+  gpu::launch("lade finish_columns_kernel", &finish_columns_kernel<acc_t>, static_cast<unsigned>(column_blocks),
+              kBlockThreads, stream, static_cast<const acc_t*>(partials), static_cast<const int64_t*>(count_partials),
+              static_cast<const int64_t*>(valid_partials), num_row_blocks, log_prior, C, alpha, remine_lambda,
+              balanced, column_stats, lader_partials);
+  gpu::launch("lade finish_scalar_kernel", &finish_scalar_kernel<acc_t>, 1, kBlockThreads, stream, ce_partials,
+              num_ce_blocks, static_cast<const int64_t*>(valid_partials), num_row_blocks,
+              static_cast<const double*>(lader_partials), column_blocks, ce_weight, alpha, loss, num_valid);
 }
 
 template <typename scalar_t>
 void launch_backward(const scalar_t* logits, const int64_t* target, const at::opmath_type<scalar_t>* log_prior,
                      const at::opmath_type<scalar_t>* row_stats, const at::opmath_type<scalar_t>* column_stats,
                      const at::opmath_type<scalar_t>* grad_loss, const int64_t* num_valid, int64_t N, int64_t C,
-                     int64_t ignore_index, double ce_weight, scalar_t* grad_logits,
-                     gpu::Stream stream) {
+                     int64_t ignore_index, double ce_weight, scalar_t* grad_logits, gpu::Stream stream) {
   if (N == 0) return;
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(N, int64_t(1) << 30));
-  gpu::launch("lade backward_kernel", &backward_kernel<scalar_t>, grid, kRowThreads, stream, logits, target,
-              log_prior, row_stats, column_stats, grad_loss, num_valid, N, C, ignore_index, ce_weight, grad_logits);
+  gpu_reduce::with_row_group(C, [&](auto group) {
+    constexpr int kGroup = decltype(group)::value;
+    gpu::launch("lade backward_kernel", &backward_kernel<scalar_t, kGroup>, gpu_reduce::row_blocks(N, kGroup),
+                kBlockThreads, stream, logits, target, log_prior, row_stats, column_stats, grad_loss, num_valid, N, C,
+                ignore_index, ce_weight, grad_logits);
+  });
 }
 
 }  // namespace lade_kernels

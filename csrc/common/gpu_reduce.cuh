@@ -1,0 +1,141 @@
+// Parallel decompositions shared by the CUDA kernels (and their SIMT emulation): how many threads
+// own a row, the grid cap, and deterministic two-level reductions over rows (per-block partial sums
+// in a fixed order, then one small block summing the partials in a fixed order).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "gpu_kernel.h"
+
+namespace ltfast {
+namespace gpu_reduce {
+
+constexpr int kBlockThreads = 256;
+
+// Grid cap of the row kernels (they loop over rows grid-stride). 4096 blocks of 256 threads are
+// about 4 waves on an H100/H200 (132 SMs x 2048 resident threads), and the cap bounds the partials
+// that the finishing block sums: 4096 per quantity, 16 per thread. The cap is a constant, not a
+// function of the device, so that results are bit-identical on every GPU.
+constexpr int64_t kMaxRowBlocks = 4096;
+
+// Threads that own one row of C classes: 8 lanes for C <= 32 (a warp handled rows of 10 classes
+// with 22 of 32 lanes idle), a warp up to 1024 classes, the whole block beyond.
+constexpr int kSmallGroup = 8;
+constexpr int64_t kSmallGroupMaxClasses = 32;
+constexpr int64_t kWarpGroupMaxClasses = 1024;
+
+// Calls f(std::integral_constant<int, GROUP>) with the row group size for C classes.
+template <typename F>
+void with_row_group(int64_t num_classes, F&& f) {
+  if (num_classes <= kSmallGroupMaxClasses) {
+    f(std::integral_constant<int, kSmallGroup>{});
+  } else if (num_classes <= kWarpGroupMaxClasses) {
+    f(std::integral_constant<int, 32>{});
+  } else {
+    f(std::integral_constant<int, kBlockThreads>{});
+  }
+}
+
+// Blocks for N rows with GROUP threads per row, capped at kMaxRowBlocks.
+inline unsigned row_blocks(int64_t num_rows, int group) {
+  const int64_t rows_per_block = kBlockThreads / group;
+  const int64_t blocks = (num_rows + rows_per_block - 1) / rows_per_block;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxRowBlocks)));
+}
+
+// The lanes of the calling thread's row group within its warp: groups smaller than a warp must
+// not name the other groups' lanes, which may have left the row loop already.
+template <int GROUP>
+__device__ __forceinline__ unsigned group_lane_mask() {
+  if constexpr (GROUP >= 32) {
+    return 0xffffffffu;
+  } else {
+    return ((1u << GROUP) - 1u) << (threadIdx.x % 32 / GROUP * GROUP);
+  }
+}
+
+// value of the lane `offset` away (xor) within the row group; offset < min(GROUP, 32).
+template <int GROUP, typename T>
+__device__ __forceinline__ T group_shuffle_xor(T value, int offset) {
+  return __shfl_xor_sync(group_lane_mask<GROUP>(), value, offset);
+}
+
+// Sum over the GROUP threads of a row group (GROUP <= 32: shuffles within the group's lanes; a
+// whole block: shuffles, then the warps' sums in order through `scratch`, __shared__ T[8]). Every
+// thread of the group gets the result; fixed order, so deterministic.
+template <int GROUP, typename T, typename Scratch>
+__device__ __forceinline__ T group_sum(T value, Scratch& scratch) {
+  constexpr int kWidth = GROUP < 32 ? GROUP : 32;
+#pragma unroll
+  for (int offset = kWidth / 2; offset > 0; offset /= 2) value += group_shuffle_xor<GROUP>(value, offset);
+  if constexpr (GROUP > 32) {
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) scratch[warp] = value;
+    __syncthreads();
+    value = scratch[0];
+#pragma unroll
+    for (int w = 1; w < GROUP / 32; ++w) value += scratch[w];
+    __syncthreads();  // scratch is reused by the next row
+  }
+  return value;
+}
+
+// End of a row kernel: the block's partial sums (a, b) in a fixed order. Each group's lane 0 holds
+// its rows' sums; they go to partials[blockIdx.x] and partials[gridDim.x + blockIdx.x] (double
+// [2, gridDim.x]). `scratch_a`/`scratch_b` are __shared__ double[kBlockThreads / GROUP]. Every
+// thread of the block must call it (it has a barrier when a block holds several groups).
+template <int GROUP, typename Scratch>
+__device__ __forceinline__ void write_block_partials(double a, double b, double* partials, Scratch& scratch_a,
+                                                     Scratch& scratch_b) {
+  constexpr int kGroups = kBlockThreads / GROUP;
+  if constexpr (kGroups == 1) {
+    if (threadIdx.x == 0) {
+      partials[blockIdx.x] = a;
+      partials[gridDim.x + blockIdx.x] = b;
+    }
+  } else {
+    if (threadIdx.x % GROUP == 0) {
+      scratch_a[threadIdx.x / GROUP] = a;
+      scratch_b[threadIdx.x / GROUP] = b;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double total_a = 0.0, total_b = 0.0;
+      for (int g = 0; g < kGroups; ++g) {
+        total_a += scratch_a[g];
+        total_b += scratch_b[g];
+      }
+      partials[blockIdx.x] = total_a;
+      partials[gridDim.x + blockIdx.x] = total_b;
+    }
+  }
+}
+
+// Sum of `value` over the kBlockThreads threads of a block, in a fixed tree order; every thread
+// gets it. `scratch` is __shared__ double[kBlockThreads].
+template <typename Scratch>
+__device__ double block_sum(double value, Scratch& scratch) {
+  scratch[threadIdx.x] = value;
+  __syncthreads();
+  for (int stride = kBlockThreads / 2; stride > 0; stride /= 2) {
+    if (threadIdx.x < stride) scratch[threadIdx.x] += scratch[threadIdx.x + stride];
+    __syncthreads();
+  }
+  const double total = scratch[0];
+  __syncthreads();  // scratch may be reused by the caller's next block_sum
+  return total;
+}
+
+// Sum of values[0 .. count) by one block of kBlockThreads threads: thread t adds t, t + 256, ...
+// in order, then block_sum. Every thread gets the total.
+template <typename Scratch>
+__device__ double sum_in_block(const double* values, int64_t count, Scratch& scratch) {
+  double value = 0.0;
+  for (int64_t i = threadIdx.x; i < count; i += kBlockThreads) value += values[i];
+  return block_sum(value, scratch);
+}
+
+}  // namespace gpu_reduce
+}  // namespace ltfast
