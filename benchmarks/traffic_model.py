@@ -261,6 +261,8 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", type=int, nargs=2, default=[65536, 8142], metavar=("N", "C"))
     parser.add_argument("--dtype", default="bfloat16", choices=list(ELEMENT_SIZE))
     parser.add_argument("--measure", action="store_true", help="profile each op and compare with the model")
+    parser.add_argument("--measure-shape", type=int, nargs=2, metavar=("N", "C"),
+                        help="shape of the --measure run (default: --shape; the CPU dry run uses a tiny one)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", metavar="PATH", help="append JSON lines (model rows, then measurements)")
     args = parser.parse_args(argv)
@@ -287,6 +289,7 @@ def main(argv=None) -> int:
             from throughput import copy_bandwidth_gb_s
             copy_gb_s = round(copy_bandwidth_gb_s("cuda"), 1)
         t0 = time.perf_counter()
+        N, C = args.measure_shape or (N, C)
         print(f"\nmeasured on {args.device} ({'kernels' if args.device == 'cuda' else 'ltfast:: ops'} of one call), "
               f"[{N}, {C}] {args.dtype}" + (f", copy bandwidth {copy_gb_s:.0f} GB/s" if copy_gb_s else ""))
         print(f"{'op':27} {'phase':5} {'launches':>8} {'model':>5} {'kernel ms':>10} {'floor ms':>9} "
