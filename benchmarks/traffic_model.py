@@ -158,21 +158,37 @@ def print_table(rows: list[Phase], N: int, C: int, dtype: str) -> None:
 def kernel_kind(name: str) -> str:
     """Groups the kernels of one call: finish/reduce (one-block or per-class finishing kernels),
     column (LADE's column pass), rows (row kernels, backward), other (torch's own: fills, copies)."""
-    low = name.lower()
-    if "ltfast" not in low:
+    if "ltfast" not in name:
         return "other"
-    if "finish" in low or "reduce" in low:
+    base = kernel_base_name(name).lower()
+    if "finish" in base or "reduce" in base:
         return "finish"
-    if "column" in low:
+    if "column" in base:
         return "column"
     return "rows"
+
+
+def kernel_base_name(name: str) -> str:
+    """'void ltfast::lade_kernels::finish_kernel<float>(float const*, ...)' -> 'finish_kernel':
+    the kind is read from the function's own name, never from its template or parameter types."""
+    depth, kept = 0, []
+    for ch in name.split("(")[0]:
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif depth == 0:
+            kept.append(ch)
+    return "".join(kept).split("::")[-1].split()[-1] if "".join(kept).strip() else name
 
 
 def profile_call(fn, device: str) -> list[tuple[str, float]]:
     """(kernel name, kernel ms) for each kernel of one call; on the CPU, (op name, CPU ms) of the
     ltfast:: operators."""
     from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+    # CPU + CUDA: kernel events are recorded with the launches that issued them; only the
+    # device_type == CUDA events (kernels, memsets, copies) are kept below.
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
     if device == "cuda":
         torch.cuda.synchronize()
     with profile(activities=activities) as prof:

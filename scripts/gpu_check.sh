@@ -179,7 +179,10 @@ if [ "$DRY_RUN" = 1 ]; then
   bench_args=(--device cpu --suites loss compat --shapes 1x2 64x1000 --baselines eager --min-time 0.05 --max-reps 20)
   bench_budget=$(( t > 30 ? 20 : t / 2 ))
 else
-  bench_args=(--device cuda --suites loss compat --min-time 0.2 --max-reps 100)
+  # Eager baseline only by default: torch.compile of the reference costs ~10 s per row and mode,
+  # which would leave 2-3 of the 18+ rows in the time left; BENCH_BASELINES="eager compile" adds it.
+  read -r -a baselines <<<"${BENCH_BASELINES:-eager}"
+  bench_args=(--device cuda --suites loss compat --baselines "${baselines[@]}" --min-time 0.2 --max-reps 100)
   bench_budget=$(( t > 40 ? t - 30 : t / 2 ))  # the row in flight and the table must fit after it
 fi
 stamp "loss + compat benchmark (timeout ${t}s, budget ${bench_budget}s)"
