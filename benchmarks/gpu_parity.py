@@ -142,6 +142,7 @@ class Recorder:
         self.t0 = time.monotonic()
 
     def emit(self, record: dict) -> None:
+        record = {"suite": "parity", **record}
         self.records.append(record)
         if self.out:
             self.out.write(json.dumps(record) + "\n")

@@ -20,6 +20,11 @@
 #   OUT=/some/folder bash scripts/gpu_check.sh            # on the GPU machine
 #   bash scripts/gpu_check.sh --dry-run                   # CPU, no build, tiny sizes (CI; ~1 min on 2 cores)
 #
+# $OUT holds 7 files (the device tool brings back at most 8; the 8th is the benchmark's JSON while it
+# is being rewritten): gpu_check.log (all this script prints), build.log, cuda-tests.log,
+# sanitizer.log (memcheck + racecheck), checks.jsonl (parity and traffic-model records, one JSON
+# line each), bench.json (throughput.py records), details.log (full output of parity, model, benchmark).
+#
 # Exit status: non-zero when a stage fails (build, tests, parity, sanitizer errors, benchmark).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +42,9 @@ else
   TOTAL_S=${TOTAL_S:-540}
 fi
 mkdir -p "$OUT"
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+work=$(mktemp -d -t ltfast_gpu_check_work.XXXXXX)  # stage outputs before they are appended to $OUT
+trap 'rm -rf "$work"' EXIT
 start=$(date +%s)
 deadline=$(( start + TOTAL_S ))
 failed=()   # names of the stages that failed
@@ -49,13 +57,12 @@ run_for() { local s=$1; shift; timeout -s INT -k 10 "$s" "$@"; }
 # ---------------------------------------------------------------------------- 0 machine
 stamp "machine (out: $OUT, dry run: $DRY_RUN, deadline ${TOTAL_S}s)"
 if [ "$DRY_RUN" = 0 ]; then
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.csv"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 fi
-"$PYTHON" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)" \
-  | tee "$OUT/versions.txt"
+"$PYTHON" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 has() { "$PYTHON" -c "import $1" >/dev/null 2>&1 && echo 1 || echo 0; }
 have_dali=$(has nvidia.dali); have_yaml=$(has yaml); have_xdist=$(has xdist); have_ptimeout=$(has pytest_timeout)
-echo "dali $have_dali yaml $have_yaml xdist $have_xdist pytest-timeout $have_ptimeout" | tee -a "$OUT/versions.txt"
+echo "dali $have_dali yaml $have_yaml xdist $have_xdist pytest-timeout $have_ptimeout"
 
 # Test modules that import yaml at collection (through ltfast.train): without PyYAML their
 # collection errors would abort `pytest -m cuda` with 0 tests run, so they are left out then.
@@ -106,21 +113,21 @@ fi
 # ---------------------------------------------------------------------------- 2 CUDA tests
 if [ "$DRY_RUN" = 1 ]; then
   stamp "CUDA tests: not run (no GPU); checking that the sanitizer's test ids exist"
-  if ! "$PYTHON" -m pytest --collect-only -q -p no:cacheprovider "${SANITIZER_TESTS[@]}" >"$OUT/sanitizer-ids.log" 2>&1; then
-    tail -n 15 "$OUT/sanitizer-ids.log"; failed+=("sanitizer-test-ids")
+  if ! "$PYTHON" -m pytest --collect-only -q -p no:cacheprovider "${SANITIZER_TESTS[@]}" >"$OUT/sanitizer.log" 2>&1; then
+    tail -n 15 "$OUT/sanitizer.log"; failed+=("sanitizer-test-ids")
   else
-    tail -n 1 "$OUT/sanitizer-ids.log"
+    tail -n 1 "$OUT/sanitizer.log"
   fi
 else
   t=$(budget 120)
   stamp "CUDA tests (timeout ${t}s)"
   extra=()
-  # 8 workers: ~800 CUDA tests, many compiling with torch.compile; one CUDA context each (~0.5 GB).
+  # 8 workers: ~800 CUDA tests, some of them under torch.compile; one CUDA context each (~0.5 GB).
   [ "$have_xdist" = 1 ] && extra+=(-n 8)
   [ "$have_ptimeout" = 1 ] && extra+=(--timeout 60)
   # --continue-on-collection-errors: a module failing to import must not take the others with it.
   run_for "$t" "$PYTHON" -m pytest tests -m cuda -q -p no:cacheprovider --continue-on-collection-errors \
-    "${pytest_ignores[@]}" "${extra[@]}" --durations=10 --junitxml="$OUT/cuda-tests.xml" >"$OUT/cuda-tests.log" 2>&1
+    "${pytest_ignores[@]}" "${extra[@]}" --durations=10 >"$OUT/cuda-tests.log" 2>&1
   rc=$?
   tail -n 25 "$OUT/cuda-tests.log"
   [ "$rc" -eq 0 ] || { failed+=("cuda-tests(rc=$rc)"); }
@@ -129,12 +136,14 @@ fi
 # ---------------------------------------------------------------------------- 3 parity
 t=$(budget 60)
 stamp "parity (timeout ${t}s)"
-parity_args=(--out "$OUT/parity.jsonl" --budget-s $(( t - 10 )))
+parity_args=(--out "$OUT/checks.jsonl" --budget-s $(( t - 10 )))
 [ "$DRY_RUN" = 1 ] && parity_args+=(--dry-run)
-run_for "$t" "$PYTHON" benchmarks/gpu_parity.py "${parity_args[@]}" >"$OUT/parity.log" 2>&1
+echo "==== parity" >>"$OUT/details.log"
+run_for "$t" "$PYTHON" benchmarks/gpu_parity.py "${parity_args[@]}" >"$work/parity.log" 2>&1
 rc=$?
-grep -E "^(FAIL|parity summary|  FAILED)" "$OUT/parity.log" | tail -n 25
-[ "$rc" -eq 0 ] || failed+=("parity(rc=$rc)")
+cat "$work/parity.log" >>"$OUT/details.log"
+grep -E "^(FAIL|parity summary|  FAILED)" "$work/parity.log" | tail -n 25
+[ "$rc" -eq 0 ] || { failed+=("parity(rc=$rc)"); tail -n 5 "$work/parity.log"; }
 
 # ---------------------------------------------------------------------------- 4 compute-sanitizer
 if [ "$DRY_RUN" = 1 ]; then
@@ -150,12 +159,13 @@ else
     t=$(budget $cap)
     stamp "compute-sanitizer --tool $tool, ${#ids[@]} tests (timeout ${t}s)"
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_for "$t" compute-sanitizer --tool "$tool" --error-exitcode 86 \
-      --print-limit 20 "$PYTHON" -m pytest -q -p no:cacheprovider "${ids[@]}" >"$OUT/sanitizer-$tool.log" 2>&1
+      --print-limit 20 "$PYTHON" -m pytest -q -p no:cacheprovider "${ids[@]}" >"$work/sanitizer.log" 2>&1
     rc=$?
-    tail -n 6 "$OUT/sanitizer-$tool.log"
+    { echo "==== compute-sanitizer --tool $tool (rc $rc)"; cat "$work/sanitizer.log"; } >>"$OUT/sanitizer.log"
+    tail -n 6 "$work/sanitizer.log"
     if [ "$rc" -eq 0 ]; then
       echo "$tool: clean"
-    elif grep -q "Device not supported" "$OUT/sanitizer-$tool.log"; then
+    elif grep -q "Device not supported" "$work/sanitizer.log"; then
       echo "$tool: compute-sanitizer does not support this machine (seen on gVisor): not run"
     else
       failed+=("$tool(rc=$rc)")
@@ -168,8 +178,9 @@ t=$(budget 35)
 # The dry run prints the same 65536 x 8142 table and measures ltfast:: CPU ops at 64 x 100.
 if [ "$DRY_RUN" = 1 ]; then model_args=(--measure --device cpu --measure-shape 64 100); else model_args=(--measure --device cuda); fi
 stamp "traffic model, 65536x8142 bf16, vs profiler kernels (timeout ${t}s)"
-run_for "$t" "$PYTHON" benchmarks/traffic_model.py "${model_args[@]}" --json "$OUT/traffic.jsonl" 2>&1 \
-  | grep -v "USDT\|SyncActivityProfiler\|gpuGetDeviceCount" | tee "$OUT/traffic.txt"
+echo "==== traffic model" >>"$OUT/details.log"
+run_for "$t" "$PYTHON" benchmarks/traffic_model.py "${model_args[@]}" --json "$OUT/checks.jsonl" 2>&1 \
+  | grep -v "USDT\|SyncActivityProfiler\|gpuGetDeviceCount" | tee -a "$OUT/details.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 0 ] || failed+=("traffic-model(rc=$rc)")
 
@@ -187,15 +198,16 @@ else
 fi
 stamp "loss + compat benchmark (timeout ${t}s, budget ${bench_budget}s)"
 run_for "$t" "$PYTHON" benchmarks/throughput.py "${bench_args[@]}" --budget-s "$bench_budget" \
-  --json "$OUT/bench.json" >"$OUT/bench.txt" 2>&1
+  --json "$OUT/bench.json" >"$work/bench.log" 2>&1
 rc=$?
-grep -E "budget|wrote" "$OUT/bench.txt"
-[ "$rc" -eq 0 ] || { failed+=("benchmark(rc=$rc)"); tail -n 20 "$OUT/bench.txt"; }
+{ echo "==== benchmark"; cat "$work/bench.log"; } >>"$OUT/details.log"
+grep -E "budget|wrote" "$work/bench.log"
+[ "$rc" -eq 0 ] || { failed+=("benchmark(rc=$rc)"); tail -n 20 "$work/bench.log"; }
 
 # ---------------------------------------------------------------------------- summary
 stamp "summary"
 [ "$DRY_RUN" = 0 ] && [ -f "$OUT/cuda-tests.log" ] && tail -n 1 "$OUT/cuda-tests.log"
-grep "parity summary" "$OUT/parity.log"
+grep "parity summary" "$work/parity.log"
 [ -s "$OUT/bench.json" ] && "$PYTHON" benchmarks/summarize.py "$OUT/bench.json" | head -n 40
 ls "$OUT"
 if [ "${#failed[@]}" -gt 0 ]; then
