@@ -140,7 +140,7 @@ fi
 # ---------------------------------------------------------------------------- 3 parity
 t=$(budget 60)
 stamp "parity (timeout ${t}s)"
-parity_args=(--out "$OUT/checks.jsonl" --budget-s $(( t - 10 )))
+parity_args=(--out "$OUT/checks.jsonl" --budget-s $(( t > 20 ? t - 10 : t / 2 )))  # 10 s: start-up and summary
 [ "$DRY_RUN" = 1 ] && parity_args+=(--dry-run)
 echo "==== parity" >>"$OUT/details.log"
 run_for "$t" "$PYTHON" benchmarks/gpu_parity.py "${parity_args[@]}" >"$work/parity.log" 2>&1
