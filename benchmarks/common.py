@@ -126,3 +126,30 @@ def loss_calls(functions: dict, x, loss_of, mode: str) -> dict:
                 loss_of(fn, x).backward()
         calls[impl] = call
     return calls
+
+
+# Host-overhead and small-batch shapes (loss and compat suites); single-threaded on the CPU.
+OVERHEAD_SHAPES = [(1, 2), (64, 1000)]
+
+
+def is_overhead_shape(shape) -> bool:
+    return tuple(shape) in OVERHEAD_SHAPES
+
+
+class SingleThread:
+    """torch.set_num_threads(1) for the overhead rows on the CPU, restored afterwards."""
+
+    def __init__(self, active: bool):
+        self.active, self.saved = active, torch.get_num_threads()
+
+    def __enter__(self):
+        if self.active:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+
+
+def out_of_budget(args) -> bool:
+    deadline = getattr(args, "deadline", None)
+    return deadline is not None and time.monotonic() > deadline

@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.join(_HERE, ".."))
 sys.path.insert(0, os.path.join(_HERE, "..", "tests"))
 sys.path.insert(0, _HERE)
 
-from common import Record, device_name, loss_calls, measure_interleaved, peak_memory_mb, percentile  # noqa: E402
+from common import (OVERHEAD_SHAPES, Record, SingleThread, device_name, is_overhead_shape, loss_calls,  # noqa: E402
+                    measure_interleaved, out_of_budget, peak_memory_mb, percentile)
 
 from ltfast.compat import ensemble, survey  # noqa: E402
 import _survey_originals as orig  # noqa: E402
@@ -70,12 +71,19 @@ def _cases(C: int, directory: str):
 
 def compat_suite(args) -> list[Record]:
     device = args.device
-    shapes = [(256, 1000)] if args.quick else [(256, 1000), (4096, 1000)]
+    # 1 x 2: the host overhead of a call; 64 x 1000: a small batch (single-threaded on the CPU).
+    shapes = OVERHEAD_SHAPES + ([(256, 1000)] if args.quick else [(256, 1000), (4096, 1000)])
+    if getattr(args, "shapes", None):
+        shapes = [shape for shape in shapes if "x".join(map(str, shape)) in args.shapes]
     dtype = torch.float32
-    records: list[Record] = []
+    records = args.sink if getattr(args, "sink", None) is not None else []
     gen = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="ltfast_compat_bench_") as directory:
         for N, C in shapes:
+            if out_of_budget(args):
+                print(f"compat suite: --budget-s reached, shape {N}x{C} not measured", flush=True)
+                break
+            single = device == "cpu" and is_overhead_shape((N, C))
             cases = _cases(C, directory)
             target = torch.randint(0, C, (N,), generator=gen).to(device)
             logits = (torch.randn(N, C, generator=gen) * 2).to(device=device, dtype=dtype)
@@ -93,10 +101,11 @@ def compat_suite(args) -> list[Record]:
                 for mode in ("fwd", "fwd_bwd"):
                     x = source.detach().clone().requires_grad_(mode == "fwd_bwd")
                     calls = loss_calls({"ltfast": ours, "original": original}, x, loss_of, mode)
-                    times = measure_interleaved(calls, device, args.min_time, args.max_reps, warmup=3)
+                    with SingleThread(single):
+                        times = measure_interleaved(calls, device, args.min_time, args.max_reps, warmup=3)
                     medians = {impl: statistics.median(t) for impl, t in times.items()}
                     for impl, t in times.items():
-                        extra = {"codebase": name.split(".")[0]}
+                        extra = {"codebase": name.split(".")[0], **({"threads": 1} if single else {})}
                         if impl == "ltfast":
                             speedup = round(medians["original"] / medians["ltfast"], 2)
                             extra["speedup_vs_original"] = speedup

@@ -31,16 +31,22 @@ def loss_table(records):
     cuda = any(r["device"] == "cuda" for r in records)
     header = "| loss | shape | dtype | mode | ltfast ms | eager ms | compile ms | vs eager | vs compile |"
     if cuda:
-        header += " ltfast GB/s | of copy BW |"
+        # GB/s: three passes over the logits (fwd 1, fwd_bwd 3) / median; model GB/s: traffic_model.py
+        # bytes / median; launches measured/model; kernel ms from torch.profiler of one call.
+        header += " ltfast GB/s | of copy BW | model GB/s | launches | row+column kernel ms | finish kernel ms |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for (name, shape, dtype, mode), impls in rows.items():
-        fused, eager, compiled = impls["ltfast"], impls["eager"], impls["compile"]
+        fused, eager, compiled = impls["ltfast"], impls["eager"], impls.get("compile")  # compile: optional
         line = (f"| {name} | {shape} | {dtype} | {mode} | {fused['median_ms']:.3f} | {eager['median_ms']:.3f} | "
-                f"{compiled['median_ms']:.3f} | {eager['median_ms'] / fused['median_ms']:.2f}x | "
-                f"{compiled['median_ms'] / fused['median_ms']:.2f}x |")
+                f"{compiled['median_ms'] if compiled else float('nan'):.3f} | "
+                f"{eager['median_ms'] / fused['median_ms']:.2f}x | "
+                f"{compiled['median_ms'] / fused['median_ms'] if compiled else float('nan'):.2f}x |")
         if cuda:
-            line += f" {fused.get('achieved_gb_s', 0):.0f} | {fused.get('fraction_of_copy_bw', 0):.2f} |"
+            kinds = fused.get("kernel_ms_by_kind", {})
+            line += (f" {fused.get('achieved_gb_s', 0):.0f} | {fused.get('fraction_of_copy_bw', 0):.2f} |"
+                     f" {fused.get('model_gb_s', 0):.0f} | {fused.get('launches', '-')}/{fused.get('model_launches', '-')} |"
+                     f" {kinds.get('rows', 0) + kinds.get('column', 0):.3f} | {kinds.get('finish', 0):.3f} |")
         print(line)
     print()
 
@@ -72,9 +78,22 @@ def compat_table(records):
     print()
 
 
-def main(path: str) -> int:
+def load(path: str) -> list:
+    """A JSON list (throughput.py --json) or JSON lines."""
     with open(path) as f:
-        records = json.load(f)
+        text = f.read()
+    try:
+        records = json.loads(text)
+        return records if isinstance(records, list) else [records]
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def main(path: str) -> int:
+    records = load(path)
+    if not records:
+        print(f"{path}: no records")
+        return 1
     print(f"Device: {records[0]['device_name']}\n")
     loss_table(records)
     data_table(records)

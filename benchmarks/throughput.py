@@ -5,9 +5,15 @@
 Loss suite: each fused op against its plain-PyTorch version in ltfast.reference, run eagerly and
 under torch.compile, forward and forward+backward. Prints a table (median and p20/p80 ms, peak
 memory on CUDA, speed-up of ltfast over the faster baseline) and, with --json, writes the records
-described in DESIGN.md. On CUDA it also measures the card's copy bandwidth in the same run and
-reports the achieved GB/s of each op (bytes: one read of the logits forward; one read and one
-write backward).
+described in DESIGN.md, rewriting the file after every record, so that a run cut short (a
+timeout) still leaves the rows measured so far. --budget-s stops starting new rows after that many
+seconds. On CUDA it also measures the card's copy bandwidth in the same run and reports, per ltfast
+row, the achieved GB/s against three passes over the logits (one read forward; one read and one
+write backward) and against benchmarks/traffic_model.py's bytes, with the kernel times of one call
+from torch.profiler split into row, column and finish/reduce kernels.
+
+The 1 x 2 rows measure the host overhead of a call and the 64 x 1000 rows a small batch; on the
+CPU both run with torch.set_num_threads(1) (threads only add fork/join cost there).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from dataclasses import asdict
 
 import torch
@@ -25,8 +32,10 @@ import ltfast  # noqa: E402
 from ltfast import priors, reference  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (Record, device_name, keep_freed_memory_in_the_heap, loss_calls,  # noqa: E402
-                    measure_interleaved, peak_memory_mb, percentile)
+from common import (OVERHEAD_SHAPES, Record, SingleThread, device_name, is_overhead_shape,  # noqa: E402
+                    keep_freed_memory_in_the_heap, loss_calls, measure_interleaved, out_of_budget, peak_memory_mb,
+                    percentile)
+import traffic_model  # noqa: E402
 
 
 # ------------------------------------------------------------------ loss definitions
@@ -68,6 +77,44 @@ def eql_case(C, device):
 
 LOSSES = {"balanced_softmax": balanced_softmax_case, "ldam_drw": ldam_drw_case, "lade": lade_case,
           "seql": seql_case, "eql": eql_case}
+# The op of traffic_model.py behind each benchmark row.
+MODEL_OP = {"balanced_softmax": "balanced_softmax", "ldam_drw": "adjusted_cross_entropy", "lade": "lade",
+            "seql": "softmax_equalization_loss", "eql": "equalization_loss"}
+class RecordSink(list):
+    """The records of the run; with a path, the JSON file is rewritten (atomically) after every
+    append, so a run killed by a timeout still leaves every row measured before."""
+
+    def __init__(self, path: str | None):
+        super().__init__()
+        self.path = path
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def append(self, record) -> None:
+        super().append(record)
+        if self.path:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump([as_json(r) for r in self], f, indent=1)
+            os.replace(tmp, self.path)
+
+
+def as_json(r: Record) -> dict:
+    return {**{k: v for k, v in asdict(r).items() if k != "extra"}, **r.extra}
+
+
+def kernel_profile(call, device: str) -> dict:
+    """Kernels of one call (CUDA, torch.profiler): launches and ms per kind (rows, column,
+    finish = finish/reduce kernels, other = torch's own fills/copies)."""
+    kernels = traffic_model.profile_call(call, device)
+    by_kind, launches = {}, {}
+    for name, ms in kernels:
+        kind = traffic_model.kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms
+        launches[kind] = launches.get(kind, 0) + 1
+    ours_ms = sum(ms for kind, ms in by_kind.items() if kind != "other")
+    return {"kernel_ms": round(ours_ms, 4), "kernel_ms_by_kind": {k: round(v, 4) for k, v in by_kind.items()},
+            "launches": sum(n for kind, n in launches.items() if kind != "other"), "launches_by_kind": launches}
 
 
 def copy_bandwidth_gb_s(device: str) -> float:
@@ -81,59 +128,81 @@ def copy_bandwidth_gb_s(device: str) -> float:
 def loss_suite(args) -> list[Record]:
     device = args.device
     if args.quick:
-        plan = [("balanced_softmax", (256, 1000), torch.float32), ("balanced_softmax", (4096, 1000), torch.float32),
+        plan = [("balanced_softmax", (1, 2), torch.float32), ("balanced_softmax", (64, 1000), torch.float32),
+                ("balanced_softmax", (256, 1000), torch.float32), ("balanced_softmax", (4096, 1000), torch.float32),
                 ("lade", (4096, 1000), torch.float32)]
+    elif device == "cuda":
+        # Most valuable first, so that --budget-s cuts the least useful rows: the headline
+        # ImageNet-LT-sized bf16 rows of every op, then the host overhead (1 x 2) and a small batch
+        # (64 x 1000), then the mid-sized fp32 rows. Each row costs a torch.compile of the
+        # reference (~10 s) unless --baselines leaves it out.
+        plan = [(name, (65536, 8142), torch.bfloat16) for name in LOSSES]
+        plan += [(name, shape, torch.float32) for shape in OVERHEAD_SHAPES for name in ("balanced_softmax", "lade")]
+        plan += [(name, (4096, 1000), torch.float32) for name in LOSSES]
+        plan += [("balanced_softmax", (1024, 8142), torch.float32), ("balanced_softmax", (4096, 1000), torch.bfloat16)]
     else:
-        shapes = [(256, 1000), (4096, 1000), (1024, 8142)]
-        if device == "cpu":
-            plan = [(name, shape, torch.float32) for name in LOSSES for shape in shapes]
-        else:
-            # Each row costs a torch.compile of the reference (~10 s): keep the GPU run within the
-            # gpu_check budget with every shape for balanced_softmax and two for ldam_drw.
-            plan = [("balanced_softmax", shape, torch.float32) for shape in shapes]
-            plan += [("balanced_softmax", (4096, 1000), torch.bfloat16),
-                     ("balanced_softmax", (65536, 8142), torch.bfloat16),
-                     ("ldam_drw", (4096, 1000), torch.float32),
-                     ("ldam_drw", (65536, 8142), torch.bfloat16),
-                     ("lade", (4096, 1000), torch.float32),
-                     ("lade", (16384, 8142), torch.bfloat16),
-                     ("seql", (4096, 1000), torch.float32),
-                     ("eql", (4096, 1000), torch.float32)]
+        shapes = OVERHEAD_SHAPES + [(256, 1000), (4096, 1000), (1024, 8142)]
+        plan = [(name, shape, torch.float32) for name in LOSSES for shape in shapes]
     if args.losses:
         plan = [row for row in plan if row[0] in args.losses]
+    if args.shapes:
+        plan = [row for row in plan if "x".join(map(str, row[1])) in args.shapes]
     copy_bw = copy_bandwidth_gb_s(device) if device == "cuda" else None
-    records = []
+    records = args.sink if getattr(args, "sink", None) is not None else []
+    baselines = getattr(args, "baselines", None) or ["eager", "compile"]
     gen = torch.Generator().manual_seed(0)
-    for name, (N, C), dtype in plan:
+    for row, (name, (N, C), dtype) in enumerate(plan):
+        if out_of_budget(args):
+            print(f"loss suite: --budget-s reached, {len(plan) - row} rows not measured", flush=True)
+            break
         fused, ref = LOSSES[name](C, device)
         logits = (torch.randn(N, C, generator=gen) * 2).to(device=device, dtype=dtype)
         target = torch.randint(0, C, (N,), generator=gen).to(device)
-        compiled_ref = torch.compile(ref, dynamic=False)
-        impls = {"ltfast": fused, "eager": ref, "compile": compiled_ref}
+        impls = {"ltfast": fused, "eager": ref}
+        if "compile" in baselines:
+            impls["compile"] = torch.compile(ref, dynamic=False)
+        single = device == "cpu" and is_overhead_shape((N, C))
+        model = traffic_model.model(MODEL_OP[name], N, C, str(dtype).replace("torch.", ""))
         for mode in ("fwd", "fwd_bwd"):
             x = logits.detach().clone().requires_grad_(mode == "fwd_bwd")
             calls = loss_calls(impls, x, lambda fn, x: fn(x, target), mode)
-            # warm-up 3: torch.compile compiles on the first calls
-            times = measure_interleaved(calls, device, args.min_time, args.max_reps, warmup=3)
+            with SingleThread(single):
+                # warm-up 3: torch.compile compiles on the first calls
+                times = measure_interleaved(calls, device, args.min_time, args.max_reps, warmup=3)
             medians = {impl: statistics.median(t) for impl, t in times.items()}
+            best_baseline = min(medians[b] for b in medians if b != "ltfast")
             for impl, t in times.items():
                 median = medians[impl]
-                extra = {}
+                extra = {"threads": 1} if single else {}
                 if device == "cuda":
                     passes = 1 if mode == "fwd" else 3  # logits read fwd; read + grad write bwd
                     achieved = passes * logits.numel() * logits.element_size() / (median * 1e-3) / 1e9
-                    extra = {"achieved_gb_s": round(achieved, 1), "copy_gb_s": round(copy_bw, 1),
-                             "fraction_of_copy_bw": round(achieved / copy_bw, 3)}
+                    extra.update({"achieved_gb_s": round(achieved, 1), "copy_gb_s": round(copy_bw, 1),
+                                  "fraction_of_copy_bw": round(achieved / copy_bw, 3)})
                 if impl == "ltfast":
-                    extra["speedup_vs_best_baseline"] = round(min(medians["eager"], medians["compile"]) / median, 2)
-                    extra["speedup_vs_eager"] = round(medians["eager"] / median, 2)
-                    extra["speedup_vs_compile"] = round(medians["compile"] / median, 2)
+                    extra["speedup_vs_best_baseline"] = round(best_baseline / median, 2)
+                    for b in medians:
+                        if b != "ltfast":
+                            extra[f"speedup_vs_{b}"] = round(medians[b] / median, 2)
+                    phases = model if mode == "fwd_bwd" else model[:1]
+                    model_bytes = sum(p.total_bytes for p in phases)
+                    extra.update({"model_bytes": model_bytes, "model_launches": sum(p.launches for p in phases),
+                                  "model_gb_s": round(model_bytes / (median * 1e-3) / 1e9, 1)})
+                    if device == "cuda":
+                        extra["model_fraction_of_copy_bw"] = round(extra["model_gb_s"] / copy_bw, 3)
+                        prof = kernel_profile(calls[impl], device)
+                        extra.update(prof)
+                        if prof["kernel_ms"] > 0:
+                            extra["kernel_model_gb_s"] = round(model_bytes / (prof["kernel_ms"] * 1e-3) / 1e9, 1)
                 peak = peak_memory_mb(calls[impl], device)
                 records.append(Record("loss", name, impl, device, device_name(device), str(dtype).replace("torch.", ""),
                                       [N, C], mode, round(median, 4), round(percentile(t, 0.2), 4),
                                       round(percentile(t, 0.8), 4), None if peak is None else round(peak, 2),
                                       round(N / (median * 1e-3), 1), extra))
+        del logits, target, impls, calls, x
         torch._dynamo.reset()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return records
 
 
@@ -173,10 +242,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true",
-                        help="balanced_softmax at two shapes and lade at one (< 1 min on 2 cores)")
+                        help="balanced_softmax at 1x2, 64x1000, 256x1000, 4096x1000 and lade at one shape "
+                             "(< 1 min on 2 cores)")
     parser.add_argument("--suites", nargs="+", choices=list(SUITES), default=list(SUITES),
                         help="which suites to run (default: all)")
     parser.add_argument("--losses", nargs="+", choices=list(LOSSES), help="only these losses")
+    parser.add_argument("--shapes", nargs="+", metavar="NxC", help="only these loss shapes, e.g. 1x2 64x1000")
+    parser.add_argument("--baselines", nargs="+", choices=["eager", "compile"], default=["eager", "compile"],
+                        help="loss-suite baselines (leaving out compile saves ~10 s of compilation per row)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new row after this many seconds (rows already written stay)")
     parser.add_argument("--json", metavar="PATH", help="write the records to PATH")
     parser.add_argument("--min-time", type=float, default=None, help="seconds of timed calls per row")
     parser.add_argument("--max-reps", type=int, default=200)
@@ -193,14 +268,17 @@ def main(argv=None) -> int:
         parser.error(f"ltfast._C is not available ({ltfast._extension.LOAD_ERROR}): build it first")
     if args.device == "cuda" and not ltfast.has_cuda_kernels():
         parser.error("ltfast._C was built without CUDA kernels")
-    records = []
+    args.deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
+    records = args.sink = RecordSink(args.json)
     for suite in args.suites:
-        records += SUITES[suite]()(args)
+        if out_of_budget(args):
+            print(f"--budget-s reached: suite {suite} not run")
+            continue
+        for r in SUITES[suite]()(args):
+            if not any(r is s for s in records):  # suites that do not write into args.sink
+                records.append(r)
     print_table(records)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump([{**{k: v for k, v in asdict(r).items() if k != "extra"}, **r.extra} for r in records], f, indent=1)
         print(f"wrote {len(records)} records to {args.json}")
     return 0
 

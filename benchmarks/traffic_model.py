@@ -1,0 +1,327 @@
+"""Launch-count and bytes-moved model of every ltfast op, forward and backward, as a function of
+N, C and the logits dtype, for the launch plan of the CUDA kernels (csrc/ops/*/*_kernels.cuh):
+
+    cross-entropy family (balanced_softmax, adjusted_cross_entropy, softmax_equalization_loss):
+        forward 1 kernel for reduction='none', 2 for 'mean'/'sum' (row kernel + one-block finish
+        over per-block partials); backward 1
+    equalization_loss: forward 2 (rows + finish), backward 1
+    lade: forward 4 (CE row kernel, column pass, per-class finish over a grid, one-block scalar
+        finish); lade_regularizer 3 (no CE rows); backward 1
+    class_aware_sample / class_weighted_sample: 1
+
+Bytes: the logits are read once per row kernel or column pass and the gradient written once; the
+small per-row ([N]) and per-class ([C]) vectors and the partials are counted too (they are <1% of
+the traffic at 65536 x 8142). The reference point "three passes" is what DESIGN.md asks of a
+fused loss: forward reads the logits once, backward reads them once and writes the gradient once.
+
+    python benchmarks/traffic_model.py [--shape 65536 8142] [--dtype bfloat16] [--json PATH]
+    python benchmarks/traffic_model.py --measure --device cuda [--json PATH]   # profiler vs model
+
+--measure runs each op under torch.profiler (CUDA activity on a GPU) and prints, per op and phase,
+the ltfast kernels launched and their summed kernel time next to the model's launches and the
+time the model's bytes take at the copy bandwidth measured in the same run (the floor for a
+memory-bound kernel). On the CPU (--device cpu, what CI runs) it counts ltfast:: operator calls
+instead, which exercises the same code at tiny sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+F32, I64 = 4, 8
+# Row kernels of the CE family put 8 rows in a 256-thread block (a warp per row): one partial
+# (loss sum, weight sum: 2 x fp32) per block. Upper bound; it is ~0.01% of the logits.
+CE_ROWS_PER_BLOCK = 8
+# LADE's column pass splits the batch into at most 64 row blocks (lade_kernels.cuh kMaxRowBlocks);
+# each writes per class: column max, exp-sum, target-logit sum (3 x fp32) and a count (int64).
+LADE_MAX_ROW_BLOCKS, LADE_ROWS_PER_BLOCK = 64, 64
+
+CE_FAMILY = ("balanced_softmax", "adjusted_cross_entropy", "softmax_equalization_loss")
+LOSS_OPS = CE_FAMILY + ("equalization_loss", "lade", "lade_regularizer")
+SAMPLER_OPS = ("class_aware_sample", "class_weighted_sample")
+
+
+@dataclass
+class Phase:
+    op: str
+    phase: str            # "fwd" | "bwd"
+    launches: int
+    read_bytes: int
+    write_bytes: int
+    logits_passes: float  # passes over the [N, C] logits/gradient (reads + writes)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.read_bytes + self.write_bytes
+
+
+def _class_vectors(op: str, C: int) -> int:
+    """fp32 [C] inputs the kernels read: log_prior / adjustment+margin+weight (the benchmark's
+    ldam_drw uses two) / tail_mask (bool)."""
+    return {"balanced_softmax": C * F32, "adjusted_cross_entropy": 2 * C * F32,
+            "softmax_equalization_loss": C * 1 + 2 * I64, "equalization_loss": C * 1,
+            "lade": C * F32, "lade_regularizer": C * F32}[op]
+
+
+def model(op: str, N: int, C: int, dtype: str = "bfloat16", reduction: str = "mean") -> list[Phase]:
+    """[forward, backward] (one entry for the sampler ops, with N = number of draws and C = classes)."""
+    e = ELEMENT_SIZE[dtype]
+    logits = N * C * e
+    if op in SAMPLER_OPS:
+        # Per draw: two class offsets, one member (random gathers), the index written; the class
+        # CDF (float64 [C]) for the weighted draw; one kernel.
+        extra = C * 8 if op == "class_weighted_sample" else 0
+        return [Phase(op, "fwd", 1, N * 3 * I64 + extra, N * I64, 0.0)]
+    reduced = reduction != "none"
+    ce_blocks = math.ceil(N / CE_ROWS_PER_BLOCK)
+    vectors = _class_vectors(op, C)
+    row_stats = 2 * N * F32       # [2, N] fp32 saved for backward
+    loss_out = e if reduced else N * e
+    grad_out = e if reduced else N * e
+
+    if op in CE_FAMILY:
+        fwd_launch = 2 if reduced else 1
+        partials = ce_blocks * 2 * F32 if reduced else 0
+        fwd = Phase(op, "fwd", fwd_launch,
+                    read_bytes=logits + N * I64 + vectors + partials,
+                    write_bytes=row_stats + partials + loss_out + (F32 if reduced else 0), logits_passes=1)
+        bwd = Phase(op, "bwd", 1, read_bytes=logits + N * I64 + vectors + row_stats + grad_out + F32,
+                    write_bytes=logits, logits_passes=2)
+        return [fwd, bwd]
+
+    if op == "equalization_loss":
+        # The plan states 2 launches for the default 'mean'; 'none' is assumed to skip the finish
+        # as the CE family does.
+        fwd_launch = 2 if reduced else 1
+        partials = ce_blocks * 2 * F32 if reduced else 0
+        fwd = Phase(op, "fwd", fwd_launch, read_bytes=logits + N * I64 + vectors + partials,
+                    write_bytes=partials + loss_out + F32, logits_passes=1)
+        bwd = Phase(op, "bwd", 1, read_bytes=logits + N * I64 + vectors + grad_out + F32,
+                    write_bytes=logits, logits_passes=2)
+        return [fwd, bwd]
+
+    # LADE: the CE row kernel writes row_stats and a per-row loss ([N] fp32) for the scalar finish;
+    # the column pass writes partials [3, B, C] fp32 + [B, C] int64, B = min(64, ceil(N / 64)) row
+    # blocks; the per-class finish (a grid over C) reads them and writes column_stats [4, C] fp32
+    # and one fp32 term per class, which the one-block scalar finish reduces with the row losses.
+    with_ce = op == "lade"
+    blocks = max(1, min(LADE_MAX_ROW_BLOCKS, math.ceil(N / LADE_ROWS_PER_BLOCK)))
+    partials = blocks * C * (3 * F32 + I64)
+    column_stats, per_class_terms, row_loss = 4 * C * F32, C * F32, N * F32
+    ce_rows = (logits + N * I64 + vectors, row_stats + row_loss) if with_ce else (0, 0)
+    column_pass = (logits + N * I64, partials)
+    class_finish = (partials + vectors, column_stats + per_class_terms)
+    scalar_finish = (per_class_terms + (row_loss if with_ce else 0), F32 + I64)
+    stages = (ce_rows, column_pass, class_finish, scalar_finish)
+    fwd = Phase(op, "fwd", 4 if with_ce else 3, read_bytes=sum(r for r, _ in stages),
+                write_bytes=sum(w for _, w in stages), logits_passes=2 if with_ce else 1)
+    bwd = Phase(op, "bwd", 1, read_bytes=logits + N * I64 + vectors + (row_stats if with_ce else 0)
+                + column_stats + I64 + e, write_bytes=logits, logits_passes=2)
+    return [fwd, bwd]
+
+
+def three_passes_bytes(N: int, C: int, dtype: str, phase: str) -> int:
+    """DESIGN.md's target: forward one read of the logits, backward one read and one write."""
+    return N * C * ELEMENT_SIZE[dtype] * (1 if phase == "fwd" else 2)
+
+
+def table(N: int, C: int, dtype: str, reduction: str = "mean", draws: int = 10**6, classes: int = 1000):
+    rows = []
+    for op in LOSS_OPS:
+        rows += model(op, N, C, dtype, reduction)
+    for op in SAMPLER_OPS:
+        rows += model(op, draws, classes, "float32")
+    return rows
+
+
+def print_table(rows: list[Phase], N: int, C: int, dtype: str) -> None:
+    print(f"traffic model, logits [{N}, {C}] {dtype}, reduction='mean' (samplers: 1e6 draws, 1000 classes)")
+    print(f"{'op':27} {'phase':5} {'launches':>8} {'read MB':>10} {'write MB':>10} {'total MB':>10} "
+          f"{'logits passes':>13} {'vs 3-pass':>9}")
+    for r in rows:
+        ref = three_passes_bytes(N, C, dtype, r.phase) if r.op in LOSS_OPS else None
+        ratio = f"{r.total_bytes / ref:.3f}" if ref else ""
+        print(f"{r.op:27} {r.phase:5} {r.launches:>8} {r.read_bytes / 1e6:10.1f} {r.write_bytes / 1e6:10.1f} "
+              f"{r.total_bytes / 1e6:10.1f} {r.logits_passes:>13g} {ratio:>9}")
+    print("vs 3-pass = model bytes / the DESIGN.md passes over the logits of that phase (fwd 1, bwd 2)")
+
+
+# ------------------------------------------------------------------ measurement (profiler)
+def kernel_kind(name: str) -> str:
+    """Groups the kernels of one call: finish/reduce (one-block or per-class finishing kernels),
+    column (LADE's column pass), rows (row kernels, backward), other (torch's own: fills, copies)."""
+    if "ltfast" not in name:
+        return "other"
+    base = kernel_base_name(name).lower()
+    if "finish" in base or "reduce" in base:
+        return "finish"
+    if "column" in base:
+        return "column"
+    return "rows"
+
+
+def kernel_base_name(name: str) -> str:
+    """'void ltfast::lade_kernels::finish_kernel<float>(float const*, ...)' -> 'finish_kernel':
+    the kind is read from the function's own name, never from its template or parameter types."""
+    depth, kept = 0, []
+    for ch in name.split("(")[0]:
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif depth == 0:
+            kept.append(ch)
+    return "".join(kept).split("::")[-1].split()[-1] if "".join(kept).strip() else name
+
+
+def profile_call(fn, device: str) -> list[tuple[str, float]]:
+    """(kernel name, kernel ms) for each kernel of one call; on the CPU, (op name, CPU ms) of the
+    ltfast:: operators."""
+    from torch.profiler import ProfilerActivity, profile
+    # CPU + CUDA: kernel events are recorded with the launches that issued them; only the
+    # device_type == CUDA events (kernels, memsets, copies) are kept below.
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    out = []
+    for e in prof.events():
+        if device == "cuda":
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                # A kernel event's time range is the kernel's start and end on the GPU (us).
+                out.append((e.name, e.time_range.elapsed_us() / 1e3))
+        elif e.name.startswith("ltfast::"):
+            out.append((e.name, e.time_range.elapsed_us() / 1e3))
+    return out
+
+
+def _op_call(op: str, C: int, device: str):
+    """(forward(x, y) -> loss) of each op with the benchmark's arguments."""
+    import ltfast
+    from ltfast import priors
+    counts = torch.logspace(3.1, 0.7, C).round()
+    log_prior = priors.log_prior(counts).to(device)
+    tail = priors.tail_classes(counts).to(device)
+    margin = (30 * priors.ldam_margins(counts)).to(device)
+    weight = priors.effective_number_weights(counts).to(device)
+    seed = torch.tensor([1, 2], dtype=torch.int64, device=device)
+    return {
+        "balanced_softmax": lambda x, y: torch.ops.ltfast.balanced_softmax(x, y, log_prior),
+        "adjusted_cross_entropy": lambda x, y: torch.ops.ltfast.adjusted_cross_entropy(
+            x, y, None, margin, weight),
+        "softmax_equalization_loss": lambda x, y: torch.ops.ltfast.softmax_equalization_loss(x, y, tail, seed, 0.9),
+        "equalization_loss": lambda x, y: torch.ops.ltfast.equalization_loss(x, y, tail),
+        "lade": lambda x, y: torch.ops.ltfast.lade(x, y, log_prior),
+        "lade_regularizer": lambda x, y: torch.ops.ltfast.lade_regularizer(x, y, log_prior),
+    }[op], ltfast
+
+
+def measure(N: int, C: int, dtype: str, device: str, copy_gb_s: float | None, emit) -> list[dict]:
+    """Profiles forward and backward of each loss op once (after a warm-up call) and compares the
+    ltfast kernels with the model."""
+    gen = torch.Generator().manual_seed(0)
+    torch_dtype = getattr(torch, dtype)
+    logits = (torch.randn(N, C, generator=gen) * 2).to(device=device, dtype=torch_dtype)
+    target = torch.randint(0, C, (N,), generator=gen).to(device)
+    results = []
+    for op in LOSS_OPS:
+        fn, _ = _op_call(op, C, device)
+        x = logits.detach().requires_grad_()
+        fn(x, target).backward()  # warm-up: first-call costs, allocator
+        x.grad = None
+        loss_box = {}
+
+        def forward():
+            loss_box["loss"] = fn(x, target)
+
+        def backward():
+            loss_box["loss"].backward()
+
+        for phase_model, call in zip(model(op, N, C, dtype), (forward, backward)):
+            kernels = profile_call(call, device)
+            ours = [(n, ms) for n, ms in kernels if device != "cuda" or kernel_kind(n) != "other"]
+            by_kind = {}
+            for n, ms in kernels:
+                kind = kernel_kind(n) if device == "cuda" else "cpu_op"
+                by_kind[kind] = round(by_kind.get(kind, 0.0) + ms, 4)
+            kernel_ms = sum(ms for _, ms in ours)
+            floor_ms = phase_model.total_bytes / (copy_gb_s * 1e9) * 1e3 if copy_gb_s else None
+            rec = {"suite": "traffic", "op": op, "phase": phase_model.phase, "device": device, "dtype": dtype,
+                   "shape": [N, C], "model_launches": phase_model.launches, "measured_launches": len(ours),
+                   "model_bytes": phase_model.total_bytes, "kernel_ms": round(kernel_ms, 4),
+                   "kernel_ms_by_kind": by_kind, "kernels": sorted({n for n, _ in ours}),
+                   "model_floor_ms": None if floor_ms is None else round(floor_ms, 4),
+                   "model_gb_s": round(phase_model.total_bytes / (kernel_ms * 1e6), 1) if kernel_ms > 0 else None,
+                   "three_pass_gb_s": round(three_passes_bytes(N, C, dtype, phase_model.phase) / (kernel_ms * 1e6), 1)
+                   if kernel_ms > 0 else None,
+                   "copy_gb_s": copy_gb_s}
+            results.append(rec)
+            emit(rec)
+        x.grad = None
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=int, nargs=2, default=[65536, 8142], metavar=("N", "C"))
+    parser.add_argument("--dtype", default="bfloat16", choices=list(ELEMENT_SIZE))
+    parser.add_argument("--measure", action="store_true", help="profile each op and compare with the model")
+    parser.add_argument("--measure-shape", type=int, nargs=2, metavar=("N", "C"),
+                        help="shape of the --measure run (default: --shape; the CPU dry run uses a tiny one)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", metavar="PATH", help="append JSON lines (model rows, then measurements)")
+    args = parser.parse_args(argv)
+    N, C = args.shape
+    out = open(args.json, "a") if args.json else None
+
+    def emit(record):
+        if out:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+
+    rows = table(N, C, args.dtype)
+    print_table(rows, N, C, args.dtype)
+    for r in rows:
+        emit({"suite": "traffic_model", **asdict(r), "total_bytes": r.total_bytes, "dtype": args.dtype,
+              "shape": [N, C] if r.op in LOSS_OPS else [10**6, 1000]})
+    status = 0
+    if args.measure:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device")
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        copy_gb_s = None
+        if args.device == "cuda":
+            from throughput import copy_bandwidth_gb_s
+            copy_gb_s = round(copy_bandwidth_gb_s("cuda"), 1)
+        t0 = time.perf_counter()
+        N, C = args.measure_shape or (N, C)
+        print(f"\nmeasured on {args.device} ({'kernels' if args.device == 'cuda' else 'ltfast:: ops'} of one call), "
+              f"[{N}, {C}] {args.dtype}" + (f", copy bandwidth {copy_gb_s:.0f} GB/s" if copy_gb_s else ""))
+        print(f"{'op':27} {'phase':5} {'launches':>8} {'model':>5} {'kernel ms':>10} {'floor ms':>9} "
+              f"{'GB/s model':>10} {'GB/s 3-pass':>11}  by kind (ms)")
+        for rec in measure(N, C, args.dtype, args.device, copy_gb_s, emit):
+            mismatch = args.device == "cuda" and rec["measured_launches"] != rec["model_launches"]
+            floor = f"{rec['model_floor_ms']:.3f}" if rec["model_floor_ms"] is not None else "-"
+            print(f"{rec['op']:27} {rec['phase']:5} {rec['measured_launches']:>8} {rec['model_launches']:>5} "
+                  f"{rec['kernel_ms']:10.3f} {floor:>9} {rec['model_gb_s'] or 0:10.0f} {rec['three_pass_gb_s'] or 0:11.0f}"
+                  f"  {rec['kernel_ms_by_kind']}{'  LAUNCHES DIFFER FROM THE MODEL' if mismatch else ''}")
+            # A launch count off the plan is reported, not failed: the plan is being implemented.
+        print(f"({time.perf_counter() - t0:.1f} s)")
+    if out:
+        out.close()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
