@@ -1,6 +1,7 @@
 // Every ltfast op schema lives here, in one TORCH_LIBRARY block; each backend file
-// (csrc/ops/<family>/<family>_{cpu,cuda}.*) registers its own kernels, and ltfast/ops.py adds the
-// fake (meta) kernels, autograd and autocast.
+// (csrc/ops/<family>/<family>_{cpu,cuda}.*) registers its own kernels, csrc/autograd/ the autograd
+// kernels of the private forward ops and the autocast kernels of the public ops, and ltfast/ops.py
+// the fake (meta) kernels.
 //
 // Each public loss op is a thin composite over a private forward op that also returns the per-row
 // statistics backward needs (autograd can only save what an op returns), and a private backward op.
@@ -19,6 +20,11 @@ namespace {
 
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// float32 logits (the common case) skip the dispatcher round trip of a no-op .to().
+at::Tensor in_logits_dtype(const at::Tensor& loss, const at::Tensor& logits) {
+  return loss.scalar_type() == logits.scalar_type() ? loss : loss.to(logits.scalar_type());
+}
+
 at::Tensor balanced_softmax(const at::Tensor& logits, const at::Tensor& target,
                             const at::Tensor& log_prior, c10::string_view reduction,
                             int64_t ignore_index) {
@@ -29,8 +35,8 @@ at::Tensor balanced_softmax(const at::Tensor& logits, const at::Tensor& target,
                                 c10::string_view, int64_t)>();
   const auto loss = std::get<0>(forward.call(logits.contiguous(), target, log_prior, reduction, ignore_index));
   // The kernels return the loss in the float32 accumulation dtype; like F.cross_entropy, the
-  // public op returns it in the logits dtype (the autocast kernel in ltfast/ops.py keeps float32).
-  return loss.to(logits.scalar_type());
+  // public op returns it in the logits dtype (the autocast kernels in csrc/autograd/ keep float32).
+  return in_logits_dtype(loss, logits);
 }
 
 at::Tensor adjusted_cross_entropy(const at::Tensor& logits, const at::Tensor& target,
@@ -48,7 +54,7 @@ at::Tensor adjusted_cross_entropy(const at::Tensor& logits, const at::Tensor& ta
                                 int64_t)>();
   const auto loss = std::get<0>(forward.call(logits.contiguous(), target, adjustment, target_margin, weight, gamma,
                                              label_smoothing, reduction, ignore_index));
-  return loss.to(logits.scalar_type());
+  return in_logits_dtype(loss, logits);
 }
 
 at::Tensor softmax_equalization_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tail_mask,
@@ -61,7 +67,7 @@ at::Tensor softmax_equalization_loss(const at::Tensor& logits, const at::Tensor&
                                 c10::string_view, int64_t)>();
   const auto loss =
       std::get<0>(forward.call(logits.contiguous(), target, tail_mask, seed, gamma, reduction, ignore_index));
-  return loss.to(logits.scalar_type());
+  return in_logits_dtype(loss, logits);
 }
 
 at::Tensor equalization_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tail_mask,
@@ -71,8 +77,8 @@ at::Tensor equalization_loss(const at::Tensor& logits, const at::Tensor& target,
           .findSchemaOrThrow("ltfast::_equalization_loss_forward", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                     c10::string_view, int64_t)>();
-  return std::get<0>(forward.call(logits.contiguous(), target, tail_mask, reduction, ignore_index))
-      .to(logits.scalar_type());
+  return in_logits_dtype(std::get<0>(forward.call(logits.contiguous(), target, tail_mask, reduction, ignore_index)),
+                         logits);
 }
 
 using LadeForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -86,7 +92,7 @@ at::Tensor lade_composite(const at::Tensor& logits, const at::Tensor& target, co
                                     double, int64_t)>();
   const auto loss =
       std::get<0>(forward.call(logits.contiguous(), target, log_prior, ce_weight, alpha, remine_lambda, ignore_index));
-  return loss.to(logits.scalar_type());
+  return in_logits_dtype(loss, logits);
 }
 
 at::Tensor lade(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& log_prior, double alpha,

@@ -1,12 +1,14 @@
-"""Python side of the torch.ops.ltfast ops: fake (meta) kernels, autograd, autocast, and the
-functionals users call.
+"""Python side of the torch.ops.ltfast ops: fake (meta) kernels and the functionals users call.
 
-The schemas and the CPU/CUDA kernels are in csrc/. Each public loss op is a composite over a
-private forward op returning ``(loss, row_stats, denominator)``, whose autograd saves only the
-per-row softmax statistics ``row_stats`` ``[2, N]`` (row max m and ``log sum exp(a - m)``, in the
-accumulation dtype; see csrc/ops/cross_entropy/cross_entropy.h) and the scalar denominator, and
-calls a private backward op. The logits are made contiguous once, before the private forward op,
-so that the tensor autograd saves is the one the kernels read (no second copy in backward).
+The schemas and the CPU/CUDA kernels are in csrc/, and so are autograd and autocast
+(csrc/autograd/*_autograd.cpp), so that a call costs no Python beyond the functional itself. Each
+public loss op is a composite over a private forward op returning ``(loss, row_stats,
+denominator)``, whose autograd saves only the per-row softmax statistics ``row_stats`` ``[2, N]``
+(row max m and ``log sum exp(a - m)``, in the accumulation dtype; see
+csrc/ops/cross_entropy/cross_entropy.h) and the scalar denominator, and calls a private backward
+op. The logits are made contiguous once, before the private forward op, so that the tensor autograd
+saves is the one the kernels read (no second copy in backward). The backward is first-order only:
+differentiating a gradient taken with ``create_graph=True`` raises an error naming the op.
 """
 from __future__ import annotations
 
@@ -47,45 +49,6 @@ def _fake_forward(op: str, logits: Tensor, target: Tensor, reduction: str, class
     return loss, logits.new_empty((2, rows), dtype=acc), logits.new_empty((), dtype=acc)
 
 
-def _column_sum(grad_logits: Tensor) -> Tensor:
-    # d loss / d adjustment_c = sum_i d loss / d z_ic, since a = z + adjustment.
-    return grad_logits.sum(0, dtype=_accumulate_dtype(grad_logits))
-
-
-def _margin_grad(grad_logits: Tensor, target: Tensor, ignore_index: int, num_classes: int) -> Tensor:
-    # d loss / d margin_c = -sum over rows of class c of d loss / d z_{i,y_i}; ignored rows have a
-    # zero gradient row, so they add nothing wherever they point.
-    safe_target = torch.where(target == ignore_index, torch.zeros_like(target), target)
-    at_target = grad_logits.gather(1, safe_target[:, None]).squeeze(1)
-    # index_put_ with accumulate=True: on CUDA a sort-based kernel that adds each class's rows in a
-    # fixed order, so the result is the same run to run; index_add (atomics on CUDA) was not.
-    acc = _accumulate_dtype(grad_logits)
-    total = torch.zeros(num_classes, dtype=acc, device=grad_logits.device)
-    return -total.index_put_((safe_target,), at_target.to(acc), accumulate=True)
-
-
-# Eager fast path. register_autograd's generic wrapper costs ~40 us per forward+backward on top of
-# a plain autograd.Function (120 vs 82 us for a [2, 3] batch here), which is 10% of a [256, 1000]
-# training step's loss. Outside torch.compile and autocast, the functionals call an
-# autograd.Function built from the very same setup_context/backward as the registered autograd.
-_EAGER_FUNCTIONS: dict = {}
-
-
-def _eager_function(forward_op, setup_context, backward):
-    def forward(*args):
-        with torch._C._AutoDispatchBelowAutograd():
-            return forward_op(*args)
-
-    return type(f"Eager_{forward_op.__name__}", (torch.autograd.Function,), {
-        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward)})
-
-
-def _use_eager_function(logits: Tensor) -> bool:
-    return (torch.is_grad_enabled() and logits.requires_grad and not torch.compiler.is_compiling()
-            and not torch.is_autocast_enabled(logits.device.type))
-
-
 def _register() -> None:
     lib = torch.library
 
@@ -98,24 +61,6 @@ def _register() -> None:
     def _(grad_loss, logits, target, log_prior, row_stats, denominator, reduction, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
-    def bs_setup_context(ctx, inputs, output):
-        logits, target, log_prior, reduction, ignore_index = inputs
-        _, row_stats, denominator = output
-        ctx.save_for_backward(logits, target, log_prior, row_stats, denominator)
-        ctx.reduction, ctx.ignore_index = reduction, ignore_index
-        ctx.mark_non_differentiable(row_stats, denominator)
-
-    def bs_backward(ctx, grad_loss, _grad_row_stats, _grad_denominator):
-        logits, target, log_prior, row_stats, denominator = ctx.saved_tensors
-        grad_logits = torch.ops.ltfast._balanced_softmax_backward(
-            grad_loss, logits, target, log_prior, row_stats, denominator, ctx.reduction, ctx.ignore_index)
-        grad_prior = _column_sum(grad_logits).to(log_prior.dtype) if ctx.needs_input_grad[2] else None
-        return (grad_logits if ctx.needs_input_grad[0] else None), None, grad_prior, None, None
-
-    lib.register_autograd("ltfast::_balanced_softmax_forward", bs_backward, setup_context=bs_setup_context)
-    _EAGER_FUNCTIONS["balanced_softmax"] = _eager_function(
-        torch.ops.ltfast._balanced_softmax_forward.default, bs_setup_context, bs_backward)
-
     # ---------------------------------------------------------------- adjusted_cross_entropy
     @lib.register_fake("ltfast::_adjusted_cross_entropy_forward")
     def _(logits, target, adjustment, target_margin, weight, gamma, label_smoothing, reduction, ignore_index):
@@ -127,36 +72,6 @@ def _register() -> None:
           label_smoothing, reduction, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
-    def ace_setup_context(ctx, inputs, output):
-        (logits, target, adjustment, target_margin, weight, gamma, label_smoothing, reduction,
-         ignore_index) = inputs
-        _, row_stats, denominator = output
-        if weight is not None and weight.requires_grad:
-            raise RuntimeError("ltfast.adjusted_cross_entropy: the gradient with respect to `weight` is "
-                               "not implemented; pass weight.detach()")
-        ctx.save_for_backward(logits, target, adjustment, target_margin, weight, row_stats, denominator)
-        ctx.options = (gamma, label_smoothing, reduction, ignore_index)
-        ctx.mark_non_differentiable(row_stats, denominator)
-
-    def ace_backward(ctx, grad_loss, _grad_row_stats, _grad_denominator):
-        logits, target, adjustment, target_margin, weight, row_stats, denominator = ctx.saved_tensors
-        gamma, label_smoothing, reduction, ignore_index = ctx.options
-        grad_logits = torch.ops.ltfast._adjusted_cross_entropy_backward(
-            grad_loss, logits, target, adjustment, target_margin, weight, row_stats, denominator, gamma,
-            label_smoothing, reduction, ignore_index)
-        grad_adjustment = grad_margin = None
-        if ctx.needs_input_grad[2]:
-            grad_adjustment = _column_sum(grad_logits).to(adjustment.dtype)
-        if ctx.needs_input_grad[3]:
-            grad_margin = _margin_grad(grad_logits, target, ignore_index, logits.shape[1]).to(target_margin.dtype)
-        return ((grad_logits if ctx.needs_input_grad[0] else None), None, grad_adjustment, grad_margin,
-                None, None, None, None, None)
-
-    lib.register_autograd("ltfast::_adjusted_cross_entropy_forward", ace_backward,
-                          setup_context=ace_setup_context)
-    _EAGER_FUNCTIONS["adjusted_cross_entropy"] = _eager_function(
-        torch.ops.ltfast._adjusted_cross_entropy_forward.default, ace_setup_context, ace_backward)
-
     # ---------------------------------------------------------------- softmax_equalization_loss
     @lib.register_fake("ltfast::_softmax_equalization_loss_forward")
     def _(logits, target, tail_mask, seed, gamma, reduction, ignore_index):
@@ -166,26 +81,6 @@ def _register() -> None:
     @lib.register_fake("ltfast::_softmax_equalization_loss_backward")
     def _(grad_loss, logits, target, tail_mask, seed, row_stats, denominator, gamma, reduction, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-    def seql_setup_context(ctx, inputs, output):
-        logits, target, tail_mask, seed, gamma, reduction, ignore_index = inputs
-        _, row_stats, denominator = output
-        # The drop mask is not saved: backward regenerates it from `seed`.
-        ctx.save_for_backward(logits, target, tail_mask, seed, row_stats, denominator)
-        ctx.options = (gamma, reduction, ignore_index)
-        ctx.mark_non_differentiable(row_stats, denominator)
-
-    def seql_backward(ctx, grad_loss, *_unused):
-        logits, target, tail_mask, seed, row_stats, denominator = ctx.saved_tensors
-        gamma, reduction, ignore_index = ctx.options
-        grad_logits = torch.ops.ltfast._softmax_equalization_loss_backward(
-            grad_loss, logits, target, tail_mask, seed, row_stats, denominator, gamma, reduction, ignore_index)
-        return grad_logits, None, None, None, None, None, None
-
-    lib.register_autograd("ltfast::_softmax_equalization_loss_forward", seql_backward,
-                          setup_context=seql_setup_context)
-    _EAGER_FUNCTIONS["softmax_equalization_loss"] = _eager_function(
-        torch.ops.ltfast._softmax_equalization_loss_forward.default, seql_setup_context, seql_backward)
 
     # ---------------------------------------------------------------- equalization_loss (EQL)
     @lib.register_fake("ltfast::_equalization_loss_forward")
@@ -197,23 +92,6 @@ def _register() -> None:
     @lib.register_fake("ltfast::_equalization_loss_backward")
     def _(grad_loss, logits, target, tail_mask, denominator, reduction, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-    def eql_setup_context(ctx, inputs, output):
-        logits, target, tail_mask, reduction, ignore_index = inputs
-        ctx.save_for_backward(logits, target, tail_mask, output[1])
-        ctx.options = (reduction, ignore_index)
-        ctx.mark_non_differentiable(output[1])
-
-    def eql_backward(ctx, grad_loss, _grad_denominator):
-        logits, target, tail_mask, denominator = ctx.saved_tensors
-        reduction, ignore_index = ctx.options
-        grad_logits = torch.ops.ltfast._equalization_loss_backward(grad_loss, logits, target, tail_mask, denominator,
-                                                                   reduction, ignore_index)
-        return grad_logits, None, None, None, None
-
-    lib.register_autograd("ltfast::_equalization_loss_forward", eql_backward, setup_context=eql_setup_context)
-    _EAGER_FUNCTIONS["equalization_loss"] = _eager_function(
-        torch.ops.ltfast._equalization_loss_forward.default, eql_setup_context, eql_backward)
 
     # ---------------------------------------------------------------- lade
     @lib.register_fake("ltfast::_lade_forward")
@@ -228,27 +106,6 @@ def _register() -> None:
     def _(grad_loss, logits, target, log_prior, row_stats, column_stats, num_valid, ce_weight, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
-    def lade_setup_context(ctx, inputs, output):
-        logits, target, log_prior, ce_weight, _alpha, _remine_lambda, ignore_index = inputs
-        _, row_stats, column_stats, num_valid = output
-        if log_prior.requires_grad:
-            raise RuntimeError("ltfast.lade: the gradient with respect to `log_prior` is not implemented; "
-                               "pass log_prior.detach()")
-        ctx.save_for_backward(logits, target, log_prior, row_stats, column_stats, num_valid)
-        ctx.options = (ce_weight, ignore_index)
-        ctx.mark_non_differentiable(row_stats, column_stats, num_valid)
-
-    def lade_backward(ctx, grad_loss, *_unused):
-        logits, target, log_prior, row_stats, column_stats, num_valid = ctx.saved_tensors
-        ce_weight, ignore_index = ctx.options
-        grad_logits = torch.ops.ltfast._lade_backward(grad_loss, logits, target, log_prior, row_stats, column_stats,
-                                                      num_valid, ce_weight, ignore_index)
-        return grad_logits, None, None, None, None, None, None
-
-    lib.register_autograd("ltfast::_lade_forward", lade_backward, setup_context=lade_setup_context)
-    _EAGER_FUNCTIONS["lade"] = _eager_function(torch.ops.ltfast._lade_forward.default, lade_setup_context,
-                                               lade_backward)
-
     # ---------------------------------------------------------------- sampler draws (ltfast.data)
     @lib.register_fake("ltfast::class_aware_sample")
     def _(class_offsets, members, seed, epoch, start, count, num_samples_cls, epoch_length):
@@ -261,60 +118,6 @@ def _register() -> None:
         torch._check(class_cdf.shape[0] == class_offsets.shape[0] - 1,
                      lambda: "ltfast.class_weighted_sample: class_cdf must have one entry per class")
         return members.new_empty((count,))
-
-    # ---------------------------------------------------------------- autocast
-    # Under autocast F.cross_entropy runs in float32. The kernels already read bf16/fp16 logits and
-    # accumulate in float32, so instead of casting the [N, C] logits up (a full extra copy), the
-    # autocast kernels return the private op's float32 loss as it is.
-    impl_lib = torch.library.Library("ltfast", "IMPL")
-    _register.keepalive = impl_lib  # the registrations live as long as this Library object
-    for device_key in ("AutocastCUDA", "AutocastCPU"):
-        exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, device_key))
-
-        # Arguments left at their schema defaults are not passed to Python kernels: spell them out.
-        def balanced_softmax_autocast(logits, target, log_prior, reduction="mean", ignore_index=-100,
-                                      exclude=exclude):
-            with torch._C._ExcludeDispatchKeyGuard(exclude):
-                return torch.ops.ltfast._balanced_softmax_forward(logits.contiguous(), target, log_prior, reduction,
-                                                                  ignore_index)[0]
-
-        def adjusted_cross_entropy_autocast(logits, target, adjustment=None, target_margin=None, weight=None,
-                                            gamma=0.0, label_smoothing=0.0, reduction="mean", ignore_index=-100,
-                                            exclude=exclude):
-            with torch._C._ExcludeDispatchKeyGuard(exclude):
-                return torch.ops.ltfast._adjusted_cross_entropy_forward(
-                    logits.contiguous(), target, adjustment, target_margin, weight, gamma, label_smoothing, reduction,
-                    ignore_index)[0]
-
-        def lade_autocast(logits, target, log_prior, alpha=0.1, remine_lambda=0.1, ignore_index=-100,
-                          exclude=exclude):
-            with torch._C._ExcludeDispatchKeyGuard(exclude):
-                return torch.ops.ltfast._lade_forward(logits.contiguous(), target, log_prior, 1.0, alpha, remine_lambda,
-                                                      ignore_index)[0]
-
-        def lade_regularizer_autocast(logits, target, log_prior, remine_lambda=0.1, ignore_index=-100,
-                                      exclude=exclude):
-            with torch._C._ExcludeDispatchKeyGuard(exclude):
-                return torch.ops.ltfast._lade_forward(logits.contiguous(), target, log_prior, 0.0, 1.0, remine_lambda,
-                                                      ignore_index)[0]
-
-        def seql_autocast(logits, target, tail_mask, seed, gamma=0.9, reduction="mean", ignore_index=-100,
-                          exclude=exclude):
-            with torch._C._ExcludeDispatchKeyGuard(exclude):
-                return torch.ops.ltfast._softmax_equalization_loss_forward(
-                    logits.contiguous(), target, tail_mask, seed, gamma, reduction, ignore_index)[0]
-
-        def eql_autocast(logits, target, tail_mask, reduction="mean", ignore_index=-100, exclude=exclude):
-            with torch._C._ExcludeDispatchKeyGuard(exclude):
-                return torch.ops.ltfast._equalization_loss_forward(logits.contiguous(), target, tail_mask, reduction,
-                                                                   ignore_index)[0]
-
-        impl_lib.impl("softmax_equalization_loss", seql_autocast, device_key)
-        impl_lib.impl("equalization_loss", eql_autocast, device_key)
-        impl_lib.impl("lade", lade_autocast, device_key)
-        impl_lib.impl("lade_regularizer", lade_regularizer_autocast, device_key)
-        impl_lib.impl("balanced_softmax", balanced_softmax_autocast, device_key)
-        impl_lib.impl("adjusted_cross_entropy", adjusted_cross_entropy_autocast, device_key)
 
 
 if _extension.AVAILABLE:
@@ -341,11 +144,7 @@ def balanced_softmax_loss(logits: Tensor, target: Tensor, log_prior: Tensor, red
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.balanced_softmax(logits, target, log_prior, reduction, ignore_index)
-    if _use_eager_function(logits):
-        loss = _EAGER_FUNCTIONS["balanced_softmax"].apply(logits.contiguous(), target, log_prior, reduction,
-                                                          ignore_index)[0]
-        return loss.to(logits.dtype)
-    return torch.ops.ltfast.balanced_softmax(logits, target, log_prior, reduction, ignore_index)
+    return torch.ops.ltfast.balanced_softmax.default(logits, target, log_prior, reduction, ignore_index)
 
 
 def adjusted_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | None = None,
@@ -374,19 +173,9 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | 
         _extension.warn_fallback_once()
         return reference.adjusted_cross_entropy(logits, target, adjustment, target_margin, weight, gamma,
                                                 label_smoothing, reduction, ignore_index)
-    args = (logits, target, adjustment, target_margin, weight, float(gamma), float(label_smoothing), reduction,
-            ignore_index)
-    if _use_eager_function(logits):
-        return _EAGER_FUNCTIONS["adjusted_cross_entropy"].apply(logits.contiguous(), *args[1:])[0].to(logits.dtype)
-    return torch.ops.ltfast.adjusted_cross_entropy(*args)
-
-
-def _lade(logits, target, log_prior, ce_weight, alpha, remine_lambda, ignore_index, public_op, public_args):
-    if _use_eager_function(logits):
-        loss = _EAGER_FUNCTIONS["lade"].apply(logits.contiguous(), target, log_prior, float(ce_weight), float(alpha),
-                                             float(remine_lambda), ignore_index)[0]
-        return loss.to(logits.dtype)
-    return public_op(*public_args)
+    return torch.ops.ltfast.adjusted_cross_entropy.default(logits, target, adjustment, target_margin, weight,
+                                                           float(gamma), float(label_smoothing), reduction,
+                                                           ignore_index)
 
 
 def lade_loss(logits: Tensor, target: Tensor, log_prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1,
@@ -407,8 +196,7 @@ def lade_loss(logits: Tensor, target: Tensor, log_prior: Tensor, alpha: float = 
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.lade(logits, target, log_prior, alpha, remine_lambda, ignore_index)
-    return _lade(logits, target, log_prior, 1.0, alpha, remine_lambda, ignore_index, torch.ops.ltfast.lade,
-                 (logits, target, log_prior, float(alpha), float(remine_lambda), ignore_index))
+    return torch.ops.ltfast.lade.default(logits, target, log_prior, float(alpha), float(remine_lambda), ignore_index)
 
 
 def lade_regularizer(logits: Tensor, target: Tensor, log_prior: Tensor, remine_lambda: float = 0.1,
@@ -417,8 +205,7 @@ def lade_regularizer(logits: Tensor, target: Tensor, log_prior: Tensor, remine_l
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.lade_regularizer(logits, target, log_prior, remine_lambda, ignore_index)
-    return _lade(logits, target, log_prior, 0.0, 1.0, remine_lambda, ignore_index, torch.ops.ltfast.lade_regularizer,
-                 (logits, target, log_prior, float(remine_lambda), ignore_index))
+    return torch.ops.ltfast.lade_regularizer.default(logits, target, log_prior, float(remine_lambda), ignore_index)
 
 
 def new_seed(device) -> Tensor:
@@ -446,10 +233,8 @@ def softmax_equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor,
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.softmax_equalization_loss(logits, target, tail_mask, gamma, reduction, ignore_index)
-    args = (logits, target, tail_mask, seed, float(gamma), reduction, ignore_index)
-    if _use_eager_function(logits):
-        return _EAGER_FUNCTIONS["softmax_equalization_loss"].apply(logits.contiguous(), *args[1:])[0].to(logits.dtype)
-    return torch.ops.ltfast.softmax_equalization_loss(*args)
+    return torch.ops.ltfast.softmax_equalization_loss.default(logits, target, tail_mask, seed, float(gamma), reduction,
+                                                              ignore_index)
 
 
 def equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor, reduction: str = "mean",
@@ -472,7 +257,4 @@ def equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor, reducti
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.equalization_loss(logits, target, tail_mask, reduction, ignore_index)
-    args = (logits, target, tail_mask, reduction, ignore_index)
-    if _use_eager_function(logits):
-        return _EAGER_FUNCTIONS["equalization_loss"].apply(logits.contiguous(), *args[1:])[0].to(logits.dtype)
-    return torch.ops.ltfast.equalization_loss(*args)
+    return torch.ops.ltfast.equalization_loss.default(logits, target, tail_mask, reduction, ignore_index)
