@@ -23,7 +23,7 @@ from torch import nn
 
 import ltfast
 
-from . import metrics
+from . import checkpoint, metrics
 from .config import ConfigError, dump
 from .models import build_model, freeze_backbone
 from .schedule import lr_factor
@@ -83,12 +83,13 @@ def load_datasets(data: dict) -> dict:
                 "class_counts": [int(c) for c in lt["class_counts"]], "class_names": list(lt["class_names"]),
                 "in_memory": True}
     if data["dataset"] == "synthetic":
-        counts = datasets.long_tailed_counts(data["n_max"], data["num_classes"], data["ratio"])
+        num_classes = data["num_classes"] or 10
+        counts = datasets.long_tailed_counts(data["n_max"], num_classes, data["ratio"])
         seed = data["split_seed"]
-        val = (_synthetic_split([data["val_per_class"]] * data["num_classes"], data, seed + 1)
+        val = (_synthetic_split([data["val_per_class"]] * num_classes, data, seed + 1)
                if data["val_per_class"] else None)
         return {"train": _synthetic_split(counts, data, seed), "val": val,
-                "test": _synthetic_split([data["test_per_class"]] * data["num_classes"], data, seed + 2),
+                "test": _synthetic_split([data["test_per_class"]] * num_classes, data, seed + 2),
                 "class_counts": list(counts), "class_names": None, "in_memory": True}
     train = datasets.read_list_file(data["train_list"], data["root"])
     val = datasets.read_list_file(data["val_list"], data["root"]) if data["val_list"] else None
@@ -167,7 +168,7 @@ def build_loss(loss: dict, class_counts: list[int]) -> nn.Module:
         return ltfast.nn.LDAMLoss(class_counts, max_margin=loss["max_margin"], s=loss["s"],
                                   drw_epoch=loss["drw_epoch"], beta=loss["beta"])
     if name == "focal":
-        return ltfast.nn.FocalLoss(loss["gamma"])
+        return ltfast.nn.FocalLoss(loss["focal_gamma"])
     if name == "logit_adjusted":
         return ltfast.nn.LogitAdjustedLoss(class_counts, tau=loss["tau"])
     raise ConfigError(f"loss.name: unknown loss {name!r}")
@@ -216,16 +217,15 @@ def _set_rng_state(state: dict) -> None:
 def _gather_rng_states(world: int) -> list:
     # Each rank's generator has its own stream (e.g. SEQL's drop seeds); keep all of them.
     if world == 1:
-        return [_rng_state()]
+        return [checkpoint.rng_state_for_saving(_rng_state())]
     states = [None] * world
-    dist.all_gather_object(states, _rng_state())
+    dist.all_gather_object(states, checkpoint.rng_state_for_saving(_rng_state()))
     return states
 
 
 def _atomic_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # an interrupted save never leaves a truncated last.pt behind
+    # An interrupted or failed save (kill, full disk) never leaves a truncated last.pt or a temp file.
+    checkpoint.save_atomic(obj, path)
 
 
 def _resume_path(cfg: dict) -> Optional[str]:
@@ -238,16 +238,15 @@ def _resume_path(cfg: dict) -> Optional[str]:
         if resume is True:
             raise FileNotFoundError(f"train.resume: no checkpoint at {last}")
         return None
-    if not os.path.exists(resume):
-        raise FileNotFoundError(f"train.resume: no checkpoint at {resume}")
+    if not os.path.isfile(resume):
+        raise FileNotFoundError(f"train.resume: no checkpoint file at {resume}")
     return resume
 
 
-def load_model_weights(model: nn.Module, path: str) -> None:
-    """Model weights of a trainer checkpoint (last.pt or best.pt) or a bare state_dict."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("model", state) if isinstance(state, dict) else state
-    model.load_state_dict(state)
+def load_model_weights(model: nn.Module, path: str, what: str = "model.init_from") -> None:
+    """Model weights of a trainer checkpoint (last.pt or best.pt) or a bare state_dict; loaded with
+    weights_only=True (ltfast.train.checkpoint): nothing in the file is run."""
+    model.load_state_dict(checkpoint.model_state(checkpoint.load(path, what), path, what))
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -308,7 +307,7 @@ def train(cfg: dict) -> dict:
              "train_images": 0}
     resume = _resume_path(cfg)
     if resume:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=False)
+        ckpt = checkpoint.load(resume, "train.resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         criterion.load_state_dict(ckpt["criterion"])
@@ -317,7 +316,7 @@ def train(cfg: dict) -> dict:
         if changed:
             _log(rank, f"warning: resuming {resume} with a different config in section(s) {', '.join(changed)}")
         if len(ckpt["rng"]) == world:
-            _set_rng_state(ckpt["rng"][rank])
+            _set_rng_state(checkpoint.rng_state_after_loading(ckpt["rng"][rank]))
         else:
             _log(rank, f"resume: checkpoint from {len(ckpt['rng'])} ranks, running {world}: RNG streams reseeded")
             torch.manual_seed(seed * 1000 + rank + 7919 * state["epoch"])
@@ -422,7 +421,7 @@ def _finish(cfg, model, data, groups, state, best_weights, device, autocast, mem
         if cfg["train"]["save_checkpoints"]:
             if dist.is_initialized():
                 dist.barrier()  # rank 0 has finished writing best.pt
-            load_model_weights(model, best_path)
+            load_model_weights(model, best_path, "best.pt")
         else:
             if world > 1:
                 objects = [best_weights]
