@@ -94,9 +94,26 @@ def load_datasets(data: dict) -> dict:
     train = datasets.read_list_file(data["train_list"], data["root"])
     val = datasets.read_list_file(data["val_list"], data["root"]) if data["val_list"] else None
     test = datasets.read_list_file(data["test_list"], data["root"])
-    counts = datasets.class_counts(train.labels, max(train.num_classes, test.num_classes))
+    num_classes = _check_list_splits(data, {"train": train, "val": val, "test": test})
+    counts = datasets.class_counts(train.labels, num_classes)
     return {"train": train, "val": val, "test": test, "class_counts": [int(c) for c in counts],
             "class_names": None, "in_memory": False}
+
+
+def _check_list_splits(data: dict, splits: dict) -> int:
+    """Start-up checks of list datasets, before any training: labels in range and no empty training
+    class (file:line of the culprit), and every listed image present (unless data.check_files=false).
+    Returns the class count. A bad label used to surface after an epoch, or as a 16-way model."""
+    from ltfast.data import datasets
+    try:
+        num_classes = datasets.check_labels(splits, data["num_classes"], data["allow_empty_classes"])
+    except ValueError as error:
+        raise ConfigError(f"data labels: {error}") from None
+    if data["check_files"]:
+        for name, split in splits.items():
+            if split is not None:
+                datasets.check_files_exist(split, name)
+    return num_classes
 
 
 def make_loader(sets: dict, split: str, data: dict, *, sampler, batch_size: int, device, train: bool, seed: int,
@@ -429,7 +446,11 @@ def _finish(cfg, model, data, groups, state, best_weights, device, autocast, mem
                 best_weights = objects[0]
             model.load_state_dict(best_weights)
     eval_start = time.perf_counter()
-    correct, total = evaluate(model, data["test_loader"], num_classes, device, autocast, memory_format)
+    try:
+        correct, total = evaluate(model, data["test_loader"], num_classes, device, autocast, memory_format)
+    except Exception as error:
+        _write_failed_summary(cfg, state, selection, error, rank)
+        raise
     test = metrics.summarize(correct, total, groups, cfg["eval"]["ua"])
     test["correct"], test["total"] = correct.tolist(), total.tolist()  # to re-aggregate or compare runs
     eval_time = time.perf_counter() - eval_start
@@ -464,6 +485,22 @@ def _finish(cfg, model, data, groups, state, best_weights, device, autocast, mem
     if dist.is_initialized():
         dist.barrier()  # ranks leave together: none tears its connections down while rank 0 still writes
     return summary
+
+
+def _write_failed_summary(cfg, state, selection, error, rank) -> None:
+    """A test-time failure (an image gone since start-up) still leaves what was measured: the
+    training history, the selected epoch and the error, in summary.json with status 'test_failed'."""
+    if rank != 0:
+        return
+    path = os.path.join(cfg["train"]["out_dir"], "summary.json")
+    summary = {"name": cfg.get("name") or cfg["loss"]["name"], "status": "test_failed",
+               "error": f"{type(error).__name__}: {error}", "selection": selection,
+               "best_epoch": state["best_epoch"],
+               "best_val_top1": state["best_top1"] if state["best_epoch"] is not None else None,
+               "train_time_s": state["train_time_s"], "history": state["history"], "config": cfg}
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"test failed ({type(error).__name__}); training history written to {path}", flush=True)
 
 
 def _fmt(value) -> str:
