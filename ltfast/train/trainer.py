@@ -191,6 +191,35 @@ def build_loss(loss: dict, class_counts: list[int]) -> nn.Module:
     raise ConfigError(f"loss.name: unknown loss {name!r}")
 
 
+def _summarise_vector(name: str, values: torch.Tensor) -> str:
+    values = values.detach().double().cpu()
+    if values.numel() <= 10:
+        return f"{name} [{', '.join(f'{v:.3g}' for v in values.tolist())}]"
+    return f"{name} {values.min().item():.3g}..{values.max().item():.3g} (mean {values.mean().item():.3g})"
+
+
+def describe_loss(criterion: nn.Module) -> str:
+    """One line: the loss class, its scalar settings and a summary of its per-class buffers (tail
+    classes, margins, weights), so a run's log shows what it trained with: SEQL on 10 classes with
+    the survey's lambda used to become plain CE without a word."""
+    parts = []
+    for key in ("gamma", "tau", "alpha", "remine_lambda", "s", "max_margin", "drw_epoch", "beta", "label_smoothing"):
+        value = getattr(criterion, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) or (key == "drw_epoch" and value is not None):
+            parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
+    tail = getattr(criterion, "tail_mask", None)
+    if isinstance(tail, torch.Tensor):
+        classes = torch.nonzero(tail.bool()).flatten().tolist()
+        shown = ", ".join(map(str, classes[:20])) + (" ..." if len(classes) > 20 else "")
+        parts.append(f"tail classes {len(classes)} of {tail.numel()}: [{shown}]"
+                     + (" (none: this is plain cross-entropy)" if not classes else ""))
+    for name in ("target_margin", "weight", "drw_weight", "adjustment", "log_prior"):
+        value = getattr(criterion, name, None)
+        if isinstance(value, torch.Tensor):
+            parts.append(_summarise_vector(name, value))
+    return f"{type(criterion).__name__}({', '.join(parts)})"
+
+
 # ---------------------------------------------------------------------------------------- evaluate
 
 @torch.no_grad()
@@ -306,6 +335,7 @@ def train(cfg: dict) -> dict:
     model.to(device)
     model.to(memory_format=memory_format)
     criterion = build_loss(cfg["loss"], counts).to(device)
+    _log(rank, f"loss: {describe_loss(criterion)}")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=ocfg["lr"], momentum=ocfg["momentum"],
                                 weight_decay=ocfg["weight_decay"], nesterov=ocfg["nesterov"])
