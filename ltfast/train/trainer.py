@@ -302,9 +302,28 @@ def _log(rank: int, message: str) -> None:
         print(message, flush=True)
 
 
+def _check_before_start(cfg: dict) -> None:
+    """What the schema cannot see, checked before any data is read: the device exists and the
+    architecture is known (a mistyped model.arch used to fail after the data had loaded)."""
+    device = cfg["train"]["device"]
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {device!r} but torch.cuda.is_available() is False")
+    arch = cfg["model"]["arch"]
+    if arch != "small_resnet":
+        import difflib
+        import torchvision
+        known = torchvision.models.list_models(module=torchvision.models)
+        if arch not in known:
+            close = difflib.get_close_matches(arch, known + ["small_resnet"], 3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"model.arch: unknown architecture {arch!r}{hint}; small_resnet or a torchvision "
+                              f"classification model name")
+
+
 def train(cfg: dict) -> dict:
     """Trains, selects on validation, tests; returns (and on rank 0 writes) the summary dict."""
     tcfg, ocfg, mcfg = cfg["train"], cfg["optim"], cfg["model"]
+    _check_before_start(cfg)
     rank, world, device = setup_distributed(tcfg["device"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if device.type == "cpu" and (tcfg["threads"] or local_world > 1):
