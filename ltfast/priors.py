@@ -6,6 +6,8 @@ float64 logits see the exact values, and casts them to the accumulation dtype at
 """
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Sequence, Union
 
 import torch
@@ -92,7 +94,40 @@ def tail_classes(class_counts: Counts, lambda_: float = SEQL_FREQUENCY_THRESHOLD
     reference code does, when ``count_threshold`` is given: tail when n_c < count_threshold."""
     counts = as_counts(class_counts)
     if count_threshold is not None:
-        return counts < count_threshold
-    if not 0.0 <= lambda_ <= 1.0:
-        raise ValueError(f"lambda_ must be a frequency in [0, 1], got {lambda_}")
-    return ~(counts / counts.sum() > lambda_)
+        mask = counts < count_threshold
+    else:
+        if not 0.0 <= lambda_ <= 1.0:
+            raise ValueError(f"lambda_ must be a frequency in [0, 1], got {lambda_}")
+        mask = ~(counts / counts.sum() > lambda_)
+    if counts.numel() > 1 and not bool(mask.any()):
+        rule = (f"count_threshold={count_threshold}" if count_threshold is not None
+                else f"lambda_={lambda_:g} (tail: training frequency <= lambda_)")
+        warnings.warn(f"equalization loss: {rule} marks no class as tail (rarest class: {int(counts.min())} of "
+                      f"{int(counts.sum())} images, frequency {float(counts.min() / counts.sum()):.2g}), so the "
+                      f"loss is plain cross-entropy. {survey_like_count_threshold(counts)}",
+                      LongTailWarning, stacklevel=3)
+    return mask
+
+
+class LongTailWarning(UserWarning):
+    """A long-tail setting that silently does nothing on this label set (e.g. no tail class)."""
+
+
+# On ImageNet-LT (n_max = 1280, 115,846 images) the survey's lambda = 4.3e-4 makes a class tail when
+# it has fewer than 50 images: 50 / 1280 = 3.9% of the head class.
+SURVEY_TAIL_FRACTION_OF_HEAD = 50 / 1280
+
+
+def survey_like_count_threshold(class_counts: Counts) -> str:
+    """A sentence: the count_threshold that makes tail what the survey's lambda made tail on ImageNet-LT,
+    relative to the head class (n_c < 3.9% of n_max), and the classes it selects."""
+    counts = as_counts(class_counts)
+    threshold = max(1, math.ceil(SURVEY_TAIL_FRACTION_OF_HEAD * int(counts.max())))
+    tail = int((counts < threshold).sum())
+    if tail == 0:  # the set is less imbalanced than ImageNet-LT's 256: fall back to the rarest classes
+        threshold = int(counts.min()) + 1
+        tail = int((counts < threshold).sum())
+        return (f"No class is as rare relative to the head as the survey's tail (< 3.9% of n_max); "
+                f"count_threshold={threshold} would make the {tail} rarest class(es) tail.")
+    return (f"count_threshold={threshold} gives the survey's tail relative to the head class (fewer than "
+            f"50 of ImageNet-LT's 1280, 3.9% of n_max): {tail} of {counts.numel()} classes here.")

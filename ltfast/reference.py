@@ -74,7 +74,10 @@ def lade_regularizer(logits: Tensor, target: Tensor, log_prior: Tensor, remine_l
     pred_spread = (y_pred - log_prior + math.log(1.0 / num_classes + 1e-9)).T                  # C x N
     num_samples_per_cls = torch.sum(target == classes, -1).float()                            # C
     first_term = torch.sum(per_cls_pred_spread, -1) / (num_samples_per_cls + 1e-8)
-    second_term = torch.logsumexp(pred_spread, -1) - math.log(per_cls_pred_spread.size(-1))
+    rows = per_cls_pred_spread.size(-1)
+    # No row left (N = 0 or all ignored): log-mean-exp over nothing is -inf - log(0) = NaN, as the op
+    # returns; math.log(0) raised "math domain error".
+    second_term = torch.logsumexp(pred_spread, -1) - (math.log(rows) if rows else -math.inf)
     estim_loss = first_term - second_term - remine_lambda * second_term ** 2
     return -torch.sum(estim_loss * prior)
 
@@ -88,16 +91,27 @@ def lade(logits: Tensor, target: Tensor, log_prior: Tensor, alpha: float = 0.1, 
 
 def softmax_equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor, gamma: float = 0.9,
                               reduction: str = "mean", ignore_index: int = -100,
-                              keep: Tensor | None = None) -> Tensor:
+                              keep: Tensor | None = None, seed: Tensor | None = None) -> Tensor:
     """SEQL as in the survey's Main-codebase/loss/SEQLLoss.py (seed-methods.md §1.3): a uniform draw
     per (sample, class) element, keep = head | (u > gamma) | target, dropped logits replaced by
     -1e7 (in float32, as the survey's mask is), then cross-entropy. ``keep`` ([N, C] bool) replaces
-    the random draw, so a test can replay the mask an ltfast kernel used."""
+    the random draw, so a test can replay the mask an ltfast kernel used. ``seed`` (int64 [2], as
+    :func:`ltfast.ops.new_seed` draws it) makes the draw a function of the seed (a generator seeded
+    from it) instead of torch's global generator: the fallback then gives the same loss for the same
+    seed, as the op does (not the op's mask: the kernels hash positions). ``tail_mask`` is read as
+    ``!= 0`` (a uint8 2 or 255 is True), as the op reads it."""
     num_classes = logits.shape[1]
     valid = target != ignore_index
     safe_target = torch.where(valid, target, torch.zeros_like(target))
     is_target = F.one_hot(safe_target, num_classes).bool()
-    if keep is None:
+    if keep is None and seed is not None:
+        words = [int(v) & 0xFFFFFFFF for v in torch.as_tensor(seed).flatten().tolist()]
+        generator = torch.Generator(device=logits.device)
+        # torch's CPU generator keeps only the low 32 bits of a seed: fold both words into them.
+        mixed = ((words[0] * 0x9E3779B97F4A7C15) ^ (words[-1] * 0xBF58476D1CE4E5B9 + 1)) & (2**64 - 1)
+        generator.manual_seed((mixed ^ (mixed >> 32)) & 0xFFFFFFFF)
+        keep = torch.rand(logits.shape, device=logits.device, generator=generator) > gamma
+    elif keep is None:
         keep = torch.rand(logits.shape, device=logits.device) > gamma
     keep = keep | ~tail_mask.bool()[None, :] | is_target
     masked = torch.where(keep, logits, torch.full_like(logits, -1e7, dtype=torch.promote_types(logits.dtype, torch.float32)))
@@ -107,7 +121,8 @@ def softmax_equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor,
 def equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor, reduction: str = "mean",
                       ignore_index: int = -100) -> Tensor:
     """Sigmoid EQL (Tan et al. 2020): per-class BCE with logits against the one-hot target, the
-    negative term of tail classes suppressed (w = 1 - tail_c * (1 - y)), summed over classes, and
+    negative term of tail classes suppressed (w = 0 where tail_mask[c] != 0 and y = 0, else 1; a
+    uint8 mask of 2 or 255 is True, never a factor), summed over classes, and
     for 'mean' divided by the number of non-ignored rows.
 
     Per element as ltfast.equalization_loss defines it (csrc/common/softmax_math.h,
@@ -200,11 +215,23 @@ def _permute(position, n, key):
     return np.where(n > 1, x, np.uint64(0))
 
 
+def _check_sample_range(op: str, start: int, count: int, epoch_length: int) -> None:
+    # The ops' argument checks (csrc/ops/sampling/sampling_args.cpp), with the same messages.
+    if start < 0:
+        raise ValueError(f"ltfast.{op}: start must be >= 0, got {start}")
+    if count < 0:
+        raise ValueError(f"ltfast.{op}: count must be >= 0, got {count}")
+    if start + count > epoch_length:  # Python ints: no overflow
+        raise ValueError(f"ltfast.{op}: start + count ({start} + {count}) must not exceed epoch_length "
+                         f"({epoch_length})")
+
+
 def class_aware_sample(class_offsets: Tensor, members: Tensor, seed: int, epoch: int, start: int, count: int,
                        num_samples_cls: int, epoch_length: int) -> Tensor:
     """The survey's ClassAwareSampler as a function of (seed, epoch, position); see
     csrc/ops/sampling/sampling.h for the derivation."""
     import numpy as np
+    _check_sample_range("class_aware_sample", start, count, epoch_length)
     offsets = class_offsets.cpu().numpy().astype(np.int64)
     member_array = members.cpu().numpy()
     num_classes = np.uint64(len(offsets) - 1)
@@ -227,6 +254,7 @@ def class_weighted_sample(class_cdf: Tensor, class_offsets: Tensor, members: Ten
                           start: int, count: int, epoch_length: int) -> Tensor:
     """Class by inverse CDF, then a uniform member of it, as a function of (seed, epoch, position)."""
     import numpy as np
+    _check_sample_range("class_weighted_sample", start, count, epoch_length)
     cdf = class_cdf.cpu().numpy().astype(np.float64)
     offsets = class_offsets.cpu().numpy().astype(np.int64)
     member_array = members.cpu().numpy()

@@ -42,7 +42,7 @@ def test_train_writes_summary_plot_and_checkpoints(tmp_path):
 
 
 def _final_weights(out_dir):
-    return torch.load(os.path.join(out_dir, "last.pt"), weights_only=False)
+    return torch.load(os.path.join(out_dir, "last.pt"), weights_only=True)
 
 
 @pytest.mark.parametrize("loss", ["seql", "ldam_drw"])
@@ -70,11 +70,11 @@ def test_resume_true_without_checkpoint_is_an_error(tmp_path):
 
 def test_decoupled_stage2_trains_only_the_classifier(tmp_path):
     train(tiny(tmp_path / "stage1", "optim.epochs=1", "optim.warmup_epochs=0"))
-    stage1 = torch.load(tmp_path / "stage1" / "best.pt", weights_only=False)["model"]
+    stage1 = torch.load(tmp_path / "stage1" / "best.pt", weights_only=True)["model"]
     summary = train(tiny(tmp_path / "stage2", f"model.init_from={tmp_path / 'stage1' / 'best.pt'}",
                          "model.freeze_backbone=true", "data.sampler=class_balanced", "optim.epochs=2",
                          "optim.schedule=multistep", "optim.milestones=[1]", "optim.warmup_epochs=0"))
-    stage2 = torch.load(tmp_path / "stage2" / "last.pt", weights_only=False)["model"]
+    stage2 = torch.load(tmp_path / "stage2" / "last.pt", weights_only=True)["model"]
     assert summary["status"] == "finished"
     assert not torch.equal(stage1["fc.weight"], stage2["fc.weight"])
     assert torch.equal(stage1["stem.0.weight"], stage2["stem.0.weight"])        # frozen

@@ -2,14 +2,15 @@
 samplers backed by the ``ltfast.class_aware_sample`` ops (``samplers``), a device-resident loader
 for in-memory sets (``loaders``) and the DALI image pipeline with its PIL baseline (``dali``;
 imports DALI only when used)."""
-from .datasets import (FASHION_MNIST_CLASSES, InMemoryDataset, ListDataset, class_counts, fashion_mnist_lt,
+from .datasets import (FASHION_MNIST_CLASSES, InMemoryDataset, ListDataset, check_files_exist, check_labels,
+                       class_counts, fashion_mnist_lt,
                        load_fashion_mnist, long_tailed_counts, long_tailed_indices, read_list_file,
                        write_jpeg_folder, write_list_file)
 from .loaders import DeviceTensorLoader
 from .samplers import (ClassBalancedSampler, InstanceSampler, LongTailSampler, ProgressivelyBalancedSampler,
                        SquareRootSampler, make_sampler)
 
-__all__ = ["FASHION_MNIST_CLASSES", "InMemoryDataset", "ListDataset", "class_counts", "fashion_mnist_lt",
+__all__ = ["FASHION_MNIST_CLASSES", "InMemoryDataset", "ListDataset", "check_files_exist", "check_labels", "class_counts", "fashion_mnist_lt",
            "load_fashion_mnist", "long_tailed_counts", "long_tailed_indices", "read_list_file", "write_jpeg_folder",
            "write_list_file", "DeviceTensorLoader", "ClassBalancedSampler", "InstanceSampler", "LongTailSampler",
            "ProgressivelyBalancedSampler", "SquareRootSampler", "make_sampler"]

@@ -67,7 +67,16 @@ _TRIES = 10  # torchvision's RandomResizedCrop.get_params
 class ImageDecodeError(RuntimeError):
     """An image file of a dataset could not be read or decoded; ``path`` names it."""
 
-    def __init__(self, path: str, reason: str, index: int | None = None):
+    def __init__(self, path: str, reason: str | None = None, index: int | None = None):
+        if reason is None:
+            # Re-raised from a DataLoader worker, which rebuilds an exception from its message alone
+            # (it raised a RuntimeError instead when that failed): recover the path from the message.
+            import re
+            found = re.search(r"cannot decode image file '((?:[^'\\]|\\.)*)'(?: \(dataset index (\d+)\))?", path)
+            self.path = found.group(1) if found else None
+            self.index = int(found.group(2)) if found and found.group(2) else None
+            super().__init__(path)
+            return
         self.path = path
         self.index = index
         where = f" (dataset index {index})" if index is not None else ""
@@ -256,13 +265,26 @@ class _LoaderBase:
 
 
 # ------------------------------------------------------------------ DALI
+# PIL's names of the formats DALI's image decoders read (nvImageCodec: JPEG, JPEG 2000, PNG, TIFF,
+# BMP, PNM, WebP; MPO is a JPEG with extra frames). A GIF used to fail as "nvImageCodec failure: '#4'".
+DALI_FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "BMP", "PPM", "JPEG2000", "WEBP")
+
+
 def _jpeg_size(data: np.ndarray, path: str, index: int) -> tuple[int, int]:
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(io.BytesIO(memoryview(data))) as im:
-            return im.size
+            size, kind = im.size, im.format
+    except Image.DecompressionBombError as e:
+        # PIL refuses images above 2 * MAX_IMAGE_PIXELS (2 x 89.5 Mpx) when opening the header.
+        raise ImageDecodeError(path, f"{e} (PIL's decompression-bomb guard, PIL.Image.MAX_IMAGE_PIXELS = "
+                               f"{Image.MAX_IMAGE_PIXELS}; raise it if you trust the file)", index) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageDecodeError(path, f"not a readable image ({type(e).__name__}: {e})", index) from None
+    if kind not in DALI_FORMATS:
+        raise ImageDecodeError(path, f"{kind} images are not decoded by DALI (it reads "
+                               f"{', '.join(DALI_FORMATS)}); convert the file or use data.backend=pil", index)
+    return size
 
 
 def find_undecodable(paths: Sequence[str], indices: Sequence[int] | None = None):

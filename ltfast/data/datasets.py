@@ -50,6 +50,8 @@ class ListDataset:
     root: str
     paths: list
     labels: torch.Tensor
+    list_file: str | None = None      # where the entries came from, for error messages
+    line_numbers: list | None = None  # line of entry i in list_file (blank lines are skipped)
 
     def __post_init__(self):
         self.labels = _as_label_tensor(self.labels)
@@ -69,18 +71,28 @@ class ListDataset:
     def full_path(self, i: int) -> str:
         return os.path.join(self.root, self.paths[i])
 
+    def where(self, i: int) -> str:
+        """``list_file:line`` of entry ``i`` (or ``entry i`` when the dataset was not read from a file)."""
+        if self.list_file is None or self.line_numbers is None:
+            return f"entry {i}"
+        return f"{self.list_file}:{self.line_numbers[i]}"
 
-def read_list_file(list_file: str, root: str | None = None, check_files: bool = False) -> ListDataset:
+
+def read_list_file(list_file: str, root: str | None = None, check_files: bool = False,
+                   num_classes: int | None = None) -> ListDataset:
     """Reads the survey's list format, one ``<relative path> <integer label>`` per line (e.g.
     ``train/n01440764/n01440764_190.JPEG 0``). Paths may contain spaces: the label is the last field.
     ``root`` defaults to the list file's folder. Blank lines are skipped; anything else that is not
     a path and a non-negative integer is an error naming the file and line. With ``check_files``
-    every image must exist (one stat per file: off by default for ImageNet-sized lists)."""
+    every image must exist (one stat per file: off by default for ImageNet-sized lists; see
+    :func:`check_files_exist` for the parallel check). With ``num_classes`` every label must be
+    below it. A UTF-8 byte-order mark (Windows editors write one) is skipped."""
     if not os.path.isfile(list_file):
         raise FileNotFoundError(f"list file not found: {list_file}")
     root = os.path.dirname(os.path.abspath(list_file)) if root is None else root
-    paths, labels = [], []
-    with open(list_file, encoding="utf-8") as f:
+    paths, labels, lines = [], [], []
+    # utf-8-sig: a BOM used to become part of the first path, which was then reported missing.
+    with open(list_file, encoding="utf-8-sig") as f:
         for line_number, line in enumerate(f, start=1):
             text = line.strip()
             if not text:
@@ -95,13 +107,86 @@ def read_list_file(list_file: str, root: str | None = None, check_files: bool = 
                 raise ValueError(f"{list_file}:{line_number}: label must be an integer, got {label!r}") from None
             if value < 0:
                 raise ValueError(f"{list_file}:{line_number}: label must be >= 0, got {value}")
+            if num_classes is not None and value >= num_classes:
+                raise ValueError(f"{list_file}:{line_number}: label {value} is outside the {num_classes} classes "
+                                 f"[0, {num_classes})")
+            if value >= 2**63:
+                raise ValueError(f"{list_file}:{line_number}: label {value} does not fit in int64")
             if check_files and not os.path.isfile(os.path.join(root, path)):
                 raise FileNotFoundError(f"{list_file}:{line_number}: image not found: {os.path.join(root, path)}")
             paths.append(path)
             labels.append(value)
+            lines.append(line_number)
     if not paths:
         raise ValueError(f"{list_file}: no entries")
-    return ListDataset(root, paths, torch.tensor(labels, dtype=torch.int64))
+    return ListDataset(root, paths, torch.tensor(labels, dtype=torch.int64), list_file, lines)
+
+
+def check_labels(splits: dict, num_classes: int | None = None, allow_empty: bool = False,
+                 train: str = "train") -> int:
+    """Checks the labels of every split (``{"train": ListDataset, "val": ..., ...}``, None entries
+    skipped) against one class count and returns it: ``num_classes`` when given (every label must be
+    below it), else the largest label of any split + 1. Unless ``allow_empty``, every class must have
+    a training image: a label typo (15 in a 10-class list) would otherwise build a 16-way model with
+    five empty "few-shot" classes, and a label of 10**9 a billion-class table. Errors name the
+    list file and line. Cost: one max and one unique over the labels (no [C] allocation)."""
+    splits = {name: ds for name, ds in splits.items() if ds is not None and len(ds)}
+
+    def largest(ds):
+        i = int(torch.argmax(ds.labels))
+        return int(ds.labels[i]), ds.where(i)
+
+    tops = {name: largest(ds) for name, ds in splits.items()}
+    if num_classes is not None:
+        for name, ds in splits.items():
+            value, where = tops[name]
+            if value >= num_classes:
+                raise ValueError(f"{where}: {name} label {value} is outside the {num_classes} classes "
+                                 f"[0, {num_classes}) (data.num_classes)")
+        count = num_classes
+    else:
+        count = max(value for value, _ in tops.values()) + 1
+    if allow_empty or train not in splits:
+        return count
+    present = torch.unique(splits[train].labels)
+    if present.numel() == count:
+        return count
+    missing = count - present.numel()
+    present_mask_small = count <= 10_000_000  # list the empty classes only when that is cheap
+    if present_mask_small:
+        seen = torch.zeros(count, dtype=torch.bool)
+        seen[present] = True
+        empty = torch.nonzero(~seen).flatten().tolist()
+        shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
+    else:
+        shown = "(too many to list)"
+    source, (value, where) = max(tops.items(), key=lambda item: item[1][0])
+    origin = "data.num_classes" if num_classes is not None else f"the largest label, {value} at {where} ({source})"
+    raise ValueError(f"{missing} of the {count} classes have no training image: {shown}; the class count comes "
+                     f"from {origin}. A label typo? Set data.num_classes, fix the list, or set "
+                     f"data.allow_empty_classes=true if empty classes are intended.")
+
+
+def check_files_exist(dataset: "ListDataset", name: str = "", workers: int = 32) -> None:
+    """Every listed image must exist: one stat per file on ``workers`` threads (a stat releases the
+    GIL; on network file systems latency, not CPU, bounds it). A missing test image used to fail
+    only after all training epochs. Raises FileNotFoundError naming the count and the first missing
+    files with their list file and line."""
+    from concurrent.futures import ThreadPoolExecutor
+    paths = [dataset.full_path(i) for i in range(len(dataset))]
+    chunk = max(1, len(paths) // (workers * 4) + 1)
+
+    def missing_in(start):
+        return [i for i in range(start, min(start + chunk, len(paths))) if not os.path.isfile(paths[i])]
+
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths) // chunk + 1))) as pool:
+        missing = [i for part in pool.map(missing_in, range(0, len(paths), chunk)) for i in part]
+    if missing:
+        shown = "; ".join(f"{dataset.where(i)}: {paths[i]}" for i in missing[:5])
+        label = f"{name} " if name else ""
+        raise FileNotFoundError(f"{len(missing)} of the {len(paths)} {label}images listed do not exist "
+                                f"(data.check_files=false skips this check): {shown}"
+                                f"{' ...' if len(missing) > 5 else ''}")
 
 
 def write_list_file(list_file: str, paths: Sequence[str], labels) -> None:

@@ -20,6 +20,8 @@ The draws themselves are the ops ``torch.ops.ltfast.class_aware_sample`` and
 from __future__ import annotations
 
 import math
+import operator
+import os
 
 import torch
 import torch.distributed as dist
@@ -56,15 +58,40 @@ def _class_weighted_sample(*args) -> torch.Tensor:
     return reference.class_weighted_sample(*args)
 
 
+def _as_int(value, name: str) -> int:
+    """An int from any integer type (numpy ints included, bool excluded): samplers built from numpy
+    arithmetic used to be rejected as "not an int"."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+
+
+def _env_int(name: str):
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} is not an integer") from None
+
+
 def _distributed_rank_and_size(rank, world_size) -> tuple[int, int]:
+    """Explicit values, else the initialised process group's, else torchrun's RANK / WORLD_SIZE
+    environment variables: under torchrun a sampler built before init_process_group used to see
+    rank 0 of 1 and draw the same stream on every rank."""
     initialised = dist.is_available() and dist.is_initialized()
     if world_size is None:
-        world_size = dist.get_world_size() if initialised else 1
+        world_size = dist.get_world_size() if initialised else _env_int("WORLD_SIZE") or 1
     if rank is None:
-        rank = dist.get_rank() if initialised else 0
-    if not isinstance(world_size, int) or world_size < 1:
+        rank = dist.get_rank() if initialised else (_env_int("RANK") or 0)
+    world_size, rank = _as_int(world_size, "world_size"), _as_int(rank, "rank")
+    if world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
+    if not 0 <= rank < world_size:
         raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
     return rank, world_size
 
@@ -86,10 +113,10 @@ class LongTailSampler(Sampler[int]):
         self.rank, self.world_size = _distributed_rank_and_size(rank, world_size)
         if num_samples is None:
             num_samples = labels.numel()
-        if not isinstance(num_samples, int) or num_samples < self.world_size:
+        num_samples = _as_int(num_samples, "num_samples")
+        if num_samples < self.world_size:
             raise ValueError(f"num_samples must be an int >= world_size ({self.world_size}), got {num_samples!r}")
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        seed = _as_int(seed, "seed")
         self.labels = labels
         self.num_samples = num_samples
         self.shard_length = num_samples // self.world_size
@@ -97,18 +124,29 @@ class LongTailSampler(Sampler[int]):
         self.seed = seed
         self.epoch = 0
         self.device = torch.device(device)
-        counts = torch.bincount(labels)
-        self.class_counts = counts  # all classes up to the largest label, zeros included
-        present = counts > 0
-        self.present_classes = torch.nonzero(present).flatten()
+        # unique, not bincount: a label of 10**9 made a 10**9-entry table (35 s, 17 GB).
+        present_classes, present_counts = torch.unique(labels, sorted=True, return_counts=True)
+        self.present_classes = present_classes
+        self._present_class_counts = present_counts
         order = torch.argsort(labels, stable=True)
-        offsets = torch.zeros(int(present.sum()) + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(counts[present], 0)
+        offsets = torch.zeros(present_classes.numel() + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(present_counts, 0)
         self._members = order.to(self.device)
         self._class_offsets = offsets.to(self.device)
 
+    @property
+    def class_counts(self) -> torch.Tensor:
+        """Images per class for all classes up to the largest label, zeros included (built on use)."""
+        counts = torch.zeros(int(self.present_classes[-1]) + 1, dtype=torch.int64)
+        counts[self.present_classes] = self._present_class_counts
+        return counts
+
     def set_epoch(self, epoch: int) -> None:
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        try:
+            epoch = _as_int(epoch, "epoch")
+        except TypeError as error:
+            raise ValueError(str(error)) from None
+        if epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         self.epoch = epoch
 
@@ -167,7 +205,8 @@ class ClassBalancedSampler(LongTailSampler):
 
     def __init__(self, labels, num_samples_cls: int = 4, **kwargs):
         super().__init__(labels, **kwargs)
-        if not isinstance(num_samples_cls, int) or num_samples_cls < 1:
+        num_samples_cls = _as_int(num_samples_cls, "num_samples_cls")
+        if num_samples_cls < 1:
             raise ValueError(f"num_samples_cls must be a positive int, got {num_samples_cls!r}")
         self.num_samples_cls = num_samples_cls
 
@@ -197,7 +236,7 @@ class _WeightedClassSampler(LongTailSampler):
                                                       self.epoch_length)
 
     def _present_counts(self) -> torch.Tensor:
-        return self.class_counts[self.present_classes].to(torch.float64)
+        return self._present_class_counts.to(torch.float64)
 
 
 class SquareRootSampler(_WeightedClassSampler):
@@ -216,7 +255,8 @@ class ProgressivelyBalancedSampler(_WeightedClassSampler):
 
     def __init__(self, labels, total_epochs: int, **kwargs):
         super().__init__(labels, **kwargs)
-        if not isinstance(total_epochs, int) or total_epochs < 1:
+        total_epochs = _as_int(total_epochs, "total_epochs")
+        if total_epochs < 1:
             raise ValueError(f"total_epochs must be a positive int, got {total_epochs!r}")
         self.total_epochs = total_epochs
 

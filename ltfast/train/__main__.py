@@ -27,15 +27,34 @@ def main(argv=None) -> int:
         return 0
     from .trainer import train
     import torch.distributed as dist
+    from .checkpoint import CheckpointError
     try:
         train(cfg)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    except (CheckpointError, FileNotFoundError) as error:  # named causes: one line, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(_interrupted_message(args, cfg), file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()  # train() ends with a barrier on success
     return 0
+
+
+def _interrupted_message(args, cfg) -> str:
+    """Ctrl-C: one line with the command that resumes from the last completed epoch."""
+    import os
+    import shlex
+    last = os.path.join(cfg["train"]["out_dir"], "last.pt")
+    if not os.path.exists(last):
+        return "interrupted before the first checkpoint; nothing to resume"
+    command = ["python", "-m", "ltfast.train"] + (["--config", args.config] if args.config else [])
+    command += [o for o in args.overrides if not o.startswith("train.resume=")] + ["train.resume=true"]
+    return f"interrupted; resume from {last} with: {shlex.join(command)}"
 
 
 if __name__ == "__main__":

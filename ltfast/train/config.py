@@ -11,8 +11,10 @@ in a 200-epoch recipe fails at start-up rather than silently training something 
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 import os
+import re
 from typing import Any, Callable, Iterable, Optional
 
 import yaml
@@ -20,6 +22,32 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad configuration value; the message starts with the offending key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads ``1e-3`` / ``5E+4`` as floats: YAML 1.1 (PyYAML) requires a
+    dot in a float, so ``optim.lr=1e-3`` became the string '1e-3' and was rejected as "not a float"."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _yaml_load(text, where: str):
+    """YAML with the float rule above; a syntax error is a ConfigError naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
 
 
 NoneType = type(None)
@@ -42,6 +70,10 @@ def _probability(value) -> Optional[str]:
     return None if 0 <= value <= 1 else "must be in [0, 1]"
 
 
+def _seql_gamma(value) -> Optional[str]:
+    return None if 0 <= value <= 1 else "must be in [0, 1] (SEQL's drop probability; focal's exponent is loss.focal_gamma)"
+
+
 def _beta(value) -> Optional[str]:
     return None if 0 <= value < 1 else "must be in [0, 1)"
 
@@ -61,7 +93,20 @@ def _milestones(value) -> Optional[str]:
 def _floats3(value) -> Optional[str]:
     if value is None:
         return None
-    return None if all(isinstance(v, (int, float)) for v in value) else "must be a list of numbers"
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return "must be a list of numbers"
+    return None if len(value) in (1, 3) else "must have 1 (grey) or 3 (RGB) entries"
+
+
+def _seed(value) -> Optional[str]:
+    # numpy.random.seed takes [0, 2**32); the trainer seeds numpy with train.seed itself.
+    return None if 0 <= value < 2**32 else "must be in [0, 2**32) (numpy's seed range)"
+
+
+def _device(value) -> Optional[str]:
+    if value in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", value):
+        return None
+    return "must be auto, cpu, cuda, cuda:<index> or mps"
 
 
 # section -> key -> (default, allowed types, check or None, comment). Comments say why, not what.
@@ -78,7 +123,14 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "n_max": (1000, int, _positive, "images of the head class (fmnist_lt / synthetic)"),
         "val_per_class": (50, int, _non_negative, "balanced validation images per class held out of train"),
         "test_per_class": (50, int, _positive, "synthetic only"),
-        "num_classes": (10, int, _positive, "synthetic only"),
+        "num_classes": (None, (int, NoneType), _positive,
+                        "synthetic: number of classes (null: 10); list: labels must lie in [0, num_classes) "
+                        "(null: the largest label of any split + 1)"),
+        "allow_empty_classes": (False, bool, None,
+                                "list: a class with no training image is an error (a label typo) unless true"),
+        "check_files": (True, bool, None,
+                        "list: stat every listed image at start-up, in parallel (false for huge sets on slow "
+                        "file systems)"),
         "image_size": (28, int, _positive, "synthetic only (square images)"),
         "channels": (1, int, _positive, "synthetic only"),
         "split_seed": (0, int, None, "seed of the long-tailed subsampling, fixed across training seeds"),
@@ -115,8 +167,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "gather_batch": (False, bool, None,
                          "LADE under DDP: compute LADER on the all-gathered global batch, as the survey's "
                          "DataParallel did"),
-        "gamma": (0.9, (int, float), _non_negative,
-                  "SEQL: drop probability of tail negatives (survey 0.9); focal: the exponent"),
+        "gamma": (0.9, (int, float), _seql_gamma, "SEQL: drop probability of tail negatives (survey 0.9)"),
+        "focal_gamma": (2.0, (int, float), _non_negative, "focal: the exponent (Lin et al. 2017: 2)"),
         "lambda_": (4.3e-4, (int, float), _probability, "SEQL: tail = training frequency <= lambda_"),
         "count_threshold": (None, (int, NoneType), None, "SEQL: tail = fewer training images than this"),
         "max_margin": (0.5, (int, float), _positive, "LDAM: largest margin"),
@@ -149,15 +201,15 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "reported": (None, (dict, NoneType), None, "the survey's numbers for this recipe, copied to the summary"),
     },
     "train": {
-        "seed": (0, int, None, None),
+        "seed": (0, int, _seed, None),
         "out_dir": ("runs/default", str, None, "checkpoints, summary.json and the plot"),
         "resume": (False, (bool, str), None,
                    "true: continue from out_dir/last.pt (error if absent); 'auto': if present; or a path"),
         "stop_after": (None, (int, NoneType), None,
                        "stop after this many epochs of this run (time-limited jobs, interrupt tests)"),
-        "device": ("auto", str, None, "auto: cuda when available (rank's LOCAL_RANK), else cpu"),
+        "device": ("auto", str, _device, "auto: cuda when available (rank's LOCAL_RANK), else cpu"),
         "amp": ("auto", str, _choice("auto", "bf16", "none"), "auto: bf16 autocast on GPU, none on CPU"),
-        "threads": (None, (int, NoneType), None, "CPU threads per rank (None: cores / local ranks)"),
+        "threads": (None, (int, NoneType), _positive, "CPU threads per rank (None: cores / local ranks)"),
         "progress": (True, bool, None, "tqdm bar on rank 0"),
         "log_every": (20, int, _positive, "steps between loss read-outs (each one syncs the device)"),
         "save_checkpoints": (True, bool, None, "last.pt every epoch and best.pt"),
@@ -191,8 +243,8 @@ def _read_yaml(path: str, seen: tuple = ()) -> dict:
         raise ConfigError(f"base: circular inheritance through {path}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    with open(path, encoding="utf-8") as f:
+        data = _yaml_load(f, path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -207,7 +259,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    return key.strip().split("."), _yaml_load(raw, key.strip()) if raw.strip() else None
 
 
 def _set(cfg: dict, path: list[str], value: Any) -> None:
@@ -277,6 +329,46 @@ def _cross_checks(cfg: dict) -> None:
                           "a frozen random backbone is almost certainly a mistake")
     if evals["ua"] is not None and not 0 < evals["ua"] <= 100:
         raise ConfigError(f"eval.ua: must be an accuracy in (0, 100], got {evals['ua']}")
+    _normalisation_checks(data)
+    _loss_key_checks(loss)
+    _resume_check(train["resume"])
+
+
+def _normalisation_checks(data: dict) -> None:
+    """data.mean / data.std: one entry per channel. Fashion-MNIST is grey (1); a list dataset decodes
+    to 1 or 3 channels and takes its channel count from data.mean, so std must match it."""
+    mean, std = data["mean"], data["std"]
+    if std is not None and not all(v > 0 for v in std):
+        raise ConfigError(f"data.std: every entry must be > 0, got {std!r}")
+    if mean is not None and std is not None and len(mean) != len(std):
+        raise ConfigError(f"data.std: {len(std)} entries but data.mean has {len(mean)} (one per channel)")
+    channels = {"fmnist_lt": (1,), "synthetic": (1, data["channels"]), "list": (1, 3)}[data["dataset"]]
+    for key, value in (("mean", mean), ("std", std)):
+        if value is not None and len(value) not in channels:
+            raise ConfigError(f"data.{key}: {len(value)} entries, but data.dataset={data['dataset']!r} has "
+                              f"{' or '.join(map(str, sorted(set(channels))))} channel(s)")
+    if data["dataset"] == "list" and (mean is None) != (std is None) and len(mean or std) == 1:
+        # The loaders' defaults are ImageNet's 3-channel mean/std: half a grey setting is a mismatch.
+        raise ConfigError("data.mean / data.std: give both for grey (1-channel) images")
+
+
+def _loss_key_checks(loss: dict) -> None:
+    # loss.gamma was shared by SEQL (a drop probability, 0.9) and focal (an exponent): focal silently
+    # trained with 0.9 instead of the paper's 2. Each has its own key now.
+    if loss["name"] == "focal" and loss["gamma"] != SCHEMA["loss"]["gamma"][0]:
+        raise ConfigError(f"loss.gamma: is SEQL's drop probability; the focal exponent is loss.focal_gamma "
+                          f"(got loss.gamma={loss['gamma']})")
+    if loss["name"] != "focal" and loss["focal_gamma"] != SCHEMA["loss"]["focal_gamma"][0]:
+        raise ConfigError(f"loss.focal_gamma: only used by loss.name=focal (got loss.name={loss['name']!r})")
+
+
+def _resume_check(resume) -> None:
+    """A string that is not 'auto' must be a checkpoint path; 'atuo' used to fail only after the data
+    had been loaded, as a FileNotFoundError."""
+    if not isinstance(resume, str) or resume == "auto" or os.path.exists(resume):
+        return
+    hint = " (did you mean 'auto'?)" if difflib.get_close_matches(resume.lower(), ["auto", "true"], 1, 0.5) else ""
+    raise ConfigError(f"train.resume: {resume!r} is not true, false, auto or an existing checkpoint file{hint}")
 
 
 def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> dict:

@@ -23,7 +23,7 @@ from torch import nn
 
 import ltfast
 
-from . import metrics
+from . import checkpoint, metrics
 from .config import ConfigError, dump
 from .models import build_model, freeze_backbone
 from .schedule import lr_factor
@@ -83,19 +83,37 @@ def load_datasets(data: dict) -> dict:
                 "class_counts": [int(c) for c in lt["class_counts"]], "class_names": list(lt["class_names"]),
                 "in_memory": True}
     if data["dataset"] == "synthetic":
-        counts = datasets.long_tailed_counts(data["n_max"], data["num_classes"], data["ratio"])
+        num_classes = data["num_classes"] or 10
+        counts = datasets.long_tailed_counts(data["n_max"], num_classes, data["ratio"])
         seed = data["split_seed"]
-        val = (_synthetic_split([data["val_per_class"]] * data["num_classes"], data, seed + 1)
+        val = (_synthetic_split([data["val_per_class"]] * num_classes, data, seed + 1)
                if data["val_per_class"] else None)
         return {"train": _synthetic_split(counts, data, seed), "val": val,
-                "test": _synthetic_split([data["test_per_class"]] * data["num_classes"], data, seed + 2),
+                "test": _synthetic_split([data["test_per_class"]] * num_classes, data, seed + 2),
                 "class_counts": list(counts), "class_names": None, "in_memory": True}
     train = datasets.read_list_file(data["train_list"], data["root"])
     val = datasets.read_list_file(data["val_list"], data["root"]) if data["val_list"] else None
     test = datasets.read_list_file(data["test_list"], data["root"])
-    counts = datasets.class_counts(train.labels, max(train.num_classes, test.num_classes))
+    num_classes = _check_list_splits(data, {"train": train, "val": val, "test": test})
+    counts = datasets.class_counts(train.labels, num_classes)
     return {"train": train, "val": val, "test": test, "class_counts": [int(c) for c in counts],
             "class_names": None, "in_memory": False}
+
+
+def _check_list_splits(data: dict, splits: dict) -> int:
+    """Start-up checks of list datasets, before any training: labels in range and no empty training
+    class (file:line of the culprit), and every listed image present (unless data.check_files=false).
+    Returns the class count. A bad label used to surface after an epoch, or as a 16-way model."""
+    from ltfast.data import datasets
+    try:
+        num_classes = datasets.check_labels(splits, data["num_classes"], data["allow_empty_classes"])
+    except ValueError as error:
+        raise ConfigError(f"data labels: {error}") from None
+    if data["check_files"]:
+        for name, split in splits.items():
+            if split is not None:
+                datasets.check_files_exist(split, name)
+    return num_classes
 
 
 def make_loader(sets: dict, split: str, data: dict, *, sampler, batch_size: int, device, train: bool, seed: int,
@@ -167,10 +185,39 @@ def build_loss(loss: dict, class_counts: list[int]) -> nn.Module:
         return ltfast.nn.LDAMLoss(class_counts, max_margin=loss["max_margin"], s=loss["s"],
                                   drw_epoch=loss["drw_epoch"], beta=loss["beta"])
     if name == "focal":
-        return ltfast.nn.FocalLoss(loss["gamma"])
+        return ltfast.nn.FocalLoss(loss["focal_gamma"])
     if name == "logit_adjusted":
         return ltfast.nn.LogitAdjustedLoss(class_counts, tau=loss["tau"])
     raise ConfigError(f"loss.name: unknown loss {name!r}")
+
+
+def _summarise_vector(name: str, values: torch.Tensor) -> str:
+    values = values.detach().double().cpu()
+    if values.numel() <= 10:
+        return f"{name} [{', '.join(f'{v:.3g}' for v in values.tolist())}]"
+    return f"{name} {values.min().item():.3g}..{values.max().item():.3g} (mean {values.mean().item():.3g})"
+
+
+def describe_loss(criterion: nn.Module) -> str:
+    """One line: the loss class, its scalar settings and a summary of its per-class buffers (tail
+    classes, margins, weights), so a run's log shows what it trained with: SEQL on 10 classes with
+    the survey's lambda used to become plain CE without a word."""
+    parts = []
+    for key in ("gamma", "tau", "alpha", "remine_lambda", "s", "max_margin", "drw_epoch", "beta", "label_smoothing"):
+        value = getattr(criterion, key, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) or (key == "drw_epoch" and value is not None):
+            parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
+    tail = getattr(criterion, "tail_mask", None)
+    if isinstance(tail, torch.Tensor):
+        classes = torch.nonzero(tail.bool()).flatten().tolist()
+        shown = ", ".join(map(str, classes[:20])) + (" ..." if len(classes) > 20 else "")
+        parts.append(f"tail classes {len(classes)} of {tail.numel()}: [{shown}]"
+                     + (" (none: this is plain cross-entropy)" if not classes else ""))
+    for name in ("target_margin", "weight", "drw_weight", "adjustment", "log_prior"):
+        value = getattr(criterion, name, None)
+        if isinstance(value, torch.Tensor):
+            parts.append(_summarise_vector(name, value))
+    return f"{type(criterion).__name__}({', '.join(parts)})"
 
 
 # ---------------------------------------------------------------------------------------- evaluate
@@ -216,16 +263,15 @@ def _set_rng_state(state: dict) -> None:
 def _gather_rng_states(world: int) -> list:
     # Each rank's generator has its own stream (e.g. SEQL's drop seeds); keep all of them.
     if world == 1:
-        return [_rng_state()]
+        return [checkpoint.rng_state_for_saving(_rng_state())]
     states = [None] * world
-    dist.all_gather_object(states, _rng_state())
+    dist.all_gather_object(states, checkpoint.rng_state_for_saving(_rng_state()))
     return states
 
 
 def _atomic_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # an interrupted save never leaves a truncated last.pt behind
+    # An interrupted or failed save (kill, full disk) never leaves a truncated last.pt or a temp file.
+    checkpoint.save_atomic(obj, path)
 
 
 def _resume_path(cfg: dict) -> Optional[str]:
@@ -238,16 +284,15 @@ def _resume_path(cfg: dict) -> Optional[str]:
         if resume is True:
             raise FileNotFoundError(f"train.resume: no checkpoint at {last}")
         return None
-    if not os.path.exists(resume):
-        raise FileNotFoundError(f"train.resume: no checkpoint at {resume}")
+    if not os.path.isfile(resume):
+        raise FileNotFoundError(f"train.resume: no checkpoint file at {resume}")
     return resume
 
 
-def load_model_weights(model: nn.Module, path: str) -> None:
-    """Model weights of a trainer checkpoint (last.pt or best.pt) or a bare state_dict."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("model", state) if isinstance(state, dict) else state
-    model.load_state_dict(state)
+def load_model_weights(model: nn.Module, path: str, what: str = "model.init_from") -> None:
+    """Model weights of a trainer checkpoint (last.pt or best.pt) or a bare state_dict; loaded with
+    weights_only=True (ltfast.train.checkpoint): nothing in the file is run."""
+    model.load_state_dict(checkpoint.model_state(checkpoint.load(path, what), path, what))
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -257,9 +302,28 @@ def _log(rank: int, message: str) -> None:
         print(message, flush=True)
 
 
+def _check_before_start(cfg: dict) -> None:
+    """What the schema cannot see, checked before any data is read: the device exists and the
+    architecture is known (a mistyped model.arch used to fail after the data had loaded)."""
+    device = cfg["train"]["device"]
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {device!r} but torch.cuda.is_available() is False")
+    arch = cfg["model"]["arch"]
+    if arch != "small_resnet":
+        import difflib
+        import torchvision
+        known = torchvision.models.list_models(module=torchvision.models)
+        if arch not in known:
+            close = difflib.get_close_matches(arch, known + ["small_resnet"], 3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"model.arch: unknown architecture {arch!r}{hint}; small_resnet or a torchvision "
+                              f"classification model name")
+
+
 def train(cfg: dict) -> dict:
     """Trains, selects on validation, tests; returns (and on rank 0 writes) the summary dict."""
     tcfg, ocfg, mcfg = cfg["train"], cfg["optim"], cfg["model"]
+    _check_before_start(cfg)
     rank, world, device = setup_distributed(tcfg["device"])
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if device.type == "cpu" and (tcfg["threads"] or local_world > 1):
@@ -290,6 +354,7 @@ def train(cfg: dict) -> dict:
     model.to(device)
     model.to(memory_format=memory_format)
     criterion = build_loss(cfg["loss"], counts).to(device)
+    _log(rank, f"loss: {describe_loss(criterion)}")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=ocfg["lr"], momentum=ocfg["momentum"],
                                 weight_decay=ocfg["weight_decay"], nesterov=ocfg["nesterov"])
@@ -308,7 +373,7 @@ def train(cfg: dict) -> dict:
              "train_images": 0}
     resume = _resume_path(cfg)
     if resume:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=False)
+        ckpt = checkpoint.load(resume, "train.resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         criterion.load_state_dict(ckpt["criterion"])
@@ -317,7 +382,7 @@ def train(cfg: dict) -> dict:
         if changed:
             _log(rank, f"warning: resuming {resume} with a different config in section(s) {', '.join(changed)}")
         if len(ckpt["rng"]) == world:
-            _set_rng_state(ckpt["rng"][rank])
+            _set_rng_state(checkpoint.rng_state_after_loading(ckpt["rng"][rank]))
         else:
             _log(rank, f"resume: checkpoint from {len(ckpt['rng'])} ranks, running {world}: RNG streams reseeded")
             torch.manual_seed(seed * 1000 + rank + 7919 * state["epoch"])
@@ -422,7 +487,7 @@ def _finish(cfg, model, data, groups, state, best_weights, device, autocast, mem
         if cfg["train"]["save_checkpoints"]:
             if dist.is_initialized():
                 dist.barrier()  # rank 0 has finished writing best.pt
-            load_model_weights(model, best_path)
+            load_model_weights(model, best_path, "best.pt")
         else:
             if world > 1:
                 objects = [best_weights]
@@ -430,7 +495,11 @@ def _finish(cfg, model, data, groups, state, best_weights, device, autocast, mem
                 best_weights = objects[0]
             model.load_state_dict(best_weights)
     eval_start = time.perf_counter()
-    correct, total = evaluate(model, data["test_loader"], num_classes, device, autocast, memory_format)
+    try:
+        correct, total = evaluate(model, data["test_loader"], num_classes, device, autocast, memory_format)
+    except Exception as error:
+        _write_failed_summary(cfg, state, selection, error, rank)
+        raise
     test = metrics.summarize(correct, total, groups, cfg["eval"]["ua"])
     test["correct"], test["total"] = correct.tolist(), total.tolist()  # to re-aggregate or compare runs
     eval_time = time.perf_counter() - eval_start
@@ -465,6 +534,22 @@ def _finish(cfg, model, data, groups, state, best_weights, device, autocast, mem
     if dist.is_initialized():
         dist.barrier()  # ranks leave together: none tears its connections down while rank 0 still writes
     return summary
+
+
+def _write_failed_summary(cfg, state, selection, error, rank) -> None:
+    """A test-time failure (an image gone since start-up) still leaves what was measured: the
+    training history, the selected epoch and the error, in summary.json with status 'test_failed'."""
+    if rank != 0:
+        return
+    path = os.path.join(cfg["train"]["out_dir"], "summary.json")
+    summary = {"name": cfg.get("name") or cfg["loss"]["name"], "status": "test_failed",
+               "error": f"{type(error).__name__}: {error}", "selection": selection,
+               "best_epoch": state["best_epoch"],
+               "best_val_top1": state["best_top1"] if state["best_epoch"] is not None else None,
+               "train_time_s": state["train_time_s"], "history": state["history"], "config": cfg}
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"test failed ({type(error).__name__}); training history written to {path}", flush=True)
 
 
 def _fmt(value) -> str:

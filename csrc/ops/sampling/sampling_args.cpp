@@ -37,8 +37,10 @@ SamplingArgs prepare_common(const char* op, const at::Tensor& class_offsets, con
   TORCH_CHECK_VALUE(epoch >= 0, op, ": epoch must be >= 0, got ", epoch);
   TORCH_CHECK_VALUE(start >= 0, op, ": start must be >= 0, got ", start);
   TORCH_CHECK_VALUE(count >= 0, op, ": count must be >= 0, got ", count);
-  TORCH_CHECK_VALUE(start + count <= epoch_length, op, ": start + count (", start + count,
-                    ") must not exceed epoch_length (", epoch_length, ")");
+  // Compared as count <= epoch_length - start (both sides >= 0 here): start + count overflowed
+  // int64 for start = 2**63 - 5, count = 10 and passed the check as a negative number.
+  TORCH_CHECK_VALUE(start <= epoch_length && count <= epoch_length - start, op, ": start + count (", start, " + ",
+                    count, ") must not exceed epoch_length (", epoch_length, ")");
   SamplingArgs args;
   args.class_offsets = class_offsets.contiguous();
   args.members = members.contiguous();
