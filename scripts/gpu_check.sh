@@ -211,7 +211,9 @@ verdict benchmark "$rc"; [ "$rc" -eq 0 ] || tail -n 20 "$work/bench.log"
 stamp "summary"
 [ "$DRY_RUN" = 0 ] && [ -f "$OUT/cuda-tests.log" ] && tail -n 1 "$OUT/cuda-tests.log"
 grep "parity summary" "$work/parity.log"
-[ -s "$OUT/bench.json" ] && "$PYTHON" benchmarks/summarize.py "$OUT/bench.json" | head -n 40
+# The tables go to a file first: piping the summary into head broke its pipe mid-table.
+[ -s "$OUT/bench.json" ] && "$PYTHON" benchmarks/summarize.py "$OUT/bench.json" > "$work/bench-tables.md" \
+  && head -n 40 "$work/bench-tables.md"
 ls "$OUT"
 took=$(( $(date +%s) - start ))
 [ "${#incomplete[@]}" -gt 0 ] && echo "gpu_check: INCOMPLETE (cut by their timeout or not runnable here): ${incomplete[*]}"
