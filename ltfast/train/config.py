@@ -314,8 +314,10 @@ def _cross_checks(cfg: dict) -> None:
                               f"(scale the milestones when changing the number of epochs)")
     if optim["schedule"] == "multistep" and not optim["milestones"]:
         raise ConfigError("optim.milestones: required when optim.schedule is 'multistep'")
-    if optim["warmup_epochs"] >= optim["epochs"]:
-        raise ConfigError(f"optim.warmup_epochs: must be below optim.epochs = {optim['epochs']}")
+    # warm-up as long as the run is allowed: `--config fmnist_lt/ce optim.epochs=1` (a smoke run of a
+    # recipe with 1 warm-up epoch) must not need a second override
+    if optim["warmup_epochs"] > optim["epochs"]:
+        raise ConfigError(f"optim.warmup_epochs: must not exceed optim.epochs = {optim['epochs']}")
     if loss["drw_epoch"] is not None and not 0 <= loss["drw_epoch"] < optim["epochs"]:
         raise ConfigError(f"loss.drw_epoch: must be in [0, optim.epochs = {optim['epochs']}), got "
                           f"{loss['drw_epoch']} (scale it when changing the number of epochs)")
