@@ -3,6 +3,15 @@
 LTFAST_CUDA=auto (default) builds the CUDA kernels when torch is a CUDA build and nvcc is found;
 LTFAST_CUDA=1 requires them (the build fails loudly otherwise); LTFAST_CUDA=0 skips them.
 TORCH_CUDA_ARCH_LIST is honoured; the default covers sm_80 (A100) and sm_90 (H100/H200).
+
+The recipes in configs/ ship inside the package as ltfast/configs (copied at build time by
+build_py below; the repository folder stays where it is), so `--config fmnist_lt/ce` resolves
+from any directory after `pip install .`.
+
+torch is not a build requirement on purpose: the extension must be compiled against the very torch
+that will import it (its C++ ABI changes between releases). `pip install --no-build-isolation .`
+builds against the current interpreter's torch; a plain `pip install .` (isolated build environment
+without torch) finds the torch of the interpreter pip runs for and builds against that one.
 """
 import glob
 import os
@@ -12,6 +21,7 @@ import subprocess
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py as _build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0"
@@ -54,6 +64,32 @@ if _cuda_home:
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = _cuda_home
 
+def _torch_of_target_interpreter():
+    """Makes `import torch` work inside pip's isolated build environment: pip hides the target
+    interpreter's site-packages through PYTHONPATH/PYTHONNOUSERSITE; the same interpreter run
+    without them shows where its torch lives, and that folder goes at the END of sys.path (the build
+    environment's setuptools and ninja still win)."""
+    try:
+        import torch  # noqa: F401
+        return
+    except ImportError:
+        pass
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    try:
+        out = subprocess.run([sys.executable, "-c", "import os, torch; print(os.path.dirname(os.path.dirname("
+                              "torch.__file__)))"], capture_output=True, text=True, env=env, timeout=300)
+    except (OSError, subprocess.SubprocessError):
+        out = None
+    site = out.stdout.strip().splitlines()[-1] if out is not None and out.returncode == 0 and out.stdout.strip() else None
+    if not site:
+        raise SystemExit("ltfast: building the extension needs torch, which is not installed for "
+                         f"{sys.executable}. Install torch first (e.g. pip install torch==2.14.1), then "
+                         "pip install . (or pip install --no-build-isolation .)")
+    _log(f"isolated build: compiling against the target interpreter's torch in {site}")
+    sys.path.append(site)
+
+
+_torch_of_target_interpreter()
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
@@ -109,8 +145,37 @@ def _extension():
                         extra_compile_args={"cxx": cxx_flags})
 
 
+class build_py(_build_py):
+    """Copies configs/**/*.yaml into the built package as ltfast/configs/ (package data without
+    moving the repository folder; an editable install reads configs/ in place instead)."""
+
+    def _config_files(self):
+        out = []
+        for folder, _, files in os.walk(os.path.join(ROOT, "configs")):
+            for name in sorted(files):
+                if name.endswith((".yaml", ".yml")):
+                    source = os.path.join(folder, name)
+                    out.append((source, os.path.join(self.build_lib, "ltfast", "configs",
+                                                      os.path.relpath(source, os.path.join(ROOT, "configs")))))
+        return out
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        for source, target in self._config_files():
+            self.mkpath(os.path.dirname(target))
+            self.copy_file(source, target)
+
+    def get_outputs(self, include_bytecode=1):
+        outputs = super().get_outputs(include_bytecode)
+        if getattr(self, "editable_mode", False):
+            return outputs
+        return outputs + [target for _, target in self._config_files()]
+
+
 setup(
     packages=find_packages(include=["ltfast", "ltfast.*"]),
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "build_py": build_py},
 )

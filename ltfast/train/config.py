@@ -220,6 +220,56 @@ TOP_LEVEL = {"name": (None, (str, NoneType), None, "method name for tables"),
              "base": (None, (str, NoneType), None, "YAML this one inherits from (relative to this file)")}
 
 
+# Research options (issue 13 §2): kept in one block so that they read together.
+SCHEMA["model"].update({
+    "head": (None, (str, NoneType), None,
+             "dotted name of the classifier module; None: the last nn.Linear with num_classes outputs "
+             "(models.find_head: fc, classifier.6, heads.head, ...)"),
+    "classifier": ("linear", str, _choice("linear", "cosine"),
+                   "cosine: the head becomes normalize(x) @ normalize(W) (LDAM-DRW's NormedLinear)"),
+})
+SCHEMA["optim"].update({
+    "name": ("sgd", str, _choice("sgd", "adamw"), "sgd (momentum, nesterov) or adamw (betas)"),
+    "betas": ([0.9, 0.999], list, None, "adamw only"),
+    "accumulate": (1, int, _positive,
+                   "micro-batches per optimizer step (effective batch = data.batch_size x accumulate)"),
+    "reference_batch": (None, (int, NoneType), _positive,
+                        "optim.lr is stated for this batch; the run uses lr x effective batch / reference_batch "
+                        "(linear scaling, Goyal et al. 2017). None: lr is used as given"),
+})
+SCHEMA["train"].update({
+    "amp": ("auto", str, _choice("auto", "bf16", "fp16", "none"),
+            "auto: bf16 autocast on GPU, none on CPU; fp16 adds a GradScaler (fp16's 5-bit exponent "
+            "underflows gradients below 6e-8 without one)"),
+    "seeds": (None, (list, NoneType), None,
+              "run these seeds in turn into out_dir/seed<k>/ and write out_dir/seeds_summary.json (mean, std)"),
+    "overwrite": (False, bool, None,
+                  "a non-empty out_dir is refused unless train.resume or this; it empties out_dir first"),
+    "tensorboard": ("auto", (bool, str), None,
+                    "TensorBoard scalars in out_dir/tensorboard: auto = when tensorboard is installed"),
+})
+
+
+def _research_checks(cfg: dict) -> None:
+    optim, train = cfg["optim"], cfg["train"]
+    betas = optim["betas"]
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                  for b in betas):
+        raise ConfigError(f"optim.betas: must be two numbers in [0, 1), got {betas!r}")
+    if optim["nesterov"] and optim["name"] == "sgd" and optim["momentum"] <= 0:
+        raise ConfigError("optim.nesterov: needs optim.momentum > 0")
+    seeds = train["seeds"]
+    if seeds is not None:
+        if not seeds or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in seeds):
+            raise ConfigError(f"train.seeds: must be a non-empty list of ints >= 0, got {seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"train.seeds: repeated seed in {seeds!r}")
+    if train["overwrite"] and train["resume"] is not False:
+        raise ConfigError("train.overwrite: contradicts train.resume (overwrite starts afresh, resume continues)")
+    if train["tensorboard"] not in (True, False, "auto"):
+        raise ConfigError(f"train.tensorboard: must be true, false or auto, got {train['tensorboard']!r}")
+
+
 def defaults() -> dict:
     cfg = {section: {key: copy.deepcopy(spec[0]) for key, spec in keys.items()} for section, keys in SCHEMA.items()}
     cfg["name"] = None
@@ -299,6 +349,7 @@ def validate(cfg: dict) -> dict:
                 if problem:
                     raise ConfigError(f"{section}.{key}: {problem}, got {value!r}")
     _cross_checks(cfg)
+    _research_checks(cfg)
     return cfg
 
 
@@ -315,8 +366,10 @@ def _cross_checks(cfg: dict) -> None:
                               f"(scale the milestones when changing the number of epochs)")
     if optim["schedule"] == "multistep" and not optim["milestones"]:
         raise ConfigError("optim.milestones: required when optim.schedule is 'multistep'")
-    if optim["warmup_epochs"] >= optim["epochs"]:
-        raise ConfigError(f"optim.warmup_epochs: must be below optim.epochs = {optim['epochs']}")
+    # warm-up as long as the run is allowed: `--config fmnist_lt/ce optim.epochs=1` (a smoke run of a
+    # recipe with 1 warm-up epoch) must not need a second override
+    if optim["warmup_epochs"] > optim["epochs"]:
+        raise ConfigError(f"optim.warmup_epochs: must not exceed optim.epochs = {optim['epochs']}")
     if loss["drw_epoch"] is not None and not 0 <= loss["drw_epoch"] < optim["epochs"]:
         raise ConfigError(f"loss.drw_epoch: must be in [0, optim.epochs = {optim['epochs']}), got "
                           f"{loss['drw_epoch']} (scale it when changing the number of epochs)")
@@ -371,13 +424,42 @@ def _resume_check(resume) -> None:
     raise ConfigError(f"train.resume: {resume!r} is not true, false, auto or an existing checkpoint file{hint}")
 
 
+def config_dirs() -> list[str]:
+    """Where recipe names resolve: the configs shipped inside the installed package
+    (``ltfast/configs``, copied there by setup.py's build_py), then the source tree's ``configs/``
+    (editable installs, a checkout on PYTHONPATH)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dirs = [os.path.join(package, "configs"), os.path.join(os.path.dirname(package), "configs")]
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def resolve_config_path(name: str) -> str:
+    """``--config`` value -> YAML path. An existing file wins (a local path always works, relative to
+    the working directory); otherwise ``imagenet_lt/lade`` (or ``imagenet_lt/lade.yaml``, or
+    ``configs/imagenet_lt/lade.yaml`` typed from outside a checkout) names a shipped recipe."""
+    if os.path.isfile(name):
+        return name
+    stem = name[len("configs/"):] if name.startswith("configs/") else name
+    candidates = [stem] if stem.endswith((".yaml", ".yml")) else [stem + ".yaml", stem]
+    for folder in config_dirs():
+        for candidate in candidates:
+            path = os.path.join(folder, candidate)
+            if os.path.isfile(path):
+                return path
+    shipped = sorted(os.path.relpath(os.path.join(d, f), folder)[:-5] for folder in config_dirs()[:1]
+                     for d, _, files in os.walk(folder) for f in files
+                     if f.endswith(".yaml") and not f.startswith("_"))
+    raise FileNotFoundError(f"config file not found: {name} (neither a file nor a shipped recipe; shipped: "
+                            f"{', '.join(shipped) or 'none found'})")
+
+
 def load_config(path: Optional[str] = None, overrides: Iterable[str] = ()) -> dict:
     """Defaults <- YAML file (and its ``base:`` chain) <- ``key=value`` overrides, then validated.
     Relative paths inside the YAML (data root / lists, init_from, shot_split) stay relative to the
     working directory, as on the command line."""
     cfg = defaults()
     if path is not None:
-        cfg = _merge(cfg, _read_yaml(path))
+        cfg = _merge(cfg, _read_yaml(resolve_config_path(path)))
     for text in overrides:
         keys, value = parse_override(text)
         if len(keys) == 1 and keys[0] not in TOP_LEVEL:

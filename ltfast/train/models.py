@@ -1,11 +1,18 @@
 """Models: torchvision's architectures from scratch (ResNeXt-50 32x4d for ImageNet-LT), and a small
 ResNet for 28x28 / 32x32 images that trains in seconds per epoch on a laptop CPU.
 
-Every model ends in a linear classifier named ``fc`` (torchvision's convention). The decoupled
-stage 2 freezes every parameter whose name does not start with ``fc.``, as the survey's
-``feat_model.fix`` froze everything but the classifier.
+The classifier ("head") is found by one documented rule (``find_head``): the module named by
+``model.head`` when given, otherwise the LAST ``nn.Linear`` registered in the model whose
+``out_features`` is the number of classes. That is ``fc`` for ResNet/ResNeXt/RegNet/small_resnet,
+``classifier.1`` / ``classifier.6`` / ``classifier.2`` for EfficientNet / VGG / ConvNeXt,
+``heads.head`` for ViT and ``head`` for Swin (auxiliary heads such as Inception's ``AuxLogits.fc``
+are registered before the main one). The decoupled stage 2 freezes every parameter outside the
+head, as the survey's ``feat_model.fix`` froze everything but the classifier; ``model.classifier=
+cosine`` replaces the head by a cosine classifier (LDAM-DRW's ``NormedLinear``).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -64,20 +71,76 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, width: int = 
                          f"name such as resnext50_32x4d): {error}") from None
     if in_channels != 3:
         raise ValueError(f"model.arch: {arch} expects 3-channel images, the dataset has {in_channels}")
-    if not isinstance(getattr(model, "fc", None), nn.Linear):
-        raise ValueError(f"model.arch: {arch} has no linear classifier named 'fc' (the trainer's convention)")
+    find_head(model, num_classes)  # a model without a findable classifier fails here, not in stage 2
     return model
 
 
-def freeze_backbone(model: nn.Module) -> list[str]:
-    """requires_grad=False on everything but ``fc.*``; returns the names left trainable. The module
-    stays in train mode, so BN running statistics keep updating on the stage-2 (class-balanced)
-    batches, as in the survey's cRT."""
+def freeze_backbone(model: nn.Module, head: Optional[str] = None, num_classes: Optional[int] = None) -> list[str]:
+    """requires_grad=False on everything but the head (``find_head``: ``fc`` for the ResNets);
+    returns the names left trainable. The module stays in train mode, so BN running statistics keep
+    updating on the stage-2 (class-balanced) batches, as in the survey's cRT."""
+    head_name, _ = find_head(model, num_classes, head)
+    prefix = head_name + "."
     trainable = []
     for name, param in model.named_parameters():
-        param.requires_grad_(name.startswith("fc."))
+        param.requires_grad_(name.startswith(prefix))
         if param.requires_grad:
             trainable.append(name)
     if not trainable:
-        raise ValueError("model.freeze_backbone: the model has no parameter named fc.*")
+        raise ValueError(f"model.freeze_backbone: the head {head_name!r} has no parameters")
     return trainable
+
+
+class CosineLinear(nn.Module):
+    """Cosine classifier: ``normalize(x) @ normalize(W)^T`` (LDAM-DRW's ``NormedLinear``; the loss
+    scales it by ``s``). ``weight`` is [classes, features] like ``nn.Linear``'s, so a stage-1
+    ``fc.weight`` loads into it; there is no bias (a bias would undo the normalisation)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-1, 1).renorm_(2, 0, 1e-5).mul_(1e5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(nn.functional.normalize(x, dim=1), nn.functional.normalize(self.weight, dim=1))
+
+
+HEAD_TYPES = (nn.Linear, CosineLinear)
+
+
+def find_head(model: nn.Module, num_classes: Optional[int] = None, name: Optional[str] = None) -> tuple[str, nn.Module]:
+    """(dotted name, module) of the classifier. ``name`` (``model.head``) wins; otherwise the last
+    ``nn.Linear`` / ``CosineLinear`` in registration order whose ``out_features == num_classes``
+    (any out_features when ``num_classes`` is None). Registration order, not forward order, because
+    it is the only order a module tree has; every torchvision classifier registers its final layer
+    last. Raises ValueError naming the candidates when nothing fits."""
+    modules = dict(model.named_modules())
+    if name:
+        if name not in modules:
+            linear = [n for n, m in modules.items() if isinstance(m, HEAD_TYPES)]
+            raise ValueError(f"model.head: no module {name!r} in {type(model).__name__} (linear layers: {linear})")
+        return name, modules[name]
+    found = None
+    for module_name, module in modules.items():
+        if isinstance(module, HEAD_TYPES) and (num_classes is None or module.out_features == num_classes):
+            found = (module_name, module)
+    if found is None:
+        linear = {n: m.out_features for n, m in modules.items() if isinstance(m, HEAD_TYPES)}
+        raise ValueError(f"model.head: {type(model).__name__} has no nn.Linear with {num_classes} outputs to use as "
+                         f"the classifier (linear layers and their outputs: {linear}); name it with model.head=<module>")
+    return found
+
+
+def replace_head(model: nn.Module, new: nn.Module, name: Optional[str] = None, num_classes: Optional[int] = None) -> str:
+    """Puts ``new`` where ``find_head`` finds the classifier; returns its name."""
+    head_name, _ = find_head(model, num_classes, name)
+    parent_name, _, leaf = head_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+    return head_name
+
+
+def use_cosine_classifier(model: nn.Module, num_classes: int, name: Optional[str] = None) -> str:
+    """``model.classifier=cosine``: the head becomes a ``CosineLinear`` of the same shape."""
+    _, head = find_head(model, num_classes, name)
+    return replace_head(model, CosineLinear(head.in_features, head.out_features), name, num_classes)

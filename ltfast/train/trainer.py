@@ -25,7 +25,9 @@ import ltfast
 
 from . import checkpoint, metrics
 from .config import ConfigError, dump
-from .models import build_model, freeze_backbone
+from .models import build_model, freeze_backbone, use_cosine_classifier
+from .optimization import Stepper, autocast_fp16, build_optimizer, load_init_weights, make_scaler, scaled_lr
+from .runlog import History, prepare_out_dir, progress_enabled, run_seeds, val_fields
 from .schedule import lr_factor
 
 
@@ -324,7 +326,10 @@ def train(cfg: dict) -> dict:
     """Trains, selects on validation, tests; returns (and on rank 0 writes) the summary dict."""
     tcfg, ocfg, mcfg = cfg["train"], cfg["optim"], cfg["model"]
     _check_before_start(cfg)
+    if tcfg["seeds"]:
+        return run_seeds(cfg, train)  # each seed comes back here with train.seeds=None
     rank, world, device = setup_distributed(tcfg["device"])
+    prepare_out_dir(cfg, rank)  # before any work: a refused out_dir costs nothing
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if device.type == "cpu" and (tcfg["threads"] or local_world > 1):
         # Ranks sharing a machine would otherwise each start one thread per core.
@@ -332,6 +337,8 @@ def train(cfg: dict) -> dict:
     use_bf16 = tcfg["amp"] == "bf16" or (tcfg["amp"] == "auto" and device.type == "cuda")
     autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16
                 else contextlib.nullcontext)
+    if tcfg["amp"] == "fp16":
+        autocast = autocast_fp16(device)
     channels_last = device.type == "cuda" and mcfg["channels_last"]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if device.type == "cuda":
@@ -347,17 +354,20 @@ def train(cfg: dict) -> dict:
     counts, num_classes = data["class_counts"], len(data["class_counts"])
     in_channels = data["train"].images.shape[1] if data["in_memory"] else len(cfg["data"]["mean"] or (0, 0, 0))
     model = build_model(mcfg["arch"], num_classes, in_channels, mcfg["width"])
+    if mcfg["classifier"] == "cosine":
+        use_cosine_classifier(model, num_classes, mcfg["head"])
     if mcfg["init_from"]:
-        load_model_weights(model, mcfg["init_from"])
+        load_init_weights(model, mcfg["init_from"], mcfg["head"], num_classes, log=lambda m: _log(rank, m))
     if mcfg["freeze_backbone"]:
-        freeze_backbone(model)
+        freeze_backbone(model, mcfg["head"], num_classes)
     model.to(device)
     model.to(memory_format=memory_format)
     criterion = build_loss(cfg["loss"], counts).to(device)
     _log(rank, f"loss: {describe_loss(criterion)}")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=ocfg["lr"], momentum=ocfg["momentum"],
-                                weight_decay=ocfg["weight_decay"], nesterov=ocfg["nesterov"])
+    base_lr, lr_note = scaled_lr(cfg)
+    optimizer = build_optimizer(params, ocfg, base_lr)
+    scaler = make_scaler(tcfg["amp"], device)
     # No SyncBN: the survey's DataParallel also normalised each GPU's 64 images separately.
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
@@ -377,6 +387,8 @@ def train(cfg: dict) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         criterion.load_state_dict(ckpt["criterion"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
         changed = [k for k in ("data", "model", "loss", "optim") if ckpt["config"][k] != cfg[k]]
         if changed:
@@ -393,7 +405,12 @@ def train(cfg: dict) -> dict:
             f.write(dump(cfg))
 
     loader = data["train_loader"]
-    steps_per_epoch = len(loader)
+    stepper = Stepper(optimizer, ocfg["accumulate"], len(loader), scaler, net)
+    steps_per_epoch = stepper.steps_per_epoch  # optimizer steps (the schedule's unit)
+    batches_per_epoch = len(loader)
+    history = History(cfg, rank, state["history"])
+    if lr_note:
+        _log(rank, lr_note)
     epochs, per_rank = ocfg["epochs"], cfg["data"]["batch_size"] // world
     _log(rank, f"{cfg.get('name') or cfg['loss']['name']}: {mcfg['arch']}, {len(data['train'])} training images, "
                f"{num_classes} classes, {world} rank(s) on {device.type}, {steps_per_epoch} steps/epoch of "
@@ -407,21 +424,20 @@ def train(cfg: dict) -> dict:
         model.train()
         loss_sum = torch.zeros((), device=device)
         bar = None
-        if rank == 0 and tcfg["progress"]:
+        if rank == 0 and tcfg["progress"] and progress_enabled():
             from tqdm import tqdm
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+            bar = tqdm(total=batches_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
         start = time.perf_counter()
         step = epoch * steps_per_epoch
         for i, (images, labels) in enumerate(loader):
-            lr = ocfg["lr"] * lr_factor(step + i, steps_per_epoch, ocfg)
+            lr = base_lr * lr_factor(step + stepper.step_of(i), steps_per_epoch, ocfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast():
-                logits = net(images.to(device, non_blocking=True).contiguous(memory_format=memory_format))
-                loss = criterion(logits, labels.to(device, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            with stepper.context(i):
+                with autocast():
+                    logits = net(images.to(device, non_blocking=True).contiguous(memory_format=memory_format))
+                    loss = criterion(logits, labels.to(device, non_blocking=True))
+                stepper.backward(loss, i)  # zero_grad / backward / step, accumulated and fp16-scaled
             loss_sum += loss.detach().float()
             if bar is not None:
                 bar.update(1)
@@ -434,9 +450,9 @@ def train(cfg: dict) -> dict:
             bar.close()
         elapsed = time.perf_counter() - start
         state["train_time_s"] += elapsed
-        state["train_images"] += steps_per_epoch * per_rank * world
-        record = {"epoch": epoch + 1, "loss": loss_sum.item() / steps_per_epoch, "lr": lr,
-                  "time_s": elapsed, "images_per_s": steps_per_epoch * per_rank * world / elapsed}
+        state["train_images"] += batches_per_epoch * per_rank * world
+        record = {"epoch": epoch + 1, "loss": loss_sum.item() / batches_per_epoch, "lr": lr,
+                  "time_s": elapsed, "images_per_s": batches_per_epoch * per_rank * world / elapsed}
 
         _broadcast_buffers(model)
         last = epoch + 1 == epochs
@@ -444,7 +460,7 @@ def train(cfg: dict) -> dict:
         if data["val_loader"] is not None and ((epoch + 1) % cfg["eval"]["every"] == 0 or last):
             correct, total = evaluate(model, data["val_loader"], num_classes, device, autocast, memory_format)
             val = metrics.summarize(correct, total, groups)
-            record["val_top1"] = val["top1"]
+            record.update(val_fields(val))
             if val["top1"] > state["best_top1"]:
                 state["best_top1"], state["best_epoch"], best_now = val["top1"], epoch + 1, True
         state["history"].append(record)
@@ -456,6 +472,7 @@ def train(cfg: dict) -> dict:
                              os.path.join(out_dir, "best.pt"))
             _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "criterion": criterion.state_dict(), "schedule": {"step": (epoch + 1) * steps_per_epoch},
+                          "scaler": scaler.state_dict() if scaler is not None else None,
                           "sampler": {"epoch": epoch + 1, "seed": seed},
                           "state": state, "rng": rng, "world_size": world, "config": cfg},
                          os.path.join(out_dir, "last.pt"))
@@ -465,13 +482,16 @@ def train(cfg: dict) -> dict:
             if "val_top1" in record else ""
         _log(rank, f"epoch {epoch + 1}/{epochs}  loss {record['loss']:.4f}  lr {lr:.4g}{val_text}  "
                    f"{record['images_per_s']:.0f} img/s  {elapsed:.1f}s")
+        history.append(record)  # after the checkpoint: the file never runs ahead of last.pt
         epochs_this_run += 1
         if tcfg["stop_after"] is not None and epochs_this_run >= tcfg["stop_after"] and state["epoch"] < epochs:
             _log(rank, f"stopping after {epochs_this_run} epoch(s) (train.stop_after); resume with train.resume=true")
+            history.close()
             if dist.is_initialized():
                 dist.barrier()
             return {"status": "stopped", "epoch": state["epoch"], "out_dir": out_dir}
 
+    history.close()
     return _finish(cfg, model, data, groups, state, best_weights, device, autocast, memory_format, rank, world,
                    use_bf16)
 
