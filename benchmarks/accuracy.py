@@ -31,7 +31,9 @@ COLUMNS = ("top1", "many", "medium", "few")
 def run_method(method: str, seed: int, out_root: str, overrides: list[str], stage1: dict) -> dict:
     from ltfast.train import load_config, train
     out_dir = os.path.join(out_root, method, f"seed{seed}")
-    extra = [f"train.seed={seed}", f"train.out_dir={out_dir}", "train.progress=false"]
+    # The benchmark owns its run folders: a second run replaces the first (the trainer refuses a
+    # non-empty out_dir otherwise).
+    extra = [f"train.seed={seed}", f"train.out_dir={out_dir}", "train.progress=false", "train.overwrite=true"]
     if method == "crt":
         if seed not in stage1:
             raise SystemExit("crt needs the ce run of the same seed: list ce before crt in --methods")

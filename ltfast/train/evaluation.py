@@ -122,7 +122,7 @@ def evaluate_run(args) -> dict:
     from .trainer import load_datasets, make_loader
 
     checkpoint, config, run_dir = resolve_target(args.target, args.config)
-    obj = safe_load(checkpoint)
+    obj = safe_load(checkpoint, "ltfast.evaluate")
     cfg = _load_cfg(config, obj, args.overrides)
     data_cfg, mcfg = cfg["data"], cfg["model"]
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
