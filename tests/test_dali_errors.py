@@ -46,9 +46,23 @@ def test_decompression_bomb_on_the_dali_path_names_the_file(tmp_path, monkeypatc
 
 
 def test_pil_workers_raise_image_decode_error_with_the_path(tmp_path):
-    # Through DataLoader workers the error came back as a RuntimeError.
-    dataset, victim = _folder(tmp_path)
-    victim.write_bytes(b"not an image" * 10)
-    with pytest.raises(ImageDecodeError, match=r"2\.jpg") as info:
-        _run(dataset, "pil", num_workers=1)
-    assert info.value.path == str(victim) and info.value.index == 2
+    # Through DataLoader workers the error came back as a RuntimeError. Run in a fresh process: the
+    # PIL loader forks its workers, and a fork taken after this suite has run DALI pipelines and
+    # OpenMP kernels in the same process hung in the child (a lock held by a parent thread).
+    import subprocess
+    import sys
+    script = f"""
+import torch, sys
+sys.path.insert(0, {repr(str(__import__("os").path.dirname(__file__)))})
+from test_dali_errors import _folder, _run
+from ltfast.data.dali import ImageDecodeError
+from pathlib import Path
+dataset, victim = _folder(Path({repr(str(tmp_path))}))
+victim.write_bytes(b"not an image" * 10)
+try:
+    _run(dataset, "pil", num_workers=1)
+except ImageDecodeError as error:
+    print("CAUGHT", type(error).__name__, error.path, error.index)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert f"CAUGHT ImageDecodeError {tmp_path / '2.jpg'} 2" in done.stdout, done.stdout + done.stderr

@@ -155,6 +155,7 @@ def test_evaluate_refuses_a_code_running_checkpoint(run_dir, tmp_path):
     bad.mkdir()
     (bad / "config.yaml").write_text((run_dir / "config.yaml").read_text())
     torch.save({"model": _Payload()}, bad / "best.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    from ltfast.train.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match=r"ltfast.evaluate: refusing to load .*best.pt.*nothing in it was run"):
         main([str(bad)])
     assert not _Payload.marker.exists()
