@@ -150,6 +150,17 @@ def test_module_fast_path(name, recorder):
     torch.testing.assert_close(mode_loss, fast_loss, rtol=0, atol=0)
     torch.testing.assert_close(mode_grad, fast_grad, rtol=0, atol=0)
 
+    # Under torch.compile the module takes the functionals (torch.ops), without recompiling.
+    recorder.calls.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: module(x, target), fullgraph=True, backend="aot_eager")
+    compiled_loss, compiled_grad = _run(compiled, logits)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _run(compiled, logits + 1)
+    assert recorder.calls == []
+    torch.testing.assert_close(compiled_loss, fast_loss)
+    torch.testing.assert_close(compiled_grad, fast_grad)
+
 
 def test_seql_module_fast_path(recorder):
     module = ltfast.nn.SoftmaxEqualizationLoss(COUNTS, gamma=0.5, count_threshold=10)
