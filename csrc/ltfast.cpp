@@ -179,9 +179,17 @@ TORCH_LIBRARY(ltfast, m) {
 
 }  // namespace ltfast
 
-// `import ltfast._C` loads this library, which runs the registrations above; the module itself
-// holds nothing.
+namespace ltfast {
+namespace python_entry {
+PyMethodDef* module_methods();  // csrc/python_entry.cpp
+}  // namespace python_entry
+}  // namespace ltfast
+
+// `import ltfast._C` loads this library, which runs the registrations above; the module holds the
+// direct entry points of the public loss ops (csrc/python_entry.cpp), which ltfast/ops.py calls
+// instead of torch.ops.ltfast.<op>.default when that is safe.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          ltfast::python_entry::module_methods()};
   return PyModule_Create(&module_def);
 }

@@ -50,6 +50,24 @@ def warn_fallback_once() -> None:
         )
 
 
+class _NoEntryPoints:
+    """Stands in for ltfast._C's entry points where they are missing: every call declines."""
+
+    def __getattr__(self, name):
+        return lambda *args: NotImplemented
+
+
+def fast_entry_points():
+    """ltfast._C, whose functions call the public loss ops directly (csrc/python_entry.cpp); where the
+    extension is unavailable or predates them, an object whose functions all return NotImplemented
+    (the callers then take torch.ops)."""
+    if AVAILABLE:
+        from . import _C
+        if hasattr(_C, "balanced_softmax"):
+            return _C
+    return _NoEntryPoints()
+
+
 def has_cuda_kernels() -> bool:
     """True when ltfast._C was compiled with its CUDA kernels."""
     return AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key(

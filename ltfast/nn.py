@@ -13,9 +13,13 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import _extension
+from . import ops as _ops
 from . import priors
 from .ops import (adjusted_cross_entropy, balanced_softmax_loss, equalization_loss, lade_loss,
                   softmax_equalization_loss)
+
+_is_compiling = torch.compiler.is_compiling
 
 
 class _ClassVectors:
@@ -30,29 +34,43 @@ class _ClassVectors:
     its version, so either refreshes the copy on the next call. (A write through ``buffer.data``, which
     has a version counter of its own, is not seen.) Under ``torch.compile`` the cast is traced as
     before. Buffers are read from ``_buffers`` directly: ``nn.Module.__getattr__`` costs ~0.7 us each.
+
+    In eager mode the modules' forwards use :meth:`_eager_class_vector`, a cache hit in one comparison
+    of (buffer object, logits dtype, version) that skips the dtype logic, and call ltfast._C's entry
+    points directly (see ltfast/ops.py); under ``torch.compile`` they take the functionals.
     """
 
     def _class_vector(self, name: str, input: Tensor) -> Optional[Tensor]:
         buffer = self._buffers[name]
         if buffer is None:
             return None
-        dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-        if buffer.dtype == dtype:
-            return buffer
+        in_dtype = input.dtype
+        dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
         if torch.compiler.is_compiling():
-            return buffer.to(dtype)
+            return buffer if buffer.dtype == dtype else buffer.to(dtype)
         try:
             version = buffer._version
         except RuntimeError:  # an inference tensor (module built under inference_mode) has no version
-            return buffer.to(dtype)
-        cache = self.__dict__.setdefault("_cast_cache", {})
-        entry = cache.get(name)
-        if entry is not None and entry[0] is buffer and entry[1] == version and entry[2].dtype == dtype:
-            return entry[2]
-        with torch.no_grad():
-            converted = buffer.to(dtype)
-        cache[name] = (buffer, version, converted)
+            return buffer if buffer.dtype == dtype else buffer.to(dtype)
+        if buffer.dtype == dtype:
+            converted = buffer
+        else:
+            with torch.no_grad():
+                converted = buffer.to(dtype)
+        # Keyed by the logits dtype itself, so that a hit needs no dtype logic.
+        self.__dict__.setdefault("_cast_cache", {})[name] = (buffer, in_dtype, version, converted)
         return converted
+
+    def _eager_class_vector(self, name: str, input: Tensor) -> Optional[Tensor]:
+        """:meth:`_class_vector` outside torch.compile (the caller checks)."""
+        buffer = self._buffers[name]
+        cache = self.__dict__.get("_cast_cache")
+        if cache is not None and buffer is not None:
+            entry = cache.get(name)
+            if (entry is not None and entry[0] is buffer and entry[1] is input.dtype
+                    and entry[2] == buffer._version):
+                return entry[3]
+        return self._class_vector(name, input)
 
     def __getstate__(self):  # copies and pickles refill the cache on first use
         state = super().__getstate__()
@@ -105,7 +123,19 @@ class BalancedSoftmaxLoss(_CrossEntropyFamilyLoss):
         self.register_buffer("log_prior", priors.log_prior(class_counts, dtype=torch.float64))
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        if self._buffers["weight"] is None and self.label_smoothing == 0.0:
+        plain = self._buffers["weight"] is None and self.label_smoothing == 0.0
+        if _extension.AVAILABLE and not _is_compiling():
+            vector = self._eager_class_vector
+            if plain:
+                loss = _ops._fast.balanced_softmax(input, target, vector("log_prior", input), self.reduction,
+                                                   self.ignore_index)
+            else:
+                loss = _ops._fast.adjusted_cross_entropy(input, target, vector("log_prior", input), None,
+                                                         vector("weight", input), 0.0, self.label_smoothing,
+                                                         self.reduction, self.ignore_index)
+            if loss is not NotImplemented:
+                return loss
+        if plain:
             return balanced_softmax_loss(input, target, self._class_vector("log_prior", input),
                                          self.reduction, self.ignore_index)
         return adjusted_cross_entropy(input, target,
@@ -126,6 +156,13 @@ class LogitAdjustedLoss(_CrossEntropyFamilyLoss):
         self.register_buffer("adjustment", self.tau * priors.log_prior(class_counts, dtype=torch.float64))
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if _extension.AVAILABLE and not _is_compiling():
+            vector = self._eager_class_vector
+            loss = _ops._fast.adjusted_cross_entropy(input, target, vector("adjustment", input), None,
+                                                     vector("weight", input), 0.0, self.label_smoothing,
+                                                     self.reduction, self.ignore_index)
+            if loss is not NotImplemented:
+                return loss
         return adjusted_cross_entropy(input, target,
                                       adjustment=self._class_vector("adjustment", input),
                                       weight=self._class_vector("weight", input),
@@ -154,6 +191,12 @@ class WeightedCrossEntropyLoss(_CrossEntropyFamilyLoss):
         self.scheme = scheme
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if _extension.AVAILABLE and not _is_compiling():
+            loss = _ops._fast.adjusted_cross_entropy(input, target, None, None,
+                                                     self._eager_class_vector("weight", input), 0.0,
+                                                     self.label_smoothing, self.reduction, self.ignore_index)
+            if loss is not NotImplemented:
+                return loss
         return adjusted_cross_entropy(input, target, weight=self._class_vector("weight", input),
                                       label_smoothing=self.label_smoothing,
                                       reduction=self.reduction, ignore_index=self.ignore_index)
@@ -198,6 +241,13 @@ class LDAMLoss(_CrossEntropyFamilyLoss):
         self.epoch = int(state["epoch"])
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if _extension.AVAILABLE and not _is_compiling():
+            vector = self._eager_class_vector
+            loss = _ops._fast.adjusted_cross_entropy(input, target, None, vector("target_margin", input),
+                                                     vector("drw_weight", input) if self.reweighting else None,
+                                                     0.0, self.label_smoothing, self.reduction, self.ignore_index)
+            if loss is not NotImplemented:
+                return loss
         weight = self._class_vector("drw_weight", input) if self.reweighting else None
         return adjusted_cross_entropy(input, target,
                                       target_margin=self._class_vector("target_margin", input),
@@ -220,6 +270,12 @@ class FocalLoss(_CrossEntropyFamilyLoss):
         self.gamma = float(gamma)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if _extension.AVAILABLE and not _is_compiling():
+            loss = _ops._fast.adjusted_cross_entropy(input, target, None, None,
+                                                     self._eager_class_vector("weight", input), self.gamma, 0.0,
+                                                     self.reduction, self.ignore_index)
+            if loss is not NotImplemented:
+                return loss
         return adjusted_cross_entropy(input, target, weight=self._class_vector("weight", input),
                                       gamma=self.gamma, reduction=self.reduction, ignore_index=self.ignore_index)
 
@@ -247,7 +303,16 @@ class SoftmaxEqualizationLoss(nn.Module):
                 f"gamma={self.gamma}, reduction={self.reduction!r}")
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return softmax_equalization_loss(input, target, self.tail_mask, self.gamma, self.reduction, self.ignore_index)
+        tail_mask = self._buffers["tail_mask"]
+        seed = None
+        if _extension.AVAILABLE and not _is_compiling():
+            seed = _ops.new_seed(input.device)
+            loss = _ops._fast.softmax_equalization_loss(input, target, tail_mask, seed, self.gamma, self.reduction,
+                                                        self.ignore_index)
+            if loss is not NotImplemented:
+                return loss
+        return softmax_equalization_loss(input, target, tail_mask, self.gamma, self.reduction, self.ignore_index,
+                                         seed=seed)
 
 
 class EqualizationLoss(nn.Module):
@@ -267,7 +332,12 @@ class EqualizationLoss(nn.Module):
         return f"num_classes={self.tail_mask.numel()}, tail_classes={int(self.tail_mask.sum())}"
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return equalization_loss(input, target, self.tail_mask, self.reduction, self.ignore_index)
+        tail_mask = self._buffers["tail_mask"]
+        if _extension.AVAILABLE and not _is_compiling():
+            loss = _ops._fast.equalization_loss(input, target, tail_mask, self.reduction, self.ignore_index)
+            if loss is not NotImplemented:
+                return loss
+        return equalization_loss(input, target, tail_mask, self.reduction, self.ignore_index)
 
 
 class _AllGatherRows(torch.autograd.Function):
@@ -363,6 +433,11 @@ class LADELoss(_ClassVectors, nn.Module):
             import torch.distributed as dist
             if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
                 input, target = gather_batch_with_grad(input, target, self.ignore_index, self.process_group)
+        if _extension.AVAILABLE and not _is_compiling():
+            loss = _ops._fast.lade(input, target, self._eager_class_vector("log_prior", input), self.alpha,
+                                   self.remine_lambda, self.ignore_index)
+            if loss is not NotImplemented:
+                return loss
         return lade_loss(input, target, self._class_vector("log_prior", input), self.alpha,
                          self.remine_lambda, self.ignore_index)
 

@@ -19,6 +19,11 @@ from . import _extension, reference
 
 _REDUCTIONS = ("none", "mean", "sum")
 
+# ltfast._C's direct entry points, or None without the extension. Tests may replace it to observe
+# which path a call takes.
+_fast = _extension.fast_entry_points()
+_is_compiling = torch.compiler.is_compiling
+
 
 def _accumulate_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -144,6 +149,10 @@ def balanced_softmax_loss(logits: Tensor, target: Tensor, log_prior: Tensor, red
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.balanced_softmax(logits, target, log_prior, reduction, ignore_index)
+    if not _is_compiling():
+        loss = _fast.balanced_softmax(logits, target, log_prior, reduction, ignore_index)
+        if loss is not NotImplemented:
+            return loss
     return torch.ops.ltfast.balanced_softmax.default(logits, target, log_prior, reduction, ignore_index)
 
 
@@ -173,9 +182,15 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | 
         _extension.warn_fallback_once()
         return reference.adjusted_cross_entropy(logits, target, adjustment, target_margin, weight, gamma,
                                                 label_smoothing, reduction, ignore_index)
+    gamma = float(gamma)
+    label_smoothing = float(label_smoothing)
+    if not _is_compiling():
+        loss = _fast.adjusted_cross_entropy(logits, target, adjustment, target_margin, weight, gamma,
+                                            label_smoothing, reduction, ignore_index)
+        if loss is not NotImplemented:
+            return loss
     return torch.ops.ltfast.adjusted_cross_entropy.default(logits, target, adjustment, target_margin, weight,
-                                                           float(gamma), float(label_smoothing), reduction,
-                                                           ignore_index)
+                                                           gamma, label_smoothing, reduction, ignore_index)
 
 
 def lade_loss(logits: Tensor, target: Tensor, log_prior: Tensor, alpha: float = 0.1, remine_lambda: float = 0.1,
@@ -196,7 +211,13 @@ def lade_loss(logits: Tensor, target: Tensor, log_prior: Tensor, alpha: float = 
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.lade(logits, target, log_prior, alpha, remine_lambda, ignore_index)
-    return torch.ops.ltfast.lade.default(logits, target, log_prior, float(alpha), float(remine_lambda), ignore_index)
+    alpha = float(alpha)
+    remine_lambda = float(remine_lambda)
+    if not _is_compiling():
+        loss = _fast.lade(logits, target, log_prior, alpha, remine_lambda, ignore_index)
+        if loss is not NotImplemented:
+            return loss
+    return torch.ops.ltfast.lade.default(logits, target, log_prior, alpha, remine_lambda, ignore_index)
 
 
 def lade_regularizer(logits: Tensor, target: Tensor, log_prior: Tensor, remine_lambda: float = 0.1,
@@ -205,7 +226,12 @@ def lade_regularizer(logits: Tensor, target: Tensor, log_prior: Tensor, remine_l
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.lade_regularizer(logits, target, log_prior, remine_lambda, ignore_index)
-    return torch.ops.ltfast.lade_regularizer.default(logits, target, log_prior, float(remine_lambda), ignore_index)
+    remine_lambda = float(remine_lambda)
+    if not _is_compiling():
+        loss = _fast.lade_regularizer(logits, target, log_prior, remine_lambda, ignore_index)
+        if loss is not NotImplemented:
+            return loss
+    return torch.ops.ltfast.lade_regularizer.default(logits, target, log_prior, remine_lambda, ignore_index)
 
 
 def new_seed(device) -> Tensor:
@@ -233,7 +259,12 @@ def softmax_equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor,
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.softmax_equalization_loss(logits, target, tail_mask, gamma, reduction, ignore_index)
-    return torch.ops.ltfast.softmax_equalization_loss.default(logits, target, tail_mask, seed, float(gamma), reduction,
+    gamma = float(gamma)
+    if not _is_compiling():
+        loss = _fast.softmax_equalization_loss(logits, target, tail_mask, seed, gamma, reduction, ignore_index)
+        if loss is not NotImplemented:
+            return loss
+    return torch.ops.ltfast.softmax_equalization_loss.default(logits, target, tail_mask, seed, gamma, reduction,
                                                               ignore_index)
 
 
@@ -257,4 +288,8 @@ def equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor, reducti
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.equalization_loss(logits, target, tail_mask, reduction, ignore_index)
+    if not _is_compiling():
+        loss = _fast.equalization_loss(logits, target, tail_mask, reduction, ignore_index)
+        if loss is not NotImplemented:
+            return loss
     return torch.ops.ltfast.equalization_loss.default(logits, target, tail_mask, reduction, ignore_index)
