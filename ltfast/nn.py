@@ -213,12 +213,17 @@ class LDAMLoss(_CrossEntropyFamilyLoss):
     the loss uses class-balanced weights with ``beta`` (the survey: ``reweight_epoch=160`` with
     1-based epochs and ``epoch > 160``, i.e. ``drw_epoch=160`` here). ``drw_epoch=None`` never
     re-weights. The current epoch is saved in the ``state_dict``.
+
+    ``scale_logits=True`` is the original LDAM-DRW form for cosine classifiers,
+    ``CE(s * (z - m_y e_y))``: the logits (cosines) are scaled by ``s`` and the margin ``m_y`` itself
+    is subtracted from the target cosine, i.e. ``s * m_y`` from the scaled target logit.
     """
 
     def __init__(self, class_counts, max_margin: float = 0.5, s: float = 30.0,
-                 drw_epoch: Optional[int] = None, beta: float = 0.9999, *, ignore_index: int = -100,
-                 reduction: str = "mean", label_smoothing: float = 0.0) -> None:
+                 drw_epoch: Optional[int] = None, beta: float = 0.9999, *, scale_logits: bool = False,
+                 ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0) -> None:
         super().__init__(None, ignore_index, reduction, label_smoothing)
+        self.scale_logits = bool(scale_logits)
         self.s = float(s)
         self.max_margin = float(max_margin)
         self.drw_epoch = drw_epoch
@@ -240,7 +245,13 @@ class LDAMLoss(_CrossEntropyFamilyLoss):
     def set_extra_state(self, state) -> None:
         self.epoch = int(state["epoch"])
 
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, s={self.s}, max_margin={self.max_margin}, drw_epoch={self.drw_epoch}, "
+                f"scale_logits={self.scale_logits}")
+
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if self.scale_logits:  # the target_margin buffer already holds s * m: CE(s z - s m_y e_y)
+            input = input * self.s
         if _extension.AVAILABLE and not _is_compiling():
             vector = self._eager_class_vector
             loss = _ops._fast.adjusted_cross_entropy(input, target, None, vector("target_margin", input),
@@ -259,15 +270,20 @@ class LDAMLoss(_CrossEntropyFamilyLoss):
 class FocalLoss(_CrossEntropyFamilyLoss):
     """Focal loss ``w_y * (1 - p_y)^gamma * (-log p_y)`` (Lin et al. 2017) as the survey's
     Main-codebase computes it: p_y is detached, so ``(1 - p_y)^gamma`` scales the gradient without
-    being differentiated (seed-methods.md §1.7; the survey's create_loss uses gamma = 3).
+    being differentiated (seed-methods.md §1.7; the survey's create_loss uses gamma = 3, the default
+    here is the paper's 2).
     ``weight`` gives per-class alpha weights, with the weighted mean of nn.CrossEntropyLoss."""
 
-    def __init__(self, gamma: float, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
+    def __init__(self, gamma: float = 2.0, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
                  reduction: str = "mean") -> None:
         if not gamma >= 0.0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         super().__init__(weight, ignore_index, reduction, 0.0)
         self.gamma = float(gamma)
+
+    def extra_repr(self) -> str:
+        # gamma first: the repr used to hide it (a trainer run with SEQL's 0.9 looked like focal).
+        return f"gamma={self.gamma}, {super().extra_repr()}"
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         if _extension.AVAILABLE and not _is_compiling():

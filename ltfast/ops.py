@@ -258,7 +258,8 @@ def softmax_equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor,
         seed = new_seed(logits.device)
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
-        return reference.softmax_equalization_loss(logits, target, tail_mask, gamma, reduction, ignore_index)
+        return reference.softmax_equalization_loss(logits, target, tail_mask, gamma, reduction, ignore_index,
+                                                    seed=seed)
     gamma = float(gamma)
     if not _is_compiling():
         loss = _fast.softmax_equalization_loss(logits, target, tail_mask, seed, gamma, reduction, ignore_index)

@@ -187,3 +187,22 @@ def test_float64_modules_match_a_float64_reference(make_module, reference_loss):
     torch.testing.assert_close(module(x, y), expected, rtol=1e-12, atol=1e-12)
     assert module(x.float(), y).dtype == torch.float32
     torch.testing.assert_close(module(x.float(), y), expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_focal_loss_defaults_to_the_papers_gamma_and_shows_it():
+    focal = ltfast.nn.FocalLoss()
+    assert focal.gamma == 2.0 and "gamma=2.0" in repr(focal)
+    assert "gamma=0.9" in repr(ltfast.nn.FocalLoss(0.9))
+
+
+def test_ldam_scale_logits_is_the_original_cosine_form():
+    # CE(s * (z - m_y e_y)) with m = max_margin * (n_min / n_c)^(1/4): the original LDAM-DRW code.
+    counts = torch.tensor(COUNTS, dtype=torch.float64)
+    x, y = inputs(N=9)
+    cosines = torch.tanh(x.double())
+    margins = 0.5 * (counts.min() / counts) ** 0.25
+    safe = y.clamp(min=0)
+    expected = F.cross_entropy(30.0 * (cosines - F.one_hot(safe, len(COUNTS)) * margins[safe][:, None]), y)
+    module = ltfast.nn.LDAMLoss(COUNTS, max_margin=0.5, s=30.0, scale_logits=True)
+    torch.testing.assert_close(module(cosines, y), expected, rtol=1e-12, atol=1e-12)
+    assert "scale_logits=True" in repr(module)

@@ -101,8 +101,6 @@ def test_reference_seql_honours_seed():
     assert not torch.equal(first, reference.softmax_equalization_loss(x, t, mask, 0.5, seed=torch.tensor([11, 13])))
 
 
-@pytest.mark.xfail(strict=True, reason="ltfast/ops.py's fallback must pass seed= to reference.softmax_equalization_loss "
-                                       "(owned by the autograd work; one line, see the issue-13 report)")
 def test_fallback_seql_honours_seed(monkeypatch):
     monkeypatch.setattr(_extension, "AVAILABLE", False)
     x, t = torch.randn(16, 6), torch.arange(16) % 6
