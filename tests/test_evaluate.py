@@ -2,7 +2,6 @@
 cases, and the CLI end to end on a one-epoch run of the tiny synthetic set (CPU, seconds)."""
 import json
 import os
-import pickle
 
 import pytest
 import torch

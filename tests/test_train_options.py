@@ -2,7 +2,6 @@
 GradScaler, AdamW / nesterov SGD, linear lr scaling, init from torchvision / plain state dicts (and
 never from a pickle that runs code), and the classifier-finding rule."""
 import os
-import pickle
 
 import pytest
 import torch
@@ -125,7 +124,8 @@ class _Payload:
 def test_init_from_never_runs_code(tmp_path):
     _Payload.marker = tmp_path / "ran"
     torch.save({"model": _Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    from ltfast.train.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="model.init_from: refusing to load .*nothing in it was run"):
         load_init_weights(build_model("small_resnet", 7, 1, 8), str(tmp_path / "evil.pt"), num_classes=7)
     assert not _Payload.marker.exists()
 

@@ -136,10 +136,7 @@ def load_init_weights(model: nn.Module, path: str, head: Optional[str] = None, n
     (a wrong architecture fails loudly); head tensors of another shape are skipped. Returns
     {"loaded", "skipped_head"}."""
     from .models import find_head
-    import os
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model.init_from: no file {path}")
-    state = _state_dict_of(safe_load(path), path)
+    state = _state_dict_of(safe_load(path), path)  # CheckpointError naming the key for a missing file
     head_name, _ = find_head(model, num_classes, head)
     own = model.state_dict()
     skipped = [k for k in own if k.startswith(head_name + ".") and k in state and state[k].shape != own[k].shape]
