@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from . import _extension
 from . import ops as _ops
 from . import priors
-from .ops import (adjusted_cross_entropy, balanced_softmax_loss, equalization_loss, lade_loss,
+from .ops import (adjusted_cross_entropy, balanced_softmax_loss, equalization_loss, lade_loss, lade_regularizer,
                   softmax_equalization_loss)
 
 _is_compiling = torch.compiler.is_compiling
@@ -426,13 +426,25 @@ class LADELoss(_ClassVectors, nn.Module):
       on the concatenated batch; values equal the single-process loss on that batch on every rank,
       and after DDP's gradient averaging the parameter gradients equal the single-process ones
       (see :func:`gather_batch_with_grad`). Outside an initialised process group it does nothing.
+
+    ``weight`` and ``label_smoothing`` act on the PriorCE term only (as in ``nn.CrossEntropyLoss``
+    on ``logits + log_prior``); with either set the loss is that term plus ``alpha`` times
+    :func:`ltfast.lade_regularizer`, two ops instead of the fused one. ``reduction`` is ``"mean"``
+    only: LADER is a statistic of the whole batch, with no per-row value.
     """
 
     def __init__(self, class_counts, alpha: float = 0.1, remine_lambda: float = 0.1, gather_batch: bool = False,
-                 *, ignore_index: int = -100, process_group=None) -> None:
+                 *, weight: Optional[Tensor] = None, label_smoothing: float = 0.0, ignore_index: int = -100,
+                 reduction: str = "mean", process_group=None) -> None:
         super().__init__()
         if remine_lambda < 0:
             raise ValueError(f"remine_lambda must be >= 0, got {remine_lambda}")
+        if reduction != "mean":
+            raise ValueError(f"LADELoss: reduction must be 'mean' (LADER is a batch statistic with no per-row "
+                             f"value), got {reduction!r}")
+        self.reduction = reduction
+        self.label_smoothing = _check_smoothing(label_smoothing)
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float64))
         self.alpha = float(alpha)
         self.remine_lambda = float(remine_lambda)
         self.gather_batch = bool(gather_batch)
@@ -449,6 +461,13 @@ class LADELoss(_ClassVectors, nn.Module):
             import torch.distributed as dist
             if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
                 input, target = gather_batch_with_grad(input, target, self.ignore_index, self.process_group)
+        if self.weight is not None or self.label_smoothing != 0.0:
+            log_prior = self._class_vector("log_prior", input)
+            prior_ce = adjusted_cross_entropy(input, target, adjustment=log_prior,
+                                              weight=self._class_vector("weight", input),
+                                              label_smoothing=self.label_smoothing, ignore_index=self.ignore_index)
+            return prior_ce + self.alpha * lade_regularizer(input, target, log_prior, self.remine_lambda,
+                                                            self.ignore_index)
         if _extension.AVAILABLE and not _is_compiling():
             loss = _ops._fast.lade(input, target, self._eager_class_vector("log_prior", input), self.alpha,
                                    self.remine_lambda, self.ignore_index)

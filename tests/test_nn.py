@@ -206,3 +206,20 @@ def test_ldam_scale_logits_is_the_original_cosine_form():
     module = ltfast.nn.LDAMLoss(COUNTS, max_margin=0.5, s=30.0, scale_logits=True)
     torch.testing.assert_close(module(cosines, y), expected, rtol=1e-12, atol=1e-12)
     assert "scale_logits=True" in repr(module)
+
+
+def test_lade_loss_weight_and_label_smoothing_act_on_the_prior_ce_term():
+    counts = torch.tensor(COUNTS, dtype=torch.float64)
+    log_prior = torch.log(counts / counts.sum() + 1e-9)
+    x, y = inputs(N=17)
+    x = x.double()
+    weight = torch.linspace(0.5, 2.0, len(COUNTS), dtype=torch.float64)
+    module = ltfast.nn.LADELoss(COUNTS, alpha=0.3, weight=weight, label_smoothing=0.1)
+    expected = (F.cross_entropy(x + log_prior, y, weight=weight, label_smoothing=0.1)
+                + 0.3 * reference.lade_regularizer(x, y, log_prior))
+    torch.testing.assert_close(module(x, y), expected, rtol=1e-12, atol=1e-12)
+    # without them it is the fused op, unchanged
+    torch.testing.assert_close(ltfast.nn.LADELoss(COUNTS, alpha=0.3)(x, y), reference.lade(x, y, log_prior, 0.3),
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="reduction must be 'mean'"):
+        ltfast.nn.LADELoss(COUNTS, reduction="sum")

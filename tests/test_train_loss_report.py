@@ -43,3 +43,14 @@ def test_trainer_prints_the_loss_it_built(capsys, tmp_path):
                                         "train.plot=false"]))
     out = capsys.readouterr().out
     assert "loss: SoftmaxEqualizationLoss(gamma=0.9, tail classes 0 of 7: [] (none: this is plain cross-entropy))" in out
+
+
+def test_ldam_scale_logits_reaches_the_module():
+    from ltfast.train.config import load_config
+    from ltfast.train.trainer import build_loss
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs", "fmnist_lt", "ce.yaml"),
+                      ["loss.name=ldam_drw", "loss.ldam_scale_logits=true"])
+    loss = build_loss(cfg["loss"], [100, 50, 10])
+    assert loss.scale_logits and "scale_logits=True" in repr(loss)

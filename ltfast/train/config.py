@@ -173,6 +173,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "count_threshold": (None, (int, NoneType), None, "SEQL: tail = fewer training images than this"),
         "max_margin": (0.5, (int, float), _positive, "LDAM: largest margin"),
         "s": (30.0, (int, float), _positive, "LDAM: scale of the margin"),
+        "ldam_scale_logits": (False, bool, None,
+                              "LDAM: the original CE(s*(z - m e_y)) for cosine classifiers (model.classifier=cosine)"),
         "drw_epoch": (None, (int, NoneType), None, "LDAM: 0-based epoch from which DRW re-weights"),
         "beta": (0.9999, (int, float), _beta, "LDAM-DRW / effective-number weights"),
         "tau": (1.0, (int, float), None, "logit_adjusted: tau"),

@@ -185,7 +185,8 @@ def build_loss(loss: dict, class_counts: list[int]) -> nn.Module:
                                   gather_batch=loss["gather_batch"])
     if name == "ldam_drw":
         return ltfast.nn.LDAMLoss(class_counts, max_margin=loss["max_margin"], s=loss["s"],
-                                  drw_epoch=loss["drw_epoch"], beta=loss["beta"])
+                                  drw_epoch=loss["drw_epoch"], beta=loss["beta"],
+                                  scale_logits=loss["ldam_scale_logits"])
     if name == "focal":
         return ltfast.nn.FocalLoss(loss["focal_gamma"])
     if name == "logit_adjusted":
