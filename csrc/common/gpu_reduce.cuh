@@ -137,5 +137,22 @@ __device__ double sum_in_block(const double* values, int64_t count, Scratch& scr
   return block_sum(value, scratch);
 }
 
+// The scalar loss of a row kernel from its block partials (double [2, num_blocks]: loss sums, then
+// the sums the mean divides by: target weights for the cross-entropy family, rows for EQL), in one
+// block and a fixed order. loss = sum / denominator, denominator = that sum for 'mean', 1 for 'sum'.
+template <typename acc_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    finish_mean_kernel(const double* __restrict__ partials, int64_t num_blocks, bool mean, acc_t* __restrict__ loss,
+                       acc_t* __restrict__ denominator) {
+  LTFAST_SHARED_ARRAY(double, scratch, kBlockThreads);
+  const double total = sum_in_block(partials, num_blocks, scratch);
+  const double divisor = sum_in_block(partials + num_blocks, num_blocks, scratch);
+  if (threadIdx.x == 0) {
+    const double denom = mean ? divisor : 1.0;
+    *loss = static_cast<acc_t>(total / denom);
+    *denominator = static_cast<acc_t>(denom);
+  }
+}
+
 }  // namespace gpu_reduce
 }  // namespace ltfast

@@ -200,22 +200,6 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// The scalar loss from the row kernel's block partials (double [2, num_blocks]: loss sums, target
-// weight sums), in one block and a fixed order.
-template <typename acc_t>
-__global__ void __launch_bounds__(kBlockThreads)
-    finish_kernel(const double* __restrict__ partials, int64_t num_blocks, bool mean, acc_t* __restrict__ loss,
-                  acc_t* __restrict__ denominator) {
-  LTFAST_SHARED_ARRAY(double, scratch, kBlockThreads);
-  const double total = gpu_reduce::sum_in_block(partials, num_blocks, scratch);
-  const double total_weight = gpu_reduce::sum_in_block(partials + num_blocks, num_blocks, scratch);
-  if (threadIdx.x == 0) {
-    const double denom = mean ? total_weight : 1.0;
-    *loss = static_cast<acc_t>(total / denom);
-    *denominator = static_cast<acc_t>(denom);
-  }
-}
-
 template <typename scalar_t, int GROUP>
 __global__ void __launch_bounds__(kBlockThreads)
     backward_rows_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
@@ -318,7 +302,7 @@ void launch_forward(const scalar_t* logits, const KernelParams<at::opmath_type<s
   using acc_t = at::opmath_type<scalar_t>;
   launch_forward_rows(logits, p, row_loss, row_stats, unit_denominator, reduce ? partials : nullptr, stream);
   if (reduce) {
-    gpu::launch("cross_entropy finish_kernel", &finish_kernel<acc_t>, 1, kBlockThreads, stream,
+    gpu::launch("cross_entropy finish_kernel", &gpu_reduce::finish_mean_kernel<acc_t>, 1, kBlockThreads, stream,
                 static_cast<const double*>(partials), static_cast<int64_t>(row_kernel_blocks(p.num_rows, p.num_classes)),
                 mean, loss, denominator);
   }

@@ -59,22 +59,6 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// The scalar loss and its denominator from the row kernel's block partials (double [2, blocks]:
-// loss sums, row counts), in one block and a fixed order.
-template <typename acc_t>
-__global__ void __launch_bounds__(kBlockThreads)
-    finish_kernel(const double* __restrict__ partials, int64_t num_blocks, bool mean, acc_t* __restrict__ loss,
-                  acc_t* __restrict__ denominator) {
-  LTFAST_SHARED_ARRAY(double, scratch, kBlockThreads);
-  const double total = gpu_reduce::sum_in_block(partials, num_blocks, scratch);
-  const double rows = gpu_reduce::sum_in_block(partials + num_blocks, num_blocks, scratch);
-  if (threadIdx.x == 0) {
-    const double denom = mean ? rows : 1.0;
-    *denominator = static_cast<acc_t>(denom);
-    *loss = static_cast<acc_t>(total / denom);
-  }
-}
-
 template <typename scalar_t, int GROUP>
 __global__ void __launch_bounds__(kBlockThreads)
     backward_rows_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
@@ -125,7 +109,7 @@ void launch_forward(const scalar_t* logits, const int64_t* target, const uint8_t
     });
   }
   if (reduce) {
-    gpu::launch("equalization finish_kernel", &finish_kernel<acc_t>, 1, kBlockThreads, stream,
+    gpu::launch("equalization finish_kernel", &gpu_reduce::finish_mean_kernel<acc_t>, 1, kBlockThreads, stream,
                 static_cast<const double*>(partials), static_cast<int64_t>(row_kernel_blocks(N, C)), mean, loss,
                 denominator);
   }
