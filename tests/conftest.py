@@ -23,6 +23,24 @@ def is_simt(device) -> bool:
     return getattr(device, "simt", False)
 
 
+class RecordOps:
+    """Context manager recording the aten/ltfast ops dispatched inside it (`.names`)."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _Recorder(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.names = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.names.append(str(func.overloadpacket))
+                return func(*args, **(kwargs or {}))
+
+        return _Recorder()
+
+
 def device_params():
     """'cpu'; 'cuda' (marked `cuda`) wherever a GPU is present; and 'simt' (marked `simt`): the
     CUDA kernels executed by the SIMT emulator on CPU tensors, everywhere."""

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ltfast
 import ltfast.nn
-from conftest import device_params
+from conftest import RecordOps, device_params
 
 IGNORE = -100
 C = 5
@@ -115,15 +115,6 @@ def test_cpu_autocast_every_op_returns_float32_without_upcasting_logits(name):
     }
     x = logits.bfloat16().requires_grad_()
 
-    class RecordOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     with torch.autocast("cpu", dtype=torch.bfloat16), RecordOps() as recorded:
         loss = calls[name](x)
     assert loss.dtype == torch.float32
@@ -151,15 +142,6 @@ def _modules():
     }
 
 
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
 
 @pytest.mark.parametrize("name", list(_modules()))
 def test_module_forward_runs_only_the_loss_op(name):
@@ -168,7 +150,7 @@ def test_module_forward_runs_only_the_loss_op(name):
     module = _modules()[name]
     logits, target, _, _, _ = _inputs("cpu")
     module(logits, target)
-    with _RecordOps() as recorded:
+    with RecordOps() as recorded:
         module(logits, target)
     assert recorded.names and all(n.startswith("ltfast.") for n in recorded.names), recorded.names
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import ltfast
 from ltfast import reference
-from conftest import device_params
+from conftest import RecordOps, device_params
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [(1, 2), (7, 10), (129, 1000), (3, 8142)]
@@ -315,17 +315,6 @@ def test_log_prior_and_margin_gradients(device):
 def test_margin_gradient_accumulates_without_atomics(device):
     # index_add is an atomicAdd per row on CUDA: the margin gradient then differed run to run. The
     # per-class sums must come from an op that adds each class's rows in a fixed order.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class RecordOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     logits, target, gen = make_inputs((64, 5), torch.float32, device, ignored_rows=(0,))
     margin = torch.rand(5, device=device, requires_grad=True)
     loss = ltfast.adjusted_cross_entropy(logits, target, target_margin=margin)

@@ -135,20 +135,27 @@ def test_functional_fast_path_eager_and_fallbacks(name, recorder):
     torch.testing.assert_close(compiled_grad, fast_grad)
 
 
-@pytest.mark.parametrize("name", list(_modules()))
-def test_module_fast_path(name, recorder):
-    module = _modules()[name]
-    logits, target = _inputs()[:2]
+def _fast_then_declined(recorder, call, logits):
+    """Runs `call` in eager mode (the fast path must be taken) and under a TorchFunctionMode (it must
+    be declined); both give bit-identical loss and gradient, which are returned."""
     torch.manual_seed(0)
-    fast_loss, fast_grad = _run(lambda x: module(x, target), logits)
+    fast_loss, fast_grad = _run(call, logits)
     assert recorder.calls and all(taken for _, taken in recorder.calls), recorder.calls
     recorder.calls.clear()
     torch.manual_seed(0)
     with _PassThroughMode():
-        mode_loss, mode_grad = _run(lambda x: module(x, target), logits)
+        mode_loss, mode_grad = _run(call, logits)
     assert recorder.calls and not any(taken for _, taken in recorder.calls), recorder.calls
     torch.testing.assert_close(mode_loss, fast_loss, rtol=0, atol=0)
     torch.testing.assert_close(mode_grad, fast_grad, rtol=0, atol=0)
+    return fast_loss, fast_grad
+
+
+@pytest.mark.parametrize("name", list(_modules()))
+def test_module_fast_path(name, recorder):
+    module = _modules()[name]
+    logits, target = _inputs()[:2]
+    fast_loss, fast_grad = _fast_then_declined(recorder, lambda x: module(x, target), logits)
 
     # Under torch.compile the module takes the functionals (torch.ops), without recompiling.
     recorder.calls.clear()
@@ -165,16 +172,7 @@ def test_module_fast_path(name, recorder):
 def test_seql_module_fast_path(recorder):
     module = ltfast.nn.SoftmaxEqualizationLoss(COUNTS, gamma=0.5, count_threshold=10)
     logits, target = _inputs()[:2]
-    torch.manual_seed(0)
-    fast_loss, fast_grad = _run(lambda x: module(x, target), logits)
-    assert recorder.calls and all(taken for _, taken in recorder.calls), recorder.calls
-    recorder.calls.clear()
-    torch.manual_seed(0)
-    with _PassThroughMode():
-        mode_loss, mode_grad = _run(lambda x: module(x, target), logits)
-    assert recorder.calls and not any(taken for _, taken in recorder.calls)
-    torch.testing.assert_close(mode_loss, fast_loss, rtol=0, atol=0)
-    torch.testing.assert_close(mode_grad, fast_grad, rtol=0, atol=0)
+    _fast_then_declined(recorder, lambda x: module(x, target), logits)
 
 
 def test_balanced_softmax_matches_cross_entropy_through_fast_path(recorder):
