@@ -105,6 +105,42 @@ at::Tensor lade_regularizer(const at::Tensor& logits, const at::Tensor& target, 
   return lade_composite(logits, target, log_prior, 0.0, 1.0, remine_lambda, ignore_index);
 }
 
+// Soft targets (csrc/ops/soft_targets/): mixed (mixup) targets with per-class smoothing, and
+// probability targets.
+at::Tensor mixed_cross_entropy(const at::Tensor& logits, const at::Tensor& target,
+                               const c10::optional<at::Tensor>& target_b, const c10::optional<at::Tensor>& mix_weight,
+                               double mix, const c10::optional<at::Tensor>& adjustment,
+                               const c10::optional<at::Tensor>& target_margin, const c10::optional<at::Tensor>& weight,
+                               double gamma, double label_smoothing,
+                               const c10::optional<at::Tensor>& class_label_smoothing, c10::string_view reduction,
+                               int64_t ignore_index) {
+  using Optional = c10::optional<at::Tensor>;
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ltfast::_mixed_cross_entropy_forward", "")
+          .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&, const Optional&, const Optional&, double,
+                                const Optional&, const Optional&, const Optional&, double, double, const Optional&,
+                                c10::string_view, int64_t)>();
+  const auto loss = std::get<0>(forward.call(logits.contiguous(), target, target_b, mix_weight, mix, adjustment,
+                                             target_margin, weight, gamma, label_smoothing, class_label_smoothing,
+                                             reduction, ignore_index));
+  return in_logits_dtype(loss, logits);
+}
+
+at::Tensor probability_cross_entropy(const at::Tensor& logits, const at::Tensor& target,
+                                     const c10::optional<at::Tensor>& adjustment,
+                                     const c10::optional<at::Tensor>& weight, double label_smoothing,
+                                     c10::string_view reduction) {
+  using Optional = c10::optional<at::Tensor>;
+  static const auto forward = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("ltfast::_probability_cross_entropy_forward", "")
+                                  .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&, const Optional&,
+                                                        const Optional&, double, c10::string_view)>();
+  const auto loss =
+      std::get<0>(forward.call(logits.contiguous(), target, adjustment, weight, label_smoothing, reduction));
+  return in_logits_dtype(loss, logits);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ltfast, m) {
@@ -165,6 +201,33 @@ TORCH_LIBRARY(ltfast, m) {
         "Tensor num_valid)");
   m.def("_lade_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor log_prior, Tensor row_stats, "
         "Tensor column_stats, Tensor num_valid, float ce_weight, int ignore_index) -> Tensor");
+
+  // Mixed targets (mixup/CutMix) and per-class label smoothing: lambda * CE(a, target) +
+  // (1 - lambda) * CE(a, target_b), one softmax per row, each term reduced like F.cross_entropy (its
+  // own weighted-mean denominator). lambda = mix_weight ([N] or 0-dim) if given, else `mix`. Without
+  // target_b: one hard target with class_label_smoothing[y] as the row's smoothing.
+  m.def("mixed_cross_entropy(Tensor logits, Tensor target, Tensor? target_b=None, Tensor? mix_weight=None, "
+        "float mix=1.0, Tensor? adjustment=None, Tensor? target_margin=None, Tensor? weight=None, float gamma=0.0, "
+        "float label_smoothing=0.0, Tensor? class_label_smoothing=None, str reduction=\"mean\", "
+        "int ignore_index=-100) -> Tensor",
+        &mixed_cross_entropy);
+  m.def("_mixed_cross_entropy_forward(Tensor logits, Tensor target, Tensor? target_b, Tensor? mix_weight, "
+        "float mix, Tensor? adjustment, Tensor? target_margin, Tensor? weight, float gamma, float label_smoothing, "
+        "Tensor? class_label_smoothing, str reduction, int ignore_index) "
+        "-> (Tensor loss, Tensor row_stats, Tensor denominator)");
+  m.def("_mixed_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? target_b, "
+        "Tensor? mix_weight, float mix, Tensor? adjustment, Tensor? target_margin, Tensor? weight, "
+        "Tensor row_stats, Tensor denominator, float gamma, float label_smoothing, Tensor? class_label_smoothing, "
+        "str reduction, int ignore_index) -> Tensor");
+  // Probability targets [N, C] as F.cross_entropy takes them: -sum_c w_c q_c log p_c with
+  // q = (1 - eps) target + eps / C, 'mean' over N. row_stats [3, N] (max, log-sum offset, sum_c w_c q_c).
+  m.def("probability_cross_entropy(Tensor logits, Tensor target, Tensor? adjustment=None, Tensor? weight=None, "
+        "float label_smoothing=0.0, str reduction=\"mean\") -> Tensor",
+        &probability_cross_entropy);
+  m.def("_probability_cross_entropy_forward(Tensor logits, Tensor target, Tensor? adjustment, Tensor? weight, "
+        "float label_smoothing, str reduction) -> (Tensor loss, Tensor row_stats, Tensor denominator)");
+  m.def("_probability_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? adjustment, "
+        "Tensor? weight, Tensor row_stats, Tensor denominator, float label_smoothing, str reduction) -> Tensor");
 
   // Sampler index draws (ltfast/data/samplers.py): positions [start, start + count) of epoch
   // `epoch` (epoch_length positions over all ranks), each a pure function of (seed, epoch,

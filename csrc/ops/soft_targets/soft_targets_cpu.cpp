@@ -1,0 +1,447 @@
+// CPU backend of the soft-target cross-entropy ops: at::parallel_for over rows, each row taken in
+// L1-sized tiles with at::vec, as the hard-target kernels (cross_entropy_cpu.cpp). Mixed targets
+// reuse the hard-target row softmax (cpu::adjusted_row_softmax_state) once per row for both terms;
+// probability targets stream the target row alongside the logits.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../../common/cpu_softmax.h"
+#include "../../common/soft_target_math.h"
+#include "soft_targets.h"
+
+namespace ltfast {
+namespace {
+
+using at::vec::Vectorized;
+using namespace cpu;
+
+// ------------------------------------------------------------------------------ mixed targets
+template <typename acc_t>
+struct MixedView {
+  const int64_t* target_a;
+  const int64_t* target_b;  // nullptr: single target
+  const acc_t* mix;         // nullptr: the scalar
+  int64_t mix_stride;       // 0 for a 0-dim mix_weight
+  acc_t mix_scalar;
+  const acc_t* class_smoothing;  // nullptr: cfg smoothing for every row
+  acc_t smoothing;
+  const acc_t* adjustment;
+  const acc_t* margin;
+  const acc_t* weight;
+  int64_t num_classes;
+  int64_t ignore_index;
+  math::CrossEntropyConfig<acc_t> cfg;
+
+  explicit MixedView(const MixedArgs& args) {
+    const auto& ce = args.ce;
+    target_a = ce.target.data_ptr<int64_t>();
+    target_b = args.has_target_b() ? args.target_b.data_ptr<int64_t>() : nullptr;
+    mix = data_or_null<acc_t>(args.mix_weight);
+    mix_stride = args.mix_weight.defined() && args.mix_weight.dim() == 1 ? 1 : 0;
+    mix_scalar = static_cast<acc_t>(args.mix);
+    class_smoothing = data_or_null<acc_t>(args.class_smoothing);
+    smoothing = static_cast<acc_t>(ce.label_smoothing);
+    adjustment = data_or_null<acc_t>(ce.adjustment);
+    margin = data_or_null<acc_t>(ce.target_margin);
+    weight = data_or_null<acc_t>(ce.weight);
+    num_classes = ce.num_classes;
+    ignore_index = ce.ignore_index;
+    cfg.gamma = static_cast<acc_t>(ce.gamma);
+    cfg.label_smoothing = acc_t(0);  // per term
+    cfg.inv_num_classes = acc_t(1) / static_cast<acc_t>(num_classes);
+    cfg.total_weight = (ce.weight.defined() && args.smoothing()) ? static_cast<acc_t>(ce.weight.sum().item<double>())
+                                                                  : static_cast<acc_t>(num_classes);
+  }
+
+  acc_t lambda(int64_t i) const { return mix ? mix[i * mix_stride] : mix_scalar; }
+
+  template <typename scalar_t>
+  math::TargetTerm<acc_t> term(const scalar_t* logits_row, int64_t y) const {
+    return {adjusted_target_logit(logits_row, adjustment, margin, y), weight ? weight[y] : acc_t(1),
+            class_smoothing ? class_smoothing[y] : smoothing};
+  }
+};
+
+template <typename scalar_t>
+void mixed_forward_kernel(const MixedArgs& args, at::Tensor& term_loss, at::Tensor& row_stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = args.ce.num_rows, C = args.ce.num_classes;
+  const scalar_t* logits = args.ce.logits.data_ptr<scalar_t>();
+  const MixedView<acc_t> v(args);
+  const bool smoothing = args.smoothing();
+  acc_t* loss_a = term_loss.data_ptr<acc_t>();  // term_loss[0]: lambda * l_a
+  acc_t* loss_b = loss_a + N;                   // term_loss[1]: (1 - lambda) * l_b
+  acc_t* max_out = row_stats.data_ptr<acc_t>();
+  acc_t* log_sum_out = max_out + N;
+
+  at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tile(std::min(C, kTileClasses));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t ya = checked_target(v.target_a, i, C, v.ignore_index);
+      const int64_t yb = v.target_b ? checked_target(v.target_b, i, C, v.ignore_index) : v.ignore_index;
+      const bool active_a = ya != v.ignore_index, active_b = yb != v.ignore_index;
+      if (!active_a && !active_b) {
+        loss_a[i] = loss_b[i] = max_out[i] = log_sum_out[i] = acc_t(0);
+        continue;
+      }
+      const scalar_t* logits_row = logits + i * C;
+      // The reference target: its logit anchors the smoothing offsets (and carries the margin,
+      // which only a single target can have).
+      const int64_t y_ref = active_a ? ya : yb;
+      const auto ref = v.term(logits_row, y_ref);
+      acc_t offset_sum = acc_t(0);
+      const auto state = adjusted_row_softmax_state(logits_row, C, v.adjustment, v.margin, y_ref, ref.logit,
+                                                    tile.data(), v.weight, smoothing ? &offset_sum : nullptr);
+      const auto row = math::finish_row(state);
+      max_out[i] = row.max;
+      log_sum_out[i] = row.log_sum;
+      const acc_t lam = v.lambda(i);
+      loss_a[i] = active_a ? lam * math::mixed_term_loss(v.cfg, row, v.term(logits_row, ya), ref.logit, offset_sum)
+                           : acc_t(0);
+      loss_b[i] = active_b ? (acc_t(1) - lam) *
+                                 math::mixed_term_loss(v.cfg, row, v.term(logits_row, yb), ref.logit, offset_sum)
+                           : acc_t(0);
+    }
+  });
+}
+
+template <typename scalar_t>
+at::Tensor mixed_backward_kernel(const MixedArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
+                                 const at::Tensor& denominators) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = args.ce.num_rows, C = args.ce.num_classes;
+  at::Tensor grad_logits = at::empty_like(args.ce.logits, at::MemoryFormat::Contiguous);
+  const scalar_t* logits = args.ce.logits.data_ptr<scalar_t>();
+  scalar_t* grad = grad_logits.data_ptr<scalar_t>();
+  const MixedView<acc_t> v(args);
+  const acc_t* max_in = row_stats.data_ptr<acc_t>();
+  const acc_t* log_sum_in = max_in + N;
+  const bool per_row_grad = args.ce.reduction == Reduction::None;
+  const at::Tensor grad_acc = grad_loss.to(args.ce.accumulate_type).contiguous();
+  const acc_t* grad_in = grad_acc.data_ptr<acc_t>();
+  const at::Tensor denominators_acc = denominators.to(args.ce.accumulate_type).contiguous();
+  const acc_t scale_a = per_row_grad ? acc_t(0) : grad_in[0] / denominators_acc.data_ptr<acc_t>()[0];
+  const acc_t scale_b = per_row_grad ? acc_t(0) : grad_in[0] / denominators_acc.data_ptr<acc_t>()[1];
+
+  at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tile(std::is_same_v<scalar_t, acc_t> ? 0 : std::min(C, kTileClasses));
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t* grad_row = grad + i * C;
+      const int64_t ya = checked_target(v.target_a, i, C, v.ignore_index);
+      const int64_t yb = v.target_b ? checked_target(v.target_b, i, C, v.ignore_index) : v.ignore_index;
+      const bool active_a = ya != v.ignore_index, active_b = yb != v.ignore_index;
+      if (!active_a && !active_b) {
+        std::fill(grad_row, grad_row + C, scalar_t(0));
+        continue;
+      }
+      const math::RowLogSumExp<acc_t> row{max_in[i], log_sum_in[i]};
+      if (math::row_is_nan(row)) {
+        std::fill(grad_row, grad_row + C, static_cast<scalar_t>(row.log_sum));
+        continue;
+      }
+      const scalar_t* logits_row = logits + i * C;
+      const acc_t lam = v.lambda(i);
+      const acc_t g = per_row_grad ? grad_in[i] : acc_t(1);
+      math::RowGradientCoefficients<acc_t> coef_a{0, 0, 0}, coef_b{0, 0, 0};
+      math::TargetTerm<acc_t> term_a{0, 0, 0}, term_b{0, 0, 0};
+      if (active_a) {
+        term_a = v.term(logits_row, ya);
+        coef_a = math::mixed_term_coefficients(v.cfg, g * lam * (per_row_grad ? acc_t(1) : scale_a), row, term_a);
+      }
+      if (active_b) {
+        term_b = v.term(logits_row, yb);
+        coef_b = math::mixed_term_coefficients(v.cfg, g * (acc_t(1) - lam) * (per_row_grad ? acc_t(1) : scale_b), row,
+                                               term_b);
+      }
+      const acc_t prob_coef = coef_a.prob_coef + coef_b.prob_coef;
+      const acc_t class_coef = coef_a.class_coef + coef_b.class_coef;
+      const Vec vmax(row.max), vlog_sum(row.log_sum), vprob(prob_coef), vclass(class_coef), vone(acc_t(1));
+      for (int64_t start = 0; start < C; start += kTileClasses) {
+        const int64_t len = std::min(kTileClasses, C - start);
+        const acc_t* source;
+        acc_t* out;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          source = logits_row + start;
+          out = grad_row + start;
+        } else {
+          at::vec::convert(logits_row + start, tile.data(), len);
+          source = out = tile.data();
+        }
+        const acc_t* adj = v.adjustment ? v.adjustment + start : nullptr;
+        const acc_t* w = v.weight ? v.weight + start : nullptr;
+        int64_t c = 0;
+        for (; c + Vec::size() <= len; c += Vec::size()) {
+          Vec a = Vec::loadu(source + c);
+          if (adj) a = math::adjusted_logit(a, Vec::loadu(adj + c));
+          const Vec p = vec_exp(math::log_softmax_of(a, vmax, vlog_sum));
+          math::element_gradient(p, vprob, vclass, w ? Vec::loadu(w + c) : vone).store(out + c);
+        }
+        for (; c < len; ++c) {
+          const acc_t a = adj ? math::adjusted_logit(source[c], adj[c]) : source[c];
+          out[c] = math::element_gradient(math::softmax_probability(a, row), prob_coef, class_coef, w ? w[c] : acc_t(1));
+        }
+        // The targets: the margin-adjusted probability (single target), then each term's one-hot part.
+        if (active_a && ya >= start && ya < start + len) {
+          out[ya - start] = math::element_gradient(math::softmax_probability(term_a.logit, row), prob_coef, class_coef,
+                                                   w ? w[ya - start] : acc_t(1)) -
+                            coef_a.target_coef;
+        }
+        if (active_b && yb >= start && yb < start + len) {
+          if (active_a && yb == ya) {
+            out[yb - start] -= coef_b.target_coef;
+          } else {
+            out[yb - start] = math::element_gradient(math::softmax_probability(term_b.logit, row), prob_coef,
+                                                     class_coef, w ? w[yb - start] : acc_t(1)) -
+                              coef_b.target_coef;
+          }
+        }
+        if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+          at::vec::convert(tile.data(), grad_row + start, len);
+        }
+      }
+    }
+  });
+  return grad_logits;
+}
+
+// Serial float64 sums (bit-identical whatever the thread count, as reduce_rows in cross_entropy_cpu.cpp).
+template <typename acc_t>
+void mixed_reduce(const MixedArgs& args, const at::Tensor& term_loss, at::Tensor& loss, at::Tensor& denominators) {
+  const int64_t N = args.ce.num_rows;
+  const acc_t* rows = term_loss.data_ptr<acc_t>();
+  const MixedView<acc_t> v(args);
+  double sum_a = 0.0, sum_b = 0.0, weight_a = 0.0, weight_b = 0.0;
+  for (int64_t i = 0; i < N; ++i) {
+    sum_a += static_cast<double>(rows[i]);
+    sum_b += static_cast<double>(rows[N + i]);
+    const int64_t ya = v.target_a[i];
+    if (ya != v.ignore_index) weight_a += v.weight ? static_cast<double>(v.weight[ya]) : 1.0;
+    if (v.target_b) {
+      const int64_t yb = v.target_b[i];
+      if (yb != v.ignore_index) weight_b += v.weight ? static_cast<double>(v.weight[yb]) : 1.0;
+    }
+  }
+  const bool mean = args.ce.reduction == Reduction::Mean;
+  const double denom_a = mean ? weight_a : 1.0;
+  const double denom_b = (mean && v.target_b) ? weight_b : 1.0;
+  *loss.data_ptr<acc_t>() = static_cast<acc_t>(sum_a / denom_a + (v.target_b ? sum_b / denom_b : 0.0));
+  denominators.data_ptr<acc_t>()[0] = static_cast<acc_t>(denom_a);
+  denominators.data_ptr<acc_t>()[1] = static_cast<acc_t>(denom_b);
+}
+
+SoftForwardResult mixed_forward_cpu(const MixedArgs& args) {
+  const auto options = args.ce.logits.options().dtype(args.ce.accumulate_type);
+  at::Tensor term_loss = at::empty({2, args.ce.num_rows}, options);
+  at::Tensor row_stats = at::empty({2, args.ce.num_rows}, options);
+  at::Tensor denominators = at::ones({2}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.ce.logits.scalar_type(), "ltfast_mixed_forward_cpu",
+                                  [&] { mixed_forward_kernel<scalar_t>(args, term_loss, row_stats); });
+  if (args.ce.reduction == Reduction::None) return {term_loss[0] + term_loss[1], row_stats, denominators};
+  at::Tensor loss = at::empty({}, options);
+  AT_DISPATCH_FLOATING_TYPES(args.ce.accumulate_type, "ltfast_mixed_reduce",
+                             [&] { mixed_reduce<scalar_t>(args, term_loss, loss, denominators); });
+  return {loss, row_stats, denominators};
+}
+
+at::Tensor mixed_backward_cpu(const MixedArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
+                              const at::Tensor& denominators) {
+  at::Tensor result;
+  const at::Tensor stats = row_stats.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.ce.logits.scalar_type(), "ltfast_mixed_backward_cpu",
+                                  [&] { result = mixed_backward_kernel<scalar_t>(args, grad_loss, stats, denominators); });
+  return result;
+}
+
+// ------------------------------------------------------------------------------ probability targets
+// The target row as acc_t values: the tensor's own memory when it is already acc_t, else converted
+// into `buffer`.
+template <typename target_t, typename acc_t>
+const acc_t* target_tile(const target_t* row, int64_t len, acc_t* buffer) {
+  if constexpr (std::is_same_v<target_t, acc_t>) {
+    return row;
+  } else {
+    at::vec::convert(row, buffer, len);
+    return buffer;
+  }
+}
+
+template <typename scalar_t, typename target_t>
+void probability_forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tensor& row_stats) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = args.num_rows, C = args.num_classes;
+  const scalar_t* logits = args.logits.data_ptr<scalar_t>();
+  const target_t* target = args.target.data_ptr<target_t>();
+  const acc_t* adjustment = data_or_null<acc_t>(args.adjustment);
+  const acc_t* weight = data_or_null<acc_t>(args.weight);
+  const acc_t eps = static_cast<acc_t>(args.label_smoothing);
+  const acc_t one_minus_eps = acc_t(1) - eps, eps_over_c = eps / static_cast<acc_t>(C);
+  acc_t* loss_out = row_loss.data_ptr<acc_t>();
+  acc_t* stats_out = row_stats.data_ptr<acc_t>();  // [3, N]: max, log_sum, mass
+
+  at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tile(std::min(C, kTileClasses)), target_buffer(std::min(C, kTileClasses));
+    const Vec vkeep(one_minus_eps), vspread(eps_over_c), vone(acc_t(1));
+    for (int64_t i = begin; i < end; ++i) {
+      auto state = math::empty_probability_state<acc_t>();
+      for (int64_t start = 0; start < C; start += kTileClasses) {
+        const int64_t len = std::min(kTileClasses, C - start);
+        const acc_t tile_max =
+            load_adjusted_row(logits + i * C + start, adjustment ? adjustment + start : nullptr, len, tile.data());
+        const acc_t* t = target_tile(target + i * C + start, len, target_buffer.data());
+        const acc_t* w = weight ? weight + start : nullptr;
+        math::ProbabilityState<acc_t> part{tile_max, acc_t(0), acc_t(0), acc_t(0)};
+        int64_t c = 0;
+        if (tile_max > math::negative_infinity<acc_t>()) {
+          const Vec vmax(tile_max);
+          Vec vsum(acc_t(0)), vmass(acc_t(0)), voffset(acc_t(0));
+          for (; c + Vec::size() <= len; c += Vec::size()) {
+            const Vec a = Vec::loadu(tile.data() + c);
+            const Vec wq = math::weighted_probability(Vec::loadu(t + c), w ? Vec::loadu(w + c) : vone, vkeep, vspread);
+            vsum = vsum + vec_exp(a - vmax);
+            vmass = vmass + wq;
+            voffset = voffset + wq * (a - vmax);
+          }
+          auto add = [](Vec& x, Vec& y) { return x + y; };
+          part.sum = at::vec::vec_reduce_all<acc_t>(add, vsum);
+          part.mass = at::vec::vec_reduce_all<acc_t>(add, vmass);
+          part.offset = at::vec::vec_reduce_all<acc_t>(add, voffset);
+        }
+        for (; c < len; ++c) {  // the tail, and every element of an all -inf tile (rare)
+          const acc_t a = tile[c];
+          const acc_t wq = math::weighted_probability(t[c], w ? w[c] : acc_t(1), one_minus_eps, eps_over_c);
+          part.sum += math::exp_shifted(a, tile_max);
+          part.mass += wq;
+          part.offset += math::probability_offset(wq, a, tile_max);
+        }
+        state = math::merge_probability_states(state, part);
+      }
+      const auto row = math::finish_row(math::SoftmaxState<acc_t>{state.max, state.sum});
+      stats_out[i] = row.max;
+      stats_out[N + i] = row.log_sum;
+      stats_out[2 * N + i] = state.mass;
+      loss_out[i] = math::probability_row_loss(row, state.mass, state.offset);
+    }
+  });
+}
+
+template <typename scalar_t, typename target_t>
+void probability_backward_kernel(const CrossEntropyArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
+                                 const at::Tensor& denominator, at::Tensor& grad_logits) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = args.num_rows, C = args.num_classes;
+  const scalar_t* logits = args.logits.data_ptr<scalar_t>();
+  const target_t* target = args.target.data_ptr<target_t>();
+  scalar_t* grad = grad_logits.data_ptr<scalar_t>();
+  const acc_t* adjustment = data_or_null<acc_t>(args.adjustment);
+  const acc_t* weight = data_or_null<acc_t>(args.weight);
+  const acc_t eps = static_cast<acc_t>(args.label_smoothing);
+  const acc_t one_minus_eps = acc_t(1) - eps, eps_over_c = eps / static_cast<acc_t>(C);
+  const acc_t* stats = row_stats.data_ptr<acc_t>();
+  const bool per_row_grad = args.reduction == Reduction::None;
+  const at::Tensor grad_acc = grad_loss.to(args.accumulate_type).contiguous();
+  const acc_t* grad_in = grad_acc.data_ptr<acc_t>();
+  const acc_t shared_scale =
+      per_row_grad ? acc_t(0) : grad_in[0] / *denominator.to(args.accumulate_type).data_ptr<acc_t>();
+
+  at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tile(std::min(C, kTileClasses)), target_buffer(std::min(C, kTileClasses));
+    const Vec vkeep(one_minus_eps), vspread(eps_over_c), vone(acc_t(1));
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t* grad_row = grad + i * C;
+      const math::RowLogSumExp<acc_t> row{stats[i], stats[N + i]};
+      if (math::row_is_nan(row)) {
+        std::fill(grad_row, grad_row + C, static_cast<scalar_t>(row.log_sum));
+        continue;
+      }
+      const acc_t scale = per_row_grad ? grad_in[i] : shared_scale;
+      const acc_t mass_scale = scale * stats[2 * N + i];
+      const Vec vmax(row.max), vlog_sum(row.log_sum), vmass(mass_scale), vscale(scale);
+      for (int64_t start = 0; start < C; start += kTileClasses) {
+        const int64_t len = std::min(kTileClasses, C - start);
+        at::vec::convert(logits + i * C + start, tile.data(), len);
+        const acc_t* t = target_tile(target + i * C + start, len, target_buffer.data());
+        const acc_t* adj = adjustment ? adjustment + start : nullptr;
+        const acc_t* w = weight ? weight + start : nullptr;
+        int64_t c = 0;
+        for (; c + Vec::size() <= len; c += Vec::size()) {
+          Vec a = Vec::loadu(tile.data() + c);
+          if (adj) a = math::adjusted_logit(a, Vec::loadu(adj + c));
+          const Vec p = vec_exp(math::log_softmax_of(a, vmax, vlog_sum));
+          const Vec wq = math::weighted_probability(Vec::loadu(t + c), w ? Vec::loadu(w + c) : vone, vkeep, vspread);
+          (p * vmass - wq * vscale).store(tile.data() + c);
+        }
+        for (; c < len; ++c) {
+          const acc_t a = adj ? math::adjusted_logit(tile[c], adj[c]) : tile[c];
+          const acc_t wq = math::weighted_probability(t[c], w ? w[c] : acc_t(1), one_minus_eps, eps_over_c);
+          tile[c] = math::softmax_probability(a, row) * mass_scale - wq * scale;
+        }
+        at::vec::convert(tile.data(), grad_row + start, len);
+      }
+    }
+  });
+}
+
+// Dispatches on the logits dtype and on whether the target is in that dtype or the accumulation dtype.
+template <typename F>
+void dispatch_probability(const CrossEntropyArgs& args, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(), "ltfast_probability_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (args.target.scalar_type() == args.logits.scalar_type()) {
+      f(scalar_t(0), scalar_t(0));
+    } else {
+      f(scalar_t(0), acc_t(0));
+    }
+  });
+}
+
+SoftForwardResult probability_forward_cpu(const CrossEntropyArgs& args) {
+  const auto options = args.logits.options().dtype(args.accumulate_type);
+  at::Tensor row_loss = at::empty({args.num_rows}, options);
+  at::Tensor row_stats = at::empty({3, args.num_rows}, options);
+  dispatch_probability(args, [&](auto s, auto t) {
+    probability_forward_kernel<decltype(s), decltype(t)>(args, row_loss, row_stats);
+  });
+  if (args.reduction == Reduction::None) return {row_loss, row_stats, at::ones({}, options)};
+  const double denom = args.reduction == Reduction::Mean ? static_cast<double>(args.num_rows) : 1.0;
+  at::Tensor loss = at::empty({}, options);
+  AT_DISPATCH_FLOATING_TYPES(args.accumulate_type, "ltfast_probability_reduce", [&] {
+    // Serial float64 sum: bit-identical whatever the thread count.
+    const scalar_t* rows = row_loss.data_ptr<scalar_t>();
+    double total = 0.0;
+    for (int64_t i = 0; i < args.num_rows; ++i) total += static_cast<double>(rows[i]);
+    *loss.data_ptr<scalar_t>() = static_cast<scalar_t>(total / denom);
+  });
+  return {loss, row_stats, at::full({}, denom, options)};
+}
+
+at::Tensor probability_backward_cpu(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
+                                    const at::Tensor& row_stats, const at::Tensor& denominator) {
+  at::Tensor grad_logits = at::empty_like(args.logits, at::MemoryFormat::Contiguous);
+  const at::Tensor stats = row_stats.contiguous();
+  dispatch_probability(args, [&](auto s, auto t) {
+    probability_backward_kernel<decltype(s), decltype(t)>(args, grad_loss, stats, denominator, grad_logits);
+  });
+  return grad_logits;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ltfast, CPU, m) {
+  m.impl("_mixed_cross_entropy_forward", &mixed_forward<mixed_forward_cpu>);
+  m.impl("_mixed_cross_entropy_backward", &mixed_backward<mixed_backward_cpu>);
+  m.impl("_probability_cross_entropy_forward", &probability_forward<probability_forward_cpu>);
+  m.impl("_probability_cross_entropy_backward", &probability_backward<probability_backward_cpu>);
+}
+
+}  // namespace ltfast
