@@ -130,7 +130,8 @@ if _extension.AVAILABLE:
 
 
 def balanced_softmax_loss(logits: Tensor, target: Tensor, log_prior: Tensor, reduction: str = "mean",
-                          ignore_index: int = -100) -> Tensor:
+                          ignore_index: int = -100, *, target_b: Tensor | None = None,
+                          mix_weight: float | Tensor | None = None) -> Tensor:
     """Balanced Softmax loss: exactly ``F.cross_entropy(logits + log_prior, target, reduction=...,
     ignore_index=...)``, fused (one pass forward, one backward, only ``[N]`` saved).
 
@@ -144,8 +145,15 @@ def balanced_softmax_loss(logits: Tensor, target: Tensor, log_prior: Tensor, red
         reduction: ``'mean'`` (over non-ignored rows), ``'sum'`` or ``'none'`` (``[N]``).
         ignore_index: rows with this target contribute 0 and are not counted in the mean.
 
+    Soft targets (see ltfast/soft_targets.py): ``target_b`` and ``mix_weight`` (mixup/CutMix)
+    give ``lam * loss(target) + (1 - lam) * loss(target_b)`` on one softmax; a floating ``[N, C]``
+    ``target`` is a probability target as in ``F.cross_entropy``.
+
     Returns the loss in the logits dtype (float32 under autocast).
     """
+    if target_b is not None or mix_weight is not None or target.is_floating_point():
+        return _soft.route(logits, target, target_b, mix_weight, log_prior, None, None, 0.0, 0.0, reduction,
+                           ignore_index)
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.balanced_softmax(logits, target, log_prior, reduction, ignore_index)
@@ -158,8 +166,9 @@ def balanced_softmax_loss(logits: Tensor, target: Tensor, log_prior: Tensor, red
 
 def adjusted_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | None = None,
                            target_margin: Tensor | None = None, weight: Tensor | None = None,
-                           gamma: float = 0.0, label_smoothing: float = 0.0, reduction: str = "mean",
-                           ignore_index: int = -100) -> Tensor:
+                           gamma: float = 0.0, label_smoothing: float | Tensor = 0.0, reduction: str = "mean",
+                           ignore_index: int = -100, *, target_b: Tensor | None = None,
+                           mix_weight: float | Tensor | None = None) -> Tensor:
     """The fused cross-entropy family on adjusted logits
     ``a = logits + adjustment - target_margin[y] * onehot(y)``:
 
@@ -174,10 +183,21 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | 
 
     With every option left at its default this is ``F.cross_entropy(logits, target)``.
 
+    Soft targets (ltfast/soft_targets.py, their own fused ops): ``target_b`` with ``mix_weight``
+    (mixup/CutMix, :func:`ltfast.soft_targets.mixed_cross_entropy`), ``label_smoothing`` as a ``[C]``
+    tensor (per-class eps, eps[y] per row), and a floating ``[N, C]`` ``target`` (probabilities,
+    :func:`ltfast.soft_targets.probability_cross_entropy`; ``ignore_index`` unused, ``target_margin``
+    and ``gamma`` refused).
+
     A target outside ``[0, C)`` that is not ``ignore_index`` raises ``IndexError`` on the CPU; on CUDA
     it is a device-side assert that leaves the CUDA context unusable (see README, "Targets out of
     range"). The same holds for every ltfast loss.
     """
+    if target_b is not None or mix_weight is not None or type(label_smoothing) is not float or \
+            target.is_floating_point():
+        if _soft.is_soft(target, target_b, mix_weight, label_smoothing):
+            return _soft.route(logits, target, target_b, mix_weight, adjustment, target_margin, weight, gamma,
+                               label_smoothing, reduction, ignore_index)
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.adjusted_cross_entropy(logits, target, adjustment, target_margin, weight, gamma,
@@ -294,3 +314,6 @@ def equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor, reducti
         if loss is not NotImplemented:
             return loss
     return torch.ops.ltfast.equalization_loss.default(logits, target, tail_mask, reduction, ignore_index)
+
+
+from . import soft_targets as _soft  # noqa: E402  (registers its fake kernels with _fake_forward above)

@@ -266,3 +266,81 @@ def class_weighted_sample(class_cdf: Tensor, class_offsets: Tensor, members: Ten
     size = offsets[cls + 1] - begin
     slot = np.minimum((_uniform01(key, np.uint64(2) * counter + np.uint64(1)) * size).astype(np.int64), size - 1)
     return torch.from_numpy(member_array[begin + slot].copy()).to(members.device)
+
+
+# ---------------------------------------------------------------- soft targets (ltfast/soft_targets.py)
+def _smoothed_rows(adjusted: Tensor, target: Tensor, weight: Tensor | None, label_smoothing, gamma: float,
+                   ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Per-row loss of one hard-target term and the rows' weights w_y (0 for ignored rows).
+
+    A float label_smoothing: F.cross_entropy(reduction='none') itself (the focal form of
+    adjusted_cross_entropy for gamma > 0). A [C] tensor: F.cross_entropy's smoothing formula with the
+    row's eps = label_smoothing[y], (1 - eps) * w_y * nll_y + eps / C * sum_c w_c * (-log p_c)."""
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    row_weight = valid.to(adjusted.dtype) if weight is None else weight.to(adjusted.dtype)[safe_target] * valid
+    if not (isinstance(label_smoothing, Tensor) and label_smoothing.dim() > 0):
+        eps = float(label_smoothing)
+        if gamma != 0.0:
+            rows = adjusted_cross_entropy(adjusted, target, weight=weight, gamma=gamma, reduction="none",
+                                          ignore_index=ignore_index)
+        else:
+            rows = F.cross_entropy(adjusted, target, weight=weight, reduction="none", ignore_index=ignore_index,
+                                   label_smoothing=eps)
+        return rows, row_weight
+    eps = label_smoothing.to(adjusted.dtype)[safe_target]
+    log_p = F.log_softmax(adjusted, dim=1)
+    class_weight = torch.ones_like(adjusted[0]) if weight is None else weight.to(adjusted.dtype)
+    nll = F.nll_loss(log_p, target, weight=weight if weight is None else class_weight, reduction="none",
+                     ignore_index=ignore_index)                                   # w_y * nll_y, 0 if ignored
+    smooth = -(log_p * class_weight).sum(dim=1)                                  # sum_c w_c * (-log p_c)
+    rows = (1.0 - eps) * nll + eps / adjusted.shape[1] * smooth
+    return torch.where(valid, rows, torch.zeros_like(rows)), row_weight
+
+
+def mixed_cross_entropy(logits: Tensor, target: Tensor, target_b: Tensor | None = None, mix_weight=None,
+                        adjustment: Tensor | None = None, target_margin: Tensor | None = None,
+                        weight: Tensor | None = None, gamma: float = 0.0, label_smoothing=0.0,
+                        reduction: str = "mean", ignore_index: int = -100) -> Tensor:
+    """Mixup's lambda combination of two plain cross-entropies (ltfast.mixed_cross_entropy):
+    ``lam * CE(z + adj, target) + (1 - lam) * CE(z + adj, target_b)``, each term reduced on its own
+    (its 'mean' divides by the sum of w_y over its non-ignored rows); lam a float, 0-dim or [N]
+    tensor. Without target_b: the single hard-target loss (target_margin allowed)."""
+    if isinstance(label_smoothing, Tensor) and label_smoothing.dim() > 0 and gamma != 0.0:
+        raise ValueError("mixed_cross_entropy: gamma > 0 together with label smoothing is not supported")
+    adjusted = logits if adjustment is None else logits + adjustment
+    if target_margin is not None:
+        if target_b is not None:
+            raise ValueError("mixed_cross_entropy: target_margin cannot be combined with target_b")
+        valid = target != ignore_index
+        safe_target = torch.where(valid, target, torch.zeros_like(target))
+        margin = target_margin.to(adjusted.dtype)[safe_target] * valid
+        adjusted = adjusted - F.one_hot(safe_target, adjusted.shape[-1]).to(adjusted.dtype) * margin[:, None]
+    terms = [(target, 1.0 if mix_weight is None else mix_weight)]
+    if target_b is not None:
+        lam = mix_weight if isinstance(mix_weight, Tensor) else torch.tensor(float(mix_weight))
+        lam = lam.to(adjusted.dtype).to(adjusted.device)
+        terms = [(target, lam), (target_b, 1.0 - lam)]
+    total = None
+    for term_target, term_lambda in terms:
+        rows, row_weight = _smoothed_rows(adjusted, term_target, weight, label_smoothing, gamma, ignore_index)
+        rows = rows * term_lambda
+        if reduction == "none":
+            value = rows
+        elif reduction == "sum":
+            value = rows.sum()
+        else:
+            value = rows.sum() / row_weight.sum()
+        total = value if total is None else total + value
+    return total
+
+
+def probability_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | None = None,
+                              weight: Tensor | None = None, label_smoothing: float = 0.0,
+                              reduction: str = "mean") -> Tensor:
+    """F.cross_entropy with a probability target [N, C] on ``logits + adjustment``."""
+    adjusted = logits if adjustment is None else logits + adjustment
+    if weight is not None:
+        weight = weight.to(adjusted.dtype)
+    return F.cross_entropy(adjusted, target.to(adjusted.dtype), weight=weight, reduction=reduction,
+                           label_smoothing=label_smoothing)

@@ -1,0 +1,181 @@
+"""Soft targets for the fused cross-entropy family (ltfast issue 15 part 3): mixed (mixup/CutMix)
+targets, per-class label smoothing and dense probability targets.
+
+Two ops, separate from the hard-target ``adjusted_cross_entropy`` so that its path stays as fast
+as before (csrc/ops/soft_targets/):
+
+- ``torch.ops.ltfast.mixed_cross_entropy``: ``lambda * CE(a, target) + (1 - lambda) * CE(a,
+  target_b)`` on one softmax per row (the logits are read once forward and once backward; no
+  ``[N, C]`` target), each term reduced as ``F.cross_entropy`` reduces it. Without ``target_b`` it is
+  the hard-target loss with a per-class label smoothing ``eps[y]``.
+- ``torch.ops.ltfast.probability_cross_entropy``: ``F.cross_entropy`` with a floating ``[N, C]``
+  target.
+
+:func:`ltfast.adjusted_cross_entropy`, :func:`ltfast.balanced_softmax_loss` and the ``ltfast.nn``
+cross-entropy modules route to these ops when given ``target_b``/``mix_weight``, a floating target,
+or a ``[C]`` tensor ``label_smoothing``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _extension, reference
+
+_is_compiling = torch.compiler.is_compiling
+
+
+def _register() -> None:
+    from .ops import _fake_forward
+
+    lib = torch.library
+
+    @lib.register_fake("ltfast::_mixed_cross_entropy_forward")
+    def _(logits, target, target_b, mix_weight, mix, adjustment, target_margin, weight, gamma, label_smoothing,
+          class_label_smoothing, reduction, ignore_index):
+        op = "ltfast.mixed_cross_entropy"
+        loss, row_stats, _ = _fake_forward(op, logits, target, reduction,
+                                           {"adjustment": adjustment, "target_margin": target_margin,
+                                            "weight": weight, "class_label_smoothing": class_label_smoothing})
+        if target_b is not None:
+            torch._check(target_b.dim() == 1 and target_b.shape[0] == logits.shape[0],
+                         lambda: f"{op}: target_b must be a 1-D tensor of N = {logits.shape[0]} class indices, "
+                                 f"got shape {tuple(target_b.shape)}")
+            torch._check(target_margin is None,
+                         lambda: f"{op}: target_margin (LDAM) cannot be combined with target_b")
+        if mix_weight is not None:
+            torch._check(target_b is not None, lambda: f"{op}: mix_weight is only meaningful together with target_b")
+            torch._check(mix_weight.dim() == 0 or tuple(mix_weight.shape) == (logits.shape[0],),
+                         lambda: f"{op}: mix_weight must be a 0-dim tensor or a 1-D tensor of N = "
+                                 f"{logits.shape[0]} elements, got shape {tuple(mix_weight.shape)}")
+        return loss, row_stats, logits.new_empty((2,), dtype=row_stats.dtype)
+
+    @lib.register_fake("ltfast::_mixed_cross_entropy_backward")
+    def _(grad_loss, logits, target, target_b, mix_weight, mix, adjustment, target_margin, weight, row_stats,
+          denominator, gamma, label_smoothing, class_label_smoothing, reduction, ignore_index):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    @lib.register_fake("ltfast::_probability_cross_entropy_forward")
+    def _(logits, target, adjustment, weight, label_smoothing, reduction):
+        op = "ltfast.probability_cross_entropy"
+        torch._check(tuple(target.shape) == tuple(logits.shape),
+                     lambda: f"{op}: a probability target must have the logits' shape [N, C] = "
+                             f"{tuple(logits.shape)}, got {tuple(target.shape)}")
+        rows = target[:, 0].to(torch.int64)  # shape [N]: the shared checks of the class vectors
+        loss, _, denominator = _fake_forward(op, logits, rows, reduction, {"adjustment": adjustment, "weight": weight})
+        return loss, logits.new_empty((3, logits.shape[0]), dtype=denominator.dtype), denominator
+
+    @lib.register_fake("ltfast::_probability_cross_entropy_backward")
+    def _(grad_loss, logits, target, adjustment, weight, row_stats, denominator, label_smoothing, reduction):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+if _extension.AVAILABLE:
+    _register()
+
+
+def _split_smoothing(label_smoothing) -> tuple[float, Tensor | None]:
+    """(scalar eps, per-class eps or None) from a float or a [C] tensor."""
+    if isinstance(label_smoothing, Tensor):
+        if label_smoothing.dim() == 0:
+            return float(label_smoothing), None
+        return 0.0, label_smoothing
+    return float(label_smoothing), None
+
+
+def _split_mix(mix_weight) -> tuple[float, Tensor | None]:
+    if mix_weight is None:
+        return 1.0, None
+    if isinstance(mix_weight, Tensor):
+        return 1.0, mix_weight
+    return float(mix_weight), None
+
+
+def mixed_cross_entropy(logits: Tensor, target: Tensor, target_b: Tensor | None = None,
+                        mix_weight: float | Tensor | None = None, adjustment: Tensor | None = None,
+                        target_margin: Tensor | None = None, weight: Tensor | None = None, gamma: float = 0.0,
+                        label_smoothing: float | Tensor = 0.0, reduction: str = "mean",
+                        ignore_index: int = -100) -> Tensor:
+    """Mixed-target (mixup/CutMix) cross-entropy family loss on one softmax per row:
+    ``lambda * L(a, target) + (1 - lambda) * L(a, target_b)`` with ``a = logits + adjustment`` and
+    ``L`` the loss of :func:`ltfast.adjusted_cross_entropy` (per-class ``weight``, focal ``gamma``,
+    ``label_smoothing``).
+
+    - ``mix_weight``: lambda, a float, a 0-dim tensor (one lambda for the batch, may live on the GPU:
+      no host synchronisation) or an ``[N]`` tensor (one per row). It receives no gradient (mixup
+      draws it), and passing one that requires grad is an error.
+    - Each term is reduced as ``F.cross_entropy`` reduces it: ``'mean'`` divides the sum of
+      ``lambda_i * l_a,i`` by ``sum_i w_{y_a,i}`` over the rows whose target is not ``ignore_index``
+      (their count without weights), and the second term likewise with its own rows, so that for a
+      scalar lambda the result is exactly ``lam * F.cross_entropy(z, a, ...) + (1 - lam) *
+      F.cross_entropy(z, b, ...)``. ``'none'``: ``lambda_i * l_a,i + (1 - lambda_i) * l_b,i`` (an
+      ignored target's term is 0). ``'sum'``: the sum of that.
+    - ``label_smoothing``: a float, or a ``[C]`` tensor of per-class eps: the row's eps in each term
+      is ``label_smoothing[y]`` of that term's target (MiSLAS's label-aware smoothing), with
+      ``F.cross_entropy``'s smoothing formula row by row. Values are checked on CPU tensors; on CUDA
+      (the check would synchronise) ``ltfast.nn`` modules check them at construction.
+    - ``gamma`` (focal, p_y detached as in the survey) applies to each term with its own p_y: both
+      terms share the softmax, so this is exactly ``lam * focal(a) + (1 - lam) * focal(b)``.
+    - ``target_margin`` (LDAM) is refused with ``target_b``: the margin changes the softmax per
+      target, and the two terms would need two softmaxes. Without ``target_b`` it is allowed (a
+      single hard target with per-class smoothing).
+
+    The gradient flows to the logits (and to ``adjustment``/``target_margin``) only.
+    """
+    if target_b is not None and mix_weight is None:
+        raise ValueError("mixed_cross_entropy: mix_weight (lambda: a float, a 0-dim tensor or an [N] tensor) is "
+                         "required with target_b")
+    eps, class_eps = _split_smoothing(label_smoothing)
+    mix, mix_tensor = _split_mix(mix_weight)
+    if not _extension.AVAILABLE:
+        _extension.warn_fallback_once()
+        return reference.mixed_cross_entropy(logits, target, target_b, mix_weight, adjustment, target_margin, weight,
+                                             gamma, label_smoothing, reduction, ignore_index)
+    return torch.ops.ltfast.mixed_cross_entropy.default(logits, target, target_b, mix_tensor, mix, adjustment,
+                                                        target_margin, weight, float(gamma), eps, class_eps,
+                                                        reduction, ignore_index)
+
+
+def probability_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | None = None,
+                              weight: Tensor | None = None, label_smoothing: float = 0.0,
+                              reduction: str = "mean") -> Tensor:
+    """``F.cross_entropy(logits + adjustment, target, weight=weight, label_smoothing=...,
+    reduction=...)`` for a floating ``[N, C]`` probability target, fused: ``-sum_c w_c q_c log p_c``
+    with ``q = (1 - eps) * target + eps / C`` (weights inside the class sum), ``'mean'`` divides by
+    N, as PyTorch does for probability targets. The target is read in its own dtype when it is the
+    logits' dtype, else in float32 (float64 for float64 logits). No gradient to the target (an
+    error if it requires grad); the gradient flows to the logits and ``adjustment``."""
+    if isinstance(label_smoothing, Tensor) and label_smoothing.dim() > 0:
+        raise ValueError("probability_cross_entropy: a per-class label_smoothing is not defined for probability "
+                         "targets (there is no target class to take eps from); smooth the targets instead")
+    if not _extension.AVAILABLE:
+        _extension.warn_fallback_once()
+        return reference.probability_cross_entropy(logits, target, adjustment, weight, float(label_smoothing),
+                                                   reduction)
+    return torch.ops.ltfast.probability_cross_entropy.default(logits, target, adjustment, weight,
+                                                              float(label_smoothing), reduction)
+
+
+def route(logits: Tensor, target: Tensor, target_b, mix_weight, adjustment, target_margin, weight, gamma,
+          label_smoothing, reduction: str, ignore_index: int) -> Tensor:
+    """The soft-target cases of the cross-entropy family functionals and modules: a floating target
+    (probabilities), a second target, or a per-class smoothing tensor."""
+    if target.is_floating_point():
+        op = "cross-entropy with probability targets"
+        if target_b is not None or mix_weight is not None:
+            raise ValueError(f"{op}: target_b/mix_weight are for class-index targets; mix probability targets "
+                             "directly (lam * t_a + (1 - lam) * t_b)")
+        if target_margin is not None:
+            raise ValueError(f"{op}: target_margin (LDAM) needs a target class per row; it is not defined for "
+                             "probability targets")
+        if float(gamma) != 0.0:
+            raise ValueError(f"{op}: focal gamma > 0 needs the target class's probability p_y; it is not defined "
+                             f"for probability targets, got gamma={gamma}")
+        return probability_cross_entropy(logits, target, adjustment, weight, label_smoothing, reduction)
+    return mixed_cross_entropy(logits, target, target_b, mix_weight, adjustment, target_margin, weight, gamma,
+                               label_smoothing, reduction, ignore_index)
+
+
+def is_soft(target: Tensor, target_b, mix_weight, label_smoothing) -> bool:
+    return (target_b is not None or mix_weight is not None or isinstance(label_smoothing, Tensor)
+            or target.is_floating_point())
