@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from . import _extension
 from . import ops as _ops
 from . import priors
+from . import soft_targets as _soft
 from .ops import (adjusted_cross_entropy, balanced_softmax_loss, equalization_loss, lade_loss, lade_regularizer,
                   softmax_equalization_loss)
 
@@ -92,19 +93,55 @@ def _check_smoothing(label_smoothing: float) -> float:
 
 
 class _CrossEntropyFamilyLoss(_ClassVectors, nn.Module):
-    """Shared plumbing: the nn.CrossEntropyLoss arguments and an optional per-class ``weight``."""
+    """Shared plumbing: the nn.CrossEntropyLoss arguments and an optional per-class ``weight``.
+
+    Soft targets (ltfast/soft_targets.py), in every subclass where they are meaningful:
+    ``forward(input, target, target_b=None, mix_weight=None)`` with ``target_b`` and ``mix_weight``
+    (lambda: float, 0-dim or [N] tensor, no gradient) computes the mixup loss ``lam * loss(target) +
+    (1 - lam) * loss(target_b)`` on one softmax, each term reduced as nn.CrossEntropyLoss reduces it;
+    a floating ``[N, C]`` target is a probability target as in nn.CrossEntropyLoss; and
+    ``label_smoothing`` may be a ``[C]`` tensor of per-class eps (the row's eps is eps[target],
+    checked to lie in [0, 1] here, kept as the float64 buffer ``class_label_smoothing``).
+    ``supports_mixed_targets = True`` marks the modules that accept ``target_b``: a trainer then
+    calls ``criterion(logits, y_a, target_b=y_b, mix_weight=lam)``.
+    """
+
+    supports_mixed_targets = True
 
     def __init__(self, weight: Optional[Tensor], ignore_index: int, reduction: str,
-                 label_smoothing: float) -> None:
+                 label_smoothing) -> None:
         super().__init__()
         self.ignore_index = int(ignore_index)
         self.reduction = _check_reduction(reduction)
-        self.label_smoothing = _check_smoothing(label_smoothing)
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float64))
+        class_smoothing = None
+        if isinstance(label_smoothing, Tensor) and label_smoothing.dim() > 0:
+            class_smoothing = label_smoothing.detach().to(torch.float64)
+            if class_smoothing.dim() != 1:
+                raise ValueError(f"label_smoothing must be a float or a 1-D tensor of per-class values, got shape "
+                                 f"{tuple(class_smoothing.shape)}")
+            if not bool(((class_smoothing >= 0) & (class_smoothing <= 1)).all()):
+                raise ValueError("every per-class label_smoothing must be in [0, 1], got min "
+                                 f"{class_smoothing.min().item()} and max {class_smoothing.max().item()}")
+            label_smoothing = 0.0
+        self.label_smoothing = _check_smoothing(float(label_smoothing))
+        self.register_buffer("class_label_smoothing", class_smoothing)
+        self._per_class_smoothing = class_smoothing is not None
 
     def extra_repr(self) -> str:
+        smoothing = "per-class" if self._per_class_smoothing else self.label_smoothing
         return (f"num_classes={self.num_classes}, reduction={self.reduction!r}, "
-                f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}")
+                f"ignore_index={self.ignore_index}, label_smoothing={smoothing}")
+
+    def _soft_loss(self, input: Tensor, target: Tensor, target_b, mix_weight, adjustment: Optional[str] = None,
+                   target_margin: Optional[str] = None, weight: Optional[str] = "weight", gamma: float = 0.0) -> Tensor:
+        """The soft-target cases (ltfast.soft_targets.route), class vectors named by buffer."""
+        vector = self._class_vector
+        smoothing = vector("class_label_smoothing", input) if self._per_class_smoothing else self.label_smoothing
+        return _soft.route(input, target, target_b, mix_weight, None if adjustment is None else vector(adjustment, input),
+                           None if target_margin is None else vector(target_margin, input),
+                           None if weight is None else vector(weight, input), gamma, smoothing, self.reduction,
+                           self.ignore_index)
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -122,7 +159,9 @@ class BalancedSoftmaxLoss(_CrossEntropyFamilyLoss):
         super().__init__(weight, ignore_index, reduction, label_smoothing)
         self.register_buffer("log_prior", priors.log_prior(class_counts, dtype=torch.float64))
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, target_b: Optional[Tensor] = None, mix_weight=None) -> Tensor:
+        if target_b is not None or mix_weight is not None or self._per_class_smoothing or target.is_floating_point():
+            return self._soft_loss(input, target, target_b, mix_weight, adjustment="log_prior")
         plain = self._buffers["weight"] is None and self.label_smoothing == 0.0
         if _extension.AVAILABLE and not _is_compiling():
             vector = self._eager_class_vector
@@ -155,7 +194,9 @@ class LogitAdjustedLoss(_CrossEntropyFamilyLoss):
         self.tau = float(tau)
         self.register_buffer("adjustment", self.tau * priors.log_prior(class_counts, dtype=torch.float64))
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, target_b: Optional[Tensor] = None, mix_weight=None) -> Tensor:
+        if target_b is not None or mix_weight is not None or self._per_class_smoothing or target.is_floating_point():
+            return self._soft_loss(input, target, target_b, mix_weight, adjustment="adjustment")
         if _extension.AVAILABLE and not _is_compiling():
             vector = self._eager_class_vector
             loss = _ops._fast.adjusted_cross_entropy(input, target, vector("adjustment", input), None,
@@ -190,7 +231,9 @@ class WeightedCrossEntropyLoss(_CrossEntropyFamilyLoss):
         super().__init__(weight, ignore_index, reduction, label_smoothing)
         self.scheme = scheme
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, target_b: Optional[Tensor] = None, mix_weight=None) -> Tensor:
+        if target_b is not None or mix_weight is not None or self._per_class_smoothing or target.is_floating_point():
+            return self._soft_loss(input, target, target_b, mix_weight)
         if _extension.AVAILABLE and not _is_compiling():
             loss = _ops._fast.adjusted_cross_entropy(input, target, None, None,
                                                      self._eager_class_vector("weight", input), 0.0,
@@ -214,6 +257,10 @@ class LDAMLoss(_CrossEntropyFamilyLoss):
     1-based epochs and ``epoch > 160``, i.e. ``drw_epoch=160`` here). ``drw_epoch=None`` never
     re-weights. The current epoch is saved in the ``state_dict``.
 
+    Mixed (mixup) and probability targets are refused with a clear error: the margin is subtracted
+    from the target class's logit, so two targets would need two softmaxes
+    (``supports_mixed_targets = False``). A per-class ``label_smoothing`` tensor works.
+
     ``scale_logits=True`` is the original LDAM-DRW form for cosine classifiers,
     ``CE(s * (z - m_y e_y))``: the logits (cosines) are scaled by ``s`` and the margin ``m_y`` itself
     is subtracted from the target cosine, i.e. ``s * m_y`` from the scaled target logit.
@@ -232,6 +279,8 @@ class LDAMLoss(_CrossEntropyFamilyLoss):
         self.register_buffer("target_margin", self.s * priors.ldam_margins(class_counts, max_margin, dtype=torch.float64))
         self.register_buffer("drw_weight", priors.effective_number_weights(class_counts, beta, dtype=torch.float64))
 
+    supports_mixed_targets = False
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
@@ -249,9 +298,14 @@ class LDAMLoss(_CrossEntropyFamilyLoss):
         return (f"{super().extra_repr()}, s={self.s}, max_margin={self.max_margin}, drw_epoch={self.drw_epoch}, "
                 f"scale_logits={self.scale_logits}")
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, target_b: Optional[Tensor] = None, mix_weight=None) -> Tensor:
         if self.scale_logits:  # the target_margin buffer already holds s * m: CE(s z - s m_y e_y)
             input = input * self.s
+        if target_b is not None or mix_weight is not None or self._per_class_smoothing or target.is_floating_point():
+            # Per-class smoothing works (one target); mixed and probability targets raise a clear
+            # error: the margin is per target class.
+            return self._soft_loss(input, target, target_b, mix_weight, target_margin="target_margin",
+                                   weight="drw_weight" if self.reweighting else None)
         if _extension.AVAILABLE and not _is_compiling():
             vector = self._eager_class_vector
             loss = _ops._fast.adjusted_cross_entropy(input, target, None, vector("target_margin", input),
@@ -285,7 +339,11 @@ class FocalLoss(_CrossEntropyFamilyLoss):
         # gamma first: the repr used to hide it (a trainer run with SEQL's 0.9 looked like focal).
         return f"gamma={self.gamma}, {super().extra_repr()}"
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, target_b: Optional[Tensor] = None, mix_weight=None) -> Tensor:
+        if target_b is not None or mix_weight is not None or target.is_floating_point():
+            # Mixed targets: lam * focal(y_a) + (1 - lam) * focal(y_b), each with its own detached p_y
+            # on the shared softmax. Probability targets raise a clear error (no p_y).
+            return self._soft_loss(input, target, target_b, mix_weight, gamma=self.gamma)
         if _extension.AVAILABLE and not _is_compiling():
             loss = _ops._fast.adjusted_cross_entropy(input, target, None, None,
                                                      self._eager_class_vector("weight", input), self.gamma, 0.0,
@@ -294,6 +352,33 @@ class FocalLoss(_CrossEntropyFamilyLoss):
                 return loss
         return adjusted_cross_entropy(input, target, weight=self._class_vector("weight", input),
                                       gamma=self.gamma, reduction=self.reduction, ignore_index=self.ignore_index)
+
+
+class CrossEntropyLoss(_CrossEntropyFamilyLoss):
+    """Drop-in ``nn.CrossEntropyLoss(weight, ignore_index, reduction, label_smoothing)`` on the fused
+    op, with the soft-target extensions of the family: ``forward(input, target, target_b=None,
+    mix_weight=None)`` for mixup/CutMix, probability targets, and ``label_smoothing`` as a float or a
+    per-class ``[C]`` tensor. ``size_average``/``reduce`` (deprecated in PyTorch) are refused."""
+
+    def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100, reduce=None,
+                 reduction: str = "mean", label_smoothing=0.0) -> None:
+        if size_average is not None or reduce is not None:
+            raise ValueError("size_average and reduce are deprecated in nn.CrossEntropyLoss and not supported; "
+                             "use reduction='mean', 'sum' or 'none'")
+        super().__init__(weight, ignore_index, reduction, label_smoothing)
+
+    def forward(self, input: Tensor, target: Tensor, target_b: Optional[Tensor] = None, mix_weight=None) -> Tensor:
+        if target_b is not None or mix_weight is not None or self._per_class_smoothing or target.is_floating_point():
+            return self._soft_loss(input, target, target_b, mix_weight)
+        if _extension.AVAILABLE and not _is_compiling():
+            loss = _ops._fast.adjusted_cross_entropy(input, target, None, None,
+                                                     self._eager_class_vector("weight", input), 0.0,
+                                                     self.label_smoothing, self.reduction, self.ignore_index)
+            if loss is not NotImplemented:
+                return loss
+        return adjusted_cross_entropy(input, target, weight=self._class_vector("weight", input),
+                                      label_smoothing=self.label_smoothing, reduction=self.reduction,
+                                      ignore_index=self.ignore_index)
 
 
 class SoftmaxEqualizationLoss(nn.Module):
@@ -477,5 +562,5 @@ class LADELoss(_ClassVectors, nn.Module):
                          self.remine_lambda, self.ignore_index)
 
 
-__all__ = ["BalancedSoftmaxLoss", "LogitAdjustedLoss", "WeightedCrossEntropyLoss", "LDAMLoss", "FocalLoss",
+__all__ = ["CrossEntropyLoss", "BalancedSoftmaxLoss", "LogitAdjustedLoss", "WeightedCrossEntropyLoss", "LDAMLoss", "FocalLoss",
            "LADELoss", "gather_batch_with_grad", "SoftmaxEqualizationLoss", "EqualizationLoss"]
