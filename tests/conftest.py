@@ -54,6 +54,7 @@ def device_params():
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs on a CUDA device")
     config.addinivalue_line("markers", "simt: runs the CUDA kernels in the SIMT emulator on the CPU")
+    config.addinivalue_line("markers", "simt_no_kernel: a simt test that may run no emulated kernel (errors raised first)")
 
 
 def pytest_collection_modifyitems(config, items):
