@@ -75,11 +75,22 @@ def eql_case(C, device):
             lambda x, y: reference.equalization_loss(x, y, tail))
 
 
+def mixup_case(C, device):
+    """Mixup/CutMix targets: the fused mixed op against the usual two cross-entropies combined by
+    lambda (a Python float, as np.random.beta draws it). The target is the pair (y_a, y_b)."""
+    import torch.nn.functional as F
+    lam = 0.3
+    return (lambda x, y: ltfast.mixed_cross_entropy(x, y[0], y[1], lam),
+            lambda x, y: lam * F.cross_entropy(x, y[0]) + (1 - lam) * F.cross_entropy(x, y[1]))
+
+
 LOSSES = {"balanced_softmax": balanced_softmax_case, "ldam_drw": ldam_drw_case, "lade": lade_case,
-          "seql": seql_case, "eql": eql_case}
+          "seql": seql_case, "eql": eql_case, "mixup": mixup_case}
+# Losses whose target is a pair of class-index tensors (y_a, y_b).
+PAIRED_TARGETS = ("mixup",)
 # The op of traffic_model.py behind each benchmark row.
 MODEL_OP = {"balanced_softmax": "balanced_softmax", "ldam_drw": "adjusted_cross_entropy", "lade": "lade",
-            "seql": "softmax_equalization_loss", "eql": "equalization_loss"}
+            "seql": "softmax_equalization_loss", "eql": "equalization_loss", "mixup": "adjusted_cross_entropy"}
 class RecordSink(list):
     """The records of the run; with a path, the JSON file is rewritten (atomically) after every
     append, so a run killed by a timeout still leaves every row measured before."""
@@ -142,7 +153,8 @@ def loss_suite(args) -> list[Record]:
         plan += [("balanced_softmax", (1024, 8142), torch.float32), ("balanced_softmax", (4096, 1000), torch.bfloat16)]
     else:
         shapes = OVERHEAD_SHAPES + [(256, 1000), (4096, 1000), (1024, 8142)]
-        plan = [(name, shape, torch.float32) for name in LOSSES for shape in shapes]
+        plan = [(name, shape, torch.float32) for name in LOSSES if name != "mixup" for shape in shapes]
+        plan += [("mixup", (4096, 1000), torch.float32)]
     if args.losses:
         plan = [row for row in plan if row[0] in args.losses]
     if args.shapes:
@@ -158,6 +170,8 @@ def loss_suite(args) -> list[Record]:
         fused, ref = LOSSES[name](C, device)
         logits = (torch.randn(N, C, generator=gen) * 2).to(device=device, dtype=dtype)
         target = torch.randint(0, C, (N,), generator=gen).to(device)
+        if name in PAIRED_TARGETS:
+            target = (target, torch.randint(0, C, (N,), generator=gen).to(device))
         impls = {"ltfast": fused, "eager": ref}
         if "compile" in baselines:
             impls["compile"] = torch.compile(ref, dynamic=False)
