@@ -160,7 +160,7 @@ class BalancedSoftmaxLoss(_CrossEntropyFamilyLoss):
         self.register_buffer("log_prior", priors.log_prior(class_counts, dtype=torch.float64))
 
     def forward(self, input: Tensor, target: Tensor, target_b: Optional[Tensor] = None, mix_weight=None) -> Tensor:
-        if target_b is not None or mix_weight is not None or self._per_class_smoothing or target.is_floating_point():
+        if target_b is not None or mix_weight is not None or self._per_class_smoothing or _soft.is_probability(target):
             return self._soft_loss(input, target, target_b, mix_weight, adjustment="log_prior")
         plain = self._buffers["weight"] is None and self.label_smoothing == 0.0
         if _extension.AVAILABLE and not _is_compiling():
@@ -195,7 +195,7 @@ class LogitAdjustedLoss(_CrossEntropyFamilyLoss):
         self.register_buffer("adjustment", self.tau * priors.log_prior(class_counts, dtype=torch.float64))
 
     def forward(self, input: Tensor, target: Tensor, target_b: Optional[Tensor] = None, mix_weight=None) -> Tensor:
-        if target_b is not None or mix_weight is not None or self._per_class_smoothing or target.is_floating_point():
+        if target_b is not None or mix_weight is not None or self._per_class_smoothing or _soft.is_probability(target):
             return self._soft_loss(input, target, target_b, mix_weight, adjustment="adjustment")
         if _extension.AVAILABLE and not _is_compiling():
             vector = self._eager_class_vector
@@ -232,7 +232,7 @@ class WeightedCrossEntropyLoss(_CrossEntropyFamilyLoss):
         self.scheme = scheme
 
     def forward(self, input: Tensor, target: Tensor, target_b: Optional[Tensor] = None, mix_weight=None) -> Tensor:
-        if target_b is not None or mix_weight is not None or self._per_class_smoothing or target.is_floating_point():
+        if target_b is not None or mix_weight is not None or self._per_class_smoothing or _soft.is_probability(target):
             return self._soft_loss(input, target, target_b, mix_weight)
         if _extension.AVAILABLE and not _is_compiling():
             loss = _ops._fast.adjusted_cross_entropy(input, target, None, None,
@@ -301,7 +301,7 @@ class LDAMLoss(_CrossEntropyFamilyLoss):
     def forward(self, input: Tensor, target: Tensor, target_b: Optional[Tensor] = None, mix_weight=None) -> Tensor:
         if self.scale_logits:  # the target_margin buffer already holds s * m: CE(s z - s m_y e_y)
             input = input * self.s
-        if target_b is not None or mix_weight is not None or self._per_class_smoothing or target.is_floating_point():
+        if target_b is not None or mix_weight is not None or self._per_class_smoothing or _soft.is_probability(target):
             # Per-class smoothing works (one target); mixed and probability targets raise a clear
             # error: the margin is per target class.
             return self._soft_loss(input, target, target_b, mix_weight, target_margin="target_margin",
@@ -340,7 +340,7 @@ class FocalLoss(_CrossEntropyFamilyLoss):
         return f"gamma={self.gamma}, {super().extra_repr()}"
 
     def forward(self, input: Tensor, target: Tensor, target_b: Optional[Tensor] = None, mix_weight=None) -> Tensor:
-        if target_b is not None or mix_weight is not None or target.is_floating_point():
+        if target_b is not None or mix_weight is not None or _soft.is_probability(target):
             # Mixed targets: lam * focal(y_a) + (1 - lam) * focal(y_b), each with its own detached p_y
             # on the shared softmax. Probability targets raise a clear error (no p_y).
             return self._soft_loss(input, target, target_b, mix_weight, gamma=self.gamma)
@@ -368,7 +368,7 @@ class CrossEntropyLoss(_CrossEntropyFamilyLoss):
         super().__init__(weight, ignore_index, reduction, label_smoothing)
 
     def forward(self, input: Tensor, target: Tensor, target_b: Optional[Tensor] = None, mix_weight=None) -> Tensor:
-        if target_b is not None or mix_weight is not None or self._per_class_smoothing or target.is_floating_point():
+        if target_b is not None or mix_weight is not None or self._per_class_smoothing or _soft.is_probability(target):
             return self._soft_loss(input, target, target_b, mix_weight)
         if _extension.AVAILABLE and not _is_compiling():
             loss = _ops._fast.adjusted_cross_entropy(input, target, None, None,

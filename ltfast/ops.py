@@ -151,7 +151,7 @@ def balanced_softmax_loss(logits: Tensor, target: Tensor, log_prior: Tensor, red
 
     Returns the loss in the logits dtype (float32 under autocast).
     """
-    if target_b is not None or mix_weight is not None or target.is_floating_point():
+    if target_b is not None or mix_weight is not None or _soft.is_probability(target):
         return _soft.route(logits, target, target_b, mix_weight, log_prior, None, None, 0.0, 0.0, reduction,
                            ignore_index)
     if not _extension.AVAILABLE:

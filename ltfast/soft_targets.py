@@ -160,7 +160,7 @@ def route(logits: Tensor, target: Tensor, target_b, mix_weight, adjustment, targ
           label_smoothing, reduction: str, ignore_index: int) -> Tensor:
     """The soft-target cases of the cross-entropy family functionals and modules: a floating target
     (probabilities), a second target, or a per-class smoothing tensor."""
-    if target.is_floating_point():
+    if is_probability(target):
         op = "cross-entropy with probability targets"
         if target_b is not None or mix_weight is not None:
             raise ValueError(f"{op}: target_b/mix_weight are for class-index targets; mix probability targets "
@@ -176,6 +176,12 @@ def route(logits: Tensor, target: Tensor, target_b, mix_weight, adjustment, targ
                                label_smoothing, reduction, ignore_index)
 
 
+def is_probability(target: Tensor) -> bool:
+    """A floating target that is not 1-D (a 1-D float target is a mistyped class-index target: the
+    hard-target op names it)."""
+    return target.is_floating_point() and target.dim() != 1
+
+
 def is_soft(target: Tensor, target_b, mix_weight, label_smoothing) -> bool:
     return (target_b is not None or mix_weight is not None or isinstance(label_smoothing, Tensor)
-            or target.is_floating_point())
+            or is_probability(target))
