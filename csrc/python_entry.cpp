@@ -232,6 +232,36 @@ PyObject* lade_regularizer(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
   END_HANDLE_TH_ERRORS
 }
 
+// mixed_cross_entropy(Tensor logits, Tensor target, Tensor? target_b, Tensor? mix_weight, float mix,
+//                     Tensor? adjustment, Tensor? target_margin, Tensor? weight, float gamma, float label_smoothing,
+//                     Tensor? class_label_smoothing, str reduction, int ignore_index)
+PyObject* mixed_cross_entropy(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  using Signature = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
+                               double, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&, double,
+                               double, const OptionalTensor&, c10::string_view, int64_t);
+  static const auto op = typed_op<Signature>("ltfast::mixed_cross_entropy");
+  const at::Tensor *logits, *target;
+  OptionalTensor target_b, mix_weight, adjustment, target_margin, weight, class_label_smoothing;
+  double mix, gamma, label_smoothing;
+  c10::string_view reduction;
+  int64_t ignore_index;
+  if (nargs != 13 || !as_tensor(args[0], &logits) || !as_tensor(args[1], &target) ||
+      !as_optional_tensor(args[2], &target_b) || !as_optional_tensor(args[3], &mix_weight) ||
+      !as_double(args[4], &mix) || !as_optional_tensor(args[5], &adjustment) ||
+      !as_optional_tensor(args[6], &target_margin) || !as_optional_tensor(args[7], &weight) ||
+      !as_double(args[8], &gamma) || !as_double(args[9], &label_smoothing) ||
+      !as_optional_tensor(args[10], &class_label_smoothing) || !as_string(args[11], &reduction) ||
+      !as_int(args[12], &ignore_index) || !plain_torch_function_state()) {
+    LTFAST_FALLBACK();
+  }
+  return run([&] {
+    return op.call(*logits, *target, target_b, mix_weight, mix, adjustment, target_margin, weight, gamma,
+                   label_smoothing, class_label_smoothing, reduction, ignore_index);
+  });
+  END_HANDLE_TH_ERRORS
+}
+
 #undef LTFAST_FALLBACK
 
 #define LTFAST_ENTRY(name, doc) \
@@ -257,6 +287,10 @@ PyMethodDef methods[] = {
     LTFAST_ENTRY(lade_regularizer,
                  "lade_regularizer(logits, target, log_prior, remine_lambda, ignore_index): "
                  "torch.ops.ltfast.lade_regularizer for plain tensors, else NotImplemented"),
+    LTFAST_ENTRY(mixed_cross_entropy,
+                 "mixed_cross_entropy(logits, target, target_b, mix_weight, mix, adjustment, target_margin, weight, "
+                 "gamma, label_smoothing, class_label_smoothing, reduction, ignore_index): "
+                 "torch.ops.ltfast.mixed_cross_entropy for plain tensors, else NotImplemented"),
     {nullptr, nullptr, 0, nullptr}};
 
 #undef LTFAST_ENTRY

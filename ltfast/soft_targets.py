@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _extension, reference
+from . import ops as _ops
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -131,9 +132,16 @@ def mixed_cross_entropy(logits: Tensor, target: Tensor, target_b: Tensor | None 
         _extension.warn_fallback_once()
         return reference.mixed_cross_entropy(logits, target, target_b, mix_weight, adjustment, target_margin, weight,
                                              gamma, label_smoothing, reduction, ignore_index)
+    gamma = float(gamma)
+    fast = _ops._fast
+    if not _is_compiling() and hasattr(fast, "mixed_cross_entropy"):
+        loss = fast.mixed_cross_entropy(logits, target, target_b, mix_tensor, mix, adjustment, target_margin, weight,
+                                        gamma, eps, class_eps, reduction, ignore_index)
+        if loss is not NotImplemented:
+            return loss
     return torch.ops.ltfast.mixed_cross_entropy.default(logits, target, target_b, mix_tensor, mix, adjustment,
-                                                        target_margin, weight, float(gamma), eps, class_eps,
-                                                        reduction, ignore_index)
+                                                        target_margin, weight, gamma, eps, class_eps, reduction,
+                                                        ignore_index)
 
 
 def probability_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | None = None,

@@ -66,6 +66,9 @@ def _functionals():
         "equalization_loss": lambda x: ltfast.equalization_loss(x, target, tail),
         "lade_loss": lambda x: ltfast.lade_loss(x, target, prior),
         "lade_regularizer": lambda x: ltfast.lade_regularizer(x, target, prior, 0.2),
+        "mixed_cross_entropy": lambda x: ltfast.mixed_cross_entropy(x, target, target.flip(0), 0.3, weight=weight),
+        "balanced_softmax_loss mixed": lambda x: ltfast.balanced_softmax_loss(x, target, prior, target_b=target.flip(0),
+                                                                             mix_weight=torch.tensor(0.3)),
     }
 
 
@@ -79,6 +82,7 @@ def _modules():
         "FocalLoss": ltfast.nn.FocalLoss(2.0),
         "EqualizationLoss": ltfast.nn.EqualizationLoss(COUNTS, count_threshold=10),
         "LADELoss": ltfast.nn.LADELoss(COUNTS),
+        "CrossEntropyLoss": ltfast.nn.CrossEntropyLoss(label_smoothing=0.1),
     }
 
 
