@@ -549,3 +549,16 @@ def test_probability_bad_inputs(device):
         ltfast.probability_cross_entropy(logits, target.clone().requires_grad_())
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\]"):
         ltfast.probability_cross_entropy(logits, target, label_smoothing=2.0)
+
+
+def test_cpu_autocast_returns_float32():
+    """Under autocast the kernels read the bf16 logits as they are and return the float32 loss."""
+    logits, a, b, g = _make((10, 30), torch.float32, "cpu")
+    target = torch.softmax(torch.randn(10, 30, generator=g), 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = logits.bfloat16()
+        mixed = ltfast.mixed_cross_entropy(half, a, b, 0.4)
+        probability = ltfast.probability_cross_entropy(half, target)
+    assert mixed.dtype == torch.float32 and probability.dtype == torch.float32
+    torch.testing.assert_close(mixed, reference.mixed_cross_entropy(half.float(), a, b, 0.4), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probability, F.cross_entropy(half.float(), target), rtol=1e-5, atol=1e-5)
