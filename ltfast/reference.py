@@ -316,7 +316,9 @@ def mixed_cross_entropy(logits: Tensor, target: Tensor, target_b: Tensor | None 
         safe_target = torch.where(valid, target, torch.zeros_like(target))
         margin = target_margin.to(adjusted.dtype)[safe_target] * valid
         adjusted = adjusted - F.one_hot(safe_target, adjusted.shape[-1]).to(adjusted.dtype) * margin[:, None]
-    terms = [(target, 1.0 if mix_weight is None else mix_weight)]
+    if target_b is None and mix_weight is not None:
+        raise ValueError("mixed_cross_entropy: mix_weight is only meaningful together with target_b")
+    terms = [(target, 1.0)]
     if target_b is not None:
         lam = mix_weight if isinstance(mix_weight, Tensor) else torch.tensor(float(mix_weight))
         lam = lam.to(adjusted.dtype).to(adjusted.device)

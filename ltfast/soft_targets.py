@@ -102,8 +102,8 @@ def mixed_cross_entropy(logits: Tensor, target: Tensor, target_b: Tensor | None 
     ``L`` the loss of :func:`ltfast.adjusted_cross_entropy` (per-class ``weight``, focal ``gamma``,
     ``label_smoothing``).
 
-    - ``mix_weight``: lambda, a float, a 0-dim tensor (one lambda for the batch, may live on the GPU:
-      no host synchronisation) or an ``[N]`` tensor (one per row). It receives no gradient (mixup
+    - ``mix_weight``: lambda, a float, a 0-dim tensor (one lambda for the batch, on the logits'
+      device: read by the kernels, no host synchronisation) or an ``[N]`` tensor (one per row). It receives no gradient (mixup
       draws it), and passing one that requires grad is an error.
     - Each term is reduced as ``F.cross_entropy`` reduces it: ``'mean'`` divides the sum of
       ``lambda_i * l_a,i`` by ``sum_i w_{y_a,i}`` over the rows whose target is not ``ignore_index``
