@@ -399,3 +399,39 @@ def test_imagenet_lt_config_runs_resnext50_on_list_files(list_data, tmp_path, na
     assert summary["config"]["model"]["arch"] == "resnext50_32x4d" and summary["class_counts"] == [8, 5, 3, 2]
     if name in ("ncm", "tau_norm"):
         assert summary["decoupled"]["method"] == name and summary["history"][0]["epoch"] == 0
+
+
+# ------------------------------------------------------------------------------------------- DDP
+
+def _ddp_stage2_worker(rank, world, port, runs):
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        for overrides in runs:
+            train(load_config(None, overrides))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ncm_and_tau_norm_under_ddp_equal_one_process(stage1, tmp_path):
+    # 2 gloo ranks each see half of the training / validation images; the class means, the tau curve
+    # and the test counts must be those of one process over everything.
+    import torch.multiprocessing as mp
+    from test_train import _free_port
+    runs = {kind: _stage2(stage1, tmp_path / f"ddp_{kind}", kind, "train.plot=false") for kind in ("ncm", "tau_norm")}
+    overrides = [TINY + [f"train.out_dir={tmp_path / f'ddp_{kind}'}", f"model.init_from={stage1 / 'best.pt'}",
+                         f"model.classifier={kind}", "train.plot=false"] for kind in runs]
+    mp.spawn(_ddp_stage2_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
+    for kind, cfg in runs.items():
+        cfg["train"]["out_dir"] = str(tmp_path / f"one_{kind}")
+        single = train(cfg)
+        ddp = json.loads((tmp_path / f"ddp_{kind}" / "summary.json").read_text())
+        assert ddp["world_size"] == 2 and ddp["test"]["correct"] == single["test"]["correct"]
+        one, two = _weights(tmp_path / f"one_{kind}" / "best.pt"), _weights(tmp_path / f"ddp_{kind}" / "best.pt")
+        for key in one:
+            assert torch.allclose(one[key].float(), two[key].float(), atol=1e-5), key
+        if kind == "tau_norm":
+            assert ddp["decoupled"]["val_curve"] == single["decoupled"]["val_curve"]     # from integer counts
