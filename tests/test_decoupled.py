@@ -113,6 +113,8 @@ def test_ncm_by_hand(kind, shift):
     logits = ncm(test + shift)
     assert torch.allclose(logits, _hand_logits(test), atol=1e-5)
     assert logits.argmax(1).tolist() == [0, 1, 2, 2]          # (1, -4) is nearer (-3, -2)/sqrt 13 than (1, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):         # distances stay float32 under autocast
+        assert torch.equal(ncm(test + shift), logits)
     assert set(NearestClassMean(2, 4).state_dict()) == {"centroids", "feature_mean", "has_centroid"}
 
 

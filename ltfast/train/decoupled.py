@@ -102,10 +102,13 @@ class NearestClassMean(nn.Module):
         return nn.functional.normalize(x, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.transform(x)
-        c = self.centroids
-        # ||x - c||² = ||x||² + ||c||² - 2 x·c: one matrix product instead of an [N, C, D] difference
-        distance = x.pow(2).sum(1, keepdim=True) + c.pow(2).sum(1) - 2 * (x @ c.t())
+        # float32 even under bf16 autocast: distances between unit vectors differ in the 3rd-4th
+        # digit for close classes, below bf16's 8-bit mantissa
+        with torch.autocast(x.device.type, enabled=False):
+            x = self.transform(x)
+            c = self.centroids.float()
+            # ||x - c||² = ||x||² + ||c||² - 2 x·c: one matrix product instead of an [N, C, D] difference
+            distance = x.pow(2).sum(1, keepdim=True) + c.pow(2).sum(1) - 2 * (x @ c.t())
         return (-distance).masked_fill(~self.has_centroid, float("-inf"))
 
     def extra_repr(self) -> str:

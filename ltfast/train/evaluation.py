@@ -157,8 +157,8 @@ def evaluate_run(args) -> dict:
     head_name, head = find_head(model, num_classes, mcfg["head"])
     linear = isinstance(head, torch.nn.Linear)
     if args.tau_norm is not None and not linear:
-        raise ConfigError(f"--tau-norm: the head {head_name} is a {type(head).__name__}, not nn.Linear "
-                          f"(a cosine classifier's rows are unit-norm already)")
+        why = " (a cosine classifier's rows are unit-norm already)" if type(head).__name__ == "CosineLinear" else ""
+        raise ConfigError(f"--tau-norm: the head {head_name} is a {type(head).__name__}, not nn.Linear{why}")
     weight, bias = effective_linear(head)  # LWS: the per-class scale folded into W and b
     log_prior = torch.log(torch.as_tensor(counts, dtype=torch.float64) / sum(counts) + 1e-9).float()
 
