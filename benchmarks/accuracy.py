@@ -8,7 +8,8 @@ Each run is `ltfast.train.train` on configs/fmnist_lt/<method>.yaml (the same co
 `python -m ltfast.train`), in this process, one after the other. Seeds change the training
 randomness (init, sampling, augmentation); the long-tailed subset (data.split_seed) stays the same,
 so the methods are compared on one dataset. Numbers are test-set accuracies (balanced 10k test set)
-of the best-validation epoch; cRT's stage 1 is the CE run of the same seed.
+of the best-validation epoch; the decoupled stage 2 runs (cRT, LWS, NCM, tau-norm) start from the CE
+run of the same seed (NCM and tau-norm train nothing: their s / run is the fit and the evaluation).
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-ALL_METHODS = ["ce", "weighted_ce", "seql", "balanced_softmax", "lade", "ldam_drw", "crt"]
+ALL_METHODS = ["ce", "weighted_ce", "seql", "balanced_softmax", "lade", "ldam_drw", "crt", "lws", "ncm", "tau_norm"]
+# Decoupled stage 2 (configs/fmnist_lt/<method>.yaml): start from the CE run of the same seed
+ON_CE_STAGE1 = ("crt", "lws", "ncm", "tau_norm")
 QUICK_METHODS = ["ce", "balanced_softmax", "lade"]
 COLUMNS = ("top1", "many", "medium", "few")
 
@@ -34,9 +37,9 @@ def run_method(method: str, seed: int, out_root: str, overrides: list[str], stag
     # The benchmark owns its run folders: a second run replaces the first (the trainer refuses a
     # non-empty out_dir otherwise).
     extra = [f"train.seed={seed}", f"train.out_dir={out_dir}", "train.progress=false", "train.overwrite=true"]
-    if method == "crt":
+    if method in ON_CE_STAGE1:
         if seed not in stage1:
-            raise SystemExit("crt needs the ce run of the same seed: list ce before crt in --methods")
+            raise SystemExit(f"{method} needs the ce run of the same seed: list ce before {method} in --methods")
         extra.append(f"model.init_from={stage1[seed]}")
     cfg = load_config(os.path.join(ROOT, "configs", "fmnist_lt", f"{method}.yaml"), extra + overrides)
     start = time.perf_counter()
@@ -47,7 +50,8 @@ def run_method(method: str, seed: int, out_root: str, overrides: list[str], stag
     test = summary["test"]
     return {"method": method, "name": summary["name"], "seed": seed, "wall_s": wall,
             "train_time_s": summary["train_time_s"], "best_epoch": summary["best_epoch"],
-            "epochs": cfg["optim"]["epochs"], **{k: test[k] for k in COLUMNS},
+            "epochs": 0 if cfg["model"]["classifier"] in ("ncm", "tau_norm") else cfg["optim"]["epochs"],
+            "decoupled": summary.get("decoupled"), **{k: test[k] for k in COLUMNS},
             "per_class": test["per_class"], "plot": summary.get("plot"), "summary": summary.get("summary")}
 
 
@@ -109,7 +113,7 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {ALL_METHODS}")
-    if "crt" in methods and "ce" in methods:  # stage 1 first
+    if any(m in methods for m in ON_CE_STAGE1) and "ce" in methods:  # stage 1 first
         methods = ["ce"] + [m for m in methods if m != "ce"]
     seeds = args.seeds or (1 if args.quick else 2)
     results_dir = os.path.join(ROOT, "benchmarks", "results")

@@ -56,6 +56,7 @@ DATASETS = ("fmnist_lt", "list", "synthetic")
 SAMPLERS = ("instance", "class_balanced", "square_root", "progressive")
 LOSSES = ("ce", "weighted_ce", "seql", "balanced_softmax", "lade", "ldam_drw", "focal", "logit_adjusted")
 SCHEDULES = ("cosine", "step", "multistep", "constant")
+CLASSIFIERS = ("linear", "cosine", "lws", "ncm", "tau_norm")
 
 
 def _positive(value) -> Optional[str]:
@@ -101,6 +102,12 @@ def _floats3(value) -> Optional[str]:
 def _seed(value) -> Optional[str]:
     # numpy.random.seed takes [0, 2**32); the trainer seeds numpy with train.seed itself.
     return None if 0 <= value < 2**32 else "must be in [0, 2**32) (numpy's seed range)"
+
+
+def _tau_norm(value) -> Optional[str]:
+    if value == "auto" or (not isinstance(value, (str, bool)) and value >= 0):
+        return None
+    return "must be auto or a number >= 0"
 
 
 def _device(value) -> Optional[str]:
@@ -227,8 +234,16 @@ SCHEMA["model"].update({
     "head": (None, (str, NoneType), None,
              "dotted name of the classifier module; None: the last nn.Linear with num_classes outputs "
              "(models.find_head: fc, classifier.6, heads.head, ...)"),
-    "classifier": ("linear", str, _choice("linear", "cosine"),
-                   "cosine: the head becomes normalize(x) @ normalize(W) (LDAM-DRW's NormedLinear)"),
+    "classifier": ("linear", str, _choice(*CLASSIFIERS),
+                   "cosine: the head becomes normalize(x) @ normalize(W) (LDAM-DRW's NormedLinear); decoupled "
+                   "stage 2 on model.init_from (ltfast.train.decoupled): lws (learnable per-class scale of the "
+                   "frozen classifier's logits), ncm (nearest class mean, no training), tau_norm (W_c / "
+                   "||W_c||^tau, no training)"),
+    "tau_norm": ("auto", (str, int, float), _tau_norm,
+                 "classifier=tau_norm: tau, or auto = the best of 0, 0.1, ..., 2 on the validation split"),
+    "ncm_features": ("cl2n", str, _choice("cl2n", "l2n"),
+                     "classifier=ncm: cl2n = centred on the training-feature mean, then L2-normalised "
+                     "(classifier-balancing's default); l2n = L2-normalised only"),
 })
 SCHEMA["optim"].update({
     "name": ("sgd", str, _choice("sgd", "adamw"), "sgd (momentum, nesterov) or adamw (betas)"),
@@ -270,6 +285,27 @@ def _research_checks(cfg: dict) -> None:
         raise ConfigError("train.overwrite: contradicts train.resume (overwrite starts afresh, resume continues)")
     if train["tensorboard"] not in (True, False, "auto"):
         raise ConfigError(f"train.tensorboard: must be true, false or auto, got {train['tensorboard']!r}")
+    _decoupled_checks(cfg)
+
+
+def _decoupled_checks(cfg: dict) -> None:
+    """model.classifier = lws / ncm / tau_norm: stage 2 of a decoupled run (ltfast.train.decoupled)."""
+    model, data = cfg["model"], cfg["data"]
+    kind = model["classifier"]
+    if kind in ("lws", "ncm", "tau_norm") and not model["init_from"]:
+        raise ConfigError(f"model.classifier: {kind} is a decoupled stage 2 and needs model.init_from (the "
+                          f"stage-1 checkpoint, e.g. runs/fmnist_lt/ce/best.pt)")
+    if kind == "lws" and not model["freeze_backbone"]:
+        raise ConfigError("model.classifier: lws trains only the per-class scale of the stage-1 classifier; "
+                          "set model.freeze_backbone=true")
+    if kind != "tau_norm" and model["tau_norm"] != "auto":
+        raise ConfigError(f"model.tau_norm: only used by model.classifier=tau_norm (got model.classifier={kind!r})")
+    if kind != "ncm" and model["ncm_features"] != SCHEMA["model"]["ncm_features"][0]:
+        raise ConfigError(f"model.ncm_features: only used by model.classifier=ncm (got model.classifier={kind!r})")
+    no_val = not data["val_list"] if data["dataset"] == "list" else data["val_per_class"] == 0
+    if kind == "tau_norm" and model["tau_norm"] == "auto" and no_val:
+        raise ConfigError("model.tau_norm: auto chooses tau on the validation split, and this config has none "
+                          "(data.val_list, or data.val_per_class > 0); give a number instead")
 
 
 def defaults() -> dict:

@@ -117,6 +117,7 @@ def _variant_logits(split: dict, weight, bias, log_prior, tau_norm, tau_la):
 
 def evaluate_run(args) -> dict:
     from ltfast.data import datasets
+    from .decoupled import build_classifier, effective_linear
     from .models import build_model, find_head, use_cosine_classifier
     from .optimization import _state_dict_of, safe_load
     from .trainer import load_datasets, make_loader
@@ -150,15 +151,15 @@ def evaluate_run(args) -> dict:
     model = build_model(mcfg["arch"], num_classes, in_channels, mcfg["width"])
     if mcfg["classifier"] == "cosine":
         use_cosine_classifier(model, num_classes, mcfg["head"])
+    build_classifier(model, mcfg, num_classes)  # decoupled LWS / NCM heads, as the run saved them
     model.load_state_dict(_state_dict_of(obj, checkpoint))
     model.to(device).eval()
     head_name, head = find_head(model, num_classes, mcfg["head"])
     linear = isinstance(head, torch.nn.Linear)
     if args.tau_norm is not None and not linear:
-        raise ConfigError(f"--tau-norm: the head {head_name} is a {type(head).__name__}, not nn.Linear "
-                          f"(a cosine classifier's rows are unit-norm already)")
-    weight = head.weight.detach().float().cpu() if linear else None
-    bias = head.bias.detach().float().cpu() if linear and head.bias is not None else None
+        why = " (a cosine classifier's rows are unit-norm already)" if type(head).__name__ == "CosineLinear" else ""
+        raise ConfigError(f"--tau-norm: the head {head_name} is a {type(head).__name__}, not nn.Linear{why}")
+    weight, bias = effective_linear(head)  # LWS: the per-class scale folded into W and b
     log_prior = torch.log(torch.as_tensor(counts, dtype=torch.float64) / sum(counts) + 1e-9).float()
 
     def run(split):

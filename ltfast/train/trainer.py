@@ -23,7 +23,7 @@ from torch import nn
 
 import ltfast
 
-from . import checkpoint, metrics
+from . import checkpoint, decoupled, metrics
 from .config import ConfigError, dump
 from .models import build_model, freeze_backbone, use_cosine_classifier
 from .optimization import Stepper, autocast_fp16, build_optimizer, load_init_weights, make_scaler, scaled_lr
@@ -361,8 +361,16 @@ def train(cfg: dict) -> dict:
         load_init_weights(model, mcfg["init_from"], mcfg["head"], num_classes, log=lambda m: _log(rank, m))
     if mcfg["freeze_backbone"]:
         freeze_backbone(model, mcfg["head"], num_classes)
+    if mcfg["classifier"] == "lws":
+        decoupled.use_lws_classifier(model, num_classes, mcfg["head"])  # only its per-class scale trains
     model.to(device)
     model.to(memory_format=memory_format)
+    if mcfg["classifier"] in decoupled.TRAINING_FREE:  # NCM, tau-norm: a classifier from statistics, no epochs
+        state = decoupled.fit_training_free(cfg, model, data, device, autocast, memory_format, rank, world,
+                                            log=lambda m: _log(rank, m))
+        groups = metrics.shot_groups(counts, cfg["eval"]["many_threshold"], cfg["eval"]["few_threshold"],
+                                     cfg["eval"]["shot_split"])
+        return _finish(cfg, model, data, groups, state, None, device, autocast, memory_format, rank, world, use_bf16)
     criterion = build_loss(cfg["loss"], counts).to(device)
     _log(rank, f"loss: {describe_loss(criterion)}")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -501,7 +509,7 @@ def _finish(cfg, model, data, groups, state, best_weights, device, autocast, mem
             use_bf16) -> dict:
     """Test with the best-validation weights (last epoch's when there is no validation split)."""
     out_dir, num_classes = cfg["train"]["out_dir"], len(data["class_counts"])
-    selection = "last epoch (no validation split)"
+    selection = state.get("selection", "last epoch (no validation split)")  # decoupled NCM / tau-norm name theirs
     if data["val_loader"] is not None and state["best_epoch"] is not None:
         selection = f"best validation top-1, epoch {state['best_epoch']}"
         best_path = os.path.join(out_dir, "best.pt")
@@ -538,6 +546,8 @@ def _finish(cfg, model, data, groups, state, best_weights, device, autocast, mem
         "train_images_per_s": state["train_images"] / max(state["train_time_s"], 1e-9),
         "history": state["history"], "config": cfg,
     }
+    if "decoupled" in state:
+        summary["decoupled"] = state["decoupled"]  # tau-norm's tau and validation curve, NCM's settings
     if rank == 0:
         if cfg["train"]["plot"]:
             title = (f"{summary['name']}: test top-1 {test['top1']:.1f}, many {_fmt(test['many'])}, "
