@@ -8,8 +8,10 @@ Each run is `ltfast.train.train` on configs/fmnist_lt/<method>.yaml (the same co
 `python -m ltfast.train`), in this process, one after the other. Seeds change the training
 randomness (init, sampling, augmentation); the long-tailed subset (data.split_seed) stays the same,
 so the methods are compared on one dataset. Numbers are test-set accuracies (balanced 10k test set)
-of the best-validation epoch; the decoupled stage 2 runs (cRT, LWS, NCM, tau-norm) start from the CE
-run of the same seed (NCM and tau-norm train nothing: their s / run is the fit and the evaluation).
+of the best-validation epoch. A second stage starts from its first stage's run of the same seed
+(STAGE1_OF: cRT, LWS, NCM and tau-norm from CE, MiSLAS stage 2 from MiSLAS stage 1), which --methods
+must list too; it is run first whatever the order. NCM and tau-norm train nothing: their s / run is
+the fit and the evaluation.
 """
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-ALL_METHODS = ["ce", "weighted_ce", "seql", "balanced_softmax", "lade", "ldam_drw", "crt", "lws", "ncm", "tau_norm"]
-# Decoupled stage 2 (configs/fmnist_lt/<method>.yaml): start from the CE run of the same seed
-ON_CE_STAGE1 = ("crt", "lws", "ncm", "tau_norm")
+ALL_METHODS = ["ce", "weighted_ce", "seql", "balanced_softmax", "lade", "ldam_drw", "crt", "lws", "ncm", "tau_norm",
+               "causal", "mislas_stage1", "mislas_stage2"]
+# second stage -> the method whose best.pt of the same seed it starts from (model.init_from)
+STAGE1_OF = {"crt": "ce", "lws": "ce", "ncm": "ce", "tau_norm": "ce", "mislas_stage2": "mislas_stage1"}
 QUICK_METHODS = ["ce", "balanced_softmax", "lade"]
 COLUMNS = ("top1", "many", "medium", "few")
 
@@ -37,16 +40,16 @@ def run_method(method: str, seed: int, out_root: str, overrides: list[str], stag
     # The benchmark owns its run folders: a second run replaces the first (the trainer refuses a
     # non-empty out_dir otherwise).
     extra = [f"train.seed={seed}", f"train.out_dir={out_dir}", "train.progress=false", "train.overwrite=true"]
-    if method in ON_CE_STAGE1:
-        if seed not in stage1:
-            raise SystemExit(f"{method} needs the ce run of the same seed: list ce before {method} in --methods")
-        extra.append(f"model.init_from={stage1[seed]}")
+    if method in STAGE1_OF:
+        first = STAGE1_OF[method]
+        if (first, seed) not in stage1:
+            raise SystemExit(f"{method} needs the {first} run of the same seed: list {first} in --methods")
+        extra.append(f"model.init_from={stage1[(first, seed)]}")
     cfg = load_config(os.path.join(ROOT, "configs", "fmnist_lt", f"{method}.yaml"), extra + overrides)
     start = time.perf_counter()
     summary = train(cfg)
     wall = time.perf_counter() - start
-    if method == "ce":
-        stage1[seed] = os.path.join(out_dir, "best.pt")
+    stage1[(method, seed)] = os.path.join(out_dir, "best.pt")
     test = summary["test"]
     return {"method": method, "name": summary["name"], "seed": seed, "wall_s": wall,
             "train_time_s": summary["train_time_s"], "best_epoch": summary["best_epoch"],
@@ -113,8 +116,12 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {ALL_METHODS}")
-    if any(m in methods for m in ON_CE_STAGE1) and "ce" in methods:  # stage 1 first
-        methods = ["ce"] + [m for m in methods if m != "ce"]
+    missing = sorted({STAGE1_OF[m] for m in methods if m in STAGE1_OF} - set(methods))
+    if missing:
+        parser.error(f"--methods: {', '.join(m for m in methods if STAGE1_OF.get(m) in missing)} need(s) "
+                     f"{', '.join(missing)} of the same seed: add {', '.join(missing)} to --methods")
+    firsts = [m for m in methods if m in STAGE1_OF.values()]  # stage 1 runs before its stage 2
+    methods = firsts + [m for m in methods if m not in firsts]
     seeds = args.seeds or (1 if args.quick else 2)
     results_dir = os.path.join(ROOT, "benchmarks", "results")
     json_path = args.json or os.path.join(results_dir, "fmnist_lt-quick.tmp.json" if args.quick else "fmnist_lt-cpu.json")

@@ -131,3 +131,45 @@ def survey_like_count_threshold(class_counts: Counts) -> str:
                 f"count_threshold={threshold} would make the {tail} rarest class(es) tail.")
     return (f"count_threshold={threshold} gives the survey's tail relative to the head class (fewer than "
             f"50 of ImageNet-LT's 1280, 3.9% of n_max): {tail} of {counts.numel()} classes here.")
+
+
+SMOOTHING_SHAPES = ("concave", "linear", "convex", "exp")
+
+
+def label_aware_smoothing(class_counts: Counts, head: float = 0.3, tail: float = 0.0, shape: str = "concave",
+                          power: float | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """MiSLAS's label-aware smoothing (Zhong et al. 2021, ``methods.py::LabelAwareSmoothing``): the
+    label-smoothing epsilon of each class, ``tail`` for the rarest class (n_min) and ``head`` for the
+    most frequent (n_max), in between by the relative count r_c = (n_c - n_min) / (n_max - n_min):
+
+    - ``concave`` (the authors' default): tail + (head - tail) * sin(pi/2 * r_c);
+    - ``linear``: tail + (head - tail) * r_c;
+    - ``convex``: head + (head - tail) * sin(3pi/2 + pi/2 * r_c)  (= tail at r=0, head at r=1);
+    - ``exp``: tail + (head - tail) * r_c ** power.
+
+    The loss uses the epsilon of each row's target class (``eps[y]``). Raises when every class has
+    the same count (the authors' formula divides by n_max - n_min = 0)."""
+    if shape not in SMOOTHING_SHAPES:
+        raise ValueError(f"shape must be one of {', '.join(SMOOTHING_SHAPES)}, got {shape!r}")
+    for name, value in (("head", head), ("tail", tail)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be a label-smoothing epsilon in [0, 1], got {value}")
+    if shape == "exp" and (power is None or not power > 0):
+        raise ValueError(f"power must be > 0 for shape='exp', got {power}")
+    if shape != "exp" and power is not None:
+        raise ValueError(f"power is only used by shape='exp' (got shape={shape!r}, power={power})")
+    counts = as_counts(class_counts)
+    n_max, n_min = counts.max(), counts.min()
+    if n_max == n_min:
+        raise ValueError(f"class_counts are all equal ({int(n_max)}): label-aware smoothing interpolates between "
+                         f"the rarest and the most frequent class and needs n_max > n_min")
+    relative = (counts - n_min) / (n_max - n_min)
+    if shape == "concave":
+        eps = tail + (head - tail) * torch.sin(relative * (math.pi / 2))
+    elif shape == "linear":
+        eps = tail + (head - tail) * relative
+    elif shape == "convex":
+        eps = head + (head - tail) * torch.sin(1.5 * math.pi + relative * (math.pi / 2))
+    else:
+        eps = tail + (head - tail) * relative.pow(power)
+    return eps.to(dtype)

@@ -54,9 +54,10 @@ NoneType = type(None)
 
 DATASETS = ("fmnist_lt", "list", "synthetic")
 SAMPLERS = ("instance", "class_balanced", "square_root", "progressive")
-LOSSES = ("ce", "weighted_ce", "seql", "balanced_softmax", "lade", "ldam_drw", "focal", "logit_adjusted")
+LOSSES = ("ce", "weighted_ce", "seql", "balanced_softmax", "lade", "ldam_drw", "focal", "logit_adjusted",
+          "label_aware_smoothing")
 SCHEDULES = ("cosine", "step", "multistep", "constant")
-CLASSIFIERS = ("linear", "cosine", "lws", "ncm", "tau_norm")
+CLASSIFIERS = ("linear", "cosine", "causal", "lws", "ncm", "tau_norm")
 
 
 def _positive(value) -> Optional[str]:
@@ -235,7 +236,8 @@ SCHEMA["model"].update({
              "dotted name of the classifier module; None: the last nn.Linear with num_classes outputs "
              "(models.find_head: fc, classifier.6, heads.head, ...)"),
     "classifier": ("linear", str, _choice(*CLASSIFIERS),
-                   "cosine: the head becomes normalize(x) @ normalize(W) (LDAM-DRW's NormedLinear); decoupled "
+                   "cosine: the head becomes normalize(x) @ normalize(W) (LDAM-DRW's NormedLinear); causal: the "
+                   "multi-head normalised classifier with TDE at test time (ltfast.train.causal); decoupled "
                    "stage 2 on model.init_from (ltfast.train.decoupled): lws (learnable per-class scale of the "
                    "frozen classifier's logits), ncm (nearest class mean, no training), tau_norm (W_c / "
                    "||W_c||^tau, no training)"),
@@ -265,6 +267,49 @@ SCHEMA["train"].update({
     "tensorboard": ("auto", (bool, str), None,
                     "TensorBoard scalars in out_dir/tensorboard: auto = when tensorboard is installed"),
 })
+
+
+# Issue 15: causal TDE (seed-methods.md §1.6) and MiSLAS (§2.4), kept together.
+SCHEMA["model"].update({
+    "causal_heads": (2, int, _positive, "causal: K heads the feature is split into (survey 2)"),
+    "causal_tau": (16.0, (int, float), _positive, "causal: logit scale tau (survey 16)"),
+    "causal_gamma": (0.03125, (int, float), _non_negative, "causal: w / (||w|| + gamma) (survey 1/32)"),
+    "causal_alpha": (3.0, (int, float), _non_negative,
+                     "causal: TDE strength at test time (survey 3); 0 = plain normalised logits"),
+    "learnable_scale": (False, bool, None,
+            "a learnable per-class scale on the head's logits (MiSLAS stage 2's LearnableWeightScaling)"),
+    "shift_bn": (True, bool, None,
+                 "with freeze_backbone: the frozen backbone stays in train mode, so BN re-estimates its "
+                 "statistics on the stage-2 batches (cRT, MiSLAS 'shift_bn'); false: backbone in eval mode"),
+})
+SCHEMA["data"].update({
+    "mixup_alpha": (0.0, (int, float), _non_negative,
+                    "mixup: lambda ~ Beta(alpha, alpha) per batch (MiSLAS stage 1: 0.2); 0 = off"),
+})
+SCHEMA["loss"].update({
+    "smooth_head": (0.3, (int, float), _probability, "label_aware_smoothing: epsilon of the most frequent class"),
+    "smooth_tail": (0.0, (int, float), _probability, "label_aware_smoothing: epsilon of the rarest class"),
+    "smooth_shape": ("concave", str, _choice("concave", "linear", "convex", "exp"),
+                     "label_aware_smoothing: epsilon against the class count (MiSLAS default concave)"),
+    "smooth_power": (None, (int, float, NoneType), _positive, "label_aware_smoothing: exponent of shape 'exp'"),
+})
+SCHEMA["optim"].update({
+    "head_lr_factor": (1.0, (int, float), _positive,
+                       "the classifier's lr is this times the lr (MiSLAS stage 2: 0.05; its learnable scale "
+                       "keeps the full lr)"),
+})
+
+
+def _causal_mislas_checks(cfg: dict) -> None:
+    model, loss = cfg["model"], cfg["loss"]
+    if not model["shift_bn"] and not model["freeze_backbone"]:
+        raise ConfigError("model.shift_bn: false only applies to a frozen backbone (model.freeze_backbone=true)")
+    if model["learnable_scale"] and model["classifier"] in ("causal", "lws", "ncm", "tau_norm"):
+        raise ConfigError(f"model.learnable_scale: not with model.classifier={model['classifier']} (causal: the TDE "
+                          "logits are not a plain head; lws has its own scale; ncm and tau_norm train nothing)")
+    if (loss["smooth_shape"] == "exp") != (loss["smooth_power"] is not None):
+        raise ConfigError("loss.smooth_power: required with loss.smooth_shape=exp, and only used by it "
+                          f"(got shape {loss['smooth_shape']!r}, power {loss['smooth_power']!r})")
 
 
 def _research_checks(cfg: dict) -> None:
@@ -388,6 +433,7 @@ def validate(cfg: dict) -> dict:
                     raise ConfigError(f"{section}.{key}: {problem}, got {value!r}")
     _cross_checks(cfg)
     _research_checks(cfg)
+    _causal_mislas_checks(cfg)
     return cfg
 
 

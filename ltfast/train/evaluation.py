@@ -118,7 +118,8 @@ def _variant_logits(split: dict, weight, bias, log_prior, tau_norm, tau_la):
 def evaluate_run(args) -> dict:
     from ltfast.data import datasets
     from .decoupled import build_classifier, effective_linear
-    from .models import build_model, find_head, use_cosine_classifier
+    from .mislas import use_learnable_weight_scaling
+    from .models import build_model, find_head, install_classifier
     from .optimization import _state_dict_of, safe_load
     from .trainer import load_datasets, make_loader
 
@@ -149,9 +150,10 @@ def evaluate_run(args) -> dict:
     in_channels = sets["train"].images.shape[1] if sets["in_memory"] and hasattr(sets["train"], "images") \
         else len(data_cfg["mean"] or (0, 0, 0))
     model = build_model(mcfg["arch"], num_classes, in_channels, mcfg["width"])
-    if mcfg["classifier"] == "cosine":
-        use_cosine_classifier(model, num_classes, mcfg["head"])
-    build_classifier(model, mcfg, num_classes)  # decoupled LWS / NCM heads, as the run saved them
+    install_classifier(model, num_classes, mcfg)   # cosine / causal (TDE in eval mode, with the saved moving average)
+    build_classifier(model, mcfg, num_classes)     # decoupled LWS / NCM heads, as the run saved them
+    if mcfg["learnable_scale"]:
+        use_learnable_weight_scaling(model, num_classes, mcfg["head"])
     model.load_state_dict(_state_dict_of(obj, checkpoint))
     model.to(device).eval()
     head_name, head = find_head(model, num_classes, mcfg["head"])

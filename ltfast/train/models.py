@@ -107,7 +107,12 @@ class CosineLinear(nn.Module):
         return nn.functional.linear(nn.functional.normalize(x, dim=1), nn.functional.normalize(self.weight, dim=1))
 
 
-HEAD_TYPES = (nn.Linear, CosineLinear, NearestClassMean)
+from .causal import CausalNormClassifier  # noqa: E402  (torch-only module, no cycle)
+from .mislas import ScaledClassifier  # noqa: E402
+
+HEAD_TYPES = (nn.Linear, CosineLinear, NearestClassMean, CausalNormClassifier, ScaledClassifier)
+# A head that wraps another (MiSLAS's classifier + learnable scale) is the head, not its inner layer.
+WRAPPING_HEADS = (ScaledClassifier,)
 
 
 def find_head(model: nn.Module, num_classes: Optional[int] = None, name: Optional[str] = None) -> tuple[str, nn.Module]:
@@ -124,6 +129,8 @@ def find_head(model: nn.Module, num_classes: Optional[int] = None, name: Optiona
         return name, modules[name]
     found = None
     for module_name, module in modules.items():
+        if found and isinstance(found[1], WRAPPING_HEADS) and module_name.startswith(found[0] + "."):
+            continue
         if isinstance(module, HEAD_TYPES) and (num_classes is None or module.out_features == num_classes):
             found = (module_name, module)
     if found is None:
@@ -140,6 +147,17 @@ def replace_head(model: nn.Module, new: nn.Module, name: Optional[str] = None, n
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, new)
     return head_name
+
+
+def install_classifier(model: nn.Module, num_classes: int, mcfg: dict) -> None:
+    """``model.classifier``: cosine or causal replace the found head (before ``model.init_from`` is
+    loaded, so a checkpoint of the same kind fits); linear keeps it. The trainer and
+    ``ltfast.evaluate`` both build the model through this."""
+    if mcfg["classifier"] == "cosine":
+        use_cosine_classifier(model, num_classes, mcfg["head"])
+    elif mcfg["classifier"] == "causal":
+        from .causal import use_causal_classifier
+        use_causal_classifier(model, num_classes, mcfg)
 
 
 def use_cosine_classifier(model: nn.Module, num_classes: int, name: Optional[str] = None) -> str:

@@ -23,9 +23,10 @@ from torch import nn
 
 import ltfast
 
-from . import checkpoint, decoupled, metrics
+from . import checkpoint, decoupled, metrics, mislas
+from .causal import FeatureAverageUpdater
 from .config import ConfigError, dump
-from .models import build_model, freeze_backbone, use_cosine_classifier
+from .models import build_model, find_head, freeze_backbone, install_classifier
 from .optimization import Stepper, autocast_fp16, build_optimizer, load_init_weights, make_scaler, scaled_lr
 from .runlog import History, prepare_out_dir, progress_enabled, run_seeds, val_fields
 from .schedule import lr_factor
@@ -191,6 +192,8 @@ def build_loss(loss: dict, class_counts: list[int]) -> nn.Module:
         return ltfast.nn.FocalLoss(loss["focal_gamma"])
     if name == "logit_adjusted":
         return ltfast.nn.LogitAdjustedLoss(class_counts, tau=loss["tau"])
+    if name == "label_aware_smoothing":
+        return mislas.label_aware_smoothing_loss(class_counts, loss)
     raise ConfigError(f"loss.name: unknown loss {name!r}")
 
 
@@ -216,7 +219,7 @@ def describe_loss(criterion: nn.Module) -> str:
         shown = ", ".join(map(str, classes[:20])) + (" ..." if len(classes) > 20 else "")
         parts.append(f"tail classes {len(classes)} of {tail.numel()}: [{shown}]"
                      + (" (none: this is plain cross-entropy)" if not classes else ""))
-    for name in ("target_margin", "weight", "drw_weight", "adjustment", "log_prior"):
+    for name in ("target_margin", "weight", "drw_weight", "adjustment", "log_prior", "label_smoothing"):
         value = getattr(criterion, name, None)
         if isinstance(value, torch.Tensor):
             parts.append(_summarise_vector(name, value))
@@ -355,14 +358,18 @@ def train(cfg: dict) -> dict:
     counts, num_classes = data["class_counts"], len(data["class_counts"])
     in_channels = data["train"].images.shape[1] if data["in_memory"] else len(cfg["data"]["mean"] or (0, 0, 0))
     model = build_model(mcfg["arch"], num_classes, in_channels, mcfg["width"])
-    if mcfg["classifier"] == "cosine":
-        use_cosine_classifier(model, num_classes, mcfg["head"])
+    install_classifier(model, num_classes, mcfg)
     if mcfg["init_from"]:
         load_init_weights(model, mcfg["init_from"], mcfg["head"], num_classes, log=lambda m: _log(rank, m))
     if mcfg["freeze_backbone"]:
         freeze_backbone(model, mcfg["head"], num_classes)
     if mcfg["classifier"] == "lws":
         decoupled.use_lws_classifier(model, num_classes, mcfg["head"])  # only its per-class scale trains
+    if mcfg["learnable_scale"]:  # after init_from (stage 1 has no scale) and the freeze (the scale trains)
+        mislas.use_learnable_weight_scaling(model, num_classes, mcfg["head"])
+    head_name = find_head(model, num_classes, mcfg["head"])[0]
+    feature_average = FeatureAverageUpdater.for_model(model)  # causal TDE's moving average, else None
+    mixup = mislas.Mixup(cfg["data"]["mixup_alpha"]) if cfg["data"]["mixup_alpha"] > 0 else None
     model.to(device)
     model.to(memory_format=memory_format)
     if mcfg["classifier"] in decoupled.TRAINING_FREE:  # NCM, tau-norm: a classifier from statistics, no epochs
@@ -374,6 +381,8 @@ def train(cfg: dict) -> dict:
     criterion = build_loss(cfg["loss"], counts).to(device)
     _log(rank, f"loss: {describe_loss(criterion)}")
     params = [p for p in model.parameters() if p.requires_grad]
+    if ocfg["head_lr_factor"] != 1.0:  # each group's lr is lr x its lr_factor (MiSLAS stage 2)
+        params = mislas.parameter_groups(model, head_name, ocfg["head_lr_factor"])
     base_lr, lr_note = scaled_lr(cfg)
     optimizer = build_optimizer(params, ocfg, base_lr)
     scaler = make_scaler(tcfg["amp"], device)
@@ -431,6 +440,8 @@ def train(cfg: dict) -> dict:
         if hasattr(criterion, "set_epoch"):
             criterion.set_epoch(epoch)  # LDAM's deferred re-weighting
         model.train()
+        if mcfg["freeze_backbone"]:
+            mislas.set_backbone_mode(model, head_name, mcfg["shift_bn"])
         loss_sum = torch.zeros((), device=device)
         bar = None
         if rank == 0 and tcfg["progress"] and progress_enabled():
@@ -441,12 +452,18 @@ def train(cfg: dict) -> dict:
         for i, (images, labels) in enumerate(loader):
             lr = base_lr * lr_factor(step + stepper.step_of(i), steps_per_epoch, ocfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_factor", 1.0)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if mixup is not None:
+                images, labels_b, lam = mixup.mix(images, labels)
             with stepper.context(i):
                 with autocast():
-                    logits = net(images.to(device, non_blocking=True).contiguous(memory_format=memory_format))
-                    loss = criterion(logits, labels.to(device, non_blocking=True))
+                    logits = net(images.contiguous(memory_format=memory_format))
+                    loss = criterion(logits, labels) if mixup is None else \
+                        mislas.mixed_loss(criterion, logits, labels, labels_b, lam)
                 stepper.backward(loss, i)  # zero_grad / backward / step, accumulated and fp16-scaled
+            if feature_average is not None:
+                feature_average.update(lr)
             loss_sum += loss.detach().float()
             if bar is not None:
                 bar.update(1)
