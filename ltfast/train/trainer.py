@@ -170,10 +170,11 @@ def build_data(cfg: dict, rank: int, world: int, device) -> dict:
 # -------------------------------------------------------------------------------------------- loss
 
 def build_loss(loss: dict, class_counts: list[int]) -> nn.Module:
-    """The recipe's loss from ltfast.nn; plain CE is nn.CrossEntropyLoss, exactly the survey's."""
+    """The recipe's loss from ltfast.nn. Plain CE is ltfast.nn.CrossEntropyLoss: the survey's
+    nn.CrossEntropyLoss computed by the fused op, which also takes mixup's two targets in one call."""
     name = loss["name"]
     if name == "ce":
-        return nn.CrossEntropyLoss()
+        return ltfast.nn.CrossEntropyLoss()
     if name == "weighted_ce":
         return ltfast.nn.WeightedCrossEntropyLoss(class_counts)
     if name == "seql":
