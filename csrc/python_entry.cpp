@@ -232,6 +232,47 @@ PyObject* lade_regularizer(PyObject* /*self*/, PyObject* const* args, Py_ssize_t
   END_HANDLE_TH_ERRORS
 }
 
+// diverse_expert_loss(Tensor logits, Tensor target, Tensor adjustments, str reduction, int ignore_index)
+PyObject* diverse_expert_loss(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  using Signature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, int64_t);
+  static const auto op = typed_op<Signature>("ltfast::diverse_expert_loss");
+  const at::Tensor *logits, *target, *adjustments;
+  c10::string_view reduction;
+  int64_t ignore_index;
+  if (nargs != 5 || !as_tensor(args[0], &logits) || !as_tensor(args[1], &target) ||
+      !as_tensor(args[2], &adjustments) || !as_string(args[3], &reduction) || !as_int(args[4], &ignore_index) ||
+      !plain_torch_function_state()) {
+    LTFAST_FALLBACK();
+  }
+  return run([&] { return op.call(*logits, *target, *adjustments, reduction, ignore_index); });
+  END_HANDLE_TH_ERRORS
+}
+
+// ride_loss(Tensor logits, Tensor target, Tensor? target_margin, Tensor? weight, Tensor? temperature,
+//           float base_temperature, float diversity_factor, int ignore_index)
+PyObject* ride_loss(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  using Signature = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
+                               const OptionalTensor&, double, double, int64_t);
+  static const auto op = typed_op<Signature>("ltfast::ride_loss");
+  const at::Tensor *logits, *target;
+  OptionalTensor target_margin, weight, temperature;
+  double base_temperature, diversity_factor;
+  int64_t ignore_index;
+  if (nargs != 8 || !as_tensor(args[0], &logits) || !as_tensor(args[1], &target) ||
+      !as_optional_tensor(args[2], &target_margin) || !as_optional_tensor(args[3], &weight) ||
+      !as_optional_tensor(args[4], &temperature) || !as_double(args[5], &base_temperature) ||
+      !as_double(args[6], &diversity_factor) || !as_int(args[7], &ignore_index) || !plain_torch_function_state()) {
+    LTFAST_FALLBACK();
+  }
+  return run([&] {
+    return op.call(*logits, *target, target_margin, weight, temperature, base_temperature, diversity_factor,
+                   ignore_index);
+  });
+  END_HANDLE_TH_ERRORS
+}
+
 #undef LTFAST_FALLBACK
 
 #define LTFAST_ENTRY(name, doc) \
@@ -257,6 +298,12 @@ PyMethodDef methods[] = {
     LTFAST_ENTRY(lade_regularizer,
                  "lade_regularizer(logits, target, log_prior, remine_lambda, ignore_index): "
                  "torch.ops.ltfast.lade_regularizer for plain tensors, else NotImplemented"),
+    LTFAST_ENTRY(diverse_expert_loss,
+                 "diverse_expert_loss(logits, target, adjustments, reduction, ignore_index): "
+                 "torch.ops.ltfast.diverse_expert_loss for plain tensors, else NotImplemented"),
+    LTFAST_ENTRY(ride_loss,
+                 "ride_loss(logits, target, target_margin, weight, temperature, base_temperature, diversity_factor, "
+                 "ignore_index): torch.ops.ltfast.ride_loss for plain tensors, else NotImplemented"),
     {nullptr, nullptr, 0, nullptr}};
 
 #undef LTFAST_ENTRY

@@ -365,6 +365,10 @@ def diverse_expert_loss(logits: Tensor, target: Tensor, adjustments: Tensor, red
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.diverse_expert_loss(logits, target, adjustments, reduction, ignore_index)
+    if not _is_compiling():
+        loss = _fast.diverse_expert_loss(logits, target, adjustments, reduction, ignore_index)
+        if loss is not NotImplemented:
+            return loss
     return torch.ops.ltfast.diverse_expert_loss.default(logits, target, adjustments, reduction, ignore_index)
 
 
@@ -393,5 +397,10 @@ def ride_loss(logits: Tensor, target: Tensor, target_margin: Tensor | None = Non
         _extension.warn_fallback_once()
         return reference.ride_loss(logits, target, target_margin, weight, temperature, base_temperature,
                                    diversity_factor, ignore_index)
+    if not _is_compiling():
+        loss = _fast.ride_loss(logits, target, target_margin, weight, temperature, base_temperature,
+                               diversity_factor, ignore_index)
+        if loss is not NotImplemented:
+            return loss
     return torch.ops.ltfast.ride_loss.default(logits, target, target_margin, weight, temperature, base_temperature,
                                               diversity_factor, ignore_index)

@@ -10,7 +10,7 @@ import torch
 import ltfast
 from ltfast import priors, reference
 from ltfast.compat import ensemble
-from conftest import device_params
+from conftest import device_params, is_simt
 from test_cross_entropy import DTYPES, TOL
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -201,8 +201,11 @@ def test_bad_inputs_name_the_argument(device):
         ltfast.ride_loss(x, y, diversity_factor=float("inf"))
     with pytest.raises(ValueError, match="at least one expert"):
         ltfast.ride_loss(x[:, :0], y)
-    with pytest.raises(IndexError, match=r"target\[3\] = 5 is out of range"):
-        ltfast.ride_loss(x, torch.tensor([0, 1, 2, 5], device=device))
+    # The CPU kernels raise IndexError naming the row; the CUDA kernels assert on the device.
+    out_of_range = (RuntimeError, "target out of range") if is_simt(device) else (IndexError, r"target\[3\] = 5")
+    for call in (lambda t: ltfast.ride_loss(x, t), lambda t: ltfast.diverse_expert_loss(x, t, adj)):
+        with pytest.raises(out_of_range[0], match=out_of_range[1]):
+            call(torch.tensor([0, 1, 2, 5], device=device))
     with pytest.raises(RuntimeError, match="gradient with respect to `weight` is not implemented"):
         ltfast.ride_loss(x, y, weight=torch.ones(5, device=device, requires_grad=True))
     with pytest.raises(RuntimeError, match="gradient with respect to `adjustments` is not implemented"):
@@ -354,3 +357,29 @@ def test_compat_ride_zero_diversity_and_no_extra_info():
         torch.testing.assert_close(ours(output, target), original(output, target), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="base_loss_factor must be non-zero"):
         ensemble.RIDELoss(cls_num_list=counts, base_loss_factor=0.0)
+
+
+def test_direct_entry_points_match_the_dispatcher_path():
+    if not ltfast._extension.AVAILABLE:
+        pytest.skip("needs the compiled extension")
+    from torch.overrides import TorchFunctionMode
+    logits, target, gen = make_inputs((5, 3, 8), torch.float32, "cpu")
+    options = ride_options("drw", 8, gen, "cpu")
+    adjustments = torch.randn(3, 8, generator=gen)
+    fast = ltfast.ops._fast
+    direct = fast.ride_loss(logits, target, options["target_margin"], options["weight"], options["temperature"], 1.5,
+                            -0.3, IGNORE)
+    assert torch.equal(direct, ltfast.ride_loss(logits, target, **options))
+    assert torch.equal(direct, torch.ops.ltfast.ride_loss.default(logits, target, options["target_margin"],
+                                                                  options["weight"], options["temperature"], 1.5,
+                                                                  -0.3, IGNORE))
+    direct = fast.diverse_expert_loss(logits, target, adjustments, "none", IGNORE)
+    assert torch.equal(direct, torch.ops.ltfast.diverse_expert_loss.default(logits, target, adjustments, "none",
+                                                                            IGNORE))
+    class Passthrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():  # a mode on the stack: the entry point declines, the functional still works
+        assert fast.diverse_expert_loss(logits, target, adjustments, "none", IGNORE) is NotImplemented
+        assert torch.equal(ltfast.diverse_expert_loss(logits, target, adjustments, "none"), direct)
