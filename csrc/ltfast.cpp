@@ -105,7 +105,7 @@ at::Tensor lade_regularizer(const at::Tensor& logits, const at::Tensor& target, 
   return lade_composite(logits, target, log_prior, 0.0, 1.0, remine_lambda, ignore_index);
 }
 
-using MultiExpertForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using MultiExpertForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 at::Tensor diverse_expert_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& adjustments,
                                c10::string_view reduction, int64_t ignore_index) {
@@ -113,9 +113,10 @@ at::Tensor diverse_expert_loss(const at::Tensor& logits, const at::Tensor& targe
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("ltfast::_diverse_expert_loss_forward", "")
           .typed<MultiExpertForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view,
-                                           int64_t)>();
-  return in_logits_dtype(std::get<0>(forward.call(logits.contiguous(), target, adjustments, reduction, ignore_index)),
-                         logits);
+                                           int64_t, bool)>();
+  // with_grad: the autograd kernel turns it on where the logits need a gradient (csrc/autograd/).
+  return in_logits_dtype(
+      std::get<0>(forward.call(logits.contiguous(), target, adjustments, reduction, ignore_index, false)), logits);
 }
 
 at::Tensor ride_loss(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& target_margin,
@@ -126,9 +127,9 @@ at::Tensor ride_loss(const at::Tensor& logits, const at::Tensor& target, const c
           .findSchemaOrThrow("ltfast::_ride_loss_forward", "")
           .typed<MultiExpertForwardOutputs(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                                            const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double,
-                                           double, int64_t)>();
+                                           double, int64_t, bool)>();
   return in_logits_dtype(std::get<0>(forward.call(logits.contiguous(), target, target_margin, weight, temperature,
-                                                  base_temperature, diversity_factor, ignore_index)),
+                                                  base_temperature, diversity_factor, ignore_index, false)),
                          logits);
 }
 
@@ -199,8 +200,10 @@ TORCH_LIBRARY(ltfast, m) {
   m.def("diverse_expert_loss(Tensor logits, Tensor target, Tensor adjustments, str reduction=\"mean\", "
         "int ignore_index=-100) -> Tensor",
         &diverse_expert_loss);
+  // with_grad: the CPU kernels also return the gradient for an upstream gradient of 1 (multi_expert.h).
   m.def("_diverse_expert_loss_forward(Tensor logits, Tensor target, Tensor adjustments, str reduction, "
-        "int ignore_index) -> (Tensor loss, Tensor row_stats, Tensor denominator)");
+        "int ignore_index, bool with_grad=False) -> (Tensor loss, Tensor row_stats, Tensor denominator, "
+        "Tensor grad_logits)");
   m.def("_diverse_expert_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor adjustments, "
         "Tensor row_stats, Tensor denominator, str reduction, int ignore_index) -> Tensor");
   m.def("ride_loss(Tensor logits, Tensor target, Tensor? target_margin=None, Tensor? weight=None, "
@@ -208,8 +211,8 @@ TORCH_LIBRARY(ltfast, m) {
         "int ignore_index=-100) -> Tensor",
         &ride_loss);
   m.def("_ride_loss_forward(Tensor logits, Tensor target, Tensor? target_margin, Tensor? weight, "
-        "Tensor? temperature, float base_temperature, float diversity_factor, int ignore_index) "
-        "-> (Tensor loss, Tensor row_stats, Tensor denominators)");
+        "Tensor? temperature, float base_temperature, float diversity_factor, int ignore_index, "
+        "bool with_grad=False) -> (Tensor loss, Tensor row_stats, Tensor denominators, Tensor grad_logits)");
   m.def("_ride_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? target_margin, "
         "Tensor? weight, Tensor? temperature, Tensor row_stats, Tensor denominators, float base_temperature, "
         "float diversity_factor, int ignore_index) -> Tensor");

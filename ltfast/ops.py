@@ -66,6 +66,13 @@ def _fake_expert_checks(op: str, logits: Tensor, target: Tensor, tensors: dict) 
                                f"got {tensor.device}")
 
 
+def _fake_forward_grad(logits: Tensor, with_grad: bool) -> Tensor:
+    """The multi-expert forward ops' grad_logits: computed by the CPU kernels only (multi_expert.h)."""
+    if with_grad and logits.device.type == "cpu":
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return logits.new_empty((0,))
+
+
 def _register() -> None:
     lib = torch.library
 
@@ -125,7 +132,7 @@ def _register() -> None:
 
     # ---------------------------------------------------------------- multi-expert losses
     @lib.register_fake("ltfast::_diverse_expert_loss_forward")
-    def _(logits, target, adjustments, reduction, ignore_index):
+    def _(logits, target, adjustments, reduction, ignore_index, with_grad=False):
         op = "ltfast.diverse_expert_loss"
         _fake_expert_checks(op, logits, target, {"adjustments": adjustments})
         torch._check(adjustments.dim() == 2 and adjustments.shape[0] == logits.shape[1]
@@ -137,15 +144,17 @@ def _register() -> None:
         acc = _accumulate_dtype(logits)
         rows, experts = logits.shape[0], logits.shape[1]
         loss = logits.new_empty((rows,) if reduction == "none" else (), dtype=acc)
-        # row_stats [2, N, E], denominator (layouts: csrc/ops/multi_expert/multi_expert.h).
-        return loss, logits.new_empty((2, rows, experts), dtype=acc), logits.new_empty((), dtype=acc)
+        # row_stats [2, N, E], denominator, grad_logits (layouts: csrc/ops/multi_expert/multi_expert.h).
+        return (loss, logits.new_empty((2, rows, experts), dtype=acc), logits.new_empty((), dtype=acc),
+                _fake_forward_grad(logits, with_grad))
 
     @lib.register_fake("ltfast::_diverse_expert_loss_backward")
     def _(grad_loss, logits, target, adjustments, row_stats, denominator, reduction, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     @lib.register_fake("ltfast::_ride_loss_forward")
-    def _(logits, target, target_margin, weight, temperature, base_temperature, diversity_factor, ignore_index):
+    def _(logits, target, target_margin, weight, temperature, base_temperature, diversity_factor, ignore_index,
+          with_grad=False):
         op = "ltfast.ride_loss"
         vectors = {"target_margin": target_margin, "weight": weight, "temperature": temperature}
         _fake_expert_checks(op, logits, target, vectors)
@@ -158,7 +167,7 @@ def _register() -> None:
         # row_stats [2, N, 2E + 1], denominators [3] (layouts: csrc/ops/multi_expert/multi_expert.h).
         return (logits.new_empty((), dtype=acc), logits.new_empty((2, logits.shape[0], 2 * logits.shape[1] + 1),
                                                                    dtype=acc),
-                logits.new_empty((3,), dtype=acc))
+                logits.new_empty((3,), dtype=acc), _fake_forward_grad(logits, with_grad))
 
     @lib.register_fake("ltfast::_ride_loss_backward")
     def _(grad_loss, logits, target, target_margin, weight, temperature, row_stats, denominators, base_temperature,

@@ -232,7 +232,10 @@ def test_gradcheck_float64(device):
     options = ride_options("drw", 6, gen, device)
     for fn in (lambda x: ltfast.diverse_expert_loss(x, target, adjustments, "none"),
                lambda x: ltfast.ride_loss(x, target, **options)):
-        assert torch.autograd.gradcheck(fn, (logits.clone().requires_grad_(),), eps=1e-6, atol=1e-7)
+        # nondet_tol: gradcheck's reentrancy check runs backward twice; the first returns the
+        # forward-time gradient (CPU), the second the backward kernel's, equal up to rounding.
+        assert torch.autograd.gradcheck(fn, (logits.clone().requires_grad_(),), eps=1e-6, atol=1e-7,
+                                        nondet_tol=1e-12)
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -241,19 +244,25 @@ def test_opcheck(device):
     adjustments = torch.randn(3, 7, generator=gen).to(device)
     options = ride_options("drw", 7, gen, device)
     margin, weight, temperature = options["target_margin"], options["weight"], options["temperature"]
+    grad_flags = (False, True)  # with_grad: the forward-time gradient of the CPU kernels (multi_expert.h)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         x = logits.to(dtype).requires_grad_()
         for reduction in ("mean", "none"):
             torch.library.opcheck(torch.ops.ltfast.diverse_expert_loss, (x, target, adjustments, reduction, IGNORE))
-        _, stats, denominator = torch.ops.ltfast._diverse_expert_loss_forward(x.detach(), target, adjustments,
-                                                                              "mean", IGNORE)
+        for with_grad in grad_flags:
+            torch.library.opcheck(torch.ops.ltfast._diverse_expert_loss_forward,
+                                  (x.detach(), target, adjustments, "mean", IGNORE, with_grad))
+        _, stats, denominator, _ = torch.ops.ltfast._diverse_expert_loss_forward(x.detach(), target, adjustments,
+                                                                                 "mean", IGNORE)
         grad = torch.ones((), dtype=stats.dtype, device=device)
         torch.library.opcheck(torch.ops.ltfast._diverse_expert_loss_backward,
                               (grad, x.detach(), target, adjustments, stats, denominator, "mean", IGNORE))
         args = (x, target, margin, weight, temperature, 1.5, -0.2, IGNORE)
         torch.library.opcheck(torch.ops.ltfast.ride_loss, args)
         torch.library.opcheck(torch.ops.ltfast.ride_loss, (x, target, None, None, None, 1.0, -0.2, IGNORE))
-        _, stats, denominators = torch.ops.ltfast._ride_loss_forward(x.detach(), *args[1:])
+        for with_grad in grad_flags:
+            torch.library.opcheck(torch.ops.ltfast._ride_loss_forward, (x.detach(), *args[1:], with_grad))
+        _, stats, denominators, _ = torch.ops.ltfast._ride_loss_forward(x.detach(), *args[1:])
         torch.library.opcheck(torch.ops.ltfast._ride_loss_backward,
                               (grad, x.detach(), target, margin, weight, temperature, stats, denominators, 1.5, -0.2,
                                IGNORE))
@@ -383,3 +392,56 @@ def test_direct_entry_points_match_the_dispatcher_path():
     with Passthrough():  # a mode on the stack: the entry point declines, the functional still works
         assert fast.diverse_expert_loss(logits, target, adjustments, "none", IGNORE) is NotImplemented
         assert torch.equal(ltfast.diverse_expert_loss(logits, target, adjustments, "none"), direct)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["sade_mean", "sade_none", "ride"])
+def test_forward_time_gradient_equals_backward_kernel(op, dtype):
+    # CPU: with the logits requiring grad, the forward also writes the gradient (multi_expert.h); the
+    # backward returns it for an upstream gradient of exactly 1 and runs the backward kernel otherwise.
+    logits, target, gen = make_inputs((9, 3, 1000), dtype, "cpu")
+    adjustments = torch.randn(3, 1000, generator=gen)
+    options = ride_options("drw", 1000, gen, "cpu")
+    if op == "ride":
+        forward = torch.ops.ltfast._ride_loss_forward
+        args = (target, options["target_margin"], options["weight"], options["temperature"], 1.5, -0.3, IGNORE)
+        backward = lambda g, stats, den: torch.ops.ltfast._ride_loss_backward(  # noqa: E731
+            g, logits, *args[:4], stats, den, 1.5, -0.3, IGNORE)
+    else:
+        reduction = op.split("_")[1]
+        forward = torch.ops.ltfast._diverse_expert_loss_forward
+        args = (target, adjustments, reduction, IGNORE)
+        backward = lambda g, stats, den: torch.ops.ltfast._diverse_expert_loss_backward(  # noqa: E731
+            g, logits, target, adjustments, stats, den, reduction, IGNORE)
+    loss, stats, den, grad = forward(logits, *args, True)
+    plain = forward(logits, *args, False)
+    assert plain[3].numel() == 0 and grad.shape == logits.shape and grad.dtype == logits.dtype
+    torch.testing.assert_close(loss, plain[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats, plain[1], rtol=1e-6, atol=1e-6)
+    expected = backward(torch.ones_like(loss), stats, den)
+    tol = TOL[dtype]
+    torch.testing.assert_close(grad.double(), expected.double(), rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * 1e-2)
+    assert (grad[1] == 0).all() and (grad[4] == 0).all()
+    # Through autograd: upstream 1 takes the saved gradient, upstream 0.5 the backward kernel.
+    functional = ((lambda x: ltfast.ride_loss(x, target, **options)) if op == "ride"
+                  else (lambda x: ltfast.diverse_expert_loss(x, target, adjustments, op.split("_")[1])))
+    for scale in (1.0, 0.5):
+        x = logits.clone().requires_grad_()
+        out = functional(x)
+        (got,) = torch.autograd.grad(out, x, torch.full_like(out, scale))
+        torch.testing.assert_close(got.double(), scale * expected.double(), rtol=tol["rtol"],
+                                   atol=tol["atol"] + tol["rtol"] * 1e-2)
+
+
+def test_forward_time_gradient_with_retain_graph_and_create_graph():
+    logits, target, _ = make_inputs((6, 3, 11), torch.float64, "cpu")
+    x = logits.clone().requires_grad_()
+    loss = ltfast.ride_loss(x, target)
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    first.mul_(0)  # the caller owns the gradient it got; a second backward is unaffected
+    (second,) = torch.autograd.grad(loss, x)
+    x64 = logits.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(reference.ride_loss(x64, target), x64)
+    torch.testing.assert_close(second, expected, rtol=1e-9, atol=1e-12)
+    (with_graph,) = torch.autograd.grad(ltfast.ride_loss(x, target), x, create_graph=True)
+    torch.testing.assert_close(with_graph, expected, rtol=1e-9, atol=1e-12)

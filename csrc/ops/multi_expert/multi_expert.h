@@ -38,6 +38,9 @@ struct MultiExpertArgs {
   int64_t num_experts = 0;
   int64_t num_classes = 0;
   at::ScalarType accumulate_type = at::kFloat;
+  // Forward also writes the gradient for an upstream gradient of 1 (1 per row for 'none'), see
+  // below. Only the CPU kernels do; the CUDA kernels return an empty grad_logits.
+  bool with_grad = false;
 };
 
 MultiExpertArgs prepare_diverse_expert_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
@@ -50,13 +53,21 @@ MultiExpertArgs prepare_ride_args(const char* op, const at::Tensor& logits, cons
                                   const c10::optional<at::Tensor>& temperature, double base_temperature,
                                   double diversity_factor, int64_t ignore_index);
 
-// diverse_expert_loss forward: (loss, row_stats [2, N, E], denominator), accumulation dtype.
+// Both forwards return (loss, row_stats, denominator(s), grad_logits). grad_logits is empty ([0])
+// unless args.with_grad and the backend is the CPU: then it is d loss / d logits [N, E, C] in the
+// logits dtype for an upstream gradient of 1 (of 1 for every row with 'none'), computed from the
+// exponentials of the forward while each row is in L1/L2: the logits are read once and the gradient
+// written once, where a separate backward reads them again (3 passes instead of 2: at 4096 x 3 x 1000
+// float32 the CPU is memory-bound). Autograd uses it when the upstream gradient is exactly 1 (the
+// loss itself), else the backward kernel.
+//
+// diverse_expert_loss forward: (loss, row_stats [2, N, E], denominator, grad_logits), accumulation dtype.
 //   row_stats[0, i, e] = max_c a_iec, row_stats[1, i, e] = log sum_c exp(a_iec - max) with
 //   a_iec = z_iec + adjustments_ec (math::finish_row: NaN for a non-finite max; 0 for ignored rows).
 //   denominator: the number of non-ignored rows for 'mean', 1 otherwise.
 // Backward: d loss / d z_iec = g_i (p_iec - [c = y_i]) with g_i = grad / denominator (or grad_i for
 //   'none'), 0 for ignored rows.
-using MultiExpertForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using MultiExpertForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 MultiExpertForwardResult diverse_expert_forward_cpu(const MultiExpertArgs& args);
 at::Tensor diverse_expert_backward_cpu(const MultiExpertArgs& args, const at::Tensor& grad_loss,
                                        const at::Tensor& row_stats, const at::Tensor& denominator);
@@ -64,7 +75,7 @@ MultiExpertForwardResult diverse_expert_forward_cuda(const MultiExpertArgs& args
 at::Tensor diverse_expert_backward_cuda(const MultiExpertArgs& args, const at::Tensor& grad_loss,
                                         const at::Tensor& row_stats, const at::Tensor& denominator);
 
-// ride_loss forward: (loss, row_stats [2, N, 2E + 1], denominators [3]), accumulation dtype.
+// ride_loss forward: (loss, row_stats [2, N, 2E + 1], denominators [3], grad_logits), accumulation dtype.
 //   row_stats[:, i, k]         (k < E): the CE softmax of expert k (target logit minus its margin);
 //   row_stats[:, i, E + k]     (k < E): the softmax of z_ik / T;
 //   row_stats[:, i, 2E]:                the softmax of zbar_i / T (pbar);
@@ -92,9 +103,11 @@ using MultiExpertBackwardKernel = at::Tensor (*)(const MultiExpertArgs&, const a
 template <MultiExpertForwardKernel kernel>
 MultiExpertForwardResult diverse_expert_forward(const at::Tensor& logits, const at::Tensor& target,
                                                 const at::Tensor& adjustments, c10::string_view reduction,
-                                                int64_t ignore_index) {
-  return kernel(prepare_diverse_expert_args("ltfast.diverse_expert_loss", logits, target, adjustments, reduction,
-                                            ignore_index));
+                                                int64_t ignore_index, bool with_grad) {
+  auto args = prepare_diverse_expert_args("ltfast.diverse_expert_loss", logits, target, adjustments, reduction,
+                                          ignore_index);
+  args.with_grad = with_grad;
+  return kernel(args);
 }
 
 template <MultiExpertBackwardKernel kernel>
@@ -113,9 +126,11 @@ MultiExpertForwardResult ride_forward(const at::Tensor& logits, const at::Tensor
                                       const c10::optional<at::Tensor>& target_margin,
                                       const c10::optional<at::Tensor>& weight,
                                       const c10::optional<at::Tensor>& temperature, double base_temperature,
-                                      double diversity_factor, int64_t ignore_index) {
-  return kernel(prepare_ride_args("ltfast.ride_loss", logits, target, target_margin, weight, temperature,
-                                  base_temperature, diversity_factor, ignore_index));
+                                      double diversity_factor, int64_t ignore_index, bool with_grad) {
+  auto args = prepare_ride_args("ltfast.ride_loss", logits, target, target_margin, weight, temperature,
+                                base_temperature, diversity_factor, ignore_index);
+  args.with_grad = with_grad;
+  return kernel(args);
 }
 
 template <MultiExpertBackwardKernel kernel>

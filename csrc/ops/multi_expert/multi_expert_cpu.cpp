@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -68,30 +69,44 @@ void max_plain_and_scaled(const acc_t* x, const acc_t* scale, int64_t n, acc_t& 
 }
 
 // Adds sum_c exp(x_c - shift_plain) to sum_plain and sum_c exp(x_c scale_c - shift_scaled) to
-// sum_scaled over c in [begin, end).
-template <typename acc_t>
+// sum_scaled over c in [begin, end); with kStore, also writes the exponentials to out_plain[c] and
+// out_scaled[c] (for the forward-time gradient).
+template <bool kStore, typename acc_t>
 void add_exp_sums(const acc_t* x, const acc_t* scale, int64_t begin, int64_t end, acc_t shift_plain,
-                  acc_t shift_scaled, acc_t& sum_plain, acc_t& sum_scaled) {
+                  acc_t shift_scaled, acc_t& sum_plain, acc_t& sum_scaled, acc_t* out_plain = nullptr,
+                  acc_t* out_scaled = nullptr) {
   using Vec = Vectorized<acc_t>;
   const Vec vshift_plain(shift_plain), vshift_scaled(shift_scaled);
   Vec vplain(acc_t(0)), vscaled(acc_t(0));
   int64_t c = begin;
   for (; c + Vec::size() <= end; c += Vec::size()) {
     const Vec v = Vec::loadu(x + c);
-    vplain = vplain + vec_exp(v - vshift_plain);
-    vscaled = vscaled + vec_exp(v * Vec::loadu(scale + c) - vshift_scaled);
+    const Vec e_plain = vec_exp(v - vshift_plain);
+    const Vec e_scaled = vec_exp(v * Vec::loadu(scale + c) - vshift_scaled);
+    if constexpr (kStore) {
+      e_plain.store(out_plain + c);
+      e_scaled.store(out_scaled + c);
+    }
+    vplain = vplain + e_plain;
+    vscaled = vscaled + e_scaled;
   }
   sum_plain += reduce_sum(vplain);
   sum_scaled += reduce_sum(vscaled);
   for (; c < end; ++c) {
-    sum_plain += math::exp_shifted(x[c], shift_plain);
-    sum_scaled += math::exp_shifted(x[c] * scale[c], shift_scaled);
+    const acc_t e_plain = math::exp_shifted(x[c], shift_plain);
+    const acc_t e_scaled = math::exp_shifted(x[c] * scale[c], shift_scaled);
+    if constexpr (kStore) {
+      out_plain[c] = e_plain;
+      out_scaled[c] = e_scaled;
+    }
+    sum_plain += e_plain;
+    sum_scaled += e_scaled;
   }
 }
 
-// (max, sum exp(x_c scale_c - max)) of one row.
+// (max, sum exp(x_c scale_c - max)) of one row; with `out`, also the exponentials exp(x_c scale_c - max).
 template <typename acc_t>
-math::SoftmaxState<acc_t> scaled_softmax_state(const acc_t* x, const acc_t* scale, int64_t n) {
+math::SoftmaxState<acc_t> scaled_softmax_state(const acc_t* x, const acc_t* scale, int64_t n, acc_t* out = nullptr) {
   using Vec = Vectorized<acc_t>;
   Vec vmax(math::negative_infinity<acc_t>());
   int64_t c = 0;
@@ -105,10 +120,16 @@ math::SoftmaxState<acc_t> scaled_softmax_state(const acc_t* x, const acc_t* scal
   Vec vsum(acc_t(0));
   c = 0;
   for (; c + Vec::size() <= n; c += Vec::size()) {
-    vsum = vsum + vec_exp(Vec::loadu(x + c) * Vec::loadu(scale + c) - vshift);
+    const Vec e = vec_exp(Vec::loadu(x + c) * Vec::loadu(scale + c) - vshift);
+    if (out) e.store(out + c);
+    vsum = vsum + e;
   }
   acc_t s = reduce_sum(vsum);
-  for (; c < n; ++c) s += math::exp_shifted(x[c] * scale[c], m);
+  for (; c < n; ++c) {
+    const acc_t e = math::exp_shifted(x[c] * scale[c], m);
+    if (out) out[c] = e;
+    s += e;
+  }
   return {m, s};
 }
 
@@ -134,9 +155,13 @@ void expert_mean(const acc_t* block, int64_t E, int64_t C, acc_t* out) {
 bool finished_is_nan(const double log_sum) { return !(log_sum == log_sum); }
 
 // ------------------------------------------------------------------------------ diverse_expert_loss
+// With grad_out: also the gradient for an upstream gradient of 1, grad_coef (p - onehot) with
+// grad_coef = 1 / denominator, from the exponentials of the forward (multi_expert.h).
 template <typename scalar_t>
-void diverse_forward_kernel(const MultiExpertArgs& args, at::Tensor& row_loss, at::Tensor& row_stats) {
+void diverse_forward_kernel(const MultiExpertArgs& args, at::Tensor& row_loss, at::Tensor& row_stats,
+                            scalar_t* grad_out, at::opmath_type<scalar_t> grad_coef) {
   using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
   const int64_t N = args.num_rows, E = args.num_experts, C = args.num_classes;
   const scalar_t* logits = args.logits.data_ptr<scalar_t>();
   const int64_t* target = args.target.data_ptr<int64_t>();
@@ -146,17 +171,62 @@ void diverse_forward_kernel(const MultiExpertArgs& args, at::Tensor& row_loss, a
   acc_t* log_sum_out = max_out + N * E;          // row_stats[1]
 
   at::parallel_for(0, N, rows_per_task(E * C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tile(std::min(C, kTileClasses));
+    std::vector<acc_t> tile(grad_out ? C : std::min(C, kTileClasses));
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = checked_target(target, i, C, args.ignore_index);
       if (y == args.ignore_index) {
         loss_out[i] = acc_t(0);
         std::fill(max_out + i * E, max_out + (i + 1) * E, acc_t(0));
         std::fill(log_sum_out + i * E, log_sum_out + (i + 1) * E, acc_t(0));
+        if (grad_out) std::fill(grad_out + i * E * C, grad_out + (i + 1) * E * C, scalar_t(0));
         continue;
       }
       acc_t total = acc_t(0);
-      for (int64_t e = 0; e < E; ++e) {
+      for (int64_t e = 0; e < E && grad_out; ++e) {
+        // The whole adjusted row in `tile` (L1/L2), its exponentials in place, then the gradient.
+        const scalar_t* row = logits + (i * E + e) * C;
+        const acc_t* adjustment = adjustments + e * C;
+        acc_t* a = tile.data();
+        const acc_t m = load_adjusted_row(row, adjustment, C, a);
+        const acc_t target_logit = a[y];
+        acc_t sum = acc_t(0);
+        if (m > math::negative_infinity<acc_t>() && m < -math::negative_infinity<acc_t>()) {
+          const Vec vmax(m);
+          Vec vsum(acc_t(0));
+          int64_t c = 0;
+          for (; c + Vec::size() <= C; c += Vec::size()) {
+            const Vec ex = vec_exp(Vec::loadu(a + c) - vmax);
+            ex.store(a + c);
+            vsum = vsum + ex;
+          }
+          sum = reduce_sum(vsum);
+          for (; c < C; ++c) {
+            a[c] = math::exp_shifted(a[c], m);
+            sum += a[c];
+          }
+        }
+        const auto finished = math::finish_row(math::SoftmaxState<acc_t>{m, sum});
+        max_out[i * E + e] = finished.max;
+        log_sum_out[i * E + e] = finished.log_sum;
+        total += finished.log_sum - (target_logit - finished.max);
+        scalar_t* grad_row = grad_out + (i * E + e) * C;
+        if (math::row_is_nan(finished)) {
+          std::fill(grad_row, grad_row + C, static_cast<scalar_t>(finished.log_sum));
+          continue;
+        }
+        const acc_t scale = grad_coef / sum;
+        const Vec vscale(scale);
+        int64_t c = 0;
+        for (; c + Vec::size() <= C; c += Vec::size()) (Vec::loadu(a + c) * vscale).store(a + c);
+        for (; c < C; ++c) a[c] *= scale;
+        a[y] -= grad_coef;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          std::copy(a, a + C, grad_row);
+        } else {
+          at::vec::convert(a, grad_row, C);
+        }
+      }
+      for (int64_t e = 0; e < E && !grad_out; ++e) {
         const scalar_t* row = logits + (i * E + e) * C;
         const acc_t* adjustment = adjustments + e * C;
         const acc_t target_logit = adjusted_target_logit(row, adjustment, static_cast<const acc_t*>(nullptr), y);
@@ -261,10 +331,21 @@ struct RideRowSums {
   std::vector<double> kl;  // sum_k KL(pbar_i || p_ik) per row
 };
 
+// Gradient coefficients for an upstream gradient of 1: d/dz of the CE term is ce_scale w_y (q - onehot),
+// of the KL term kl_scale / T_c (p - pbar).
+template <typename acc_t>
+struct RideGradCoefficients {
+  double ce_scale = 0.0;  // 1 / sum_i w_{y_i}
+  acc_t kl_scale = acc_t(0);  // diversity_factor Tbar^2 / N'
+};
+
 template <typename scalar_t>
 void ride_forward_kernel(const MultiExpertArgs& args, const std::vector<at::opmath_type<scalar_t>>& inv_temperature,
-                         RideRowSums& sums, at::Tensor& row_stats) {
+                         RideRowSums& sums, at::Tensor& row_stats, scalar_t* grad_out,
+                         const RideGradCoefficients<at::opmath_type<scalar_t>>& coefficients) {
   using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t N = args.num_rows, E = args.num_experts, C = args.num_classes, S = 2 * E + 1;
   const scalar_t* logits = args.logits.data_ptr<scalar_t>();
   const int64_t* target = args.target.data_ptr<int64_t>();
@@ -275,8 +356,11 @@ void ride_forward_kernel(const MultiExpertArgs& args, const std::vector<at::opma
   acc_t* log_sum_out = max_out + N * S;          // row_stats[1]
 
   at::parallel_for(0, N, rows_per_task(E * C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> converted(std::is_same_v<scalar_t, acc_t> ? 0 : E * C);
-    std::vector<acc_t> mean_row(C);
+    std::vector<acc_t> converted(kSameType ? 0 : E * C);
+    std::vector<acc_t> mean_row(C), sum_ce(E), sum_t(E);
+    // The row's exponentials for the forward-time gradient (2E + 1 rows of C: 28 KB at E = 3, C = 1000).
+    std::vector<acc_t> exp_ce(grad_out ? E * C : 0), exp_t(grad_out ? E * C : 0), exp_bar(grad_out ? C : 0);
+    std::vector<acc_t> out_buffer(grad_out && !kSameType ? E * C : 0);
     for (int64_t i = begin; i < end; ++i) {
       acc_t* row_max = max_out + i * S;
       acc_t* row_log_sum = log_sum_out + i * S;
@@ -286,6 +370,7 @@ void ride_forward_kernel(const MultiExpertArgs& args, const std::vector<at::opma
         std::fill(row_log_sum, row_log_sum + S, acc_t(0));
         sums.ce[i] = 0.0;
         sums.kl[i] = 0.0;
+        if (grad_out) std::fill(grad_out + i * E * C, grad_out + (i + 1) * E * C, scalar_t(0));
         continue;
       }
       const acc_t* block = block_in_acc(logits + i * E * C, E * C, converted);
@@ -302,11 +387,24 @@ void ride_forward_kernel(const MultiExpertArgs& args, const std::vector<at::opma
         const bool finite_ce = m_ce > math::negative_infinity<acc_t>() && m_ce < -math::negative_infinity<acc_t>();
         const bool finite_t = m_t > math::negative_infinity<acc_t>() && m_t < -math::negative_infinity<acc_t>();
         if (finite_ce && finite_t) {
-          add_exp_sums(z, inv_t, 0, y, m_ce, m_t, s_ce, s_t);
-          add_exp_sums(z, inv_t, y + 1, C, m_ce, m_t, s_ce, s_t);
-          s_ce += math::exp_shifted(target_logit, m_ce);
-          s_t += math::exp_shifted(z[y] * inv_t[y], m_t);
+          if (grad_out) {
+            acc_t* e_ce = exp_ce.data() + k * C;
+            acc_t* e_t = exp_t.data() + k * C;
+            add_exp_sums<true>(z, inv_t, 0, y, m_ce, m_t, s_ce, s_t, e_ce, e_t);
+            add_exp_sums<true>(z, inv_t, y + 1, C, m_ce, m_t, s_ce, s_t, e_ce, e_t);
+            e_ce[y] = math::exp_shifted(target_logit, m_ce);
+            e_t[y] = math::exp_shifted(z[y] * inv_t[y], m_t);
+            s_ce += e_ce[y];
+            s_t += e_t[y];
+          } else {
+            add_exp_sums<false>(z, inv_t, 0, y, m_ce, m_t, s_ce, s_t);
+            add_exp_sums<false>(z, inv_t, y + 1, C, m_ce, m_t, s_ce, s_t);
+            s_ce += math::exp_shifted(target_logit, m_ce);
+            s_t += math::exp_shifted(z[y] * inv_t[y], m_t);
+          }
         }
+        sum_ce[k] = s_ce;
+        sum_t[k] = s_t;
         const auto finished_ce = math::finish_row(math::SoftmaxState<acc_t>{m_ce, s_ce});
         const auto finished_t = math::finish_row(math::SoftmaxState<acc_t>{m_t, s_t});
         row_max[k] = finished_ce.max;
@@ -317,7 +415,8 @@ void ride_forward_kernel(const MultiExpertArgs& args, const std::vector<at::opma
         kl += static_cast<double>(finished_t.max) + static_cast<double>(finished_t.log_sum);
       }
       expert_mean(block, E, C, mean_row.data());
-      const auto finished_bar = math::finish_row(scaled_softmax_state(mean_row.data(), inv_t, C));
+      const auto bar_state = scaled_softmax_state(mean_row.data(), inv_t, C, grad_out ? exp_bar.data() : nullptr);
+      const auto finished_bar = math::finish_row(bar_state);
       row_max[2 * E] = finished_bar.max;
       row_log_sum[2 * E] = finished_bar.log_sum;
       // sum_k KL(pbar || p_k) = sum_k lse(z_k / T) - E lse(zbar / T) (multi_expert.h), in float64:
@@ -325,6 +424,39 @@ void ride_forward_kernel(const MultiExpertArgs& args, const std::vector<at::opma
       kl -= static_cast<double>(E) * (static_cast<double>(finished_bar.max) + static_cast<double>(finished_bar.log_sum));
       sums.ce[i] = (weight ? static_cast<double>(weight[y]) : 1.0) * ce;
       sums.kl[i] = kl;
+      if (grad_out) {
+        // The gradient for an upstream gradient of 1 (multi_expert.h), from the exponentials above:
+        // q = e_ce / s_ce, p = e_t / s_t, pbar = e_bar / s_bar.
+        scalar_t* grad_block = grad_out + i * E * C;
+        bool nan_row = false;
+        for (int64_t j = 0; j < S; ++j) nan_row = nan_row || finished_is_nan(static_cast<double>(row_log_sum[j]));
+        if (nan_row) {
+          std::fill(grad_block, grad_block + E * C, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
+          continue;
+        }
+        acc_t* out = kSameType ? reinterpret_cast<acc_t*>(grad_block) : out_buffer.data();
+        const acc_t ce_coef = static_cast<acc_t>(coefficients.ce_scale * (weight ? static_cast<double>(weight[y]) : 1.0));
+        const Vec vce_coef(ce_coef), vkl_scale(coefficients.kl_scale), vinv_bar(acc_t(1) / bar_state.sum);
+        for (int64_t k = 0; k < E; ++k) {
+          const acc_t* e_ce = exp_ce.data() + k * C;
+          const acc_t* e_t = exp_t.data() + k * C;
+          acc_t* o = out + k * C;
+          const acc_t inv_ce = acc_t(1) / sum_ce[k], inv_t_sum = acc_t(1) / sum_t[k];
+          const Vec vq(vce_coef * Vec(inv_ce)), vinv_t_sum(inv_t_sum);
+          int64_t c = 0;
+          for (; c + Vec::size() <= C; c += Vec::size()) {
+            const Vec p = Vec::loadu(e_t + c) * vinv_t_sum;
+            const Vec pbar = Vec::loadu(exp_bar.data() + c) * vinv_bar;
+            (vq * Vec::loadu(e_ce + c) + vkl_scale * Vec::loadu(inv_t + c) * (p - pbar)).store(o + c);
+          }
+          for (; c < C; ++c) {
+            o[c] = ce_coef * inv_ce * e_ce[c] +
+                   coefficients.kl_scale * inv_t[c] * (e_t[c] * inv_t_sum - exp_bar[c] / bar_state.sum);
+          }
+          o[y] -= ce_coef;
+        }
+        if constexpr (!kSameType) at::vec::convert(out, grad_block, E * C);
+      }
     }
   });
 }
@@ -421,10 +553,21 @@ MultiExpertForwardResult diverse_forward_cpu(const MultiExpertArgs& args) {
   at::Tensor row_loss = at::empty({args.num_rows}, acc_options);
   at::Tensor row_stats = at::empty({2, args.num_rows, args.num_experts}, acc_options);  // layout: multi_expert.h
   at::Tensor denominator = at::empty({}, acc_options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(),
-                                  "ltfast_diverse_expert_forward_cpu",
-                                  [&] { diverse_forward_kernel<scalar_t>(args, row_loss, row_stats); });
+  at::Tensor grad_logits = at::empty(args.with_grad ? args.logits.sizes() : at::IntArrayRef{0}, args.logits.options());
   const int64_t* target = args.target.data_ptr<int64_t>();
+  double grad_coef = 1.0;  // 1 / denominator of 'mean' (the number of non-ignored rows), else 1
+  if (args.with_grad && args.reduction == Reduction::Mean) {
+    int64_t valid = 0;
+    for (int64_t i = 0; i < args.num_rows; ++i) valid += target[i] != args.ignore_index ? 1 : 0;
+    grad_coef = 1.0 / static_cast<double>(valid);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(),
+                                  "ltfast_diverse_expert_forward_cpu", [&] {
+                                    diverse_forward_kernel<scalar_t>(
+                                        args, row_loss, row_stats,
+                                        args.with_grad ? grad_logits.data_ptr<scalar_t>() : nullptr,
+                                        static_cast<at::opmath_type<scalar_t>>(grad_coef));
+                                  });
   AT_DISPATCH_FLOATING_TYPES(args.accumulate_type, "ltfast_diverse_expert_reduce", [&] {
     if (args.reduction == Reduction::None) {
       *denominator.data_ptr<scalar_t>() = scalar_t(1);
@@ -442,7 +585,7 @@ MultiExpertForwardResult diverse_forward_cpu(const MultiExpertArgs& args) {
     *row_loss.data_ptr<scalar_t>() = static_cast<scalar_t>(total / denom);
     *denominator.data_ptr<scalar_t>() = static_cast<scalar_t>(denom);
   });
-  return {row_loss, row_stats, denominator};
+  return {row_loss, row_stats, denominator, grad_logits};
 }
 
 at::Tensor diverse_backward_cpu(const MultiExpertArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
@@ -464,22 +607,33 @@ MultiExpertForwardResult ride_forward_cpu_impl(const MultiExpertArgs& args) {
   at::Tensor denominators = at::empty({3}, acc_options);
   RideRowSums sums{std::vector<double>(args.num_rows), std::vector<double>(args.num_rows)};
   double mean_temperature = 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(), "ltfast_ride_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto inv_t = inverse_temperatures<acc_t>(args, &mean_temperature);
-    ride_forward_kernel<scalar_t>(args, inv_t, sums, row_stats);
-  });
+  // The denominators first (serially in float64, independent of the thread count): the forward-time
+  // gradient needs them.
   const int64_t* target = args.target.data_ptr<int64_t>();
   const auto weight = args.weight.defined() ? args.weight.to(at::kDouble) : at::Tensor();
   const double* w = weight.defined() ? weight.data_ptr<double>() : nullptr;
-  double ce = 0.0, kl = 0.0, weight_sum = 0.0, valid = 0.0;
+  double weight_sum = 0.0, valid = 0.0;
+  for (int64_t i = 0; i < args.num_rows; ++i) {
+    const int64_t y = checked_target(target, i, args.num_classes, args.ignore_index);
+    if (y != args.ignore_index) {
+      weight_sum += w ? w[y] : 1.0;
+      valid += 1.0;
+    }
+  }
+  at::Tensor grad_logits = at::empty(args.with_grad ? args.logits.sizes() : at::IntArrayRef{0}, args.logits.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(), "ltfast_ride_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto inv_t = inverse_temperatures<acc_t>(args, &mean_temperature);
+    RideGradCoefficients<acc_t> coefficients;
+    coefficients.ce_scale = 1.0 / weight_sum;
+    coefficients.kl_scale = static_cast<acc_t>(args.diversity_factor * mean_temperature * mean_temperature / valid);
+    ride_forward_kernel<scalar_t>(args, inv_t, sums, row_stats,
+                                  args.with_grad ? grad_logits.data_ptr<scalar_t>() : nullptr, coefficients);
+  });
+  double ce = 0.0, kl = 0.0;
   for (int64_t i = 0; i < args.num_rows; ++i) {  // serial float64: independent of the thread count
     ce += sums.ce[i];
     kl += sums.kl[i];
-    if (target[i] != args.ignore_index) {
-      weight_sum += w ? w[target[i]] : 1.0;
-      valid += 1.0;
-    }
   }
   const double value =
       ce / weight_sum + args.diversity_factor * mean_temperature * mean_temperature * kl / valid;
@@ -490,7 +644,7 @@ MultiExpertForwardResult ride_forward_cpu_impl(const MultiExpertArgs& args) {
     d[1] = static_cast<scalar_t>(valid);
     d[2] = static_cast<scalar_t>(mean_temperature);
   });
-  return {loss, row_stats, denominators};
+  return {loss, row_stats, denominators, grad_logits};
 }
 
 at::Tensor ride_backward_cpu_impl(const MultiExpertArgs& args, const at::Tensor& grad_loss,

@@ -40,6 +40,25 @@ at::Tensor row_partials(const MultiExpertArgs& args, int64_t quantities) {
   return args.num_rows == 0 ? at::zeros({quantities, blocks}, options) : at::empty({quantities, blocks}, options);
 }
 
+at::Tensor diverse_backward(const MultiExpertArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
+                            const at::Tensor& denominator);
+at::Tensor ride_backward(const MultiExpertArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
+                         const at::Tensor& denominators);
+
+// grad_logits of the forward ops (multi_expert.h): the CUDA kernels compute no forward-time
+// gradient ([0]; autograd then runs the backward kernel). Only the SIMT test build sees CPU tensors
+// here, where the with_grad contract of the CPU backend (and of the fake kernels) says [N, E, C]: it
+// runs the emulated backward kernel with an upstream gradient of 1.
+template <typename Backward>
+at::Tensor forward_time_grad(const MultiExpertArgs& args, const at::Tensor& row_stats, const at::Tensor& denominator,
+                             Backward backward) {
+  if (!(args.with_grad && args.logits.device().is_cpu())) return at::empty({0}, args.logits.options());
+  const auto acc_options = args.logits.options().dtype(args.accumulate_type);
+  const at::Tensor ones =
+      args.reduction == Reduction::None ? at::ones({args.num_rows}, acc_options) : at::ones({}, acc_options);
+  return backward(args, ones, row_stats, denominator);
+}
+
 MultiExpertForwardResult diverse_forward(const MultiExpertArgs& args) {
   gpu::DeviceGuard guard(args.logits.device());
   const auto acc_options = args.logits.options().dtype(args.accumulate_type);
@@ -58,7 +77,7 @@ MultiExpertForwardResult diverse_forward(const MultiExpertArgs& args) {
         none ? nullptr : partials.data_ptr<double>(), loss.data_ptr<acc_t>(), denominator.data_ptr<acc_t>(),
         gpu::current_stream());
   });
-  return {loss, row_stats, denominator};
+  return {loss, row_stats, denominator, forward_time_grad(args, row_stats, denominator, diverse_backward)};
 }
 
 at::Tensor diverse_backward(const MultiExpertArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
@@ -94,7 +113,7 @@ MultiExpertForwardResult ride_forward(const MultiExpertArgs& args) {
                                                         loss.data_ptr<acc_t>(), denominators.data_ptr<acc_t>(),
                                                         gpu::current_stream());
   });
-  return {loss, row_stats, denominators};
+  return {loss, row_stats, denominators, forward_time_grad(args, row_stats, denominators, ride_backward)};
 }
 
 at::Tensor ride_backward(const MultiExpertArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
