@@ -420,7 +420,8 @@ def test_forward_time_gradient_equals_backward_kernel(op, dtype):
     torch.testing.assert_close(stats, plain[1], rtol=1e-6, atol=1e-6)
     expected = backward(torch.ones_like(loss), stats, den)
     tol = TOL[dtype]
-    torch.testing.assert_close(grad.double(), expected.double(), rtol=tol["rtol"], atol=tol["atol"] + tol["rtol"] * 1e-2)
+    torch.testing.assert_close(grad.double(), expected.double(), rtol=tol["rtol"],
+                               atol=tol["atol"] + tol["rtol"] * 1e-2)
     assert (grad[1] == 0).all() and (grad[4] == 0).all()
     # Through autograd: upstream 1 takes the saved gradient, upstream 0.5 the backward kernel.
     functional = ((lambda x: ltfast.ride_loss(x, target, **options)) if op == "ride"
