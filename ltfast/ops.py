@@ -370,6 +370,12 @@ def diverse_expert_loss(logits: Tensor, target: Tensor, adjustments: Tensor, red
     and one backward; only ``[2, N, E]`` row statistics are saved. SADE's three experts use the
     adjustments ``0``, ``log(pi + 1e-9)`` and ``log(pi + 1e-9) - tau * log(pi_inv + 1e-9)``
     (:class:`ltfast.nn.DiverseExpertLoss` builds them). Only ``logits`` is differentiable.
+
+    On the CPU, when ``logits`` requires grad, the forward also writes the gradient (from the
+    exponentials it has just computed, while the row is in cache) and backward hands it out when the
+    upstream gradient is exactly 1: two passes over the logits instead of three. The gradient tensor
+    then exists from the forward on, instead of from the backward on. Other upstream gradients, a
+    second backward and CUDA run the backward kernel.
     """
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
@@ -398,7 +404,10 @@ def ride_loss(logits: Tensor, target: Tensor, target_margin: Tensor | None = Non
     - KL is ``F.kl_div(..., reduction='batchmean')``: summed, divided by the number of non-ignored rows.
 
     Rows with ``ignore_index`` leave both terms. Only ``logits`` is differentiable. One pass over
-    each row's ``E x C`` logits forward and one backward.
+    each row's ``E x C`` logits forward and one backward; on the CPU the forward also writes the
+    gradient when ``logits`` requires grad, as :func:`diverse_expert_loss` does (the softmaxes'
+    exponentials are then computed once, not twice). ``temperature`` values must be > 0 (not checked:
+    that would read the tensor, a host synchronisation on CUDA).
     """
     base_temperature = float(base_temperature)
     diversity_factor = float(diversity_factor)
