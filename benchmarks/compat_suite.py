@@ -5,7 +5,7 @@ forward+backward, round-robin in the same run.
     python benchmarks/throughput.py --suites compat [--quick] [--json PATH]
 
 Records: suite "compat", name "<codebase>.<class>", impl "ltfast" or "original", shape [N, C] (for
-DiverseExpertLoss, per expert: the input is the trainer's [3, N, C] expert logits), and for ltfast
+DiverseExpertLoss and RIDELoss, per expert: the input is the trainer's [3, N, C] expert logits), and for ltfast
 ``speedup_vs_original``.
 """
 from __future__ import annotations
@@ -47,7 +47,10 @@ def _cases(C: int, directory: str):
     path = _list_file(directory, counts)
     ldam = ensemble.LDAMLoss(counts, reweight_epoch=160)
     ldam_orig = orig.OriginalLDAMLoss(counts, reweight_epoch=160)
-    for module in (ldam, ldam_orig):
+    # RIDE with the survey's config (config_imagenet_lt_resnext50_ride.json: reweight_epoch 160, reweight_factor 0.02).
+    ride = ensemble.RIDELoss(counts, reweight_epoch=160, reweight_factor=0.02)
+    ride_orig = orig.OriginalRIDELoss(counts, reweight_epoch=160, reweight_factor=0.02)
+    for module in (ldam, ldam_orig, ride, ride_orig):
         module._hook_before_epoch(161)  # DRW on, as after epoch 160 of the survey's config
     return {
         "survey.SoftmaxLoss": (survey.SoftmaxLoss(), orig.OriginalSoftmaxLoss(), "logits"),
@@ -66,6 +69,7 @@ def _cases(C: int, directory: str):
         "ensemble.LDAMLoss": (ldam, ldam_orig, "logits"),
         "ensemble.DiverseExpertLoss": (ensemble.DiverseExpertLoss(counts, tau=2),
                                        orig.OriginalDiverseExpertLoss(counts, tau=2), "experts"),
+        "ensemble.RIDELoss": (ride, ride_orig, "experts"),
     }
 
 

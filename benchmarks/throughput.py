@@ -84,10 +84,32 @@ def mixup_case(C, device):
             lambda x, y: lam * F.cross_entropy(x, y[0]) + (1 - lam) * F.cross_entropy(x, y[1]))
 
 
+
+def sade_case(C, device):
+    """SADE's three experts (rows of shape [N, 3, C])."""
+    counts = torch.logspace(3.1, 0.7, C).round()
+    adjustments = priors.sade_adjustments(counts, 2.0, dtype=torch.float32).to(device)
+    return (lambda x, y: ltfast.diverse_expert_loss(x, y, adjustments),
+            lambda x, y: reference.diverse_expert_loss(x, y, adjustments))
+
+
+def ride_case(C, device):
+    """RIDE after DRW (margins, CB weights, per-class temperature), the survey's config, [N, E, C] rows."""
+    counts = torch.logspace(3.1, 0.7, C).round()
+    margin = (30 * priors.ldam_margins(counts)).to(device)
+    weight = priors.effective_number_weights(counts).to(device)
+    temperature = priors.ride_diversity_temperature(counts, 0.02, dtype=torch.float32).to(device)
+    return (lambda x, y: ltfast.ride_loss(x, y, margin, weight, temperature),
+            lambda x, y: reference.ride_loss(x, y, margin, weight, temperature))
+
+
 LOSSES = {"balanced_softmax": balanced_softmax_case, "ldam_drw": ldam_drw_case, "lade": lade_case,
-          "seql": seql_case, "eql": eql_case, "mixup": mixup_case}
+          "seql": seql_case, "eql": eql_case, "mixup": mixup_case, "sade": sade_case, "ride": ride_case}
 # Losses whose target is a pair of class-index tensors (y_a, y_b).
 PAIRED_TARGETS = ("mixup",)
+# Losses on expert logits [N, E, C]: their rows are (N, E, C) and they have no traffic model yet.
+EXPERT_LOSSES = ("sade", "ride")
+EXPERT_SHAPES = [(256, 3, 1000), (4096, 3, 1000)]
 # The op of traffic_model.py behind each benchmark row.
 MODEL_OP = {"balanced_softmax": "balanced_softmax", "ldam_drw": "adjusted_cross_entropy", "lade": "lade",
             "seql": "softmax_equalization_loss", "eql": "equalization_loss", "mixup": "adjusted_cross_entropy"}
@@ -151,10 +173,13 @@ def loss_suite(args) -> list[Record]:
         plan += [(name, shape, torch.float32) for shape in OVERHEAD_SHAPES for name in ("balanced_softmax", "lade")]
         plan += [(name, (4096, 1000), torch.float32) for name in LOSSES]
         plan += [("balanced_softmax", (1024, 8142), torch.float32), ("balanced_softmax", (4096, 1000), torch.bfloat16)]
+        plan += [(name, shape, torch.float32) for name in EXPERT_LOSSES for shape in EXPERT_SHAPES]
     else:
         shapes = OVERHEAD_SHAPES + [(256, 1000), (4096, 1000), (1024, 8142)]
-        plan = [(name, shape, torch.float32) for name in LOSSES if name != "mixup" for shape in shapes]
+        plan = [(name, shape, torch.float32) for name in LOSSES if name != "mixup" and name not in EXPERT_LOSSES
+                for shape in shapes]
         plan += [("mixup", (4096, 1000), torch.float32)]
+        plan += [(name, shape, torch.float32) for name in EXPERT_LOSSES for shape in EXPERT_SHAPES]
     if args.losses:
         plan = [row for row in plan if row[0] in args.losses]
     if args.shapes:
@@ -163,20 +188,22 @@ def loss_suite(args) -> list[Record]:
     records = args.sink if getattr(args, "sink", None) is not None else []
     baselines = getattr(args, "baselines", None) or ["eager", "compile"]
     gen = torch.Generator().manual_seed(0)
-    for row, (name, (N, C), dtype) in enumerate(plan):
+    for row, (name, shape, dtype) in enumerate(plan):
+        N, C = shape[0], shape[-1]
         if out_of_budget(args):
             print(f"loss suite: --budget-s reached, {len(plan) - row} rows not measured", flush=True)
             break
         fused, ref = LOSSES[name](C, device)
-        logits = (torch.randn(N, C, generator=gen) * 2).to(device=device, dtype=dtype)
+        logits = (torch.randn(*shape, generator=gen) * 2).to(device=device, dtype=dtype)
         target = torch.randint(0, C, (N,), generator=gen).to(device)
         if name in PAIRED_TARGETS:
             target = (target, torch.randint(0, C, (N,), generator=gen).to(device))
         impls = {"ltfast": fused, "eager": ref}
         if "compile" in baselines:
             impls["compile"] = torch.compile(ref, dynamic=False)
-        single = device == "cpu" and is_overhead_shape((N, C))
-        model = traffic_model.model(MODEL_OP[name], N, C, str(dtype).replace("torch.", ""))
+        single = device == "cpu" and is_overhead_shape(tuple(shape))
+        model = (traffic_model.model(MODEL_OP[name], N, C, str(dtype).replace("torch.", ""))
+                 if name in MODEL_OP else None)
         for mode in ("fwd", "fwd_bwd"):
             x = logits.detach().clone().requires_grad_(mode == "fwd_bwd")
             calls = loss_calls(impls, x, lambda fn, x: fn(x, target), mode)
@@ -198,19 +225,21 @@ def loss_suite(args) -> list[Record]:
                     for b in medians:
                         if b != "ltfast":
                             extra[f"speedup_vs_{b}"] = round(medians[b] / median, 2)
-                    phases = model if mode == "fwd_bwd" else model[:1]
+                    phases = [] if model is None else model if mode == "fwd_bwd" else model[:1]
                     model_bytes = sum(p.total_bytes for p in phases)
-                    extra.update({"model_bytes": model_bytes, "model_launches": sum(p.launches for p in phases),
-                                  "model_gb_s": round(model_bytes / (median * 1e-3) / 1e9, 1)})
-                    if device == "cuda":
+                    if phases:
+                        extra.update({"model_bytes": model_bytes, "model_launches": sum(p.launches for p in phases),
+                                      "model_gb_s": round(model_bytes / (median * 1e-3) / 1e9, 1)})
+                    if device == "cuda" and phases:
                         extra["model_fraction_of_copy_bw"] = round(extra["model_gb_s"] / copy_bw, 3)
+                    if device == "cuda":
                         prof = kernel_profile(calls[impl], device)
                         extra.update(prof)
-                        if prof["kernel_ms"] > 0:
+                        if phases and prof["kernel_ms"] > 0:
                             extra["kernel_model_gb_s"] = round(model_bytes / (prof["kernel_ms"] * 1e-3) / 1e9, 1)
                 peak = peak_memory_mb(calls[impl], device)
                 records.append(Record("loss", name, impl, device, device_name(device), str(dtype).replace("torch.", ""),
-                                      [N, C], mode, round(median, 4), round(percentile(t, 0.2), 4),
+                                      list(shape), mode, round(median, 4), round(percentile(t, 0.2), 4),
                                       round(percentile(t, 0.8), 4), None if peak is None else round(peak, 2),
                                       round(N / (median * 1e-3), 1), extra))
         del logits, target, impls, calls, x

@@ -139,6 +139,32 @@ at::Tensor probability_cross_entropy(const at::Tensor& logits, const at::Tensor&
   const auto loss =
       std::get<0>(forward.call(logits.contiguous(), target, adjustment, weight, label_smoothing, reduction));
   return in_logits_dtype(loss, logits);
+using MultiExpertForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+at::Tensor diverse_expert_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& adjustments,
+                               c10::string_view reduction, int64_t ignore_index) {
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ltfast::_diverse_expert_loss_forward", "")
+          .typed<MultiExpertForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view,
+                                           int64_t, bool)>();
+  // with_grad: the autograd kernel turns it on where the logits need a gradient (csrc/autograd/).
+  return in_logits_dtype(
+      std::get<0>(forward.call(logits.contiguous(), target, adjustments, reduction, ignore_index, false)), logits);
+}
+
+at::Tensor ride_loss(const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& target_margin,
+                     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& temperature,
+                     double base_temperature, double diversity_factor, int64_t ignore_index) {
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ltfast::_ride_loss_forward", "")
+          .typed<MultiExpertForwardOutputs(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                           const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, double,
+                                           double, int64_t, bool)>();
+  return in_logits_dtype(std::get<0>(forward.call(logits.contiguous(), target, target_margin, weight, temperature,
+                                                  base_temperature, diversity_factor, ignore_index, false)),
+                         logits);
 }
 
 }  // namespace
@@ -228,6 +254,28 @@ TORCH_LIBRARY(ltfast, m) {
         "float label_smoothing, str reduction) -> (Tensor loss, Tensor row_stats, Tensor denominator)");
   m.def("_probability_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? adjustment, "
         "Tensor? weight, Tensor row_stats, Tensor denominator, float label_smoothing, str reduction) -> Tensor");
+  // Multi-expert losses of the survey's Ensemble-codebase on expert logits [N, E, C]
+  // (csrc/ops/multi_expert/multi_expert.h). SADE: sum_e CE(z_e + adjustments_e, y). RIDE: per expert,
+  // LDAM-DRW CE plus diversity_factor * Tbar^2 * KL(pbar || softmax(z_k / T)) (batchmean), 'mean' only.
+  m.def("diverse_expert_loss(Tensor logits, Tensor target, Tensor adjustments, str reduction=\"mean\", "
+        "int ignore_index=-100) -> Tensor",
+        &diverse_expert_loss);
+  // with_grad: the CPU kernels also return the gradient for an upstream gradient of 1 (multi_expert.h).
+  m.def("_diverse_expert_loss_forward(Tensor logits, Tensor target, Tensor adjustments, str reduction, "
+        "int ignore_index, bool with_grad=False) -> (Tensor loss, Tensor row_stats, Tensor denominator, "
+        "Tensor grad_logits)");
+  m.def("_diverse_expert_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor adjustments, "
+        "Tensor row_stats, Tensor denominator, str reduction, int ignore_index) -> Tensor");
+  m.def("ride_loss(Tensor logits, Tensor target, Tensor? target_margin=None, Tensor? weight=None, "
+        "Tensor? temperature=None, float base_temperature=1.0, float diversity_factor=-0.2, "
+        "int ignore_index=-100) -> Tensor",
+        &ride_loss);
+  m.def("_ride_loss_forward(Tensor logits, Tensor target, Tensor? target_margin, Tensor? weight, "
+        "Tensor? temperature, float base_temperature, float diversity_factor, int ignore_index, "
+        "bool with_grad=False) -> (Tensor loss, Tensor row_stats, Tensor denominators, Tensor grad_logits)");
+  m.def("_ride_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? target_margin, "
+        "Tensor? weight, Tensor? temperature, Tensor row_stats, Tensor denominators, float base_temperature, "
+        "float diversity_factor, int ignore_index) -> Tensor");
 
   // Sampler index draws (ltfast/data/samplers.py): positions [start, start + count) of epoch
   // `epoch` (epoch_length positions over all ranks), each a pure function of (seed, epoch,

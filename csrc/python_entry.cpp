@@ -258,6 +258,43 @@ PyObject* mixed_cross_entropy(PyObject* /*self*/, PyObject* const* args, Py_ssiz
   return run([&] {
     return op.call(*logits, *target, target_b, mix_weight, mix, adjustment, target_margin, weight, gamma,
                    label_smoothing, class_label_smoothing, reduction, ignore_index);
+// diverse_expert_loss(Tensor logits, Tensor target, Tensor adjustments, str reduction, int ignore_index)
+PyObject* diverse_expert_loss(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  using Signature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, int64_t);
+  static const auto op = typed_op<Signature>("ltfast::diverse_expert_loss");
+  const at::Tensor *logits, *target, *adjustments;
+  c10::string_view reduction;
+  int64_t ignore_index;
+  if (nargs != 5 || !as_tensor(args[0], &logits) || !as_tensor(args[1], &target) ||
+      !as_tensor(args[2], &adjustments) || !as_string(args[3], &reduction) || !as_int(args[4], &ignore_index) ||
+      !plain_torch_function_state()) {
+    LTFAST_FALLBACK();
+  }
+  return run([&] { return op.call(*logits, *target, *adjustments, reduction, ignore_index); });
+  END_HANDLE_TH_ERRORS
+}
+
+// ride_loss(Tensor logits, Tensor target, Tensor? target_margin, Tensor? weight, Tensor? temperature,
+//           float base_temperature, float diversity_factor, int ignore_index)
+PyObject* ride_loss(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  using Signature = at::Tensor(const at::Tensor&, const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
+                               const OptionalTensor&, double, double, int64_t);
+  static const auto op = typed_op<Signature>("ltfast::ride_loss");
+  const at::Tensor *logits, *target;
+  OptionalTensor target_margin, weight, temperature;
+  double base_temperature, diversity_factor;
+  int64_t ignore_index;
+  if (nargs != 8 || !as_tensor(args[0], &logits) || !as_tensor(args[1], &target) ||
+      !as_optional_tensor(args[2], &target_margin) || !as_optional_tensor(args[3], &weight) ||
+      !as_optional_tensor(args[4], &temperature) || !as_double(args[5], &base_temperature) ||
+      !as_double(args[6], &diversity_factor) || !as_int(args[7], &ignore_index) || !plain_torch_function_state()) {
+    LTFAST_FALLBACK();
+  }
+  return run([&] {
+    return op.call(*logits, *target, target_margin, weight, temperature, base_temperature, diversity_factor,
+                   ignore_index);
   });
   END_HANDLE_TH_ERRORS
 }
@@ -291,6 +328,12 @@ PyMethodDef methods[] = {
                  "mixed_cross_entropy(logits, target, target_b, mix_weight, mix, adjustment, target_margin, weight, "
                  "gamma, label_smoothing, class_label_smoothing, reduction, ignore_index): "
                  "torch.ops.ltfast.mixed_cross_entropy for plain tensors, else NotImplemented"),
+    LTFAST_ENTRY(diverse_expert_loss,
+                 "diverse_expert_loss(logits, target, adjustments, reduction, ignore_index): "
+                 "torch.ops.ltfast.diverse_expert_loss for plain tensors, else NotImplemented"),
+    LTFAST_ENTRY(ride_loss,
+                 "ride_loss(logits, target, target_margin, weight, temperature, base_temperature, diversity_factor, "
+                 "ignore_index): torch.ops.ltfast.ride_loss for plain tensors, else NotImplemented"),
     {nullptr, nullptr, 0, nullptr}};
 
 #undef LTFAST_ENTRY

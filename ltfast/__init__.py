@@ -10,11 +10,13 @@ from . import _extension, priors, reference
 from .ops import (adjusted_cross_entropy, balanced_softmax_loss, lade_loss, lade_regularizer,
                   softmax_equalization_loss, equalization_loss)
 from .soft_targets import mixed_cross_entropy, probability_cross_entropy
+from .ops import diverse_expert_loss, ride_loss
 from . import nn  # noqa: E402  (after ops: the modules use the functionals)
 
 __version__ = "0.1.0"
 __all__ = ["adjusted_cross_entropy", "balanced_softmax_loss", "lade_loss", "lade_regularizer",
            "softmax_equalization_loss", "equalization_loss", "mixed_cross_entropy",
-           "probability_cross_entropy", "nn", "priors", "reference", "has_cuda_kernels"]
+           "probability_cross_entropy", "diverse_expert_loss", "ride_loss", "nn", "priors", "reference",
+           "has_cuda_kernels"]
 
 has_cuda_kernels = _extension.has_cuda_kernels

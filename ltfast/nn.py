@@ -562,5 +562,9 @@ class LADELoss(_ClassVectors, nn.Module):
                          self.remine_lambda, self.ignore_index)
 
 
-__all__ = ["CrossEntropyLoss", "BalancedSoftmaxLoss", "LogitAdjustedLoss", "WeightedCrossEntropyLoss", "LDAMLoss", "FocalLoss",
-           "LADELoss", "gather_batch_with_grad", "SoftmaxEqualizationLoss", "EqualizationLoss"]
+# The multi-expert losses live in their own file; imported last (they use _ClassVectors above).
+from .nn_multi_expert import DiverseExpertLoss, RIDELoss  # noqa: E402
+
+__all__ = ["CrossEntropyLoss", "BalancedSoftmaxLoss", "LogitAdjustedLoss", "WeightedCrossEntropyLoss", "LDAMLoss",
+           "FocalLoss", "LADELoss", "gather_batch_with_grad", "SoftmaxEqualizationLoss", "EqualizationLoss",
+           "DiverseExpertLoss", "RIDELoss"]

@@ -54,6 +54,25 @@ def _fake_forward(op: str, logits: Tensor, target: Tensor, reduction: str, class
     return loss, logits.new_empty((2, rows), dtype=acc), logits.new_empty((), dtype=acc)
 
 
+def _fake_expert_checks(op: str, logits: Tensor, target: Tensor, tensors: dict) -> None:
+    torch._check(logits.dim() == 3,
+                 lambda: f"{op}: logits must be a 3-D tensor [N, E, C] of expert logits, got {logits.dim()}-D")
+    torch._check(target.dim() == 1 and target.shape[0] == logits.shape[0],
+                 lambda: f"{op}: target must be a 1-D tensor of N = {logits.shape[0]} elements, got shape "
+                         f"{tuple(target.shape)}")
+    for name, tensor in {"target": target, **tensors}.items():
+        if tensor is not None and tensor.device != logits.device:
+            raise RuntimeError(f"{op}: {name} must be on the same device as logits ({logits.device}), "
+                               f"got {tensor.device}")
+
+
+def _fake_forward_grad(logits: Tensor, with_grad: bool) -> Tensor:
+    """The multi-expert forward ops' grad_logits: computed by the CPU kernels only (multi_expert.h)."""
+    if with_grad and logits.device.type == "cpu":
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return logits.new_empty((0,))
+
+
 def _register() -> None:
     lib = torch.library
 
@@ -109,6 +128,50 @@ def _register() -> None:
 
     @lib.register_fake("ltfast::_lade_backward")
     def _(grad_loss, logits, target, log_prior, row_stats, column_stats, num_valid, ce_weight, ignore_index):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    # ---------------------------------------------------------------- multi-expert losses
+    @lib.register_fake("ltfast::_diverse_expert_loss_forward")
+    def _(logits, target, adjustments, reduction, ignore_index, with_grad=False):
+        op = "ltfast.diverse_expert_loss"
+        _fake_expert_checks(op, logits, target, {"adjustments": adjustments})
+        torch._check(adjustments.dim() == 2 and adjustments.shape[0] == logits.shape[1]
+                     and adjustments.shape[1] == logits.shape[2],
+                     lambda: f"{op}: adjustments must be a 2-D tensor [E = {logits.shape[1]}, C = {logits.shape[2]}], "
+                             f"got shape {tuple(adjustments.shape)}")
+        torch._check(reduction in _REDUCTIONS,
+                     lambda: f"{op}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+        acc = _accumulate_dtype(logits)
+        rows, experts = logits.shape[0], logits.shape[1]
+        loss = logits.new_empty((rows,) if reduction == "none" else (), dtype=acc)
+        # row_stats [2, N, E], denominator, grad_logits (layouts: csrc/ops/multi_expert/multi_expert.h).
+        return (loss, logits.new_empty((2, rows, experts), dtype=acc), logits.new_empty((), dtype=acc),
+                _fake_forward_grad(logits, with_grad))
+
+    @lib.register_fake("ltfast::_diverse_expert_loss_backward")
+    def _(grad_loss, logits, target, adjustments, row_stats, denominator, reduction, ignore_index):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    @lib.register_fake("ltfast::_ride_loss_forward")
+    def _(logits, target, target_margin, weight, temperature, base_temperature, diversity_factor, ignore_index,
+          with_grad=False):
+        op = "ltfast.ride_loss"
+        vectors = {"target_margin": target_margin, "weight": weight, "temperature": temperature}
+        _fake_expert_checks(op, logits, target, vectors)
+        for name, vector in vectors.items():
+            if vector is not None:
+                torch._check(vector.dim() == 1 and vector.shape[0] == logits.shape[2],
+                             lambda: f"{op}: {name} must be a 1-D tensor of C = {logits.shape[2]} elements, got "
+                                     f"shape {tuple(vector.shape)}")
+        acc = _accumulate_dtype(logits)
+        # row_stats [2, N, 2E + 1], denominators [3] (layouts: csrc/ops/multi_expert/multi_expert.h).
+        return (logits.new_empty((), dtype=acc), logits.new_empty((2, logits.shape[0], 2 * logits.shape[1] + 1),
+                                                                   dtype=acc),
+                logits.new_empty((3,), dtype=acc), _fake_forward_grad(logits, with_grad))
+
+    @lib.register_fake("ltfast::_ride_loss_backward")
+    def _(grad_loss, logits, target, target_margin, weight, temperature, row_stats, denominators, base_temperature,
+          diversity_factor, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     # ---------------------------------------------------------------- sampler draws (ltfast.data)
@@ -317,3 +380,68 @@ def equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor, reducti
 
 
 from . import soft_targets as _soft  # noqa: E402  (registers its fake kernels with _fake_forward above)
+
+
+def diverse_expert_loss(logits: Tensor, target: Tensor, adjustments: Tensor, reduction: str = "mean",
+                        ignore_index: int = -100) -> Tensor:
+    """SADE's multi-expert loss (the survey's ``DiverseExpertLoss``, seed-methods.md §6), fused: for
+    expert logits ``[N, E, C]`` and per-expert adjustments ``[E, C]``,
+    ``sum_e F.cross_entropy(logits[:, e] + adjustments[e], target, reduction=..., ignore_index=...)``.
+
+    ``'none'`` gives the per-row sum over experts ``[N]``; ``'mean'`` divides the sum by the number of
+    non-ignored rows (each expert's mean, summed). One pass over each row's ``E x C`` logits forward
+    and one backward; only ``[2, N, E]`` row statistics are saved. SADE's three experts use the
+    adjustments ``0``, ``log(pi + 1e-9)`` and ``log(pi + 1e-9) - tau * log(pi_inv + 1e-9)``
+    (:class:`ltfast.nn.DiverseExpertLoss` builds them). Only ``logits`` is differentiable.
+
+    On the CPU, when ``logits`` requires grad, the forward also writes the gradient (from the
+    exponentials it has just computed, while the row is in cache) and backward hands it out when the
+    upstream gradient is exactly 1: two passes over the logits instead of three. The gradient tensor
+    then exists from the forward on, instead of from the backward on. Other upstream gradients, a
+    second backward and CUDA run the backward kernel.
+    """
+    if not _extension.AVAILABLE:
+        _extension.warn_fallback_once()
+        return reference.diverse_expert_loss(logits, target, adjustments, reduction, ignore_index)
+    if not _is_compiling():
+        loss = _fast.diverse_expert_loss(logits, target, adjustments, reduction, ignore_index)
+        if loss is not NotImplemented:
+            return loss
+    return torch.ops.ltfast.diverse_expert_loss.default(logits, target, adjustments, reduction, ignore_index)
+
+
+def ride_loss(logits: Tensor, target: Tensor, target_margin: Tensor | None = None, weight: Tensor | None = None,
+              temperature: Tensor | None = None, base_temperature: float = 1.0, diversity_factor: float = -0.2,
+              ignore_index: int = -100) -> Tensor:
+    """RIDE's multi-expert loss (the survey's Ensemble-codebase ``RIDELoss``, seed-methods.md §6 and
+    §1.9), fused, reduction ``'mean'`` only (a scalar), for expert logits ``[N, E, C]``:
+
+    ``sum_k [LDAM-DRW CE(z_k) + diversity_factor * Tbar^2 * KL(pbar || softmax(z_k / T))]``
+
+    - the CE subtracts ``target_margin[y]`` (``s * m_y``) from the target logit and, with ``weight``,
+      takes PyTorch's weighted mean (divided by ``sum_i w_{y_i}``);
+    - ``T_c = base_temperature * temperature_c`` (``base_temperature`` alone without ``temperature``),
+      ``Tbar = mean_c T_c``;
+    - ``pbar = softmax(mean_k z_k / T)`` carries no gradient. The original uses the model's
+      ``output_logits``, which the survey's expert models compute as that mean;
+    - KL is ``F.kl_div(..., reduction='batchmean')``: summed, divided by the number of non-ignored rows.
+
+    Rows with ``ignore_index`` leave both terms. Only ``logits`` is differentiable. One pass over
+    each row's ``E x C`` logits forward and one backward; on the CPU the forward also writes the
+    gradient when ``logits`` requires grad, as :func:`diverse_expert_loss` does (the softmaxes'
+    exponentials are then computed once, not twice). ``temperature`` values must be > 0 (not checked:
+    that would read the tensor, a host synchronisation on CUDA).
+    """
+    base_temperature = float(base_temperature)
+    diversity_factor = float(diversity_factor)
+    if not _extension.AVAILABLE:
+        _extension.warn_fallback_once()
+        return reference.ride_loss(logits, target, target_margin, weight, temperature, base_temperature,
+                                   diversity_factor, ignore_index)
+    if not _is_compiling():
+        loss = _fast.ride_loss(logits, target, target_margin, weight, temperature, base_temperature,
+                               diversity_factor, ignore_index)
+        if loss is not NotImplemented:
+            return loss
+    return torch.ops.ltfast.ride_loss.default(logits, target, target_margin, weight, temperature, base_temperature,
+                                              diversity_factor, ignore_index)

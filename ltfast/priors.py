@@ -173,3 +173,34 @@ def label_aware_smoothing(class_counts: Counts, head: float = 0.3, tail: float =
     else:
         eps = tail + (head - tail) * relative.pow(power)
     return eps.to(dtype)
+
+
+def inverse_prior(prior: Tensor) -> Tensor:
+    """SADE's "inverse prior" (seed-methods.md §6, Ensemble-codebase ``DiverseExpertLoss.inverse_prior``):
+    the prior values reassigned by reversed frequency rank, so the most frequent class gets the
+    smallest value (not 1 / pi). Ties keep ``torch.sort``'s order, as the original."""
+    values, order = torch.sort(prior)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(prior.shape[0], device=prior.device)
+    return values[prior.shape[0] - 1 - rank]
+
+
+def sade_adjustments(class_counts: Counts, tau: float = 2.0, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The three SADE experts' logit adjustments ``[3, C]`` (seed-methods.md §6): 0 (long-tailed),
+    ``log(pi + 1e-9)`` (uniform) and ``log(pi + 1e-9) - tau * log(pi_inv + 1e-9)`` (inverse long-tailed)."""
+    prior = class_prior(class_counts, torch.float64)
+    log_p = torch.log(prior + LOG_PRIOR_EPS)
+    log_inverse = torch.log(inverse_prior(prior) + LOG_PRIOR_EPS)
+    return torch.stack([torch.zeros_like(log_p), log_p, log_p - float(tau) * log_inverse]).to(dtype)
+
+
+def ride_diversity_temperature(class_counts: Counts, reweight_factor: float = 0.02,
+                               dtype: torch.dtype = torch.float64) -> Tensor:
+    """RIDE's per-class diversity temperature factors after DRW (seed-methods.md §6):
+    ``t_c = (C pi_c f + 1 - f) / max_k (C pi_k f + 1 - f)`` with f = reweight_factor; must be > 0."""
+    prior = class_prior(class_counts, torch.float64)
+    factors = prior.numel() * prior * reweight_factor + 1.0 - reweight_factor
+    factors = factors / factors.max()
+    if not bool((factors > 0).all()):
+        raise ValueError(f"reweight_factor={reweight_factor} is too large: some diversity temperatures are <= 0")
+    return factors.to(dtype)

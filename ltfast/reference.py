@@ -346,3 +346,44 @@ def probability_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor
         weight = weight.to(adjusted.dtype)
     return F.cross_entropy(adjusted, target.to(adjusted.dtype), weight=weight, reduction=reduction,
                            label_smoothing=label_smoothing)
+
+
+def diverse_expert_loss(logits: Tensor, target: Tensor, adjustments: Tensor, reduction: str = "mean",
+                        ignore_index: int = -100) -> Tensor:
+    """SADE's loss (seed-methods.md §6, Ensemble-codebase ``DiverseExpertLoss``) on expert logits
+    ``[N, E, C]``: ``sum_e F.cross_entropy(logits[:, e] + adjustments[e], target)``, each term with the
+    given reduction (so ``'none'`` is the per-row sum over experts)."""
+    return sum(F.cross_entropy(logits[:, e] + adjustments[e], target, reduction=reduction, ignore_index=ignore_index)
+               for e in range(logits.shape[1]))
+
+
+def ride_loss(logits: Tensor, target: Tensor, target_margin: Tensor | None = None, weight: Tensor | None = None,
+              temperature: Tensor | None = None, base_temperature: float = 1.0, diversity_factor: float = -0.2,
+              ignore_index: int = -100) -> Tensor:
+    """RIDE's loss (seed-methods.md §6 and §1.9, Ensemble-codebase ``RIDELoss``) on expert logits
+    ``[N, E, C]``, reduction 'mean': per expert k, the LDAM-DRW cross-entropy of ``logits[:, k]``
+    (``target_margin[y]`` subtracted from the target logit, ``weight`` with the weighted mean) plus
+    ``diversity_factor * Tbar^2 * KL(pbar || softmax(logits[:, k] / T))`` with ``reduction='batchmean'``,
+    ``pbar = softmax(mean_k logits[:, k] / T)`` without gradient, ``T = base_temperature * temperature``
+    (or ``base_temperature``) and ``Tbar = mean(T)``. Ignored rows are left out of both terms and of
+    the KL's batch size."""
+    valid = target != ignore_index
+    if temperature is None:
+        divisor = base_temperature
+        mean_temperature = base_temperature
+    else:
+        divisor = base_temperature * temperature.to(logits.dtype)
+        mean_temperature = divisor.mean()
+    with torch.no_grad():
+        mean_probability = F.softmax(logits.mean(dim=1) / divisor, dim=-1)
+    num_valid = valid.sum()
+    loss = 0
+    for k in range(logits.shape[1]):
+        expert = logits[:, k]
+        loss = loss + adjusted_cross_entropy(expert, target, target_margin=target_margin, weight=weight,
+                                             ignore_index=ignore_index)
+        log_probability = F.log_softmax(expert / divisor, dim=-1)
+        kl_rows = F.kl_div(log_probability, mean_probability, reduction="none").sum(-1)
+        kl = torch.where(valid, kl_rows, torch.zeros_like(kl_rows)).sum() / num_valid
+        loss = loss + diversity_factor * mean_temperature * mean_temperature * kl
+    return loss

@@ -209,3 +209,65 @@ class OriginalDiverseExpertLoss(nn.Module):
         inverse = self.reversed_rank_values(self.prior)
         total += F.cross_entropy(z3 + torch.log(self.prior + 1e-9) - self.tau * torch.log(inverse + 1e-9), target)
         return total
+
+
+class OriginalRIDELoss(nn.Module):
+    """Ensemble-codebase ``RIDELoss`` (the same class as frank-xwang/RIDE-LongTailRecognition
+    model/loss.py): LDAM-DRW CE per expert plus the diversity KL against softmax(output_logits / T).
+    The original's ``per_cls_weights_base``/``_diversity`` exist only after ``_hook_before_epoch`` with
+    ``reweight_epoch != -1``; here they start as None, which is what that hook sets before DRW."""
+
+    def __init__(self, cls_num_list=None, base_diversity_temperature=1.0, max_m=0.5, s=30, reweight=True,
+                 reweight_epoch=-1, base_loss_factor=1.0, additional_diversity_factor=-0.2, reweight_factor=0.05):
+        super().__init__()
+        self.base_loss_factor = base_loss_factor
+        self.reweight_epoch = reweight_epoch if reweight else -1
+        margins = 1.0 / np.sqrt(np.sqrt(cls_num_list))
+        margins = margins * (max_m / np.max(margins))
+        self.register_buffer("m_list", torch.tensor(margins, dtype=torch.float))
+        self.s = s
+        self.register_buffer("per_cls_weights_enabled",
+                             class_balanced_weights(cls_num_list) if reweight_epoch != -1 else None)
+        prior = np.array(cls_num_list) / np.sum(cls_num_list)
+        factors = len(cls_num_list) * prior * reweight_factor + 1 - reweight_factor
+        factors = factors / np.max(factors)
+        self.register_buffer("per_cls_weights_enabled_diversity", torch.tensor(factors, dtype=torch.float))
+        self.base_diversity_temperature = base_diversity_temperature
+        self.additional_diversity_factor = additional_diversity_factor
+        self.per_cls_weights_base = None
+        self.per_cls_weights_diversity = None
+
+    def _hook_before_epoch(self, epoch):
+        if self.reweight_epoch != -1:
+            on = epoch > self.reweight_epoch
+            self.per_cls_weights_base = self.per_cls_weights_enabled if on else None
+            self.per_cls_weights_diversity = self.per_cls_weights_enabled_diversity if on else None
+
+    def get_final_output(self, output_logits, target):
+        onehot = torch.zeros_like(output_logits, dtype=torch.bool)
+        onehot.scatter_(1, target.view(-1, 1), True)
+        batch_m = (self.m_list[None, :] @ onehot.float().T).view(-1, 1)
+        return torch.where(onehot, output_logits - batch_m * self.s, output_logits)
+
+    def forward(self, output_logits, target, extra_info=None):
+        if extra_info is None:
+            return F.cross_entropy(output_logits, target)
+        loss = 0
+        for logits_item in extra_info["logits"]:
+            ride_loss_logits = output_logits if self.additional_diversity_factor == 0 else logits_item
+            final_output = self.get_final_output(ride_loss_logits, target)
+            weight = None if self.per_cls_weights_base is None else self.per_cls_weights_base.to(output_logits.dtype)
+            loss += self.base_loss_factor * F.cross_entropy(final_output, target, weight=weight)
+            if self.per_cls_weights_diversity is not None:
+                diversity_temperature = self.base_diversity_temperature * self.per_cls_weights_diversity.view((1, -1))
+                temperature_mean = diversity_temperature.mean().item()
+                diversity_temperature = diversity_temperature.to(output_logits.dtype)
+            else:
+                diversity_temperature = self.base_diversity_temperature
+                temperature_mean = self.base_diversity_temperature
+            output_dist = F.log_softmax(logits_item / diversity_temperature, dim=1)
+            with torch.no_grad():
+                mean_output_dist = F.softmax(output_logits / diversity_temperature, dim=1)
+            loss += self.additional_diversity_factor * temperature_mean * temperature_mean * F.kl_div(
+                output_dist, mean_output_dist, reduction="batchmean")
+        return loss

@@ -179,6 +179,9 @@ class DiverseExpertLoss(nn.Module):
         self.register_buffer("inverse_prior_values", inverse, persistent=False)
         self.register_buffer("log_prior", log_prior, persistent=False)
         self.register_buffer("expert3_adjustment", log_prior.double() - tau_log_inverse.double(), persistent=False)
+        # [3, C] for the fused op: expert 1 none, expert 2 log(pi + 1e-9), expert 3 the combined term.
+        self.register_buffer("adjustments", torch.stack([torch.zeros_like(log_prior.double()), log_prior.double(),
+                                                          self.expert3_adjustment]), persistent=False)
 
     @staticmethod
     def inverse_prior(prior: Tensor) -> Tensor:
@@ -193,26 +196,131 @@ class DiverseExpertLoss(nn.Module):
         if extra_info is None:
             _checked(output_logits, target, "DiverseExpertLoss", self.C_number)
             return ltfast.adjusted_cross_entropy(output_logits, target, reduction="mean", ignore_index=IGNORE_INDEX)
+        experts = _expert_logits(extra_info, target, "DiverseExpertLoss", self.C_number, min_experts=3)
+        return ltfast.diverse_expert_loss(experts[:, :3], target, self.adjustments, "mean", IGNORE_INDEX)
+
+
+def _expert_logits(extra_info, target, owner: str, num_classes: Optional[int], min_experts: int = 1) -> Tensor:
+    """``extra_info['logits']`` (the trainer's ``logits.transpose(0, 1)``, [E, N, C], or a sequence of
+    E [N, C] tensors) as the fused ops' [N, E, C]: for the trainer's tensor a view of the model's
+    contiguous [N, E, C] logits, so no copy."""
+    try:
+        experts = extra_info["logits"]
+    except (TypeError, KeyError):
+        raise ValueError(f"{owner}: extra_info must be a dict with the experts' logits under 'logits'") from None
+    if len(experts) < min_experts:
+        raise ValueError(f"{owner}: extra_info['logits'] must hold at least {min_experts} experts' logits, got "
+                         f"{len(experts)}")
+    if isinstance(experts, Tensor):
+        if experts.dim() != 3:
+            raise ValueError(f"{owner}: extra_info['logits'] must be a 3-D tensor [E, N, C], got shape "
+                             f"{tuple(experts.shape)}")
+        _checked(experts[0], target, owner, num_classes, name="extra_info['logits'][0]")  # all share its shape
+        return experts.transpose(0, 1)
+    for k, z in enumerate(experts):
+        _checked(z, target, owner, num_classes, name=f"extra_info['logits'][{k}]")
+    return torch.stack(list(experts), dim=1)
+
+
+class RIDELoss(nn.Module):
+    """RIDE's loss as the Ensemble-codebase computes it (seed-methods.md §6), on the fused
+    :func:`ltfast.ride_loss`: with ``extra_info['logits']`` holding the experts' logits, per expert k
+    ``base_loss_factor * LDAM-DRW CE(z_k) + additional_diversity_factor * Tbar^2 * KL(pbar || p_k)``
+    (batchmean), ``p_k = softmax(z_k / T)``, ``pbar = softmax(output_logits / T)`` without gradient,
+    ``T = base_diversity_temperature`` before DRW and ``base_diversity_temperature * t_c`` after it,
+    ``t_c = (C pi_c f + 1 - f) / max(.)`` with f = ``reweight_factor``. Without ``extra_info``,
+    ``F.cross_entropy(output_logits, target)``, as the original. With
+    ``additional_diversity_factor == 0`` every expert's CE is taken on ``output_logits``, as the
+    original does.
+
+    DRW (``_hook_before_epoch(epoch)``, 1-based epochs): class-balanced CE weights and the per-class
+    temperature when ``epoch > reweight_epoch``; ``reweight=False`` or ``reweight_epoch=-1`` never
+    re-weights. Margins, weights and temperature factors are float32 like the original's.
+
+    Differences:
+
+    - the fused op takes ``pbar`` from the mean of ``extra_info['logits']``; the original takes it from
+      ``output_logits``, which the Ensemble-codebase's expert models compute as exactly that mean
+      (``Expert_ResNeXt``: ``output = mean of the expert logits``). A model whose ``output_logits`` is
+      something else gets a different diversity term here;
+    - ``Tbar`` is the float64 mean of the float32 temperatures (the original: a float32 mean);
+    - where the original raises AttributeError (``reweight_epoch=-1``, or no ``_hook_before_epoch``
+      call before the first forward), this computes the loss without DRW; ``cls_num_list`` with zero
+      counts raises ValueError (infinite margins in the original); rows with target -100 are ignored;
+    - ``base_loss_factor == 0`` raises ValueError (the fused op scales the KL term by
+      ``additional_diversity_factor / base_loss_factor``).
+    """
+
+    def __init__(self, cls_num_list=None, base_diversity_temperature=1.0, max_m=0.5, s=30, reweight=True,
+                 reweight_epoch=-1, base_loss_factor=1.0, additional_diversity_factor=-0.2, reweight_factor=0.05):
+        super().__init__()
+        self.base_loss_factor = check_number(base_loss_factor, "base_loss_factor", "RIDELoss")
+        if self.base_loss_factor == 0:
+            raise ValueError("RIDELoss: base_loss_factor must be non-zero (the fused loss scales its diversity term "
+                             "by additional_diversity_factor / base_loss_factor)")
+        self.reweight_epoch = reweight_epoch if reweight else -1
+        self.base_diversity_temperature = check_number(base_diversity_temperature, "base_diversity_temperature",
+                                                       "RIDELoss", low=0.0, low_open=True)
+        self.additional_diversity_factor = check_number(additional_diversity_factor, "additional_diversity_factor",
+                                                        "RIDELoss")
+        self._reweighting = False
+        if cls_num_list is None:
+            self.C_number = None
+            for name in ("m_list", "target_margin", "per_cls_weights_enabled", "per_cls_weights_enabled_diversity",
+                         "diversity_temperature"):
+                self.register_buffer(name, None, persistent=False)
+            return
+        counts = class_count_list(cls_num_list, "RIDELoss", allow_zero=False)
+        self.C_number = counts.numel()
+        check_number(s, "s", "RIDELoss", low=0.0, low_open=True)
+        self.s = s
+        m_list = 1.0 / torch.sqrt(torch.sqrt(counts))
+        m_list = (m_list * (max_m / m_list.max())).to(torch.float32)
+        self.register_buffer("m_list", m_list, persistent=False)
+        self.register_buffer("target_margin", m_list * self.s, persistent=False)  # float32, as the original's
+        self.register_buffer("per_cls_weights_enabled",
+                             effective_number_weights(counts, CB_BETA) if self.reweight_epoch != -1 else None,
+                             persistent=False)
         try:
-            experts = extra_info["logits"]
-        except (TypeError, KeyError):
-            raise ValueError("DiverseExpertLoss: extra_info must be a dict with the experts' logits under 'logits'") \
-                from None
-        if len(experts) < 3:
-            raise ValueError(f"DiverseExpertLoss: extra_info['logits'] must hold at least 3 experts' logits, got "
-                             f"{len(experts)}")
-        if isinstance(experts, Tensor):
-            # unbind: one backward node that stacks the three gradients, where indexing three times
-            # would zero-fill and accumulate a full [E, N, C] gradient per expert.
-            experts = experts.unbind(0)
-        z1, z2, z3 = experts[0], experts[1], experts[2]
-        for k, z in enumerate((z1, z2, z3)):
-            _checked(z, target, "DiverseExpertLoss", self.C_number, name=f"extra_info['logits'][{k}]")
-        loss = ltfast.adjusted_cross_entropy(z1, target, reduction="mean", ignore_index=IGNORE_INDEX)
-        loss = loss + ltfast.balanced_softmax_loss(z2, target, self.log_prior, "mean", IGNORE_INDEX)
-        loss = loss + ltfast.adjusted_cross_entropy(z3, target, adjustment=self.expert3_adjustment, reduction="mean",
-                                                    ignore_index=IGNORE_INDEX)
-        return loss
+            temperature = ltfast.priors.ride_diversity_temperature(counts, reweight_factor, dtype=torch.float32)
+        except ValueError:
+            raise ValueError(f"RIDELoss: reweight_factor={reweight_factor} is too large: out of bounds (some "
+                             f"diversity temperatures are <= 0)") from None
+        self.register_buffer("per_cls_weights_enabled_diversity", temperature, persistent=False)
+        self.register_buffer("diversity_temperature", self.base_diversity_temperature * temperature, persistent=False)
+
+    def _hook_before_epoch(self, epoch):
+        if self.reweight_epoch != -1:
+            self.epoch = epoch
+            self._reweighting = epoch > self.reweight_epoch
+
+    @property
+    def per_cls_weights_base(self) -> Optional[Tensor]:
+        return self.per_cls_weights_enabled if self._reweighting else None
+
+    @property
+    def per_cls_weights_diversity(self) -> Optional[Tensor]:
+        return self.per_cls_weights_enabled_diversity if self._reweighting else None
+
+    def forward(self, output_logits, target, extra_info=None):
+        _checked(output_logits, target, "RIDELoss", self.C_number)
+        if extra_info is None:
+            return ltfast.adjusted_cross_entropy(output_logits, target, reduction="mean", ignore_index=IGNORE_INDEX)
+        experts = _expert_logits(extra_info, target, "RIDELoss", self.C_number)
+        if self.additional_diversity_factor == 0:
+            # The original then takes every expert's CE on output_logits (and adds 0 * KL).
+            ce = ltfast.adjusted_cross_entropy(output_logits, target, target_margin=self.target_margin,
+                                               weight=self.per_cls_weights_base, reduction="mean",
+                                               ignore_index=IGNORE_INDEX)
+            return self.base_loss_factor * experts.shape[1] * ce
+        if self._reweighting and self.per_cls_weights_enabled_diversity is not None:
+            # T_c = base * t_c as the original forms it: a float32 product (then base 1 in the op).
+            temperature, base = self.diversity_temperature, 1.0
+        else:
+            temperature, base = None, self.base_diversity_temperature
+        loss = ltfast.ride_loss(experts, target, self.target_margin, self.per_cls_weights_base, temperature, base,
+                                self.additional_diversity_factor / self.base_loss_factor, IGNORE_INDEX)
+        return loss if self.base_loss_factor == 1 else self.base_loss_factor * loss
 
 
-__all__ = ["CrossEntropyLoss", "FocalLoss", "LDAMLoss", "DiverseExpertLoss"]
+__all__ = ["CrossEntropyLoss", "FocalLoss", "LDAMLoss", "DiverseExpertLoss", "RIDELoss"]

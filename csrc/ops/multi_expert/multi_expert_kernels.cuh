@@ -1,0 +1,408 @@
+// CUDA kernels of the multi-expert losses and their launch plan, with no torch glue: compiled by
+// nvcc into ltfast._C (through multi_expert_cuda.cu) and by the host compiler into the SIMT
+// emulator's test library.
+//
+// A row group (gpu_reduce::with_row_group of C: 8 lanes, a warp or the block) owns one sample and
+// streams its E x C logits: per expert, an online softmax (one exp per element, two for RIDE's CE
+// and tempered softmaxes) reduced over the group with cross_entropy_kernels::group_reduce, and for
+// RIDE one more pass over the E rows (from L1/L2) for the softmax of the expert mean. Each block
+// writes its rows' sums (fixed order) and one small block finishes: deterministic, no atomics, no
+// host synchronisation. Backward streams the block once more and writes each gradient once.
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include <cstdint>
+
+#include "../../common/gpu_kernel.h"
+#include "../../common/gpu_reduce.cuh"
+#include "../../common/softmax_math.h"
+#include "../cross_entropy/cross_entropy_kernels.cuh"
+
+namespace ltfast {
+namespace multi_expert_kernels {
+
+using gpu_reduce::kBlockThreads;
+constexpr int kWarpsPerBlock = kBlockThreads / 32;
+
+template <typename acc_t>
+struct KernelParams {
+  const int64_t* target;
+  const acc_t* adjustments;    // diverse_expert_loss: [E, C]
+  const acc_t* target_margin;  // ride_loss, nullable
+  const acc_t* weight;         // ride_loss, nullable
+  const acc_t* temperature;    // ride_loss, nullable (T = base_temperature)
+  acc_t base_temperature;
+  double diversity_factor;
+  int64_t num_rows;
+  int64_t num_experts;
+  int64_t num_classes;
+  int64_t ignore_index;
+};
+
+// Adds one element to an online softmax state: one exponential per element.
+template <typename T>
+__device__ __forceinline__ void accumulate(math::SoftmaxState<T>& state, T a) {
+  if (a > state.max) {
+    state.sum = state.sum * math::exp_shifted(state.max, a) + T(1);
+    state.max = a;
+  } else {
+    state.sum += math::exp_shifted(a, state.max);
+  }
+}
+
+// 1 / T_c, the same arithmetic as the CPU kernel.
+template <typename acc_t>
+__device__ __forceinline__ acc_t inverse_temperature(const KernelParams<acc_t>& p, int64_t c) {
+  return acc_t(1) / (p.temperature ? p.base_temperature * p.temperature[c] : p.base_temperature);
+}
+
+// zbar_c = (sum_k z_kc) / E, the same arithmetic as the CPU kernel (expert_mean).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t expert_mean(const scalar_t* block, int64_t E, int64_t C, int64_t c) {
+  acc_t total = static_cast<acc_t>(block[c]);
+  for (int64_t k = 1; k < E; ++k) total += static_cast<acc_t>(block[k * C + c]);
+  return total * (acc_t(1) / static_cast<acc_t>(E));
+}
+
+// Reduces one softmax state over the row group (every thread gets it).
+template <int GROUP, typename T, typename StateScratch, typename SumScratch>
+__device__ __forceinline__ void reduce_state(math::SoftmaxState<T>& state, StateScratch& scratch_state,
+                                             SumScratch& scratch_a, SumScratch& scratch_b) {
+  T unused_a = T(0), unused_b = T(0);
+  cross_entropy_kernels::group_reduce<GROUP>(state, unused_a, unused_b, scratch_state, scratch_a, scratch_b);
+}
+
+// ------------------------------------------------------------------------------ diverse_expert_loss
+// Per sample: the E softmaxes of z_e + adjustments_e, row_stats [2, N, E], the per-row loss (the sum
+// over experts) and, with `partials` (double [2, gridDim.x]), the block's loss sum and row count.
+template <typename scalar_t, int GROUP>
+__global__ void __launch_bounds__(kBlockThreads)
+    diverse_forward_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
+                           at::opmath_type<scalar_t>* __restrict__ row_loss,
+                           at::opmath_type<scalar_t>* __restrict__ row_stats, double* __restrict__ partials) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kRowsPerBlock = kBlockThreads / GROUP;
+  LTFAST_SHARED_ARRAY(math::SoftmaxState<acc_t>, scratch_state, kWarpsPerBlock);
+  LTFAST_SHARED_ARRAY(acc_t, scratch_a, kWarpsPerBlock);
+  LTFAST_SHARED_ARRAY(acc_t, scratch_b, kWarpsPerBlock);
+  LTFAST_SHARED_ARRAY(double, partial_loss, kRowsPerBlock);
+  LTFAST_SHARED_ARRAY(double, partial_count, kRowsPerBlock);
+  double group_loss = 0.0, group_count = 0.0;
+  const int lane = threadIdx.x % GROUP;
+  const int64_t E = p.num_experts, C = p.num_classes, N = p.num_rows;
+  // Uniform row loop per group (for block groups the group is the block): group_reduce's barriers are safe.
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < N;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    const int64_t y = p.target[row];
+    if (y == p.ignore_index) {
+      for (int64_t e = lane; e < E; e += GROUP) {
+        row_stats[row * E + e] = acc_t(0);
+        row_stats[N * E + row * E + e] = acc_t(0);
+      }
+      if (lane == 0) row_loss[row] = acc_t(0);
+      continue;
+    }
+    CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
+    acc_t total = acc_t(0);
+    for (int64_t e = 0; e < E; ++e) {
+      const scalar_t* z = logits + (row * E + e) * C;
+      const acc_t* adjustment = p.adjustments + e * C;
+      auto state = math::empty_softmax_state<acc_t>();
+      for (int64_t c = lane; c < C; c += GROUP) {
+        accumulate(state, math::adjusted_logit(static_cast<acc_t>(z[c]), adjustment[c]));
+      }
+      reduce_state<GROUP>(state, scratch_state, scratch_a, scratch_b);
+      if (lane == 0) {
+        const math::RowLogSumExp<acc_t> finished = math::finish_row(state);
+        row_stats[row * E + e] = finished.max;
+        row_stats[N * E + row * E + e] = finished.log_sum;
+        const acc_t target_logit = math::adjusted_logit(static_cast<acc_t>(z[y]), adjustment[y]);
+        total += finished.log_sum - (target_logit - finished.max);
+      }
+    }
+    if (lane == 0) {
+      row_loss[row] = total;
+      group_loss += static_cast<double>(total);
+      group_count += 1.0;
+    }
+  }
+  if (partials != nullptr) {
+    gpu_reduce::write_block_partials<GROUP>(group_loss, group_count, partials, partial_loss, partial_count);
+  }
+}
+
+template <typename scalar_t, int GROUP>
+__global__ void __launch_bounds__(kBlockThreads)
+    diverse_backward_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
+                            const at::opmath_type<scalar_t>* __restrict__ row_stats,
+                            const at::opmath_type<scalar_t>* __restrict__ grad_loss, bool per_row_grad,
+                            const at::opmath_type<scalar_t>* __restrict__ denominator,
+                            scalar_t* __restrict__ grad_logits) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kRowsPerBlock = kBlockThreads / GROUP;
+  const int lane = threadIdx.x % GROUP;
+  const int64_t E = p.num_experts, C = p.num_classes, N = p.num_rows;
+  const acc_t shared_scale = per_row_grad ? acc_t(0) : grad_loss[0] / denominator[0];
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < N;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    scalar_t* g = grad_logits + row * E * C;
+    const int64_t y = p.target[row];
+    if (y == p.ignore_index) {
+      for (int64_t c = lane; c < E * C; c += GROUP) g[c] = scalar_t(0);
+      continue;
+    }
+    CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
+    const acc_t scale = per_row_grad ? grad_loss[row] : shared_scale;
+    for (int64_t e = 0; e < E; ++e) {
+      const math::RowLogSumExp<acc_t> stats{row_stats[row * E + e], row_stats[N * E + row * E + e]};
+      const scalar_t* z = logits + (row * E + e) * C;
+      scalar_t* out = g + e * C;
+      const acc_t* adjustment = p.adjustments + e * C;
+      if (math::row_is_nan(stats)) {  // NaN/inf in the row: NaN gradients, as F.cross_entropy
+        for (int64_t c = lane; c < C; c += GROUP) out[c] = static_cast<scalar_t>(stats.log_sum);
+        continue;
+      }
+      for (int64_t c = lane; c < C; c += GROUP) {
+        const acc_t prob =
+            math::softmax_probability(math::adjusted_logit(static_cast<acc_t>(z[c]), adjustment[c]), stats);
+        out[c] = static_cast<scalar_t>(c == y ? scale * prob - scale : scale * prob);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ ride_loss
+// Per sample: row_stats [2, N, 2E + 1] (multi_expert.h) and the block's sums (double [4, gridDim.x]:
+// weighted CE, target weights, KL, rows).
+template <typename scalar_t, int GROUP>
+__global__ void __launch_bounds__(kBlockThreads)
+    ride_forward_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
+                        at::opmath_type<scalar_t>* __restrict__ row_stats, double* __restrict__ partials) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kRowsPerBlock = kBlockThreads / GROUP;
+  LTFAST_SHARED_ARRAY(math::SoftmaxState<acc_t>, scratch_state, kWarpsPerBlock);
+  LTFAST_SHARED_ARRAY(acc_t, scratch_a, kWarpsPerBlock);
+  LTFAST_SHARED_ARRAY(acc_t, scratch_b, kWarpsPerBlock);
+  LTFAST_SHARED_ARRAY(double, partial_a, kRowsPerBlock);
+  LTFAST_SHARED_ARRAY(double, partial_b, kRowsPerBlock);
+  double group_ce = 0.0, group_weight = 0.0, group_kl = 0.0, group_count = 0.0;
+  const int lane = threadIdx.x % GROUP;
+  const int64_t E = p.num_experts, C = p.num_classes, N = p.num_rows, S = 2 * E + 1;
+  acc_t* max_out = row_stats;
+  acc_t* log_sum_out = row_stats + N * S;
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < N;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    const int64_t y = p.target[row];
+    if (y == p.ignore_index) {
+      for (int64_t j = lane; j < S; j += GROUP) {
+        max_out[row * S + j] = acc_t(0);
+        log_sum_out[row * S + j] = acc_t(0);
+      }
+      continue;
+    }
+    CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
+    const scalar_t* block = logits + row * E * C;
+    const acc_t margin = p.target_margin ? p.target_margin[y] : acc_t(0);
+    double ce = 0.0, kl = 0.0;
+    for (int64_t k = 0; k < E; ++k) {
+      const scalar_t* z = block + k * C;
+      auto ce_state = math::empty_softmax_state<acc_t>();
+      auto t_state = math::empty_softmax_state<acc_t>();
+      for (int64_t c = lane; c < C; c += GROUP) {
+        const acc_t value = static_cast<acc_t>(z[c]);
+        accumulate(ce_state, c == y ? value - margin : value);
+        accumulate(t_state, value * inverse_temperature(p, c));
+      }
+      reduce_state<GROUP>(ce_state, scratch_state, scratch_a, scratch_b);
+      reduce_state<GROUP>(t_state, scratch_state, scratch_a, scratch_b);
+      if (lane == 0) {
+        const math::RowLogSumExp<acc_t> finished_ce = math::finish_row(ce_state);
+        const math::RowLogSumExp<acc_t> finished_t = math::finish_row(t_state);
+        max_out[row * S + k] = finished_ce.max;
+        log_sum_out[row * S + k] = finished_ce.log_sum;
+        max_out[row * S + E + k] = finished_t.max;
+        log_sum_out[row * S + E + k] = finished_t.log_sum;
+        const acc_t target_logit = static_cast<acc_t>(z[y]) - margin;
+        ce += static_cast<double>(finished_ce.log_sum - (target_logit - finished_ce.max));
+        kl += static_cast<double>(finished_t.max) + static_cast<double>(finished_t.log_sum);
+      }
+    }
+    auto bar_state = math::empty_softmax_state<acc_t>();
+    for (int64_t c = lane; c < C; c += GROUP) {
+      accumulate(bar_state, expert_mean<scalar_t, acc_t>(block, E, C, c) * inverse_temperature(p, c));
+    }
+    reduce_state<GROUP>(bar_state, scratch_state, scratch_a, scratch_b);
+    if (lane == 0) {
+      const math::RowLogSumExp<acc_t> finished_bar = math::finish_row(bar_state);
+      max_out[row * S + 2 * E] = finished_bar.max;
+      log_sum_out[row * S + 2 * E] = finished_bar.log_sum;
+      // sum_k KL(pbar || p_k) = sum_k lse(z_k / T) - E lse(zbar / T) (multi_expert.h).
+      kl -= static_cast<double>(E) *
+            (static_cast<double>(finished_bar.max) + static_cast<double>(finished_bar.log_sum));
+      const double w = p.weight ? static_cast<double>(p.weight[y]) : 1.0;
+      group_ce += w * ce;
+      group_weight += w;
+      group_kl += kl;
+      group_count += 1.0;
+    }
+  }
+  gpu_reduce::write_block_partials<GROUP>(group_ce, group_weight, partials, partial_a, partial_b);
+  __syncthreads();  // partial_a/b are reused
+  gpu_reduce::write_block_partials<GROUP>(group_kl, group_count, partials + 2 * gridDim.x, partial_a, partial_b);
+}
+
+// One block: loss = CE_sum / W + diversity_factor Tbar^2 KL_sum / N', denominators = (W, N', Tbar).
+template <typename acc_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    ride_finish_kernel(const double* __restrict__ partials, int64_t num_blocks, KernelParams<acc_t> p,
+                       acc_t* __restrict__ loss, acc_t* __restrict__ denominators) {
+  LTFAST_SHARED_ARRAY(double, scratch, kBlockThreads);
+  const double ce = gpu_reduce::sum_in_block(partials, num_blocks, scratch);
+  const double weight = gpu_reduce::sum_in_block(partials + num_blocks, num_blocks, scratch);
+  const double kl = gpu_reduce::sum_in_block(partials + 2 * num_blocks, num_blocks, scratch);
+  const double count = gpu_reduce::sum_in_block(partials + 3 * num_blocks, num_blocks, scratch);
+  double temperature = 0.0;
+  for (int64_t c = threadIdx.x; c < p.num_classes; c += kBlockThreads) {
+    temperature += static_cast<double>(p.temperature ? p.base_temperature * p.temperature[c] : p.base_temperature);
+  }
+  const double mean_temperature = gpu_reduce::block_sum(temperature, scratch) / static_cast<double>(p.num_classes);
+  if (threadIdx.x == 0) {
+    *loss = static_cast<acc_t>(ce / weight + p.diversity_factor * mean_temperature * mean_temperature * kl / count);
+    denominators[0] = static_cast<acc_t>(weight);
+    denominators[1] = static_cast<acc_t>(count);
+    denominators[2] = static_cast<acc_t>(mean_temperature);
+  }
+}
+
+template <typename scalar_t, int GROUP>
+__global__ void __launch_bounds__(kBlockThreads)
+    ride_backward_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
+                         const at::opmath_type<scalar_t>* __restrict__ row_stats,
+                         const at::opmath_type<scalar_t>* __restrict__ grad_loss,
+                         const at::opmath_type<scalar_t>* __restrict__ denominators,
+                         scalar_t* __restrict__ grad_logits) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kRowsPerBlock = kBlockThreads / GROUP;
+  const int lane = threadIdx.x % GROUP;
+  const int64_t E = p.num_experts, C = p.num_classes, N = p.num_rows, S = 2 * E + 1;
+  const acc_t* max_in = row_stats;
+  const acc_t* log_sum_in = row_stats + N * S;
+  const double g = static_cast<double>(grad_loss[0]);
+  const double mean_temperature = static_cast<double>(denominators[2]);
+  const acc_t kl_scale = static_cast<acc_t>(g * p.diversity_factor * mean_temperature * mean_temperature /
+                                            static_cast<double>(denominators[1]));
+  const double ce_scale = g / static_cast<double>(denominators[0]);
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < N;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    scalar_t* out = grad_logits + row * E * C;
+    const int64_t y = p.target[row];
+    if (y == p.ignore_index) {
+      for (int64_t c = lane; c < E * C; c += GROUP) out[c] = scalar_t(0);
+      continue;
+    }
+    CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
+    bool nan_row = false;
+    for (int64_t j = 0; j < S; ++j) nan_row = nan_row || !(log_sum_in[row * S + j] == log_sum_in[row * S + j]);
+    if (nan_row) {  // NaN/inf in the sample's logits: NaN gradients
+      for (int64_t c = lane; c < E * C; c += GROUP) out[c] = static_cast<scalar_t>(NAN);
+      continue;
+    }
+    const acc_t ce_coef = static_cast<acc_t>(ce_scale * (p.weight ? static_cast<double>(p.weight[y]) : 1.0));
+    const acc_t margin = p.target_margin ? p.target_margin[y] : acc_t(0);
+    const math::RowLogSumExp<acc_t> bar{max_in[row * S + 2 * E], log_sum_in[row * S + 2 * E]};
+    const scalar_t* block = logits + row * E * C;
+    for (int64_t c = lane; c < C; c += GROUP) {
+      const acc_t inv_t = inverse_temperature(p, c);
+      const acc_t pbar = math::softmax_probability(expert_mean<scalar_t, acc_t>(block, E, C, c) * inv_t, bar);
+      for (int64_t k = 0; k < E; ++k) {
+        const acc_t z = static_cast<acc_t>(block[k * C + c]);
+        const math::RowLogSumExp<acc_t> ce_stats{max_in[row * S + k], log_sum_in[row * S + k]};
+        const math::RowLogSumExp<acc_t> t_stats{max_in[row * S + E + k], log_sum_in[row * S + E + k]};
+        const acc_t q = math::softmax_probability(c == y ? z - margin : z, ce_stats);
+        const acc_t prob = math::softmax_probability(z * inv_t, t_stats);
+        const acc_t ce_grad = c == y ? ce_coef * (q - acc_t(1)) : ce_coef * q;
+        out[k * C + c] = static_cast<scalar_t>(ce_grad + kl_scale * inv_t * (prob - pbar));
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ launch plan
+inline unsigned row_kernel_blocks(int64_t num_rows, int64_t num_classes) {
+  unsigned blocks = 1;
+  gpu_reduce::with_row_group(num_classes, [&](auto group) { blocks = gpu_reduce::row_blocks(num_rows, group); });
+  return blocks;
+}
+
+// diverse_expert_loss forward: the row kernel, then (reduce) the one-block finish over its partials
+// (double [2, row_kernel_blocks], zeros filled by the caller when N = 0).
+template <typename scalar_t>
+void launch_diverse_forward(const scalar_t* logits, const KernelParams<at::opmath_type<scalar_t>>& p,
+                            at::opmath_type<scalar_t>* row_loss, at::opmath_type<scalar_t>* row_stats, bool reduce,
+                            bool mean, double* partials, at::opmath_type<scalar_t>* loss,
+                            at::opmath_type<scalar_t>* denominator, gpu::Stream stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (p.num_rows > 0) {
+    gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
+      constexpr int kGroup = decltype(group)::value;
+      gpu::launch("multi_expert diverse_forward_kernel", &diverse_forward_kernel<scalar_t, kGroup>,
+                  gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_loss, row_stats,
+                  reduce ? partials : static_cast<double*>(nullptr));
+    });
+  }
+  if (reduce) {
+    gpu::launch("multi_expert diverse finish_mean_kernel", &gpu_reduce::finish_mean_kernel<acc_t>, 1, kBlockThreads,
+                stream, static_cast<const double*>(partials),
+                static_cast<int64_t>(row_kernel_blocks(p.num_rows, p.num_classes)), mean, loss, denominator);
+  }
+}
+
+template <typename scalar_t>
+void launch_diverse_backward(const scalar_t* logits, const KernelParams<at::opmath_type<scalar_t>>& p,
+                             const at::opmath_type<scalar_t>* row_stats, const at::opmath_type<scalar_t>* grad_loss,
+                             bool per_row_grad, const at::opmath_type<scalar_t>* denominator, scalar_t* grad_logits,
+                             gpu::Stream stream) {
+  if (p.num_rows == 0) return;
+  gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
+    constexpr int kGroup = decltype(group)::value;
+    gpu::launch("multi_expert diverse_backward_kernel", &diverse_backward_kernel<scalar_t, kGroup>,
+                gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_stats, grad_loss,
+                per_row_grad, denominator, grad_logits);
+  });
+}
+
+// ride_loss forward: the row kernel and the finish. partials: double [4, row_kernel_blocks]
+// (zeros filled by the caller when N = 0).
+template <typename scalar_t>
+void launch_ride_forward(const scalar_t* logits, const KernelParams<at::opmath_type<scalar_t>>& p,
+                         at::opmath_type<scalar_t>* row_stats, double* partials, at::opmath_type<scalar_t>* loss,
+                         at::opmath_type<scalar_t>* denominators, gpu::Stream stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (p.num_rows > 0) {
+    gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
+      constexpr int kGroup = decltype(group)::value;
+      gpu::launch("multi_expert ride_forward_kernel", &ride_forward_kernel<scalar_t, kGroup>,
+                  gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_stats, partials);
+    });
+  }
+  gpu::launch("multi_expert ride_finish_kernel", &ride_finish_kernel<acc_t>, 1, kBlockThreads, stream,
+              static_cast<const double*>(partials), static_cast<int64_t>(row_kernel_blocks(p.num_rows, p.num_classes)),
+              p, loss, denominators);
+}
+
+template <typename scalar_t>
+void launch_ride_backward(const scalar_t* logits, const KernelParams<at::opmath_type<scalar_t>>& p,
+                          const at::opmath_type<scalar_t>* row_stats, const at::opmath_type<scalar_t>* grad_loss,
+                          const at::opmath_type<scalar_t>* denominators, scalar_t* grad_logits, gpu::Stream stream) {
+  if (p.num_rows == 0) return;
+  gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
+    constexpr int kGroup = decltype(group)::value;
+    gpu::launch("multi_expert ride_backward_kernel", &ride_backward_kernel<scalar_t, kGroup>,
+                gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_stats, grad_loss,
+                denominators, grad_logits);
+  });
+}
+
+}  // namespace multi_expert_kernels
+}  // namespace ltfast

@@ -1,0 +1,154 @@
+"""nn.Module losses of the multi-expert methods (seed-methods.md §6): SADE's
+:class:`DiverseExpertLoss` and RIDE's :class:`RIDELoss`, exported from :mod:`ltfast.nn`.
+
+Both take the experts' logits ``[N, E, C]`` (``forward(expert_logits, target)``) and have the class
+attribute ``takes_expert_logits = True``, which tells the trainer to pass them instead of the
+aggregated ``[N, C]`` output. Per-class vectors are float64 buffers (saved in the state_dict and
+moved by ``.to()``), handed to the fused ops in the logits' accumulation dtype (``_ClassVectors``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import priors
+from .nn import _ClassVectors, _check_reduction
+from .ops import diverse_expert_loss, ride_loss
+
+
+def _check_expert_logits(expert_logits: Tensor, owner: str, num_classes: int,
+                         num_experts: Optional[int] = None) -> None:
+    if not isinstance(expert_logits, Tensor) or expert_logits.dim() != 3:
+        shape = tuple(expert_logits.shape) if isinstance(expert_logits, Tensor) else type(expert_logits).__name__
+        raise ValueError(f"{owner}: expert_logits must be a 3-D tensor [N, E, C] (one row of logits per expert), "
+                         f"got {shape}")
+    if expert_logits.shape[2] != num_classes:
+        raise ValueError(f"{owner}: expert_logits must have C = {num_classes} classes (from class_counts), got "
+                         f"shape {tuple(expert_logits.shape)}")
+    if num_experts is not None and expert_logits.shape[1] != num_experts:
+        raise ValueError(f"{owner}: expert_logits must hold E = {num_experts} experts, got shape "
+                         f"{tuple(expert_logits.shape)}")
+
+
+class DiverseExpertLoss(_ClassVectors, nn.Module):
+    """SADE's loss (Zhang et al. 2022, "TADE" in the survey; seed-methods.md §6) for three experts:
+    ``CE(z1) + CE(z2 + log(pi + 1e-9)) + CE(z3 + log(pi + 1e-9) - tau * log(pi_inv + 1e-9))``,
+    with ``pi`` the training prior and ``pi_inv`` the survey's inverse prior (prior values by reversed
+    frequency rank, :func:`ltfast.priors.inverse_prior`), fused into one op
+    (:func:`ltfast.diverse_expert_loss`). The adjustments are float64 here; the survey computes them
+    in float32 (``ltfast.compat.ensemble.DiverseExpertLoss`` keeps that).
+
+    ``forward(expert_logits [N, 3, C], target [N])``. Predict with the mean of the experts' raw logits.
+    """
+
+    takes_expert_logits = True
+    num_experts = 3
+
+    def __init__(self, class_counts, tau: float = 2.0, reduction: str = "mean", ignore_index: int = -100) -> None:
+        super().__init__()
+        tau = float(tau)
+        if not torch.isfinite(torch.tensor(tau)):
+            raise ValueError(f"DiverseExpertLoss: tau must be finite, got {tau}")
+        self.tau = tau
+        self.reduction = _check_reduction(reduction)
+        self.ignore_index = int(ignore_index)
+        self.register_buffer("adjustments", priors.sade_adjustments(class_counts, tau, dtype=torch.float64))
+
+    @property
+    def num_classes(self) -> int:
+        return self.adjustments.shape[1]
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, tau={self.tau}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}")
+
+    def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
+        _check_expert_logits(expert_logits, "DiverseExpertLoss", self.num_classes, self.num_experts)
+        return diverse_expert_loss(expert_logits, target, self._class_vector("adjustments", expert_logits),
+                                   self.reduction, self.ignore_index)
+
+
+class RIDELoss(_ClassVectors, nn.Module):
+    """RIDE's loss (Wang et al. 2021) as the survey's Ensemble-codebase trains it (seed-methods.md §6,
+    §1.9), for any number of experts, fused into one op (:func:`ltfast.ride_loss`): per expert k,
+
+    - LDAM CE on ``z_k``: ``s * m_y`` subtracted from the target logit, ``m_c = max_margin *
+      (n_min / n_c)^(1/4)``; with DRW, class-balanced weights (``beta``) and the weighted mean;
+    - plus ``diversity_factor * Tbar^2 * KL(pbar || softmax(z_k / T))`` (batchmean), ``pbar`` the
+      softmax of the experts' mean logits over T, without gradient. Before DRW ``T = base_temperature``;
+      with DRW ``T_c = base_temperature * t_c``, ``t_c = (C pi_c f + 1 - f) / max(.)``,
+      f = ``reweight_factor`` (the survey's config: 0.02; the original class's default is 0.05).
+
+    DRW: call :meth:`set_epoch` at the start of every epoch (0-based), as for
+    :class:`ltfast.nn.LDAMLoss`: from epoch ``drw_epoch`` on (the survey: ``reweight_epoch=160`` with
+    1-based epochs and ``epoch > 160``, i.e. ``drw_epoch=160``); ``None`` never re-weights. The epoch is
+    saved in the state_dict. Reduction is the mean only (the KL term is a batch mean), as
+    :func:`ltfast.lade_loss`.
+
+    ``forward(expert_logits [N, E, C], target [N])``.
+    """
+
+    takes_expert_logits = True
+
+    def __init__(self, class_counts, max_margin: float = 0.5, s: float = 30.0, drw_epoch: Optional[int] = None,
+                 beta: float = 0.9999, base_temperature: float = 1.0, diversity_factor: float = -0.2,
+                 reweight_factor: float = 0.02, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.max_margin = float(max_margin)
+        self.s = float(s)
+        if not self.s > 0.0:
+            raise ValueError(f"RIDELoss: s must be > 0, got {s}")
+        self.drw_epoch = None if drw_epoch is None else int(drw_epoch)
+        self.beta = float(beta)
+        self.base_temperature = float(base_temperature)
+        if not (self.base_temperature > 0.0 and self.base_temperature < float("inf")):
+            raise ValueError(f"RIDELoss: base_temperature must be a finite number > 0, got {base_temperature}")
+        self.diversity_factor = float(diversity_factor)
+        if self.diversity_factor != self.diversity_factor or abs(self.diversity_factor) == float("inf"):
+            raise ValueError(f"RIDELoss: diversity_factor must be finite, got {diversity_factor}")
+        self.reweight_factor = float(reweight_factor)
+        self.ignore_index = int(ignore_index)
+        self.epoch = 0
+        self.register_buffer("target_margin",
+                             self.s * priors.ldam_margins(class_counts, self.max_margin, dtype=torch.float64))
+        self.register_buffer("drw_weight", priors.effective_number_weights(class_counts, self.beta,
+                                                                            dtype=torch.float64))
+        self.register_buffer("diversity_temperature",
+                             priors.ride_diversity_temperature(class_counts, self.reweight_factor, dtype=torch.float64))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def reweighting(self) -> bool:
+        return self.drw_epoch is not None and self.epoch >= self.drw_epoch
+
+    @property
+    def num_classes(self) -> int:
+        return self.target_margin.numel()
+
+    def get_extra_state(self):
+        return {"epoch": self.epoch}
+
+    def set_extra_state(self, state) -> None:
+        self.epoch = int(state["epoch"])
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, s={self.s}, max_margin={self.max_margin}, "
+                f"drw_epoch={self.drw_epoch}, base_temperature={self.base_temperature}, "
+                f"diversity_factor={self.diversity_factor}, reweight_factor={self.reweight_factor}, "
+                f"ignore_index={self.ignore_index}")
+
+    def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
+        _check_expert_logits(expert_logits, "RIDELoss", self.num_classes)
+        reweighting = self.reweighting
+        vector = self._class_vector
+        return ride_loss(expert_logits, target, vector("target_margin", expert_logits),
+                         vector("drw_weight", expert_logits) if reweighting else None,
+                         vector("diversity_temperature", expert_logits) if reweighting else None,
+                         self.base_temperature, self.diversity_factor, self.ignore_index)
+
+
+__all__ = ["DiverseExpertLoss", "RIDELoss"]
