@@ -25,7 +25,8 @@ import ltfast
 
 from . import checkpoint, metrics
 from .config import ConfigError, dump
-from .models import build_model, freeze_backbone, use_cosine_classifier
+from .experts import EXPERT_ARCHS, count_expert_correct, expert_fields, expert_summaries, loss_input, split_output
+from .models import freeze_backbone, model_from_config
 from .optimization import Stepper, autocast_fp16, build_optimizer, load_init_weights, make_scaler, scaled_lr
 from .runlog import History, prepare_out_dir, progress_enabled, run_seeds, val_fields
 from .schedule import lr_factor
@@ -191,6 +192,14 @@ def build_loss(loss: dict, class_counts: list[int]) -> nn.Module:
         return ltfast.nn.FocalLoss(loss["focal_gamma"])
     if name == "logit_adjusted":
         return ltfast.nn.LogitAdjustedLoss(class_counts, tau=loss["tau"])
+    if name in ("sade", "ride"):
+        # PENDING (issue 14): the one import to change to ltfast.nn at merge (the fused classes, same interface)
+        from ltfast._experts_pending import DiverseExpertLoss, RIDELoss
+        if name == "sade":
+            return DiverseExpertLoss(class_counts, tau=loss["sade_tau"])
+        return RIDELoss(class_counts, max_margin=loss["max_margin"], s=loss["s"], drw_epoch=loss["drw_epoch"],
+                        beta=loss["beta"], base_temperature=loss["base_temperature"],
+                        diversity_factor=loss["diversity_factor"], reweight_factor=loss["reweight_factor"])
     raise ConfigError(f"loss.name: unknown loss {name!r}")
 
 
@@ -206,7 +215,8 @@ def describe_loss(criterion: nn.Module) -> str:
     classes, margins, weights), so a run's log shows what it trained with: SEQL on 10 classes with
     the survey's lambda used to become plain CE without a word."""
     parts = []
-    for key in ("gamma", "tau", "alpha", "remine_lambda", "s", "max_margin", "drw_epoch", "beta", "label_smoothing"):
+    for key in ("gamma", "tau", "alpha", "remine_lambda", "s", "max_margin", "drw_epoch", "beta", "label_smoothing",
+                "base_temperature", "diversity_factor", "reweight_factor"):
         value = getattr(criterion, key, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) or (key == "drw_epoch" and value is not None):
             parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
@@ -216,7 +226,8 @@ def describe_loss(criterion: nn.Module) -> str:
         shown = ", ".join(map(str, classes[:20])) + (" ..." if len(classes) > 20 else "")
         parts.append(f"tail classes {len(classes)} of {tail.numel()}: [{shown}]"
                      + (" (none: this is plain cross-entropy)" if not classes else ""))
-    for name in ("target_margin", "weight", "drw_weight", "adjustment", "log_prior"):
+    for name in ("target_margin", "weight", "drw_weight", "adjustment", "log_prior", "log_inverse_prior",
+                 "temperature_weight"):
         value = getattr(criterion, name, None)
         if isinstance(value, torch.Tensor):
             parts.append(_summarise_vector(name, value))
@@ -229,19 +240,36 @@ def describe_loss(criterion: nn.Module) -> str:
 def evaluate(model: nn.Module, loader, num_classes: int, device, autocast=contextlib.nullcontext,
              memory_format=torch.contiguous_format) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class (correct, total), summed over all ranks: each rank evaluates its own shard."""
+    correct, total, _ = evaluate_with_experts(model, loader, num_classes, device, autocast, memory_format)
+    return correct, total
+
+
+@torch.no_grad()
+def evaluate_with_experts(model: nn.Module, loader, num_classes: int, device, autocast=contextlib.nullcontext,
+                          memory_format=torch.contiguous_format):
+    """``evaluate`` plus, for a multi-expert model, each expert's per-class correct counts [E, C]
+    (None for a single-output model); correct / total are the aggregate (mean-logit) prediction's."""
     was_training = model.training
     model.eval()
     correct = torch.zeros(num_classes, dtype=torch.long, device=device)
     total = torch.zeros(num_classes, dtype=torch.long, device=device)
+    expert_correct = None
     for images, labels in loader:
         with autocast():
-            logits = model(images.to(device, non_blocking=True).contiguous(memory_format=memory_format))
+            output = model(images.to(device, non_blocking=True).contiguous(memory_format=memory_format))
+        logits, expert_logits = split_output(output)
         batch_correct, batch_total = metrics.count_correct(logits.float(), labels, num_classes)
         correct += batch_correct
         total += batch_total
+        if expert_logits is not None:
+            batch_experts = count_expert_correct(expert_logits.float(), labels.to(expert_logits.device), num_classes)
+            expert_correct = batch_experts if expert_correct is None else expert_correct + batch_experts
     model.train(was_training)
     correct, total = metrics.all_reduce_counts(correct, total)
-    return correct.cpu(), total.cpu()
+    if expert_correct is not None:
+        expert_correct, _ = metrics.all_reduce_counts(expert_correct, torch.zeros_like(expert_correct))
+        expert_correct = expert_correct.cpu()
+    return correct.cpu(), total.cpu(), expert_correct
 
 
 # -------------------------------------------------------------------------------------- checkpoint
@@ -312,12 +340,12 @@ def _check_before_start(cfg: dict) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device: {device!r} but torch.cuda.is_available() is False")
     arch = cfg["model"]["arch"]
-    if arch != "small_resnet":
+    if arch != "small_resnet" and arch not in EXPERT_ARCHS:
         import difflib
         import torchvision
         known = torchvision.models.list_models(module=torchvision.models)
         if arch not in known:
-            close = difflib.get_close_matches(arch, known + ["small_resnet"], 3)
+            close = difflib.get_close_matches(arch, known + ["small_resnet"] + list(EXPERT_ARCHS), 3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"model.arch: unknown architecture {arch!r}{hint}; small_resnet or a torchvision "
                               f"classification model name")
@@ -354,9 +382,7 @@ def train(cfg: dict) -> dict:
     data = build_data(cfg, rank, world, device)
     counts, num_classes = data["class_counts"], len(data["class_counts"])
     in_channels = data["train"].images.shape[1] if data["in_memory"] else len(cfg["data"]["mean"] or (0, 0, 0))
-    model = build_model(mcfg["arch"], num_classes, in_channels, mcfg["width"])
-    if mcfg["classifier"] == "cosine":
-        use_cosine_classifier(model, num_classes, mcfg["head"])
+    model = model_from_config(mcfg, num_classes, in_channels)
     if mcfg["init_from"]:
         load_init_weights(model, mcfg["init_from"], mcfg["head"], num_classes, log=lambda m: _log(rank, m))
     if mcfg["freeze_backbone"]:
@@ -437,7 +463,7 @@ def train(cfg: dict) -> dict:
             with stepper.context(i):
                 with autocast():
                     logits = net(images.to(device, non_blocking=True).contiguous(memory_format=memory_format))
-                    loss = criterion(logits, labels.to(device, non_blocking=True))
+                    loss = criterion(loss_input(logits, criterion), labels.to(device, non_blocking=True))
                 stepper.backward(loss, i)  # zero_grad / backward / step, accumulated and fp16-scaled
             loss_sum += loss.detach().float()
             if bar is not None:
@@ -459,9 +485,12 @@ def train(cfg: dict) -> dict:
         last = epoch + 1 == epochs
         best_now = False
         if data["val_loader"] is not None and ((epoch + 1) % cfg["eval"]["every"] == 0 or last):
-            correct, total = evaluate(model, data["val_loader"], num_classes, device, autocast, memory_format)
+            correct, total, experts = evaluate_with_experts(model, data["val_loader"], num_classes, device, autocast,
+                                                            memory_format)
             val = metrics.summarize(correct, total, groups)
             record.update(val_fields(val))
+            if experts is not None:
+                record.update(expert_fields(experts, total, groups))
             if val["top1"] > state["best_top1"]:
                 state["best_top1"], state["best_epoch"], best_now = val["top1"], epoch + 1, True
         state["history"].append(record)
@@ -517,12 +546,16 @@ def _finish(cfg, model, data, groups, state, best_weights, device, autocast, mem
             model.load_state_dict(best_weights)
     eval_start = time.perf_counter()
     try:
-        correct, total = evaluate(model, data["test_loader"], num_classes, device, autocast, memory_format)
+        correct, total, experts = evaluate_with_experts(model, data["test_loader"], num_classes, device, autocast,
+                                                        memory_format)
     except Exception as error:
         _write_failed_summary(cfg, state, selection, error, rank)
         raise
     test = metrics.summarize(correct, total, groups, cfg["eval"]["ua"])
     test["correct"], test["total"] = correct.tolist(), total.tolist()  # to re-aggregate or compare runs
+    if experts is not None:  # each expert alone; the top-level numbers are the experts' mean logits
+        test["experts"] = [dict(summary, correct=c.tolist()) for summary, c in
+                           zip(expert_summaries(experts, total, groups), experts)]
     eval_time = time.perf_counter() - eval_start
     summary = {
         "name": cfg.get("name") or cfg["loss"]["name"], "status": "finished",
@@ -552,6 +585,9 @@ def _finish(cfg, model, data, groups, state, best_weights, device, autocast, mem
         ra = f"  RA {test['ra']:.1f}" if test.get("ra") is not None else ""
         print(f"test ({selection}): top-1 {test['top1']:.2f}  many {_fmt(test['many'])}  "
               f"medium {_fmt(test['medium'])}  few {_fmt(test['few'])}{ra}  -> {summary_path}", flush=True)
+        if "experts" in test:
+            print("  each expert alone: " + ", ".join(f"expert {k} top-1 {_fmt(e['top1'])} (few {_fmt(e['few'])})"
+                                                      for k, e in enumerate(test["experts"], start=1)), flush=True)
     if dist.is_initialized():
         dist.barrier()  # ranks leave together: none tears its connections down while rank 0 still writes
     return summary
