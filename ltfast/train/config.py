@@ -231,7 +231,8 @@ SCHEMA["model"].update({
              "dotted name of the classifier module; None: the last nn.Linear with num_classes outputs "
              "(models.find_head: fc, classifier.6, heads.head, ...)"),
     "classifier": ("linear", str, _choice("linear", "cosine"),
-                   "cosine: the head becomes normalize(x) @ normalize(W) (LDAM-DRW's NormedLinear)"),
+                   "cosine: the head becomes normalize(x) @ normalize(W) (LDAM-DRW's NormedLinear); multi-expert "
+                   "archs: every expert's head, times model.expert_scale (the survey's use_norm)"),
 })
 SCHEMA["optim"].update({
     "name": ("sgd", str, _choice("sgd", "adamw"), "sgd (momentum, nesterov) or adamw (betas)"),
