@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from ltfast._experts_pending import DiverseExpertLoss, RIDELoss, inverse_prior
-from ltfast.train import load_config, metrics, train
+from ltfast.train import load_config, train
 from ltfast.train.config import ConfigError
 from ltfast.train.experts import (ExpertOutput, ExpertResNeXt, SmallExpertResNet, build_expert_model,
                                   count_expert_correct, loss_input)

@@ -9,7 +9,7 @@ from torch import nn
 from ltfast.data.datasets import InMemoryDataset
 from ltfast.train import load_config, metrics
 from ltfast.train.config import dump
-from ltfast.train.experts import ExpertOutput, build_expert_model
+from ltfast.train.experts import ExpertOutput
 from ltfast.train.test_time import (ImageSource, StrongViews, aggregate_on, learn_aggregation, main,
                                     parse_distribution, shifted_counts, shifted_test_indices)
 
