@@ -362,3 +362,11 @@ def test_imagenet_lt_expert_recipe_runs(rgb_jpegs, tmp_path, method, extra):
     assert summary["status"] == "finished" and summary["test"]["samples"] == 8 and len(summary["test"]["experts"]) == 3
     assert math.isfinite(summary["history"][0]["loss"]) and summary["history"][0]["loss"] > 0
     assert "SADE" in summary["name"] or "RIDE" in summary["name"]
+
+
+@pytest.mark.parametrize("loss", ["sade", "ride"])
+def test_bf16_autocast_trains_expert_losses(tmp_path, loss):
+    # bf16 expert logits reach the losses, which compute in float32
+    summary = train(load_config(None, TINY + [f"train.out_dir={tmp_path}", f"loss.name={loss}", "train.amp=bf16",
+                                              "optim.epochs=1", "data.n_max=64", "train.save_checkpoints=false"]))
+    assert summary["bf16"] and math.isfinite(summary["history"][0]["loss"]) and len(summary["test"]["experts"]) == 3

@@ -170,3 +170,32 @@ def test_cli_errors(tmp_path, capsys):
     run = _run_folder(tmp_path / "run")
     assert main([str(run), "--distribution", "forward"]) == 2
     assert "--distribution" in capsys.readouterr().err
+
+
+def test_cli_on_list_files(tmp_path):
+    # List datasets go through the evaluation pipeline (PIL here), the views through the 'imagenet'
+    # profile; --list with --distribution none takes a (shifted) list as it is, like SADE's lists.
+    from ltfast.data import write_jpeg_folder
+    labels = torch.arange(3).repeat_interleave(4)
+    images = (torch.rand(12, 3, 20, 20, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    listed = write_jpeg_folder(InMemoryDataset(images, labels), str(tmp_path / "jpegs"), "test")
+    train_list = tmp_path / "train.txt"
+    lines = open(listed).read().splitlines()
+    train_list.write_text("\n".join(lines[:4] * 3 + lines[4:8] + lines[8:9]) + "\n")   # 12 / 4 / 1 images
+    cfg = load_config(None, ["data.dataset=list", f"data.root={tmp_path / 'jpegs'}", f"data.train_list={train_list}",
+                             f"data.test_list={listed}", "data.val_list=null", "data.backend=pil",
+                             "data.num_threads=0", "data.crop_size=16", "data.resize_size=16",
+                             "model.arch=small_expert_resnet", "model.width=8", "model.classifier=cosine",
+                             "loss.name=sade", f"train.out_dir={tmp_path / 'run'}"])
+    from ltfast.train.models import model_from_config
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump(cfg))
+    torch.save({"model": model_from_config(cfg["model"], 3, 3).state_dict()}, run / "best.pt")
+    assert main([str(run), "--distribution", "forward2", "--epochs", "1", "--out", str(tmp_path / "a")]) == 0
+    result = json.loads((tmp_path / "a" / "test_time.json").read_text())["results"]["forward2"]
+    assert result["class_counts"] == [4, 2, 2] and result["augment"] == "imagenet"   # 4 * 2^(-rank / 2)
+    assert main([str(run), "--list", listed, "--distribution", "none", "--epochs", "1", "--out",
+                 str(tmp_path / "b")]) == 0
+    result = json.loads((tmp_path / "b" / "test_time.json").read_text())["results"]["test.txt"]
+    assert result["samples"] == 12
