@@ -335,11 +335,11 @@ def test_expert_transcription_matches_seed_methods():
 
 @pytest.fixture(scope="module")
 def rgb_jpegs(tmp_path_factory):
-    """4 classes of 24x24 RGB JPEGs: train 6 per class, val 1, test 2."""
+    """4 classes of 24x24 RGB JPEGs: train 3 per class (one batch of 12), val 1, test 2."""
     from ltfast.data import InMemoryDataset, write_jpeg_folder
     root = tmp_path_factory.mktemp("rgb")
     gen = torch.Generator().manual_seed(0)
-    for split, per_class in (("train", 6), ("val", 1), ("test", 2)):
+    for split, per_class in (("train", 3), ("val", 1), ("test", 2)):
         labels = torch.arange(4).repeat_interleave(per_class)
         images = (torch.rand(labels.numel(), 3, 24, 24, generator=gen) * 255).to(torch.uint8)
         write_jpeg_folder(InMemoryDataset(images, labels), str(root), split)
@@ -351,7 +351,7 @@ def rgb_jpegs(tmp_path_factory):
     ("ride", ["loss.drw_epoch=0", "optim.milestones=[0]", "optim.warmup_epochs=0"]),
 ])
 def test_imagenet_lt_expert_recipe_runs(rgb_jpegs, tmp_path, method, extra):
-    # The ResNeXt-50 expert recipe end to end for one epoch: 24 tiny JPEGs, 16-pixel crops, CPU.
+    # The ResNeXt-50 expert recipe end to end for one epoch (one step): 12 tiny JPEGs, 16-pixel crops, CPU.
     cfg = _imagenet(method, f"data.root={rgb_jpegs}", f"data.train_list={rgb_jpegs / 'train.txt'}",
                     f"data.val_list={rgb_jpegs / 'val.txt'}", f"data.test_list={rgb_jpegs / 'test.txt'}",
                     "data.backend=pil", "data.num_threads=0", "data.crop_size=16", "data.resize_size=16",
