@@ -11,7 +11,9 @@ so the methods are compared on one dataset. Numbers are test-set accuracies (bal
 of the best-validation epoch. A second stage starts from its first stage's run of the same seed
 (STAGE1_OF: cRT, LWS, NCM and tau-norm from CE, MiSLAS stage 2 from MiSLAS stage 1), which --methods
 must list too; it is run first whatever the order. NCM and tau-norm train nothing: their s / run is
-the fit and the evaluation.
+the fit and the evaluation. SADE's rows also run its test-time self-supervised aggregation
+(ltfast.train.test_time) on a forward- and a backward-long-tailed test set (imbalance 50, built from
+the balanced test set) and report the micro accuracy before and after.
 """
 from __future__ import annotations
 
@@ -27,9 +29,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 ALL_METHODS = ["ce", "weighted_ce", "seql", "balanced_softmax", "lade", "ldam_drw", "crt", "lws", "ncm", "tau_norm",
-               "causal", "mislas_stage1", "mislas_stage2"]
+               "causal", "mislas_stage1", "mislas_stage2", "ride", "sade"]
 # second stage -> the method whose best.pt of the same seed it starts from (model.init_from)
 STAGE1_OF = {"crt": "ce", "lws": "ce", "ncm": "ce", "tau_norm": "ce", "mislas_stage2": "mislas_stage1"}
+TEST_TIME_METHODS = {"sade"}             # SADE's test-time aggregation runs after these
+TEST_TIME_SETS = ("forward50", "backward50")
 QUICK_METHODS = ["ce", "balanced_softmax", "lade"]
 COLUMNS = ("top1", "many", "medium", "few")
 
@@ -51,11 +55,35 @@ def run_method(method: str, seed: int, out_root: str, overrides: list[str], stag
     wall = time.perf_counter() - start
     stage1[(method, seed)] = os.path.join(out_dir, "best.pt")
     test = summary["test"]
-    return {"method": method, "name": summary["name"], "seed": seed, "wall_s": wall,
+    test_time = run_test_time(out_dir, seed) if method in TEST_TIME_METHODS else {}
+    return {"method": method, "name": summary["name"], "seed": seed, "wall_s": wall, **test_time,
             "train_time_s": summary["train_time_s"], "best_epoch": summary["best_epoch"],
             "epochs": 0 if cfg["model"]["classifier"] in ("ncm", "tau_norm") else cfg["optim"]["epochs"],
             "decoupled": summary.get("decoupled"), **{k: test[k] for k in COLUMNS},
             "per_class": test["per_class"], "plot": summary.get("plot"), "summary": summary.get("summary")}
+
+
+def run_test_time(out_dir: str, seed: int) -> dict:
+    """Micro accuracy before / after SADE's aggregation on TEST_TIME_SETS, with the learnt weights."""
+    import torch
+    from ltfast.train import metrics
+    from ltfast.train.test_time import aggregate_on, load_run, shifted_test_indices, subset
+    device = torch.device("cpu")
+    model, cfg, sets, _, _ = load_run(out_dir, None, [], device)
+    counts = sets["class_counts"]
+    groups = metrics.shot_groups(counts, cfg["eval"]["many_threshold"], cfg["eval"]["few_threshold"])
+    out = {}
+    for name in TEST_TIME_SETS:
+        dataset = subset(sets["test"], shifted_test_indices(sets["test"].labels, counts, name, seed))
+        start = time.perf_counter()
+        result = aggregate_on(model, sets, dataset, cfg["data"], counts, groups, device=device, seed=seed,
+                              log=lambda message: None)
+        out[f"{name}_before"], out[f"{name}_after"] = result["before"]["micro"], result["after"]["micro"]
+        out[f"{name}_weights"], out[f"{name}_tta_s"] = result["weights"], time.perf_counter() - start
+        print(f"test-time aggregation, {name} ({result['samples']} images): micro {result['before']['micro']:.2f} -> "
+              f"{result['after']['micro']:.2f}, weights {', '.join(f'{w:.2f}' for w in result['weights'])}, "
+              f"{result['epochs']} epoch(s)", flush=True)
+    return out
 
 
 def aggregate(runs: list[dict], methods: list[str]) -> list[dict]:
@@ -71,6 +99,13 @@ def aggregate(runs: list[dict], methods: list[str]) -> list[dict]:
             row[f"{key}_runs"] = values
             row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
         row["wall_s"] = statistics.fmean(r["wall_s"] for r in mine)
+        for name in TEST_TIME_SETS:
+            for when in ("before", "after"):
+                key = f"{name}_{when}"
+                if all(key in r for r in mine):
+                    values = [r[key] for r in mine]
+                    row[key], row[f"{key}_runs"] = statistics.fmean(values), values
+                    row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
         rows.append(row)
     ce = next((r for r in rows if r["method"] == "ce"), None)
     for row in rows:
@@ -93,6 +128,19 @@ def markdown(rows: list[dict], runs: list[dict], meta: dict) -> str:
         delta = "" if row["top1_vs_ce"] is None or row["method"] == "ce" else f"{row['top1_vs_ce']:+.2f}"
         lines.append(f"| {row['name']} | {cell(row, 'top1')} | {cell(row, 'many')} | {cell(row, 'medium')} | "
                      f"{cell(row, 'few')} | {delta} | {row['wall_s']:.0f} |")
+    shifted = [row for row in rows if f"{TEST_TIME_SETS[0]}_before" in row]
+    if shifted:
+        lines += ["", "SADE's test-time self-supervised aggregation (python -m ltfast.train.test_time): micro accuracy "
+                      "on long-tailed test sets built from the balanced test set (imbalance 50; forward: the "
+                      "training order, backward: reversed), before (mean of the experts) and after (learnt weights).",
+                  "", "| method | " + " | ".join(f"{n} before | {n} after | gain" for n in TEST_TIME_SETS) + " |",
+                  "|---|" + "---|---|---|" * len(TEST_TIME_SETS)]
+        for row in shifted:
+            cells = []
+            for name in TEST_TIME_SETS:
+                before, after = row[f"{name}_before"], row[f"{name}_after"]
+                cells += [cell(row, f"{name}_before"), cell(row, f"{name}_after"), f"{after - before:+.2f}"]
+            lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
     plots = [os.path.relpath(r["plot"], ROOT) for r in runs if r.get("plot")]
     lines += ["", "Per-class accuracy plots: " + ", ".join(plots)]
     return "\n".join(lines) + "\n"

@@ -55,7 +55,8 @@ NoneType = type(None)
 DATASETS = ("fmnist_lt", "list", "synthetic")
 SAMPLERS = ("instance", "class_balanced", "square_root", "progressive")
 LOSSES = ("ce", "weighted_ce", "seql", "balanced_softmax", "lade", "ldam_drw", "focal", "logit_adjusted",
-          "label_aware_smoothing")
+          "label_aware_smoothing", "sade", "ride")
+EXPERT_LOSSES = ("sade", "ride")  # train each expert on its own logits: need a multi-expert model.arch
 SCHEDULES = ("cosine", "step", "multistep", "constant")
 CLASSIFIERS = ("linear", "cosine", "causal", "lws", "ncm", "tau_norm")
 
@@ -158,8 +159,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     },
     "model": {
         "arch": ("small_resnet", str, None,
-                 "small_resnet (local, for 28x28 / 32x32) or any torchvision classification model, e.g. "
-                 "resnext50_32x4d; always from scratch, nothing is downloaded"),
+                 "small_resnet (local, for 28x28 / 32x32), a multi-expert model (expert_resnext50_32x4d, "
+                 "expert_resnet50, small_expert_resnet: ltfast.train.experts) or any torchvision classification "
+                 "model, e.g. resnext50_32x4d; always from scratch, nothing is downloaded"),
         "width": (32, int, _positive, "small_resnet: channels of the first stage (x2, x4 after)"),
         "init_from": (None, (str, NoneType), None,
                       "checkpoint whose model weights start this run (decoupled stage 2: the stage-1 best.pt)"),
@@ -236,7 +238,8 @@ SCHEMA["model"].update({
              "dotted name of the classifier module; None: the last nn.Linear with num_classes outputs "
              "(models.find_head: fc, classifier.6, heads.head, ...)"),
     "classifier": ("linear", str, _choice(*CLASSIFIERS),
-                   "cosine: the head becomes normalize(x) @ normalize(W) (LDAM-DRW's NormedLinear); causal: the "
+                   "cosine: the head becomes normalize(x) @ normalize(W) (LDAM-DRW's NormedLinear; multi-expert "
+                   "archs: every expert's head, times model.expert_scale, the survey's use_norm); causal: the "
                    "multi-head normalised classifier with TDE at test time (ltfast.train.causal); decoupled "
                    "stage 2 on model.init_from (ltfast.train.decoupled): lws (learnable per-class scale of the "
                    "frozen classifier's logits), ncm (nearest class mean, no training), tau_norm (W_c / "
@@ -267,6 +270,42 @@ SCHEMA["train"].update({
     "tensorboard": ("auto", (bool, str), None,
                     "TensorBoard scalars in out_dir/tensorboard: auto = when tensorboard is installed"),
 })
+
+# Multi-expert models and losses (issue 14: RIDE / SADE, the survey's Ensemble-codebase, seed-methods.md §6).
+SCHEMA["model"].update({
+    "num_experts": (3, int, _positive, "multi-expert archs (expert_resnext50_32x4d, small_expert_resnet): experts"),
+    "reduce_dimension": (True, bool, None,
+                         "multi-expert archs: narrower expert stages (ResNeXt-50: layer3 192 / layer4 384 planes, "
+                         "feature 1536; small_expert_resnet: 3w instead of 4w), as the survey's configs"),
+    "expert_scale": (30.0, (int, float), _positive,
+                     "multi-expert archs with model.classifier=cosine: logits = s * cosine (survey s = 30)"),
+})
+SCHEMA["loss"].update({
+    "sade_tau": (2.0, (int, float), None, "SADE: weight of the inverse prior for the third expert (survey 2)"),
+    "base_temperature": (1.0, (int, float), _positive, "RIDE: diversity temperature before DRW"),
+    "diversity_factor": (-0.2, (int, float), None, "RIDE: weight of the KL diversity term (negative: diverse)"),
+    "reweight_factor": (0.02, (int, float), _probability,
+                        "RIDE: per-class diversity temperature C pi_c r + 1 - r after DRW (survey 0.02)"),
+})
+
+
+def _expert_checks(cfg: dict) -> None:
+    from .experts import EXPERT_ARCHS
+    model, loss = cfg["model"], cfg["loss"]
+    expert_arch = model["arch"] in EXPERT_ARCHS
+    if loss["name"] in EXPERT_LOSSES and not expert_arch:
+        raise ConfigError(f"loss.name: {loss['name']} trains each expert on its own logits; model.arch must be a "
+                          f"multi-expert architecture ({', '.join(EXPERT_ARCHS)}), got {model['arch']!r}")
+    if loss["name"] == "sade" and model["num_experts"] != 3:
+        raise ConfigError(f"model.num_experts: SADE has exactly 3 experts (long-tailed, uniform, inverse), got "
+                          f"{model['num_experts']}")
+    if expert_arch and model["classifier"] not in ("linear", "cosine"):
+        raise ConfigError(f"model.classifier: {model['arch']} has one linear or cosine classifier per expert, got "
+                          f"{model['classifier']!r}")
+    if expert_arch and (model["freeze_backbone"] or model["head"]):
+        key = "model.freeze_backbone" if model["freeze_backbone"] else "model.head"
+        raise ConfigError(f"{key}: not supported with the multi-expert {model['arch']} (one classifier per expert, "
+                          f"linears.0..{model['num_experts'] - 1})")
 
 
 # Issue 15: causal TDE (seed-methods.md §1.6) and MiSLAS (§2.4), kept together.
@@ -434,6 +473,7 @@ def validate(cfg: dict) -> dict:
     _cross_checks(cfg)
     _research_checks(cfg)
     _causal_mislas_checks(cfg)
+    _expert_checks(cfg)
     return cfg
 
 

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from . import metrics, posthoc
+from .experts import is_expert_arch, split_output
 from .config import ConfigError, dump, load_config
 
 
@@ -98,16 +99,20 @@ def collect(model, loader, head, device) -> dict:
     """One pass: logits, the head's input features (None if the head is not linear) and labels."""
     captured = []
     hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach().float().cpu()))
-    logits, labels = [], []
+    logits, expert_logits, labels = [], [], []
     try:
         model.eval()
         for images, batch_labels in loader:
-            logits.append(model(images.to(device)).float().cpu())
+            batch_logits, batch_experts = split_output(model(images.to(device)))
+            logits.append(batch_logits.float().cpu())
+            if batch_experts is not None:
+                expert_logits.append(batch_experts.float().cpu())
             labels.append(batch_labels.long().cpu())
     finally:
         hook.remove()
-    features = torch.cat(captured) if captured and captured[0].dim() == 2 else None
-    return {"logits": torch.cat(logits), "labels": torch.cat(labels), "features": features}
+    features = torch.cat(captured) if captured and captured[0].dim() == 2 and not expert_logits else None
+    return {"logits": torch.cat(logits), "labels": torch.cat(labels), "features": features,
+            "expert_logits": torch.cat(expert_logits) if expert_logits else None}
 
 
 def _variant_logits(split: dict, weight, bias, log_prior, tau_norm, tau_la):
@@ -119,7 +124,7 @@ def evaluate_run(args) -> dict:
     from ltfast.data import datasets
     from .decoupled import build_classifier, effective_linear
     from .mislas import use_learnable_weight_scaling
-    from .models import build_model, find_head, install_classifier
+    from .models import find_head, model_from_config
     from .optimization import _state_dict_of, safe_load
     from .trainer import load_datasets, make_loader
 
@@ -149,15 +154,19 @@ def evaluate_run(args) -> dict:
 
     in_channels = sets["train"].images.shape[1] if sets["in_memory"] and hasattr(sets["train"], "images") \
         else len(data_cfg["mean"] or (0, 0, 0))
-    model = build_model(mcfg["arch"], num_classes, in_channels, mcfg["width"])
-    install_classifier(model, num_classes, mcfg)   # cosine / causal (TDE in eval mode, with the saved moving average)
+    model = model_from_config(mcfg, num_classes, in_channels)  # cosine / causal (TDE in eval mode) / experts
     build_classifier(model, mcfg, num_classes)     # decoupled LWS / NCM heads, as the run saved them
     if mcfg["learnable_scale"]:
         use_learnable_weight_scaling(model, num_classes, mcfg["head"])
     model.load_state_dict(_state_dict_of(obj, checkpoint))
     model.to(device).eval()
     head_name, head = find_head(model, num_classes, mcfg["head"])
-    linear = isinstance(head, torch.nn.Linear)
+    if is_expert_arch(mcfg["arch"]):
+        head_name = "linears"
+        if args.tau_norm is not None:
+            raise ConfigError(f"--tau-norm: {mcfg['arch']} has one classifier per expert; tau-normalisation of a "
+                              f"multi-expert model is not defined here")
+    linear = isinstance(head, torch.nn.Linear) and not is_expert_arch(mcfg["arch"])
     if args.tau_norm is not None and not linear:
         why = " (a cosine classifier's rows are unit-norm already)" if type(head).__name__ == "CosineLinear" else ""
         raise ConfigError(f"--tau-norm: the head {head_name} is a {type(head).__name__}, not nn.Linear{why}")
@@ -193,6 +202,9 @@ def evaluate_run(args) -> dict:
         return out
 
     results = {"plain": report(evaluated["logits"])}
+    if evaluated["expert_logits"] is not None:  # each expert alone; "plain" is their mean logits
+        results["experts"] = [report(evaluated["expert_logits"][:, k])
+                              for k in range(evaluated["expert_logits"].shape[1])]
     adjusted = chosen["logit_adjust"] not in (None, 0) or chosen["tau_norm"] is not None
     if adjusted:
         results["posthoc"] = report(_variant_logits(evaluated, weight, bias, log_prior, chosen["tau_norm"],
@@ -244,6 +256,8 @@ def _print(summary: dict) -> None:
     rows = [("plain", summary["results"]["plain"])]
     if "posthoc" in summary["results"]:
         rows.append((_label(summary["posthoc"]), summary["results"]["posthoc"]))
+    for k, r in enumerate(summary["results"].get("experts", []), start=1):
+        rows.append((f"expert {k} alone", r))
     for label, r in rows:
         extra = f" {_fmt(r.get('ra'))}" if ra else ""
         print(f"{label:32s} {_fmt(r['top1'])} {_fmt(r['many'])} {_fmt(r['medium'])} {_fmt(r['few'])} "

@@ -65,6 +65,9 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, width: int = 
     """``small_resnet`` or a torchvision classification model by name (weights=None: from scratch)."""
     if arch == "small_resnet":
         return SmallResNet(num_classes, in_channels, width)
+    from .experts import build_expert_model, is_expert_arch
+    if is_expert_arch(arch):  # the survey's configs: 3 experts, reduced widths, cosine x 30
+        return build_expert_model(arch, num_classes, in_channels, width)
     import torchvision
     try:
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
@@ -74,6 +77,20 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, width: int = 
     if in_channels != 3:
         raise ValueError(f"model.arch: {arch} expects 3-channel images, the dataset has {in_channels}")
     find_head(model, num_classes)  # a model without a findable classifier fails here, not in stage 2
+    return model
+
+
+def model_from_config(model_cfg: dict, num_classes: int, in_channels: int) -> nn.Module:
+    """The ``model`` section's network: ``build_model``, then ``install_classifier`` (cosine, causal;
+    for a multi-expert arch: cosine classifiers x ``model.expert_scale``, else plain linear ones, as
+    the survey's ``use_norm``). The decoupled stage-2 heads come later, after ``model.init_from``."""
+    from .experts import build_expert_model, is_expert_arch
+    arch, cosine = model_cfg["arch"], model_cfg["classifier"] == "cosine"
+    if is_expert_arch(arch):
+        return build_expert_model(arch, num_classes, in_channels, model_cfg["width"], model_cfg["num_experts"],
+                                  model_cfg["reduce_dimension"], cosine, model_cfg["expert_scale"])
+    model = build_model(arch, num_classes, in_channels, model_cfg["width"])
+    install_classifier(model, num_classes, model_cfg)  # cosine / causal
     return model
 
 

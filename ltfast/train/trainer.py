@@ -26,7 +26,8 @@ import ltfast
 from . import checkpoint, decoupled, metrics, mislas
 from .causal import FeatureAverageUpdater
 from .config import ConfigError, dump
-from .models import build_model, find_head, freeze_backbone, install_classifier
+from .experts import EXPERT_ARCHS, count_expert_correct, expert_fields, expert_summaries, loss_input, split_output
+from .models import find_head, freeze_backbone, model_from_config
 from .optimization import Stepper, autocast_fp16, build_optimizer, load_init_weights, make_scaler, scaled_lr
 from .runlog import History, prepare_out_dir, progress_enabled, run_seeds, val_fields
 from .schedule import lr_factor
@@ -195,6 +196,12 @@ def build_loss(loss: dict, class_counts: list[int]) -> nn.Module:
         return ltfast.nn.LogitAdjustedLoss(class_counts, tau=loss["tau"])
     if name == "label_aware_smoothing":
         return mislas.label_aware_smoothing_loss(class_counts, loss)
+    if name == "sade":
+        return ltfast.nn.DiverseExpertLoss(class_counts, tau=loss["sade_tau"])
+    if name == "ride":
+        return ltfast.nn.RIDELoss(class_counts, max_margin=loss["max_margin"], s=loss["s"], drw_epoch=loss["drw_epoch"],
+                                  beta=loss["beta"], base_temperature=loss["base_temperature"],
+                                  diversity_factor=loss["diversity_factor"], reweight_factor=loss["reweight_factor"])
     raise ConfigError(f"loss.name: unknown loss {name!r}")
 
 
@@ -210,7 +217,8 @@ def describe_loss(criterion: nn.Module) -> str:
     classes, margins, weights), so a run's log shows what it trained with: SEQL on 10 classes with
     the survey's lambda used to become plain CE without a word."""
     parts = []
-    for key in ("gamma", "tau", "alpha", "remine_lambda", "s", "max_margin", "drw_epoch", "beta", "label_smoothing"):
+    for key in ("gamma", "tau", "alpha", "remine_lambda", "s", "max_margin", "drw_epoch", "beta", "label_smoothing",
+                "base_temperature", "diversity_factor", "reweight_factor"):
         value = getattr(criterion, key, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) or (key == "drw_epoch" and value is not None):
             parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
@@ -220,7 +228,8 @@ def describe_loss(criterion: nn.Module) -> str:
         shown = ", ".join(map(str, classes[:20])) + (" ..." if len(classes) > 20 else "")
         parts.append(f"tail classes {len(classes)} of {tail.numel()}: [{shown}]"
                      + (" (none: this is plain cross-entropy)" if not classes else ""))
-    for name in ("target_margin", "weight", "drw_weight", "adjustment", "log_prior", "label_smoothing"):
+    for name in ("target_margin", "weight", "drw_weight", "adjustment", "log_prior", "label_smoothing",
+                 "log_inverse_prior", "temperature_weight"):
         value = getattr(criterion, name, None)
         if isinstance(value, torch.Tensor):
             parts.append(_summarise_vector(name, value))
@@ -233,19 +242,36 @@ def describe_loss(criterion: nn.Module) -> str:
 def evaluate(model: nn.Module, loader, num_classes: int, device, autocast=contextlib.nullcontext,
              memory_format=torch.contiguous_format) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class (correct, total), summed over all ranks: each rank evaluates its own shard."""
+    correct, total, _ = evaluate_with_experts(model, loader, num_classes, device, autocast, memory_format)
+    return correct, total
+
+
+@torch.no_grad()
+def evaluate_with_experts(model: nn.Module, loader, num_classes: int, device, autocast=contextlib.nullcontext,
+                          memory_format=torch.contiguous_format):
+    """``evaluate`` plus, for a multi-expert model, each expert's per-class correct counts [E, C]
+    (None for a single-output model); correct / total are the aggregate (mean-logit) prediction's."""
     was_training = model.training
     model.eval()
     correct = torch.zeros(num_classes, dtype=torch.long, device=device)
     total = torch.zeros(num_classes, dtype=torch.long, device=device)
+    expert_correct = None
     for images, labels in loader:
         with autocast():
-            logits = model(images.to(device, non_blocking=True).contiguous(memory_format=memory_format))
+            output = model(images.to(device, non_blocking=True).contiguous(memory_format=memory_format))
+        logits, expert_logits = split_output(output)
         batch_correct, batch_total = metrics.count_correct(logits.float(), labels, num_classes)
         correct += batch_correct
         total += batch_total
+        if expert_logits is not None:
+            batch_experts = count_expert_correct(expert_logits.float(), labels.to(expert_logits.device), num_classes)
+            expert_correct = batch_experts if expert_correct is None else expert_correct + batch_experts
     model.train(was_training)
     correct, total = metrics.all_reduce_counts(correct, total)
-    return correct.cpu(), total.cpu()
+    if expert_correct is not None:
+        expert_correct, _ = metrics.all_reduce_counts(expert_correct, torch.zeros_like(expert_correct))
+        expert_correct = expert_correct.cpu()
+    return correct.cpu(), total.cpu(), expert_correct
 
 
 # -------------------------------------------------------------------------------------- checkpoint
@@ -316,12 +342,12 @@ def _check_before_start(cfg: dict) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device: {device!r} but torch.cuda.is_available() is False")
     arch = cfg["model"]["arch"]
-    if arch != "small_resnet":
+    if arch != "small_resnet" and arch not in EXPERT_ARCHS:
         import difflib
         import torchvision
         known = torchvision.models.list_models(module=torchvision.models)
         if arch not in known:
-            close = difflib.get_close_matches(arch, known + ["small_resnet"], 3)
+            close = difflib.get_close_matches(arch, known + ["small_resnet"] + list(EXPERT_ARCHS), 3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"model.arch: unknown architecture {arch!r}{hint}; small_resnet or a torchvision "
                               f"classification model name")
@@ -358,8 +384,7 @@ def train(cfg: dict) -> dict:
     data = build_data(cfg, rank, world, device)
     counts, num_classes = data["class_counts"], len(data["class_counts"])
     in_channels = data["train"].images.shape[1] if data["in_memory"] else len(cfg["data"]["mean"] or (0, 0, 0))
-    model = build_model(mcfg["arch"], num_classes, in_channels, mcfg["width"])
-    install_classifier(model, num_classes, mcfg)
+    model = model_from_config(mcfg, num_classes, in_channels)  # cosine / causal heads, multi-expert archs
     if mcfg["init_from"]:
         load_init_weights(model, mcfg["init_from"], mcfg["head"], num_classes, log=lambda m: _log(rank, m))
     if mcfg["freeze_backbone"]:
@@ -460,8 +485,9 @@ def train(cfg: dict) -> dict:
             with stepper.context(i):
                 with autocast():
                     logits = net(images.contiguous(memory_format=memory_format))
-                    loss = criterion(logits, labels) if mixup is None else \
-                        mislas.mixed_loss(criterion, logits, labels, labels_b, lam)
+                    outputs = loss_input(logits, criterion)  # [N, E, C] for the multi-expert losses
+                    loss = criterion(outputs, labels) if mixup is None else \
+                        mislas.mixed_loss(criterion, outputs, labels, labels_b, lam)
                 stepper.backward(loss, i)  # zero_grad / backward / step, accumulated and fp16-scaled
             if feature_average is not None:
                 feature_average.update(lr)
@@ -485,9 +511,12 @@ def train(cfg: dict) -> dict:
         last = epoch + 1 == epochs
         best_now = False
         if data["val_loader"] is not None and ((epoch + 1) % cfg["eval"]["every"] == 0 or last):
-            correct, total = evaluate(model, data["val_loader"], num_classes, device, autocast, memory_format)
+            correct, total, experts = evaluate_with_experts(model, data["val_loader"], num_classes, device, autocast,
+                                                            memory_format)
             val = metrics.summarize(correct, total, groups)
             record.update(val_fields(val))
+            if experts is not None:
+                record.update(expert_fields(experts, total, groups))
             if val["top1"] > state["best_top1"]:
                 state["best_top1"], state["best_epoch"], best_now = val["top1"], epoch + 1, True
         state["history"].append(record)
@@ -543,12 +572,16 @@ def _finish(cfg, model, data, groups, state, best_weights, device, autocast, mem
             model.load_state_dict(best_weights)
     eval_start = time.perf_counter()
     try:
-        correct, total = evaluate(model, data["test_loader"], num_classes, device, autocast, memory_format)
+        correct, total, experts = evaluate_with_experts(model, data["test_loader"], num_classes, device, autocast,
+                                                        memory_format)
     except Exception as error:
         _write_failed_summary(cfg, state, selection, error, rank)
         raise
     test = metrics.summarize(correct, total, groups, cfg["eval"]["ua"])
     test["correct"], test["total"] = correct.tolist(), total.tolist()  # to re-aggregate or compare runs
+    if experts is not None:  # each expert alone; the top-level numbers are the experts' mean logits
+        test["experts"] = [dict(summary, correct=c.tolist()) for summary, c in
+                           zip(expert_summaries(experts, total, groups), experts)]
     eval_time = time.perf_counter() - eval_start
     summary = {
         "name": cfg.get("name") or cfg["loss"]["name"], "status": "finished",
@@ -580,6 +613,9 @@ def _finish(cfg, model, data, groups, state, best_weights, device, autocast, mem
         ra = f"  RA {test['ra']:.1f}" if test.get("ra") is not None else ""
         print(f"test ({selection}): top-1 {test['top1']:.2f}  many {_fmt(test['many'])}  "
               f"medium {_fmt(test['medium'])}  few {_fmt(test['few'])}{ra}  -> {summary_path}", flush=True)
+        if "experts" in test:
+            print("  each expert alone: " + ", ".join(f"expert {k} top-1 {_fmt(e['top1'])} (few {_fmt(e['few'])})"
+                                                      for k, e in enumerate(test["experts"], start=1)), flush=True)
     if dist.is_initialized():
         dist.barrier()  # ranks leave together: none tears its connections down while rank 0 still writes
     return summary
