@@ -139,6 +139,8 @@ at::Tensor probability_cross_entropy(const at::Tensor& logits, const at::Tensor&
   const auto loss =
       std::get<0>(forward.call(logits.contiguous(), target, adjustment, weight, label_smoothing, reduction));
   return in_logits_dtype(loss, logits);
+}
+
 using MultiExpertForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 at::Tensor diverse_expert_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& adjustments,

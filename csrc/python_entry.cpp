@@ -258,6 +258,10 @@ PyObject* mixed_cross_entropy(PyObject* /*self*/, PyObject* const* args, Py_ssiz
   return run([&] {
     return op.call(*logits, *target, target_b, mix_weight, mix, adjustment, target_margin, weight, gamma,
                    label_smoothing, class_label_smoothing, reduction, ignore_index);
+  });
+  END_HANDLE_TH_ERRORS
+}
+
 // diverse_expert_loss(Tensor logits, Tensor target, Tensor adjustments, str reduction, int ignore_index)
 PyObject* diverse_expert_loss(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
