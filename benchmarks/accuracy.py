@@ -141,8 +141,11 @@ def markdown(rows: list[dict], runs: list[dict], meta: dict) -> str:
                 before, after = row[f"{name}_before"], row[f"{name}_after"]
                 cells += [cell(row, f"{name}_before"), cell(row, f"{name}_after"), f"{after - before:+.2f}"]
             lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
-    plots = [os.path.relpath(r["plot"], ROOT) for r in runs if r.get("plot")]
-    lines += ["", "Per-class accuracy plots: " + ", ".join(plots)]
+    if meta.get("note"):
+        lines += ["", meta["note"]]
+    if any(r.get("plot") for r in runs):
+        lines += ["", "Per-class accuracy plots: per_class.png in each run folder (--out-root, by default "
+                      "runs/fmnist_lt/<method>/seed<k>/)."]
     return "\n".join(lines) + "\n"
 
 
@@ -158,7 +161,14 @@ def main(argv=None) -> int:
     parser.add_argument("--md", help="results markdown (default: next to the JSON, full mode only)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run, e.g. --set optim.epochs=10")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="train nothing: one table from the runs of earlier results JSONs (a method's runs come "
+                             "from the last file that has it), e.g. when the table was measured in parts")
+    parser.add_argument("--note", default="", help="a sentence added under the table (how it was measured)")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge_results(args.merge, args.json or os.path.join(ROOT, "benchmarks", "results", "fmnist_lt-cpu.json"),
+                             args.md, args.note)
 
     methods = args.methods.split(",") if args.methods else (QUICK_METHODS if args.quick else ALL_METHODS)
     unknown = [m for m in methods if m not in ALL_METHODS]
@@ -198,7 +208,8 @@ def main(argv=None) -> int:
     meta = {"ratio": first["config"]["data"]["ratio"], "train_images": sum(counts), "class_counts": counts,
             "shots": " / ".join(str(int(groups[k].sum())) for k in ("many", "medium", "few")),
             "machine": f"{torch.get_num_threads()} torch threads on {os.cpu_count()} cores ({cpu}), torch "
-                       f"{torch.__version__}", "seeds": seeds, "overrides": args.set, "total_wall_s": total}
+                       f"{torch.__version__}", "seeds": seeds, "overrides": args.set, "total_wall_s": total,
+            "note": args.note}
     rows = aggregate(runs, methods)
     table = markdown(rows, runs, meta)
     print("\n" + table)
@@ -215,6 +226,34 @@ def main(argv=None) -> int:
         with open(md_path, "w") as f:
             f.write(table)
         print(f"wrote {md_path}")
+    return 0
+
+
+def merge_results(paths: list[str], json_path: str, md_path, note: str) -> int:
+    """``--merge``: the table of the runs stored in earlier results JSONs, in ALL_METHODS order."""
+    runs, metas = [], []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        metas.append(data["meta"])
+        replaced = {r["method"] for r in data["runs"]}
+        runs = [r for r in runs if r["method"] not in replaced] + data["runs"]
+    keys = ("ratio", "train_images", "class_counts", "shots")
+    if any(m[k] != metas[0][k] for m in metas for k in keys):
+        raise SystemExit(f"--merge: the files were measured on different data ({', '.join(keys)} differ)")
+    methods = [m for m in ALL_METHODS if any(r["method"] == m for r in runs)]
+    meta = {**metas[-1], "seeds": max(len({r["seed"] for r in runs if r["method"] == m}) for m in methods),
+            "merged_from": [os.path.basename(p) for p in paths],
+            "total_wall_s": sum(m["total_wall_s"] for m in metas), "note": note}
+    rows = aggregate(runs, methods)
+    table = markdown(rows, runs, meta)
+    print(table)
+    with open(json_path, "w") as f:
+        json.dump({"meta": meta, "rows": rows, "runs": runs}, f, indent=1)
+    md_path = md_path or os.path.splitext(json_path)[0] + ".md"
+    with open(md_path, "w") as f:
+        f.write(table)
+    print(f"wrote {json_path} and {md_path}")
     return 0
 
 
