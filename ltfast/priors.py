@@ -202,5 +202,6 @@ def ride_diversity_temperature(class_counts: Counts, reweight_factor: float = 0.
     factors = prior.numel() * prior * reweight_factor + 1.0 - reweight_factor
     factors = factors / factors.max()
     if not bool((factors > 0).all()):
-        raise ValueError(f"reweight_factor={reweight_factor} is too large: some diversity temperatures are <= 0")
+        raise ValueError(f"reweight_factor={reweight_factor} gives diversity temperatures <= 0: C * pi_c * r + 1 - r "
+                         f"must be > 0 for every class (the survey uses 0.02)")
     return factors.to(dtype)

@@ -162,11 +162,11 @@ def test_ride_loss_before_and_after_drw(epoch):
 
 
 def test_expert_loss_errors_name_the_argument():
-    with pytest.raises(ValueError, match=r"expert_logits must be \[N, E, C\]"):
+    with pytest.raises(ValueError, match=r"expert_logits must be a 3-D tensor \[N, E, C\]"):
         RIDELoss(COUNTS)(torch.randn(4, 5), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match="exactly 3 experts"):
+    with pytest.raises(ValueError, match="must hold E = 3 experts"):
         DiverseExpertLoss(COUNTS)(torch.randn(4, 2, 5), torch.zeros(4, dtype=torch.long))
-    with pytest.raises(ValueError, match="5 classes"):
+    with pytest.raises(ValueError, match=r"must have C = 6 classes \(from class_counts\)"):
         DiverseExpertLoss([1, 2, 3, 4, 5, 6])(torch.randn(4, 3, 5), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="class_counts"):
         RIDELoss([3, 0, 1])
