@@ -81,7 +81,8 @@ fi
 [ "$have_dali" = 1 ] || pytest_ignores+=("--ignore=tests/test_dali.py")
 
 # Small CUDA tests for compute-sanitizer: every kernel family, small shapes (129 x 1000, a
-# 5000-wide row with a -inf tile, sampler tables); each id is checked to exist in --dry-run.
+# 5000-wide row with a -inf tile, sampler tables, mixed / probability targets, 9 x 3 x 1000 expert
+# logits); each id is checked to exist in --dry-run.
 SANITIZER_TESTS=(
   "tests/test_cross_entropy.py::test_matches_reference[ldam_drw-129x1000-torch.bfloat16-mean-cuda]"
   "tests/test_cross_entropy.py::test_matches_reference[balanced_softmax-7x10-torch.float32-none-cuda]"
@@ -90,6 +91,10 @@ SANITIZER_TESTS=(
   "tests/test_equalization.py::test_seql_matches_reference_on_its_mask[129x1000-torch.bfloat16-mean-cuda]"
   "tests/test_equalization.py::test_eql_matches_reference[129x1000-torch.bfloat16-none-cuda]"
   "tests/test_samplers.py::test_class_aware_op_matches_reference[0-0-0-37-4-37-sizes4-cuda]"
+  "tests/test_soft_targets.py::test_mixed_matches_lambda_combination[weighted_smoothing-129x1000-torch.float32-mean-cuda]"
+  "tests/test_soft_targets.py::test_probability_targets_match_f_cross_entropy[balanced_softmax-129x1000-torch.bfloat16-mean-cuda]"
+  "tests/test_multi_expert.py::test_diverse_expert_matches_reference[9x3x1000-torch.bfloat16-mean-cuda]"
+  "tests/test_multi_expert.py::test_ride_matches_reference[9x3x1000-torch.float32-ldam-cuda]"
 )
 # racecheck instruments every shared-memory access (~10-100x slower): the kernels with
 # block-level shared-memory reductions only (CE rows + finish, LADE columns + finish, EQL).
