@@ -213,6 +213,7 @@ def main(argv=None) -> int:
     rows = aggregate(runs, methods)
     table = markdown(rows, runs, meta)
     print("\n" + table)
+    print("per-class accuracy plots: " + ", ".join(os.path.relpath(r["plot"]) for r in runs if r.get("plot")))
     for row in rows:
         if row["method"] != "ce" and row["top1_vs_ce"] is not None:
             print(f"{row['name']} - CE: {row['top1_vs_ce']:+.2f} points top-1, few-shot {row['few']:.2f} vs "
