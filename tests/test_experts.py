@@ -253,28 +253,11 @@ def test_ride_resume_is_exact(tmp_path):
     assert cut["criterion"]["_extra_state"]["epoch"] == 1
 
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, overrides):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    try:
-        train(load_config(None, overrides))
-        dist.barrier()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_expert_model_counts_equal_single_process(tmp_path):
     # DDP with a NamedTuple output; the per-expert counts are all-reduced like the aggregate ones.
     overrides = TINY + [f"train.out_dir={tmp_path}", "loss.name=ride", "optim.epochs=1", "train.seed=3"]
+    from test_train import _ddp_worker, _free_port
     mp.spawn(_ddp_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["test"]["samples"] == 105
