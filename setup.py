@@ -94,6 +94,22 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
+# The range CI builds and tests (pyproject.toml; scripts/test_torch_versions.sh): outside it the
+# build is tried anyway, with a warning, since the C++ touches a few torch internals
+# (csrc/common/torch_compat.h) that may have moved.
+SUPPORTED_TORCH = ((2, 11), (2, 15))
+
+
+def _check_torch_version():
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    (low, high) = SUPPORTED_TORCH
+    if not low <= version <= high:
+        _log(f"WARNING: torch {torch.__version__} is outside the supported range "
+             f"{low[0]}.{low[1]} - {high[0]}.{high[1]}: the build may fail or misbehave")
+    else:
+        _log(f"torch {torch.__version__} (supported range {low[0]}.{low[1]} - {high[0]}.{high[1]})")
+
+
 def _want_cuda():
     if _mode == "0":
         return False
@@ -111,6 +127,7 @@ def _want_cuda():
 
 
 def _extension():
+    _check_torch_version()
     with_cuda = _want_cuda()
     # csrc/simt/ is the test-only SIMT emulator build (tests/simt_support.py), never part of _C.
     cpp_sources = sorted(p for p in glob.glob("csrc/**/*.cpp", recursive=True) if not p.startswith("csrc/simt/"))

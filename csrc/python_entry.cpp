@@ -25,6 +25,8 @@
 
 #include <cstdint>
 
+#include "common/torch_compat.h"
+
 namespace ltfast {
 namespace python_entry {
 namespace {
@@ -41,7 +43,7 @@ c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
 inline bool plain_torch_function_state() {
   return !at::impl::torch_function_mode_enabled() &&
          at::impl::PythonTorchFunctionTLS::get_disabled_state() == at::impl::TorchFunctionDisabledState::ENABLED &&
-         !at::impl::PythonTorchFunctionTLS::peek_skip_next();
+         !torch_compat::torch_function_skip_next_pending<at::impl::PythonTorchFunctionTLS>();
 }
 
 inline bool as_tensor(PyObject* obj, const at::Tensor** out) {

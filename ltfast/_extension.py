@@ -6,6 +6,7 @@ fall back to the plain-PyTorch ``ltfast.reference`` with a one-time warning.
 """
 from __future__ import annotations
 
+import os
 import platform
 import warnings
 
@@ -59,13 +60,46 @@ class _NoEntryPoints:
 
 def fast_entry_points():
     """ltfast._C, whose functions call the public loss ops directly (csrc/python_entry.cpp); where the
-    extension is unavailable or predates them, an object whose functions all return NotImplemented
-    (the callers then take torch.ops)."""
-    if AVAILABLE:
+    extension is unavailable or predates them, where ``LTFAST_FAST_PATH=0``, or where the fast path
+    fails its self-check, an object whose functions all return NotImplemented (the callers then take
+    torch.ops, the dispatcher path, which behaves the same and costs ~3 us more per call)."""
+    if AVAILABLE and os.environ.get("LTFAST_FAST_PATH", "1") != "0":
         from . import _C
-        if hasattr(_C, "balanced_softmax"):
+        if hasattr(_C, "balanced_softmax") and _fast_path_declines_under_a_mode(_C):
             return _C
     return _NoEntryPoints()
+
+
+def _fast_path_declines_under_a_mode(entry_points) -> bool:
+    """The fast path reads torch's torch-function state through internals (at::impl TLS) that may
+    change in any release: checked here, by behaviour, once at import. Under an active
+    TorchFunctionMode it must decline (return NotImplemented), else a mode or a tensor subclass would
+    be silently bypassed; and outside one it must return the op's result. If either fails, the fast
+    path is turned off with a warning and every call takes the dispatcher."""
+    from torch.overrides import TorchFunctionMode
+
+    class _Probe(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    logits, target, log_prior = torch.zeros(1, 2), torch.zeros(1, dtype=torch.int64), torch.zeros(2)
+    try:
+        with _Probe():
+            under_mode = entry_points.balanced_softmax(logits, target, log_prior, "mean", -100)
+        plain = entry_points.balanced_softmax(logits, target, log_prior, "mean", -100)
+    except Exception as error:  # noqa: BLE001  (any failure means: do not trust the fast path)
+        problem = f"it raised {type(error).__name__}: {error}"
+    else:
+        if under_mode is not NotImplemented:
+            problem = "it did not decline under a TorchFunctionMode"
+        elif not isinstance(plain, torch.Tensor):
+            problem = f"it returned {type(plain).__name__} instead of the loss"
+        else:
+            return True
+    warnings.warn(f"ltfast: the eager fast path failed its self-check with torch {torch.__version__} ({problem}); "
+                  "every call takes the dispatcher path instead (same results, ~3 us more per call).",
+                  RuntimeWarning, stacklevel=2)
+    return False
 
 
 def has_cuda_kernels() -> bool:

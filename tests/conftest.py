@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,6 +9,11 @@ import ltfast  # noqa: F401  (registers torch.ops.ltfast)
 
 CUDA = torch.cuda.is_available()
 IN_CI = os.environ.get("CI") == "true"
+# Set in the child process that runs one `device_assert` test's cuda variant on its own.
+ISOLATED_ENV = "LTFAST_TEST_ISOLATED"
+ISOLATED = os.environ.get(ISOLATED_ENV) == "1"
+# A device-side assert surfaces as this RuntimeError at the next synchronisation.
+DEVICE_ASSERT_PATTERN = "device-side assert"
 
 
 class SimtDevice(str):
@@ -55,6 +62,10 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: runs on a CUDA device")
     config.addinivalue_line("markers", "simt: runs the CUDA kernels in the SIMT emulator on the CPU")
     config.addinivalue_line("markers", "simt_no_kernel: a simt test that may run no emulated kernel (errors raised first)")
+    config.addinivalue_line("markers", "no_simt_twin(reason): a cuda test that cannot have an emulated twin")
+    config.addinivalue_line(
+        "markers", "device_assert: the test makes a CUDA kernel assert (out-of-range targets, bad tables): its "
+        "cuda variant runs in a child process, since a device-side assert leaves the CUDA context unusable")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -62,6 +73,98 @@ def pytest_collection_modifyitems(config, items):
     # silent fallback to the reference.
     if IN_CI and not ltfast._extension.AVAILABLE:
         raise pytest.UsageError(f"ltfast._C is not available in CI: {ltfast._extension.LOAD_ERROR}")
+    _check_cuda_tests_have_emulated_twins(items)
+
+
+def _device_param(item):
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("device") if callspec else None
+
+
+def _check_cuda_tests_have_emulated_twins(items):
+    """Collection-time check: every test with a `cuda` variant has a `simt` variant too (same
+    function, same other parameters). The simt variant runs the same CUDA kernels in the emulator on
+    every CI run, where an emulated CUDA_KERNEL_ASSERT in a test not marked `device_assert` fails it
+    (fixture below): so no unmarked cuda test can assert on the device and poison the context of the
+    tests after it. Tests whose cuda variant cannot have an emulated twin (nvJPEG decoding, DALI's
+    GPU pipelines, the CUDA stream/graph checks) say so with `no_simt_twin`."""
+    variants = {}
+    for item in items:
+        device = _device_param(item)
+        if device is None:
+            continue
+        others = tuple(sorted((k, repr(v)) for k, v in item.callspec.params.items() if k != "device"))
+        key = (item.path, item.originalname, others)
+        variants.setdefault(key, set()).add("simt" if is_simt(device) else str(device))
+    missing = []
+    for item in items:
+        if _device_param(item) != "cuda" or is_simt(_device_param(item)) or item.get_closest_marker("no_simt_twin"):
+            continue
+        others = tuple(sorted((k, repr(v)) for k, v in item.callspec.params.items() if k != "device"))
+        if "simt" not in variants[(item.path, item.originalname, others)]:
+            missing.append(item.nodeid)
+    if missing:
+        raise pytest.UsageError(
+            f"{len(missing)} cuda test(s) have no simt twin, so nothing checks that they cannot make a device-side "
+            "assert (give them a simt variant, or mark them no_simt_twin with the reason): " + ", ".join(missing[:10]))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """The cuda variant of a `device_assert` test runs alone in a child pytest: its device-side
+    assert ends that process's CUDA context, not the context of every CUDA test after it."""
+    if ISOLATED or _device_param(pyfuncitem) != "cuda" or pyfuncitem.get_closest_marker("device_assert") is None:
+        return None
+    env = dict(os.environ, **{ISOLATED_ENV: "1"})
+    child = subprocess.run([sys.executable, "-m", "pytest", pyfuncitem.nodeid, "-q", "-p", "no:cacheprovider",
+                            "-p", "no:xdist"], cwd=str(pyfuncitem.config.rootpath), env=env,
+                           capture_output=True, text=True, timeout=600)
+    if child.returncode != 0:
+        pytest.fail(f"in a child process (device_assert), exit {child.returncode}:\n{child.stdout[-3000:]}"
+                    f"{child.stderr[-2000:]}", pytrace=False)
+    return True
+
+
+@pytest.fixture(autouse=True)
+def _stop_if_cuda_context_poisoned(request):
+    """After every cuda test: synchronise, and stop the whole run with one message if the CUDA context
+    is dead (every later CUDA test in this process would fail with the same sticky error)."""
+    yield
+    if not CUDA or ISOLATED or _device_param(request.node) != "cuda":
+        return
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError as error:
+        pytest.exit(f"the CUDA context was poisoned by {request.node.nodeid} ({str(error).splitlines()[0]}); "
+                    "stopping: every later CUDA test in this process would fail. A test that can make a "
+                    "device-side assert must be marked device_assert.", returncode=3)
+
+
+def expect_kernel_assert(device, cpu_error=IndexError, cpu_match=None, kernel_match=None):
+    """The error an out-of-range input gives on each device: on the CPU an exception naming the row
+    (`cpu_error`, `cpu_match`); in the emulator a RuntimeError naming the failed CUDA_KERNEL_ASSERT
+    (`kernel_match`, a regex on the assert's condition); on a GPU a device-side assert, which
+    surfaces at the next synchronisation (the test must be marked `device_assert`)."""
+    if is_simt(device):
+        return pytest.raises(RuntimeError, match="CUDA_KERNEL_ASSERT" + (f".*{kernel_match}" if kernel_match else ""))
+    if str(device).startswith("cuda"):
+        return _raises_device_assert()
+    return pytest.raises(cpu_error, match=cpu_match)
+
+
+class _raises_device_assert:
+    def __enter__(self):
+        self._raises = pytest.raises(RuntimeError, match=DEVICE_ASSERT_PATTERN)
+        self._raises.__enter__()
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if kind is None:
+            try:
+                torch.cuda.synchronize()
+            except RuntimeError as error:
+                return self._raises.__exit__(type(error), error, error.__traceback__)
+        return self._raises.__exit__(kind, value, traceback)
 
 
 @pytest.fixture(autouse=True)
@@ -82,3 +185,7 @@ def _emulate_cuda_kernels_for_simt(request):
         yield
     if request.node.get_closest_marker("simt_no_kernel") is None:
         assert calls[0] > 0, "this simt test ran no emulated CUDA kernel"
+    if calls[1] > 0 and request.node.get_closest_marker("device_assert") is None:
+        pytest.fail(f"this test made {calls[1]} emulated CUDA_KERNEL_ASSERT(s): on a GPU each is a device-side "
+                    "assert that kills the CUDA context of every test after it. Mark it @pytest.mark.device_assert "
+                    "(its cuda variant then runs in a child process).", pytrace=False)

@@ -27,6 +27,10 @@ BUILD_DIRECTORY = os.path.join(ROOT, "build", "simt")
 LIBRARY_NAME = "ltfast_simt"
 _state: dict = {"loaded": False, "ops": (), "error": None}
 _calls = [0]
+# Emulated CUDA_KERNEL_ASSERTs raised so far: on a real GPU each would be a device-side assert that
+# leaves the process's CUDA context unusable (tests/conftest.py requires such tests to be marked).
+_kernel_asserts = [0]
+KERNEL_ASSERT_TAG = "CUDA_KERNEL_ASSERT"
 
 
 def sources() -> list[str]:
@@ -64,7 +68,9 @@ def build(verbose: bool = False) -> str:
         extra_include_paths=[os.path.join(ROOT, "csrc")],
         # -O2: the emulated kernels run per fiber; -fvisibility=hidden keeps the emulator's copies of
         # ltfast's inline functions from interposing with ltfast._C's.
-        extra_cflags=["-O2", "-DLTFAST_SIMT=1", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
+        # -std=c++20 (after torch's own -std, so it wins): the emulator reports
+        # kernel asserts with std::source_location; torch <= 2.13 compiles extensions as C++17.
+        extra_cflags=["-O2", "-std=c++20", "-DLTFAST_SIMT=1", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
                       "-Wno-unknown-pragmas"],
         build_directory=BUILD_DIRECTORY,
         is_python_module=False,
@@ -109,7 +115,12 @@ def _redirect(name: str):
 
     def kernel(*args, **kwargs):
         _calls[0] += 1
-        return target(*args, **kwargs)
+        try:
+            return target(*args, **kwargs)
+        except RuntimeError as error:
+            if KERNEL_ASSERT_TAG in str(error):
+                _kernel_asserts[0] += 1
+            raise
 
     return kernel
 
@@ -117,11 +128,12 @@ def _redirect(name: str):
 @contextlib.contextmanager
 def emulate_cuda_kernels():
     """While active, ltfast ops on CPU tensors run their CUDA kernels in the emulator. Yields a
-    one-element list: the number of emulated op calls made inside the block."""
+    two-element list, filled when the block exits: the number of emulated op calls made inside the
+    block, and how many of them ended in a CUDA_KERNEL_ASSERT (a device-side assert on a GPU)."""
     load()
     lib = torch.library.Library("ltfast", "IMPL")
-    start = _calls[0]
-    made = [0]
+    start, asserts_before = _calls[0], _kernel_asserts[0]
+    made = [0, 0]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel.*")
@@ -130,6 +142,7 @@ def emulate_cuda_kernels():
         yield made
     finally:
         made[0] = _calls[0] - start
+        made[1] = _kernel_asserts[0] - asserts_before
         lib._destroy()
 
 

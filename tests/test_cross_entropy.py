@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import ltfast
 from ltfast import reference
-from conftest import RecordOps, device_params
+from conftest import RecordOps, device_params, expect_kernel_assert
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [(1, 2), (7, 10), (129, 1000), (3, 8142)]
@@ -358,13 +358,16 @@ def test_target_out_of_range_names_the_row():
             _bad_call("cpu", target=torch.tensor([0, 1, bad, 3]))()
 
 
-@pytest.mark.parametrize("device", [p for p in device_params() if p.id == "simt"])
+@pytest.mark.device_assert
+@pytest.mark.parametrize("device", [p for p in device_params() if p.id != "cpu"])
 @pytest.mark.parametrize("loss", ["balanced_softmax", "adjusted_cross_entropy", "seql", "eql", "lade"])
 def test_target_out_of_range_is_a_kernel_assert_on_cuda(loss, device):
     # Documented behaviour (README, "Targets out of range"): the CUDA kernels check in-kernel with
-    # CUDA_KERNEL_ASSERT, which the emulator raises as an error naming the kernel and the line.
-    logits, target = torch.randn(4, 5), torch.tensor([0, 1, 7, 3])
-    prior, tail = torch.zeros(5), torch.tensor([False, False, True, True, True])
+    # CUDA_KERNEL_ASSERT, which the emulator raises as an error naming the kernel and the line; on a
+    # GPU it is a device-side assert (this test's cuda variant then runs in a child process).
+    logits, target = torch.randn(4, 5, device=device), torch.tensor([0, 1, 7, 3], device=device)
+    prior = torch.zeros(5, device=device)
+    tail = torch.tensor([False, False, True, True, True], device=device)
     calls = {
         "balanced_softmax": lambda: ltfast.balanced_softmax_loss(logits, target, prior),
         "adjusted_cross_entropy": lambda: ltfast.adjusted_cross_entropy(logits, target),
@@ -372,7 +375,7 @@ def test_target_out_of_range_is_a_kernel_assert_on_cuda(loss, device):
         "eql": lambda: ltfast.equalization_loss(logits, target, tail),
         "lade": lambda: ltfast.lade_loss(logits, target, prior),
     }
-    with pytest.raises(RuntimeError, match=r"CUDA_KERNEL_ASSERT\(y >= 0 && y < C .*\) failed at csrc/ops/"):
+    with expect_kernel_assert(device, kernel_match=r"\(y >= 0 && y < C .*\) failed at csrc/ops/"):
         calls[loss]()
 
 

@@ -225,3 +225,42 @@ def test_entry_points_decline_unexpected_argument_types():
     # Through the functionals the generic path then raises its usual errors.
     with pytest.raises(Exception):
         ltfast.balanced_softmax_loss(logits, target, prior, "mean", "x")
+
+
+def test_fast_path_self_check_accepts_the_built_entry_points():
+    # The import-time check (ltfast/_extension.py) passed on this torch: the functionals use _C.
+    assert ltfast.ops._fast is ltfast._C
+    assert ltfast._extension._fast_path_declines_under_a_mode(ltfast._C)
+
+
+class _IgnoresModes:
+    """Entry points as they would behave if torch's torch-function TLS changed under the fast path:
+    they run the op even under a TorchFunctionMode."""
+
+    def balanced_softmax(self, *args):
+        return torch.ops.ltfast.balanced_softmax.default(*args)
+
+
+class _Raises:
+    def balanced_softmax(self, *args):
+        raise RuntimeError("internals moved")
+
+
+@pytest.mark.parametrize("entry_points, problem", [(_IgnoresModes(), "did not decline under a TorchFunctionMode"),
+                                                   (_Raises(), "raised RuntimeError: internals moved")])
+def test_fast_path_self_check_turns_off_a_misbehaving_fast_path(entry_points, problem):
+    with pytest.warns(RuntimeWarning, match=problem + r".*every call takes the dispatcher path"):
+        assert not ltfast._extension._fast_path_declines_under_a_mode(entry_points)
+
+
+def test_fast_path_can_be_turned_off_by_environment():
+    import os
+    import subprocess
+    import sys
+    code = ("import ltfast, ltfast.ops, torch; assert ltfast.ops._fast is not ltfast._C; "
+            "x = torch.randn(4, 3, requires_grad=True); y = torch.tensor([0, 1, 2, 1]); "
+            "ltfast.balanced_softmax_loss(x, y, torch.zeros(3)).backward(); print('dispatcher path ok')")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LTFAST_FAST_PATH": "0"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "dispatcher path ok" in out.stdout

@@ -10,7 +10,7 @@ import torch
 import ltfast
 from ltfast import priors, reference
 from ltfast.compat import ensemble
-from conftest import device_params, is_simt
+from conftest import device_params, expect_kernel_assert
 from test_cross_entropy import DTYPES, TOL
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -201,15 +201,24 @@ def test_bad_inputs_name_the_argument(device):
         ltfast.ride_loss(x, y, diversity_factor=float("inf"))
     with pytest.raises(ValueError, match="at least one expert"):
         ltfast.ride_loss(x[:, :0], y)
-    # The CPU kernels raise IndexError naming the row; the CUDA kernels assert on the device.
-    out_of_range = (RuntimeError, "target out of range") if is_simt(device) else (IndexError, r"target\[3\] = 5")
-    for call in (lambda t: ltfast.ride_loss(x, t), lambda t: ltfast.diverse_expert_loss(x, t, adj)):
-        with pytest.raises(out_of_range[0], match=out_of_range[1]):
-            call(torch.tensor([0, 1, 2, 5], device=device))
     with pytest.raises(RuntimeError, match="gradient with respect to `weight` is not implemented"):
         ltfast.ride_loss(x, y, weight=torch.ones(5, device=device, requires_grad=True))
     with pytest.raises(RuntimeError, match="gradient with respect to `adjustments` is not implemented"):
         ltfast.diverse_expert_loss(x, y, adj.clone().requires_grad_())
+
+
+@pytest.mark.device_assert
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("op", ["ride_loss", "diverse_expert_loss"])
+def test_target_out_of_range(op, device):
+    """The CPU kernels raise IndexError naming the row; the CUDA kernels assert on the device (on a
+    GPU this test's cuda variant runs in a child process: tests/conftest.py, device_assert)."""
+    x = torch.randn(4, 3, 5, device=device)
+    bad = torch.tensor([0, 1, 2, 5], device=device)
+    call = {"ride_loss": lambda: ltfast.ride_loss(x, bad),
+            "diverse_expert_loss": lambda: ltfast.diverse_expert_loss(x, bad, torch.zeros(3, 5, device=device))}[op]
+    with expect_kernel_assert(device, IndexError, r"target\[3\] = 5", "target out of range"):
+        call()
 
 
 def test_modules_check_their_inputs():

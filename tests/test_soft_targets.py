@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import ltfast
 from ltfast import reference
-from conftest import device_params
+from conftest import device_params, expect_kernel_assert
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [(1, 2), (7, 10), (129, 1000), (3, 8142)]  # the three row-group sizes of the CUDA kernels
@@ -516,17 +516,15 @@ def test_mixed_bad_inputs_name_the_argument(overrides, error, pattern, device):
         _mixed(device, **overrides)
 
 
+@pytest.mark.device_assert
 @pytest.mark.parametrize("device", device_params())
 def test_target_b_out_of_range(device):
     """CPU: an IndexError naming the row; the CUDA kernels (here emulated): an in-kernel assert
-    naming target_b, as for every ltfast loss (README, "Targets out of range")."""
-    logits, a = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
-    b = torch.tensor([0, 1, 7, 3])
-    if device == "cuda":
-        pytest.skip("a device-side assert would end the CUDA context of the test process")
-    error, pattern = ((RuntimeError, r"CUDA_KERNEL_ASSERT.*target_b out of range") if getattr(device, "simt", False)
-                      else (IndexError, r"target\[2\] = 7 is out of range"))
-    with pytest.raises(error, match=pattern):
+    naming target_b, as for every ltfast loss (README, "Targets out of range"); on a GPU a
+    device-side assert, in a child process (tests/conftest.py, device_assert)."""
+    logits, a = torch.randn(4, 5, device=device), torch.tensor([0, 1, 2, 3], device=device)
+    b = torch.tensor([0, 1, 7, 3], device=device)
+    with expect_kernel_assert(device, IndexError, r"target\[2\] = 7 is out of range", "target_b out of range"):
         ltfast.mixed_cross_entropy(logits, a, b, 0.5)
 
 

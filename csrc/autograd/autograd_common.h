@@ -27,6 +27,8 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 
+#include "common/torch_compat.h"
+
 #include <memory>
 #include <string>
 #include <utility>
@@ -74,7 +76,7 @@ inline void refuse_double_backward(variable_list& grads, const char* op, const v
   if (!at::GradMode::is_enabled() || !torch::autograd::any_variable_requires_grad(differentiable)) {
     return;
   }
-  c10::intrusive_ptr<torch::autograd::Node> error = c10::make_intrusive<torch::autograd::Error>(
+  const auto error = torch_compat::make_node<torch::autograd::Error>(
       std::string(op) +
           ": second-order gradients (create_graph=True followed by a backward through the gradient) are not "
           "supported: the backward kernel is first-order only. Use the plain-PyTorch ltfast.reference "
