@@ -3,6 +3,8 @@ against the lambda combination of F.cross_entropy, probability targets against F
 a floating target, per-class label smoothing against F.cross_entropy's formula row by row; values,
 gradients, dtypes, reductions, ignore_index, opcheck, gradcheck, torch.compile, ltfast.nn and bad
 inputs, on `cpu`, `cuda` and `simt` (the CUDA kernels in the emulator)."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,6 +285,82 @@ def test_non_finite_logits(device):
     got = ltfast.probability_cross_entropy(logits, target, reduction="none")
     want = F.cross_entropy(logits, target, reduction="none")  # 0 * log(0) is NaN in PyTorch's formula
     torch.testing.assert_close(got, want, equal_nan=True)
+
+
+# float32 offsets up to 1e30 (issue 19 §4.2): loss and gradient from (a - max) - log_sum at any
+# magnitude, against float64 on the float32 adjusted logits shifted by their row max.
+LARGE_OFFSETS = [1e4, 1e6, 1e8, 1e10, 1e20, 1e30]
+
+
+def _large_logits(offset, g, shape=(16, 10)):
+    """offset + a spread of 3 or of 8 float32 ulps of the offset (whichever is larger); row 0 a tie."""
+    ulp = 2.0 ** (math.floor(math.log2(offset)) - 23)
+    logits = (torch.randn(*shape, generator=g, dtype=torch.float64) * max(3.0, 8 * ulp) + offset).float()
+    logits[0] = offset
+    return logits
+
+
+def _shifted_float64(logits32, adjustment):
+    """(float64 logits to differentiate, their float32-rounded adjusted values shifted by the row max)."""
+    z = logits32.double().requires_grad_()
+    adjusted32 = logits32 if adjustment is None else logits32 + adjustment.float()
+    adjusted = z + (adjusted32.double() - logits32.double())
+    return z, adjusted - adjusted.detach().amax(-1, keepdim=True)
+
+
+def _assert_close_at_scale(got, expected, what):
+    scale = max(1.0, expected.detach().abs().max().item())
+    torch.testing.assert_close(got.double(), expected.detach(), rtol=2e-5, atol=2e-5 * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("variant", ["cross_entropy", "balanced_softmax", "weighted_smoothing",
+                                     "class_smoothing_weighted"])
+def test_mixed_large_logits_match_float64(variant, device):
+    g = torch.Generator().manual_seed(41)
+    kwargs = MIXED_VARIANTS[variant](10, g)
+    adjustment = kwargs.pop("adjustment", None)
+    a = torch.randint(0, 10, (16,), generator=g).to(device)
+    b = torch.randint(0, 10, (16,), generator=g).to(device)
+    lam = torch.rand(16, generator=g, dtype=torch.float64).to(device)
+    for offset in LARGE_OFFSETS:
+        logits = _large_logits(offset, g).to(device)
+        x = logits.clone().requires_grad_()
+        loss = ltfast.mixed_cross_entropy(x, a, b, lam.float(), reduction="none",
+                                          adjustment=None if adjustment is None else adjustment.float().to(device),
+                                          **_vectors(kwargs, device, torch.float32))
+        z, shifted = _shifted_float64(logits, None if adjustment is None else adjustment.to(device))
+        expected = reference.mixed_cross_entropy(shifted, a, b, lam, reduction="none",
+                                                 **_vectors(kwargs, device, torch.float64))
+        _assert_close_at_scale(loss, expected, f"offset {offset} loss")
+        upstream = torch.linspace(0.5, 1.5, 16, dtype=torch.float64, device=device)
+        (grad,) = torch.autograd.grad(loss, x, upstream.float())
+        (expected_grad,) = torch.autograd.grad(expected, z, upstream)
+        _assert_close_at_scale(grad, expected_grad, f"offset {offset} grad")
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("variant", list(PROBABILITY_VARIANTS))
+def test_probability_large_logits_match_float64(variant, device):
+    g = torch.Generator().manual_seed(43)
+    kwargs = PROBABILITY_VARIANTS[variant](10, g)
+    adjustment = kwargs.pop("adjustment", None)
+    target = torch.softmax(torch.randn(16, 10, generator=g, dtype=torch.float64) * 2, 1).to(device)
+    for offset in LARGE_OFFSETS:
+        logits = _large_logits(offset, g).to(device)
+        x = logits.clone().requires_grad_()
+        loss = ltfast.probability_cross_entropy(x, target.float(), reduction="none",
+                                                adjustment=None if adjustment is None else adjustment.float().to(device),
+                                                **_vectors(kwargs, device, torch.float32))
+        z, shifted = _shifted_float64(logits, None if adjustment is None else adjustment.to(device))
+        expected = reference.probability_cross_entropy(shifted, target, reduction="none",
+                                                       **_vectors(kwargs, device, torch.float64))
+        _assert_close_at_scale(loss, expected, f"offset {offset} loss")
+        upstream = torch.linspace(0.5, 1.5, 16, dtype=torch.float64, device=device)
+        (grad,) = torch.autograd.grad(loss, x, upstream.float())
+        (expected_grad,) = torch.autograd.grad(expected, z, upstream)
+        _assert_close_at_scale(grad, expected_grad, f"offset {offset} grad")
 
 
 @pytest.mark.parametrize("device", device_params())
