@@ -364,6 +364,79 @@ def test_probability_large_logits_match_float64(variant, device):
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_label_smoothing_with_impossible_target_is_inf_as_f_cross_entropy(dtype, device):
+    """Issue 19 §4.6: a target logit of -inf with label smoothing is +inf in F.cross_entropy (NaN with a
+    zero target weight), in each mixed term and with per-class smoothing; gradients as PyTorch's
+    (finite: p = 0 at the impossible class)."""
+    g = torch.Generator().manual_seed(47)
+    C = 9
+    logits = torch.randn(6, C, generator=g, dtype=torch.float64).to(dtype)
+    a = torch.tensor([2, 0, 4, 7, 1, 3])
+    b = torch.tensor([5, 3, 4, 2, 8, 6])
+    logits[0, 2] = float("-inf")                            # term a's target
+    logits[1, 3] = float("-inf")                            # term b's target
+    logits[2, 4] = float("-inf")                            # both terms' target
+    logits[3, 7] = logits[3, 2] = float("-inf")             # both targets, different classes
+    logits[4, 0] = float("-inf")                            # a non-target class (already +inf)
+    logits, a, b = logits.to(device), a.to(device), b.to(device)
+    lam = torch.rand(6, generator=g, dtype=torch.float64).to(device)
+    weight = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(device)
+    zero_weight = weight.clone()
+    zero_weight[2] = 0.0                                     # 0 * inf in rows 0 and 3: NaN in PyTorch
+    class_eps = (0.3 * torch.rand(C, generator=g, dtype=torch.float64)).to(device)
+    cases = [(dict(label_smoothing=0.1), ()), (dict(label_smoothing=0.25, weight=weight), ()),
+             (dict(label_smoothing=0.1, weight=zero_weight), (0, 3)), (dict(label_smoothing=class_eps, weight=weight), ())]
+    for kwargs, nan_rows in cases:
+        x = logits.clone().requires_grad_()
+        loss = ltfast.mixed_cross_entropy(x, a, b, lam.to(dtype), reduction="none", **_vectors(kwargs, device, dtype))
+        x_ref = logits.clone().requires_grad_()
+        expected = reference.mixed_cross_entropy(x_ref, a, b, lam.to(dtype), reduction="none",
+                                                  **_vectors(kwargs, device, dtype))
+        # the case of the issue, as the reference (F.cross_entropy) has it
+        assert all(expected[i].isnan() if i in nan_rows else expected[i].isinf() for i in range(5))
+        torch.testing.assert_close(loss, expected.detach(), equal_nan=True, msg=lambda m: f"{kwargs}: {m}")
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        (expected_grad,) = torch.autograd.grad(expected.sum(), x_ref)
+        torch.testing.assert_close(grad, expected_grad, equal_nan=True, msg=lambda m: f"{kwargs} grad: {m}")
+        if nan_rows:
+            continue  # row 3's single target: ltfast +inf, PyTorch NaN from class 2's 0 * inf (documented)
+        # a single target (the hard-target smoothing path of mixed_cross_entropy)
+        x = logits.clone().requires_grad_()
+        loss = ltfast.mixed_cross_entropy(x, a, reduction="none", **_vectors(kwargs, device, dtype))
+        expected = reference.mixed_cross_entropy(logits, a, reduction="none", **_vectors(kwargs, device, dtype))
+        torch.testing.assert_close(loss, expected, equal_nan=True, msg=lambda m: f"{kwargs} single: {m}")
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_probability_target_of_inf_is_inf_as_f_cross_entropy(dtype, device):
+    """Issue 19 §4.6: an entry of +inf in a probability target makes F.cross_entropy +inf, also where it
+    sits on the row's largest logit (inf * 0 there must not turn into NaN), and an impossible class
+    (-inf logit) with label smoothing +inf; gradients with PyTorch's pattern of inf and NaN."""
+    g = torch.Generator().manual_seed(53)
+    C = 7
+    logits = torch.randn(5, C, generator=g, dtype=torch.float64).to(dtype)
+    target = torch.softmax(torch.randn(5, C, generator=g, dtype=torch.float64), 1).to(dtype)
+    target[0, 3] = float("inf")
+    target[1, int(logits[1].argmax())] = float("inf")      # on the row max
+    logits[2, 5] = float("-inf")                           # an impossible class with probability
+    target[3, 1] = float("inf")
+    logits[3, 4] = float("-inf")
+    logits, target = logits.to(device), target.to(device)
+    for label_smoothing in (0.0, 0.2):
+        x = logits.clone().requires_grad_()
+        loss = ltfast.probability_cross_entropy(x, target, label_smoothing=label_smoothing, reduction="none")
+        x_ref = logits.clone().requires_grad_()
+        expected = F.cross_entropy(x_ref, target, label_smoothing=label_smoothing, reduction="none")
+        assert expected[:4].isinf().all() and torch.isfinite(expected[4])
+        torch.testing.assert_close(loss, expected.detach(), equal_nan=True)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        (expected_grad,) = torch.autograd.grad(expected.sum(), x_ref)
+        torch.testing.assert_close(grad, expected_grad, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_gradcheck_float64(device):
     logits, a, b, g = _make((7, 9), torch.float64, device)
     adjustment = torch.randn(9, generator=g, dtype=torch.float64).to(device)
