@@ -84,6 +84,12 @@ def mixup_case(C, device):
             lambda x, y: lam * F.cross_entropy(x, y[0]) + (1 - lam) * F.cross_entropy(x, y[1]))
 
 
+def probability_case(C, device):
+    """Dense probability targets (distillation, smoothed or mixed one-hots): the fused op against
+    F.cross_entropy with a floating [N, C] target (ltfast.reference). The target is a softmax row."""
+    return (lambda x, t: ltfast.probability_cross_entropy(x, t),
+            lambda x, t: reference.probability_cross_entropy(x, t))
+
 
 def sade_case(C, device):
     """SADE's three experts (rows of shape [N, 3, C])."""
@@ -104,9 +110,11 @@ def ride_case(C, device):
 
 
 LOSSES = {"balanced_softmax": balanced_softmax_case, "ldam_drw": ldam_drw_case, "lade": lade_case,
-          "seql": seql_case, "eql": eql_case, "mixup": mixup_case, "sade": sade_case, "ride": ride_case}
+          "seql": seql_case, "eql": eql_case, "mixup": mixup_case, "probability": probability_case, "sade": sade_case, "ride": ride_case}
 # Losses whose target is a pair of class-index tensors (y_a, y_b).
 PAIRED_TARGETS = ("mixup",)
+# Losses whose target is a probability row per sample ([N, C], float32).
+DENSE_TARGETS = ("probability",)
 # Losses on expert logits [N, E, C]: their rows are (N, E, C) and they have no traffic model yet.
 EXPERT_LOSSES = ("sade", "ride")
 EXPERT_SHAPES = [(256, 3, 1000), (4096, 3, 1000)]
@@ -176,9 +184,9 @@ def loss_suite(args) -> list[Record]:
         plan += [(name, shape, torch.float32) for name in EXPERT_LOSSES for shape in EXPERT_SHAPES]
     else:
         shapes = OVERHEAD_SHAPES + [(256, 1000), (4096, 1000), (1024, 8142)]
-        plan = [(name, shape, torch.float32) for name in LOSSES if name != "mixup" and name not in EXPERT_LOSSES
-                for shape in shapes]
-        plan += [("mixup", (4096, 1000), torch.float32)]
+        plan = [(name, shape, torch.float32) for name in LOSSES
+                if name not in ("mixup", "probability") and name not in EXPERT_LOSSES for shape in shapes]
+        plan += [("mixup", (4096, 1000), torch.float32), ("probability", (4096, 1000), torch.float32)]
         plan += [(name, shape, torch.float32) for name in EXPERT_LOSSES for shape in EXPERT_SHAPES]
     if args.losses:
         plan = [row for row in plan if row[0] in args.losses]
@@ -198,6 +206,8 @@ def loss_suite(args) -> list[Record]:
         target = torch.randint(0, C, (N,), generator=gen).to(device)
         if name in PAIRED_TARGETS:
             target = (target, torch.randint(0, C, (N,), generator=gen).to(device))
+        if name in DENSE_TARGETS:
+            target = torch.softmax(torch.randn(N, C, generator=gen) * 2, 1).to(device)
         impls = {"ltfast": fused, "eager": ref}
         if "compile" in baselines:
             impls["compile"] = torch.compile(ref, dynamic=False)

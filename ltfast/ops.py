@@ -242,7 +242,10 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | 
     - ``gamma``: focal modulation ``(1 - p_y)^gamma``. As in the survey's FocalLoss
       (Main-codebase/loss/FocalLoss.py, seed-methods.md §1.7), p_y is detached, so the factor scales
       the gradient but is not differentiated (the Lin et al. paper differentiates it);
-    - ``label_smoothing``: as in ``F.cross_entropy``; cannot be combined with ``gamma > 0``.
+    - ``label_smoothing``: as in ``F.cross_entropy``; cannot be combined with ``gamma > 0``. A target
+      logit of ``-inf`` with smoothing gives ``+inf`` (``NaN`` for a zero target weight) and
+      PyTorch's finite gradient, as ``F.cross_entropy``; the one difference: when another class is
+      ``-inf`` too and has weight 0, PyTorch's ``0 * inf`` is ``NaN`` where ltfast gives ``+inf``.
 
     With every option left at its default this is ``F.cross_entropy(logits, target)``.
 

@@ -114,7 +114,10 @@ def mixed_cross_entropy(logits: Tensor, target: Tensor, target_b: Tensor | None 
     - ``label_smoothing``: a float, or a ``[C]`` tensor of per-class eps: the row's eps in each term
       is ``label_smoothing[y]`` of that term's target (MiSLAS's label-aware smoothing), with
       ``F.cross_entropy``'s smoothing formula row by row. Values are checked on CPU tensors; on CUDA
-      (the check would synchronise) ``ltfast.nn`` modules check them at construction.
+      (the check would synchronise) ``ltfast.nn`` modules check them at construction. A target
+      logit of ``-inf`` with smoothing: ``+inf`` in that term, and in the other term (its smoothing
+      sums ``-log p`` over every class), as ``F.cross_entropy`` (see
+      :func:`ltfast.adjusted_cross_entropy` for the zero-weight case).
     - ``gamma`` (focal, p_y detached as in the survey) applies to each term with its own p_y: both
       terms share the softmax, so this is exactly ``lam * focal(a) + (1 - lam) * focal(b)``.
     - ``target_margin`` (LDAM) is refused with ``target_b``: the margin changes the softmax per
@@ -152,7 +155,10 @@ def probability_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor
     with ``q = (1 - eps) * target + eps / C`` (weights inside the class sum), ``'mean'`` divides by
     N, as PyTorch does for probability targets. The target is read in its own dtype when it is the
     logits' dtype, else in float32 (float64 for float64 logits). No gradient to the target (an
-    error if it requires grad); the gradient flows to the logits and ``adjustment``."""
+    error if it requires grad); the gradient flows to the logits and ``adjustment``. Non-finite
+    values give what ``F.cross_entropy`` gives: a target entry of ``+inf`` (or an impossible class,
+    logit ``-inf``, with probability or smoothing) makes the row ``+inf``, with PyTorch's pattern of
+    ``inf`` and ``NaN`` gradients; a NaN anywhere in the row makes it NaN."""
     if isinstance(label_smoothing, Tensor) and label_smoothing.dim() > 0:
         raise ValueError("probability_cross_entropy: a per-class label_smoothing is not defined for probability "
                          "targets (there is no target class to take eps from); smooth the targets instead")

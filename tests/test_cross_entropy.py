@@ -545,6 +545,40 @@ def test_large_logits_issue_examples(device):
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_label_smoothing_with_impossible_target_matches_cross_entropy(dtype, device):
+    """Issue 19 §4.6: label smoothing with a target logit of -inf is +inf in F.cross_entropy (NaN for a
+    zero target weight), not NaN; its gradient is PyTorch's, finite (p = 0 at the target)."""
+    gen = torch.Generator().manual_seed(19)
+    C = 9
+    logits = torch.randn(5, C, generator=gen, dtype=torch.float64).to(dtype)
+    target = torch.tensor([2, 0, 4, 7, 1])
+    logits[0, 2] = float("-inf")                       # the target
+    logits[1, 0] = logits[1, 5] = float("-inf")        # the target and another class
+    logits[2, 6] = float("-inf")                       # another class only (+inf already)
+    logits[3, 7] = float("-inf")
+    logits, target = logits.to(device), target.to(device)
+    weight = (torch.rand(C, generator=gen, dtype=torch.float64) + 0.5).to(dtype).to(device)
+    zero_weight = weight.clone()
+    zero_weight[7] = 0.0                               # row 3: 0 * inf, NaN in PyTorch
+    for kwargs in (dict(label_smoothing=0.1), dict(label_smoothing=0.3, weight=weight),
+                   dict(label_smoothing=0.1, weight=zero_weight)):
+        for reduction in ("none", "sum"):
+            x = logits.clone().requires_grad_()
+            loss = ltfast.adjusted_cross_entropy(x, target, reduction=reduction, **kwargs)
+            x_ref = logits.clone().requires_grad_()
+            expected = F.cross_entropy(x_ref, target, reduction=reduction, **kwargs)
+            if reduction == "none":
+                assert expected[:3].isinf().all() and torch.isfinite(expected[4])
+            torch.testing.assert_close(loss, expected.detach(), equal_nan=True,
+                                       msg=lambda m: f"{kwargs} {reduction}: {m}")
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+            (expected_grad,) = torch.autograd.grad(expected.sum(), x_ref)
+            torch.testing.assert_close(grad, expected_grad, equal_nan=True,
+                                       msg=lambda m: f"{kwargs} {reduction} grad: {m}")
+
+
+@pytest.mark.parametrize("device", device_params())
 def test_row_stats_layout(device):
     """The forward ops save row_stats [2, N] in the accumulation dtype: (max, log sum exp(a - max)),
     both 0 for ignored rows (the contract the CUDA kernels follow too)."""

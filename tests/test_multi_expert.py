@@ -1,6 +1,7 @@
 """ltfast.diverse_expert_loss / ltfast.ride_loss (SADE and RIDE on expert logits [N, E, C]) against
 the plain-PyTorch references in ltfast.reference, the nn modules, and the compat classes against
 the transcribed originals (tests/_survey_originals.py)."""
+import math
 import os
 import sys
 
@@ -139,6 +140,125 @@ def test_ride_diversity_gradient_formula(device):
     expected = -0.2 * T.mean() ** 2 / 5 * (p - pbar) / T
     expected[2] = 0
     torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- large logits (issue 19)
+# float32 offsets up to 1e30: z / T (T >= 0.5 here) and every sum of the kernels stay below the
+# float32 max (3.4e38).
+LARGE_OFFSETS = [1e4, 1e6, 1e8, 1e10, 1e20, 1e30]
+
+
+def large_logits(offset, gen, shape=(12, 3, 10)):
+    """float32 logits offset + spread: sample 0 a tie of every class and expert (all exactly the
+    offset), the others spread by 3 or by 8 float32 ulps of the offset, whichever is larger (a
+    smaller spread rounds to ties)."""
+    ulp = 2.0 ** (math.floor(math.log2(offset)) - 23)
+    logits = (torch.randn(*shape, generator=gen, dtype=torch.float64) * max(3.0, 8 * ulp) + offset).float()
+    logits[0] = offset
+    return logits
+
+
+def shifted_cross_entropy(adjusted32, target, weight=None, reduction="mean"):
+    """F.cross_entropy in float64 of float32 adjusted logits [N, C] that carry a float64 graph
+    (`adjusted32` as float64 values), shifted by each row's max first: exact at any magnitude."""
+    return torch.nn.functional.cross_entropy(adjusted32 - adjusted32.detach().amax(-1, keepdim=True), target,
+                                             weight=weight, reduction=reduction)
+
+
+def ride_oracle(logits32, target, target_margin=None, weight=None, temperature=None, base_temperature=1.0,
+                diversity_factor=-0.2):
+    """RIDE's loss (reference.ride_loss's formula) in float64 on float32 logits, exact at any magnitude
+    for what float32 holds: the CE of each expert on the margin-adjusted logits rounded to float32 as
+    the kernels round them (z_y - m_y), and the KL on the tempered logits u = z * (1 / T) rounded to
+    float32 as the kernels (and a float32 PyTorch reference) round them: 0.5 ulp of u is 0.03 at
+    z = 1e6, T = 1, a visible part of the KL. Each is then shifted by its row's (the KL: sample's)
+    max, which changes no softmax, and taken in float64. Returns (loss, the float64 logits it
+    differentiates)."""
+    N, E, C = logits32.shape
+    z = logits32.double().requires_grad_()
+    adjusted32 = logits32.clone()
+    if target_margin is not None:
+        rows = torch.arange(N, device=logits32.device)
+        adjusted32[rows, :, target] -= target_margin.float()[target][:, None]
+    adjusted = z + (adjusted32.double() - logits32.double())  # the float32 rounding, as a constant
+    loss = sum(shifted_cross_entropy(adjusted[:, k], target, weight) for k in range(E))
+    ones = torch.ones(C, dtype=torch.float32, device=z.device)
+    temperature32 = torch.tensor(base_temperature, dtype=torch.float32) * (
+        temperature.float() if temperature is not None else ones)
+    inv_t32 = 1 / temperature32
+    u = z * inv_t32.double()
+    u = u + ((logits32 * inv_t32).double() - u.detach())  # the float32 product, as a constant
+    u = u - u.detach().amax(dim=(1, 2), keepdim=True)
+    pbar = torch.softmax(u.detach().mean(1), -1)
+    log_p = torch.log_softmax(u, -1)
+    kl = torch.nn.functional.kl_div(log_p, pbar[:, None].expand_as(log_p), reduction="none").sum((1, 2)).mean()
+    mean_temperature = temperature32.double().mean()
+    return loss + diversity_factor * mean_temperature ** 2 * kl, z
+
+
+def assert_close_at_scale(got, expected, what, rtol=2e-5):
+    """Relative to the largest magnitude of `expected` (the losses grow with the spread)."""
+    scale = max(1.0, expected.detach().abs().max().item())
+    torch.testing.assert_close(got.double(), expected.detach(), rtol=rtol, atol=rtol * scale, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("variant", ["plain", "ldam", "drw"])
+def test_ride_large_logits_match_float64(variant, device):
+    """Issue 19 §4.2: RIDE's KL was formed as sum_k lse(z_k / T) - E lse(zbar / T), which cancels at
+    large logits (620.64 for 6.238 at 1e10; -inf with a per-class temperature). Value and gradient
+    against a float64 oracle at offsets up to 1e30."""
+    gen = torch.Generator().manual_seed(19)
+    options = ride_options(variant, 10, gen, device)
+    target = torch.randint(0, 10, (12,), generator=gen).to(device)
+    for offset in LARGE_OFFSETS:
+        logits = large_logits(offset, gen).to(device)
+        x = logits.clone().requires_grad_()
+        loss = ltfast.ride_loss(x, target, **options)
+        expected, z = ride_oracle(logits, target, **options)
+        assert torch.isfinite(loss), (offset, loss)
+        assert_close_at_scale(loss, expected, f"offset {offset} loss")
+        (grad,) = torch.autograd.grad(loss, x)
+        (expected_grad,) = torch.autograd.grad(expected, z)
+        assert torch.isfinite(grad).all(), offset
+        assert_close_at_scale(grad, expected_grad, f"offset {offset} grad")
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_ride_issue_example_at_1e10(device):
+    """The issue's case: randn + 1e10 in float32 is a tie of every logit (one ulp is 1024), so the loss
+    is E log C (6.238 for E = 3, C = 8) and the gradient is that of the three CEs alone."""
+    z = (torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0)) + 1e10).to(device)
+    target = torch.tensor([1, 6], device=device)
+    x = z.clone().requires_grad_()
+    loss = ltfast.ride_loss(x, target)
+    assert abs(loss.item() - 3 * math.log(8)) < 1e-5, loss.item()
+    loss.backward()
+    expected = torch.full((2, 3, 8), 1 / 16, dtype=torch.float64)
+    expected[[0, 1], :, [1, 6]] -= 0.5
+    torch.testing.assert_close(x.grad.cpu().double(), expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_diverse_expert_large_logits_match_float64(reduction, device):
+    """SADE's loss at offsets up to 1e30: each expert's CE from (a - max) - log_sum. The oracle adds
+    the adjustments in float32 (as the kernels do, then rounded) and runs in float64 shifted."""
+    gen = torch.Generator().manual_seed(23)
+    adjustments = (torch.randn(3, 10, generator=gen) * 2).to(device)
+    target = torch.randint(0, 10, (12,), generator=gen).to(device)
+    for offset in LARGE_OFFSETS:
+        logits = large_logits(offset, gen).to(device)
+        x = logits.clone().requires_grad_()
+        loss = ltfast.diverse_expert_loss(x, target, adjustments, reduction=reduction)
+        z = logits.double().requires_grad_()
+        adjusted = z + ((logits + adjustments).double() - logits.double())
+        expected = sum(shifted_cross_entropy(adjusted[:, e], target, reduction=reduction) for e in range(3))
+        assert_close_at_scale(loss, expected, f"offset {offset} loss")
+        upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64, device=device).reshape(loss.shape)
+        (grad,) = torch.autograd.grad(loss, x, upstream.to(loss.dtype))
+        (expected_grad,) = torch.autograd.grad(expected, z, upstream)
+        assert_close_at_scale(grad, expected_grad, f"offset {offset} grad")
 
 
 # ---------------------------------------------------------------------------- edge cases

@@ -3,6 +3,8 @@ against the lambda combination of F.cross_entropy, probability targets against F
 a floating target, per-class label smoothing against F.cross_entropy's formula row by row; values,
 gradients, dtypes, reductions, ignore_index, opcheck, gradcheck, torch.compile, ltfast.nn and bad
 inputs, on `cpu`, `cuda` and `simt` (the CUDA kernels in the emulator)."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -283,6 +285,155 @@ def test_non_finite_logits(device):
     got = ltfast.probability_cross_entropy(logits, target, reduction="none")
     want = F.cross_entropy(logits, target, reduction="none")  # 0 * log(0) is NaN in PyTorch's formula
     torch.testing.assert_close(got, want, equal_nan=True)
+
+
+# float32 offsets up to 1e30 (issue 19 §4.2): loss and gradient from (a - max) - log_sum at any
+# magnitude, against float64 on the float32 adjusted logits shifted by their row max.
+LARGE_OFFSETS = [1e4, 1e6, 1e8, 1e10, 1e20, 1e30]
+
+
+def _large_logits(offset, g, shape=(16, 10)):
+    """offset + a spread of 3 or of 8 float32 ulps of the offset (whichever is larger); row 0 a tie."""
+    ulp = 2.0 ** (math.floor(math.log2(offset)) - 23)
+    logits = (torch.randn(*shape, generator=g, dtype=torch.float64) * max(3.0, 8 * ulp) + offset).float()
+    logits[0] = offset
+    return logits
+
+
+def _shifted_float64(logits32, adjustment):
+    """(float64 logits to differentiate, their float32-rounded adjusted values shifted by the row max)."""
+    z = logits32.double().requires_grad_()
+    adjusted32 = logits32 if adjustment is None else logits32 + adjustment.float()
+    adjusted = z + (adjusted32.double() - logits32.double())
+    return z, adjusted - adjusted.detach().amax(-1, keepdim=True)
+
+
+def _assert_close_at_scale(got, expected, what):
+    scale = max(1.0, expected.detach().abs().max().item())
+    torch.testing.assert_close(got.double(), expected.detach(), rtol=2e-5, atol=2e-5 * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("variant", ["cross_entropy", "balanced_softmax", "weighted_smoothing",
+                                     "class_smoothing_weighted"])
+def test_mixed_large_logits_match_float64(variant, device):
+    g = torch.Generator().manual_seed(41)
+    kwargs = MIXED_VARIANTS[variant](10, g)
+    adjustment = kwargs.pop("adjustment", None)
+    a = torch.randint(0, 10, (16,), generator=g).to(device)
+    b = torch.randint(0, 10, (16,), generator=g).to(device)
+    lam = torch.rand(16, generator=g, dtype=torch.float64).to(device)
+    for offset in LARGE_OFFSETS:
+        logits = _large_logits(offset, g).to(device)
+        x = logits.clone().requires_grad_()
+        loss = ltfast.mixed_cross_entropy(x, a, b, lam.float(), reduction="none",
+                                          adjustment=None if adjustment is None else adjustment.float().to(device),
+                                          **_vectors(kwargs, device, torch.float32))
+        z, shifted = _shifted_float64(logits, None if adjustment is None else adjustment.to(device))
+        expected = reference.mixed_cross_entropy(shifted, a, b, lam, reduction="none",
+                                                 **_vectors(kwargs, device, torch.float64))
+        _assert_close_at_scale(loss, expected, f"offset {offset} loss")
+        upstream = torch.linspace(0.5, 1.5, 16, dtype=torch.float64, device=device)
+        (grad,) = torch.autograd.grad(loss, x, upstream.float())
+        (expected_grad,) = torch.autograd.grad(expected, z, upstream)
+        _assert_close_at_scale(grad, expected_grad, f"offset {offset} grad")
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("variant", list(PROBABILITY_VARIANTS))
+def test_probability_large_logits_match_float64(variant, device):
+    g = torch.Generator().manual_seed(43)
+    kwargs = PROBABILITY_VARIANTS[variant](10, g)
+    adjustment = kwargs.pop("adjustment", None)
+    target = torch.softmax(torch.randn(16, 10, generator=g, dtype=torch.float64) * 2, 1).to(device)
+    for offset in LARGE_OFFSETS:
+        logits = _large_logits(offset, g).to(device)
+        x = logits.clone().requires_grad_()
+        loss = ltfast.probability_cross_entropy(x, target.float(), reduction="none",
+                                                adjustment=None if adjustment is None else adjustment.float().to(device),
+                                                **_vectors(kwargs, device, torch.float32))
+        z, shifted = _shifted_float64(logits, None if adjustment is None else adjustment.to(device))
+        expected = reference.probability_cross_entropy(shifted, target, reduction="none",
+                                                       **_vectors(kwargs, device, torch.float64))
+        _assert_close_at_scale(loss, expected, f"offset {offset} loss")
+        upstream = torch.linspace(0.5, 1.5, 16, dtype=torch.float64, device=device)
+        (grad,) = torch.autograd.grad(loss, x, upstream.float())
+        (expected_grad,) = torch.autograd.grad(expected, z, upstream)
+        _assert_close_at_scale(grad, expected_grad, f"offset {offset} grad")
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_label_smoothing_with_impossible_target_is_inf_as_f_cross_entropy(dtype, device):
+    """Issue 19 §4.6: a target logit of -inf with label smoothing is +inf in F.cross_entropy (NaN with a
+    zero target weight), in each mixed term and with per-class smoothing; gradients as PyTorch's
+    (finite: p = 0 at the impossible class)."""
+    g = torch.Generator().manual_seed(47)
+    C = 9
+    logits = torch.randn(6, C, generator=g, dtype=torch.float64).to(dtype)
+    a = torch.tensor([2, 0, 4, 7, 1, 3])
+    b = torch.tensor([5, 3, 4, 2, 8, 6])
+    logits[0, 2] = float("-inf")                            # term a's target
+    logits[1, 3] = float("-inf")                            # term b's target
+    logits[2, 4] = float("-inf")                            # both terms' target
+    logits[3, 7] = logits[3, 2] = float("-inf")             # both targets, different classes
+    logits[4, 0] = float("-inf")                            # a non-target class (already +inf)
+    logits, a, b = logits.to(device), a.to(device), b.to(device)
+    lam = torch.rand(6, generator=g, dtype=torch.float64).to(device)
+    weight = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(device)
+    zero_weight = weight.clone()
+    zero_weight[2] = 0.0                                     # 0 * inf in rows 0 and 3: NaN in PyTorch
+    class_eps = (0.3 * torch.rand(C, generator=g, dtype=torch.float64)).to(device)
+    cases = [(dict(label_smoothing=0.1), ()), (dict(label_smoothing=0.25, weight=weight), ()),
+             (dict(label_smoothing=0.1, weight=zero_weight), (0, 3)), (dict(label_smoothing=class_eps, weight=weight), ())]
+    for kwargs, nan_rows in cases:
+        x = logits.clone().requires_grad_()
+        loss = ltfast.mixed_cross_entropy(x, a, b, lam.to(dtype), reduction="none", **_vectors(kwargs, device, dtype))
+        x_ref = logits.clone().requires_grad_()
+        expected = reference.mixed_cross_entropy(x_ref, a, b, lam.to(dtype), reduction="none",
+                                                  **_vectors(kwargs, device, dtype))
+        # the case of the issue, as the reference (F.cross_entropy) has it
+        assert all(expected[i].isnan() if i in nan_rows else expected[i].isinf() for i in range(5))
+        torch.testing.assert_close(loss, expected.detach(), equal_nan=True, msg=lambda m: f"{kwargs}: {m}")
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        (expected_grad,) = torch.autograd.grad(expected.sum(), x_ref)
+        torch.testing.assert_close(grad, expected_grad, equal_nan=True, msg=lambda m: f"{kwargs} grad: {m}")
+        if nan_rows:
+            continue  # row 3's single target: ltfast +inf, PyTorch NaN from class 2's 0 * inf (documented)
+        # a single target (the hard-target smoothing path of mixed_cross_entropy)
+        x = logits.clone().requires_grad_()
+        loss = ltfast.mixed_cross_entropy(x, a, reduction="none", **_vectors(kwargs, device, dtype))
+        expected = reference.mixed_cross_entropy(logits, a, reduction="none", **_vectors(kwargs, device, dtype))
+        torch.testing.assert_close(loss, expected, equal_nan=True, msg=lambda m: f"{kwargs} single: {m}")
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_probability_target_of_inf_is_inf_as_f_cross_entropy(dtype, device):
+    """Issue 19 §4.6: an entry of +inf in a probability target makes F.cross_entropy +inf, also where it
+    sits on the row's largest logit (inf * 0 there must not turn into NaN), and an impossible class
+    (-inf logit) with label smoothing +inf; gradients with PyTorch's pattern of inf and NaN."""
+    g = torch.Generator().manual_seed(53)
+    C = 7
+    logits = torch.randn(5, C, generator=g, dtype=torch.float64).to(dtype)
+    target = torch.softmax(torch.randn(5, C, generator=g, dtype=torch.float64), 1).to(dtype)
+    target[0, 3] = float("inf")
+    target[1, int(logits[1].argmax())] = float("inf")      # on the row max
+    logits[2, 5] = float("-inf")                           # an impossible class with probability
+    target[3, 1] = float("inf")
+    logits[3, 4] = float("-inf")
+    logits, target = logits.to(device), target.to(device)
+    for label_smoothing in (0.0, 0.2):
+        x = logits.clone().requires_grad_()
+        loss = ltfast.probability_cross_entropy(x, target, label_smoothing=label_smoothing, reduction="none")
+        x_ref = logits.clone().requires_grad_()
+        expected = F.cross_entropy(x_ref, target, label_smoothing=label_smoothing, reduction="none")
+        assert expected[:4].isinf().all() and torch.isfinite(expected[4])
+        torch.testing.assert_close(loss, expected.detach(), equal_nan=True)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        (expected_grad,) = torch.autograd.grad(expected.sum(), x_ref)
+        torch.testing.assert_close(grad, expected_grad, equal_nan=True)
 
 
 @pytest.mark.parametrize("device", device_params())

@@ -34,12 +34,17 @@ struct TargetTerm {
 // Loss of one term. The smoothing part needs sum_c w_c (a_c - a_y); the kernels accumulate it once
 // per row against a reference logit r (the first active term's a_y) and each term re-bases it:
 // sum_c w_c (a_c - a_y) = reference_offset_sum + W (r - a_y), exact for the reference term itself.
+// A reference logit of -inf (a term's a_y of -inf: row_loss) makes the reference sum NaN (its own
+// -inf - -inf); another term's sum then holds w_r (-inf - a_y): -inf (NaN for w_r = 0), which makes
+// its loss +inf, as F.cross_entropy's w_r * (-log p_r) = w_r * inf.
 template <typename T>
 LTFAST_HOST_DEVICE T mixed_term_loss(CrossEntropyConfig<T> cfg, const RowLogSumExp<T>& row, const TargetTerm<T>& term,
-                                     T reference_logit, T reference_offset_sum) {
+                                     const TargetTerm<T>& reference, T reference_offset_sum) {
   cfg.label_smoothing = term.smoothing;
-  return row_loss(cfg, row, term.logit, term.weight,
-                  reference_offset_sum + cfg.total_weight * (reference_logit - term.logit));
+  const T offset_sum = (reference.logit == negative_infinity<T>() && term.logit != reference.logit)
+                           ? reference.weight * negative_infinity<T>()
+                           : reference_offset_sum + cfg.total_weight * (reference.logit - term.logit);
+  return row_loss(cfg, row, term.logit, term.weight, offset_sum);
 }
 
 // Gradient coefficients of one term, already multiplied by its scale (upstream gradient times
@@ -68,10 +73,13 @@ LTFAST_HOST_DEVICE ProbabilityState<T> empty_probability_state() {
 
 // w_c q_c (a_c - max) of one element against the max of its chunk. An a_c of -inf gives
 // w q * -inf: -inf for a positive target (an impossible class with probability: loss +inf) and NaN
-// for a zero one, as PyTorch's -(log_softmax * target) gives 0 * -inf = NaN there.
+// for a zero one, as PyTorch's -(log_softmax * target) gives 0 * -inf = NaN there. The max element
+// itself adds exactly 0, also for a target of +inf (inf * 0 would be NaN): its loss term
+// inf * (-log p) = inf * (log_sum - 0) is then carried by mass * log_sum, +inf as in PyTorch (NaN
+// when log_sum = 0, where PyTorch's -log p = 0 gives inf * 0 = NaN too).
 template <typename T>
 LTFAST_HOST_DEVICE T probability_offset(T weighted_q, T a, T max) {
-  return a == negative_infinity<T>() ? weighted_q * a : weighted_q * (a - max);
+  return a == negative_infinity<T>() ? weighted_q * a : (a == max ? T(0) : weighted_q * (a - max));
 }
 
 // Merges two partial states (see merge_softmax_states for the NaN rule). The offset of the side

@@ -149,7 +149,12 @@ LTFAST_HOST_DEVICE T row_loss(const CrossEntropyConfig<T>& cfg, const RowLogSumE
     loss *= pow_fn(one_minus_p, cfg.gamma);
   }
   if (cfg.label_smoothing != T(0)) {
-    const T smooth = cfg.inv_num_classes * (cfg.total_weight * nll - weighted_logit_offset_sum);
+    // An a_y of -inf (nll = +inf; the row max is finite here) makes every offset a_c - a_y +inf and
+    // the target's own -inf - -inf NaN. F.cross_entropy's sum_c w_c (-log p_c) is then w_y * inf
+    // (+inf, NaN for w_y = 0), and so is the loss.
+    const T smooth = nll == -negative_infinity<T>()
+                         ? cfg.inv_num_classes * (target_weight * nll)
+                         : cfg.inv_num_classes * (cfg.total_weight * nll - weighted_logit_offset_sum);
     loss = (T(1) - cfg.label_smoothing) * loss + cfg.label_smoothing * smooth;
   }
   return loss;

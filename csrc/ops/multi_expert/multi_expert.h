@@ -11,7 +11,11 @@
 //   T_c = base_temperature * temperature_c (base_temperature alone without `temperature`),
 //   Tbar = mean_c T_c, N' the number of non-ignored rows, w = 1 without `weight`.
 //   Since sum_k zbar_ic = sum_k z_ikc, sum_k KL(pbar_i || p_ik) = sum_k lse(z_ik / T) - E lse(zbar_i / T):
-//   the forward needs only log-sum-exps, one pass over each row.
+//   the forward needs only log-sum-exps, one pass over each row. Each lse is taken against the shift
+//   s_i = max_k max_c z_ikc / T_c, as (m - s_i) + log sum exp(. - m), and pbar_i as the softmax of the
+//   shifted mean w_ic = mean_k (z_ikc / T_c - s_i) (a per-sample constant away from zbar_ic / T_c):
+//   the lse themselves are ~|z| / T, and their difference taken directly loses every digit at
+//   z ~ 1e10 in float32 (issue 19: 620.6 for 6.238).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -78,7 +82,8 @@ at::Tensor diverse_expert_backward_cuda(const MultiExpertArgs& args, const at::T
 // ride_loss forward: (loss, row_stats [2, N, 2E + 1], denominators [3], grad_logits), accumulation dtype.
 //   row_stats[:, i, k]         (k < E): the CE softmax of expert k (target logit minus its margin);
 //   row_stats[:, i, E + k]     (k < E): the softmax of z_ik / T;
-//   row_stats[:, i, 2E]:                the softmax of zbar_i / T (pbar);
+//   row_stats[:, i, 2E]:                the softmax of w_i = mean_k (z_ik / T - s_i) (pbar), with
+//                                       s_i = max_k row_stats[0, i, E + k] (see above);
 //   each as (max, log sum exp(. - max)) (math::RowLogSumExp), 0 for ignored rows.
 //   denominators = (sum_i w_{y_i}, N', Tbar) over the non-ignored rows.
 // Backward: d loss / d z_ikc = g (w_{y_i} / sum w (q_ikc - [c = y_i])

@@ -49,30 +49,41 @@ const acc_t* block_in_acc(const scalar_t* block, int64_t count, std::vector<acc_
   }
 }
 
-// max_c x_c (m_plain) and max_c x_c * scale_c (m_scaled), NaN-propagating.
+// The tempered row u_c = x_c * scale_c, written to `scaled` and read back by every later use: the
+// compiler contracts a product that feeds a subtraction into an FMA (exact product minus the max),
+// so that exp(x * scale - max) of the max element itself was exp(-0.03) at x = 1e6 (its product's
+// rounding) and log_sum came out negative. Products taken once and stored are rounded once.
 template <typename acc_t>
-void max_plain_and_scaled(const acc_t* x, const acc_t* scale, int64_t n, acc_t& m_plain, acc_t& m_scaled) {
+void store_scaled(const acc_t* x, const acc_t* scale, int64_t n, acc_t* scaled) {
+  using Vec = Vectorized<acc_t>;
+  int64_t c = 0;
+  for (; c + Vec::size() <= n; c += Vec::size()) (Vec::loadu(x + c) * Vec::loadu(scale + c)).store(scaled + c);
+  for (; c < n; ++c) scaled[c] = x[c] * scale[c];
+}
+
+// max_c x_c (m_plain) and max_c u_c (m_scaled), NaN-propagating.
+template <typename acc_t>
+void max_plain_and_scaled(const acc_t* x, const acc_t* u, int64_t n, acc_t& m_plain, acc_t& m_scaled) {
   using Vec = Vectorized<acc_t>;
   Vec vplain(math::negative_infinity<acc_t>()), vscaled(math::negative_infinity<acc_t>());
   int64_t c = 0;
   for (; c + Vec::size() <= n; c += Vec::size()) {
-    const Vec v = Vec::loadu(x + c);
-    vplain = at::vec::maximum(vplain, v);
-    vscaled = at::vec::maximum(vscaled, v * Vec::loadu(scale + c));
+    vplain = at::vec::maximum(vplain, Vec::loadu(x + c));
+    vscaled = at::vec::maximum(vscaled, Vec::loadu(u + c));
   }
   m_plain = reduce_max(vplain);
   m_scaled = reduce_max(vscaled);
   for (; c < n; ++c) {
     m_plain = nan_propagating_max(m_plain, x[c]);
-    m_scaled = nan_propagating_max(m_scaled, x[c] * scale[c]);
+    m_scaled = nan_propagating_max(m_scaled, u[c]);
   }
 }
 
-// Adds sum_c exp(x_c - shift_plain) to sum_plain and sum_c exp(x_c scale_c - shift_scaled) to
-// sum_scaled over c in [begin, end); with kStore, also writes the exponentials to out_plain[c] and
+// Adds sum_c exp(x_c - shift_plain) to sum_plain and sum_c exp(u_c - shift_scaled) to sum_scaled
+// over c in [begin, end); with kStore, also writes the exponentials to out_plain[c] and
 // out_scaled[c] (for the forward-time gradient).
 template <bool kStore, typename acc_t>
-void add_exp_sums(const acc_t* x, const acc_t* scale, int64_t begin, int64_t end, acc_t shift_plain,
+void add_exp_sums(const acc_t* x, const acc_t* u, int64_t begin, int64_t end, acc_t shift_plain,
                   acc_t shift_scaled, acc_t& sum_plain, acc_t& sum_scaled, acc_t* out_plain = nullptr,
                   acc_t* out_scaled = nullptr) {
   using Vec = Vectorized<acc_t>;
@@ -82,7 +93,7 @@ void add_exp_sums(const acc_t* x, const acc_t* scale, int64_t begin, int64_t end
   for (; c + Vec::size() <= end; c += Vec::size()) {
     const Vec v = Vec::loadu(x + c);
     const Vec e_plain = vec_exp(v - vshift_plain);
-    const Vec e_scaled = vec_exp(v * Vec::loadu(scale + c) - vshift_scaled);
+    const Vec e_scaled = vec_exp(Vec::loadu(u + c) - vshift_scaled);
     if constexpr (kStore) {
       e_plain.store(out_plain + c);
       e_scaled.store(out_scaled + c);
@@ -94,7 +105,7 @@ void add_exp_sums(const acc_t* x, const acc_t* scale, int64_t begin, int64_t end
   sum_scaled += reduce_sum(vscaled);
   for (; c < end; ++c) {
     const acc_t e_plain = math::exp_shifted(x[c], shift_plain);
-    const acc_t e_scaled = math::exp_shifted(x[c] * scale[c], shift_scaled);
+    const acc_t e_scaled = math::exp_shifted(u[c], shift_scaled);
     if constexpr (kStore) {
       out_plain[c] = e_plain;
       out_scaled[c] = e_scaled;
@@ -104,52 +115,63 @@ void add_exp_sums(const acc_t* x, const acc_t* scale, int64_t begin, int64_t end
   }
 }
 
-// (max, sum exp(x_c scale_c - max)) of one row; with `out`, also the exponentials exp(x_c scale_c - max).
+// (max, sum exp(x_c - max)) of one row; with `out`, also the exponentials exp(x_c - max).
 template <typename acc_t>
-math::SoftmaxState<acc_t> scaled_softmax_state(const acc_t* x, const acc_t* scale, int64_t n, acc_t* out = nullptr) {
+math::SoftmaxState<acc_t> row_softmax_state(const acc_t* x, int64_t n, acc_t* out = nullptr) {
   using Vec = Vectorized<acc_t>;
   Vec vmax(math::negative_infinity<acc_t>());
   int64_t c = 0;
-  for (; c + Vec::size() <= n; c += Vec::size()) {
-    vmax = at::vec::maximum(vmax, Vec::loadu(x + c) * Vec::loadu(scale + c));
-  }
+  for (; c + Vec::size() <= n; c += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(x + c));
   acc_t m = reduce_max(vmax);
-  for (; c < n; ++c) m = nan_propagating_max(m, x[c] * scale[c]);
+  for (; c < n; ++c) m = nan_propagating_max(m, x[c]);
   if (!(m > math::negative_infinity<acc_t>() && m < -math::negative_infinity<acc_t>())) return {m, acc_t(0)};
   const Vec vshift(m);
   Vec vsum(acc_t(0));
   c = 0;
   for (; c + Vec::size() <= n; c += Vec::size()) {
-    const Vec e = vec_exp(Vec::loadu(x + c) * Vec::loadu(scale + c) - vshift);
+    const Vec e = vec_exp(Vec::loadu(x + c) - vshift);
     if (out) e.store(out + c);
     vsum = vsum + e;
   }
   acc_t s = reduce_sum(vsum);
   for (; c < n; ++c) {
-    const acc_t e = math::exp_shifted(x[c] * scale[c], m);
+    const acc_t e = math::exp_shifted(x[c], m);
     if (out) out[c] = e;
     s += e;
   }
   return {m, s};
 }
 
-// zbar_c = (sum_k z_kc) / E over the E rows of `block`, the same arithmetic in forward and backward.
+// The expert mean of the tempered logits, shifted: w_c = (sum_k (u_kc - shift)) / E over the E rows
+// of `tempered` (u = z * inv_t, store_scaled: the products of the tempered softmaxes). With shift the
+// largest tempered row max, w is small wherever pbar is not negligible, so that pbar = softmax(w)
+// (= softmax(zbar / T): the shift is one constant per sample) and the KL are free of the
+// cancellation of lse(zbar / T) ~ |z| / T against the experts' lse: at z ~ 1e10 in float32 that
+// difference lost every digit (issue 19). The same arithmetic in forward and backward.
 template <typename acc_t>
-void expert_mean(const acc_t* block, int64_t E, int64_t C, acc_t* out) {
+void shifted_tempered_mean(const acc_t* tempered, int64_t E, int64_t C, acc_t shift, acc_t* out) {
   using Vec = Vectorized<acc_t>;
   const acc_t inv_e = acc_t(1) / static_cast<acc_t>(E);
-  const Vec vinv_e(inv_e);
+  const Vec vinv_e(inv_e), vshift(shift);
   int64_t c = 0;
   for (; c + Vec::size() <= C; c += Vec::size()) {
-    Vec total = Vec::loadu(block + c);
-    for (int64_t k = 1; k < E; ++k) total = total + Vec::loadu(block + k * C + c);
+    Vec total = Vec::loadu(tempered + c) - vshift;
+    for (int64_t k = 1; k < E; ++k) total = total + (Vec::loadu(tempered + k * C + c) - vshift);
     (total * vinv_e).store(out + c);
   }
   for (; c < C; ++c) {
-    acc_t total = block[c];
-    for (int64_t k = 1; k < E; ++k) total += block[k * C + c];
+    acc_t total = tempered[c] - shift;
+    for (int64_t k = 1; k < E; ++k) total += tempered[k * C + c] - shift;
     out[c] = total * inv_e;
   }
+}
+
+// The shift of shifted_tempered_mean: the largest of the E tempered row maxes (NaN if one is NaN).
+template <typename acc_t>
+acc_t tempered_shift(const acc_t* tempered_max, int64_t E) {
+  acc_t shift = math::negative_infinity<acc_t>();
+  for (int64_t k = 0; k < E; ++k) shift = nan_propagating_max(shift, tempered_max[k]);
+  return shift;
 }
 
 bool finished_is_nan(const double log_sum) { return !(log_sum == log_sum); }
@@ -357,7 +379,7 @@ void ride_forward_kernel(const MultiExpertArgs& args, const std::vector<at::opma
 
   at::parallel_for(0, N, rows_per_task(E * C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> converted(kSameType ? 0 : E * C);
-    std::vector<acc_t> mean_row(C), sum_ce(E), sum_t(E);
+    std::vector<acc_t> mean_row(C), sum_ce(E), sum_t(E), tempered(E * C);
     // The row's exponentials for the forward-time gradient (2E + 1 rows of C: 28 KB at E = 3, C = 1000).
     std::vector<acc_t> exp_ce(grad_out ? E * C : 0), exp_t(grad_out ? E * C : 0), exp_bar(grad_out ? C : 0);
     std::vector<acc_t> out_buffer(grad_out && !kSameType ? E * C : 0);
@@ -377,9 +399,11 @@ void ride_forward_kernel(const MultiExpertArgs& args, const std::vector<at::opma
       double ce = 0.0, kl = 0.0;
       for (int64_t k = 0; k < E; ++k) {
         const acc_t* z = block + k * C;
+        acc_t* u = tempered.data() + k * C;
+        store_scaled(z, inv_t, C, u);
         const acc_t target_logit = margin ? z[y] - margin[y] : z[y];
         acc_t m_ce, m_t;
-        max_plain_and_scaled(z, inv_t, C, m_ce, m_t);
+        max_plain_and_scaled(z, u, C, m_ce, m_t);
         // The target's original logit stays in the max: with a margin >= 0 still a valid shift (one
         // that overflows nothing), and the sums below leave it out and add the margin-adjusted one.
         m_ce = nan_propagating_max(m_ce, target_logit);
@@ -390,17 +414,17 @@ void ride_forward_kernel(const MultiExpertArgs& args, const std::vector<at::opma
           if (grad_out) {
             acc_t* e_ce = exp_ce.data() + k * C;
             acc_t* e_t = exp_t.data() + k * C;
-            add_exp_sums<true>(z, inv_t, 0, y, m_ce, m_t, s_ce, s_t, e_ce, e_t);
-            add_exp_sums<true>(z, inv_t, y + 1, C, m_ce, m_t, s_ce, s_t, e_ce, e_t);
+            add_exp_sums<true>(z, u, 0, y, m_ce, m_t, s_ce, s_t, e_ce, e_t);
+            add_exp_sums<true>(z, u, y + 1, C, m_ce, m_t, s_ce, s_t, e_ce, e_t);
             e_ce[y] = math::exp_shifted(target_logit, m_ce);
-            e_t[y] = math::exp_shifted(z[y] * inv_t[y], m_t);
+            e_t[y] = math::exp_shifted(u[y], m_t);
             s_ce += e_ce[y];
             s_t += e_t[y];
           } else {
-            add_exp_sums<false>(z, inv_t, 0, y, m_ce, m_t, s_ce, s_t);
-            add_exp_sums<false>(z, inv_t, y + 1, C, m_ce, m_t, s_ce, s_t);
+            add_exp_sums<false>(z, u, 0, y, m_ce, m_t, s_ce, s_t);
+            add_exp_sums<false>(z, u, y + 1, C, m_ce, m_t, s_ce, s_t);
             s_ce += math::exp_shifted(target_logit, m_ce);
-            s_t += math::exp_shifted(z[y] * inv_t[y], m_t);
+            s_t += math::exp_shifted(u[y], m_t);
           }
         }
         sum_ce[k] = s_ce;
@@ -412,15 +436,21 @@ void ride_forward_kernel(const MultiExpertArgs& args, const std::vector<at::opma
         row_max[E + k] = finished_t.max;
         row_log_sum[E + k] = finished_t.log_sum;
         ce += static_cast<double>(finished_ce.log_sum - (target_logit - finished_ce.max));
-        kl += static_cast<double>(finished_t.max) + static_cast<double>(finished_t.log_sum);
       }
-      expert_mean(block, E, C, mean_row.data());
-      const auto bar_state = scaled_softmax_state(mean_row.data(), inv_t, C, grad_out ? exp_bar.data() : nullptr);
+      // sum_k KL(pbar || p_k) = sum_k lse(z_k / T) - E lse(zbar / T) (multi_expert.h), every lse
+      // taken against the shift s: sum_k ((m_k - s) + log_sum_k) - E (m_w + log_sum_w) with w the
+      // shifted mean. m_k - s is exact in float64 and every other term is as small as the logits'
+      // spread, not their magnitude.
+      const acc_t shift = tempered_shift(row_max + E, E);
+      for (int64_t k = 0; k < E; ++k) {
+        kl += (static_cast<double>(row_max[E + k]) - static_cast<double>(shift)) +
+              static_cast<double>(row_log_sum[E + k]);
+      }
+      shifted_tempered_mean(tempered.data(), E, C, shift, mean_row.data());
+      const auto bar_state = row_softmax_state(mean_row.data(), C, grad_out ? exp_bar.data() : nullptr);
       const auto finished_bar = math::finish_row(bar_state);
       row_max[2 * E] = finished_bar.max;
       row_log_sum[2 * E] = finished_bar.log_sum;
-      // sum_k KL(pbar || p_k) = sum_k lse(z_k / T) - E lse(zbar / T) (multi_expert.h), in float64:
-      // the lse are ~|z| and the KL is their small difference.
       kl -= static_cast<double>(E) * (static_cast<double>(finished_bar.max) + static_cast<double>(finished_bar.log_sum));
       sums.ce[i] = (weight ? static_cast<double>(weight[y]) : 1.0) * ce;
       sums.kl[i] = kl;
@@ -487,7 +517,7 @@ void ride_backward_kernel(const MultiExpertArgs& args, const std::vector<at::opm
   at::parallel_for(0, N, rows_per_task(E * C), [&](int64_t begin, int64_t end) {
     constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
     std::vector<acc_t> converted(kSameType ? 0 : E * C), out_buffer(kSameType ? 0 : E * C);
-    std::vector<acc_t> mean_row(C);
+    std::vector<acc_t> mean_row(C), tempered(E * C);
     std::vector<acc_t> ce_max(E), ce_log_sum(E), t_max(E), t_log_sum(E);
     for (int64_t i = begin; i < end; ++i) {
       scalar_t* grad_block = grad + i * E * C;
@@ -507,39 +537,41 @@ void ride_backward_kernel(const MultiExpertArgs& args, const std::vector<at::opm
       const acc_t ce_coef = static_cast<acc_t>(ce_scale * (weight ? static_cast<double>(weight[y]) : 1.0));
       const acc_t* block = block_in_acc(logits + i * E * C, E * C, converted);
       acc_t* out = kSameType ? reinterpret_cast<acc_t*>(grad_block) : out_buffer.data();
-      expert_mean(block, E, C, mean_row.data());
+      for (int64_t k = 0; k < E; ++k) store_scaled(block + k * C, inv_t, C, tempered.data() + k * C);
+      shifted_tempered_mean(tempered.data(), E, C, tempered_shift(row_max + E, E), mean_row.data());
       const math::RowLogSumExp<acc_t> bar{row_max[2 * E], row_log_sum[2 * E]};
       const Vec vbar_max(bar.max), vbar_log_sum(bar.log_sum), vce_coef(ce_coef), vkl_scale(kl_scale);
       int64_t c = 0;
       for (; c + Vec::size() <= C; c += Vec::size()) {
         const Vec vinv_t = Vec::loadu(inv_t + c);
-        const Vec pbar = vec_exp(math::log_softmax_of(Vec::loadu(mean_row.data() + c) * vinv_t, vbar_max, vbar_log_sum));
+        const Vec pbar = vec_exp(math::log_softmax_of(Vec::loadu(mean_row.data() + c), vbar_max, vbar_log_sum));
         const Vec kl_coef = vkl_scale * vinv_t;
         for (int64_t k = 0; k < E; ++k) {
           const Vec z = Vec::loadu(block + k * C + c);
           const Vec q = vec_exp(math::log_softmax_of(z, Vec(row_max[k]), Vec(row_log_sum[k])));
-          const Vec p = vec_exp(math::log_softmax_of(z * vinv_t, Vec(row_max[E + k]), Vec(row_log_sum[E + k])));
+          const Vec u = Vec::loadu(tempered.data() + k * C + c);
+          const Vec p = vec_exp(math::log_softmax_of(u, Vec(row_max[E + k]), Vec(row_log_sum[E + k])));
           (vce_coef * q + kl_coef * (p - pbar)).store(out + k * C + c);
         }
       }
       for (; c < C; ++c) {
-        const acc_t pbar = math::softmax_probability(mean_row[c] * inv_t[c], bar);
+        const acc_t pbar = math::softmax_probability(mean_row[c], bar);
         for (int64_t k = 0; k < E; ++k) {
           const acc_t z = block[k * C + c];
           const acc_t q = math::softmax_probability(z, math::RowLogSumExp<acc_t>{row_max[k], row_log_sum[k]});
           const acc_t p =
-              math::softmax_probability(z * inv_t[c], math::RowLogSumExp<acc_t>{row_max[E + k], row_log_sum[E + k]});
+              math::softmax_probability(tempered[k * C + c], math::RowLogSumExp<acc_t>{row_max[E + k], row_log_sum[E + k]});
           out[k * C + c] = ce_coef * q + kl_scale * inv_t[c] * (p - pbar);
         }
       }
       // The target entries: the CE softmax of the margin-adjusted logit, minus the one-hot.
-      const acc_t pbar_y = math::softmax_probability(mean_row[y] * inv_t[y], bar);
+      const acc_t pbar_y = math::softmax_probability(mean_row[y], bar);
       for (int64_t k = 0; k < E; ++k) {
         const acc_t z = block[k * C + y];
         const acc_t a = margin ? z - margin[y] : z;
         const acc_t q = math::softmax_probability(a, math::RowLogSumExp<acc_t>{row_max[k], row_log_sum[k]});
         const acc_t p =
-            math::softmax_probability(z * inv_t[y], math::RowLogSumExp<acc_t>{row_max[E + k], row_log_sum[E + k]});
+            math::softmax_probability(tempered[k * C + y], math::RowLogSumExp<acc_t>{row_max[E + k], row_log_sum[E + k]});
         out[k * C + y] = ce_coef * (q - acc_t(1)) + kl_scale * inv_t[y] * (p - pbar_y);
       }
       if constexpr (!kSameType) at::vec::convert(out, grad_block, E * C);

@@ -57,12 +57,36 @@ __device__ __forceinline__ acc_t inverse_temperature(const KernelParams<acc_t>& 
   return acc_t(1) / (p.temperature ? p.base_temperature * p.temperature[c] : p.base_temperature);
 }
 
-// zbar_c = (sum_k z_kc) / E, the same arithmetic as the CPU kernel (expert_mean).
+// The tempered logit u = z * (1 / T), rounded once: nvcc contracts a product that feeds a
+// subtraction into an FMA (exact product minus the max), and then exp(u - max) of the max element is
+// not 1 but exp(its product's rounding), exp(-0.03) at z = 1e6 (the CPU kernel stores u instead).
+template <typename acc_t>
+__device__ __forceinline__ acc_t tempered_logit(acc_t z, acc_t inv_t) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(acc_t) == sizeof(float)) {
+    return __fmul_rn(z, inv_t);
+  } else {
+    return __dmul_rn(z, inv_t);
+  }
+#else
+  return z * inv_t;  // the SIMT emulator's host build has no FMA (no -mfma)
+#endif
+}
+
+// w_c = (sum_k (z_kc / T_c - shift)) / E, the shifted expert mean of the tempered logits whose
+// softmax is pbar (multi_expert.h), the same arithmetic as the CPU kernel (shifted_tempered_mean).
 template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t expert_mean(const scalar_t* block, int64_t E, int64_t C, int64_t c) {
-  acc_t total = static_cast<acc_t>(block[c]);
-  for (int64_t k = 1; k < E; ++k) total += static_cast<acc_t>(block[k * C + c]);
+__device__ __forceinline__ acc_t shifted_tempered_mean(const scalar_t* block, int64_t E, int64_t C, int64_t c,
+                                                       acc_t inv_t, acc_t shift) {
+  acc_t total = tempered_logit(static_cast<acc_t>(block[c]), inv_t) - shift;
+  for (int64_t k = 1; k < E; ++k) total += tempered_logit(static_cast<acc_t>(block[k * C + c]), inv_t) - shift;
   return total * (acc_t(1) / static_cast<acc_t>(E));
+}
+
+// max(a, b) that keeps a NaN of either side.
+template <typename T>
+__device__ __forceinline__ T nan_propagating_max(T a, T b) {
+  return (a > b || a != a) ? a : b;
 }
 
 // Reduces one softmax state over the row group (every thread gets it).
@@ -204,7 +228,9 @@ __global__ void __launch_bounds__(kBlockThreads)
     CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
     const scalar_t* block = logits + row * E * C;
     const acc_t margin = p.target_margin ? p.target_margin[y] : acc_t(0);
-    double ce = 0.0, kl = 0.0;
+    double ce = 0.0, kl = 0.0, tempered_max_sum = 0.0;
+    // shift: the largest tempered row max (every thread has it: the reduced states are everyone's).
+    acc_t shift = math::negative_infinity<acc_t>();
     for (int64_t k = 0; k < E; ++k) {
       const scalar_t* z = block + k * C;
       auto ce_state = math::empty_softmax_state<acc_t>();
@@ -212,32 +238,37 @@ __global__ void __launch_bounds__(kBlockThreads)
       for (int64_t c = lane; c < C; c += GROUP) {
         const acc_t value = static_cast<acc_t>(z[c]);
         accumulate(ce_state, c == y ? value - margin : value);
-        accumulate(t_state, value * inverse_temperature(p, c));
+        accumulate(t_state, tempered_logit(value, inverse_temperature(p, c)));
       }
       reduce_state<GROUP>(ce_state, scratch_state, scratch_a, scratch_b);
       reduce_state<GROUP>(t_state, scratch_state, scratch_a, scratch_b);
+      const math::RowLogSumExp<acc_t> finished_t = math::finish_row(t_state);
+      shift = nan_propagating_max(shift, finished_t.max);
       if (lane == 0) {
         const math::RowLogSumExp<acc_t> finished_ce = math::finish_row(ce_state);
-        const math::RowLogSumExp<acc_t> finished_t = math::finish_row(t_state);
         max_out[row * S + k] = finished_ce.max;
         log_sum_out[row * S + k] = finished_ce.log_sum;
         max_out[row * S + E + k] = finished_t.max;
         log_sum_out[row * S + E + k] = finished_t.log_sum;
         const acc_t target_logit = static_cast<acc_t>(z[y]) - margin;
         ce += static_cast<double>(finished_ce.log_sum - (target_logit - finished_ce.max));
-        kl += static_cast<double>(finished_t.max) + static_cast<double>(finished_t.log_sum);
+        // Kept apart from the log-sums: E float32 maxes and E s add up exactly in float64.
+        tempered_max_sum += static_cast<double>(finished_t.max);
+        kl += static_cast<double>(finished_t.log_sum);
       }
     }
     auto bar_state = math::empty_softmax_state<acc_t>();
     for (int64_t c = lane; c < C; c += GROUP) {
-      accumulate(bar_state, expert_mean<scalar_t, acc_t>(block, E, C, c) * inverse_temperature(p, c));
+      accumulate(bar_state, shifted_tempered_mean<scalar_t, acc_t>(block, E, C, c, inverse_temperature(p, c), shift));
     }
     reduce_state<GROUP>(bar_state, scratch_state, scratch_a, scratch_b);
     if (lane == 0) {
       const math::RowLogSumExp<acc_t> finished_bar = math::finish_row(bar_state);
       max_out[row * S + 2 * E] = finished_bar.max;
       log_sum_out[row * S + 2 * E] = finished_bar.log_sum;
-      // sum_k KL(pbar || p_k) = sum_k lse(z_k / T) - E lse(zbar / T) (multi_expert.h).
+      // sum_k KL(pbar || p_k) = sum_k lse(z_k / T) - E lse(zbar / T) (multi_expert.h), with
+      // lse(zbar / T) = s + m_w + log_sum_w: sum_k (m_k + log_sum_k) - E s is formed first, in float64.
+      kl += tempered_max_sum - static_cast<double>(E) * static_cast<double>(shift);
       kl -= static_cast<double>(E) *
             (static_cast<double>(finished_bar.max) + static_cast<double>(finished_bar.log_sum));
       const double w = p.weight ? static_cast<double>(p.weight[y]) : 1.0;
@@ -311,16 +342,19 @@ __global__ void __launch_bounds__(kBlockThreads)
     const acc_t ce_coef = static_cast<acc_t>(ce_scale * (p.weight ? static_cast<double>(p.weight[y]) : 1.0));
     const acc_t margin = p.target_margin ? p.target_margin[y] : acc_t(0);
     const math::RowLogSumExp<acc_t> bar{max_in[row * S + 2 * E], log_sum_in[row * S + 2 * E]};
+    acc_t shift = math::negative_infinity<acc_t>();
+    for (int64_t k = 0; k < E; ++k) shift = nan_propagating_max(shift, max_in[row * S + E + k]);
     const scalar_t* block = logits + row * E * C;
     for (int64_t c = lane; c < C; c += GROUP) {
       const acc_t inv_t = inverse_temperature(p, c);
-      const acc_t pbar = math::softmax_probability(expert_mean<scalar_t, acc_t>(block, E, C, c) * inv_t, bar);
+      const acc_t pbar =
+          math::softmax_probability(shifted_tempered_mean<scalar_t, acc_t>(block, E, C, c, inv_t, shift), bar);
       for (int64_t k = 0; k < E; ++k) {
         const acc_t z = static_cast<acc_t>(block[k * C + c]);
         const math::RowLogSumExp<acc_t> ce_stats{max_in[row * S + k], log_sum_in[row * S + k]};
         const math::RowLogSumExp<acc_t> t_stats{max_in[row * S + E + k], log_sum_in[row * S + E + k]};
         const acc_t q = math::softmax_probability(c == y ? z - margin : z, ce_stats);
-        const acc_t prob = math::softmax_probability(z * inv_t, t_stats);
+        const acc_t prob = math::softmax_probability(tempered_logit(z, inv_t), t_stats);
         const acc_t ce_grad = c == y ? ce_coef * (q - acc_t(1)) : ce_coef * q;
         out[k * C + c] = static_cast<scalar_t>(ce_grad + kl_scale * inv_t * (prob - pbar));
       }

@@ -104,10 +104,10 @@ void mixed_forward_kernel(const MixedArgs& args, at::Tensor& term_loss, at::Tens
       max_out[i] = row.max;
       log_sum_out[i] = row.log_sum;
       const acc_t lam = v.lambda(i);
-      loss_a[i] = active_a ? lam * math::mixed_term_loss(v.cfg, row, v.term(logits_row, ya), ref.logit, offset_sum)
+      loss_a[i] = active_a ? lam * math::mixed_term_loss(v.cfg, row, v.term(logits_row, ya), ref, offset_sum)
                            : acc_t(0);
       loss_b[i] = active_b ? (acc_t(1) - lam) *
-                                 math::mixed_term_loss(v.cfg, row, v.term(logits_row, yb), ref.logit, offset_sum)
+                                 math::mixed_term_loss(v.cfg, row, v.term(logits_row, yb), ref, offset_sum)
                            : acc_t(0);
     }
   });
@@ -274,58 +274,154 @@ const acc_t* target_tile(const target_t* row, int64_t len, acc_t* buffer) {
   }
 }
 
-template <typename scalar_t, typename target_t>
+// Independent vector accumulators per row pass: the exp of one vector is a ~20-instruction chain,
+// and four chains in flight keep both FMA pipes busy where one loop-carried sum did not (the same
+// unroll as PyTorch's own vec reductions).
+constexpr int kUnroll = 4;
+
+// Per-class factors of w_c q_c = w_c ((1 - eps) t_c + eps / C). kPlain: no weight and eps = 0, so
+// w_c q_c = t_c (the common case: distillation, mixed one-hots) without the two multiply-adds.
+template <typename acc_t>
+struct WeightedTarget {
+  const acc_t* weight;  // nullable
+  acc_t one_minus_eps;
+  acc_t eps_over_c;
+
+  template <bool kPlain>
+  Vectorized<acc_t> at(const acc_t* t, int64_t start, int64_t c) const {
+    using Vec = Vectorized<acc_t>;
+    const Vec target = Vec::loadu(t + c);
+    if constexpr (kPlain) {
+      return target;
+    } else {
+      return math::weighted_probability(target, weight ? Vec::loadu(weight + start + c) : Vec(acc_t(1)),
+                                        Vec(one_minus_eps), Vec(eps_over_c));
+    }
+  }
+  acc_t at_scalar(const acc_t* t, int64_t start, int64_t c) const {
+    return math::weighted_probability(t[c], weight ? weight[start + c] : acc_t(1), one_minus_eps, eps_over_c);
+  }
+};
+
+// max_c a_c of one tile, NaN-propagating.
+template <typename acc_t>
+acc_t tile_max_of(const acc_t* a, int64_t len) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  Vec vmax[kUnroll];
+  for (int u = 0; u < kUnroll; ++u) vmax[u] = Vec(math::negative_infinity<acc_t>());
+  int64_t c = 0;
+  for (; c + kUnroll * W <= len; c += kUnroll * W) {
+    for (int u = 0; u < kUnroll; ++u) vmax[u] = at::vec::maximum(vmax[u], Vec::loadu(a + c + u * W));
+  }
+  for (; c + W <= len; c += W) vmax[0] = at::vec::maximum(vmax[0], Vec::loadu(a + c));
+  for (int u = 1; u < kUnroll; ++u) vmax[0] = at::vec::maximum(vmax[0], vmax[u]);
+  acc_t m = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, vmax[0]);
+  for (; c < len; ++c) m = nan_propagating_max(m, a[c]);
+  return m;
+}
+
+// (max, exp-sum, mass, offset) of one tile of adjusted logits `a` and targets `t` against the
+// tile's max (a finite one: an all -inf tile takes the scalar loop of the caller).
+template <bool kPlain, typename acc_t>
+math::ProbabilityState<acc_t> probability_tile_state(const acc_t* a, const acc_t* t, int64_t start, int64_t len,
+                                                     acc_t tile_max, const WeightedTarget<acc_t>& wt) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec vmax(tile_max);
+  Vec vsum[kUnroll], vmass[kUnroll], voffset[kUnroll];
+  for (int u = 0; u < kUnroll; ++u) vsum[u] = vmass[u] = voffset[u] = Vec(acc_t(0));
+  int64_t c = 0;
+  for (; c + kUnroll * W <= len; c += kUnroll * W) {
+    for (int u = 0; u < kUnroll; ++u) {
+      const Vec shifted = Vec::loadu(a + c + u * W) - vmax;
+      const Vec wq = wt.template at<kPlain>(t, start, c + u * W);
+      vsum[u] = vsum[u] + vec_exp(shifted);
+      vmass[u] = vmass[u] + wq;
+      voffset[u] = voffset[u] + wq * shifted;
+    }
+  }
+  for (; c + W <= len; c += W) {
+    const Vec shifted = Vec::loadu(a + c) - vmax;
+    const Vec wq = wt.template at<kPlain>(t, start, c);
+    vsum[0] = vsum[0] + vec_exp(shifted);
+    vmass[0] = vmass[0] + wq;
+    voffset[0] = voffset[0] + wq * shifted;
+  }
+  for (int u = 1; u < kUnroll; ++u) {
+    vsum[0] = vsum[0] + vsum[u];
+    vmass[0] = vmass[0] + vmass[u];
+    voffset[0] = voffset[0] + voffset[u];
+  }
+  auto add = [](Vec& x, Vec& y) { return x + y; };
+  math::ProbabilityState<acc_t> part{tile_max, at::vec::vec_reduce_all<acc_t>(add, vsum[0]),
+                                     at::vec::vec_reduce_all<acc_t>(add, vmass[0]),
+                                     at::vec::vec_reduce_all<acc_t>(add, voffset[0])};
+  for (; c < len; ++c) {
+    const acc_t wq = wt.at_scalar(t, start, c);
+    part.sum += math::exp_shifted(a[c], tile_max);
+    part.mass += wq;
+    part.offset += math::probability_offset(wq, a[c], tile_max);
+  }
+  return part;
+}
+
+template <typename scalar_t, typename target_t, bool kPlain>
 void probability_forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tensor& row_stats) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
+  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t N = args.num_rows, C = args.num_classes;
   const scalar_t* logits = args.logits.data_ptr<scalar_t>();
   const target_t* target = args.target.data_ptr<target_t>();
   const acc_t* adjustment = data_or_null<acc_t>(args.adjustment);
-  const acc_t* weight = data_or_null<acc_t>(args.weight);
   const acc_t eps = static_cast<acc_t>(args.label_smoothing);
-  const acc_t one_minus_eps = acc_t(1) - eps, eps_over_c = eps / static_cast<acc_t>(C);
+  const WeightedTarget<acc_t> wt{data_or_null<acc_t>(args.weight), acc_t(1) - eps, eps / static_cast<acc_t>(C)};
   acc_t* loss_out = row_loss.data_ptr<acc_t>();
   acc_t* stats_out = row_stats.data_ptr<acc_t>();  // [3, N]: max, log_sum, mass
 
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tile(std::min(C, kTileClasses)), target_buffer(std::min(C, kTileClasses));
-    const Vec vkeep(one_minus_eps), vspread(eps_over_c), vone(acc_t(1));
+    const bool direct = kSameType && adjustment == nullptr;  // the logits themselves are the adjusted row
+    std::vector<acc_t> tile(direct ? 0 : std::min(C, kTileClasses)), target_buffer(std::min(C, kTileClasses));
     for (int64_t i = begin; i < end; ++i) {
       auto state = math::empty_probability_state<acc_t>();
       for (int64_t start = 0; start < C; start += kTileClasses) {
         const int64_t len = std::min(kTileClasses, C - start);
-        const acc_t tile_max =
-            load_adjusted_row(logits + i * C + start, adjustment ? adjustment + start : nullptr, len, tile.data());
-        const acc_t* t = target_tile(target + i * C + start, len, target_buffer.data());
-        const acc_t* w = weight ? weight + start : nullptr;
-        math::ProbabilityState<acc_t> part{tile_max, acc_t(0), acc_t(0), acc_t(0)};
-        int64_t c = 0;
-        if (tile_max > math::negative_infinity<acc_t>()) {
-          const Vec vmax(tile_max);
-          Vec vsum(acc_t(0)), vmass(acc_t(0)), voffset(acc_t(0));
-          for (; c + Vec::size() <= len; c += Vec::size()) {
-            const Vec a = Vec::loadu(tile.data() + c);
-            const Vec wq = math::weighted_probability(Vec::loadu(t + c), w ? Vec::loadu(w + c) : vone, vkeep, vspread);
-            vsum = vsum + vec_exp(a - vmax);
-            vmass = vmass + wq;
-            voffset = voffset + wq * (a - vmax);
-          }
-          auto add = [](Vec& x, Vec& y) { return x + y; };
-          part.sum = at::vec::vec_reduce_all<acc_t>(add, vsum);
-          part.mass = at::vec::vec_reduce_all<acc_t>(add, vmass);
-          part.offset = at::vec::vec_reduce_all<acc_t>(add, voffset);
+        const acc_t* a;
+        acc_t tile_max;
+        if (direct) {
+          a = reinterpret_cast<const acc_t*>(logits + i * C + start);
+          tile_max = tile_max_of(a, len);
+        } else {
+          tile_max =
+              load_adjusted_row(logits + i * C + start, adjustment ? adjustment + start : nullptr, len, tile.data());
+          a = tile.data();
         }
-        for (; c < len; ++c) {  // the tail, and every element of an all -inf tile (rare)
-          const acc_t a = tile[c];
-          const acc_t wq = math::weighted_probability(t[c], w ? w[c] : acc_t(1), one_minus_eps, eps_over_c);
-          part.sum += math::exp_shifted(a, tile_max);
-          part.mass += wq;
-          part.offset += math::probability_offset(wq, a, tile_max);
+        const acc_t* t = target_tile(target + i * C + start, len, target_buffer.data());
+        math::ProbabilityState<acc_t> part{tile_max, acc_t(0), acc_t(0), acc_t(0)};
+        if (tile_max > math::negative_infinity<acc_t>()) {
+          part = probability_tile_state<kPlain>(a, t, start, len, tile_max, wt);
+        } else {  // every element -inf (rare): scalar, with probability_offset's -inf rule
+          for (int64_t c = 0; c < len; ++c) {
+            const acc_t wq = wt.at_scalar(t, start, c);
+            part.sum += math::exp_shifted(a[c], tile_max);
+            part.mass += wq;
+            part.offset += math::probability_offset(wq, a[c], tile_max);
+          }
         }
         state = math::merge_probability_states(state, part);
       }
       const auto row = math::finish_row(math::SoftmaxState<acc_t>{state.max, state.sum});
+      if (state.mass == -math::negative_infinity<acc_t>() && !(state.offset == state.offset) && !math::row_is_nan(row)) {
+        // A target of +inf: the vector loop's inf * 0 at the max is NaN where probability_offset
+        // adds 0 (soft_target_math.h). Rare, so the row's offset again, scalar, against the row max.
+        state.offset = acc_t(0);
+        std::vector<acc_t> adjusted(C), targets(C);
+        load_adjusted_row(logits + i * C, adjustment, C, adjusted.data());
+        const acc_t* t = target_tile(target + i * C, C, targets.data());
+        for (int64_t c = 0; c < C; ++c) {
+          state.offset += math::probability_offset(wt.at_scalar(t, 0, c), adjusted[c], row.max);
+        }
+      }
       stats_out[i] = row.max;
       stats_out[N + i] = row.log_sum;
       stats_out[2 * N + i] = state.mass;
@@ -334,19 +430,20 @@ void probability_forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_lo
   });
 }
 
-template <typename scalar_t, typename target_t>
+template <typename scalar_t, typename target_t, bool kPlain>
 void probability_backward_kernel(const CrossEntropyArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
                                  const at::Tensor& denominator, at::Tensor& grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t N = args.num_rows, C = args.num_classes;
   const scalar_t* logits = args.logits.data_ptr<scalar_t>();
   const target_t* target = args.target.data_ptr<target_t>();
   scalar_t* grad = grad_logits.data_ptr<scalar_t>();
   const acc_t* adjustment = data_or_null<acc_t>(args.adjustment);
-  const acc_t* weight = data_or_null<acc_t>(args.weight);
   const acc_t eps = static_cast<acc_t>(args.label_smoothing);
-  const acc_t one_minus_eps = acc_t(1) - eps, eps_over_c = eps / static_cast<acc_t>(C);
+  const WeightedTarget<acc_t> wt{data_or_null<acc_t>(args.weight), acc_t(1) - eps, eps / static_cast<acc_t>(C)};
   const acc_t* stats = row_stats.data_ptr<acc_t>();
   const bool per_row_grad = args.reduction == Reduction::None;
   const at::Tensor grad_acc = grad_loss.to(args.accumulate_type).contiguous();
@@ -355,8 +452,7 @@ void probability_backward_kernel(const CrossEntropyArgs& args, const at::Tensor&
       per_row_grad ? acc_t(0) : grad_in[0] / *denominator.to(args.accumulate_type).data_ptr<acc_t>();
 
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tile(std::min(C, kTileClasses)), target_buffer(std::min(C, kTileClasses));
-    const Vec vkeep(one_minus_eps), vspread(eps_over_c), vone(acc_t(1));
+    std::vector<acc_t> tile(kSameType ? 0 : std::min(C, kTileClasses)), target_buffer(std::min(C, kTileClasses));
     for (int64_t i = begin; i < end; ++i) {
       scalar_t* grad_row = grad + i * C;
       const math::RowLogSumExp<acc_t> row{stats[i], stats[N + i]};
@@ -369,38 +465,60 @@ void probability_backward_kernel(const CrossEntropyArgs& args, const at::Tensor&
       const Vec vmax(row.max), vlog_sum(row.log_sum), vmass(mass_scale), vscale(scale);
       for (int64_t start = 0; start < C; start += kTileClasses) {
         const int64_t len = std::min(kTileClasses, C - start);
-        at::vec::convert(logits + i * C + start, tile.data(), len);
+        // float32/float64: read the logits and write the gradient in place; else through `tile`.
+        const acc_t* source;
+        acc_t* out;
+        if constexpr (kSameType) {
+          source = logits + i * C + start;
+          out = grad_row + start;
+        } else {
+          at::vec::convert(logits + i * C + start, tile.data(), len);
+          source = out = tile.data();
+        }
         const acc_t* t = target_tile(target + i * C + start, len, target_buffer.data());
         const acc_t* adj = adjustment ? adjustment + start : nullptr;
-        const acc_t* w = weight ? weight + start : nullptr;
-        int64_t c = 0;
-        for (; c + Vec::size() <= len; c += Vec::size()) {
-          Vec a = Vec::loadu(tile.data() + c);
+        // d loss / d a_c = mass p_c - w_c q_c, times the upstream gradient (soft_target_math.h).
+        auto element = [&](int64_t c) {
+          Vec a = Vec::loadu(source + c);
           if (adj) a = math::adjusted_logit(a, Vec::loadu(adj + c));
           const Vec p = vec_exp(math::log_softmax_of(a, vmax, vlog_sum));
-          const Vec wq = math::weighted_probability(Vec::loadu(t + c), w ? Vec::loadu(w + c) : vone, vkeep, vspread);
-          (p * vmass - wq * vscale).store(tile.data() + c);
+          return p * vmass - wt.template at<kPlain>(t, start, c) * vscale;
+        };
+        int64_t c = 0;
+        for (; c + kUnroll * W <= len; c += kUnroll * W) {
+          Vec g[kUnroll];
+          for (int u = 0; u < kUnroll; ++u) g[u] = element(c + u * W);
+          for (int u = 0; u < kUnroll; ++u) g[u].store(out + c + u * W);
         }
+        for (; c + W <= len; c += W) element(c).store(out + c);
         for (; c < len; ++c) {
-          const acc_t a = adj ? math::adjusted_logit(tile[c], adj[c]) : tile[c];
-          const acc_t wq = math::weighted_probability(t[c], w ? w[c] : acc_t(1), one_minus_eps, eps_over_c);
-          tile[c] = math::softmax_probability(a, row) * mass_scale - wq * scale;
+          const acc_t a = adj ? math::adjusted_logit(source[c], adj[c]) : source[c];
+          out[c] = math::softmax_probability(a, row) * mass_scale - wt.at_scalar(t, start, c) * scale;
         }
-        at::vec::convert(tile.data(), grad_row + start, len);
+        if constexpr (!kSameType) at::vec::convert(tile.data(), grad_row + start, len);
       }
     }
   });
 }
 
-// Dispatches on the logits dtype and on whether the target is in that dtype or the accumulation dtype.
+// Dispatches on the logits dtype, on whether the target is in that dtype or the accumulation dtype,
+// and on whether w q is the target itself (no weight, no smoothing).
 template <typename F>
 void dispatch_probability(const CrossEntropyArgs& args, F&& f) {
+  const bool plain = !args.weight.defined() && args.label_smoothing == 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(), "ltfast_probability_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    auto with_plain = [&](auto target_zero) {
+      if (plain) {
+        f(scalar_t(0), target_zero, std::true_type{});
+      } else {
+        f(scalar_t(0), target_zero, std::false_type{});
+      }
+    };
     if (args.target.scalar_type() == args.logits.scalar_type()) {
-      f(scalar_t(0), scalar_t(0));
+      with_plain(scalar_t(0));
     } else {
-      f(scalar_t(0), acc_t(0));
+      with_plain(acc_t(0));
     }
   });
 }
@@ -409,8 +527,8 @@ SoftForwardResult probability_forward_cpu(const CrossEntropyArgs& args) {
   const auto options = args.logits.options().dtype(args.accumulate_type);
   at::Tensor row_loss = at::empty({args.num_rows}, options);
   at::Tensor row_stats = at::empty({3, args.num_rows}, options);
-  dispatch_probability(args, [&](auto s, auto t) {
-    probability_forward_kernel<decltype(s), decltype(t)>(args, row_loss, row_stats);
+  dispatch_probability(args, [&](auto s, auto t, auto plain) {
+    probability_forward_kernel<decltype(s), decltype(t), decltype(plain)::value>(args, row_loss, row_stats);
   });
   if (args.reduction == Reduction::None) return {row_loss, row_stats, at::ones({}, options)};
   const double denom = args.reduction == Reduction::Mean ? static_cast<double>(args.num_rows) : 1.0;
@@ -429,8 +547,9 @@ at::Tensor probability_backward_cpu(const CrossEntropyArgs& args, const at::Tens
                                     const at::Tensor& row_stats, const at::Tensor& denominator) {
   at::Tensor grad_logits = at::empty_like(args.logits, at::MemoryFormat::Contiguous);
   const at::Tensor stats = row_stats.contiguous();
-  dispatch_probability(args, [&](auto s, auto t) {
-    probability_backward_kernel<decltype(s), decltype(t)>(args, grad_loss, stats, denominator, grad_logits);
+  dispatch_probability(args, [&](auto s, auto t, auto plain) {
+    probability_backward_kernel<decltype(s), decltype(t), decltype(plain)::value>(args, grad_loss, stats, denominator,
+                                                                                 grad_logits);
   });
   return grad_logits;
 }

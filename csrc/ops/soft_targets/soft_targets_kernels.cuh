@@ -113,7 +113,8 @@ __global__ void __launch_bounds__(kBlockThreads)
                        "ltfast: target_b out of range [0, C) and not ignore_index");
     const scalar_t* z = logits + row * C;
     const int64_t y_ref = active_a ? ya : yb;
-    const acc_t ref_logit = term_of(z, p, y_ref).logit;
+    const auto ref = term_of(z, p, y_ref);
+    const acc_t ref_logit = ref.logit;
 
     math::SoftmaxState<acc_t> state = math::empty_softmax_state<acc_t>();
     acc_t offset_sum = acc_t(0), weight_sum = acc_t(0);
@@ -152,13 +153,13 @@ __global__ void __launch_bounds__(kBlockThreads)
       acc_t loss_a = acc_t(0), loss_b = acc_t(0);
       if (active_a) {
         const auto term = term_of(z, p, ya);
-        loss_a = lam * math::mixed_term_loss(cfg, finished, term, ref_logit, offset_sum);
+        loss_a = lam * math::mixed_term_loss(cfg, finished, term, ref, offset_sum);
         loss_a_sum += static_cast<double>(loss_a);
         weight_a_sum += static_cast<double>(term.weight);
       }
       if (active_b) {
         const auto term = term_of(z, p, yb);
-        loss_b = (acc_t(1) - lam) * math::mixed_term_loss(cfg, finished, term, ref_logit, offset_sum);
+        loss_b = (acc_t(1) - lam) * math::mixed_term_loss(cfg, finished, term, ref, offset_sum);
         loss_b_sum += static_cast<double>(loss_b);
         weight_b_sum += static_cast<double>(term.weight);
       }
