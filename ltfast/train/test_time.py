@@ -473,6 +473,8 @@ def run(args) -> dict:
     out_dir = args.out or os.path.join(run_dir, "test_time")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "test_time.json")
+    from .runlog import record_output_path
+    record_output_path(path)  # inside a run folder: listed in its manifest
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
     summary["json"] = path

@@ -29,7 +29,7 @@ from .config import ConfigError, dump
 from .experts import EXPERT_ARCHS, count_expert_correct, expert_fields, expert_summaries, loss_input, split_output
 from .models import find_head, freeze_backbone, model_from_config
 from .optimization import Stepper, autocast_fp16, build_optimizer, load_init_weights, make_scaler, scaled_lr
-from .runlog import History, prepare_out_dir, progress_enabled, run_seeds, val_fields
+from .runlog import History, prepare_out_dir, progress_enabled, record_outputs, run_seeds, val_fields
 from .schedule import lr_factor
 
 
@@ -444,7 +444,8 @@ def train(cfg: dict) -> dict:
             torch.manual_seed(seed * 1000 + rank + 7919 * state["epoch"])
         _log(rank, f"resumed from {resume} after epoch {state['epoch']}")
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
+        # listed before they are written (runlog's manifest: what train.overwrite may delete)
+        record_outputs(out_dir, files=["config.yaml"] + (["best.pt", "last.pt"] if tcfg["save_checkpoints"] else []))
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
             f.write(dump(cfg))
 
@@ -600,6 +601,7 @@ def _finish(cfg, model, data, groups, state, best_weights, device, autocast, mem
     if "decoupled" in state:
         summary["decoupled"] = state["decoupled"]  # tau-norm's tau and validation curve, NCM's settings
     if rank == 0:
+        record_outputs(out_dir, files=["summary.json"] + (["per_class.png"] if cfg["train"]["plot"] else []))
         if cfg["train"]["plot"]:
             title = (f"{summary['name']}: test top-1 {test['top1']:.1f}, many {_fmt(test['many'])}, "
                      f"medium {_fmt(test['medium'])}, few {_fmt(test['few'])}")
@@ -627,6 +629,7 @@ def _write_failed_summary(cfg, state, selection, error, rank) -> None:
     if rank != 0:
         return
     path = os.path.join(cfg["train"]["out_dir"], "summary.json")
+    record_outputs(cfg["train"]["out_dir"], files=["summary.json"])
     summary = {"name": cfg.get("name") or cfg["loss"]["name"], "status": "test_failed",
                "error": f"{type(error).__name__}: {error}", "selection": selection,
                "best_epoch": state["best_epoch"],
