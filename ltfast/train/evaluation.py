@@ -29,6 +29,7 @@ import torch
 
 from . import metrics, posthoc
 from .experts import is_expert_arch, split_output
+from .checkpoint import CheckpointError
 from .config import ConfigError, dump, load_config
 
 
@@ -145,7 +146,7 @@ def evaluate_run(args) -> dict:
     from .decoupled import build_classifier, effective_linear
     from .mislas import use_learnable_weight_scaling
     from .models import find_head, model_from_config
-    from .optimization import _state_dict_of, safe_load
+    from .optimization import _state_dict_of, load_checked_state, safe_load
     from .trainer import load_datasets, make_loader
 
     checkpoint, config, run_dir = resolve_target(args.target, args.config)
@@ -178,7 +179,7 @@ def evaluate_run(args) -> dict:
     build_classifier(model, mcfg, num_classes)     # decoupled LWS / NCM heads, as the run saved them
     if mcfg["learnable_scale"]:
         use_learnable_weight_scaling(model, num_classes, mcfg["head"])
-    model.load_state_dict(_state_dict_of(obj, checkpoint))
+    load_checked_state(model, _state_dict_of(obj, checkpoint), checkpoint)
     model.to(device).eval()
     head_name, head = find_head(model, num_classes, mcfg["head"])
     if is_expert_arch(mcfg["arch"]):
@@ -329,7 +330,8 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         evaluate_run(args)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"ltfast.evaluate: {error}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as error:
+        text = str(error)  # one line, the tool named once
+        print(f"ltfast.evaluate: error: {text[len('ltfast.evaluate: '):] if text.startswith('ltfast.evaluate: ') else text}", file=sys.stderr)
         return 2
     return 0

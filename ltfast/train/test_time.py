@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
+from .checkpoint import CheckpointError
 from .config import ConfigError
 
 DISTRIBUTIONS = ["forward50", "forward25", "forward10", "forward5", "forward2", "uniform",
@@ -422,7 +423,7 @@ def load_run(target: str, config: Optional[str], overrides, device):
     from .evaluation import _load_cfg, resolve_target
     from .experts import is_expert_arch
     from .models import model_from_config
-    from .optimization import _state_dict_of, safe_load
+    from .optimization import _state_dict_of, load_checked_state, safe_load
     from .trainer import load_datasets
     checkpoint, config, run_dir = resolve_target(target, config)
     obj = safe_load(checkpoint, "ltfast.train.test_time")
@@ -433,7 +434,7 @@ def load_run(target: str, config: Optional[str], overrides, device):
     sets = load_datasets(cfg["data"])
     in_channels = sets["train"].images.shape[1] if sets["in_memory"] else len(cfg["data"]["mean"] or (0, 0, 0))
     model = model_from_config(cfg["model"], len(sets["class_counts"]), in_channels)
-    model.load_state_dict(_state_dict_of(obj, checkpoint))
+    load_checked_state(model, _state_dict_of(obj, checkpoint), checkpoint)
     model.to(device).eval()
     return model, cfg, sets, checkpoint, run_dir
 
@@ -497,8 +498,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
         run(args)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"ltfast.train.test_time: {error}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as error:
+        text = str(error)  # one line, the tool named once
+        print(f"ltfast.train.test_time: error: {text[len('ltfast.train.test_time: '):] if text.startswith('ltfast.train.test_time: ') else text}", file=sys.stderr)
         return 2
     return 0
 
