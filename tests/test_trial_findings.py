@@ -438,3 +438,64 @@ def test_crafted_or_corrupt_checkpoints_are_one_line(tmp_path, small_run, capsys
     main = evaluate_main if cli == "evaluate" else test_time_main
     assert main([str(path), "--no-plot"] if cli == "evaluate" else [str(path)]) == 2
     _one_line_error(capsys, "error:")
+
+
+# ------------------------------------------------------------- 5: SADE's aggregation guard
+
+def test_implied_test_priors_of_the_sade_experts():
+    from ltfast import priors
+    from ltfast.train.test_time import implied_test_priors
+    counts = [100, 50, 10, 5]
+    implied = implied_test_priors(counts, 2.0, 3)
+    pi = torch.tensor(counts, dtype=torch.float64) / sum(counts)
+    inverse = priors.inverse_prior(pi)
+    torch.testing.assert_close(implied[0], pi, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(implied[1], torch.full((4,), 0.25, dtype=torch.float64), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(implied[2], inverse ** 2 / (inverse ** 2).sum(), rtol=1e-6, atol=1e-9)
+    assert implied_test_priors(counts, 2.0, 4) is None
+
+
+@pytest.mark.parametrize("test_prior,weights,accepted", [
+    ([0.25, 0.25, 0.25, 0.25], [0.10, 0.10, 0.80], False),   # uniform test set, collapse to the inverse expert
+    ([0.25, 0.25, 0.25, 0.25], [0.25, 0.50, 0.25], True),    # towards the uniform expert
+    ([0.55, 0.30, 0.10, 0.05], [0.65, 0.24, 0.11], True),    # forward: towards the long-tailed expert
+    ([0.05, 0.10, 0.30, 0.55], [0.10, 0.30, 0.60], True),    # backward: towards the inverse expert
+    ([0.55, 0.30, 0.10, 0.05], [0.10, 0.20, 0.70], False),   # forward, but towards the inverse expert
+])
+def test_prior_consistency_guard(test_prior, weights, accepted):
+    from ltfast.train.test_time import implied_test_priors, prior_consistency
+    implied = implied_test_priors([100, 50, 10, 5], 2.0, 3)
+    predictions = torch.cat([torch.full((int(1000 * p),), c) for c, p in enumerate(test_prior)])
+    logits = torch.nn.functional.one_hot(predictions, 4).double()
+    guard = prior_consistency(logits, implied, weights)
+    assert (guard["kl_learnt"] <= guard["kl_equal"]) == accepted, guard
+
+
+def test_aggregation_that_drifts_to_a_biased_expert_keeps_the_plain_mean():
+    # expert 3 ignores the image and always favours the rarest class: perfectly stable, so the
+    # stability loss moves the weight to it, on a balanced test set (the trial's uniform collapse)
+    from torch import nn
+    from ltfast.train import metrics
+    from ltfast.train.experts import ExpertOutput
+    from ltfast.train.test_time import aggregate_on
+    from test_test_time import _source
+
+    class BiasedStableExpert(nn.Module):
+        def __init__(self):
+            super().__init__()
+            generator = torch.Generator().manual_seed(0)
+            self.constant = nn.Parameter(torch.linspace(-1.0, 1.0, 4))
+            self.maps = nn.Parameter(torch.randn(2, 144, 4, generator=generator) * 0.5)
+
+        def forward(self, x):
+            flat = x.flatten(1)
+            logits = torch.stack([flat @ self.maps[0], flat @ self.maps[1], self.constant.expand(x.shape[0], -1)], 1)
+            return ExpertOutput(logits.mean(1), logits, logits)
+
+    sets, dataset, data_cfg = _source()
+    counts = [100, 50, 10, 5]
+    result = aggregate_on(BiasedStableExpert(), sets, dataset, data_cfg, counts, metrics.shot_groups(counts),
+                          device="cpu", batch_size=16, epochs=2, log=lambda m: None)
+    assert result["weights"][2] > 1 / 3
+    assert result["guard"]["kl_learnt"] > result["guard"]["kl_equal"]
+    assert result["selected"] == "plain" and result["selected_result"] == result["before"]
