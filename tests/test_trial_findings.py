@@ -193,6 +193,7 @@ def test_compiled_mixup_does_not_recompile_for_new_float_lambdas(entry):
     compiled = torch.compile(step, backend=counter, fullgraph=True)
     rng = random.Random(0)
     gen = torch.Generator().manual_seed(1)
+    frames = []
     for _ in range(10):
         lam = rng.betavariate(0.2, 0.2)
         logits = torch.randn(N, C, generator=gen, requires_grad=True)
@@ -204,7 +205,11 @@ def test_compiled_mixup_does_not_recompile_for_new_float_lambdas(entry):
         (eager_grad,) = torch.autograd.grad(eager, eager_logits)
         torch.testing.assert_close(loss, eager, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(grad, eager_grad, rtol=1e-6, atol=1e-7)
-    assert counter.frame_count == 1, f"{counter.frame_count} compiles for 10 lambdas"
+        frames.append(counter.frame_count)
+    # Dynamo compiles a Python float input as a constant first and, on the second value, once more
+    # with the float dynamic (automatic dynamic; plain `lam * x` does the same): at most 2 compiles,
+    # then none for any further lambda. Before the fix every lambda recompiled (FailOnRecompileLimitHit).
+    assert frames[1] <= 2 and frames[-1] == frames[1], frames
 
 
 # ------------------------------------------------------------- 7: RIDELoss without diversity
