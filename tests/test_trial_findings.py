@@ -468,12 +468,12 @@ def test_implied_test_priors_of_the_sade_experts():
     ([0.55, 0.30, 0.10, 0.05], [0.10, 0.20, 0.70], False),   # forward, but towards the inverse expert
 ])
 def test_prior_consistency_guard(test_prior, weights, accepted):
-    from ltfast.train.test_time import implied_test_priors, prior_consistency
+    from ltfast.train.test_time import GUARD_TOLERANCE, implied_test_priors, prior_consistency
     implied = implied_test_priors([100, 50, 10, 5], 2.0, 3)
     predictions = torch.cat([torch.full((int(1000 * p),), c) for c, p in enumerate(test_prior)])
     logits = torch.nn.functional.one_hot(predictions, 4).double()
     guard = prior_consistency(logits, implied, weights)
-    assert (guard["kl_learnt"] <= guard["kl_equal"]) == accepted, guard
+    assert (guard["kl_learnt"] <= (1 + GUARD_TOLERANCE) * guard["kl_equal"]) == accepted, guard
 
 
 def test_aggregation_that_drifts_to_a_biased_expert_keeps_the_plain_mean():
@@ -500,7 +500,7 @@ def test_aggregation_that_drifts_to_a_biased_expert_keeps_the_plain_mean():
     sets, dataset, data_cfg = _source()
     counts = [100, 50, 10, 5]
     result = aggregate_on(BiasedStableExpert(), sets, dataset, data_cfg, counts, metrics.shot_groups(counts),
-                          device="cpu", batch_size=16, epochs=2, log=lambda m: None)
+                          device="cpu", batch_size=4, epochs=5, log=lambda m: None)
     assert result["weights"][2] > 1 / 3
-    assert result["guard"]["kl_learnt"] > result["guard"]["kl_equal"]
+    assert result["guard"]["kl_learnt"] > 1.1 * result["guard"]["kl_equal"]
     assert result["selected"] == "plain" and result["selected_result"] == result["before"]

@@ -18,8 +18,8 @@ test set, micro accuracy 74.25 -> 54.11): the stability loss rewards confident p
 expert with a strong class bias is confident on any image, so nothing in the loss keeps the
 weights near equal on a uniform set. The experts are trained for known class priors (long-tailed,
 uniform, inverse: ``implied_test_priors``), and the plain predictions estimate the test set's
-class distribution; learnt weights whose prior mixture is farther from that estimate (KL) than
-equal weights' contradict the method's premise, and ``selected`` is then the plain mean (with a
+class distribution; learnt weights whose prior mixture is farther from that estimate (KL, by more
+than GUARD_TOLERANCE = 10 % relative) than equal weights' contradict the method's premise, and ``selected`` is then the plain mean (with a
 warning). ``after`` always holds the learnt weights' accuracy, ``selected_result`` the selected one.
 
 Upstream: ``Vanint/SADE-AgnosticLT``, ``test_training_imagenet.py`` / ``test_training_cifar.py`` and
@@ -379,6 +379,12 @@ def learn_aggregation(model, source: ImageSource, *, epochs: int = 5, lr: float 
     return {"weights": weights.tolist(), "epochs": len(history), "stopped_early": stopped_early, "history": history}
 
 
+# Relative KL increase the guard tolerates. On a 10-epoch Fashion-MNIST-LT SADE model (uniform set)
+# the learnt weights 0.47 / 0.33 / 0.20 raised the KL by 0.8 % and micro accuracy by 1.3 points,
+# the trial's collapse to the inverse expert (0.1 / 0.1 / 0.8) by 296 % with accuracy 73.1 -> 54.2.
+GUARD_TOLERANCE = 0.10
+
+
 def implied_test_priors(train_counts: Sequence[int], tau: float, num_experts: int) -> Optional[torch.Tensor]:
     """The class distribution each SADE expert is trained for, ``[3, C]``: an expert trained with
     CE(z + adj) predicts as if the test prior were ``pi * exp(-adj)`` (logit adjustment), i.e. ``pi``
@@ -435,7 +441,7 @@ def aggregate_on(model, sets: dict, dataset, data_cfg: dict, train_counts: Seque
     # distribution the plain predictions suggest (prior_consistency).
     implied = implied_test_priors(train_counts, sade_tau, expert_logits.shape[1])
     guard = prior_consistency(expert_logits.mean(1), implied, learnt["weights"]) if implied is not None else None
-    use_learnt = guard is None or guard["kl_learnt"] <= guard["kl_equal"]
+    use_learnt = guard is None or guard["kl_learnt"] <= (1.0 + GUARD_TOLERANCE) * guard["kl_equal"]
     if not use_learnt:
         log(f"  warning: the learnt weights {', '.join(f'{w:.2f}' for w in learnt['weights'])} move the experts' "
             f"implied class prior away from the test distribution the plain predictions suggest (KL "
