@@ -358,7 +358,15 @@ class CrossEntropyLoss(_CrossEntropyFamilyLoss):
     """Drop-in ``nn.CrossEntropyLoss(weight, ignore_index, reduction, label_smoothing)`` on the fused
     op, with the soft-target extensions of the family: ``forward(input, target, target_b=None,
     mix_weight=None)`` for mixup/CutMix, probability targets, and ``label_smoothing`` as a float or a
-    per-class ``[C]`` tensor. ``size_average``/``reduce`` (deprecated in PyTorch) are refused."""
+    per-class ``[C]`` tensor. ``size_average``/``reduce`` (deprecated in PyTorch) are refused.
+
+    Shapes as ``nn.CrossEntropyLoss``: ``[N, C]`` (the fused op's own layout), an unbatched ``[C]``
+    input with a 0-dim class target or a ``[C]`` probability target, and ``[N, C, d1, ...]`` with a
+    ``[N, d1, ...]`` class target or a probability target of the input's shape: the class dimension
+    is moved last and the rest flattened into rows (a copy of the input), and ``reduction='none'``
+    gives ``[N, d1, ...]`` (a 0-dim loss for unbatched input); ``'mean'`` averages over every
+    element, weighted as PyTorch does. ``target_b`` has the target's shape; ``mix_weight`` is a
+    float, a 0-dim tensor or one value per sample ``[N]``."""
 
     def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100, reduce=None,
                  reduction: str = "mean", label_smoothing=0.0) -> None:
@@ -367,7 +375,48 @@ class CrossEntropyLoss(_CrossEntropyFamilyLoss):
                              "use reduction='mean', 'sum' or 'none'")
         super().__init__(weight, ignore_index, reduction, label_smoothing)
 
+    def _other_shapes(self, input: Tensor, target: Tensor, target_b, mix_weight) -> Tensor:
+        """[C] and [N, C, d1, ...] inputs as rows of [M, C] (see the class docstring)."""
+        probability = target.is_floating_point()
+        if input.dim() == 1:
+            expected = tuple(input.shape) if probability else ()
+            if tuple(target.shape) != expected:
+                raise ValueError(f"CrossEntropyLoss: an unbatched input of shape {tuple(input.shape)} needs a "
+                                 f"{'[C] probability' if probability else '0-dim class-index'} target, got shape "
+                                 f"{tuple(target.shape)}")
+            rows, flat_target = input.unsqueeze(0), target.unsqueeze(0)
+            flat_b = None if target_b is None else target_b.reshape(1)
+            flat_mix = mix_weight
+            out_shape: tuple = ()
+        elif input.dim() >= 3:
+            n, c = input.shape[0], input.shape[1]
+            spatial = tuple(input.shape[2:])
+            expected = tuple(input.shape) if probability else (n, *spatial)
+            if tuple(target.shape) != expected:
+                raise ValueError(f"CrossEntropyLoss: an input of shape {tuple(input.shape)} needs a "
+                                 f"{'probability' if probability else 'class-index'} target of shape {expected}, "
+                                 f"got {tuple(target.shape)}")
+            rows = input.movedim(1, -1).reshape(-1, c)
+            flat_target = target.movedim(1, -1).reshape(-1, c) if probability else target.reshape(-1)
+            if target_b is not None and tuple(target_b.shape) != expected:
+                raise ValueError(f"CrossEntropyLoss: target_b must have the target's shape {expected}, got "
+                                 f"{tuple(target_b.shape)}")
+            flat_b = None if target_b is None else target_b.reshape(-1)
+            flat_mix = mix_weight
+            if isinstance(mix_weight, Tensor) and mix_weight.dim() == 1:  # one lambda per sample -> per element
+                if mix_weight.shape[0] != n:
+                    raise ValueError(f"CrossEntropyLoss: mix_weight must be a float, a 0-dim tensor or [N = {n}], "
+                                     f"got shape {tuple(mix_weight.shape)}")
+                flat_mix = mix_weight.view(n, *([1] * len(spatial))).expand(n, *spatial).reshape(-1)
+            out_shape = (n, *spatial)
+        else:
+            raise ValueError(f"CrossEntropyLoss: input must be [C], [N, C] or [N, C, d1, ...], got a 0-dim tensor")
+        loss = self.forward(rows, flat_target, flat_b, flat_mix)
+        return loss.reshape(out_shape) if self.reduction == "none" else loss
+
     def forward(self, input: Tensor, target: Tensor, target_b: Optional[Tensor] = None, mix_weight=None) -> Tensor:
+        if input.dim() != 2:
+            return self._other_shapes(input, target, target_b, mix_weight)
         if target_b is not None or mix_weight is not None or self._per_class_smoothing or _soft.is_probability(target):
             return self._soft_loss(input, target, target_b, mix_weight)
         if _extension.AVAILABLE and not _is_compiling():

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import priors
 from .nn import _ClassVectors, _check_reduction
-from .ops import diverse_expert_loss, ride_loss
+from .ops import adjusted_cross_entropy, diverse_expert_loss, ride_loss
 
 
 def _check_expert_logits(expert_logits: Tensor, owner: str, num_classes: int,
@@ -81,6 +81,12 @@ class RIDELoss(_ClassVectors, nn.Module):
       with DRW ``T_c = base_temperature * t_c``, ``t_c = (C pi_c f + 1 - f) / max(.)``,
       f = ``reweight_factor`` (the survey's config: 0.02; the original class's default is 0.05).
 
+    With ``diversity_factor == 0`` every expert's CE is taken on the experts' *mean* logits (the
+    KL term vanishes): ``E * LDAM-DRW CE(mean_k z_k)``, as the original ``RIDELoss`` (and
+    :class:`ltfast.compat.ensemble.RIDELoss`) does with ``additional_diversity_factor == 0``, where
+    it uses ``output_logits`` instead of each ``logits_item``. This is not the same as
+    ``sum_k CE(z_k)``: the experts are then trained as one averaged classifier.
+
     DRW: call :meth:`set_epoch` at the start of every epoch (0-based), as for
     :class:`ltfast.nn.LDAMLoss`: from epoch ``drw_epoch`` on (the survey: ``reweight_epoch=160`` with
     1-based epochs and ``epoch > 160``, i.e. ``drw_epoch=160``); ``None`` never re-weights. The epoch is
@@ -117,6 +123,8 @@ class RIDELoss(_ClassVectors, nn.Module):
                                                                             dtype=torch.float64))
         self.register_buffer("diversity_temperature",
                              priors.ride_diversity_temperature(class_counts, self.reweight_factor, dtype=torch.float64))
+        if not bool((self.diversity_temperature > 0).all()):  # checked here: the op cannot on CUDA (a sync)
+            raise ValueError(f"RIDELoss: reweight_factor={reweight_factor} gives diversity temperatures <= 0")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -145,6 +153,14 @@ class RIDELoss(_ClassVectors, nn.Module):
         _check_expert_logits(expert_logits, "RIDELoss", self.num_classes)
         reweighting = self.reweighting
         vector = self._class_vector
+        if self.diversity_factor == 0.0:
+            # The original's additional_diversity_factor == 0 branch: the CE of every expert on
+            # output_logits, the experts' mean (tests/_survey_originals.py OriginalRIDELoss).
+            ce = adjusted_cross_entropy(expert_logits.mean(1), target, target_margin=vector("target_margin",
+                                                                                           expert_logits),
+                                        weight=vector("drw_weight", expert_logits) if reweighting else None,
+                                        reduction="mean", ignore_index=self.ignore_index)
+            return expert_logits.shape[1] * ce
         return ride_loss(expert_logits, target, vector("target_margin", expert_logits),
                          vector("drw_weight", expert_logits) if reweighting else None,
                          vector("diversity_temperature", expert_logits) if reweighting else None,

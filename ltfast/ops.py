@@ -29,6 +29,16 @@ def _accumulate_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+def _check_devices(op: str, logits: Tensor, tensors: dict) -> None:
+    """Every tensor argument on the logits' device: a RuntimeError naming the argument and the
+    expected device. Cheap (no data read); also run by the fake kernels, which are what runs when
+    any argument is a meta tensor."""
+    device = logits.device
+    for name, tensor in tensors.items():
+        if isinstance(tensor, Tensor) and tensor.device != device:
+            raise RuntimeError(f"{op}: {name} must be on the same device as logits ({device}), got {tensor.device}")
+
+
 def _fake_forward(op: str, logits: Tensor, target: Tensor, reduction: str, class_vectors: dict):
     # The C++ checks do not run on fake/meta tensors; these keep torch.compile and meta inputs
     # failing with the same messages.
@@ -99,6 +109,7 @@ def _register() -> None:
     # ---------------------------------------------------------------- softmax_equalization_loss
     @lib.register_fake("ltfast::_softmax_equalization_loss_forward")
     def _(logits, target, tail_mask, seed, gamma, reduction, ignore_index):
+        _check_devices("ltfast.softmax_equalization_loss", logits, {"seed": seed})
         return _fake_forward("ltfast.softmax_equalization_loss", logits, target, reduction,
                              {"tail_mask": tail_mask})
 
@@ -432,11 +443,20 @@ def ride_loss(logits: Tensor, target: Tensor, target_margin: Tensor | None = Non
     Rows with ``ignore_index`` leave both terms. Only ``logits`` is differentiable. One pass over
     each row's ``E x C`` logits forward and one backward; on the CPU the forward also writes the
     gradient when ``logits`` requires grad, as :func:`diverse_expert_loss` does (the softmaxes'
-    exponentials are then computed once, not twice). ``temperature`` values must be > 0 (not checked:
-    that would read the tensor, a host synchronisation on CUDA).
+    exponentials are then computed once, not twice). ``temperature`` values must be > 0 and
+    ``base_temperature`` a finite number > 0 (ValueError); ``temperature`` is checked on the CPU
+    only: on CUDA reading it would synchronise the host (:class:`ltfast.nn.RIDELoss` checks its
+    temperatures at construction).
     """
+    if isinstance(base_temperature, bool) or not isinstance(base_temperature, (int, float)) or \
+            not 0.0 < float(base_temperature) < float("inf"):
+        raise ValueError(f"ride_loss: base_temperature must be a finite number > 0, got {base_temperature!r}")
     base_temperature = float(base_temperature)
     diversity_factor = float(diversity_factor)
+    if temperature is not None and temperature.device.type == "cpu" and not _is_compiling() and \
+            temperature.numel() and not bool((temperature > 0).all()):
+        raise ValueError(f"ride_loss: temperature must be > 0 for every class, got a minimum of "
+                         f"{float(temperature.min())}")
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.ride_loss(logits, target, target_margin, weight, temperature, base_temperature,

@@ -35,6 +35,9 @@ def _register() -> None:
     def _(logits, target, target_b, mix_weight, mix, adjustment, target_margin, weight, gamma, label_smoothing,
           class_label_smoothing, reduction, ignore_index):
         op = "ltfast.mixed_cross_entropy"
+        # The meta kernel runs whenever one argument is a meta tensor: without these checks a meta
+        # target_b next to CPU logits returned uninitialised CPU memory (trial finding 3).
+        _ops._check_devices(op, logits, {"target_b": target_b, "mix_weight": mix_weight})
         loss, row_stats, _ = _fake_forward(op, logits, target, reduction,
                                            {"adjustment": adjustment, "target_margin": target_margin,
                                             "weight": weight, "class_label_smoothing": class_label_smoothing})
@@ -84,11 +87,38 @@ def _split_smoothing(label_smoothing) -> tuple[float, Tensor | None]:
     return float(label_smoothing), None
 
 
-def _split_mix(mix_weight) -> tuple[float, Tensor | None]:
+def _check_mix_weight(mix_weight, logits: Tensor) -> None:
+    """lambda is a probability: a real number or a floating tensor in [0, 1]. Tensor values are
+    checked on the CPU only (on CUDA reading them would synchronise the host); Python numbers always,
+    except under torch.compile, where comparing a traced float would guard on its value."""
+    op = "mixed_cross_entropy"
+    if isinstance(mix_weight, Tensor):
+        if not mix_weight.is_floating_point():
+            raise TypeError(f"{op}: mix_weight must be a floating-point tensor (lambda in [0, 1]), got "
+                            f"{mix_weight.dtype}")
+        if mix_weight.device.type == "cpu" and not _is_compiling() and mix_weight.numel() and \
+                not bool(((mix_weight >= 0) & (mix_weight <= 1)).all()):
+            raise ValueError(f"{op}: mix_weight must lie in [0, 1], got values from {float(mix_weight.min())} to "
+                             f"{float(mix_weight.max())}")
+        return
+    if isinstance(mix_weight, bool) or not isinstance(mix_weight, (int, float)):
+        raise TypeError(f"{op}: mix_weight must be a float in [0, 1] or a floating tensor, got "
+                        f"{type(mix_weight).__name__} {mix_weight!r}")
+    if not _is_compiling() and not 0.0 <= mix_weight <= 1.0:
+        raise ValueError(f"{op}: mix_weight must lie in [0, 1] (lambda of mixup / CutMix), got {mix_weight!r}")
+
+
+def _split_mix(mix_weight, logits: Tensor) -> tuple[float, Tensor | None]:
     if mix_weight is None:
         return 1.0, None
+    _check_mix_weight(mix_weight, logits)
     if isinstance(mix_weight, Tensor):
         return 1.0, mix_weight
+    if _is_compiling():
+        # The op's `float mix` would make torch.compile guard on lambda's value, and mixup draws a new
+        # lambda every batch: one recompile per batch until FailOnRecompileLimitHit (trial finding 4).
+        # A 0-dim tensor on the logits' device is an input of the graph instead; the kernels read it.
+        return 1.0, torch.full((), mix_weight, dtype=_ops._accumulate_dtype(logits), device=logits.device)
     return float(mix_weight), None
 
 
@@ -102,9 +132,14 @@ def mixed_cross_entropy(logits: Tensor, target: Tensor, target_b: Tensor | None 
     ``L`` the loss of :func:`ltfast.adjusted_cross_entropy` (per-class ``weight``, focal ``gamma``,
     ``label_smoothing``).
 
-    - ``mix_weight``: lambda, a float, a 0-dim tensor (one lambda for the batch, on the logits'
-      device: read by the kernels, no host synchronisation) or an ``[N]`` tensor (one per row). It receives no gradient (mixup
-      draws it), and passing one that requires grad is an error.
+    - ``mix_weight``: lambda in [0, 1], a float, a 0-dim tensor (one lambda for the batch, on the
+      logits' device: read by the kernels, no host synchronisation) or an ``[N]`` tensor (one per
+      row). It receives no gradient (mixup draws it), and passing one that requires grad is an
+      error. A bool, a string or a number outside [0, 1] is refused (TypeError / ValueError); tensor
+      values are range-checked on the CPU only (on CUDA it would synchronise). Under
+      ``torch.compile`` a float is passed to the op as a 0-dim tensor, so a new lambda every batch
+      does not recompile.
+    - Every tensor argument must be on the logits' device (an error names the argument).
     - Each term is reduced as ``F.cross_entropy`` reduces it: ``'mean'`` divides the sum of
       ``lambda_i * l_a,i`` by ``sum_i w_{y_a,i}`` over the rows whose target is not ``ignore_index``
       (their count without weights), and the second term likewise with its own rows, so that for a
@@ -130,7 +165,11 @@ def mixed_cross_entropy(logits: Tensor, target: Tensor, target_b: Tensor | None 
         raise ValueError("mixed_cross_entropy: mix_weight (lambda: a float, a 0-dim tensor or an [N] tensor) is "
                          "required with target_b")
     eps, class_eps = _split_smoothing(label_smoothing)
-    mix, mix_tensor = _split_mix(mix_weight)
+    _ops._check_devices("mixed_cross_entropy", logits, {"target": target, "target_b": target_b,
+                                                       "mix_weight": mix_weight, "adjustment": adjustment,
+                                                       "target_margin": target_margin, "weight": weight,
+                                                       "label_smoothing": class_eps})
+    mix, mix_tensor = _split_mix(mix_weight, logits)
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.mixed_cross_entropy(logits, target, target_b, mix_weight, adjustment, target_margin, weight,
@@ -176,6 +215,8 @@ def route(logits: Tensor, target: Tensor, target_b, mix_weight, adjustment, targ
     (probabilities), a second target, or a per-class smoothing tensor."""
     if is_probability(target):
         op = "cross-entropy with probability targets"
+        if ignore_index >= 0:  # F.cross_entropy's rule and message (a negative one is the unused default)
+            raise RuntimeError("ignore_index is not supported for floating point target")
         if target_b is not None or mix_weight is not None:
             raise ValueError(f"{op}: target_b/mix_weight are for class-index targets; mix probability targets "
                              "directly (lam * t_a + (1 - lam) * t_b)")

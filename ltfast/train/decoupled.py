@@ -327,7 +327,8 @@ def fit_training_free(cfg: dict, model: nn.Module, data: dict, device, autocast,
     if rank == 0:
         from . import checkpoint
         from .config import dump
-        os.makedirs(out_dir, exist_ok=True)
+        from .runlog import record_outputs
+        record_outputs(out_dir, files=["config.yaml"] + (["best.pt"] if cfg["train"]["save_checkpoints"] else []))
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
             f.write(dump(cfg))
         if cfg["train"]["save_checkpoints"]:

@@ -11,12 +11,14 @@ file: the ``config.yaml`` next to it, or ``--config``. ``section.key=value`` ove
 many / medium / few, UA / RA (``eval.ua``), per-class accuracy and the confusion matrix, for the
 plain model and, when asked, after post-hoc logit adjustment and / or tau-normalisation
 (``ltfast.train.posthoc``). Writes ``evaluation.json``, ``confusion.png`` and ``per_class.png`` into
-``--out`` (default ``RUN_DIR/eval/<split>``). Checkpoints are read with ``weights_only=True``.
+``--out`` (default ``RUN_DIR/eval/<split>``, ``RUN_DIR/eval/<split>-logit_adjust_<tau>`` /
+``-tau_norm_<tau>`` after post-hoc adjustment, so that each mode keeps its own files). Checkpoints are read with ``weights_only=True``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -27,7 +29,14 @@ import torch
 
 from . import metrics, posthoc
 from .experts import is_expert_arch, split_output
+from .checkpoint import CheckpointError
 from .config import ConfigError, dump, load_config
+
+
+# Largest tau accepted: ``auto`` searches 0..2 (posthoc.LA_GRID / NORM_GRID); at tau 10 the prior
+# term of logit adjustment is 10 x log(ratio 100) = 46 logits and tau-norm divides by ||W_c||^10,
+# past anything the literature uses, while inf / 1e6 give inf or NaN logits ("Infinity" in the JSON).
+TAU_MAX = 10.0
 
 
 def _tau(text: str):
@@ -37,9 +46,20 @@ def _tau(text: str):
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
-    if not value >= 0 or value != value:
-        raise argparse.ArgumentTypeError(f"tau must be >= 0, got {text!r}")
+    if not math.isfinite(value) or not 0 <= value <= TAU_MAX:
+        raise argparse.ArgumentTypeError(f"tau must be a finite number in [0, {TAU_MAX:g}] or 'auto', got {text!r}")
     return value
+
+
+def _posthoc_suffix(args) -> str:
+    """Output folder suffix naming the post-hoc mode, so that a --logit-adjust and a --tau-norm
+    evaluation of one run do not overwrite each other's files: '', '-logit_adjust_auto',
+    '-tau_norm_1', '-tau_norm_auto-logit_adjust_0.5'."""
+    parts = []
+    for name, value in (("tau_norm", args.tau_norm), ("logit_adjust", args.logit_adjust)):
+        if value is not None:
+            parts.append(f"{name}_{value if value == 'auto' else format(value, 'g')}")
+    return "".join("-" + p for p in parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="subtract TAU·log(prior) from the logits; auto: TAU chosen on the validation split")
     parser.add_argument("--tau-norm", type=_tau, default=None, metavar="TAU|auto",
                         help="classifier rows W_c / ||W_c||^TAU (bias dropped); auto: chosen on validation")
-    parser.add_argument("--out", help="output folder (default RUN_DIR/eval/<split>)")
+    parser.add_argument("--out", help="output folder (default RUN_DIR/eval/<split>, plus -logit_adjust_<tau> / "
+                                      "-tau_norm_<tau> when post-hoc)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG files")
     return parser
@@ -125,7 +146,7 @@ def evaluate_run(args) -> dict:
     from .decoupled import build_classifier, effective_linear
     from .mislas import use_learnable_weight_scaling
     from .models import find_head, model_from_config
-    from .optimization import _state_dict_of, safe_load
+    from .optimization import _state_dict_of, load_checked_state, safe_load
     from .trainer import load_datasets, make_loader
 
     checkpoint, config, run_dir = resolve_target(args.target, args.config)
@@ -158,7 +179,7 @@ def evaluate_run(args) -> dict:
     build_classifier(model, mcfg, num_classes)     # decoupled LWS / NCM heads, as the run saved them
     if mcfg["learnable_scale"]:
         use_learnable_weight_scaling(model, num_classes, mcfg["head"])
-    model.load_state_dict(_state_dict_of(obj, checkpoint))
+    load_checked_state(model, _state_dict_of(obj, checkpoint), checkpoint)
     model.to(device).eval()
     head_name, head = find_head(model, num_classes, mcfg["head"])
     if is_expert_arch(mcfg["arch"]):
@@ -210,7 +231,7 @@ def evaluate_run(args) -> dict:
         results["posthoc"] = report(_variant_logits(evaluated, weight, bias, log_prior, chosen["tau_norm"],
                                                     chosen["logit_adjust"]))
     name = cfg.get("name") or cfg["loss"]["name"]
-    out_dir = args.out or os.path.join(run_dir, "eval", split_name)
+    out_dir = args.out or os.path.join(run_dir, "eval", split_name + _posthoc_suffix(args))
     summary = {"name": name, "checkpoint": os.path.abspath(checkpoint), "config": config, "split": split_name,
                "list_file": args.list_file, "samples": int(labels.numel()), "num_classes": num_classes,
                "class_counts": counts, "class_names": sets.get("class_names"), "head": head_name,
@@ -220,6 +241,9 @@ def evaluate_run(args) -> dict:
                            "grid": selection["grid"] if selection else None},
                "results": results, "device": str(device), "time_s": time.perf_counter() - start}
     os.makedirs(out_dir, exist_ok=True)
+    from .runlog import record_output_path
+    for written in ["evaluation.json"] + ([] if args.no_plot else ["confusion.png", "per_class.png"]):
+        record_output_path(os.path.join(out_dir, written))  # inside a run folder: listed in its manifest
     if not args.no_plot:
         final = results.get("posthoc", results["plain"])
         summary["confusion_png"] = plot_confusion(final["confusion"], os.path.join(out_dir, "confusion.png"),
@@ -306,7 +330,8 @@ def main(argv=None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         evaluate_run(args)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"ltfast.evaluate: {error}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as error:
+        text = str(error)  # one line, the tool named once
+        print(f"ltfast.evaluate: error: {text[len('ltfast.evaluate: '):] if text.startswith('ltfast.evaluate: ') else text}", file=sys.stderr)
         return 2
     return 0

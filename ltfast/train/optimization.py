@@ -121,13 +121,25 @@ def _state_dict_of(obj, path: str) -> dict:
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"model.init_from: {path} holds no state_dict (expected a trainer checkpoint, a "
+        raise ConfigError(f"model.init_from: {path} holds no state_dict (expected a trainer checkpoint, a "
                          f"state_dict or a torchvision weights file)")
     # DDP / torch.compile prefixes from other training code
     for prefix in ("module.", "_orig_mod."):
         if obj and all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
     return obj
+
+
+def load_checked_state(model: nn.Module, state: dict, path: str) -> None:
+    """``model.load_state_dict(state)`` whose mismatch (another architecture or config, a crafted
+    file) is a ConfigError naming the file and the first differences, not a traceback."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+        detail = "; ".join(lines)[:400] or str(error)[:400]
+        raise ConfigError(f"checkpoint {path} does not fit the model of its config (another model.* setting or not "
+                          f"this run's file?): {detail}") from None
 
 
 def load_init_weights(model: nn.Module, path: str, head: Optional[str] = None, num_classes: Optional[int] = None,
@@ -147,7 +159,7 @@ def load_init_weights(model: nn.Module, path: str, head: Optional[str] = None, n
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
              if k in own and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"model.init_from: {path} does not fit {type(model).__name__}: "
+        raise ConfigError(f"model.init_from: {path} does not fit {type(model).__name__}: "
                          + "; ".join(f"{name}: {items[:6]}{' ...' if len(items) > 6 else ''}"
                                      for name, items in (("missing", missing), ("unexpected", unexpected),
                                                          ("shape", wrong)) if items))

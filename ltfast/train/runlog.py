@@ -1,8 +1,15 @@
 """Run folders and logs for a researcher running hundreds of jobs.
 
 - ``prepare_out_dir``: a non-empty ``train.out_dir`` is refused unless ``train.resume`` (continue)
-  or ``train.overwrite=true`` (empty it first, so that no file of the earlier run survives: a stale
+  or ``train.overwrite=true`` (delete the earlier run's files first, so that none survives: a stale
   ``best.pt`` or ``summary.json`` next to a new run is how wrong numbers get into papers).
+- The run manifest ``out_dir/.ltfast-run.json`` lists every file and folder ltfast wrote there
+  (``record_outputs`` adds each one *before* writing it, so a crash mid-write still leaves it
+  listed). ``train.overwrite`` deletes exactly what the manifest lists and refuses, naming the
+  first foreign entries, when the folder holds anything else: a user's ``src/`` or ``README.md``
+  in ``out_dir`` is never deleted (a trial lost one when any ``config.yaml`` made a folder "a
+  run"). A folder of an older ltfast (no manifest) is refused too: delete it yourself, or resume it
+  once (a resume writes the manifest of the ltfast files it finds).
 - ``History``: one JSON line per epoch in ``out_dir/history.jsonl`` (loss, lr, val top-1 and
   many / medium / few, images/s, seconds), written as the run goes, so ``tail -f`` and a
   crashed run still show the curve; TensorBoard scalars when ``tensorboard`` is installed.
@@ -13,10 +20,12 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from typing import Optional
@@ -25,9 +34,12 @@ from .config import ConfigError, dump
 
 HISTORY = "history.jsonl"
 SEEDS_SUMMARY = "seeds_summary.json"
-# A folder is only ever emptied when it holds one of these: it was written by ltfast.train (a typo
-# such as train.out_dir=. or =~ with train.overwrite=true must not delete a home directory).
-RUN_MARKERS = ("config.yaml", "last.pt", "summary.json", HISTORY, SEEDS_SUMMARY)
+MANIFEST = ".ltfast-run.json"
+# What an older ltfast (no manifest) wrote at the top of a run folder: a resume of such a folder
+# lists those it finds in a new manifest (the trainer's and the seed sweep's fixed names).
+KNOWN_OUTPUTS = ("config.yaml", "last.pt", "best.pt", "summary.json", "per_class.png", HISTORY, SEEDS_SUMMARY)
+KNOWN_FOLDERS = ("tensorboard", "eval", "test_time")
+_SEED_RUN = re.compile(r"seed\d+")
 
 
 def progress_enabled(stream=None) -> bool:
@@ -38,8 +50,156 @@ def progress_enabled(stream=None) -> bool:
         return False
 
 
-def _is_run_folder(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, name)) for name in RUN_MARKERS)
+# ------------------------------------------------------------------------------------ run manifest
+
+def read_manifest(out_dir: str) -> Optional[dict]:
+    """The manifest of ``out_dir`` ({"files", "folders", "runs"}: paths relative to it), or None."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"train.out_dir: cannot read the run manifest {path} ({error}); delete the folder's "
+                          f"contents yourself or choose another train.out_dir") from None
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"train.out_dir: {path} is not an ltfast run manifest")
+    return {key: [str(p) for p in manifest.get(key, [])] for key in ("files", "folders", "runs")}
+
+
+def _write_manifest(out_dir: str, manifest: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, MANIFEST)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"written_by": "ltfast", **{k: sorted(set(manifest[k])) for k in ("files", "folders", "runs")}},
+                  f, indent=1)
+    os.replace(tmp, path)
+
+
+def record_outputs(out_dir: str, files=(), folders=(), runs=()) -> None:
+    """Adds paths (relative to ``out_dir``) to its manifest, creating both when absent: ``files``
+    written by ltfast, ``folders`` whose whole content ltfast writes (TensorBoard), ``runs``
+    sub-folders that are runs with their own manifest (``seed<k>``). Call before writing them."""
+    manifest = read_manifest(out_dir) or {"files": [], "folders": [], "runs": []}
+    added = False
+    for key, paths in (("files", files), ("folders", folders), ("runs", runs)):
+        for rel in paths:
+            rel = os.path.normpath(rel)
+            if rel.startswith("..") or os.path.isabs(rel):
+                raise ValueError(f"record_outputs: {rel} is not inside {out_dir}")
+            if rel not in manifest[key]:
+                manifest[key].append(rel)
+                added = True
+    if added or not os.path.isfile(os.path.join(out_dir, MANIFEST)):
+        _write_manifest(out_dir, manifest)
+
+
+def record_output_path(path: str) -> None:
+    """Lists ``path`` (a file about to be written) in the manifest of the run folder it lies in, if
+    any: an evaluation or test-time report written into a run folder belongs to that run."""
+    folder = os.path.dirname(os.path.abspath(path))
+    probe = folder
+    while True:
+        if os.path.isfile(os.path.join(probe, MANIFEST)):
+            record_outputs(probe, files=[os.path.relpath(os.path.abspath(path), probe)])
+            return
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return
+        probe = parent
+
+
+def _temporary_of(rel: str, files: set) -> bool:
+    # checkpoint.save_atomic's "last.pt.<random>.tmp", History's and the manifest's "<name>.tmp":
+    # what a kill during a write leaves behind belongs to the run
+    return any(rel == f + ".tmp" or (rel.startswith(f + ".") and rel.endswith(".tmp")) for f in files)
+
+
+def foreign_entries(out_dir: str) -> Optional[list[str]]:
+    """Paths in ``out_dir`` (relative, folders with a trailing '/') that its manifest does not list,
+    sorted; None when it has no manifest."""
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        return None
+    files = set(manifest["files"]) | {MANIFEST}
+    owned = set(manifest["folders"])
+    runs = set(manifest["runs"])
+    listed = files | owned | runs
+    foreign: list[str] = []
+
+    def walk(rel: str) -> None:
+        for name in sorted(os.listdir(os.path.join(out_dir, rel) if rel else out_dir)):
+            path = os.path.join(rel, name) if rel else name
+            full = os.path.join(out_dir, path)
+            is_dir = os.path.isdir(full) and not os.path.islink(full)
+            if (path in files and not is_dir) or (path in owned and is_dir) or _temporary_of(path, files):
+                continue
+            if path in runs and is_dir:
+                inner = foreign_entries(full)
+                foreign.extend([path + "/ (no " + MANIFEST + ")"] if inner is None
+                               else [os.path.join(path, p) for p in inner])
+                continue
+            if is_dir and any(p.startswith(path + os.sep) for p in listed):
+                walk(path)
+                continue
+            foreign.append(path + ("/" if is_dir else ""))
+
+    walk("")
+    return foreign
+
+
+def delete_run_outputs(out_dir: str) -> None:
+    """Deletes what the manifest of ``out_dir`` lists (and the manifest); folders that held only
+    those are removed too. Callers check :func:`foreign_entries` first."""
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        return
+    parents = set()
+    for rel in manifest["runs"]:
+        full = os.path.join(out_dir, rel)
+        if os.path.isdir(full) and not os.path.islink(full):
+            delete_run_outputs(full)
+            with contextlib.suppress(OSError):
+                os.rmdir(full)
+        parents.add(os.path.dirname(rel))
+    for rel in manifest["folders"]:
+        full = os.path.join(out_dir, rel)
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full)
+        parents.add(os.path.dirname(rel))
+    files = set(manifest["files"])
+    for rel in manifest["files"]:
+        full = os.path.join(out_dir, rel)
+        if os.path.lexists(full) and not (os.path.isdir(full) and not os.path.islink(full)):
+            os.remove(full)
+        parents.add(os.path.dirname(rel))
+    for name in os.listdir(out_dir):  # temporaries of listed files (a killed write)
+        if _temporary_of(name, files | {MANIFEST}):
+            os.remove(os.path.join(out_dir, name))
+    for rel in sorted((p for p in parents if p), key=lambda p: -p.count(os.sep)):  # deepest first
+        while rel:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(out_dir, rel))  # only when empty
+            rel = os.path.dirname(rel)
+    os.remove(os.path.join(out_dir, MANIFEST))
+
+
+def _manifest_for_older_run(out_dir: str) -> None:
+    # A resumed folder of an ltfast without manifests: list the files such a version wrote there,
+    # so that a later train.overwrite of this folder works.
+    if read_manifest(out_dir) is not None or not os.path.isdir(out_dir):
+        return
+    names = os.listdir(out_dir)
+    record_outputs(out_dir, files=[n for n in names if n in KNOWN_OUTPUTS],
+                   folders=[n for n in names if n in KNOWN_FOLDERS and os.path.isdir(os.path.join(out_dir, n))],
+                   runs=[n for n in names if _SEED_RUN.fullmatch(n) and os.path.isdir(os.path.join(out_dir, n))])
+
+
+def _listing(entries: list[str], shown: int = 3) -> str:
+    more = f" and {len(entries) - shown} more" if len(entries) > shown else ""
+    return ", ".join(entries[:shown]) + more
 
 
 def check_out_dir(cfg: dict) -> Optional[str]:
@@ -50,32 +210,33 @@ def check_out_dir(cfg: dict) -> Optional[str]:
         if os.path.exists(out_dir):
             return f"train.out_dir: {out_dir} exists and is not a folder"
         return None
-    if not os.listdir(out_dir) or train["resume"] is not False:
+    if not [n for n in os.listdir(out_dir) if n != MANIFEST] or train["resume"] is not False:
         return None
     if not train["overwrite"]:
         return (f"train.out_dir: {out_dir} is not empty (an earlier run?); continue it with train.resume=true, "
                 f"replace it with train.overwrite=true, or choose another train.out_dir")
-    if not _is_run_folder(out_dir):
-        return (f"train.overwrite: {out_dir} does not look like an ltfast run folder (none of "
-                f"{', '.join(RUN_MARKERS)}); refusing to empty it")
+    foreign = foreign_entries(out_dir)
+    if foreign is None:
+        return (f"train.overwrite: {out_dir} has no {MANIFEST} (the list of files an ltfast run wrote; an older "
+                f"ltfast's run or not a run folder), so nothing in it is deleted; delete its contents yourself "
+                f"or choose another train.out_dir")
+    if foreign:
+        return (f"train.overwrite: {out_dir} holds files this run's manifest does not list ({_listing(foreign)}); "
+                f"refusing to delete anything: move them away or choose another train.out_dir")
     return None
 
 
-def empty_folder(path: str) -> None:
-    for name in os.listdir(path):
-        full = os.path.join(path, name)
-        if os.path.isdir(full) and not os.path.islink(full):
-            shutil.rmtree(full)
-        else:
-            os.remove(full)
-
-
 def prepare_out_dir(cfg: dict, rank: int = 0) -> None:
-    """Refuses or empties ``out_dir`` (rank 0 decides and acts; every rank raises the same error)."""
+    """Refuses ``out_dir``, or deletes the earlier run's files in it (rank 0 decides and acts; every
+    rank raises the same error)."""
     import torch.distributed as dist
     problem = check_out_dir(cfg) if rank == 0 else None
-    if rank == 0 and problem is None and cfg["train"]["overwrite"] and os.path.isdir(cfg["train"]["out_dir"]):
-        empty_folder(cfg["train"]["out_dir"])
+    out_dir = cfg["train"]["out_dir"]
+    if rank == 0 and problem is None and os.path.isdir(out_dir):
+        if cfg["train"]["overwrite"] and read_manifest(out_dir) is not None:
+            delete_run_outputs(out_dir)
+        elif cfg["train"]["resume"] is not False:
+            _manifest_for_older_run(out_dir)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [problem]
         dist.broadcast_object_list(box, 0)
@@ -93,7 +254,7 @@ class History:
         self.writer = None
         if not self.active:
             return
-        os.makedirs(cfg["train"]["out_dir"], exist_ok=True)
+        record_outputs(cfg["train"]["out_dir"], files=[HISTORY])
         # Rewritten from the checkpoint's history at every start: after a resume the file holds
         # exactly the epochs the weights have seen (an epoch logged after the last checkpoint and
         # then re-run would otherwise appear twice).
@@ -146,6 +307,7 @@ def _tensorboard_writer(cfg: dict):
         raise ConfigError("train.tensorboard: true, but the tensorboard package is not installed "
                           "(pip install tensorboard, or train.tensorboard=auto)")
     from torch.utils.tensorboard import SummaryWriter
+    record_outputs(cfg["train"]["out_dir"], folders=["tensorboard"])
     return SummaryWriter(os.path.join(cfg["train"]["out_dir"], "tensorboard"))
 
 
@@ -177,7 +339,8 @@ def run_seeds(cfg: dict, train_fn) -> dict:
     parent = cfg["train"]["out_dir"]
     prepare_out_dir(cfg, rank)          # refuse / empty the parent once; the seeds then start clean
     if rank == 0:
-        os.makedirs(parent, exist_ok=True)
+        record_outputs(parent, files=["config.yaml", SEEDS_SUMMARY],
+                       runs=[f"seed{seed}" for seed in cfg["train"]["seeds"]])
         with open(os.path.join(parent, "config.yaml"), "w") as f:
             f.write(dump(cfg))
     runs = []

@@ -13,6 +13,15 @@ stopping after an epoch in which a weight (rounded to 2 decimals, as upstream pr
 is below 0.05. Accuracy is reported before (the plain mean of the experts: what the trainer
 reports) and after, with the learnt weights.
 
+A guard, not in upstream (a trial found the weights drifting to the inverse expert on the uniform
+test set, micro accuracy 74.25 -> 54.11): the stability loss rewards confident predictions, and an
+expert with a strong class bias is confident on any image, so nothing in the loss keeps the
+weights near equal on a uniform set. The experts are trained for known class priors (long-tailed,
+uniform, inverse: ``implied_test_priors``), and the plain predictions estimate the test set's
+class distribution; learnt weights whose prior mixture is farther from that estimate (KL, by more
+than GUARD_TOLERANCE = 10 % relative) than equal weights' contradict the method's premise, and ``selected`` is then the plain mean (with a
+warning). ``after`` always holds the learnt weights' accuracy, ``selected_result`` the selected one.
+
 Upstream: ``Vanint/SADE-AgnosticLT``, ``test_training_imagenet.py`` / ``test_training_cifar.py`` and
 ``configs/test_time_*.json``. The strong views (``--augment``):
 
@@ -55,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
+from .checkpoint import CheckpointError
 from .config import ConfigError
 
 DISTRIBUTIONS = ["forward50", "forward25", "forward10", "forward5", "forward2", "uniform",
@@ -369,6 +379,44 @@ def learn_aggregation(model, source: ImageSource, *, epochs: int = 5, lr: float 
     return {"weights": weights.tolist(), "epochs": len(history), "stopped_early": stopped_early, "history": history}
 
 
+# Relative KL increase the guard tolerates. On a 10-epoch Fashion-MNIST-LT SADE model (uniform set)
+# the learnt weights 0.47 / 0.33 / 0.20 raised the KL by 0.8 % and micro accuracy by 1.3 points,
+# the trial's collapse to the inverse expert (0.1 / 0.1 / 0.8) by 296 % with accuracy 73.1 -> 54.2.
+GUARD_TOLERANCE = 0.10
+
+
+def implied_test_priors(train_counts: Sequence[int], tau: float, num_experts: int) -> Optional[torch.Tensor]:
+    """The class distribution each SADE expert is trained for, ``[3, C]``: an expert trained with
+    CE(z + adj) predicts as if the test prior were ``pi * exp(-adj)`` (logit adjustment), i.e. ``pi``
+    (long-tailed), uniform and ``pi_inv^tau`` (inverse), each normalised. None unless 3 experts."""
+    if num_experts != 3:
+        return None
+    from ltfast import priors
+    log_pi = torch.log(priors.class_prior(list(train_counts), torch.float64) + priors.LOG_PRIOR_EPS)
+    return torch.softmax(log_pi.unsqueeze(0) - priors.sade_adjustments(list(train_counts), tau), dim=1)
+
+
+def prior_consistency(plain_logits: torch.Tensor, implied: torch.Tensor, weights: Sequence[float]) -> dict:
+    """Label-free guard of the learnt weights (trial finding 5). The plain mean's predictions give an
+    estimate ``q`` of the test set's class distribution (their histogram). Weights that move the
+    experts' mixture of implied priors ``sum_k w_k d_k`` *away* from ``q`` contradict the premise of
+    the aggregation (weight the expert whose target distribution the test set follows). The
+    stability loss can do that: it rewards confident predictions, and an expert with a strong class
+    bias (the inverse-prior one) is confident on any image; on a uniform test set the weights then
+    drift to it and accuracy drops. Returns the KL divergences KL(q || mixture) of the equal and
+    the learnt weights."""
+    num_classes = implied.shape[1]
+    counts = torch.bincount(plain_logits.argmax(1), minlength=num_classes).double()
+    q = (counts + 0.5) / (counts.sum() + 0.5 * num_classes)   # add-1/2 smoothing: no empty class
+    experts = implied.shape[0]
+
+    def kl(w) -> float:
+        mixture = (torch.tensor(w, dtype=torch.float64).view(-1, 1) * implied).sum(0)
+        return float((q * (q.log() - mixture.log())).sum())
+
+    return {"test_prior_estimate": q.tolist(), "kl_equal": kl([1.0 / experts] * experts), "kl_learnt": kl(weights)}
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, groups: dict) -> dict:
     correct, total = metrics.count_correct(logits, labels, logits.shape[1])
     out = metrics.summarize(correct, total, groups)
@@ -377,7 +425,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, groups: dict) -> dict:
 
 def aggregate_on(model, sets: dict, dataset, data_cfg: dict, train_counts: Sequence[int], groups: dict, *,
                  device, batch_size: int = 128, augment: str = "auto", epochs: int = 5, seed: int = 0,
-                 log=print) -> dict:
+                 sade_tau: float = 2.0, log=print) -> dict:
     """Accuracy of ``dataset`` before and after SADE's aggregation, with the learnt weights."""
     if augment == "auto":
         augment = "small" if sets["in_memory"] else "imagenet"
@@ -388,9 +436,22 @@ def aggregate_on(model, sets: dict, dataset, data_cfg: dict, train_counts: Seque
     weights = torch.tensor(learnt["weights"]).view(1, -1, 1)
     before = accuracy(expert_logits.mean(1), labels, groups)
     after = accuracy((weights * expert_logits).sum(1), labels, groups)
+    # The guard (trial finding 5): "after" always holds the learnt weights' accuracy; "selected" is
+    # the plain mean when the learnt weights move the experts' implied prior away from the test
+    # distribution the plain predictions suggest (prior_consistency).
+    implied = implied_test_priors(train_counts, sade_tau, expert_logits.shape[1])
+    guard = prior_consistency(expert_logits.mean(1), implied, learnt["weights"]) if implied is not None else None
+    use_learnt = guard is None or guard["kl_learnt"] <= (1.0 + GUARD_TOLERANCE) * guard["kl_equal"]
+    if not use_learnt:
+        log(f"  warning: the learnt weights {', '.join(f'{w:.2f}' for w in learnt['weights'])} move the experts' "
+            f"implied class prior away from the test distribution the plain predictions suggest (KL "
+            f"{guard['kl_equal']:.3f} -> {guard['kl_learnt']:.3f}): the stability loss favoured a confident, "
+            f"biased expert; selected: the plain mean (the learnt weights' accuracy is still reported as 'after')")
     class_counts = torch.bincount(labels, minlength=len(train_counts)).tolist()
     return {"samples": int(labels.numel()), "class_counts": class_counts, "augment": augment, "before": before,
             "after": after, "gain_micro": after["micro"] - before["micro"], **learnt,
+            "guard": guard,
+            "selected": "learnt" if use_learnt else "plain", "selected_result": after if use_learnt else before,
             "time_s": time.perf_counter() - start}
 
 
@@ -422,7 +483,7 @@ def load_run(target: str, config: Optional[str], overrides, device):
     from .evaluation import _load_cfg, resolve_target
     from .experts import is_expert_arch
     from .models import model_from_config
-    from .optimization import _state_dict_of, safe_load
+    from .optimization import _state_dict_of, load_checked_state, safe_load
     from .trainer import load_datasets
     checkpoint, config, run_dir = resolve_target(target, config)
     obj = safe_load(checkpoint, "ltfast.train.test_time")
@@ -433,7 +494,7 @@ def load_run(target: str, config: Optional[str], overrides, device):
     sets = load_datasets(cfg["data"])
     in_channels = sets["train"].images.shape[1] if sets["in_memory"] else len(cfg["data"]["mean"] or (0, 0, 0))
     model = model_from_config(cfg["model"], len(sets["class_counts"]), in_channels)
-    model.load_state_dict(_state_dict_of(obj, checkpoint))
+    load_checked_state(model, _state_dict_of(obj, checkpoint), checkpoint)
     model.to(device).eval()
     return model, cfg, sets, checkpoint, run_dir
 
@@ -467,12 +528,14 @@ def run(args) -> dict:
         print(f"{name}: {len(dataset)} images", flush=True)
         results[name] = aggregate_on(model, sets, dataset, cfg["data"], counts, groups, device=device,
                                      batch_size=args.batch_size, augment=args.augment, epochs=args.epochs,
-                                     seed=args.seed)
+                                     seed=args.seed, sade_tau=cfg["loss"]["sade_tau"])
     summary = {"name": cfg.get("name") or cfg["loss"]["name"], "checkpoint": os.path.abspath(checkpoint),
                "test_set": base_name, "seed": args.seed, "device": str(device), "results": results}
     out_dir = args.out or os.path.join(run_dir, "test_time")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "test_time.json")
+    from .runlog import record_output_path
+    record_output_path(path)  # inside a run folder: listed in its manifest
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
     summary["json"] = path
@@ -482,12 +545,15 @@ def run(args) -> dict:
 
 def _print(summary: dict) -> None:
     print(f"{summary['name']}: SADE test-time aggregation, {summary['checkpoint']}")
-    print(f"{'test set':14s} {'images':>7s}  micro before -> after   top-1 before -> after   weights (epochs)")
+    print(f"{'test set':14s} {'images':>7s}  micro before -> after   top-1 before -> after   weights (epochs)   "
+          f"selected")
     for name, r in summary["results"].items():
         weights = ", ".join(f"{w:.2f}" for w in r["weights"])
+        guard = f"   {r['selected']}" + (" (guard: learnt weights contradict the test prior)"
+                                         if r["selected"] == "plain" else "")
         print(f"{name:14s} {r['samples']:7d}  {r['before']['micro']:12.2f} -> {r['after']['micro']:5.2f}   "
               f"{r['before']['top1']:12.2f} -> {r['after']['top1']:5.2f}   {weights} ({r['epochs']}"
-              f"{', stopped early' if r['stopped_early'] else ''})")
+              f"{', stopped early' if r['stopped_early'] else ''}){guard}")
     print(f"-> {summary['json']}")
 
 
@@ -495,8 +561,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
         run(args)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"ltfast.train.test_time: {error}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as error:
+        text = str(error)  # one line, the tool named once
+        print(f"ltfast.train.test_time: error: {text[len('ltfast.train.test_time: '):] if text.startswith('ltfast.train.test_time: ') else text}", file=sys.stderr)
         return 2
     return 0
 

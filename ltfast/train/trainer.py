@@ -29,7 +29,7 @@ from .config import ConfigError, dump
 from .experts import EXPERT_ARCHS, count_expert_correct, expert_fields, expert_summaries, loss_input, split_output
 from .models import find_head, freeze_backbone, model_from_config
 from .optimization import Stepper, autocast_fp16, build_optimizer, load_init_weights, make_scaler, scaled_lr
-from .runlog import History, prepare_out_dir, progress_enabled, run_seeds, val_fields
+from .runlog import History, prepare_out_dir, progress_enabled, record_outputs, run_seeds, val_fields
 from .schedule import lr_factor
 
 
@@ -217,8 +217,11 @@ def describe_loss(criterion: nn.Module) -> str:
     classes, margins, weights), so a run's log shows what it trained with: SEQL on 10 classes with
     the survey's lambda used to become plain CE without a word."""
     parts = []
+    per_class_smoothing = getattr(criterion, "_per_class_smoothing", False)
     for key in ("gamma", "tau", "alpha", "remine_lambda", "s", "max_margin", "drw_epoch", "beta", "label_smoothing",
                 "base_temperature", "diversity_factor", "reweight_factor"):
+        if key == "label_smoothing" and per_class_smoothing:
+            continue  # the scalar is 0 then; the per-class values that run are summarised below
         value = getattr(criterion, key, None)
         if isinstance(value, (int, float)) and not isinstance(value, bool) or (key == "drw_epoch" and value is not None):
             parts.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
@@ -229,10 +232,16 @@ def describe_loss(criterion: nn.Module) -> str:
         parts.append(f"tail classes {len(classes)} of {tail.numel()}: [{shown}]"
                      + (" (none: this is plain cross-entropy)" if not classes else ""))
     for name in ("target_margin", "weight", "drw_weight", "adjustment", "log_prior", "label_smoothing",
-                 "log_inverse_prior", "temperature_weight"):
+                 "class_label_smoothing", "log_inverse_prior", "temperature_weight", "diversity_temperature"):
         value = getattr(criterion, name, None)
         if isinstance(value, torch.Tensor):
-            parts.append(_summarise_vector(name, value))
+            label = {"class_label_smoothing": "label_smoothing per class",
+                     "diversity_temperature": "diversity temperature per class (with DRW)",
+                     "drw_weight": "drw_weight (with DRW)"}.get(name, name)
+            parts.append(_summarise_vector(label, value))
+    adjustments = getattr(criterion, "adjustments", None)  # SADE: one [C] logit adjustment per expert
+    if isinstance(adjustments, torch.Tensor) and adjustments.dim() == 2:
+        parts += [_summarise_vector(f"expert {k + 1} adjustment", row) for k, row in enumerate(adjustments)]
     return f"{type(criterion).__name__}({', '.join(parts)})"
 
 
@@ -320,6 +329,33 @@ def _resume_path(cfg: dict) -> Optional[str]:
     if not os.path.isfile(resume):
         raise FileNotFoundError(f"train.resume: no checkpoint file at {resume}")
     return resume
+
+
+# Keys a resume may change: where the data is read from and how fast, not what is trained. Every
+# other key of data / model / loss / optim, and train.seed, must equal the checkpoint's: a changed
+# optim.epochs or optim.lr made the schedule jump mid-run, another loss.name ended in a raw
+# RuntimeError from load_state_dict, and either overwrote config.yaml (trial finding 9e).
+# The train (but seed) and eval sections are free: logging, device, checkpointing, reporting.
+RESUME_HARMLESS = {("data", "root"), ("data", "eval_batch_size"), ("data", "num_threads"), ("data", "check_files"),
+                   ("model", "compile"), ("model", "channels_last")}
+
+
+def check_resume_config(saved: Optional[dict], cfg: dict, path: str) -> None:
+    """ConfigError naming the keys whose values differ from the checkpoint's config."""
+    if not isinstance(saved, dict):
+        raise ConfigError(f"train.resume: {path} holds no config (not a last.pt of ltfast.train?)")
+    differ = []
+    for section in ("data", "model", "loss", "optim"):
+        mine, theirs = cfg.get(section, {}), saved.get(section) or {}
+        for key in sorted(set(mine) | set(theirs)):
+            if (section, key) not in RESUME_HARMLESS and mine.get(key) != theirs.get(key):
+                differ.append(f"{section}.{key} ({theirs.get(key)!r} -> {mine.get(key)!r})")
+    if cfg["train"]["seed"] != (saved.get("train") or {}).get("seed", cfg["train"]["seed"]):
+        differ.append(f"train.seed ({saved['train']['seed']!r} -> {cfg['train']['seed']!r})")
+    if differ:
+        shown = ", ".join(differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+        raise ConfigError(f"train.resume: the config differs from the checkpoint's ({path}) in {shown}; resume "
+                          f"with the run's config.yaml, or start a new run (another train.out_dir)")
 
 
 def load_model_weights(model: nn.Module, path: str, what: str = "model.init_from") -> None:
@@ -428,15 +464,13 @@ def train(cfg: dict) -> dict:
     resume = _resume_path(cfg)
     if resume:
         ckpt = checkpoint.load(resume, "train.resume")
+        check_resume_config(ckpt.get("config") if isinstance(ckpt, dict) else None, cfg, resume)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         criterion.load_state_dict(ckpt["criterion"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
-        changed = [k for k in ("data", "model", "loss", "optim") if ckpt["config"][k] != cfg[k]]
-        if changed:
-            _log(rank, f"warning: resuming {resume} with a different config in section(s) {', '.join(changed)}")
         if len(ckpt["rng"]) == world:
             _set_rng_state(checkpoint.rng_state_after_loading(ckpt["rng"][rank]))
         else:
@@ -444,7 +478,8 @@ def train(cfg: dict) -> dict:
             torch.manual_seed(seed * 1000 + rank + 7919 * state["epoch"])
         _log(rank, f"resumed from {resume} after epoch {state['epoch']}")
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
+        # listed before they are written (runlog's manifest: what train.overwrite may delete)
+        record_outputs(out_dir, files=["config.yaml"] + (["best.pt", "last.pt"] if tcfg["save_checkpoints"] else []))
         with open(os.path.join(out_dir, "config.yaml"), "w") as f:
             f.write(dump(cfg))
 
@@ -600,6 +635,7 @@ def _finish(cfg, model, data, groups, state, best_weights, device, autocast, mem
     if "decoupled" in state:
         summary["decoupled"] = state["decoupled"]  # tau-norm's tau and validation curve, NCM's settings
     if rank == 0:
+        record_outputs(out_dir, files=["summary.json"] + (["per_class.png"] if cfg["train"]["plot"] else []))
         if cfg["train"]["plot"]:
             title = (f"{summary['name']}: test top-1 {test['top1']:.1f}, many {_fmt(test['many'])}, "
                      f"medium {_fmt(test['medium'])}, few {_fmt(test['few'])}")
@@ -627,6 +663,7 @@ def _write_failed_summary(cfg, state, selection, error, rank) -> None:
     if rank != 0:
         return
     path = os.path.join(cfg["train"]["out_dir"], "summary.json")
+    record_outputs(cfg["train"]["out_dir"], files=["summary.json"])
     summary = {"name": cfg.get("name") or cfg["loss"]["name"], "status": "test_failed",
                "error": f"{type(error).__name__}: {error}", "selection": selection,
                "best_epoch": state["best_epoch"],
