@@ -55,9 +55,13 @@ def cases(device):
             x, y = _inputs(129, c, dtype, device, generator)
             return x, ltfast.balanced_softmax_loss(x, y, log_prior)
 
-        def ldam(dtype=dtype):
+        def ldam_focal(dtype=dtype):
             x, y = _inputs(129, c, dtype, device, generator)
-            return x, ltfast.adjusted_cross_entropy(x, y, log_prior, margins, weights, gamma=1.0, label_smoothing=0.1)
+            return x, ltfast.adjusted_cross_entropy(x, y, log_prior, margins, weights, gamma=1.0)
+
+        def smoothing(dtype=dtype):  # focal and smoothing are exclusive: a case of its own
+            x, y = _inputs(129, c, dtype, device, generator)
+            return x, ltfast.adjusted_cross_entropy(x, y, log_prior, weight=weights, label_smoothing=0.1)
 
         def seql(dtype=dtype):
             x, y = _inputs(129, c, dtype, device, generator)
@@ -94,7 +98,8 @@ def cases(device):
             return x, ltfast.ride_loss(x, y, margins, weights, temperature)
 
         out += [(f"{name}-{tag}", fn) for name, fn in
-                (("balanced_softmax-129x1000", bs), ("ldam_focal_smoothing-129x1000", ldam), ("seql-129x1000", seql),
+                (("balanced_softmax-129x1000", bs), ("ldam_weight_focal-129x1000", ldam_focal),
+                 ("smoothing_weight-129x1000", smoothing), ("seql-129x1000", seql),
                  ("eql-129x1000", eql), ("lade-129x1000", lade), ("mixed-129x1000", mixed),
                  ("probability-129x1000", probability), ("sade-9x3x1000", sade), ("ride-9x3x1000", ride))]
 

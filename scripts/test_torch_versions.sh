@@ -70,14 +70,16 @@ for version in "$@"; do
   fi
   if [ "$version" = "$LENT_MACHINE_TORCH" ]; then
     stamp "gpu_check.sh --dry-run (the lent machines' torch and packages)"
-    if ! (cd "$tree" && PYTHON=$python bash scripts/gpu_check.sh --dry-run >"$tree/gpu-check.log" 2>&1); then
+    if ! (cd "$tree" && OUT=$tree/gpu-check-out PYTHON=$python bash scripts/gpu_check.sh --dry-run >"$tree/gpu-check.log" 2>&1); then
       tail -n 40 "$tree/gpu-check.log"; failed+=("$version:gpu-check-dry-run")
+      grep -h -B2 -A12 "Traceback" "$tree"/gpu-check-out/*.log 2>/dev/null | head -n 60 || true
     else
       grep -E "^== \[|preflight|gpu_check:" "$tree/gpu-check.log"
     fi
   fi
   stamp "done"
-  rm -rf "$tree"
+  # A failing version keeps its tree (logs, build) for a look; a passing one is removed.
+  if [ "${#failed[@]}" -gt 0 ] && [[ "${failed[*]}" == *"$version:"* ]]; then echo "kept $tree"; else rm -rf "$tree"; fi
 done
 if [ "${#failed[@]}" -gt 0 ]; then
   echo "test_torch_versions: FAILED: ${failed[*]}"
