@@ -141,7 +141,13 @@ class RecordSink(list):
 
 
 def as_json(r: Record) -> dict:
-    return {**{k: v for k, v in asdict(r).items() if k != "extra"}, **r.extra}
+    out = {**{k: v for k, v in asdict(r).items() if k != "extra"}, **r.extra}
+    if r.device == "cpu":
+        # Which build of ltfast's CPU kernels ran (csrc/common/cpu_dispatch.h) and torch's own pick,
+        # which the eager and compiled baselines use (ATEN_CPU_CAPABILITY sets both).
+        out["cpu_capability"] = ltfast.cpu_capability()
+        out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return out
 
 
 def kernel_profile(call, device: str) -> dict:
@@ -322,6 +328,10 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not ltfast.has_cuda_kernels():
         parser.error("ltfast._C was built without CUDA kernels")
     args.deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
+    if args.device == "cpu":
+        print(f"CPU: {device_name('cpu')}; ltfast CPU kernels: {ltfast.cpu_capability()}; "
+              f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()} "
+              f"(ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'unset')})")
     records = args.sink = RecordSink(args.json)
     for suite in args.suites:
         if out_of_budget(args):

@@ -25,6 +25,7 @@
 
 #include <cstdint>
 
+#include "common/cpu_dispatch.h"
 #include "common/torch_compat.h"
 
 namespace ltfast {
@@ -307,6 +308,11 @@ PyObject* ride_loss(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs)
 
 #undef LTFAST_FALLBACK
 
+// ltfast.cpu_capability(): which build of the CPU kernels runs (csrc/common/cpu_dispatch.h).
+PyObject* cpu_capability(PyObject* /*self*/, PyObject* /*unused*/) {
+  return PyUnicode_FromString(cpu_kernel_capability_name());
+}
+
 #define LTFAST_ENTRY(name, doc) \
   { #name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&name)), METH_FASTCALL, doc }
 
@@ -340,6 +346,9 @@ PyMethodDef methods[] = {
     LTFAST_ENTRY(ride_loss,
                  "ride_loss(logits, target, target_margin, weight, temperature, base_temperature, diversity_factor, "
                  "ignore_index): torch.ops.ltfast.ride_loss for plain tensors, else NotImplemented"),
+    {"cpu_capability", &cpu_capability, METH_NOARGS,
+     "cpu_capability(): 'AVX512', 'AVX2' or 'DEFAULT', the instruction set of the CPU kernels that run "
+     "(follows torch's, so ATEN_CPU_CAPABILITY=avx2 forces the AVX2 kernels)"},
     {nullptr, nullptr, 0, nullptr}};
 
 #undef LTFAST_ENTRY

@@ -1,13 +1,14 @@
 """Loads the compiled extension ltfast._C, which registers the torch.ops.ltfast.* kernels.
 
-If it cannot be loaded (not built, or a CPU without the AVX2/FMA/F16C instructions it was compiled
-for), ``AVAILABLE`` is False and ``LOAD_ERROR`` says why; the functionals and ``ltfast.nn`` then
-fall back to the plain-PyTorch ``ltfast.reference`` with a one-time warning.
+The CPU kernels are built for several instruction sets (DEFAULT, and AVX2 and AVX-512 on x86-64)
+and the one that runs is picked like ATen's own (``cpu_capability()``), so _C loads on any CPU.
+If it cannot be loaded (not built), ``AVAILABLE`` is False and ``LOAD_ERROR`` says why; the
+functionals and ``ltfast.nn`` then fall back to the plain-PyTorch ``ltfast.reference`` with a
+one-time warning.
 """
 from __future__ import annotations
 
 import os
-import platform
 import warnings
 
 import torch
@@ -16,19 +17,7 @@ AVAILABLE = False
 LOAD_ERROR: str | None = None
 
 
-def _cpu_supports_build() -> bool:
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return True
-    # torch reports the best ATen kernel set this CPU can run; "AVX2" and "AVX512" both imply the
-    # AVX2+FMA+F16C code that setup.py compiles for.
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512", "AVX512_VNNI", "AMX")
-
-
 try:
-    if not _cpu_supports_build():
-        raise ImportError(
-            "ltfast._C is compiled for AVX2/FMA/F16C, which this CPU lacks "
-            f"(torch reports {torch.backends.cpu.get_cpu_capability()!r})")
     from . import _C  # noqa: F401  (importing registers the ops)
 
     AVAILABLE = True
@@ -106,3 +95,15 @@ def has_cuda_kernels() -> bool:
     """True when ltfast._C was compiled with its CUDA kernels."""
     return AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key(
         "ltfast::_balanced_softmax_forward", "CUDA")
+
+
+def cpu_capability() -> str | None:
+    """The instruction set of the CPU kernels that run: 'AVX512', 'AVX2' or 'DEFAULT' (scalar code,
+    any CPU). It follows torch's own choice (``torch.backends.cpu.get_cpu_capability()``), so
+    ``ATEN_CPU_CAPABILITY=avx2`` (or ``default``) in the environment before torch is imported forces
+    the narrower kernels. None where the extension is unavailable (or predates the dispatch)."""
+    if AVAILABLE:
+        from . import _C
+        if hasattr(_C, "cpu_capability"):
+            return _C.cpu_capability()
+    return None

@@ -4,6 +4,8 @@
 // count or the device.
 #pragma once
 
+#include "capability_namespace.h"
+
 #include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -14,6 +16,7 @@
 
 namespace ltfast {
 namespace math {
+LTFAST_CAPABILITY_NAMESPACE_BEGIN
 
 // A keyed, counter-based 32-bit hash (Wellons' "lowbias32" finaliser: 2 multiplies, 3 xor-shifts,
 // bias ~0.17 in his avalanche test).
@@ -72,5 +75,6 @@ LTFAST_RANDOM_HD uint64_t permute(uint64_t position, uint64_t n, uint32_t key) {
   return x;
 }
 
+LTFAST_CAPABILITY_NAMESPACE_END
 }  // namespace math
 }  // namespace ltfast

@@ -1,7 +1,12 @@
 // CPU building blocks shared by the row-softmax kernels (cross-entropy family, LADE): at::vec
 // exp, NaN-propagating max, target checks, and the tiled online softmax of one adjusted row.
-// Compiled into each *_cpu.cpp with the same flags (AVX2 on x86-64, see setup.py).
+// Compiled into each *_cpu.cpp once per CPU capability (DEFAULT, AVX2, AVX512 on x86-64: setup.py),
+// so everything here lives in ltfast::cpu::CPU_CAPABILITY (see capability_namespace.h).
 #pragma once
+
+#if !defined(CPU_CAPABILITY)
+#error "cpu_softmax.h is CPU kernel code: include it only from a *_cpu.cpp built per CPU capability (setup.py)"
+#endif
 
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/functional.h>
@@ -14,6 +19,7 @@
 
 namespace ltfast {
 namespace cpu {
+inline namespace CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
@@ -65,11 +71,82 @@ acc_t adjusted_target_logit(const scalar_t* logits_row, const acc_t* adjustment,
   return (adjustment ? math::adjusted_logit(z, adjustment[y]) : z) - (margin ? margin[y] : acc_t(0));
 }
 
+// SEQL's per-row drop decisions (see math::seql_dropped): tail-class entries other than the target
+// whose hash falls below the threshold are removed from the softmax. The kernels apply them to each
+// vector of logits as they load it (forward: dropped entries become -inf; backward: their gradient
+// becomes 0), with the hash computed in the vector registers of the capability: 16 lanes of
+// vpmulld under AVX512, 8 under AVX2. A separate overwrite pass over the tile after the exp pass
+// (the previous AVX2-only scheme) re-read and re-wrote every tile and took the max twice.
+struct RowDrops {
+  const uint8_t* tail;           // [C], 1 = tail class
+  const uint32_t* column_keys;   // [C], math::seql_column_key
+  uint32_t row_key;              // math::seql_row_key of this row
+  uint64_t threshold;            // math::seql_threshold(gamma)
+  int64_t target;
+
+  bool drops_all() const { return threshold > 0xffffffffULL; }
+  uint32_t below() const { return static_cast<uint32_t>(drops_all() ? 0xffffffffULL : threshold); }
+
+  // Whether entry c of the row is dropped.
+  bool dropped(int64_t c) const {
+    return c != target && tail[c] != 0 && (drops_all() || math::hash32(column_keys[c] ^ row_key) < below());
+  }
+
+  // v (entries c .. c + Vec::size() - 1 of the row) with its dropped lanes replaced by `value`.
+  template <typename T>
+  Vectorized<T> drop_lanes(const Vectorized<T>& v, int64_t c, T value) const {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      __m512i x = _mm512_xor_si512(_mm512_loadu_si512(column_keys + c), _mm512_set1_epi32(static_cast<int>(row_key)));
+      x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));  // math::hash32, 16 lanes
+      x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+      x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+      x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846ca68bU)));
+      x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+      const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(tail + c));
+      __mmask16 drop = _mm_test_epi8_mask(t, t);
+      if (!drops_all()) drop &= _mm512_cmplt_epu32_mask(x, _mm512_set1_epi32(static_cast<int>(below())));
+      if (target >= c && target < c + 16) drop &= static_cast<__mmask16>(~(1u << (target - c)));
+      return _mm512_mask_blend_ps(drop, v, _mm512_set1_ps(value));
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      __m256i x = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(column_keys + c)),
+                                   _mm256_set1_epi32(static_cast<int>(row_key)));
+      x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));  // math::hash32, 8 lanes
+      x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
+      x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+      x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int>(0x846ca68bU)));
+      x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+      const __m128i t = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(tail + c));
+      __m256i drop = _mm256_cmpgt_epi32(_mm256_cvtepu8_epi32(t), _mm256_setzero_si256());
+      if (!drops_all()) {  // unsigned h < below as a signed compare of both with the sign bit flipped
+        const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000U));
+        drop = _mm256_and_si256(drop, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(below() ^ 0x80000000U)),
+                                                         _mm256_xor_si256(x, sign)));
+      }
+      if (target >= c && target < c + 8) {
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        drop = _mm256_andnot_si256(_mm256_cmpeq_epi32(lane, _mm256_set1_epi32(static_cast<int>(target - c))), drop);
+      }
+      return _mm256_blendv_ps(v, _mm256_set1_ps(value), _mm256_castsi256_ps(drop));
+    }
+#endif
+    alignas(64) T lanes[Vectorized<T>::size()];
+    v.store(lanes);
+    for (int64_t k = 0; k < Vectorized<T>::size(); ++k) {
+      if (dropped(c + k)) lanes[k] = value;
+    }
+    return Vectorized<T>::loadu(lanes);
+  }
+};
+
 // Writes the adjusted logits a_c = z_c + adjustment_c of C classes (the margin is applied by the
-// caller) into `adjusted` and returns their max (NaN if any entry is NaN).
+// caller) into `adjusted` and returns their max (NaN if any entry is NaN). With `drops`, the row's
+// entries start .. start + C - 1 that SEQL drops are written as -inf (and so left out of the max).
 template <typename scalar_t, typename acc_t>
 acc_t load_adjusted_row(const scalar_t* logits_row, const acc_t* adjustment, int64_t C,
-                        acc_t* adjusted) {
+                        acc_t* adjusted, const RowDrops* drops = nullptr, int64_t start = 0) {
   using Vec = Vectorized<acc_t>;
   const acc_t* source;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -83,12 +160,14 @@ acc_t load_adjusted_row(const scalar_t* logits_row, const acc_t* adjustment, int
   for (; c + Vec::size() <= C; c += Vec::size()) {
     Vec v = Vec::loadu(source + c);
     if (adjustment) v = math::adjusted_logit(v, Vec::loadu(adjustment + c));
+    if (drops) v = drops->drop_lanes(v, start + c, math::negative_infinity<acc_t>());
     v.store(adjusted + c);
     vmax = at::vec::maximum(vmax, v);
   }
   acc_t row_max = math::negative_infinity<acc_t>();
   for (; c < C; ++c) {
-    const acc_t v = adjustment ? math::adjusted_logit(source[c], adjustment[c]) : source[c];
+    acc_t v = adjustment ? math::adjusted_logit(source[c], adjustment[c]) : source[c];
+    if (drops && drops->dropped(start + c)) v = math::negative_infinity<acc_t>();
     adjusted[c] = v;
     row_max = nan_propagating_max(row_max, v);
   }
@@ -97,35 +176,6 @@ acc_t load_adjusted_row(const scalar_t* logits_row, const acc_t* adjustment, int
   for (int64_t k = 0; k < Vec::size(); ++k) row_max = nan_propagating_max(row_max, lanes[k]);
   return row_max;
 }
-
-// SEQL's per-row drop decisions (see math::seql_dropped): tail-class entries other than the target
-// whose hash falls below the threshold are removed from the softmax.
-struct RowDrops {
-  const uint8_t* tail;           // [C], 1 = tail class
-  const uint32_t* column_keys;   // [C], math::seql_column_key
-  uint32_t row_key;              // math::seql_row_key of this row
-  uint64_t threshold;            // math::seql_threshold(gamma)
-  int64_t target;
-
-  // Sets values[c] = value for every dropped entry c in [start, start + len) (the target is never
-  // dropped). Branch-free uint32 arithmetic that the compiler vectorises (AVX2 vpmulld): a scalar
-  // loop with branches took 2/3 of the SEQL forward at [4096, 1000].
-  template <typename T>
-  void overwrite_dropped(T* values, int64_t start, int64_t len, T value) const {
-    const uint8_t* t = tail + start;
-    const uint32_t* keys = column_keys + start;
-    const bool all = threshold > 0xffffffffULL;
-    const uint32_t below = static_cast<uint32_t>(all ? 0xffffffffULL : threshold);
-    const bool keeps_target = target >= start && target < start + len;
-    const T target_value = keeps_target ? values[target - start] : T(0);
-    for (int64_t c = 0; c < len; ++c) {
-      const uint32_t h = math::hash32(keys[c] ^ row_key);
-      const bool drop = (t[c] != 0) & (all | (h < below));
-      values[c] = drop ? value : values[c];
-    }
-    if (keeps_target) values[target - start] = target_value;
-  }
-};
 
 // Online-softmax state (max, sum exp) of one adjusted row a_c = z_c + adjustment_c, with the
 // target's logit replaced by `target_logit` when a margin is given. The row is taken in L1-sized
@@ -143,18 +193,12 @@ math::SoftmaxState<acc_t> adjusted_row_softmax_state(const scalar_t* logits_row,
   Vec voffset(acc_t(0));
   for (int64_t start = 0; start < C; start += kTileClasses) {
     const int64_t len = std::min(kTileClasses, C - start);
-    acc_t tile_max = load_adjusted_row(logits_row + start, adjustment ? adjustment + start : nullptr, len, tile);
+    // Dropped entries become -inf as they are loaded: exactly 0 in the sum, never the max.
+    acc_t tile_max = load_adjusted_row(logits_row + start, adjustment ? adjustment + start : nullptr, len, tile,
+                                       drops, start);
     if (margin && y >= start && y < start + len) {
       tile[y - start] = target_logit;
       tile_max = nan_propagating_max(tile_max, target_logit);  // a valid shift either way
-    }
-    if (drops) {  // dropped entries become -inf: exactly 0 in the sum; the max is taken again
-      drops->overwrite_dropped(tile, start, len, math::negative_infinity<acc_t>());
-      Vec vmax(math::negative_infinity<acc_t>());
-      int64_t c = 0;
-      for (; c + Vec::size() <= len; c += Vec::size()) vmax = at::vec::maximum(vmax, Vec::loadu(tile + c));
-      tile_max = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& z) { return at::vec::maximum(x, z); }, vmax);
-      for (; c < len; ++c) tile_max = nan_propagating_max(tile_max, tile[c]);
     }
     if (tile_max == math::negative_infinity<acc_t>()) {
       // A tile of -inf adds exactly 0 to the exp-sum (and exp(-inf - -inf) would be NaN), but its
@@ -189,5 +233,6 @@ math::SoftmaxState<acc_t> adjusted_row_softmax_state(const scalar_t* logits_row,
   return state;
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace ltfast

@@ -16,10 +16,13 @@
 // is an online state like SoftmaxState, the offset re-based when the max grows.
 #pragma once
 
+#include "capability_namespace.h"
+
 #include "softmax_math.h"
 
 namespace ltfast {
 namespace math {
+LTFAST_CAPABILITY_NAMESPACE_BEGIN
 
 // ---------------------------------------------------------------- mixed targets
 // One hard-target term of a row. `logit` is a_y (margin applied in single-target mode),
@@ -109,5 +112,6 @@ LTFAST_HOST_DEVICE T weighted_probability(T target, T weight, T one_minus_eps, T
   return weight * (one_minus_eps * target + eps_over_c);
 }
 
+LTFAST_CAPABILITY_NAMESPACE_END
 }  // namespace math
 }  // namespace ltfast

@@ -11,6 +11,8 @@
 // focal loss (Main-codebase/loss/FocalLoss.py: modulating factor detached) for eps = 0.
 #pragma once
 
+#include "capability_namespace.h"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -25,6 +27,7 @@
 
 namespace ltfast {
 namespace math {
+LTFAST_CAPABILITY_NAMESPACE_BEGIN
 
 template <typename T>
 LTFAST_HOST_DEVICE T negative_infinity() {
@@ -195,11 +198,13 @@ LTFAST_HOST_DEVICE T element_gradient(T probability, T prob_coef, T class_coef, 
   return probability * prob_coef - class_coef * class_weight;
 }
 
+LTFAST_CAPABILITY_NAMESPACE_END
 }  // namespace math
 }  // namespace ltfast
 
 namespace ltfast {
 namespace math {
+LTFAST_CAPABILITY_NAMESPACE_BEGIN
 
 // ---------------------------------------------------------------- SEQL drop decisions
 // hash32 (counter_random.h) decides whether element (i, c) of a batch is dropped. Nothing is stored:
@@ -225,11 +230,13 @@ LTFAST_HOST_DEVICE bool seql_dropped(uint32_t column_key, uint32_t row_key, uint
   return static_cast<uint64_t>(hash32(column_key ^ row_key)) < threshold;
 }
 
+LTFAST_CAPABILITY_NAMESPACE_END
 }  // namespace math
 }  // namespace ltfast
 
 namespace ltfast {
 namespace math {
+LTFAST_CAPABILITY_NAMESPACE_BEGIN
 
 // ---------------------------------------------------------------- EQL (sigmoid)
 // Binary cross-entropy with logits of one element, against y = is_target in {0, 1}:
@@ -277,5 +284,6 @@ LTFAST_HOST_DEVICE T eql_element_gradient(T z, bool is_target, bool suppressed) 
   return sigmoid_fn(z) - (is_target ? T(1) : T(0));
 }
 
+LTFAST_CAPABILITY_NAMESPACE_END
 }  // namespace math
 }  // namespace ltfast

@@ -16,9 +16,11 @@
 
 #include "../../common/cpu_softmax.h"
 #include "../../common/softmax_math.h"
+#include "../../common/cpu_dispatch.h"
 #include "cross_entropy.h"
 
 namespace ltfast {
+namespace CPU_CAPABILITY {  // one build per CPU capability: csrc/common/cpu_dispatch.h
 namespace {
 
 using at::vec::Vectorized;
@@ -168,6 +170,8 @@ void backward_kernel(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
                                                         weight ? weight[y] : acc_t(1));
       const Vec vmax(row.max), vlog_sum(row.log_sum), vprob(coef.prob_coef), vclass(coef.class_coef),
           vone(acc_t(1));
+      const RowDrops row_drops = seql.row(i, y);
+      const RowDrops* drops = seql.enabled() ? &row_drops : nullptr;  // SEQL: dropped entries get exactly 0
       for (int64_t start = 0; start < C; start += kTileClasses) {
         const int64_t len = std::min(kTileClasses, C - start);
         const acc_t* source;
@@ -186,14 +190,17 @@ void backward_kernel(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
           Vec a = Vec::loadu(source + c);
           if (adj) a = math::adjusted_logit(a, Vec::loadu(adj + c));
           const Vec p = vec_exp(math::log_softmax_of(a, vmax, vlog_sum));
-          math::element_gradient(p, vprob, vclass, w ? Vec::loadu(w + c) : vone).store(out + c);
+          Vec g = math::element_gradient(p, vprob, vclass, w ? Vec::loadu(w + c) : vone);
+          if (drops) g = drops->drop_lanes(g, start + c, acc_t(0));
+          g.store(out + c);
         }
         for (; c < len; ++c) {
           const acc_t a = adj ? math::adjusted_logit(source[c], adj[c]) : source[c];
-          out[c] = math::element_gradient(math::softmax_probability(a, row), coef.prob_coef, coef.class_coef,
-                                          w ? w[c] : acc_t(1));
+          out[c] = (drops && drops->dropped(start + c))
+                       ? acc_t(0)
+                       : math::element_gradient(math::softmax_probability(a, row), coef.prob_coef, coef.class_coef,
+                                                w ? w[c] : acc_t(1));
         }
-        if (seql.enabled()) seql.row(i, y).overwrite_dropped(out, start, len, acc_t(0));  // exactly zero
         if (y >= start && y < start + len) {
           // The target element: its probability uses the margin-adjusted logit, then the one-hot term.
           out[y - start] = math::element_gradient(math::softmax_probability(target_logit, row), coef.prob_coef,
@@ -251,6 +258,18 @@ at::Tensor cross_entropy_backward_cpu(const CrossEntropyArgs& args, const at::Te
   return backward_cpu(args, grad_loss, row_stats, denominator);
 }
 
+}  // namespace CPU_CAPABILITY
+
+#if defined(CPU_CAPABILITY_DEFAULT)
+// Once, in the build without -m flags: the entry points that pick a capability's kernels, and the
+// registrations (static initialisers, which must not hold AVX code).
+LTFAST_CPU_DISPATCH(ForwardResult, cross_entropy_forward_cpu,
+                    (const CrossEntropyArgs& args),
+                    (args))
+LTFAST_CPU_DISPATCH(at::Tensor, cross_entropy_backward_cpu,
+                    (const CrossEntropyArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats, const at::Tensor& denominator),
+                    (args, grad_loss, row_stats, denominator))
+
 TORCH_LIBRARY_IMPL(ltfast, CPU, m) {
   m.impl("_softmax_equalization_loss_forward", &seql_forward<cross_entropy_forward_cpu>);
   m.impl("_softmax_equalization_loss_backward", &seql_backward<cross_entropy_backward_cpu>);
@@ -259,5 +278,6 @@ TORCH_LIBRARY_IMPL(ltfast, CPU, m) {
   m.impl("_adjusted_cross_entropy_forward", &adjusted_cross_entropy_forward<cross_entropy_forward_cpu>);
   m.impl("_adjusted_cross_entropy_backward", &adjusted_cross_entropy_backward<cross_entropy_backward_cpu>);
 }
+#endif  // CPU_CAPABILITY_DEFAULT
 
 }  // namespace ltfast

@@ -16,9 +16,11 @@
 
 #include "../../common/cpu_softmax.h"
 #include "../../common/softmax_math.h"
+#include "../../common/cpu_dispatch.h"
 #include "equalization.h"
 
 namespace ltfast {
+namespace CPU_CAPABILITY {  // one build per CPU capability: csrc/common/cpu_dispatch.h
 namespace {
 
 using namespace cpu;
@@ -203,9 +205,22 @@ at::Tensor equalization_backward_cpu(const EqualizationArgs& args, const at::Ten
   return result;
 }
 
+}  // namespace CPU_CAPABILITY
+
+#if defined(CPU_CAPABILITY_DEFAULT)
+// Once, in the build without -m flags: the entry points that pick a capability's kernels, and the
+// registrations (static initialisers, which must not hold AVX code).
+LTFAST_CPU_DISPATCH(EqualizationForwardResult, equalization_forward_cpu,
+                    (const EqualizationArgs& args),
+                    (args))
+LTFAST_CPU_DISPATCH(at::Tensor, equalization_backward_cpu,
+                    (const EqualizationArgs& args, const at::Tensor& grad_loss, const at::Tensor& denominator),
+                    (args, grad_loss, denominator))
+
 TORCH_LIBRARY_IMPL(ltfast, CPU, m) {
   m.impl("_equalization_loss_forward", &equalization_forward<equalization_forward_cpu>);
   m.impl("_equalization_loss_backward", &equalization_backward<equalization_backward_cpu>);
 }
+#endif  // CPU_CAPABILITY_DEFAULT
 
 }  // namespace ltfast

@@ -14,9 +14,11 @@
 
 #include "../../common/cpu_softmax.h"
 #include "../../common/softmax_math.h"
+#include "../../common/cpu_dispatch.h"
 #include "lade.h"
 
 namespace ltfast {
+namespace CPU_CAPABILITY {  // one build per CPU capability: csrc/common/cpu_dispatch.h
 namespace {
 
 using namespace cpu;
@@ -387,9 +389,22 @@ at::Tensor lade_backward_cpu(const LadeArgs& args, const at::Tensor& grad_loss, 
   return result;
 }
 
+}  // namespace CPU_CAPABILITY
+
+#if defined(CPU_CAPABILITY_DEFAULT)
+// Once, in the build without -m flags: the entry points that pick a capability's kernels, and the
+// registrations (static initialisers, which must not hold AVX code).
+LTFAST_CPU_DISPATCH(LadeForwardResult, lade_forward_cpu,
+                    (const LadeArgs& args),
+                    (args))
+LTFAST_CPU_DISPATCH(at::Tensor, lade_backward_cpu,
+                    (const LadeArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats, const at::Tensor& column_stats, const at::Tensor& num_valid),
+                    (args, grad_loss, row_stats, column_stats, num_valid))
+
 TORCH_LIBRARY_IMPL(ltfast, CPU, m) {
   m.impl("_lade_forward", &lade_forward<lade_forward_cpu>);
   m.impl("_lade_backward", &lade_backward<lade_backward_cpu>);
 }
+#endif  // CPU_CAPABILITY_DEFAULT
 
 }  // namespace ltfast

@@ -17,9 +17,11 @@
 
 #include "../../common/cpu_softmax.h"
 #include "../../common/softmax_math.h"
+#include "../../common/cpu_dispatch.h"
 #include "multi_expert.h"
 
 namespace ltfast {
+namespace CPU_CAPABILITY {  // one build per CPU capability: csrc/common/cpu_dispatch.h
 namespace {
 
 using at::vec::Vectorized;
@@ -708,11 +710,30 @@ at::Tensor ride_backward_cpu(const MultiExpertArgs& args, const at::Tensor& grad
   return ride_backward_cpu_impl(args, grad_loss, row_stats, denominators);
 }
 
+}  // namespace CPU_CAPABILITY
+
+#if defined(CPU_CAPABILITY_DEFAULT)
+// Once, in the build without -m flags: the entry points that pick a capability's kernels, and the
+// registrations (static initialisers, which must not hold AVX code).
+LTFAST_CPU_DISPATCH(MultiExpertForwardResult, diverse_expert_forward_cpu,
+                    (const MultiExpertArgs& args),
+                    (args))
+LTFAST_CPU_DISPATCH(at::Tensor, diverse_expert_backward_cpu,
+                    (const MultiExpertArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats, const at::Tensor& denominator),
+                    (args, grad_loss, row_stats, denominator))
+LTFAST_CPU_DISPATCH(MultiExpertForwardResult, ride_forward_cpu,
+                    (const MultiExpertArgs& args),
+                    (args))
+LTFAST_CPU_DISPATCH(at::Tensor, ride_backward_cpu,
+                    (const MultiExpertArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats, const at::Tensor& denominators),
+                    (args, grad_loss, row_stats, denominators))
+
 TORCH_LIBRARY_IMPL(ltfast, CPU, m) {
   m.impl("_diverse_expert_loss_forward", &diverse_expert_forward<diverse_expert_forward_cpu>);
   m.impl("_diverse_expert_loss_backward", &diverse_expert_backward<diverse_expert_backward_cpu>);
   m.impl("_ride_loss_forward", &ride_forward<ride_forward_cpu>);
   m.impl("_ride_loss_backward", &ride_backward<ride_backward_cpu>);
 }
+#endif  // CPU_CAPABILITY_DEFAULT
 
 }  // namespace ltfast

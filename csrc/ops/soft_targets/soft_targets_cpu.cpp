@@ -15,9 +15,11 @@
 
 #include "../../common/cpu_softmax.h"
 #include "../../common/soft_target_math.h"
+#include "../../common/cpu_dispatch.h"
 #include "soft_targets.h"
 
 namespace ltfast {
+namespace CPU_CAPABILITY {  // one build per CPU capability: csrc/common/cpu_dispatch.h
 namespace {
 
 using at::vec::Vectorized;
@@ -556,11 +558,42 @@ at::Tensor probability_backward_cpu(const CrossEntropyArgs& args, const at::Tens
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ltfast, CPU, m) {
-  m.impl("_mixed_cross_entropy_forward", &mixed_forward<mixed_forward_cpu>);
-  m.impl("_mixed_cross_entropy_backward", &mixed_backward<mixed_backward_cpu>);
-  m.impl("_probability_cross_entropy_forward", &probability_forward<probability_forward_cpu>);
-  m.impl("_probability_cross_entropy_backward", &probability_backward<probability_backward_cpu>);
+// This build's entry points (the kernels above have internal linkage).
+SoftForwardResult mixed_forward_cpu_entry(const MixedArgs& args) { return mixed_forward_cpu(args); }
+at::Tensor mixed_backward_cpu_entry(const MixedArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
+                                    const at::Tensor& denominators) {
+  return mixed_backward_cpu(args, grad_loss, row_stats, denominators);
 }
+SoftForwardResult probability_forward_cpu_entry(const CrossEntropyArgs& args) { return probability_forward_cpu(args); }
+at::Tensor probability_backward_cpu_entry(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
+                                          const at::Tensor& row_stats, const at::Tensor& denominator) {
+  return probability_backward_cpu(args, grad_loss, row_stats, denominator);
+}
+
+}  // namespace CPU_CAPABILITY
+
+#if defined(CPU_CAPABILITY_DEFAULT)
+// Once, in the build without -m flags: the entry points that pick a capability's kernels, and the
+// registrations (static initialisers, which must not hold AVX code).
+LTFAST_CPU_DISPATCH(SoftForwardResult, mixed_forward_cpu_entry,
+                    (const MixedArgs& args),
+                    (args))
+LTFAST_CPU_DISPATCH(at::Tensor, mixed_backward_cpu_entry,
+                    (const MixedArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats, const at::Tensor& denominators),
+                    (args, grad_loss, row_stats, denominators))
+LTFAST_CPU_DISPATCH(SoftForwardResult, probability_forward_cpu_entry,
+                    (const CrossEntropyArgs& args),
+                    (args))
+LTFAST_CPU_DISPATCH(at::Tensor, probability_backward_cpu_entry,
+                    (const CrossEntropyArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats, const at::Tensor& denominator),
+                    (args, grad_loss, row_stats, denominator))
+
+TORCH_LIBRARY_IMPL(ltfast, CPU, m) {
+  m.impl("_mixed_cross_entropy_forward", &mixed_forward<mixed_forward_cpu_entry>);
+  m.impl("_mixed_cross_entropy_backward", &mixed_backward<mixed_backward_cpu_entry>);
+  m.impl("_probability_cross_entropy_forward", &probability_forward<probability_forward_cpu_entry>);
+  m.impl("_probability_cross_entropy_backward", &probability_backward<probability_backward_cpu_entry>);
+}
+#endif  // CPU_CAPABILITY_DEFAULT
 
 }  // namespace ltfast
