@@ -299,6 +299,9 @@ def main(argv=None) -> int:
     if args.measure:
         if args.device == "cuda" and not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device")
+        # The repository root too: on the lent GPU machine ltfast is built in place, not installed
+        # (found by the torch 2.11 dry run in CI, whose venv has no ltfast installed).
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         copy_gb_s = None
         if args.device == "cuda":
