@@ -182,6 +182,25 @@ def _source_capability(source):
     return None
 
 
+def _cuda_library_headers(nvidia_include):
+    """torch's CUDA headers include cusparse.h, cublas_v2.h and friends, which a minimal toolkit
+    lacks and pip's CUDA wheels ship in site-packages/nvidia/cu13/include. That folder also holds the
+    wheels' own cuda_runtime_api.h, of the CUDA release torch was built with (13.2 for torch
+    2.15.0+cu132), which nvcc 13.0 refuses ("CUDA compiler and CUDA toolkit headers are
+    incompatible"). So only the headers the toolkit lacks are offered, as links in a folder of
+    their own; the toolkit's runtime headers always win."""
+    toolkit = set(os.listdir(os.path.join(_cuda_home, "include"))) if _cuda_home and \
+        os.path.isdir(os.path.join(_cuda_home, "include")) else set()
+    folder = os.path.join(ROOT, "build", "cuda_library_headers")
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):  # links from an earlier build against another torch or toolkit
+        os.unlink(os.path.join(folder, name))
+    for name in sorted(os.listdir(nvidia_include)):
+        if name not in toolkit:
+            os.symlink(os.path.join(nvidia_include, name), os.path.join(folder, name))
+    return folder
+
+
 def _extension():
     _check_torch_version()
     with_cuda = _want_cuda()
@@ -193,11 +212,9 @@ def _extension():
     generic_sources = [p for p in cpp_sources if p not in kernel_sources]
     cuda_sources = sorted(glob.glob("csrc/**/*.cu", recursive=True))
     include_dirs = [os.path.join(ROOT, "csrc")]
-    # torch's CUDA headers include cusparse.h and friends, which pip's CUDA wheels ship here.
-    for site in {os.path.dirname(os.path.dirname(torch.__file__))}:
-        nvidia_include = os.path.join(site, "nvidia", "cu13", "include")
-        if os.path.isdir(nvidia_include):
-            include_dirs.append(nvidia_include)
+    nvidia_include = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
+    if os.path.isdir(nvidia_include):
+        include_dirs.append(_cuda_library_headers(nvidia_include))
     # -fopenmp: at::parallel_for is header code that only runs in parallel when the extension
     # itself is compiled with OpenMP (without it, 2 threads were slower than 1 here: fwd+bwd at
     # [4096, 1000] 6.8 ms vs 3.6 ms with it, on 2 cores).

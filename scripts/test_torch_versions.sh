@@ -37,9 +37,10 @@ for version in "$@"; do
     stamp "creating $venv"
     rm -rf "$venv"; mkdir -p "$VENVS"
     "$BASE_PYTHON" -m venv "$venv"
-    "$python" -m pip install --quiet --upgrade pip
-    "$python" -m pip install --quiet "torch==$version" ninja pytest pytest-xdist numpy pyyaml matplotlib hypothesis \
-      "setuptools>=64" wheel
+    # PIP_CONFIG_FILE=/dev/null: this machine's pip.conf caps torch at the 2.14.1 kept on its disk
+    # (a constraints file); the other versions come from the registry.
+    PIP_CONFIG_FILE=/dev/null "$python" -m pip install --quiet "torch==$version" ninja pytest pytest-xdist numpy \
+      pyyaml matplotlib hypothesis "setuptools>=64" wheel
   fi
   "$python" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 
