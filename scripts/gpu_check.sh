@@ -24,9 +24,9 @@
 # slow build eats into the benchmark, never past the deadline. The deadline is 480 s, not 540: 60 s
 # of margin inside the 540 s a call may take after the machine's start.
 #
-# Measured, dry run on this project's 2-core AMD EPYC with torch 2.11 (load ~6 from other builds):
-# preflight 10 s, parity 19 s, collecting the 1,407 CUDA tests twice 56 s, sanitizer driver on the
-# CPU 11 s, traffic model 17 s, benchmark 25 s: 151 s. Estimated on the H100 (16 cores), unmeasured:
+# Measured, dry run on this project's 2-core AMD EPYC with torch 2.11: idle, preflight 2 s, parity
+# 2 s, collecting the 1,407 CUDA tests twice 11 s, sanitizer driver on the CPU 2 s, traffic model
+# 4 s, benchmark 5 s: 27 s in all (151 s at load ~6 from other builds). Estimated on the H100 (16 cores), unmeasured:
 # preflight 5 s; build ~150 s (the generic sources and the 6 .cu files in parallel, the heaviest
 # .cu ~60-90 s for sm_90 alone, then the CPU kernels' three capability groups one after another,
 # ~20-30 s each); parity ~45 s; fast tests 90 s (cap; 1,378 tests on 8 workers); slow tests 60 s
