@@ -314,6 +314,16 @@ def _assert_close_at_scale(got, expected, what):
                                msg=lambda m: f"{what}: {m}")
 
 
+def _assert_loss_and_grad_at_scale(loss, x, expected, z, offset):
+    """The [16] per-row loss and its gradient (under a non-uniform upstream) against the float64
+    reference computed on the shifted logits z."""
+    _assert_close_at_scale(loss, expected, f"offset {offset} loss")
+    upstream = torch.linspace(0.5, 1.5, 16, dtype=torch.float64, device=loss.device)
+    (grad,) = torch.autograd.grad(loss, x, upstream.float())
+    (expected_grad,) = torch.autograd.grad(expected, z, upstream)
+    _assert_close_at_scale(grad, expected_grad, f"offset {offset} grad")
+
+
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("variant", ["cross_entropy", "balanced_softmax", "weighted_smoothing",
                                      "class_smoothing_weighted"])
@@ -333,11 +343,7 @@ def test_mixed_large_logits_match_float64(variant, device):
         z, shifted = _shifted_float64(logits, None if adjustment is None else adjustment.to(device))
         expected = reference.mixed_cross_entropy(shifted, a, b, lam, reduction="none",
                                                  **_vectors(kwargs, device, torch.float64))
-        _assert_close_at_scale(loss, expected, f"offset {offset} loss")
-        upstream = torch.linspace(0.5, 1.5, 16, dtype=torch.float64, device=device)
-        (grad,) = torch.autograd.grad(loss, x, upstream.float())
-        (expected_grad,) = torch.autograd.grad(expected, z, upstream)
-        _assert_close_at_scale(grad, expected_grad, f"offset {offset} grad")
+        _assert_loss_and_grad_at_scale(loss, x, expected, z, offset)
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -356,11 +362,7 @@ def test_probability_large_logits_match_float64(variant, device):
         z, shifted = _shifted_float64(logits, None if adjustment is None else adjustment.to(device))
         expected = reference.probability_cross_entropy(shifted, target, reduction="none",
                                                        **_vectors(kwargs, device, torch.float64))
-        _assert_close_at_scale(loss, expected, f"offset {offset} loss")
-        upstream = torch.linspace(0.5, 1.5, 16, dtype=torch.float64, device=device)
-        (grad,) = torch.autograd.grad(loss, x, upstream.float())
-        (expected_grad,) = torch.autograd.grad(expected, z, upstream)
-        _assert_close_at_scale(grad, expected_grad, f"offset {offset} grad")
+        _assert_loss_and_grad_at_scale(loss, x, expected, z, offset)
 
 
 @pytest.mark.parametrize("device", device_params())
