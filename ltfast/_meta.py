@@ -4,10 +4,11 @@ tensors and in ``torch.library.opcheck``. Each returns empty tensors of the real
 shapes and dtypes, and repeats the argument checks of the C++ kernels that do not run on fake
 tensors, so that torch.compile and meta inputs fail with the same messages.
 
-Registered when this module is imported (``import ltfast`` does it first, before any functional
-exists), and only when the extension defines the ops. It depends on nothing but ``_extension``
-and ``_dispatch``, so the order in which the rest of ltfast is imported does not matter. The
-schemas are in csrc/ltfast.cpp; the output layouts in csrc/ops/<family>/<family>.h.
+Registered when this module is first imported, and only when the extension defines the ops.
+``ltfast/__init__`` imports it, and so does every module that calls the ops (``ops``,
+``soft_targets``, ``data.samplers``); it depends on nothing but ``_extension`` and ``_dispatch``,
+so no import order can leave an op without its fake kernel. The schemas are in csrc/ltfast.cpp;
+the output layouts in csrc/ops/<family>/<family>.h.
 """
 from __future__ import annotations
 
