@@ -6,12 +6,12 @@
 
 The ops themselves are ``torch.ops.ltfast.*`` (registered when this package is imported).
 """
-from . import _extension, priors, reference
-from .ops import (adjusted_cross_entropy, balanced_softmax_loss, lade_loss, lade_regularizer,
-                  softmax_equalization_loss, equalization_loss)
+# Each module imports what it uses (ltfast/_meta.py registers the fake kernels wherever the ops are
+# first reached), so the order of these imports does not matter.
+from . import _extension, _meta, nn, priors, reference  # noqa: F401  (_meta: the fake kernels)
+from .ops import (adjusted_cross_entropy, balanced_softmax_loss, diverse_expert_loss, equalization_loss, lade_loss,
+                  lade_regularizer, ride_loss, softmax_equalization_loss)
 from .soft_targets import mixed_cross_entropy, probability_cross_entropy
-from .ops import diverse_expert_loss, ride_loss
-from . import nn  # noqa: E402  (after ops: the modules use the functionals)
 
 __version__ = "0.1.0"
 __all__ = ["adjusted_cross_entropy", "balanced_softmax_loss", "lade_loss", "lade_regularizer",

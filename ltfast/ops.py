@@ -1,4 +1,5 @@
-"""Python side of the torch.ops.ltfast ops: fake (meta) kernels and the functionals users call.
+"""The functionals users call, over the torch.ops.ltfast ops (their fake kernels: ltfast/_meta.py;
+the path a call takes: ltfast/_dispatch.py).
 
 The schemas and the CPU/CUDA kernels are in csrc/, and so are autograd and autocast
 (csrc/autograd/*_autograd.cpp), so that a call costs no Python beyond the functional itself. Each
@@ -15,192 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _extension, reference
-
-_REDUCTIONS = ("none", "mean", "sum")
-
-# ltfast._C's direct entry points, or None without the extension. Tests may replace it to observe
-# which path a call takes.
-_fast = _extension.fast_entry_points()
-_is_compiling = torch.compiler.is_compiling
-
-
-def _accumulate_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def _check_devices(op: str, logits: Tensor, tensors: dict) -> None:
-    """Every tensor argument on the logits' device: a RuntimeError naming the argument and the
-    expected device. Cheap (no data read); also run by the fake kernels, which are what runs when
-    any argument is a meta tensor."""
-    device = logits.device
-    for name, tensor in tensors.items():
-        if isinstance(tensor, Tensor) and tensor.device != device:
-            raise RuntimeError(f"{op}: {name} must be on the same device as logits ({device}), got {tensor.device}")
-
-
-def _fake_forward(op: str, logits: Tensor, target: Tensor, reduction: str, class_vectors: dict):
-    # The C++ checks do not run on fake/meta tensors; these keep torch.compile and meta inputs
-    # failing with the same messages.
-    torch._check(logits.dim() == 2, lambda: f"{op}: logits must be a 2-D tensor [N, C], got {logits.dim()}-D")
-    torch._check(reduction in _REDUCTIONS,
-                 lambda: f"{op}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    torch._check(target.dim() == 1 and target.shape[0] == logits.shape[0],
-                 lambda: f"{op}: target must be a 1-D tensor of N = {logits.shape[0]} elements, got shape "
-                         f"{tuple(target.shape)}")
-    for name, vector in class_vectors.items():
-        if vector is None:
-            continue
-        torch._check(vector.dim() == 1 and vector.shape[0] == logits.shape[1],
-                     lambda: f"{op}: {name} must be a 1-D tensor of C = {logits.shape[1]} elements, got shape "
-                             f"{tuple(vector.shape)}")
-    for name, tensor in {"target": target, **class_vectors}.items():
-        if tensor is not None and tensor.device != logits.device:
-            raise RuntimeError(f"{op}: {name} must be on the same device as logits ({logits.device}), "
-                               f"got {tensor.device}")
-    acc = _accumulate_dtype(logits)
-    rows = logits.shape[0]
-    loss = logits.new_empty((rows,) if reduction == "none" else (), dtype=acc)
-    return loss, logits.new_empty((2, rows), dtype=acc), logits.new_empty((), dtype=acc)
-
-
-def _fake_expert_checks(op: str, logits: Tensor, target: Tensor, tensors: dict) -> None:
-    torch._check(logits.dim() == 3,
-                 lambda: f"{op}: logits must be a 3-D tensor [N, E, C] of expert logits, got {logits.dim()}-D")
-    torch._check(target.dim() == 1 and target.shape[0] == logits.shape[0],
-                 lambda: f"{op}: target must be a 1-D tensor of N = {logits.shape[0]} elements, got shape "
-                         f"{tuple(target.shape)}")
-    for name, tensor in {"target": target, **tensors}.items():
-        if tensor is not None and tensor.device != logits.device:
-            raise RuntimeError(f"{op}: {name} must be on the same device as logits ({logits.device}), "
-                               f"got {tensor.device}")
-
-
-def _fake_forward_grad(logits: Tensor, with_grad: bool) -> Tensor:
-    """The multi-expert forward ops' grad_logits: computed by the CPU kernels only (multi_expert.h)."""
-    if with_grad and logits.device.type == "cpu":
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
-    return logits.new_empty((0,))
-
-
-def _register() -> None:
-    lib = torch.library
-
-    # ---------------------------------------------------------------- balanced_softmax
-    @lib.register_fake("ltfast::_balanced_softmax_forward")
-    def _(logits, target, log_prior, reduction, ignore_index):
-        return _fake_forward("ltfast.balanced_softmax", logits, target, reduction, {"log_prior": log_prior})
-
-    @lib.register_fake("ltfast::_balanced_softmax_backward")
-    def _(grad_loss, logits, target, log_prior, row_stats, denominator, reduction, ignore_index):
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-    # ---------------------------------------------------------------- adjusted_cross_entropy
-    @lib.register_fake("ltfast::_adjusted_cross_entropy_forward")
-    def _(logits, target, adjustment, target_margin, weight, gamma, label_smoothing, reduction, ignore_index):
-        return _fake_forward("ltfast.adjusted_cross_entropy", logits, target, reduction,
-                             {"adjustment": adjustment, "target_margin": target_margin, "weight": weight})
-
-    @lib.register_fake("ltfast::_adjusted_cross_entropy_backward")
-    def _(grad_loss, logits, target, adjustment, target_margin, weight, row_stats, denominator, gamma,
-          label_smoothing, reduction, ignore_index):
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-    # ---------------------------------------------------------------- softmax_equalization_loss
-    @lib.register_fake("ltfast::_softmax_equalization_loss_forward")
-    def _(logits, target, tail_mask, seed, gamma, reduction, ignore_index):
-        _check_devices("ltfast.softmax_equalization_loss", logits, {"seed": seed})
-        return _fake_forward("ltfast.softmax_equalization_loss", logits, target, reduction,
-                             {"tail_mask": tail_mask})
-
-    @lib.register_fake("ltfast::_softmax_equalization_loss_backward")
-    def _(grad_loss, logits, target, tail_mask, seed, row_stats, denominator, gamma, reduction, ignore_index):
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-    # ---------------------------------------------------------------- equalization_loss (EQL)
-    @lib.register_fake("ltfast::_equalization_loss_forward")
-    def _(logits, target, tail_mask, reduction, ignore_index):
-        loss, _, denominator = _fake_forward("ltfast.equalization_loss", logits, target, reduction,
-                                             {"tail_mask": tail_mask})
-        return loss, denominator
-
-    @lib.register_fake("ltfast::_equalization_loss_backward")
-    def _(grad_loss, logits, target, tail_mask, denominator, reduction, ignore_index):
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-    # ---------------------------------------------------------------- lade
-    @lib.register_fake("ltfast::_lade_forward")
-    def _(logits, target, log_prior, ce_weight, alpha, remine_lambda, ignore_index):
-        _fake_forward("ltfast.lade", logits, target, "mean", {"log_prior": log_prior})
-        acc = _accumulate_dtype(logits)
-        # row_stats [2, N], column_stats [4, C] (layouts: csrc/ops/lade/lade.h), num_valid int64.
-        return (logits.new_empty((), dtype=acc), logits.new_empty((2, logits.shape[0]), dtype=acc),
-                logits.new_empty((4, logits.shape[1]), dtype=acc), logits.new_empty((), dtype=torch.int64))
-
-    @lib.register_fake("ltfast::_lade_backward")
-    def _(grad_loss, logits, target, log_prior, row_stats, column_stats, num_valid, ce_weight, ignore_index):
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-    # ---------------------------------------------------------------- multi-expert losses
-    @lib.register_fake("ltfast::_diverse_expert_loss_forward")
-    def _(logits, target, adjustments, reduction, ignore_index, with_grad=False):
-        op = "ltfast.diverse_expert_loss"
-        _fake_expert_checks(op, logits, target, {"adjustments": adjustments})
-        torch._check(adjustments.dim() == 2 and adjustments.shape[0] == logits.shape[1]
-                     and adjustments.shape[1] == logits.shape[2],
-                     lambda: f"{op}: adjustments must be a 2-D tensor [E = {logits.shape[1]}, C = {logits.shape[2]}], "
-                             f"got shape {tuple(adjustments.shape)}")
-        torch._check(reduction in _REDUCTIONS,
-                     lambda: f"{op}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-        acc = _accumulate_dtype(logits)
-        rows, experts = logits.shape[0], logits.shape[1]
-        loss = logits.new_empty((rows,) if reduction == "none" else (), dtype=acc)
-        # row_stats [2, N, E], denominator, grad_logits (layouts: csrc/ops/multi_expert/multi_expert.h).
-        return (loss, logits.new_empty((2, rows, experts), dtype=acc), logits.new_empty((), dtype=acc),
-                _fake_forward_grad(logits, with_grad))
-
-    @lib.register_fake("ltfast::_diverse_expert_loss_backward")
-    def _(grad_loss, logits, target, adjustments, row_stats, denominator, reduction, ignore_index):
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-    @lib.register_fake("ltfast::_ride_loss_forward")
-    def _(logits, target, target_margin, weight, temperature, base_temperature, diversity_factor, ignore_index,
-          with_grad=False):
-        op = "ltfast.ride_loss"
-        vectors = {"target_margin": target_margin, "weight": weight, "temperature": temperature}
-        _fake_expert_checks(op, logits, target, vectors)
-        for name, vector in vectors.items():
-            if vector is not None:
-                torch._check(vector.dim() == 1 and vector.shape[0] == logits.shape[2],
-                             lambda: f"{op}: {name} must be a 1-D tensor of C = {logits.shape[2]} elements, got "
-                                     f"shape {tuple(vector.shape)}")
-        acc = _accumulate_dtype(logits)
-        # row_stats [2, N, 2E + 1], denominators [3] (layouts: csrc/ops/multi_expert/multi_expert.h).
-        return (logits.new_empty((), dtype=acc), logits.new_empty((2, logits.shape[0], 2 * logits.shape[1] + 1),
-                                                                   dtype=acc),
-                logits.new_empty((3,), dtype=acc), _fake_forward_grad(logits, with_grad))
-
-    @lib.register_fake("ltfast::_ride_loss_backward")
-    def _(grad_loss, logits, target, target_margin, weight, temperature, row_stats, denominators, base_temperature,
-          diversity_factor, ignore_index):
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-    # ---------------------------------------------------------------- sampler draws (ltfast.data)
-    @lib.register_fake("ltfast::class_aware_sample")
-    def _(class_offsets, members, seed, epoch, start, count, num_samples_cls, epoch_length):
-        torch._check(members.device == class_offsets.device,
-                     lambda: "ltfast.class_aware_sample: members must be on the same device as class_offsets")
-        return members.new_empty((count,))
-
-    @lib.register_fake("ltfast::class_weighted_sample")
-    def _(class_cdf, class_offsets, members, seed, epoch, start, count, epoch_length):
-        torch._check(class_cdf.shape[0] == class_offsets.shape[0] - 1,
-                     lambda: "ltfast.class_weighted_sample: class_cdf must have one entry per class")
-        return members.new_empty((count,))
-
-
-if _extension.AVAILABLE:
-    _register()
+from . import _dispatch, _extension, _meta, reference  # noqa: F401  (_meta: the fake kernels of these ops)
+from . import soft_targets as _soft
+from ._dispatch import is_compiling as _is_compiling
 
 
 def balanced_softmax_loss(logits: Tensor, target: Tensor, log_prior: Tensor, reduction: str = "mean",
@@ -232,7 +50,7 @@ def balanced_softmax_loss(logits: Tensor, target: Tensor, log_prior: Tensor, red
         _extension.warn_fallback_once()
         return reference.balanced_softmax(logits, target, log_prior, reduction, ignore_index)
     if not _is_compiling():
-        loss = _fast.balanced_softmax(logits, target, log_prior, reduction, ignore_index)
+        loss = _dispatch.fast.balanced_softmax(logits, target, log_prior, reduction, ignore_index)
         if loss is not NotImplemented:
             return loss
     return torch.ops.ltfast.balanced_softmax.default(logits, target, log_prior, reduction, ignore_index)
@@ -282,8 +100,8 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | 
     gamma = float(gamma)
     label_smoothing = float(label_smoothing)
     if not _is_compiling():
-        loss = _fast.adjusted_cross_entropy(logits, target, adjustment, target_margin, weight, gamma,
-                                            label_smoothing, reduction, ignore_index)
+        loss = _dispatch.fast.adjusted_cross_entropy(logits, target, adjustment, target_margin, weight, gamma,
+                                                     label_smoothing, reduction, ignore_index)
         if loss is not NotImplemented:
             return loss
     return torch.ops.ltfast.adjusted_cross_entropy.default(logits, target, adjustment, target_margin, weight,
@@ -311,7 +129,7 @@ def lade_loss(logits: Tensor, target: Tensor, log_prior: Tensor, alpha: float = 
     alpha = float(alpha)
     remine_lambda = float(remine_lambda)
     if not _is_compiling():
-        loss = _fast.lade(logits, target, log_prior, alpha, remine_lambda, ignore_index)
+        loss = _dispatch.fast.lade(logits, target, log_prior, alpha, remine_lambda, ignore_index)
         if loss is not NotImplemented:
             return loss
     return torch.ops.ltfast.lade.default(logits, target, log_prior, alpha, remine_lambda, ignore_index)
@@ -325,7 +143,7 @@ def lade_regularizer(logits: Tensor, target: Tensor, log_prior: Tensor, remine_l
         return reference.lade_regularizer(logits, target, log_prior, remine_lambda, ignore_index)
     remine_lambda = float(remine_lambda)
     if not _is_compiling():
-        loss = _fast.lade_regularizer(logits, target, log_prior, remine_lambda, ignore_index)
+        loss = _dispatch.fast.lade_regularizer(logits, target, log_prior, remine_lambda, ignore_index)
         if loss is not NotImplemented:
             return loss
     return torch.ops.ltfast.lade_regularizer.default(logits, target, log_prior, remine_lambda, ignore_index)
@@ -359,7 +177,8 @@ def softmax_equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor,
                                                     seed=seed)
     gamma = float(gamma)
     if not _is_compiling():
-        loss = _fast.softmax_equalization_loss(logits, target, tail_mask, seed, gamma, reduction, ignore_index)
+        loss = _dispatch.fast.softmax_equalization_loss(logits, target, tail_mask, seed, gamma, reduction,
+                                                        ignore_index)
         if loss is not NotImplemented:
             return loss
     return torch.ops.ltfast.softmax_equalization_loss.default(logits, target, tail_mask, seed, gamma, reduction,
@@ -387,13 +206,11 @@ def equalization_loss(logits: Tensor, target: Tensor, tail_mask: Tensor, reducti
         _extension.warn_fallback_once()
         return reference.equalization_loss(logits, target, tail_mask, reduction, ignore_index)
     if not _is_compiling():
-        loss = _fast.equalization_loss(logits, target, tail_mask, reduction, ignore_index)
+        loss = _dispatch.fast.equalization_loss(logits, target, tail_mask, reduction, ignore_index)
         if loss is not NotImplemented:
             return loss
     return torch.ops.ltfast.equalization_loss.default(logits, target, tail_mask, reduction, ignore_index)
 
-
-from . import soft_targets as _soft  # noqa: E402  (registers its fake kernels with _fake_forward above)
 
 
 def diverse_expert_loss(logits: Tensor, target: Tensor, adjustments: Tensor, reduction: str = "mean",
@@ -418,7 +235,7 @@ def diverse_expert_loss(logits: Tensor, target: Tensor, adjustments: Tensor, red
         _extension.warn_fallback_once()
         return reference.diverse_expert_loss(logits, target, adjustments, reduction, ignore_index)
     if not _is_compiling():
-        loss = _fast.diverse_expert_loss(logits, target, adjustments, reduction, ignore_index)
+        loss = _dispatch.fast.diverse_expert_loss(logits, target, adjustments, reduction, ignore_index)
         if loss is not NotImplemented:
             return loss
     return torch.ops.ltfast.diverse_expert_loss.default(logits, target, adjustments, reduction, ignore_index)
@@ -462,8 +279,8 @@ def ride_loss(logits: Tensor, target: Tensor, target_margin: Tensor | None = Non
         return reference.ride_loss(logits, target, target_margin, weight, temperature, base_temperature,
                                    diversity_factor, ignore_index)
     if not _is_compiling():
-        loss = _fast.ride_loss(logits, target, target_margin, weight, temperature, base_temperature,
-                               diversity_factor, ignore_index)
+        loss = _dispatch.fast.ride_loss(logits, target, target_margin, weight, temperature, base_temperature,
+                                        diversity_factor, ignore_index)
         if loss is not NotImplemented:
             return loss
     return torch.ops.ltfast.ride_loss.default(logits, target, target_margin, weight, temperature, base_temperature,

@@ -20,62 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _extension, reference
-from . import ops as _ops
-
-_is_compiling = torch.compiler.is_compiling
-
-
-def _register() -> None:
-    from .ops import _fake_forward
-
-    lib = torch.library
-
-    @lib.register_fake("ltfast::_mixed_cross_entropy_forward")
-    def _(logits, target, target_b, mix_weight, mix, adjustment, target_margin, weight, gamma, label_smoothing,
-          class_label_smoothing, reduction, ignore_index):
-        op = "ltfast.mixed_cross_entropy"
-        # The meta kernel runs whenever one argument is a meta tensor: without these checks a meta
-        # target_b next to CPU logits returned uninitialised CPU memory (trial finding 3).
-        _ops._check_devices(op, logits, {"target_b": target_b, "mix_weight": mix_weight})
-        loss, row_stats, _ = _fake_forward(op, logits, target, reduction,
-                                           {"adjustment": adjustment, "target_margin": target_margin,
-                                            "weight": weight, "class_label_smoothing": class_label_smoothing})
-        if target_b is not None:
-            torch._check(target_b.dim() == 1 and target_b.shape[0] == logits.shape[0],
-                         lambda: f"{op}: target_b must be a 1-D tensor of N = {logits.shape[0]} class indices, "
-                                 f"got shape {tuple(target_b.shape)}")
-            torch._check(target_margin is None,
-                         lambda: f"{op}: target_margin (LDAM) cannot be combined with target_b")
-        if mix_weight is not None:
-            torch._check(target_b is not None, lambda: f"{op}: mix_weight is only meaningful together with target_b")
-            torch._check(mix_weight.dim() == 0 or tuple(mix_weight.shape) == (logits.shape[0],),
-                         lambda: f"{op}: mix_weight must be a 0-dim tensor or a 1-D tensor of N = "
-                                 f"{logits.shape[0]} elements, got shape {tuple(mix_weight.shape)}")
-        return loss, row_stats, logits.new_empty((2,), dtype=row_stats.dtype)
-
-    @lib.register_fake("ltfast::_mixed_cross_entropy_backward")
-    def _(grad_loss, logits, target, target_b, mix_weight, mix, adjustment, target_margin, weight, row_stats,
-          denominator, gamma, label_smoothing, class_label_smoothing, reduction, ignore_index):
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-    @lib.register_fake("ltfast::_probability_cross_entropy_forward")
-    def _(logits, target, adjustment, weight, label_smoothing, reduction):
-        op = "ltfast.probability_cross_entropy"
-        torch._check(tuple(target.shape) == tuple(logits.shape),
-                     lambda: f"{op}: a probability target must have the logits' shape [N, C] = "
-                             f"{tuple(logits.shape)}, got {tuple(target.shape)}")
-        rows = target[:, 0].to(torch.int64)  # shape [N]: the shared checks of the class vectors
-        loss, _, denominator = _fake_forward(op, logits, rows, reduction, {"adjustment": adjustment, "weight": weight})
-        return loss, logits.new_empty((3, logits.shape[0]), dtype=denominator.dtype), denominator
-
-    @lib.register_fake("ltfast::_probability_cross_entropy_backward")
-    def _(grad_loss, logits, target, adjustment, weight, row_stats, denominator, label_smoothing, reduction):
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-if _extension.AVAILABLE:
-    _register()
+from . import _dispatch, _extension, _meta, reference  # noqa: F401  (_meta: the fake kernels of these ops)
+from ._dispatch import is_compiling as _is_compiling
 
 
 def _split_smoothing(label_smoothing) -> tuple[float, Tensor | None]:
@@ -118,7 +64,7 @@ def _split_mix(mix_weight, logits: Tensor) -> tuple[float, Tensor | None]:
         # The op's `float mix` would make torch.compile guard on lambda's value, and mixup draws a new
         # lambda every batch: one recompile per batch until FailOnRecompileLimitHit (trial finding 4).
         # A 0-dim tensor on the logits' device is an input of the graph instead; the kernels read it.
-        return 1.0, torch.full((), mix_weight, dtype=_ops._accumulate_dtype(logits), device=logits.device)
+        return 1.0, torch.full((), mix_weight, dtype=_dispatch.accumulate_dtype(logits), device=logits.device)
     return float(mix_weight), None
 
 
@@ -165,17 +111,17 @@ def mixed_cross_entropy(logits: Tensor, target: Tensor, target_b: Tensor | None 
         raise ValueError("mixed_cross_entropy: mix_weight (lambda: a float, a 0-dim tensor or an [N] tensor) is "
                          "required with target_b")
     eps, class_eps = _split_smoothing(label_smoothing)
-    _ops._check_devices("mixed_cross_entropy", logits, {"target": target, "target_b": target_b,
-                                                       "mix_weight": mix_weight, "adjustment": adjustment,
-                                                       "target_margin": target_margin, "weight": weight,
-                                                       "label_smoothing": class_eps})
+    _dispatch.check_devices("mixed_cross_entropy", logits, {"target": target, "target_b": target_b,
+                                                           "mix_weight": mix_weight, "adjustment": adjustment,
+                                                           "target_margin": target_margin, "weight": weight,
+                                                           "label_smoothing": class_eps})
     mix, mix_tensor = _split_mix(mix_weight, logits)
     if not _extension.AVAILABLE:
         _extension.warn_fallback_once()
         return reference.mixed_cross_entropy(logits, target, target_b, mix_weight, adjustment, target_margin, weight,
                                              gamma, label_smoothing, reduction, ignore_index)
     gamma = float(gamma)
-    fast = _ops._fast
+    fast = _dispatch.fast
     if not _is_compiling() and hasattr(fast, "mixed_cross_entropy"):
         loss = fast.mixed_cross_entropy(logits, target, target_b, mix_tensor, mix, adjustment, target_margin, weight,
                                         gamma, eps, class_eps, reduction, ignore_index)

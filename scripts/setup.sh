@@ -19,7 +19,7 @@ if [ "$have_torch" != "$TORCH_VERSION $TORCHVISION_VERSION" ]; then
   "$PYTHON" -m pip install --quiet "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
 "$PYTHON" -m pip install --quiet ninja "pytest>=7" expecttest numpy "setuptools>=64" wheel \
-  pyyaml matplotlib tqdm pillow
+  pyyaml matplotlib tqdm pillow "import-linter>=2.17" ruff
 # DALI (CPU pipelines here, nvJPEG where a GPU is present). The cuda130 build matches torch's CUDA.
 if ! "$PYTHON" -c "import nvidia.dali" >/dev/null 2>&1; then
   echo "== installing nvidia-dali-cuda130"

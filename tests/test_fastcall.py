@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import ltfast
+import ltfast._dispatch
 import ltfast.nn
 import ltfast.ops
 
@@ -38,8 +39,8 @@ class _Recorder:
 
 @pytest.fixture
 def recorder(monkeypatch):
-    rec = _Recorder(ltfast.ops._fast)
-    monkeypatch.setattr(ltfast.ops, "_fast", rec)
+    rec = _Recorder(ltfast._dispatch.fast)
+    monkeypatch.setattr(ltfast._dispatch, "fast", rec)
     return rec
 
 
@@ -204,7 +205,7 @@ def test_errors_identical_to_torch_ops(case):
         "1-D logits": (logits[0], target, prior, "mean", -100),
         "device": (logits, target, prior.to("meta"), "mean", -100),
     }[case]
-    fast = ltfast.ops._fast.balanced_softmax
+    fast = ltfast._dispatch.fast.balanced_softmax
     got = _error(lambda: fast(*args))
     want = _error(lambda: torch.ops.ltfast.balanced_softmax.default(*args))
     assert got == want
@@ -212,7 +213,7 @@ def test_errors_identical_to_torch_ops(case):
 
 def test_entry_points_decline_unexpected_argument_types():
     logits, target, prior, tail, seed = _inputs()
-    fast = ltfast.ops._fast
+    fast = ltfast._dispatch.fast
     assert fast.balanced_softmax(logits, target, prior, "mean", True) is NotImplemented
     assert fast.balanced_softmax(logits, target, prior, b"mean", -100) is NotImplemented
     assert fast.balanced_softmax(logits, target, prior.tolist(), "mean", -100) is NotImplemented
@@ -229,7 +230,7 @@ def test_entry_points_decline_unexpected_argument_types():
 
 def test_fast_path_self_check_accepts_the_built_entry_points():
     # The import-time check (ltfast/_extension.py) passed on this torch: the functionals use _C.
-    assert ltfast.ops._fast is ltfast._C
+    assert ltfast._dispatch.fast is ltfast._C
     assert ltfast._extension._fast_path_declines_under_a_mode(ltfast._C)
 
 
@@ -257,7 +258,7 @@ def test_fast_path_can_be_turned_off_by_environment():
     import os
     import subprocess
     import sys
-    code = ("import ltfast, ltfast.ops, torch; assert ltfast.ops._fast is not ltfast._C; "
+    code = ("import ltfast, ltfast._dispatch, torch; assert ltfast._dispatch.fast is not ltfast._C; "
             "x = torch.randn(4, 3, requires_grad=True); y = torch.tensor([0, 1, 2, 1]); "
             "ltfast.balanced_softmax_loss(x, y, torch.zeros(3)).backward(); print('dispatcher path ok')")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LTFAST_FAST_PATH": "0"},

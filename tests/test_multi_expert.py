@@ -504,7 +504,7 @@ def test_direct_entry_points_match_the_dispatcher_path():
     logits, target, gen = make_inputs((5, 3, 8), torch.float32, "cpu")
     options = ride_options("drw", 8, gen, "cpu")
     adjustments = torch.randn(3, 8, generator=gen)
-    fast = ltfast.ops._fast
+    fast = ltfast._dispatch.fast
     direct = fast.ride_loss(logits, target, options["target_margin"], options["weight"], options["temperature"], 1.5,
                             -0.3, IGNORE)
     assert torch.equal(direct, ltfast.ride_loss(logits, target, **options))

@@ -1,5 +1,7 @@
-"""Image batches from JPEG list files: a DALI pipeline driven by an ltfast sampler, and the
-PIL/torchvision DataLoader with the same sampler and augmentation as the baseline.
+"""Image batches from JPEG list files: a DALI pipeline driven by an ltfast sampler
+(:class:`DaliImageLoader`), and :func:`make_image_loader`, which builds it or its baseline, the
+PIL/torchvision DataLoader with the same sampler and augmentation (:class:`PilImageLoader`,
+ltfast/data/pil.py).
 
     train = read_list_file("ImageNet_LT_train.txt", root="/data/ImageNet")
     loader = make_image_loader("dali", dataset=train, sampler=ClassBalancedSampler(train.labels),
@@ -8,21 +10,13 @@ PIL/torchvision DataLoader with the same sampler and augmentation as the baselin
         loader.set_epoch(epoch)
         for images, labels in loader: ...        # float [256, 3, 224, 224] and int64 [256], on device
 
-Training transform (the survey's ``data/dataloader.py``): RandomResizedCrop(``crop_size``,
-scale (0.08, 1), ratio (3/4, 4/3)), horizontal flip with probability 1/2, colour jitter
-(brightness, contrast, saturation factors uniform in [1 - j, 1 + j], ``color_jitter=0`` turns it
-off as for iNaturalist), then x / 255 normalised by ``mean``/``std`` (given on the [0, 1] scale).
-Evaluation: Resize(``resize_size``) of the shorter side, CentreCrop(``crop_size``).
-
-Both loaders draw every random parameter the same way, in numpy, from a generator keyed by
-(seed, epoch, rank, batch): the crop box of torchvision's ``RandomResizedCrop.get_params`` (10
-tries, then the centre-crop fallback), the flip and the three jitter factors. The two paths hence
-crop, flip and jitter each image identically, and their batches agree to about 1/255 on average
-(the decoders' IDCT and the resamplers' rounding differ). The jitter is torchvision's
-(brightness; contrast around the mean grey; saturation as a blend with grey) in the fixed order
-brightness, contrast, saturation in both paths, where torchvision's ``ColorJitter`` shuffles the
-order per image. An epoch's batches are a pure function of (dataset, sampler state, seed, epoch,
-rank); ``set_epoch`` moves both the sampler and the augmentation to the next epoch.
+The transform and its random parameters are ltfast/data/augmentation.py's, shared with the PIL
+path, so both crop, flip and jitter each image identically, and their batches agree to about
+1/255 on average (the decoders' IDCT and the resamplers' rounding differ). The jitter is
+torchvision's (brightness; contrast around the mean grey; saturation as a blend with grey) in the
+fixed order brightness, contrast, saturation in both paths, where torchvision's ``ColorJitter``
+shuffles the order per image. An epoch's batches are a pure function of (dataset, sampler state,
+seed, epoch, rank); ``set_epoch`` moves both the sampler and the augmentation to the next epoch.
 
 DALI path (``DaliImageLoader``): the main thread reads each batch's encoded files (plain reads,
 ~0.1 ms per ImageNet-sized JPEG against ~2.5 ms of decoding and augmentation) and their JPEG
@@ -36,235 +30,29 @@ otherwise. Parallel (process-based) external_source is not used: it would only m
 file reads into extra processes that compete with the decoder threads for the same cores. On CPU
 the batch reaches torch without a copy (DLPack over DALI's output buffer).
 
-PIL path (``PilImageLoader``): the usual torchvision set-up, a per-image ``Dataset`` (PIL decode,
-``torchvision.transforms.functional``, ``to_tensor``, ``normalize``) in a
-``torch.utils.data.DataLoader`` with ``num_workers`` worker processes and the default collate.
-
 A file that cannot be read or decoded raises :class:`ImageDecodeError` naming the file: headers
 are checked when read, and when DALI's decoder fails the files of the batches in flight are
 re-decoded with PIL to find the culprit (DALI's message gives only the position in the batch).
 Damage inside the entropy-coded data that libjpeg-turbo decodes past (it warns "Corrupt JPEG
 data" and returns a garbled image) is not an error on the DALI path; PIL raises on it.
+
+The names this module has always exported (the augmentation functions, the PIL loader, the shared
+error) stay importable from it.
 """
 from __future__ import annotations
 
 import io
-import math
-import os
 from collections import deque
 from typing import Sequence
 
 import numpy as np
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_RRC_SCALE = (0.08, 1.0)
-_RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-_TRIES = 10  # torchvision's RandomResizedCrop.get_params
+from .augmentation import (_RRC_RATIO, _RRC_SCALE, IMAGENET_MEAN, IMAGENET_STD, _batch_generator,
+                           draw_train_randoms, eval_geometry, train_params)
+from .image_loader import ImageDecodeError, _check_common, _LoaderBase, default_num_threads
+from .pil import PilImageLoader
 
-
-class ImageDecodeError(RuntimeError):
-    """An image file of a dataset could not be read or decoded; ``path`` names it."""
-
-    def __init__(self, path: str, reason: str | None = None, index: int | None = None):
-        if reason is None:
-            # Re-raised from a DataLoader worker, which rebuilds an exception from its message alone
-            # (it raised a RuntimeError instead when that failed): recover the path from the message.
-            import re
-            found = re.search(r"cannot decode image file '((?:[^'\\]|\\.)*)'(?: \(dataset index (\d+)\))?", path)
-            self.path = found.group(1) if found else None
-            self.index = int(found.group(2)) if found and found.group(2) else None
-            super().__init__(path)
-            return
-        self.path = path
-        self.index = index
-        where = f" (dataset index {index})" if index is not None else ""
-        super().__init__(f"cannot decode image file {path!r}{where}: {reason}")
-
-
-# ------------------------------------------------------------------ shared helpers
-def _batch_generator(seed: int, epoch: int, rank: int, batch: int) -> np.random.Generator:
-    return np.random.Generator(np.random.Philox(np.random.SeedSequence([seed & (2**63 - 1), epoch, rank, batch])))
-
-
-def draw_train_randoms(rng: np.random.Generator, batch: int) -> dict:
-    """The uniform draws behind :func:`train_params` for ``batch`` images: a fixed number per
-    image, whatever the image sizes, so that image k's parameters depend only on row k and its
-    own size (a per-image loader can take one row)."""
-    return {"area": rng.random((batch, _TRIES)), "log_ratio": rng.random((batch, _TRIES)),
-            "top": rng.random(batch), "left": rng.random(batch), "flip": rng.random(batch),
-            "jitter": rng.random((3, batch))}
-
-
-def train_params(sizes: np.ndarray, randoms: dict, color_jitter: float = 0.4,
-                 scale: Sequence[float] = _RRC_SCALE, ratio: Sequence[float] = _RRC_RATIO) -> dict:
-    """Parameters of the training transform for images of ``sizes`` (int [B, 2], width and
-    height) from ``randoms`` (:func:`draw_train_randoms`, B rows), vectorised over the batch.
-
-    Returns int64 arrays ``top``, ``left``, ``height``, ``width`` (torchvision's
-    ``RandomResizedCrop.get_params``: up to 10 tries of an area fraction uniform in ``scale`` and
-    a log-uniform aspect ratio in ``ratio``, else the centre crop clamped to ``ratio``), bool
-    ``flip`` and float32 ``brightness``, ``contrast``, ``saturation`` factors, uniform in
-    [max(0, 1 - color_jitter), 1 + color_jitter] (1 where ``color_jitter`` is 0)."""
-    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
-    b = sizes.shape[0]
-    rows = np.arange(b)
-    W, H = sizes[:, 0:1], sizes[:, 1:2]
-    area = (W * H) * (scale[0] + (scale[1] - scale[0]) * randoms["area"])
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = np.exp(log_lo + (log_hi - log_lo) * randoms["log_ratio"])
-    w = np.round(np.sqrt(area * aspect)).astype(np.int64)  # half to even, as Python's round()
-    h = np.round(np.sqrt(area / aspect)).astype(np.int64)
-    ok = (w > 0) & (h > 0) & (w <= W) & (h <= H)
-    first = np.argmax(ok, axis=1)
-    found = ok[rows, first]
-    w, h = w[rows, first], h[rows, first]
-    W, H = sizes[:, 0], sizes[:, 1]
-    top = np.minimum((randoms["top"] * (H - h + 1)).astype(np.int64), H - h)
-    left = np.minimum((randoms["left"] * (W - w + 1)).astype(np.int64), W - w)
-    # fallback: the centre crop, its aspect ratio clamped to `ratio`
-    in_ratio = W / H
-    fw = np.where(in_ratio > ratio[1], np.round(H * ratio[1]).astype(np.int64), W)
-    fh = np.where(in_ratio < ratio[0], np.round(W / ratio[0]).astype(np.int64), H)
-    w, h = np.where(found, w, fw), np.where(found, h, fh)
-    top = np.where(found, top, (H - h) // 2)
-    left = np.where(found, left, (W - w) // 2)
-    lo = max(0.0, 1.0 - color_jitter)
-    factors = (lo + (1.0 + color_jitter - lo) * randoms["jitter"]).astype(np.float32)
-    if color_jitter == 0:
-        factors[:] = 1.0
-    return {"top": top, "left": left, "height": h, "width": w, "flip": randoms["flip"] < 0.5,
-            "brightness": factors[0], "contrast": factors[1], "saturation": factors[2]}
-
-
-def _row(randoms: dict, k: int) -> dict:
-    return {key: (value[:, k:k + 1] if key == "jitter" else value[k:k + 1]) for key, value in randoms.items()}
-
-
-def eval_geometry(sizes: np.ndarray, resize_size: int, crop_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """torchvision's Resize(resize_size) (shorter side to ``resize_size``, the longer one
-    ``int(resize_size * long / short)``) and CenterCrop(crop_size) offsets: (resized [B, 2] as
-    width, height; crop top-left [B, 2] as x, y, ``int(round((size - crop) / 2))``)."""
-    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
-    short = sizes.min(axis=1)
-    long_ = sizes.max(axis=1)
-    new_long = (resize_size * long_ / short).astype(np.int64)
-    resized = np.where(sizes[:, 0:1] <= sizes[:, 1:2], np.stack([np.full_like(short, resize_size), new_long], 1),
-                       np.stack([new_long, np.full_like(short, resize_size)], 1))
-    offsets = np.round((resized - crop_size) / 2.0).astype(np.int64)
-    return resized, offsets
-
-
-def _check_common(dataset, sampler, batch_size, train, crop_size, resize_size, mean, std, color_jitter,
-                  num_threads, dtype, name, seed=0, scale=_RRC_SCALE, ratio=_RRC_RATIO):
-    from .datasets import ListDataset
-    if not isinstance(dataset, ListDataset):
-        raise TypeError(f"dataset must be an ltfast.data.ListDataset, got {type(dataset).__name__}")
-    if len(dataset) == 0:
-        raise ValueError("dataset is empty")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if train and sampler is None:
-        raise ValueError("sampler is required when train=True (e.g. ltfast.data.InstanceSampler(dataset.labels))")
-    if sampler is not None and not hasattr(sampler, "__iter__"):
-        raise TypeError(f"sampler must be an iterable of dataset indices, got {type(sampler).__name__}")
-    for arg, value in (("crop_size", crop_size), ("resize_size", resize_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{arg} must be a positive int, got {value!r}")
-    if len(mean) not in (1, 3) or len(std) != len(mean):
-        raise ValueError(f"mean and std must both have 1 (grey) or 3 (RGB) entries, got {len(mean)} and {len(std)}")
-    if any(s <= 0 for s in std):
-        raise ValueError(f"std must be positive, got {tuple(std)}")
-    if not (isinstance(color_jitter, (int, float)) and 0 <= color_jitter):
-        raise ValueError(f"color_jitter must be a non-negative number, got {color_jitter!r}")
-    if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
-        raise ValueError(f"{name} must be a positive int or None, got {num_threads!r}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
-        raise ValueError(f"scale must be (lo, hi) with 0 < lo <= hi <= 1, got {tuple(scale)}")
-    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
-        raise ValueError(f"ratio must be (lo, hi) with 0 < lo <= hi, got {tuple(ratio)}")
-
-
-def default_num_threads() -> int:
-    """The CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-class _LoaderBase:
-    """Epoch plan shared by both loaders: indices from the sampler (or rank::world_size in order
-    for evaluation without one), batching, ``set_epoch`` and ``len``."""
-
-    def __init__(self, dataset, sampler, batch_size, device, train, crop_size, resize_size, mean, std,
-                 color_jitter, dtype, drop_last, seed, rank, world_size, scale, ratio):
-        from .samplers import _distributed_rank_and_size
-        self.dataset = dataset
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.train = train
-        self.crop_size = crop_size
-        self.resize_size = resize_size
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        self.channels = len(self.mean)
-        self.color_jitter = float(color_jitter)
-        self.dtype = dtype
-        self.drop_last = train if drop_last is None else bool(drop_last)
-        self.seed = seed
-        self.scale = tuple(scale)
-        self.ratio = tuple(ratio)
-        if rank is None and world_size is None and sampler is not None and hasattr(sampler, "rank"):
-            rank, world_size = sampler.rank, getattr(sampler, "world_size", 1)
-        self.rank, self.world_size = _distributed_rank_and_size(rank, world_size)
-        self.epoch = 0
-        self.labels = dataset.labels.to(torch.int64).cpu()
-        self._paths = [dataset.full_path(i) for i in range(len(dataset))]
-
-    def set_epoch(self, epoch: int) -> None:
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-        self.epoch = epoch
-        if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    def _num_indices(self) -> int:
-        if self.sampler is not None:
-            return len(self.sampler)
-        return len(range(self.rank, len(self.dataset), self.world_size))
-
-    def __len__(self) -> int:
-        n = self._num_indices()
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def _epoch_indices(self) -> np.ndarray:
-        if self.sampler is None:
-            indices = np.arange(self.rank, len(self.dataset), self.world_size, dtype=np.int64)
-        elif hasattr(self.sampler, "indices"):
-            indices = self.sampler.indices().cpu().numpy().astype(np.int64, copy=False)
-        else:
-            indices = np.fromiter((int(i) for i in self.sampler), dtype=np.int64)
-        bad = indices[(indices < 0) | (indices >= len(self.dataset))]
-        if bad.size:
-            raise IndexError(f"sampler yielded index {int(bad[0])} outside the dataset of {len(self.dataset)} images")
-        return indices
-
-    def _batches(self):
-        indices = self._epoch_indices()
-        for b in range(len(self)):
-            chunk = indices[b * self.batch_size:(b + 1) * self.batch_size]
-            if chunk.size:
-                yield b, chunk
-
-
-# ------------------------------------------------------------------ DALI
 # PIL's names of the formats DALI's image decoders read (nvImageCodec: JPEG, JPEG 2000, PNG, TIFF,
 # BMP, PNM, WebP; MPO is a JPEG with extra frames). A GIF used to fail as "nvImageCodec failure: '#4'".
 DALI_FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "BMP", "PPM", "JPEG2000", "WEBP")
@@ -577,123 +365,6 @@ class DaliImageLoader(_LoaderBase):
         return images, labels
 
 
-# ------------------------------------------------------------------ PIL / torchvision baseline
-class _PilDataset(torch.utils.data.Dataset):
-    """The torchvision way: one item per image, ``(image [C, H, W] float, label)``, collated by
-    the DataLoader. An item is addressed by (dataset index, epoch, batch, position in the batch),
-    and its random parameters are row ``position`` of the batch's draw, as in the DALI path (the
-    draw is cached per batch: a worker makes whole batches)."""
-
-    def __init__(self, loader: "PilImageLoader"):
-        self.paths = loader._paths
-        self.labels = loader.labels.tolist()
-        self.train = loader.train
-        self.crop_size, self.resize_size = loader.crop_size, loader.resize_size
-        self.mode = "RGB" if loader.channels == 3 else "L"
-        self.mean, self.std = loader.mean, loader.std
-        self.color_jitter, self.scale, self.ratio = loader.color_jitter, loader.scale, loader.ratio
-        self.seed, self.rank, self.batch_size = loader.seed, loader.rank, loader.batch_size
-        self._cached = (None, None)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def _randoms(self, epoch: int, batch: int) -> dict:
-        if self._cached[0] != (epoch, batch):
-            self._cached = ((epoch, batch), draw_train_randoms(_batch_generator(self.seed, epoch, self.rank, batch),
-                                                               self.batch_size))
-        return self._cached[1]
-
-    def __getitem__(self, spec):
-        import torchvision.transforms.functional as F
-        from PIL import Image
-        from torchvision.transforms import InterpolationMode
-        i, epoch, batch, k = spec
-        path = self.paths[i]
-        try:
-            with Image.open(path) as im:
-                img = im.convert(self.mode)
-        except Exception as e:  # noqa: BLE001 - any failure names the file
-            raise ImageDecodeError(path, f"{type(e).__name__}: {e}", i) from None
-        if self.train:
-            size = np.array([img.size], dtype=np.int64)
-            p = train_params(size, _row(self._randoms(epoch, batch), k), self.color_jitter, self.scale, self.ratio)
-            img = F.resized_crop(img, int(p["top"][0]), int(p["left"][0]), int(p["height"][0]), int(p["width"][0]),
-                                 [self.crop_size, self.crop_size], InterpolationMode.BILINEAR, antialias=True)
-            if p["flip"][0]:
-                img = F.hflip(img)
-            if self.color_jitter > 0:
-                img = F.adjust_brightness(img, float(p["brightness"][0]))
-                img = F.adjust_contrast(img, float(p["contrast"][0]))
-                if self.mode == "RGB":
-                    img = F.adjust_saturation(img, float(p["saturation"][0]))
-        else:
-            resized, _ = eval_geometry(np.array([img.size]), self.resize_size, self.crop_size)
-            img = F.resize(img, [int(resized[0, 1]), int(resized[0, 0])], InterpolationMode.BILINEAR, antialias=True)
-            img = F.center_crop(img, [self.crop_size, self.crop_size])
-        return F.normalize(F.to_tensor(img), self.mean, self.std), self.labels[i]
-
-
-class _SpecSampler:
-    """Yields (index, epoch, batch, position) for every image of the loader's epoch plan."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        epoch = self.loader.epoch
-        for batch, indices in self.loader._batches():
-            for k, i in enumerate(indices.tolist()):
-                yield i, epoch, batch, k
-
-    def __len__(self):
-        return min(self.loader._num_indices(), len(self.loader) * self.loader.batch_size)
-
-
-class PilImageLoader(_LoaderBase):
-    """The PIL/torchvision baseline of :class:`DaliImageLoader`: same arguments, same sampler,
-    same random parameters and transform, decoded with PIL and transformed with
-    ``torchvision.transforms.functional`` in a ``torch.utils.data.DataLoader`` with
-    ``num_workers`` processes (default: the cores this process may use; 0 = in the main process).
-    Each worker produces whole batches. ``num_threads`` is accepted as an alias of
-    ``num_workers`` so that both loaders take the same keyword arguments."""
-
-    def __init__(self, dataset, sampler=None, batch_size: int = 256, device="cpu", train: bool = True,
-                 crop_size: int = 224, resize_size: int = 256, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, color_jitter: float = 0.4, num_threads: int | None = None,
-                 dtype: torch.dtype = torch.float32, drop_last: bool | None = None, seed: int = 0,
-                 rank: int | None = None, world_size: int | None = None, num_workers: int | None = None,
-                 prefetch: int = 2, persistent_workers: bool = True, scale: Sequence[float] = _RRC_SCALE,
-                 ratio: Sequence[float] = _RRC_RATIO, decoder_device: str | None = None):
-        _check_common(dataset, sampler, batch_size, train, crop_size, resize_size, mean, std, color_jitter,
-                      num_threads, dtype, "num_threads", seed, scale, ratio)
-        if num_workers is None:
-            num_workers = num_threads if num_threads is not None else default_num_threads()
-        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
-            raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
-        if not isinstance(prefetch, int) or prefetch < 1:
-            raise ValueError(f"prefetch must be a positive int, got {prefetch!r}")
-        if decoder_device not in (None, "cpu"):
-            raise ValueError(f"decoder_device must be 'cpu' or None for the PIL loader, got {decoder_device!r}")
-        super().__init__(dataset, sampler, batch_size, device, train, crop_size, resize_size, mean, std,
-                         color_jitter, dtype, drop_last, seed, rank, world_size, scale, ratio)
-        self.num_workers = num_workers
-        import torchvision.transforms.functional  # noqa: F401  (here, so that forked workers inherit it)
-        # drop_last=False: the epoch plan has already dropped (or kept) the last partial batch.
-        self._loader = torch.utils.data.DataLoader(
-            _PilDataset(self), sampler=_SpecSampler(self), batch_size=batch_size, drop_last=False,
-            num_workers=num_workers,
-            pin_memory=self.device.type == "cuda", prefetch_factor=prefetch if num_workers else None,
-            persistent_workers=persistent_workers and num_workers > 0)
-
-    def __iter__(self):
-        for images, labels in self._loader:
-            if self.device.type == "cuda":
-                images = images.to(self.device, non_blocking=True)
-                labels = labels.to(self.device, non_blocking=True)
-            yield (images if self.dtype == torch.float32 else images.to(self.dtype)), labels
-
-
 LOADERS = {"dali": DaliImageLoader, "pil": PilImageLoader}
 
 
@@ -705,3 +376,8 @@ def make_image_loader(backend: str = "dali", **kwargs):
     if backend == "dali" and "num_workers" in kwargs:
         raise ValueError("num_workers is for backend='pil'; the DALI loader takes num_threads")
     return LOADERS[backend](**kwargs)
+
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DALI_FORMATS", "ImageDecodeError", "DaliImageLoader", "PilImageLoader",
+           "LOADERS", "make_image_loader", "find_undecodable", "default_num_threads", "draw_train_randoms",
+           "train_params", "eval_geometry"]

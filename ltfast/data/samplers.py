@@ -19,7 +19,6 @@ The draws themselves are the ops ``torch.ops.ltfast.class_aware_sample`` and
 """
 from __future__ import annotations
 
-import math
 import operator
 import os
 
@@ -27,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from .. import _extension, reference
+from .. import _extension, _meta, reference  # noqa: F401  (_meta: the fake kernels of the sampler ops)
 
 _MASK64 = (1 << 64) - 1
 

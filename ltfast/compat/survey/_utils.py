@@ -15,6 +15,11 @@ from ltfast.compat._common import check_positive_int
 # directory, as in the original).
 IMAGENET_LT_TRAIN_TXT = "./data/ImageNet_LT/ImageNet_LT_train.txt"
 
+# The Main-codebase loss files this package replaces (one module each), for def_file. Here rather
+# than in the package's __init__, which imports this module: def_file reading it from there was an
+# import cycle (ltfast.compat.survey -> _utils -> ltfast.compat.survey).
+MODULES = ("SoftmaxLoss", "WeightedSoftmaxLoss", "PriorCELoss", "LADELoss", "SEQLLoss", "FocalLoss")
+
 
 def read_label_counts(list_file: str, num_classes: int, owner: str, name: str = "prior_txt") -> List[int]:
     """Counts the labels of a list file in the survey's format, one ``<relative path> <label>`` per
@@ -84,7 +89,6 @@ def calculate_prior(num_classes, img_max=None, prior=None, prior_txt=None, rever
 def def_file(name: str) -> str:
     """Absolute path of the compat module that replaces ``./loss/<name>.py`` in a Main-codebase YAML
     ``def_file:`` (e.g. ``def_file("PriorCELoss")``)."""
-    from . import MODULES
     name = name[:-3] if name.endswith(".py") else name
     if name not in MODULES:
         raise ValueError(f"def_file: name must be one of {sorted(MODULES)}, got {name!r}")

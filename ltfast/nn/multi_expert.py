@@ -13,9 +13,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import priors
-from .nn import _ClassVectors, _check_reduction
-from .ops import adjusted_cross_entropy, diverse_expert_loss, ride_loss
+from .. import priors
+from ..ops import adjusted_cross_entropy, diverse_expert_loss, ride_loss
+from ._base import _check_reduction, _ClassVectors
 
 
 def _check_expert_logits(expert_logits: Tensor, owner: str, num_classes: int,

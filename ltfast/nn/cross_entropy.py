@@ -1,11 +1,7 @@
-"""nn.Module losses: drop-in replacements for ``nn.CrossEntropyLoss`` built from per-class
-training counts. ``forward(input, target)`` takes ``[N, C]`` logits and ``[N]`` int64 targets and
-accepts ``ignore_index``, ``reduction`` and ``label_smoothing`` with nn.CrossEntropyLoss's meaning.
-Priors, margins and weights are float64 buffers: they follow ``.to(device)`` and are saved in the
-``state_dict``, and the ops receive them in the logits' accumulation dtype (float64 for float64
-logits, float32 otherwise, from a cached copy: see ``_ClassVectors``), so float64 logits see values
-exact to float64.
-"""
+"""The cross-entropy family modules: :class:`CrossEntropyLoss` (a drop-in ``nn.CrossEntropyLoss``),
+Balanced Softmax, logit adjustment, class-weighted CE, LDAM-DRW and focal loss, all on the fused
+``adjusted_cross_entropy`` / ``balanced_softmax`` ops, with the soft targets of
+ltfast/soft_targets.py (mixup/CutMix, probability targets, per-class label smoothing)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -13,83 +9,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import _extension
-from . import ops as _ops
-from . import priors
-from . import soft_targets as _soft
-from .ops import (adjusted_cross_entropy, balanced_softmax_loss, equalization_loss, lade_loss, lade_regularizer,
-                  softmax_equalization_loss)
-
-_is_compiling = torch.compiler.is_compiling
-
-
-class _ClassVectors:
-    """Mixin: the per-class buffers in the accumulation dtype of the logits, cast once, not per call.
-
-    The buffers are float64 (float64 logits must see them exact: computed in float32 they left
-    float64 losses 5e-7 relative away from a float64 reference); float32/bf16/fp16 logits need float32
-    values. Casting at every call cost a ``.to()`` dispatch per buffer per call (~1.3 us of a 1 x 2
-    forward+backward of ~40 us). The float32 copy is cached per buffer and reused while the buffer is
-    the same tensor object with the same version counter: ``.to(device)``/``.cuda()`` (``_apply``)
-    replace the buffer object, and ``load_state_dict``'s ``copy_`` or any other in-place update bumps
-    its version, so either refreshes the copy on the next call. (A write through ``buffer.data``, which
-    has a version counter of its own, is not seen.) Under ``torch.compile`` the cast is traced as
-    before. Buffers are read from ``_buffers`` directly: ``nn.Module.__getattr__`` costs ~0.7 us each.
-
-    In eager mode the modules' forwards use :meth:`_eager_class_vector`, a cache hit in one comparison
-    of (buffer object, logits dtype, version) that skips the dtype logic, and call ltfast._C's entry
-    points directly (see ltfast/ops.py); under ``torch.compile`` they take the functionals.
-    """
-
-    def _class_vector(self, name: str, input: Tensor) -> Optional[Tensor]:
-        buffer = self._buffers[name]
-        if buffer is None:
-            return None
-        in_dtype = input.dtype
-        dtype = torch.float64 if in_dtype == torch.float64 else torch.float32
-        if torch.compiler.is_compiling():
-            return buffer if buffer.dtype == dtype else buffer.to(dtype)
-        try:
-            version = buffer._version
-        except RuntimeError:  # an inference tensor (module built under inference_mode) has no version
-            return buffer if buffer.dtype == dtype else buffer.to(dtype)
-        if buffer.dtype == dtype:
-            converted = buffer
-        else:
-            with torch.no_grad():
-                converted = buffer.to(dtype)
-        # Keyed by the logits dtype itself, so that a hit needs no dtype logic.
-        self.__dict__.setdefault("_cast_cache", {})[name] = (buffer, in_dtype, version, converted)
-        return converted
-
-    def _eager_class_vector(self, name: str, input: Tensor) -> Optional[Tensor]:
-        """:meth:`_class_vector` outside torch.compile (the caller checks)."""
-        buffer = self._buffers[name]
-        cache = self.__dict__.get("_cast_cache")
-        if cache is not None and buffer is not None:
-            entry = cache.get(name)
-            if (entry is not None and entry[0] is buffer and entry[1] is input.dtype
-                    and entry[2] == buffer._version):
-                return entry[3]
-        return self._class_vector(name, input)
-
-    def __getstate__(self):  # copies and pickles refill the cache on first use
-        state = super().__getstate__()
-        state = dict(state)
-        state.pop("_cast_cache", None)
-        return state
-
-
-def _check_reduction(reduction: str) -> str:
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    return reduction
-
-
-def _check_smoothing(label_smoothing: float) -> float:
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    return float(label_smoothing)
+from .. import _dispatch, _extension, priors
+from .. import soft_targets as _soft
+from .._dispatch import is_compiling as _is_compiling
+from ..ops import adjusted_cross_entropy, balanced_softmax_loss
+from ._base import _check_reduction, _check_smoothing, _ClassVectors
 
 
 class _CrossEntropyFamilyLoss(_ClassVectors, nn.Module):
@@ -166,10 +90,10 @@ class BalancedSoftmaxLoss(_CrossEntropyFamilyLoss):
         if _extension.AVAILABLE and not _is_compiling():
             vector = self._eager_class_vector
             if plain:
-                loss = _ops._fast.balanced_softmax(input, target, vector("log_prior", input), self.reduction,
+                loss = _dispatch.fast.balanced_softmax(input, target, vector("log_prior", input), self.reduction,
                                                    self.ignore_index)
             else:
-                loss = _ops._fast.adjusted_cross_entropy(input, target, vector("log_prior", input), None,
+                loss = _dispatch.fast.adjusted_cross_entropy(input, target, vector("log_prior", input), None,
                                                          vector("weight", input), 0.0, self.label_smoothing,
                                                          self.reduction, self.ignore_index)
             if loss is not NotImplemented:
@@ -199,7 +123,7 @@ class LogitAdjustedLoss(_CrossEntropyFamilyLoss):
             return self._soft_loss(input, target, target_b, mix_weight, adjustment="adjustment")
         if _extension.AVAILABLE and not _is_compiling():
             vector = self._eager_class_vector
-            loss = _ops._fast.adjusted_cross_entropy(input, target, vector("adjustment", input), None,
+            loss = _dispatch.fast.adjusted_cross_entropy(input, target, vector("adjustment", input), None,
                                                      vector("weight", input), 0.0, self.label_smoothing,
                                                      self.reduction, self.ignore_index)
             if loss is not NotImplemented:
@@ -235,7 +159,7 @@ class WeightedCrossEntropyLoss(_CrossEntropyFamilyLoss):
         if target_b is not None or mix_weight is not None or self._per_class_smoothing or _soft.is_probability(target):
             return self._soft_loss(input, target, target_b, mix_weight)
         if _extension.AVAILABLE and not _is_compiling():
-            loss = _ops._fast.adjusted_cross_entropy(input, target, None, None,
+            loss = _dispatch.fast.adjusted_cross_entropy(input, target, None, None,
                                                      self._eager_class_vector("weight", input), 0.0,
                                                      self.label_smoothing, self.reduction, self.ignore_index)
             if loss is not NotImplemented:
@@ -308,7 +232,7 @@ class LDAMLoss(_CrossEntropyFamilyLoss):
                                    weight="drw_weight" if self.reweighting else None)
         if _extension.AVAILABLE and not _is_compiling():
             vector = self._eager_class_vector
-            loss = _ops._fast.adjusted_cross_entropy(input, target, None, vector("target_margin", input),
+            loss = _dispatch.fast.adjusted_cross_entropy(input, target, None, vector("target_margin", input),
                                                      vector("drw_weight", input) if self.reweighting else None,
                                                      0.0, self.label_smoothing, self.reduction, self.ignore_index)
             if loss is not NotImplemented:
@@ -345,7 +269,7 @@ class FocalLoss(_CrossEntropyFamilyLoss):
             # on the shared softmax. Probability targets raise a clear error (no p_y).
             return self._soft_loss(input, target, target_b, mix_weight, gamma=self.gamma)
         if _extension.AVAILABLE and not _is_compiling():
-            loss = _ops._fast.adjusted_cross_entropy(input, target, None, None,
+            loss = _dispatch.fast.adjusted_cross_entropy(input, target, None, None,
                                                      self._eager_class_vector("weight", input), self.gamma, 0.0,
                                                      self.reduction, self.ignore_index)
             if loss is not NotImplemented:
@@ -410,7 +334,7 @@ class CrossEntropyLoss(_CrossEntropyFamilyLoss):
                 flat_mix = mix_weight.view(n, *([1] * len(spatial))).expand(n, *spatial).reshape(-1)
             out_shape = (n, *spatial)
         else:
-            raise ValueError(f"CrossEntropyLoss: input must be [C], [N, C] or [N, C, d1, ...], got a 0-dim tensor")
+            raise ValueError("CrossEntropyLoss: input must be [C], [N, C] or [N, C, d1, ...], got a 0-dim tensor")
         loss = self.forward(rows, flat_target, flat_b, flat_mix)
         return loss.reshape(out_shape) if self.reduction == "none" else loss
 
@@ -420,7 +344,7 @@ class CrossEntropyLoss(_CrossEntropyFamilyLoss):
         if target_b is not None or mix_weight is not None or self._per_class_smoothing or _soft.is_probability(target):
             return self._soft_loss(input, target, target_b, mix_weight)
         if _extension.AVAILABLE and not _is_compiling():
-            loss = _ops._fast.adjusted_cross_entropy(input, target, None, None,
+            loss = _dispatch.fast.adjusted_cross_entropy(input, target, None, None,
                                                      self._eager_class_vector("weight", input), 0.0,
                                                      self.label_smoothing, self.reduction, self.ignore_index)
             if loss is not NotImplemented:
@@ -428,192 +352,3 @@ class CrossEntropyLoss(_CrossEntropyFamilyLoss):
         return adjusted_cross_entropy(input, target, weight=self._class_vector("weight", input),
                                       label_smoothing=self.label_smoothing, reduction=self.reduction,
                                       ignore_index=self.ignore_index)
-
-
-class SoftmaxEqualizationLoss(nn.Module):
-    """Softmax equalization loss (SEQL, "ESQL" in the survey) as the survey trains it: each negative
-    logit of a tail class is removed from the softmax with probability ``gamma`` per (sample, class)
-    element (see :func:`ltfast.softmax_equalization_loss`). Tail classes: training frequency
-    ``<= lambda_`` (the survey's 4.3e-4), or ``n_c < count_threshold`` when that is given (the EQL
-    author's reference code). Every call draws a new seed from torch's generator on the input's
-    device, so runs are reproducible after ``torch.manual_seed``."""
-
-    def __init__(self, class_counts, gamma: float = 0.9, lambda_: float = priors.SEQL_FREQUENCY_THRESHOLD, *,
-                 count_threshold: Optional[int] = None, ignore_index: int = -100, reduction: str = "mean") -> None:
-        super().__init__()
-        if not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"gamma must be a probability in [0, 1], got {gamma}")
-        self.gamma = float(gamma)
-        self.ignore_index = int(ignore_index)
-        self.reduction = _check_reduction(reduction)
-        self.register_buffer("tail_mask", priors.tail_classes(class_counts, lambda_, count_threshold))
-
-    def extra_repr(self) -> str:
-        return (f"num_classes={self.tail_mask.numel()}, tail_classes={int(self.tail_mask.sum())}, "
-                f"gamma={self.gamma}, reduction={self.reduction!r}")
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        tail_mask = self._buffers["tail_mask"]
-        seed = None
-        if _extension.AVAILABLE and not _is_compiling():
-            seed = _ops.new_seed(input.device)
-            loss = _ops._fast.softmax_equalization_loss(input, target, tail_mask, seed, self.gamma, self.reduction,
-                                                        self.ignore_index)
-            if loss is not NotImplemented:
-                return loss
-        return softmax_equalization_loss(input, target, tail_mask, self.gamma, self.reduction, self.ignore_index,
-                                         seed=seed)
-
-
-class EqualizationLoss(nn.Module):
-    """Equalization loss (Tan et al., CVPR 2020), sigmoid form: per-class binary cross-entropy with
-    the negative term of tail classes suppressed (see :func:`ltfast.equalization_loss`). Tail
-    classes as in :class:`SoftmaxEqualizationLoss` (frequency ``<= lambda_``, default the survey's
-    SEQL threshold, or ``n_c < count_threshold``)."""
-
-    def __init__(self, class_counts, lambda_: float = priors.SEQL_FREQUENCY_THRESHOLD, *,
-                 count_threshold: Optional[int] = None, ignore_index: int = -100, reduction: str = "mean") -> None:
-        super().__init__()
-        self.ignore_index = int(ignore_index)
-        self.reduction = _check_reduction(reduction)
-        self.register_buffer("tail_mask", priors.tail_classes(class_counts, lambda_, count_threshold))
-
-    def extra_repr(self) -> str:
-        return f"num_classes={self.tail_mask.numel()}, tail_classes={int(self.tail_mask.sum())}"
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        tail_mask = self._buffers["tail_mask"]
-        if _extension.AVAILABLE and not _is_compiling():
-            loss = _ops._fast.equalization_loss(input, target, tail_mask, self.reduction, self.ignore_index)
-            if loss is not NotImplemented:
-                return loss
-        return equalization_loss(input, target, tail_mask, self.reduction, self.ignore_index)
-
-
-class _AllGatherRows(torch.autograd.Function):
-    """Concatenates every rank's rows (equal sizes); backward sums the incoming gradient over the
-    ranks and returns this rank's slice: a reduce-scatter on NCCL, an all-reduce plus a slice on
-    backends without reduce-scatter (gloo). Written here because
-    ``torch.distributed.nn.functional.all_gather`` is deprecated (FutureWarning on every call)."""
-
-    @staticmethod
-    def forward(ctx, rows: Tensor, group):
-        import torch.distributed as dist
-        ctx.group = group
-        parts = [torch.empty_like(rows, memory_format=torch.contiguous_format)
-                 for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, rows.contiguous(), group=group)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        import torch.distributed as dist
-        world = dist.get_world_size(ctx.group)
-        rank = dist.get_rank(ctx.group)
-        grad = grad.contiguous()
-        if dist.get_backend(ctx.group) == "nccl":
-            out = grad.new_empty((grad.shape[0] // world,) + tuple(grad.shape[1:]))
-            dist.reduce_scatter_tensor(out, grad, group=ctx.group)
-            return out, None
-        total = grad.clone()
-        dist.all_reduce(total, group=ctx.group)
-        return total.chunk(world)[rank].clone(), None
-
-
-def gather_batch_with_grad(logits: Tensor, target: Tensor, ignore_index: int, group=None):
-    """All-gathers logits and targets over the process group, rank by rank. Local batches may differ in
-    size: each is padded to the largest with rows whose target is ``ignore_index`` (they count
-    nowhere). The logits keep their autograd graph: the backward sums the gathered gradient over the
-    ranks (reduce-scatter), so each rank's logits receive ``world_size * dL/dz_local`` and DDP's
-    averaging of parameter gradients yields exactly the single-process gradient of L on the whole
-    batch. Costs one host synchronisation per call, to learn the batch sizes."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    local = torch.tensor([logits.shape[0]], device=target.device, dtype=torch.long)
-    sizes = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(sizes, local, group=group)
-    largest = int(torch.stack(sizes).max())
-    pad = largest - logits.shape[0]
-    if pad:
-        logits = torch.cat([logits, logits.new_zeros(pad, logits.shape[1])])
-        target = torch.cat([target, target.new_full((pad,), ignore_index)])
-    gathered_logits = _AllGatherRows.apply(logits, group)
-    gathered_target = [torch.empty_like(target) for _ in range(world)]
-    dist.all_gather(gathered_target, target.contiguous(), group=group)
-    return gathered_logits, torch.cat(gathered_target)
-
-
-class LADELoss(_ClassVectors, nn.Module):
-    """LADE loss (Hong et al. 2021) as the survey trains it: Balanced Softmax (PriorCE, mean) plus
-    ``alpha`` times the LADER regulariser, with the survey's defaults alpha = remine_lambda = 0.1
-    (seed-methods.md §1.5; see :func:`ltfast.lade_loss` for the math).
-
-    LADER's column log-mean-exp runs over the batch, so its value depends on which rows share a
-    call. The survey used ``nn.DataParallel``: one loss call on the whole 256-sample batch.
-    Under DDP:
-
-    - ``gather_batch=False`` (default): each rank computes LADE on its local batch (e.g. 64 rows).
-      S_c then estimates the log-mean-exp from 64 samples instead of 256, a different (noisier,
-      biased for small batches) estimator than the survey's.
-    - ``gather_batch=True``: the loss all-gathers logits and targets across ranks and computes LADE
-      on the concatenated batch; values equal the single-process loss on that batch on every rank,
-      and after DDP's gradient averaging the parameter gradients equal the single-process ones
-      (see :func:`gather_batch_with_grad`). Outside an initialised process group it does nothing.
-
-    ``weight`` and ``label_smoothing`` act on the PriorCE term only (as in ``nn.CrossEntropyLoss``
-    on ``logits + log_prior``); with either set the loss is that term plus ``alpha`` times
-    :func:`ltfast.lade_regularizer`, two ops instead of the fused one. ``reduction`` is ``"mean"``
-    only: LADER is a statistic of the whole batch, with no per-row value.
-    """
-
-    def __init__(self, class_counts, alpha: float = 0.1, remine_lambda: float = 0.1, gather_batch: bool = False,
-                 *, weight: Optional[Tensor] = None, label_smoothing: float = 0.0, ignore_index: int = -100,
-                 reduction: str = "mean", process_group=None) -> None:
-        super().__init__()
-        if remine_lambda < 0:
-            raise ValueError(f"remine_lambda must be >= 0, got {remine_lambda}")
-        if reduction != "mean":
-            raise ValueError(f"LADELoss: reduction must be 'mean' (LADER is a batch statistic with no per-row "
-                             f"value), got {reduction!r}")
-        self.reduction = reduction
-        self.label_smoothing = _check_smoothing(label_smoothing)
-        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float64))
-        self.alpha = float(alpha)
-        self.remine_lambda = float(remine_lambda)
-        self.gather_batch = bool(gather_batch)
-        self.ignore_index = int(ignore_index)
-        self.process_group = process_group
-        self.register_buffer("log_prior", priors.log_prior(class_counts, dtype=torch.float64))
-
-    def extra_repr(self) -> str:
-        return (f"num_classes={self.log_prior.numel()}, alpha={self.alpha}, remine_lambda={self.remine_lambda}, "
-                f"gather_batch={self.gather_batch}")
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        if self.gather_batch:
-            import torch.distributed as dist
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
-                input, target = gather_batch_with_grad(input, target, self.ignore_index, self.process_group)
-        if self.weight is not None or self.label_smoothing != 0.0:
-            log_prior = self._class_vector("log_prior", input)
-            prior_ce = adjusted_cross_entropy(input, target, adjustment=log_prior,
-                                              weight=self._class_vector("weight", input),
-                                              label_smoothing=self.label_smoothing, ignore_index=self.ignore_index)
-            return prior_ce + self.alpha * lade_regularizer(input, target, log_prior, self.remine_lambda,
-                                                            self.ignore_index)
-        if _extension.AVAILABLE and not _is_compiling():
-            loss = _ops._fast.lade(input, target, self._eager_class_vector("log_prior", input), self.alpha,
-                                   self.remine_lambda, self.ignore_index)
-            if loss is not NotImplemented:
-                return loss
-        return lade_loss(input, target, self._class_vector("log_prior", input), self.alpha,
-                         self.remine_lambda, self.ignore_index)
-
-
-# The multi-expert losses live in their own file; imported last (they use _ClassVectors above).
-from .nn_multi_expert import DiverseExpertLoss, RIDELoss  # noqa: E402
-
-__all__ = ["CrossEntropyLoss", "BalancedSoftmaxLoss", "LogitAdjustedLoss", "WeightedCrossEntropyLoss", "LDAMLoss",
-           "FocalLoss", "LADELoss", "gather_batch_with_grad", "SoftmaxEqualizationLoss", "EqualizationLoss",
-           "DiverseExpertLoss", "RIDELoss"]
