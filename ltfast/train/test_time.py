@@ -63,9 +63,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import metrics
-from .checkpoint import CheckpointError
-from .config import ConfigError
+from . import engine, metrics
+from .data import make_loader
+from .errors import CheckpointError, ConfigError
+from .models import ExpertOutput, is_expert_arch
+from .runlog import record_output_path
 
 DISTRIBUTIONS = ["forward50", "forward25", "forward10", "forward5", "forward2", "uniform",
                  "backward2", "backward5", "backward10", "backward25", "backward50"]
@@ -302,7 +304,6 @@ class ImageSource:
                 images = dataset.images[start:start + self.batch_size].to(self.device)
                 yield images.float() / 255.0, dataset.labels[start:start + self.batch_size]
             return
-        from .trainer import make_loader
         sets = dict(self.sets, tta=dataset)
         loader = make_loader(sets, "tta", self.data_cfg, sampler=None, batch_size=self.batch_size, device=self.device,
                              train=False, seed=0, rank=0, world=1)
@@ -311,7 +312,6 @@ class ImageSource:
 
 
 def _expert_logits(model, images: torch.Tensor) -> torch.Tensor:
-    from .experts import ExpertOutput
     output = model(images)
     if not isinstance(output, ExpertOutput):
         raise ValueError("test-time aggregation needs a multi-expert model (model.arch expert_* / small_expert_resnet)")
@@ -478,25 +478,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_run(target: str, config: Optional[str], overrides, device):
-    """(model in eval mode on device, cfg, sets, checkpoint path, run folder) of a trained run."""
-    from .evaluation import _load_cfg, resolve_target
-    from .experts import is_expert_arch
-    from .models import model_from_config
-    from .optimization import _state_dict_of, load_checked_state, safe_load
-    from .trainer import load_datasets
-    checkpoint, config, run_dir = resolve_target(target, config)
-    obj = safe_load(checkpoint, "ltfast.train.test_time")
-    cfg = _load_cfg(config, obj, overrides)
+def _multi_expert_only(cfg: dict, checkpoint: str) -> None:
     if not is_expert_arch(cfg["model"]["arch"]):
         raise ConfigError(f"model.arch: test-time aggregation needs a multi-expert model, {checkpoint} is a "
                           f"{cfg['model']['arch']}")
-    sets = load_datasets(cfg["data"])
-    in_channels = sets["train"].images.shape[1] if sets["in_memory"] else len(cfg["data"]["mean"] or (0, 0, 0))
-    model = model_from_config(cfg["model"], len(sets["class_counts"]), in_channels)
-    load_checked_state(model, _state_dict_of(obj, checkpoint), checkpoint)
-    model.to(device).eval()
-    return model, cfg, sets, checkpoint, run_dir
+
+
+def load_run(target: str, config: Optional[str], overrides, device):
+    """(model in eval mode on device, cfg, sets, checkpoint path, run folder) of a trained run."""
+    loaded = engine.load_run(target, config, overrides, device, "ltfast.train.test_time", check=_multi_expert_only)
+    return loaded.model, loaded.cfg, loaded.sets, loaded.checkpoint, loaded.run_dir
 
 
 def run(args) -> dict:
@@ -534,7 +525,6 @@ def run(args) -> dict:
     out_dir = args.out or os.path.join(run_dir, "test_time")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "test_time.json")
-    from .runlog import record_output_path
     record_output_path(path)  # inside a run folder: listed in its manifest
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
