@@ -119,12 +119,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                  "dotted name of the classifier module; None: the last nn.Linear with num_classes outputs "
                  "(models.find_head: fc, classifier.6, heads.head, ...)"),
         "classifier": ("linear", str, schema.choice(*CLASSIFIERS),
-                       "linear: the architecture's own head; the others are methods' heads (ltfast.train.methods): "
-                       "cosine (normalize(x) @ normalize(W), LDAM-DRW's NormedLinear; multi-expert archs: every "
-                       "expert's head, times model.expert_scale), causal (multi-head normalised classifier, TDE at "
-                       "test time), and the decoupled stage 2 on model.init_from: lws (learnable per-class scale of "
-                       "the frozen classifier's logits), ncm (nearest class mean, no training), tau_norm (W_c / "
-                       "||W_c||^tau, no training)"),
+                       "linear: the architecture's own head; the others are the heads of methods (ltfast.train."
+                       f"methods, each documented in its file): {', '.join(CLASSIFIERS[1:])}"),
     },
     "loss": {
         "name": ("ce", str, schema.choice(*LOSSES), "the criterion (ltfast.train.losses.LOSSES); its keys follow"),

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -78,6 +79,7 @@ def train(cfg: dict) -> dict:
 
     loader = data["train_loader"]
     stepper = Stepper(optimizer, ocfg["accumulate"], len(loader), scaler, net)
+    parts = _TrainingParts(cfg, run, model, net, criterion, loader, stepper, base_lr, active, head_name)
     history = History(cfg, run.rank, state["history"])
     if lr_note:
         run.log(lr_note)
@@ -88,7 +90,7 @@ def train(cfg: dict) -> dict:
     epochs_this_run, best_weights = 0, None
     while state["epoch"] < epochs:
         epoch = state["epoch"]
-        record = _train_epoch(cfg, run, model, net, criterion, loader, stepper, base_lr, active, head_name, epoch)
+        record = _train_epoch(parts, epoch)
         state["train_time_s"] += record["time_s"]
         state["train_images"] += record["images"]
         del record["images"]
@@ -131,9 +133,26 @@ def train(cfg: dict) -> dict:
     return _finish(cfg, run, model, data, groups, state, best_weights)
 
 
-def _train_epoch(cfg: dict, run: RunContext, model, net, criterion, loader, stepper: Stepper, base_lr: float,
-                 active: list, head_name: str, epoch: int) -> dict:
+@dataclass
+class _TrainingParts:
+    """What every epoch of a training run uses (made once in ``train``)."""
+    cfg: dict
+    run: RunContext
+    model: torch.nn.Module
+    net: torch.nn.Module          # the model as the training forward runs it (DDP, compiled)
+    criterion: torch.nn.Module
+    loader: object
+    stepper: Stepper
+    base_lr: float
+    active: list                  # the run's enabled methods
+    head_name: str
+
+
+def _train_epoch(parts: _TrainingParts, epoch: int) -> dict:
     """One epoch of training batches; returns its history record (plus "images" seen)."""
+    cfg, run, model, net, criterion, loader, stepper, base_lr, active, head_name = (
+        parts.cfg, parts.run, parts.model, parts.net, parts.criterion, parts.loader, parts.stepper, parts.base_lr,
+        parts.active, parts.head_name)
     ocfg, tcfg = cfg["optim"], cfg["train"]
     loader.set_epoch(epoch)
     if hasattr(criterion, "set_epoch"):
