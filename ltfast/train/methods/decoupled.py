@@ -31,7 +31,6 @@ counts are all-reduced.
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Optional
 
 import torch
