@@ -5,8 +5,8 @@ loss that sees every expert's logits (``loss.name=ride`` / ``sade``, ``losses.LO
 Nothing in the loop is special to them: a loss that declares ``takes_expert_logits`` gets the
 [N, E, C] expert logits (``models.loss_input``), the model predicts with the mean of the expert
 logits, and evaluation reports each expert alone whenever the model returns an ``ExpertOutput``.
-SADE's test-time aggregation of the experts on an unlabelled test set is its own command,
-``python -m ltfast.train.test_time``.
+SADE's test-time aggregation of the experts on an unlabelled test set is ``sade_test_time.py``,
+run by its own command, ``python -m ltfast.train.test_time``.
 """
 from __future__ import annotations
 
