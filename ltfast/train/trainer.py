@@ -83,7 +83,7 @@ def train(cfg: dict) -> dict:
     history = History(cfg, run.rank, state["history"])
     if lr_note:
         run.log(lr_note)
-    epochs = ocfg["epochs"]
+    epochs, out_dir = ocfg["epochs"], tcfg["out_dir"]
     run.log(f"{cfg.get('name') or cfg['loss']['name']}: {mcfg['arch']}, {len(data['train'])} training images, "
             f"{num_classes} classes, {run.world} rank(s) on {run.device.type}, {stepper.steps_per_epoch} steps/epoch "
             f"of {cfg['data']['batch_size']}, {epochs} epochs{', bf16' if run.use_bf16 else ''}")
@@ -108,7 +108,6 @@ def train(cfg: dict) -> dict:
         state["history"].append(record)
         state["epoch"] = epoch + 1
         rng = checkpoint.gather_rng_states(run.world)  # every rank takes part in the gather
-        out_dir = tcfg["out_dir"]
         if run.rank == 0 and tcfg["save_checkpoints"]:
             if best_now:
                 checkpoint.save_best(os.path.join(out_dir, "best.pt"), model, epoch + 1, state["best_top1"])
