@@ -1,7 +1,7 @@
 """The losses a recipe can name (``loss.name``): ONE table, ``LOSSES``, name -> how to build it from
 the ``loss`` section and the training class counts, which ``loss.*`` keys it reads, and the checks of
 those keys. Adding a loss is one entry here (its keys go into ``KEYS`` when new); the config schema,
-the trainer and ``describe`` pick it up from the table.
+the trainer and ``describe_loss`` (the log line, read off the built module) follow from it.
 
 Every loss is an ``ltfast.nn`` module (the fused ops). Plain CE is ``ltfast.nn.CrossEntropyLoss``:
 the survey's ``nn.CrossEntropyLoss`` computed by the fused op, which also takes mixup's two targets
@@ -193,6 +193,3 @@ def describe_loss(criterion: nn.Module) -> str:
     if isinstance(adjustments, torch.Tensor) and adjustments.dim() == 2:
         parts += [_summarise_vector(f"expert {k + 1} adjustment", row) for k, row in enumerate(adjustments)]
     return f"{type(criterion).__name__}({', '.join(parts)})"
-
-
-describe = describe_loss  # the registry's name for it: LOSSES builds, describe reports
