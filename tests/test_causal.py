@@ -1,4 +1,4 @@
-"""Causal / De-confound TDE (ltfast.train.causal) against seed-methods.md §1.6: the multi-head
+"""Causal / De-confound TDE (ltfast.train.methods.causal) against seed-methods.md §1.6: the multi-head
 normalised logits and the TDE logits on hand-sized tensors (computed here independently, in float64
 with plain Python arithmetic), the moving-average rule, the buffer in checkpoints and on resume, and
 TDE at evaluation (trainer and ``python -m ltfast.evaluate``)."""
@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from ltfast.train import load_config, train
-from ltfast.train.causal import CausalNormClassifier, FeatureAverageUpdater, moving_average_momentum
+from ltfast.train.methods.causal import CausalNormClassifier, FeatureAverageUpdater, moving_average_momentum
 from ltfast.train.evaluation import collect, main
-from ltfast.train.models import build_model, find_head, install_classifier
+from ltfast.train import methods
+from ltfast.train.models import build_model, find_head
 
 from test_train import TINY
 
@@ -126,7 +127,7 @@ def test_moving_average_update_rule():
 def test_install_from_config_and_head_rule():
     cfg = load_config(None, ["model.classifier=causal", "model.causal_heads=4", "model.causal_alpha=1.5"])
     model = build_model("small_resnet", 7, 1, 8)
-    install_classifier(model, 7, cfg["model"])
+    methods.build_head(model, 7, cfg)
     name, head = find_head(model, 7)
     assert name == "fc" and isinstance(head, CausalNormClassifier)
     assert (head.in_features, head.num_heads, head.alpha, head.tau) == (32, 4, 1.5, 16.0)
@@ -152,10 +153,10 @@ def test_causal_run_saves_the_average_and_tests_with_tde(causal_run, tmp_path):
     assert average.shape == (32,) and average.norm() > 0
     # The trainer's test counts are the TDE predictions: recompute them from the features.
     cfg = load_config(None, TINY + CAUSAL + [f"train.out_dir={out}"])
-    from ltfast.train.trainer import build_data
+    from ltfast.train.data import build_data
     data = build_data(cfg, 0, 1, torch.device("cpu"))
     model = build_model("small_resnet", 7, 1, 8)
-    install_classifier(model, 7, cfg["model"])
+    methods.build_head(model, 7, cfg)
     model.load_state_dict(best)
     got = collect(model, data["test_loader"], model.fc, torch.device("cpu"))
     clf = model.fc

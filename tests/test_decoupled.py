@@ -1,4 +1,4 @@
-"""Decoupled stage 2 (ltfast.train.decoupled): LWS, NCM and tau-normalisation. The math on hand-sized
+"""Decoupled stage 2 (ltfast.train.methods.decoupled): LWS, NCM and tau-normalisation. The math on hand-sized
 cases, each recipe end to end on the tiny synthetic set (CPU, seconds) and through
 ``python -m ltfast.evaluate``, the config checks, the new recipes' values against the seed and
 classifier-balancing, and a few-step ResNeXt-50 run of every new ImageNet-LT config on tiny list-file
@@ -14,7 +14,7 @@ from torch import nn
 
 from ltfast.train import load_config, posthoc, train
 from ltfast.train.config import ConfigError
-from ltfast.train.decoupled import (LearnableWeightScaling, NearestClassMean, ScaledLinear, build_classifier,
+from ltfast.train.methods.decoupled import (LearnableWeightScaling, NearestClassMean, ScaledLinear, build_classifier,
                                     choose_tau_norm, class_means, effective_linear, use_lws_classifier)
 from ltfast.train.evaluation import main as evaluate_main
 from ltfast.train.models import find_head, freeze_backbone
@@ -202,7 +202,8 @@ def test_lws_stage_end_to_end(stage1, tmp_path):
 def test_ncm_stage_end_to_end(stage1, tmp_path):
     from ltfast.train.evaluation import collect
     from ltfast.train.models import build_model
-    from ltfast.train.trainer import build_data, load_model_weights
+    from ltfast.train.checkpoint import load_model_weights
+    from ltfast.train.data import build_data
     run = tmp_path / "ncm"
     cfg = _stage2(stage1, run, "ncm")
     summary = train(cfg)
@@ -212,7 +213,7 @@ def test_ncm_stage_end_to_end(stage1, tmp_path):
     saved = _weights(run / "best.pt")
     # the class means, recomputed independently: stage-1 features of every training image, centred, normalised
     data = build_data(cfg, 0, 1, torch.device("cpu"))
-    from ltfast.train.trainer import make_loader
+    from ltfast.train.data import make_loader
     model = build_model("small_resnet", 7, 1, 8)
     load_model_weights(model, str(stage1 / "best.pt"))
     plain = make_loader(data, "train", cfg["data"], sampler=None, batch_size=50, device=torch.device("cpu"), train=False,
@@ -369,7 +370,7 @@ LIST_DATA = ["data.dataset=synthetic", "data.num_classes=4", "data.n_max=8", "da
 def list_data(tmp_path_factory):
     pytest.importorskip("nvidia.dali")
     from ltfast.data import write_jpeg_folder
-    from ltfast.train.trainer import load_datasets
+    from ltfast.train.data import load_datasets
     root = tmp_path_factory.mktemp("list_data")
     sets = load_datasets(load_config(None, LIST_DATA)["data"])
     lists = {split: write_jpeg_folder(sets[split], str(root / "jpegs"), split) for split in ("train", "val", "test")}

@@ -124,7 +124,7 @@ def test_evaluate_fixed_tau_checkpoint_file_and_val_split(run_dir, tmp_path):
 
 def test_evaluate_list_file(run_dir, tmp_path):
     from ltfast.data import write_jpeg_folder
-    from ltfast.train.trainer import load_datasets
+    from ltfast.train.data import load_datasets
     sets = load_datasets(load_config(None, TINY)["data"])
     listed = write_jpeg_folder(sets["test"], str(tmp_path / "jpegs"), "test")
     out = tmp_path / "list"

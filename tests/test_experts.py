@@ -1,4 +1,4 @@
-"""Multi-expert models (ltfast.train.experts), the SADE / RIDE losses (ltfast.nn, checked
+"""Multi-expert models (ltfast.train.models.experts), the SADE / RIDE losses (ltfast.nn, checked
 here against hand-written formulas), and the trainer, ltfast.evaluate and DDP with them."""
 import json
 import math
@@ -15,7 +15,7 @@ from ltfast.nn import DiverseExpertLoss, RIDELoss
 from ltfast.priors import inverse_prior
 from ltfast.train import load_config, train
 from ltfast.train.config import ConfigError
-from ltfast.train.experts import (ExpertOutput, ExpertResNeXt, SmallExpertResNet, build_expert_model,
+from ltfast.train.models.experts import (ExpertOutput, ExpertResNeXt, SmallExpertResNet, build_expert_model,
                                   count_expert_correct, loss_input)
 from ltfast.train.models import CosineLinear, build_model
 
@@ -219,7 +219,9 @@ def test_trainer_reports_aggregate_and_each_expert(sade_run):
     assert "val_expert3_few" in json.loads(lines[-1])
 
     # the test counts are those of the mean logits of best.pt, each expert's those of its own logits
-    from ltfast.train.trainer import build_data, evaluate_with_experts, load_model_weights
+    from ltfast.train.checkpoint import load_model_weights
+    from ltfast.train.data import build_data
+    from ltfast.train.engine import evaluate_with_experts
     cfg = load_config(None, TINY + [f"train.out_dir={out}", "loss.name=sade"])
     data = build_data(cfg, 0, 1, torch.device("cpu"))
     model = build_model("small_expert_resnet", 7, 1, 8)
@@ -261,7 +263,9 @@ def test_ddp_expert_model_counts_equal_single_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["test"]["samples"] == 105
-    from ltfast.train.trainer import build_data, evaluate_with_experts, load_model_weights
+    from ltfast.train.checkpoint import load_model_weights
+    from ltfast.train.data import build_data
+    from ltfast.train.engine import evaluate_with_experts
     data = build_data(load_config(None, overrides), 0, 1, torch.device("cpu"))
     model = build_model("small_expert_resnet", 7, 1, 8)
     load_model_weights(model, str(tmp_path / "best.pt"))

@@ -1,4 +1,4 @@
-"""MiSLAS (ltfast.train.mislas): label-aware smoothing values by hand, the stage-2 loss against the
+"""MiSLAS (ltfast.train.methods.mislas): label-aware smoothing values by hand, the stage-2 loss against the
 authors' formula, mixup (lambda distribution, permutation, loss combination), LearnableWeightScaling
 in the head, shift-BN, the classifier's lr factor, and both stages end to end on tiny data."""
 import json
@@ -14,7 +14,7 @@ from ltfast import priors
 from ltfast.train import load_config, train
 from ltfast.train.config import ConfigError
 from ltfast.train.evaluation import main as evaluate_main
-from ltfast.train.mislas import (Mixup, ScaledClassifier, label_aware_smoothing_loss, mixed_loss, parameter_groups,
+from ltfast.train.methods.mislas import (Mixup, ScaledClassifier, label_aware_smoothing_loss, mixed_loss, parameter_groups,
                                  use_learnable_weight_scaling)
 from ltfast.train.models import build_model, find_head, freeze_backbone
 

@@ -79,7 +79,7 @@ def test_fmnist_lt_recipes():
 def jpeg_lists(tmp_path_factory):
     pytest.importorskip("nvidia.dali")
     from ltfast.data import write_jpeg_folder
-    from ltfast.train.trainer import load_datasets
+    from ltfast.train.data import load_datasets
     root = tmp_path_factory.mktemp("lt_jpegs")
     # 3 RGB classes with 8 / 4 / 2 training images, 2 validation and 2 test images each: one step of 8 images
     # per epoch (a ResNeXt-50 step takes seconds on a busy 2-core CPU)

@@ -9,7 +9,7 @@ from torch import nn
 from ltfast.data.datasets import InMemoryDataset
 from ltfast.train import load_config, metrics
 from ltfast.train.config import dump
-from ltfast.train.experts import ExpertOutput
+from ltfast.train.models import ExpertOutput
 from ltfast.train.test_time import (ImageSource, StrongViews, aggregate_on, learn_aggregation, main,
                                     parse_distribution, shifted_counts, shifted_test_indices)
 
@@ -139,8 +139,8 @@ def _run_folder(tmp_path, arch="small_expert_resnet"):
     cfg = load_config(None, TINY + [f"model.arch={arch}", f"train.out_dir={tmp_path}"] +
                       (["loss.name=ce"] if arch == "small_resnet" else []))
     torch.manual_seed(0)
-    from ltfast.train.models import model_from_config
-    model = model_from_config(cfg["model"], 7, 1)
+    from ltfast.train.engine import build_model
+    model = build_model(cfg, 7, 1, "rebuild")
     tmp_path.mkdir(parents=True)
     (tmp_path / "config.yaml").write_text(dump(cfg))
     torch.save({"model": model.state_dict()}, tmp_path / "best.pt")
@@ -187,11 +187,11 @@ def test_cli_on_list_files(tmp_path):
                              "data.num_threads=0", "data.crop_size=16", "data.resize_size=16",
                              "model.arch=small_expert_resnet", "model.width=8", "model.classifier=cosine",
                              "loss.name=sade", f"train.out_dir={tmp_path / 'run'}"])
-    from ltfast.train.models import model_from_config
+    from ltfast.train.engine import build_model
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(dump(cfg))
-    torch.save({"model": model_from_config(cfg["model"], 3, 3).state_dict()}, run / "best.pt")
+    torch.save({"model": build_model(cfg, 3, 3, "rebuild").state_dict()}, run / "best.pt")
     assert main([str(run), "--distribution", "forward2", "--epochs", "1", "--out", str(tmp_path / "a")]) == 0
     result = json.loads((tmp_path / "a" / "test_time.json").read_text())["results"]["forward2"]
     assert result["class_counts"] == [4, 2, 2] and result["augment"] == "imagenet"   # 4 * 2^(-rank / 2)

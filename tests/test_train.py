@@ -12,7 +12,9 @@ import torch.multiprocessing as mp
 
 from ltfast.train import load_config, train
 from ltfast.train import metrics
-from ltfast.train.trainer import build_data, evaluate, load_model_weights
+from ltfast.train.checkpoint import load_model_weights
+from ltfast.train.data import build_data
+from ltfast.train.engine import evaluate
 from ltfast.train.models import build_model
 
 # 7 classes, 64 .. 6 training images (ratio ~10): many {0}, medium {1..4}, few {5, 6}
@@ -128,7 +130,7 @@ def test_list_file_dataset_trains_through_the_dali_pipeline(tmp_path):
     # Any root + list files: no code change between the in-memory set and JPEGs on disk.
     pytest.importorskip("nvidia.dali")
     from ltfast.data import write_jpeg_folder
-    from ltfast.train.trainer import load_datasets
+    from ltfast.train.data import load_datasets
     sets = load_datasets(load_config(None, TINY)["data"])       # the synthetic set, written as JPEGs
     lists = {split: write_jpeg_folder(sets[split], str(tmp_path / "jpegs"), split) for split in ("train", "val", "test")}
     summary = train(load_config(None, [

@@ -17,7 +17,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_command(monkeypatch, tmp_path, c
     def interrupted(cfg):
         (tmp_path / "last.pt").write_bytes(b"")
         raise KeyboardInterrupt
-    monkeypatch.setattr(trainer, "train", interrupted)
+    monkeypatch.setattr(cli, "train", interrupted)
     rc = cli.main(["data.dataset=synthetic", f"train.out_dir={tmp_path}", "optim.epochs=3", "train.resume=auto"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 130 and len(err) == 1

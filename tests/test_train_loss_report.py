@@ -6,7 +6,7 @@ import pytest
 import ltfast
 from ltfast.priors import LongTailWarning
 from ltfast.train.config import load_config
-from ltfast.train.trainer import build_loss, describe_loss
+from ltfast.train.losses import build_loss, describe_loss
 
 FMNIST_LT = [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
 CIFAR10_LT_100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
@@ -47,7 +47,7 @@ def test_trainer_prints_the_loss_it_built(capsys, tmp_path):
 
 def test_ldam_scale_logits_reaches_the_module():
     from ltfast.train.config import load_config
-    from ltfast.train.trainer import build_loss
+    from ltfast.train.losses import build_loss
     import os
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config(os.path.join(root, "configs", "fmnist_lt", "ce.yaml"),

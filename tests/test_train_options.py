@@ -10,7 +10,8 @@ from torch import nn
 from ltfast.train import load_config, train
 from ltfast.train.config import ConfigError
 from ltfast.train.models import CosineLinear, build_model, find_head, freeze_backbone, use_cosine_classifier
-from ltfast.train.optimization import Stepper, build_optimizer, load_init_weights, scaled_lr
+from ltfast.train.models import load_init_weights
+from ltfast.train.optimization import Stepper, build_optimizer, scaled_lr
 
 from test_train import TINY
 

@@ -318,7 +318,7 @@ def test_ignore_index_with_probability_targets_raises_like_torch(ignore_index):
     ("fmnist_lt/ride", ["diversity_factor=-0.2", "diversity temperature per class", "target_margin"], []),
 ])
 def test_loss_description_names_what_runs(config, expected, absent):
-    from ltfast.train.trainer import build_loss, describe_loss
+    from ltfast.train.losses import build_loss, describe_loss
     cfg = load_config(config, ["model.init_from=x.pt"] if "stage2" in config else [])
     text = describe_loss(build_loss(cfg["loss"], [100, 50, 20, 10, 5]))
     for part in expected:
@@ -481,7 +481,7 @@ def test_aggregation_that_drifts_to_a_biased_expert_keeps_the_plain_mean():
     # stability loss moves the weight to it, on a balanced test set (the trial's uniform collapse)
     from torch import nn
     from ltfast.train import metrics
-    from ltfast.train.experts import ExpertOutput
+    from ltfast.train.models import ExpertOutput
     from ltfast.train.test_time import aggregate_on
     from test_test_time import _source
 

@@ -1,12 +1,14 @@
 """ltfast.train: a thin long-tail trainer (``python -m ltfast.train --config <yaml> [key=value ...]``).
 
-- config.py:   the schema of every knob, YAML + overrides, errors that name the key
-- trainer.py:  the loop (DDP, bf16, checkpoints, resume, best-val selection, test, summary)
-- metrics.py:  per-class counts, many/medium/few, UA/RA, the per-class plot
-- models.py:   torchvision models from scratch, a small ResNet for 28x28
-- experts.py:  multi-expert models (RIDE / SADE) and their output
-- test_time.py: SADE's test-time aggregation on shifted test sets (python -m ltfast.train.test_time)
-- schedule.py: lr as a pure function of the step
+Layers, each importing only those below it (checked by import-linter, pyproject.toml):
+- CLIs:     __main__.py (train), evaluation.py (``python -m ltfast.evaluate``), test_time.py (SADE's
+            test-time aggregation, ``python -m ltfast.train.test_time``)
+- trainer:  trainer.py, the loop; it calls the methods' hooks and names none of them
+- engine:   engine.py, the run context (device, precision, ranks), build_model, evaluate
+- config:   config.py, the schema by section, with the keys the losses and methods declare
+- methods:  methods/, one file per long-tail method and the registry (``methods.available()``)
+- parts:    models/ (architectures, the head rule), losses.py (the loss table), data.py
+- support:  errors, schema, checkpoint, distributed, metrics, posthoc, schedule, optimization, runlog
 """
 from .config import ConfigError, load_config
 from .trainer import train

@@ -8,7 +8,11 @@ Resume:          the same command plus train.resume=true (or train.resume=auto f
 import argparse
 import sys
 
+import torch.distributed as dist
+
 from .config import ConfigError, dump, load_config
+from .errors import CheckpointError
+from .trainer import train
 
 
 def main(argv=None) -> int:
@@ -25,9 +29,6 @@ def main(argv=None) -> int:
     if args.print_config:
         print(dump(cfg), end="")
         return 0
-    from .trainer import train
-    import torch.distributed as dist
-    from .checkpoint import CheckpointError
     try:
         train(cfg)
     except ConfigError as error:

@@ -21,16 +21,21 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
-from typing import Optional
 
 import torch
 
+from ltfast.data import datasets
+
 from . import metrics, posthoc
-from .experts import is_expert_arch, split_output
-from .checkpoint import CheckpointError
-from .config import ConfigError, dump, load_config
+from .data import make_loader
+from .engine import load_run, resolve_target, run_config
+from .errors import CheckpointError, ConfigError
+from .methods.decoupled import effective_linear
+from .models import find_head, split_output
+from .runlog import record_output_path
+
+__all__ = ["build_parser", "collect", "evaluate_run", "main", "plot_confusion", "resolve_target", "run_config"]
 
 
 # Largest tau accepted: ``auto`` searches 0..2 (posthoc.LA_GRID / NORM_GRID); at tau 10 the prior
@@ -82,39 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_target(target: str, config: Optional[str]) -> tuple[str, Optional[str], str]:
-    """(checkpoint, config path or None, run folder)."""
-    if os.path.isdir(target):
-        for name in ("best.pt", "last.pt"):
-            if os.path.isfile(os.path.join(target, name)):
-                checkpoint = os.path.join(target, name)
-                break
-        else:
-            raise FileNotFoundError(f"{target}: no best.pt or last.pt in this folder")
-        run_dir = target
-    elif os.path.isfile(target):
-        checkpoint, run_dir = target, os.path.dirname(os.path.abspath(target))
-    else:
-        raise FileNotFoundError(f"{target}: no such run folder or checkpoint")
-    if config is None and os.path.isfile(os.path.join(run_dir, "config.yaml")):
-        config = os.path.join(run_dir, "config.yaml")
-    return checkpoint, config, run_dir
-
-
-def _load_cfg(config: Optional[str], checkpoint_obj, overrides) -> dict:
-    if config is not None:
-        return load_config(config, overrides)
-    embedded = checkpoint_obj.get("config") if isinstance(checkpoint_obj, dict) else None
-    if not isinstance(embedded, dict):
-        raise ConfigError("--config: the checkpoint has no config.yaml next to it and embeds none; pass --config")
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        f.write(dump(embedded))
-    try:
-        return load_config(f.name, overrides)
-    finally:
-        os.unlink(f.name)
-
-
 @torch.no_grad()
 def collect(model, loader, head, device) -> dict:
     """One pass: logits, the head's input features (None if the head is not linear) and labels."""
@@ -142,20 +114,11 @@ def _variant_logits(split: dict, weight, bias, log_prior, tau_norm, tau_la):
 
 
 def evaluate_run(args) -> dict:
-    from ltfast.data import datasets
-    from .decoupled import build_classifier, effective_linear
-    from .mislas import use_learnable_weight_scaling
-    from .models import find_head, model_from_config
-    from .optimization import _state_dict_of, load_checked_state, safe_load
-    from .trainer import load_datasets, make_loader
-
-    checkpoint, config, run_dir = resolve_target(args.target, args.config)
-    obj = safe_load(checkpoint, "ltfast.evaluate")
-    cfg = _load_cfg(config, obj, args.overrides)
-    data_cfg, mcfg = cfg["data"], cfg["model"]
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-
-    sets = load_datasets(data_cfg)
+    loaded = load_run(args.target, args.config, args.overrides, device, "ltfast.evaluate")
+    model, cfg, sets, checkpoint, run_dir, config = (loaded.model, loaded.cfg, loaded.sets, loaded.checkpoint,
+                                                     loaded.run_dir, loaded.config)
+    data_cfg, mcfg = cfg["data"], cfg["model"]
     counts = sets["class_counts"]
     num_classes = len(counts)
     split_name = args.split
@@ -173,21 +136,14 @@ def evaluate_run(args) -> dict:
     if auto and sets.get("val") is None:
         raise ConfigError("auto: choosing tau needs a validation split (data.val_list, or data.val_per_class > 0)")
 
-    in_channels = sets["train"].images.shape[1] if sets["in_memory"] and hasattr(sets["train"], "images") \
-        else len(data_cfg["mean"] or (0, 0, 0))
-    model = model_from_config(mcfg, num_classes, in_channels)  # cosine / causal (TDE in eval mode) / experts
-    build_classifier(model, mcfg, num_classes)     # decoupled LWS / NCM heads, as the run saved them
-    if mcfg["learnable_scale"]:
-        use_learnable_weight_scaling(model, num_classes, mcfg["head"])
-    load_checked_state(model, _state_dict_of(obj, checkpoint), checkpoint)
-    model.to(device).eval()
     head_name, head = find_head(model, num_classes, mcfg["head"])
-    if is_expert_arch(mcfg["arch"]):
+    experts = getattr(model, "owns_classifiers", False)  # one classifier per expert
+    if experts:
         head_name = "linears"
         if args.tau_norm is not None:
             raise ConfigError(f"--tau-norm: {mcfg['arch']} has one classifier per expert; tau-normalisation of a "
                               f"multi-expert model is not defined here")
-    linear = isinstance(head, torch.nn.Linear) and not is_expert_arch(mcfg["arch"])
+    linear = isinstance(head, torch.nn.Linear) and not experts
     if args.tau_norm is not None and not linear:
         why = " (a cosine classifier's rows are unit-norm already)" if type(head).__name__ == "CosineLinear" else ""
         raise ConfigError(f"--tau-norm: the head {head_name} is a {type(head).__name__}, not nn.Linear{why}")
@@ -241,7 +197,6 @@ def evaluate_run(args) -> dict:
                            "grid": selection["grid"] if selection else None},
                "results": results, "device": str(device), "time_s": time.perf_counter() - start}
     os.makedirs(out_dir, exist_ok=True)
-    from .runlog import record_output_path
     for written in ["evaluation.json"] + ([] if args.no_plot else ["confusion.png", "per_class.png"]):
         record_output_path(os.path.join(out_dir, written))  # inside a run folder: listed in its manifest
     if not args.no_plot:

@@ -30,7 +30,9 @@ import shutil
 import sys
 from typing import Optional
 
-from .config import ConfigError, dump
+from .distributed import setup_distributed
+from .errors import ConfigError
+from .schema import dump
 
 HISTORY = "history.jsonl"
 SEEDS_SUMMARY = "seeds_summary.json"
@@ -334,7 +336,6 @@ def mean_std(values: list) -> dict:
 def run_seeds(cfg: dict, train_fn) -> dict:
     """Trains ``train.seeds`` in turn; returns (and writes on rank 0) the summary over seeds."""
     import torch.distributed as dist
-    from .trainer import setup_distributed
     rank, _, _ = setup_distributed(cfg["train"]["device"])
     parent = cfg["train"]["out_dir"]
     prepare_out_dir(cfg, rank)          # refuse / empty the parent once; the seeds then start clean

@@ -28,7 +28,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .config import ConfigError
+from .. import schema
+from ..errors import ConfigError
+from ..models import find_head, replace_head
+from .base import Method
 
 
 def moving_average_momentum(lr: float) -> float:
@@ -39,6 +42,8 @@ def moving_average_momentum(lr: float) -> float:
 class CausalNormClassifier(nn.Module):
     """Multi-head normalised classifier with TDE inference. ``weight`` is [classes, features] like
     ``nn.Linear``'s (initialised uniform in ±1/sqrt(features), as the original)."""
+
+    is_classifier_head = True
 
     def __init__(self, in_features: int, out_features: int, num_heads: int = 2, tau: float = 16.0,
                  gamma: float = 1.0 / 32, alpha: float = 3.0) -> None:
@@ -87,7 +92,6 @@ class CausalNormClassifier(nn.Module):
 def use_causal_classifier(model: nn.Module, num_classes: int, mcfg: dict) -> str:
     """``model.classifier=causal``: the head (``models.find_head``) becomes a CausalNormClassifier on the
     same features, with ``model.causal_heads / causal_tau / causal_gamma / causal_alpha``."""
-    from .models import find_head, replace_head
     _, head = find_head(model, num_classes, mcfg["head"])
     causal = CausalNormClassifier(head.in_features, head.out_features, mcfg["causal_heads"], mcfg["causal_tau"],
                                   mcfg["causal_gamma"], mcfg["causal_alpha"])
@@ -130,3 +134,36 @@ class FeatureAverageUpdater:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+class CausalTDE(Method):
+    """``model.classifier=causal``: the causal normalised head, its feature moving average updated
+    after every training step at that step's lr, TDE logits whenever the model is in eval mode."""
+    name = "causal"
+    summary = "de-confound training with TDE inference (Tang et al. 2020)"
+    classifiers = ("causal",)
+    config_keys = {"model": {
+        "causal_heads": (2, int, schema.positive, "causal: K heads the feature is split into (survey 2)"),
+        "causal_tau": (16.0, (int, float), schema.positive, "causal: logit scale tau (survey 16)"),
+        "causal_gamma": (0.03125, (int, float), schema.non_negative, "causal: w / (||w|| + gamma) (survey 1/32)"),
+        "causal_alpha": (3.0, (int, float), schema.non_negative,
+                         "causal: TDE strength at test time (survey 3); 0 = plain normalised logits"),
+    }}
+
+    @classmethod
+    def enabled(cls, cfg: dict) -> bool:
+        return cfg["model"]["classifier"] == "causal"
+
+    def __init__(self, cfg: dict) -> None:
+        super().__init__(cfg)
+        self.feature_average: Optional[FeatureAverageUpdater] = None
+
+    def build_head(self, model: nn.Module, num_classes: int) -> None:
+        use_causal_classifier(model, num_classes, self.cfg["model"])
+
+    def start(self, model: nn.Module, head_name: str, run) -> None:
+        self.feature_average = FeatureAverageUpdater.for_model(model)
+
+    def after_step(self, lr: float) -> None:
+        if self.feature_average is not None:
+            self.feature_average.update(lr)

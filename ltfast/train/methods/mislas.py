@@ -25,8 +25,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import priors
+from .. import schema
+from ..errors import ConfigError
+from ..losses import label_aware_smoothing_loss
+from ..models import find_head, replace_head
+from .base import Method
 from .decoupled import LearnableWeightScaling
+
+__all__ = ["Mixup", "MixupMethod", "MiSLAS", "ScaledClassifier", "label_aware_smoothing_loss", "mixed_loss",
+           "parameter_groups", "use_learnable_weight_scaling"]
 
 
 # -------------------------------------------------------------------------------------------- mixup
@@ -66,24 +73,14 @@ def mixed_loss(criterion: nn.Module, logits: Tensor, labels: Tensor, labels_b: T
     return lam * criterion(logits, labels) + (1.0 - lam) * criterion(logits, labels_b)
 
 
-# ------------------------------------------------------------------------------ label-aware loss
-
-def label_aware_smoothing_loss(class_counts, loss: dict) -> nn.Module:
-    """THE construction of MiSLAS's stage-2 loss: cross-entropy with the per-class label smoothing
-    ``ltfast.priors.label_aware_smoothing(class_counts, smooth_head, smooth_tail, smooth_shape,
-    smooth_power)``, the epsilon of each row's target class, in the fused ``ltfast.nn.CrossEntropyLoss``
-    (which also takes mixed targets)."""
-    import ltfast.nn
-    eps = priors.label_aware_smoothing(class_counts, loss["smooth_head"], loss["smooth_tail"],
-                                       loss["smooth_shape"], loss["smooth_power"])
-    return ltfast.nn.CrossEntropyLoss(label_smoothing=eps)
-
-
 # ------------------------------------------------------------------------------------ stage 2 head
 
 class ScaledClassifier(nn.Module):
     """``scale(classifier(x))``: a classifier followed by LearnableWeightScaling. ``in_features`` /
     ``out_features`` are the classifier's, so the head rule still sees a classifier here."""
+
+    is_classifier_head = True
+    wraps_head = True
 
     def __init__(self, classifier: nn.Module, num_classes: int) -> None:
         super().__init__()
@@ -100,7 +97,6 @@ def use_learnable_weight_scaling(model: nn.Module, num_classes: int, head: Optio
     """``model.learnable_scale``: wraps the head (``models.find_head``) as ``ScaledClassifier``; returns its name.
     Done after ``model.init_from`` is loaded (a stage-1 checkpoint has no scale) and after
     ``freeze_backbone`` (the new scale is trainable)."""
-    from .models import find_head, replace_head
     name, module = find_head(model, num_classes, head)
     if isinstance(module, ScaledClassifier):
         raise ValueError(f"model.learnable_scale: the head {name!r} is scaled already")
@@ -125,11 +121,61 @@ def parameter_groups(model: nn.Module, head_name: str, head_lr_factor: float) ->
     return groups
 
 
-def set_backbone_mode(model: nn.Module, head_name: str, shift_bn: bool) -> None:
-    """After ``model.train()``: with ``shift_bn`` false, everything but the head goes back to eval mode
-    (BN uses and keeps the stage-1 running statistics), as the authors' ``model.eval()``."""
-    if shift_bn:
-        return
-    head = model.get_submodule(head_name)
-    model.eval()
-    head.train()
+class MixupMethod(Method):
+    """MiSLAS stage 1 (and any recipe with ``data.mixup_alpha`` > 0): mixup on every training batch."""
+    name = "mixup"
+    summary = "batch mixup, MiSLAS stage 1 (Zhang et al. 2018; Zhong et al. 2021)"
+    config_keys = {"data": {
+        "mixup_alpha": (0.0, (int, float), schema.non_negative,
+                        "mixup: lambda ~ Beta(alpha, alpha) per batch (MiSLAS stage 1: 0.2); 0 = off"),
+    }}
+
+    @classmethod
+    def enabled(cls, cfg: dict) -> bool:
+        return cfg["data"]["mixup_alpha"] > 0
+
+    def start(self, model: nn.Module, head_name: str, run) -> None:
+        self.mixup = Mixup(self.cfg["data"]["mixup_alpha"])
+
+    def mix_batch(self, images: Tensor, labels: Tensor, criterion: nn.Module):
+        images, labels_b, lam = self.mixup.mix(images, labels)
+        return images, lambda outputs: mixed_loss(criterion, outputs, labels, labels_b, lam)
+
+
+class MiSLAS(Method):
+    """MiSLAS stage 2 (with label-aware smoothing as ``loss.name`` and a frozen backbone): a learnable
+    per-class scale on the classifier's logits (``model.learnable_scale``) and the classifier at
+    ``optim.head_lr_factor`` times the lr."""
+    name = "mislas"
+    summary = "MiSLAS stage 2: learnable scale, classifier lr factor (Zhong et al. 2021)"
+    config_keys = {
+        "model": {"learnable_scale": (False, bool, None,
+                                      "a learnable per-class scale on the head's logits (MiSLAS stage 2's "
+                                      "LearnableWeightScaling)")},
+        "optim": {"head_lr_factor": (1.0, (int, float), schema.positive,
+                                     "the classifier's lr is this times the lr (MiSLAS stage 2: 0.05; its learnable "
+                                     "scale keeps the full lr)")},
+    }
+
+    @classmethod
+    def enabled(cls, cfg: dict) -> bool:
+        return (cfg["loss"]["name"] == "label_aware_smoothing" or cfg["model"]["learnable_scale"]
+                or cfg["optim"]["head_lr_factor"] != 1.0)
+
+    @classmethod
+    def check(cls, cfg: dict) -> None:
+        model = cfg["model"]
+        if model["learnable_scale"] and model["classifier"] in ("causal", "lws", "ncm", "tau_norm"):
+            raise ConfigError(f"model.learnable_scale: not with model.classifier={model['classifier']} (causal: the "
+                              "TDE logits are not a plain head; lws has its own scale; ncm and tau_norm train nothing)")
+
+    def adapt(self, model: nn.Module, num_classes: int, stage: str) -> None:
+        # after init_from (stage 1 has no scale) and the freeze (the scale trains)
+        if self.cfg["model"]["learnable_scale"]:
+            use_learnable_weight_scaling(model, num_classes, self.cfg["model"]["head"])
+
+    def param_groups(self, model: nn.Module, head_name: str, params: list) -> list:
+        # each group's lr is lr x its lr_factor
+        if self.cfg["optim"]["head_lr_factor"] == 1.0:
+            return params
+        return parameter_groups(model, head_name, self.cfg["optim"]["head_lr_factor"])

@@ -31,17 +31,17 @@ counts are all-reduced.
 from __future__ import annotations
 
 import contextlib
-import os
-import time
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from .config import ConfigError
-
-TRAINING_FREE = ("ncm", "tau_norm")
+from .. import metrics, posthoc, schema
+from ..data import make_loader
+from ..distributed import all_reduce_sum
+from ..errors import ConfigError
+from ..models import find_head, replace_head
+from .base import Method
 
 
 # ------------------------------------------------------------------------------------------ modules
@@ -86,6 +86,8 @@ class NearestClassMean(nn.Module):
     ``feature_mean`` [D] and ``has_centroid`` [C] are buffers (in the checkpoint); a class without
     training images has no centroid and gets logit -inf."""
 
+    is_classifier_head = True
+
     def __init__(self, in_features: int, out_features: int, features: str = "cl2n") -> None:
         super().__init__()
         if features not in ("cl2n", "l2n"):
@@ -118,7 +120,6 @@ class NearestClassMean(nn.Module):
 # ------------------------------------------------------------------------------------------- heads
 
 def _linear_head(model: nn.Module, num_classes: int, name: Optional[str], kind: str):
-    from .models import find_head
     head_name, head = find_head(model, num_classes, name)
     if type(head) is not nn.Linear:
         raise ConfigError(f"model.classifier: {kind} needs a plain nn.Linear classifier from stage 1, but "
@@ -129,7 +130,6 @@ def _linear_head(model: nn.Module, num_classes: int, name: Optional[str], kind: 
 def use_lws_classifier(model: nn.Module, num_classes: int, name: Optional[str] = None) -> str:
     """Replaces the linear head by a ``ScaledLinear`` holding the same weight and bias, frozen; only
     ``lws.scale`` requires grad. Call after loading the stage-1 weights and freezing the backbone."""
-    from .models import replace_head
     head_name, head = _linear_head(model, num_classes, name, "lws")
     scaled = ScaledLinear(head.in_features, head.out_features, head.bias is not None)
     scaled.to(head.weight.device)
@@ -147,7 +147,6 @@ def use_lws_classifier(model: nn.Module, num_classes: int, name: Optional[str] =
 def use_ncm_classifier(model: nn.Module, num_classes: int, name: Optional[str] = None,
                        features: str = "cl2n") -> NearestClassMean:
     """Replaces the linear head by an (empty) ``NearestClassMean`` of the same shape."""
-    from .models import replace_head
     _, head = _linear_head(model, num_classes, name, "ncm")
     ncm = NearestClassMean(head.in_features, head.out_features, features).to(head.weight.device)
     replace_head(model, ncm, name, num_classes)
@@ -179,12 +178,6 @@ def effective_linear(head: nn.Module) -> tuple[Optional[torch.Tensor], Optional[
 
 # ---------------------------------------------------------------------------------------- features
 
-def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
-
-
 @torch.no_grad()
 def head_inputs(model: nn.Module, head: nn.Module, loader, device, autocast=contextlib.nullcontext,
                 memory_format=torch.contiguous_format) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,16 +208,16 @@ def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int, 
     """NCM statistics over all ranks' shards: {"feature_mean" [D], "centroids" [C, D], "counts" [C]}.
     Sums in float64 (115,846 ImageNet-LT features of 2048 values each)."""
     features = features.double()
-    count = _all_reduce(torch.tensor([features.shape[0]], dtype=torch.float64, device=features.device))
-    total = _all_reduce(features.sum(0))
+    count = all_reduce_sum(torch.tensor([features.shape[0]], dtype=torch.float64, device=features.device))
+    total = all_reduce_sum(features.sum(0))
     mean = total / count.clamp_min(1)
     transformed = features - mean if kind == "cl2n" else features
     transformed = nn.functional.normalize(transformed, dim=1)
     sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
     sums.index_add_(0, labels, transformed)
     counts = torch.bincount(labels, minlength=num_classes).double()
-    _all_reduce(sums)
-    _all_reduce(counts)
+    all_reduce_sum(sums)
+    all_reduce_sum(counts)
     return {"feature_mean": mean.float(), "centroids": (sums / counts.clamp_min(1)[:, None]).float(),
             "counts": counts.long()}
 
@@ -235,7 +228,6 @@ def choose_tau_norm(features: torch.Tensor, labels: torch.Tensor, weight: torch.
     every tau of ``posthoc.NORM_GRID`` (and of ``fixed`` when given) and of the unchanged head; the
     best tau (ties: the smallest, the least change) unless ``fixed``. Same criterion and grid as
     ``ltfast.evaluate --tau-norm auto`` (``posthoc.choose``), with per-class counts all-reduced."""
-    from . import metrics, posthoc
 
     def score(logits):
         correct, total = metrics.count_correct(logits, labels, num_classes)
@@ -259,83 +251,174 @@ def choose_tau_norm(features: torch.Tensor, labels: torch.Tensor, weight: torch.
             "selected_on": None if fixed is not None else "val"}
 
 
-# ----------------------------------------------------------------------------------------- stages
+# ---------------------------------------------------------------------------------------- methods
 
-def fit_training_free(cfg: dict, model: nn.Module, data: dict, device, autocast, memory_format, rank: int,
-                      world: int, log=print) -> dict:
-    """Builds the NCM or tau-norm classifier of ``model`` (stage-1 weights loaded), scores it on the
-    validation split, saves ``best.pt`` and returns the trainer state for ``trainer._finish``."""
-    from . import metrics
-    from .models import find_head
-    from .runlog import History, val_fields
-    from .trainer import evaluate, make_loader
-    mcfg, kind = cfg["model"], cfg["model"]["classifier"]
-    num_classes = len(data["class_counts"])
-    head_name, head = _linear_head(model, num_classes, mcfg["head"], kind)
-    start = time.perf_counter()
-    if kind == "ncm":
-        # the training set as the evaluation sees images (no augmentation, each image once), sharded
-        plain = make_loader(data, "train", cfg["data"], sampler=None, batch_size=cfg["data"]["eval_batch_size"] // world,
-                            device=device, train=False, seed=cfg["train"]["seed"], rank=rank, world=world)
-        features, labels = head_inputs(model, head, plain, device, autocast, memory_format)
-        stats = class_means(features, labels, num_classes, mcfg["ncm_features"])
-        ncm = use_ncm_classifier(model, num_classes, mcfg["head"], mcfg["ncm_features"])
-        ncm.centroids.copy_(stats["centroids"])
-        ncm.feature_mean.copy_(stats["feature_mean"])
-        ncm.has_centroid.copy_(stats["counts"] > 0)
-        info = {"method": "ncm", "features": mcfg["ncm_features"], "distance": "squared euclidean",
-                "train_images": int(stats["counts"].sum())}
-        selection = f"no training: nearest class mean ({mcfg['ncm_features']}) of {info['train_images']} training images"
-    else:
-        if data["val_loader"] is None and mcfg["tau_norm"] == "auto":
-            raise ConfigError("model.tau_norm: auto needs a validation split")
-        weight = head.weight.detach().float()
-        bias = head.bias.detach().float() if head.bias is not None else None
-        fixed = None if mcfg["tau_norm"] == "auto" else mcfg["tau_norm"]
-        if data["val_loader"] is not None:
-            features, labels = head_inputs(model, head, data["val_loader"], device, autocast, memory_format)
-            info = choose_tau_norm(features, labels, weight, bias, num_classes, fixed)
-        else:
-            info = {"tau": float(fixed), "val_top1": None, "val_curve": None, "val_plain_top1": None,
-                    "selected_on": None}
-        from .posthoc import tau_normalized_weight
-        with torch.no_grad():
-            head.weight.copy_(tau_normalized_weight(weight, info["tau"]))
-            if head.bias is not None:
-                head.bias.zero_()  # Kang et al.'s tau_norm.py scores features @ W'^T: no bias
-        info = {"method": "tau_norm", **info}
-        how = "chosen on the validation split" if info["selected_on"] else "given"
-        selection = f"no training: tau-normalised classifier, tau {info['tau']:g} ({how})"
-        if info["val_curve"]:
-            curve = ", ".join(f"{t:g}: {s:.2f}" for t, s in info["val_curve"])
-            log(f"tau-norm validation top-1 by tau: {curve}; plain classifier {info['val_plain_top1']:.2f}")
-    info["head"] = head_name
-    fit_time = time.perf_counter() - start
+def _fit_ncm(model: nn.Module, data: dict, cfg: dict, run) -> dict:
+    """Nearest class mean on the training set as the evaluation sees images (no augmentation, each
+    image once, sharded over the ranks)."""
+    mcfg, num_classes = cfg["model"], len(data["class_counts"])
+    head_name, head = _linear_head(model, num_classes, mcfg["head"], "ncm")
+    plain = make_loader(data, "train", cfg["data"], sampler=None, batch_size=cfg["data"]["eval_batch_size"] // run.world,
+                        device=run.device, train=False, seed=cfg["train"]["seed"], rank=run.rank, world=run.world)
+    features, labels = head_inputs(model, head, plain, run.device, run.autocast, run.memory_format)
+    stats = class_means(features, labels, num_classes, mcfg["ncm_features"])
+    ncm = use_ncm_classifier(model, num_classes, mcfg["head"], mcfg["ncm_features"])
+    ncm.centroids.copy_(stats["centroids"])
+    ncm.feature_mean.copy_(stats["feature_mean"])
+    ncm.has_centroid.copy_(stats["counts"] > 0)
+    info = {"method": "ncm", "features": mcfg["ncm_features"], "distance": "squared euclidean",
+            "train_images": int(stats["counts"].sum()), "head": head_name}
+    selection = f"no training: nearest class mean ({mcfg['ncm_features']}) of {info['train_images']} training images"
+    return {"info": info, "selection": selection}
 
-    record = {"epoch": 0, "fit_time_s": fit_time}
-    best_top1 = -1.0
+
+def _fit_tau_norm(model: nn.Module, data: dict, cfg: dict, run) -> dict:
+    """tau-normalisation of the stage-1 classifier, tau chosen on the validation split or given."""
+    mcfg, num_classes = cfg["model"], len(data["class_counts"])
+    head_name, head = _linear_head(model, num_classes, mcfg["head"], "tau_norm")
+    if data["val_loader"] is None and mcfg["tau_norm"] == "auto":
+        raise ConfigError("model.tau_norm: auto needs a validation split")
+    weight = head.weight.detach().float()
+    bias = head.bias.detach().float() if head.bias is not None else None
+    fixed = None if mcfg["tau_norm"] == "auto" else mcfg["tau_norm"]
     if data["val_loader"] is not None:
-        groups = metrics.shot_groups(data["class_counts"], cfg["eval"]["many_threshold"],
-                                     cfg["eval"]["few_threshold"], cfg["eval"]["shot_split"])
-        correct, total = evaluate(model, data["val_loader"], num_classes, device, autocast, memory_format)
-        val = metrics.summarize(correct, total, groups)
-        record.update(val_fields(val))
-        best_top1 = val["top1"]
-        info["val_top1"] = best_top1
-    log(f"{kind}: {selection}" + (f"; validation top-1 {best_top1:.2f}" if best_top1 >= 0 else ""))
-    out_dir = cfg["train"]["out_dir"]
-    if rank == 0:
-        from . import checkpoint
-        from .config import dump
-        from .runlog import record_outputs
-        record_outputs(out_dir, files=["config.yaml"] + (["best.pt"] if cfg["train"]["save_checkpoints"] else []))
-        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-            f.write(dump(cfg))
-        if cfg["train"]["save_checkpoints"]:
-            checkpoint.save_atomic({"model": model.state_dict(), "epoch": 0, "val_top1": best_top1,
-                                    "decoupled": info}, os.path.join(out_dir, "best.pt"))
-    history = History(cfg, rank, [])
-    history.append(record)
-    history.close()
-    return {"epoch": 0, "best_top1": best_top1, "best_epoch": None, "history": [record], "train_time_s": fit_time,
-            "train_images": 0, "selection": selection, "decoupled": info}
+        features, labels = head_inputs(model, head, data["val_loader"], run.device, run.autocast, run.memory_format)
+        info = choose_tau_norm(features, labels, weight, bias, num_classes, fixed)
+    else:
+        info = {"tau": float(fixed), "val_top1": None, "val_curve": None, "val_plain_top1": None,
+                "selected_on": None}
+    with torch.no_grad():
+        head.weight.copy_(posthoc.tau_normalized_weight(weight, info["tau"]))
+        if head.bias is not None:
+            head.bias.zero_()  # Kang et al.'s tau_norm.py scores features @ W'^T: no bias
+    info = {"method": "tau_norm", **info, "head": head_name}
+    how = "chosen on the validation split" if info["selected_on"] else "given"
+    selection = f"no training: tau-normalised classifier, tau {info['tau']:g} ({how})"
+    if info["val_curve"]:
+        curve = ", ".join(f"{t:g}: {s:.2f}" for t, s in info["val_curve"])
+        run.log(f"tau-norm validation top-1 by tau: {curve}; plain classifier {info['val_plain_top1']:.2f}")
+    return {"info": info, "selection": selection}
+
+
+def _needs_stage_one(cfg: dict, kind: str) -> None:
+    if not cfg["model"]["init_from"]:
+        raise ConfigError(f"model.classifier: {kind} is a decoupled stage 2 and needs model.init_from (the "
+                          f"stage-1 checkpoint, e.g. runs/fmnist_lt/ce/best.pt)")
+
+
+class ClassifierRetraining(Method):
+    """cRT and every frozen-backbone stage 2 (``model.freeze_backbone``): the classifier retrains on
+    the stage-1 backbone; ``model.shift_bn`` says whether the frozen backbone's BN layers keep
+    re-estimating their statistics (train mode, the survey's cRT and MiSLAS) or not (eval mode)."""
+    name = "crt"
+    summary = "classifier re-training on a frozen stage-1 backbone (Kang et al. 2020)"
+    config_keys = {"model": {
+        "shift_bn": (True, bool, None,
+                     "with freeze_backbone: the frozen backbone stays in train mode, so BN re-estimates its "
+                     "statistics on the stage-2 batches (cRT, MiSLAS 'shift_bn'); false: backbone in eval mode"),
+    }}
+
+    @classmethod
+    def enabled(cls, cfg: dict) -> bool:
+        return cfg["model"]["freeze_backbone"]
+
+    @classmethod
+    def check(cls, cfg: dict) -> None:
+        if not cfg["model"]["shift_bn"] and not cfg["model"]["freeze_backbone"]:
+            raise ConfigError("model.shift_bn: false only applies to a frozen backbone (model.freeze_backbone=true)")
+
+    def on_epoch_start(self, model: nn.Module, head_name: str, epoch: int) -> None:
+        # After model.train(): with shift_bn false, everything but the head goes back to eval mode
+        # (BN uses and keeps the stage-1 running statistics), as MiSLAS's authors' model.eval().
+        if self.cfg["model"]["shift_bn"]:
+            return
+        head = model.get_submodule(head_name)
+        model.eval()
+        head.train()
+
+
+class LearnableWeightScalingMethod(Method):
+    """``model.classifier=lws``: the frozen stage-1 classifier's logits times a learnable per-class scale."""
+    name = "lws"
+    summary = "learnable weight scaling of the stage-1 classifier (Kang et al. 2020)"
+    classifiers = ("lws",)
+
+    @classmethod
+    def enabled(cls, cfg: dict) -> bool:
+        return cfg["model"]["classifier"] == "lws"
+
+    @classmethod
+    def check(cls, cfg: dict) -> None:
+        if cls.enabled(cfg):
+            _needs_stage_one(cfg, "lws")
+            if not cfg["model"]["freeze_backbone"]:
+                raise ConfigError("model.classifier: lws trains only the per-class scale of the stage-1 classifier; "
+                                  "set model.freeze_backbone=true")
+
+    def adapt(self, model: nn.Module, num_classes: int, stage: str) -> None:
+        use_lws_classifier(model, num_classes, self.cfg["model"]["head"])  # only its per-class scale trains
+
+
+class NearestClassMeanMethod(Method):
+    """``model.classifier=ncm``: no training; the class means of the stage-1 features."""
+    name = "ncm"
+    summary = "nearest class mean classifier on the stage-1 features, no training (Kang et al. 2020)"
+    classifiers = ("ncm",)
+    config_keys = {"model": {
+        "ncm_features": ("cl2n", str, schema.choice("cl2n", "l2n"),
+                         "classifier=ncm: cl2n = centred on the training-feature mean, then L2-normalised "
+                         "(classifier-balancing's default); l2n = L2-normalised only"),
+    }}
+
+    @classmethod
+    def enabled(cls, cfg: dict) -> bool:
+        return cfg["model"]["classifier"] == "ncm"
+
+    @classmethod
+    def check(cls, cfg: dict) -> None:
+        model = cfg["model"]
+        if cls.enabled(cfg):
+            _needs_stage_one(cfg, "ncm")
+        elif model["ncm_features"] != cls.config_keys["model"]["ncm_features"][0]:
+            raise ConfigError(f"model.ncm_features: only used by model.classifier=ncm (got model.classifier="
+                              f"{model['classifier']!r})")
+
+    def adapt(self, model: nn.Module, num_classes: int, stage: str) -> None:
+        # training builds the head in fit(); a rebuilt run gets the (empty) head its checkpoint fills
+        if stage == "rebuild":
+            use_ncm_classifier(model, num_classes, self.cfg["model"]["head"], self.cfg["model"]["ncm_features"])
+
+    def fit(self, model: nn.Module, data: dict, run) -> dict:
+        return {"label": "ncm", **_fit_ncm(model, data, self.cfg, run)}
+
+
+class TauNormalisation(Method):
+    """``model.classifier=tau_norm``: no training; the stage-1 classifier's rows divided by ||W_c||^tau."""
+    name = "tau_norm"
+    summary = "tau-normalised stage-1 classifier, no training (Kang et al. 2020)"
+    classifiers = ("tau_norm",)
+    config_keys = {"model": {
+        "tau_norm": ("auto", (str, int, float), schema.tau_norm,
+                     "classifier=tau_norm: tau, or auto = the best of 0, 0.1, ..., 2 on the validation split"),
+    }}
+
+    @classmethod
+    def enabled(cls, cfg: dict) -> bool:
+        return cfg["model"]["classifier"] == "tau_norm"
+
+    @classmethod
+    def check(cls, cfg: dict) -> None:
+        model, data = cfg["model"], cfg["data"]
+        if not cls.enabled(cfg):
+            if model["tau_norm"] != "auto":
+                raise ConfigError(f"model.tau_norm: only used by model.classifier=tau_norm (got model.classifier="
+                                  f"{model['classifier']!r})")
+            return
+        _needs_stage_one(cfg, "tau_norm")
+        no_val = not data["val_list"] if data["dataset"] == "list" else data["val_per_class"] == 0
+        if model["tau_norm"] == "auto" and no_val:
+            raise ConfigError("model.tau_norm: auto chooses tau on the validation split, and this config has none "
+                              "(data.val_list, or data.val_per_class > 0); give a number instead")
+
+    def fit(self, model: nn.Module, data: dict, run) -> dict:
+        return {"label": "tau_norm", **_fit_tau_norm(model, data, self.cfg, run)}

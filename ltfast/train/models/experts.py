@@ -19,7 +19,7 @@ Difference from upstream, on purpose: global average pooling is adaptive (upstre
 the same at 224 pixels), so small test images work. Module names (``conv1``, ``layer3s.k``,
 ``layer4s.k``, ``linears.k``) follow upstream's.
 
-``small_expert_resnet`` is the same split applied to :class:`~ltfast.train.models.SmallResNet`
+``small_expert_resnet`` is the same split applied to :class:`~ltfast.train.models.small.SmallResNet`
 (Fashion-MNIST-LT, CPU tests): stem, layer1 and layer2 shared, one layer3 basic block per expert,
 3w channels instead of 4w with ``reduce_dimension`` (the survey's 0.75 reduction: 384 / 512).
 
@@ -34,7 +34,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from .models import BasicBlock, CosineLinear
+from .. import metrics
+from .heads import CosineLinear
+from .small import BasicBlock
 
 
 class ExpertOutput(NamedTuple):
@@ -59,7 +61,11 @@ def _classifier(features: int, num_classes: int, cosine: bool) -> nn.Module:
 
 
 class _ExpertHeads(nn.Module):
-    """Runs the per-expert stages and classifiers on the shared trunk's output."""
+    """Runs the per-expert stages and classifiers on the shared trunk's output. The model builds its
+    classifiers itself (one per expert, cosine or linear as ``model.classifier`` says), so methods
+    that replace a single head leave it alone."""
+
+    owns_classifiers = True
 
     def _experts(self, shared: torch.Tensor) -> ExpertOutput:
         features, logits = [], []
@@ -212,7 +218,6 @@ def count_expert_correct(expert_logits: torch.Tensor, target: torch.Tensor, num_
 
 def expert_summaries(expert_correct: torch.Tensor, total: torch.Tensor, groups: dict) -> list[dict]:
     """``metrics.summarize`` of every expert alone (top1, many, medium, few, per_class, ...)."""
-    from . import metrics
     return [metrics.summarize(correct, total, groups) for correct in expert_correct]
 
 
