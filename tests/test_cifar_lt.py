@@ -312,3 +312,135 @@ def test_cli_prints_the_counts(cifar10, capsys):
     main([root, "--dataset", "cifar10", "--imbalance", "100"])
     printed = capsys.readouterr().out
     assert "12406 training images" in printed and "5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50" in printed
+
+
+# ------------------------------------------------------------------ ResNet-32 (ltfast.train.resnet_cifar)
+class _LdamLambdaLayer(torch.nn.Module):
+    def __init__(self, lambd):
+        super().__init__()
+        self.lambd = lambd
+
+    def forward(self, x):
+        return self.lambd(x)
+
+
+class _LdamBasicBlock(torch.nn.Module):
+    """kaidic/LDAM-DRW models/resnet_cifar.py BasicBlock (option A), lines 58-87."""
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        nn, F = torch.nn, torch.nn.functional
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = _LdamLambdaLayer(lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4),
+                                                             "constant", 0))
+
+    def forward(self, x):
+        F = torch.nn.functional
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return F.relu(out)
+
+
+class _LdamNormedLinear(torch.nn.Module):
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.Tensor(in_features, out_features))
+        self.weight.data.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        return F.normalize(x, dim=1).mm(F.normalize(self.weight, dim=0))
+
+
+class _LdamResNet32(torch.nn.Module):
+    """LDAM-DRW ResNet_s(BasicBlock, [5, 5, 5]) with _weights_init, lines 32-35 and 90-124."""
+
+    def __init__(self, num_classes=10, use_norm=False):
+        super().__init__()
+        nn = torch.nn
+        self.in_planes = 16
+        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = self._make_layer(16, 5, 1)
+        self.layer2 = self._make_layer(32, 5, 2)
+        self.layer3 = self._make_layer(64, 5, 2)
+        self.linear = _LdamNormedLinear(64, num_classes) if use_norm else nn.Linear(64, num_classes)
+
+        def _weights_init(m):
+            if isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+        self.apply(_weights_init)
+
+    def _make_layer(self, planes, num_blocks, stride):
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(_LdamBasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return torch.nn.Sequential(*layers)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.avg_pool2d(out, out.size()[3])
+        return self.linear(out.view(out.size(0), -1))
+
+
+def resnet32_parameters(num_classes, use_norm=False):
+    """Counted by hand: stem conv + BN, per stage 5 blocks of two 3x3 convs and two BNs (option-A
+    shortcuts have no parameters), then the classifier."""
+    stem = 3 * 16 * 9 + 2 * 16
+    stages, in_planes = 0, 16
+    for planes in (16, 32, 64):
+        for block in range(5):
+            stages += (in_planes if block == 0 else planes) * planes * 9 + planes * planes * 9 + 4 * planes
+        in_planes = planes
+    return stem + stages + 64 * num_classes + (0 if use_norm else num_classes)
+
+
+@pytest.mark.parametrize("num_classes,use_norm", [(10, False), (100, False), (10, True)])
+def test_resnet32_matches_ldam_drw(num_classes, use_norm):
+    from ltfast.train.resnet_cifar import resnet32
+    torch.manual_seed(0)
+    ours = resnet32(num_classes, use_norm=use_norm)
+    torch.manual_seed(0)
+    theirs = _LdamResNet32(num_classes, use_norm=use_norm)
+    count = sum(p.numel() for p in ours.parameters())
+    assert count == sum(p.numel() for p in theirs.parameters()) == resnet32_parameters(num_classes, use_norm)
+    if (num_classes, use_norm) == (10, False):
+        assert count == 464_154  # the 0.46M of LDAM-DRW's table
+    # Same draws in the same order: identical weights (the normed head stored transposed), identical outputs.
+    mine = dict(ours.named_parameters())
+    for name, theirs_param in theirs.named_parameters():
+        ours_param = mine[name.replace("linear.", "fc.")]
+        expected = theirs_param.t() if use_norm and name == "linear.weight" else theirs_param
+        assert torch.equal(ours_param, expected), name
+    x = torch.randn(4, 3, 32, 32)
+    ours.train(), theirs.train()
+    # Bit for bit with the linear head; the cosine head's matmul runs on the transposed layout (ulps apart).
+    exact = {} if use_norm else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(ours(x), theirs(x), **exact)
+    ours.eval(), theirs.eval()
+    features = ours.forward_features(x)
+    assert features.shape == (4, 64, 8, 8)
+    assert ours.forward_head(features, pre_logits=True).shape == (4, 64)
+    logits = ours.forward_head(features)
+    assert logits.shape == (4, num_classes)
+    torch.testing.assert_close(logits, theirs(x))
+    if use_norm:
+        assert logits.abs().max() <= 1 + 1e-6  # cosines
+        assert torch.allclose(ours.fc.weight.norm(dim=1), torch.ones(num_classes))
+
+
+def test_resnet_cifar_depths_and_errors():
+    from ltfast.train.resnet_cifar import resnet_cifar
+    assert len(resnet_cifar(20).layer1) == 3 and len(resnet_cifar(56).layer3) == 9
+    assert resnet_cifar(32, 7, in_channels=1)(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
+    with pytest.raises(ValueError, match="depth must be 6n \\+ 2"):
+        resnet_cifar(33)
