@@ -1,6 +1,7 @@
 """CIFAR-10-LT / CIFAR-100-LT (ltfast.data.cifar) on CIFAR-format pickles built here: the per-class
 counts at ratios 10 / 50 / 100, the images taken (against a literal transcription of LDAM-DRW's
 generator), the test set, the errors, and the writer of the real files' pickle form."""
+import itertools
 import os
 import pickle
 
@@ -9,7 +10,14 @@ import pytest
 import torch
 
 from ltfast.data import long_tailed_counts
-from ltfast.data.cifar import cifar_lt, cifar_lt_counts, load_cifar, main, write_cifar_folder, write_cifar_pickle
+from ltfast.data.cifar import (
+    cifar_lt,
+    cifar_lt_counts,
+    load_cifar,
+    main,
+    write_cifar_folder,
+    write_cifar_pickle,
+)
 from ltfast.data.datasets import InMemoryDataset
 
 CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
@@ -158,7 +166,7 @@ def test_cifar100_lt_counts_images_and_test_set(cifar100, ratio):
     counts = out["class_counts"].tolist()
     total, head, tail = CIFAR100_TOTALS[ratio]
     assert (sum(counts), counts[0], counts[-1]) == (total, head, tail)
-    assert all(a >= b for a, b in zip(counts, counts[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(counts))
     expected_data, expected_targets, expected_counts = ldam_drw_generator(nhwc(data), labels.tolist(), 100, "exp",
                                                                           1 / ratio)
     assert counts == expected_counts
@@ -181,7 +189,7 @@ def test_factor_is_the_generators_literal_and_counts_agree_with_long_tailed_coun
 def test_step_reverse_and_seed_follow_the_generator(cifar10, profile, reverse, seed):
     root, (data, labels, _, _) = cifar10
     out = cifar_lt(root, "cifar10", ratio=10, profile=profile, seed=seed, reverse=reverse)
-    expected_data, expected_targets, expected_counts = ldam_drw_generator(nhwc(data), labels.tolist(), 10, profile,
+    expected_data, _, expected_counts = ldam_drw_generator(nhwc(data), labels.tolist(), 10, profile,
                                                                           0.1, rand_number=seed, reverse=reverse)
     assert out["class_counts"].tolist() == expected_counts
     assert np.array_equal(out["train"].images.permute(0, 2, 3, 1).numpy(), expected_data)
@@ -276,7 +284,7 @@ def test_writer_produces_the_real_files_form(tmp_path):
     as_latin1 = pickle.loads(raw, encoding="latin1")
     assert set(as_bytes) == {b"batch_label", b"labels", b"data", b"filenames"} and set(as_latin1) == {
         "batch_label", "labels", "data", "filenames"}
-    assert as_latin1["labels"] == list(range(6, 10)) + list(range(0, 2))  # images 6..11 of 30 (5 batches of 6)
+    assert as_latin1["labels"] == list(range(6, 10)) + list(range(2))  # images 6..11 of 30 (5 batches of 6)
     assert np.array_equal(as_bytes[b"data"], images[6:12].reshape(6, 3072).numpy())
     back_train, back_test, names = load_cifar(str(tmp_path), "cifar10")
     assert torch.equal(back_train.images, images) and torch.equal(back_test.images, test.images)
@@ -373,7 +381,7 @@ class _LdamResNet32(torch.nn.Module):
         self.linear = _LdamNormedLinear(64, num_classes) if use_norm else nn.Linear(64, num_classes)
 
         def _weights_init(m):
-            if isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d):  # noqa: SIM101  (verbatim)
                 nn.init.kaiming_normal_(m.weight)
         self.apply(_weights_init)
 

@@ -40,7 +40,7 @@ import io
 import os
 import pickle
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -87,10 +87,11 @@ def _load_pickle(path: str) -> dict:
     with open(path, "rb") as f:
         try:
             entry = pickle.load(f, encoding="bytes")
-        except Exception as error:  # truncated or not a pickle: name the file
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError,
+                KeyError, UnicodeDecodeError) as error:  # truncated or not a pickle: name the file
             raise ValueError(f"{path}: not a readable CIFAR pickle ({type(error).__name__}: {error})") from None
     if not isinstance(entry, dict):
-        raise ValueError(f"{path}: expected a pickled dict, got {type(entry).__name__}")
+        raise TypeError(f"{path}: expected a pickled dict, got {type(entry).__name__}")
     return {(key.decode("latin1") if isinstance(key, bytes) else key): value for key, value in entry.items()}
 
 
