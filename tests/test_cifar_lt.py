@@ -452,3 +452,29 @@ def test_resnet_cifar_depths_and_errors():
     assert resnet_cifar(32, 7, in_channels=1)(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
     with pytest.raises(ValueError, match="depth must be 6n \\+ 2"):
         resnet_cifar(33)
+
+
+# ------------------------------------------------------------------ scripts/make_cifar_format_fmnist.py
+def test_fashion_mnist_in_cifar10_layout(tmp_path, capsys):
+    """Fashion-MNIST (Debian's dataset-fashion-mnist, installed in CI) written as CIFAR-10: 28x28
+    grey padded to 32x32x3, the first n images of each class in file order, the whole test set."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    from make_cifar_format_fmnist import main as make_folder
+
+    from ltfast.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+    make_folder([str(tmp_path), "--per-class", "100"])
+    printed = capsys.readouterr().out
+    train, test, names = load_cifar(str(tmp_path), "cifar10")
+    source_train, source_test = load_fashion_mnist()
+    keep = torch.cat([torch.nonzero(source_train.labels == c).flatten()[:100] for c in range(10)]).sort().values
+    assert names == FASHION_MNIST_CLASSES and len(train) == 1000 and len(test) == 10000
+    assert torch.equal(train.labels, source_train.labels[keep])
+    assert torch.equal(train.images[:, :, 2:30, 2:30], source_train.images[keep].expand(-1, 3, -1, -1))
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[2:30, 2:30] = False
+    assert int(train.images[:, :, border].max()) == 0 and int(test.images[:, :, border].max()) == 0
+    assert torch.equal(test.images[:, 1, 2:30, 2:30], source_test.images[:, 0])
+    counts = cifar_lt_counts(1000, 10, 100)
+    assert counts[0] == 100 and counts[-1] == 1
+    assert f"ratio 100: {sum(counts)} training images: {', '.join(map(str, counts))}" in printed
