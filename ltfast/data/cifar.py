@@ -16,10 +16,11 @@ with ``encoding="bytes"`` (the CIFAR page's recipe) and as ``"data"`` with ``enc
 
 The long-tailed training split is the one of LDAM-DRW (kaidic/LDAM-DRW ``imbalance_cifar.py``,
 ``IMBALANCECIFAR10.__init__`` / ``get_img_num_per_cls`` / ``gen_imbalanced_data``, lines 13-49),
-copied verbatim by BBN (Megvii-Nanjing/BBN ``lib/dataset/imbalance_cifar.py``, seed
-``DATASET.IMBALANCECIFAR.RANDOM_SEED`` = 0), SADE (Vanint/SADE-AgnosticLT
+copied verbatim by BBN (Megvii-Nanjing/BBN ``lib/dataset/imbalance_cifar.py`` lines 20-26, 43-57,
+153-169; seed ``DATASET.IMBALANCECIFAR.RANDOM_SEED`` = 0), SADE (Vanint/SADE-AgnosticLT
 ``data_loader/imbalance_cifar.py`` lines 14-55) and LADE (hyperconnect/LADE
-``data/ImbalanceCIFAR.py`` lines 61-96, which seeds numpy only when ``main.py --seed`` is given):
+``data/ImbalanceCIFAR.py`` lines 61-96; numpy is seeded by ``main.py --seed`` (lines 57-60, no other
+numpy draw before the training set is built) and its README runs ``--seed 1``, i.e. ``seed=1`` here):
 
 - ``img_max = len(train images) / C`` (a float), ``imb_factor = 1 / ratio``;
 - ``exp``: class i keeps ``int(img_max * imb_factor ** (i / (C - 1.0)))`` images (``reverse``:
