@@ -33,7 +33,8 @@ def test_hand_computed_case():
     target = torch.tensor([0, 1, 1, 2])
     counts = ClassificationCounts.zeros(3).update(probs, target, probabilities=True)
     assert counts.bin_count.sum(0).nonzero().flatten().tolist() == [6, 7, 13]
-    assert counts.predicted.tolist() == [3, 1, 0]
+    assert counts.predicted().tolist() == [3, 1, 0]
+    assert counts.pred_bin_count.sum(0).tolist() == counts.bin_count.sum(0).tolist()
     out = summarize_classification(counts, GROUPS)
     # ECE = 2/4 * |0.5 - 0.9| + 1/4 * |1 - 0.5| + 1/4 * |0 - 0.45| = 0.2 + 0.125 + 0.1125
     assert out["ece"] == pytest.approx(43.75)
@@ -53,6 +54,12 @@ def test_hand_computed_case():
     assert (out["many_gmean_recall"], out["medium_gmean_recall"], out["few_gmean_recall"]) == \
         pytest.approx((100.0, 50.0, 0.0))
     assert out["medium_confidence"] == pytest.approx(70.0) and out["medium_accuracy"] == pytest.approx(50.0)
+    # By predicted class: class 0 takes samples 1, 2 and 4: 2/3 * |0.5 - 0.9| + 1/3 * |0 - 0.45|;
+    # class 1 sample 3: |1 - 0.5|; nothing is predicted as class 2.
+    assert out["many_pred_ece"] == pytest.approx((2 / 3 * 0.4 + 1 / 3 * 0.45) * 100)
+    assert out["many_pred_confidence"] == pytest.approx(75.0) and out["many_pred_accuracy"] == pytest.approx(100 / 3)
+    assert out["medium_pred_ece"] == pytest.approx(50.0) and out["few_pred_ece"] is None
+    assert calibration(counts, by="predicted")["ece"] == pytest.approx(out["ece"])
     assert out["bins"]["bin_count"][13] == 2 and out["bins"]["bin_accuracy"][13] == pytest.approx(50.0)
     assert out["bins"]["bin_accuracy"][0] is None
 
@@ -70,6 +77,8 @@ def reference_metrics(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15)
         if len(selected) > 0:
             gap = abs(np.mean(labels[selected] == predictions[selected]) - np.mean(confidences[selected]))
             ece += gap * len(selected) / len(labels)
+    if not all((labels == c).any() for c in range(probs.shape[1])):
+        return {"ece": ece * 100}  # a subset: per-class values need every class
     num_classes = probs.shape[1]
     precision, recall, f1 = [], [], []
     for c in range(num_classes):
@@ -106,6 +115,16 @@ def test_matches_the_numpy_reference_on_random_logits(temperature):
     for name in ("many", "medium", "few"):
         assert grouped[f"{name}_macro_recall"] == pytest.approx(legacy[name])
     assert grouped["macro_recall"] == pytest.approx(legacy["top1"])
+    # Group ECEs by true and by predicted class: the reference on those samples only.
+    probs = torch.softmax(logits, 1).numpy()
+    predictions = probs.argmax(1)
+    for name, mask in groups.items():
+        members = mask.numpy()
+        for key, rows in ((f"{name}_ece", members[target.numpy()]), (f"{name}_pred_ece", members[predictions])):
+            ece = reference_metrics(probs[rows], target.numpy()[rows])["ece"] if rows.any() else None
+            assert grouped[key] == pytest.approx(ece, rel=1e-9, abs=1e-9), key
+        rows = members[predictions]
+        assert grouped[f"{name}_pred_accuracy"] == pytest.approx((predictions[rows] == target.numpy()[rows]).mean() * 100)
 
 
 def test_bins_follow_digitize_right_at_the_edges():
@@ -127,9 +146,11 @@ def test_batches_and_ranks_add_up():
     first = ClassificationCounts.zeros(5).update(logits[:300], target[:300])
     second = ClassificationCounts.zeros(5).update(logits[300:], target[300:])
     merged = first.merge(second)
-    for name in ("bin_count", "bin_correct", "predicted"):
-        assert torch.equal(getattr(merged, name), getattr(whole, name)), name
-    torch.testing.assert_close(merged.bin_confidence, whole.bin_confidence)
+    for mine, reference in zip(merged.tensors(), whole.tensors()):
+        if mine.dtype == torch.int64:
+            assert torch.equal(mine, reference)
+        else:
+            torch.testing.assert_close(mine, reference)
     batched = ClassificationCounts.zeros(5)
     for start in range(0, 1000, 128):
         batched.update(logits[start:start + 128], target[start:start + 128])
@@ -180,6 +201,8 @@ def test_errors_name_the_argument():
         summarize_classification(counts, {"many": torch.tensor([True, False])})
     with pytest.raises(ValueError, match="num_bins must be >= 1"):
         ClassificationCounts.zeros(3, 0)
+    with pytest.raises(ValueError, match="by must be 'true' or 'predicted'"):
+        calibration(counts, by="label")
     with pytest.raises(ValueError, match="correct must not exceed"):
         precision_recall_f1(torch.tensor([2]), torch.tensor([1]), torch.tensor([2]))
 
@@ -189,7 +212,8 @@ def test_reliability_diagram_png(tmp_path):
     logits = torch.randn(500, 3, generator=generator) * 3
     target = torch.randint(0, 3, (500,), generator=generator)
     counts = ClassificationCounts.zeros(3).update(logits, target)
-    path = reliability_diagram(counts, str(tmp_path / "plots" / "reliability.png"), title="test", groups=GROUPS)
+    path = reliability_diagram(counts, str(tmp_path / "plots" / "reliability.png"), title="test", groups=GROUPS,
+                               by="predicted")
     with open(path, "rb") as f:
         header = f.read(24)
     assert header[:8] == b"\x89PNG\r\n\x1a\n"

@@ -5,8 +5,9 @@ and the geometric mean of per-class recall, each with many / medium / few-shot b
 As in ``ltfast.train.metrics``, everything is computed from count vectors that batches (and DDP
 ranks) simply add: per true class ``c`` and confidence bin ``b``, ``bin_count[c, b]`` samples,
 ``bin_correct[c, b]`` of them right and ``bin_confidence[c, b]`` the sum of their confidences
-(float64), plus ``predicted[c]`` (samples predicted as ``c``). Per-class correct / total are the
-row sums, so no [C, C] confusion matrix is kept (iNaturalist's 8,142 classes would need 530 MB).
+(float64), and the same three per PREDICTED class (``pred_bin_*``). Per-class correct / total /
+predicted are row sums, so no [C, C] confusion matrix is kept (iNaturalist's 8,142 classes would
+need 530 MB).
 
 Definitions (all results in percent, like ``metrics.summarize``):
 
@@ -28,8 +29,12 @@ Definitions (all results in percent, like ``metrics.summarize``):
 - ``gmean_recall = (prod_c recall_c) ** (1 / C')`` over those C' classes: 0 as soon as one class
   is never recognised, which is the point of reporting it on a long tail.
 - Breakdowns ``many_*`` / ``medium_*`` / ``few_*``: the same averages over the classes of the
-  group (``metrics.shot_groups`` masks); the group's ECE / confidence / accuracy use the test
-  samples whose TRUE class is in the group (None for a group without samples).
+  group (``metrics.shot_groups`` masks); the group's ``ece`` / ``confidence`` / ``accuracy`` use
+  the test samples whose TRUE class is in the group, ``pred_ece`` / ``pred_confidence`` /
+  ``pred_accuracy`` the samples PREDICTED as one of its classes (pred_accuracy is then the
+  group's micro precision). The two views differ on a long tail: a tail image taken for a head
+  class with high confidence counts against the tail group's ``ece`` and the head group's
+  ``pred_ece``. None for a group without samples. Over all classes both views give the same ECE.
 """
 from __future__ import annotations
 
@@ -63,17 +68,18 @@ class ClassificationCounts:
     bin_count: Tensor       # int64 [C, B]
     bin_correct: Tensor     # int64 [C, B]
     bin_confidence: Tensor  # float64 [C, B]: sum of max-softmax confidences
-    predicted: Tensor       # int64 [C]: samples predicted as each class
+    pred_bin_count: Tensor       # int64 [C, B], by predicted class
+    pred_bin_correct: Tensor     # int64 [C, B]
+    pred_bin_confidence: Tensor  # float64 [C, B]
 
     @classmethod
     def zeros(cls, num_classes: int, num_bins: int = NUM_BINS, device="cpu") -> ClassificationCounts:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         bin_edges(num_bins)  # checks num_bins
-        ints = {"dtype": torch.int64, "device": device}
-        return cls(torch.zeros(num_classes, num_bins, **ints), torch.zeros(num_classes, num_bins, **ints),
-                   torch.zeros(num_classes, num_bins, dtype=torch.float64, device=device),
-                   torch.zeros(num_classes, **ints))
+        def table(dtype=torch.int64):
+            return torch.zeros(num_classes, num_bins, dtype=dtype, device=device)
+        return cls(table(), table(), table(torch.float64), table(), table(), table(torch.float64))
 
     @property
     def num_classes(self) -> int:
@@ -102,25 +108,30 @@ class ClassificationCounts:
         if not bool(torch.isfinite(confidence).all()):
             raise ValueError("logits: a row has a NaN or infinite value (its confidence would fall in no bin)")
         bins = confidence_bins(confidence, self.num_bins)
-        cell = target * self.num_bins + bins
         size = self.num_classes * self.num_bins
-        self.bin_count += torch.bincount(cell, minlength=size).view_as(self.bin_count)
-        self.bin_correct += torch.bincount(cell[prediction == target], minlength=size).view_as(self.bin_count)
-        self.bin_confidence += torch.bincount(cell, weights=confidence.double(), minlength=size).view_as(
-            self.bin_confidence)
-        self.predicted += torch.bincount(prediction, minlength=self.num_classes)
+        right = prediction == target
+        for by, count, correct, confidence_sum in ((target, self.bin_count, self.bin_correct, self.bin_confidence),
+                                                   (prediction, self.pred_bin_count, self.pred_bin_correct,
+                                                    self.pred_bin_confidence)):
+            cell = by * self.num_bins + bins
+            count += torch.bincount(cell, minlength=size).view_as(count)
+            correct += torch.bincount(cell[right], minlength=size).view_as(correct)
+            confidence_sum += torch.bincount(cell, weights=confidence.double(), minlength=size).view_as(confidence_sum)
         return self
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        return (self.bin_count, self.bin_correct, self.bin_confidence, self.pred_bin_count, self.pred_bin_correct,
+                self.pred_bin_confidence)
 
     def merge(self, other: ClassificationCounts) -> ClassificationCounts:
         """Sum of two states (the result of evaluating both sets of samples)."""
-        return ClassificationCounts(self.bin_count + other.bin_count, self.bin_correct + other.bin_correct,
-                                    self.bin_confidence + other.bin_confidence, self.predicted + other.predicted)
+        return ClassificationCounts(*(mine + theirs for mine, theirs in zip(self.tensors(), other.tensors())))
 
     def all_reduce(self) -> ClassificationCounts:
         """Sums the state over the ranks in place (no-op outside an initialised process group)."""
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for tensor in (self.bin_count, self.bin_correct, self.bin_confidence, self.predicted):
+            for tensor in self.tensors():
                 dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return self
 
@@ -131,14 +142,21 @@ class ClassificationCounts:
     def support(self) -> Tensor:
         return self.bin_count.sum(1)
 
+    def predicted(self) -> Tensor:
+        return self.pred_bin_count.sum(1)
 
-def calibration(counts: ClassificationCounts, classes: Tensor | None = None) -> dict:
+
+def calibration(counts: ClassificationCounts, classes: Tensor | None = None, by: str = "true") -> dict:
     """ECE (%), mean confidence (%), accuracy (%) and the per-bin table of the samples whose true
-    class is in the bool mask ``classes`` (all when None). None values when there is no sample."""
+    (``by="true"``) or predicted (``by="predicted"``) class is in the bool mask ``classes`` (all
+    when None). None values when there is no sample."""
+    if by not in ("true", "predicted"):
+        raise ValueError(f"by must be 'true' or 'predicted', got {by!r}")
+    tables = counts.tensors()[:3] if by == "true" else counts.tensors()[3:]
     rows = slice(None) if classes is None else torch.as_tensor(classes, dtype=torch.bool, device=counts.bin_count.device)
-    n_b = counts.bin_count[rows].sum(0).double().cpu()
-    right_b = counts.bin_correct[rows].sum(0).double().cpu()
-    conf_b = counts.bin_confidence[rows].sum(0).cpu()
+    n_b = tables[0][rows].sum(0).double().cpu()
+    right_b = tables[1][rows].sum(0).double().cpu()
+    conf_b = tables[2][rows].sum(0).cpu()
     total = float(n_b.sum())
     filled = n_b > 0
     acc = torch.where(filled, right_b / n_b.clamp_min(1), torch.full_like(n_b, float("nan")))
@@ -199,16 +217,22 @@ def summarize_classification(counts: ClassificationCounts, groups: dict | None =
     """Flat dict of the module docstring's metrics, in percent: ``ece``, ``confidence``,
     ``accuracy``, ``macro_precision``, ``macro_recall``, ``macro_f1``, ``gmean_recall``, the
     per-class lists ``precision`` / ``recall`` / ``f1`` (None for a class without test samples) and,
-    for every group of ``groups`` (``metrics.shot_groups`` masks), the same scalars prefixed
-    ``many_`` / ``medium_`` / ``few_``. ``bins``: the overall reliability table."""
-    precision, recall, f1 = precision_recall_f1(counts.correct(), counts.support(), counts.predicted)
+    for every group of ``groups`` (``metrics.shot_groups`` masks), the same scalars and
+    ``pred_ece`` / ``pred_confidence`` / ``pred_accuracy`` prefixed ``many_`` / ``medium_`` /
+    ``few_``. ``bins``: the overall reliability table."""
+    precision, recall, f1 = precision_recall_f1(counts.correct(), counts.support(), counts.predicted())
 
     def scalars(mask: Tensor | None) -> dict:
         select = slice(None) if mask is None else mask.bool().cpu()
         calib = calibration(counts, mask)
-        return {"ece": calib["ece"], "confidence": calib["confidence"], "accuracy": calib["accuracy"],
-                "macro_precision": _mean_percent(precision[select]), "macro_recall": _mean_percent(recall[select]),
-                "macro_f1": _mean_percent(f1[select]), "gmean_recall": geometric_mean(recall[select])}, calib
+        values = {"ece": calib["ece"], "confidence": calib["confidence"], "accuracy": calib["accuracy"],
+                  "macro_precision": _mean_percent(precision[select]), "macro_recall": _mean_percent(recall[select]),
+                  "macro_f1": _mean_percent(f1[select]), "gmean_recall": geometric_mean(recall[select])}
+        if mask is not None:
+            by_prediction = calibration(counts, mask, by="predicted")
+            values.update(pred_ece=by_prediction["ece"], pred_confidence=by_prediction["confidence"],
+                          pred_accuracy=by_prediction["accuracy"])
+        return values, calib
 
     overall, calib = scalars(None)
     out = dict(overall)
@@ -226,11 +250,12 @@ def summarize_classification(counts: ClassificationCounts, groups: dict | None =
 
 
 def reliability_diagram(counts: ClassificationCounts, path: str, title: str = "",
-                        groups: dict | None = None) -> str:
+                        groups: dict | None = None, by: str = "true") -> str:
     """PNG: accuracy per confidence bin (bars) against the diagonal of perfect calibration, the gap
     to each bin's mean confidence shaded, the ECE in the legend; below, the share of samples per
-    bin. With ``groups`` the many / medium / few-shot classes' bin accuracies are drawn as lines
-    (over-confidence on head classes shows as their line under the diagonal)."""
+    bin. With ``groups`` the bin accuracies of the samples whose true (``by="true"``) or predicted
+    (``by="predicted"``) class is in each group are drawn as lines: a line under the diagonal is
+    over-confidence (e.g. head-class predictions, ``by="predicted"``)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -251,12 +276,12 @@ def reliability_diagram(counts: ClassificationCounts, path: str, title: str = ""
            alpha=0.35, edgecolor="#c0392b", label="gap to mean confidence")
     colors = {"many": "#2c7a2c", "medium": "#d68910", "few": "#8e44ad"}
     for name, mask in (groups or {}).items():
-        group = calibration(counts, torch.as_tensor(mask, dtype=torch.bool))
+        group = calibration(counts, torch.as_tensor(mask, dtype=torch.bool), by)
         values = np.array([np.nan if v is None else v for v in group["bin_accuracy"]])
         if np.isfinite(values).any():
             ece = "" if group["ece"] is None else f", ECE {group['ece']:.1f}%"
             ax.plot(centers, values, marker="o", ms=3, lw=1.2, color=colors.get(name, None),
-                    label=f"{name}-shot classes{ece}")
+                    label=f"{'predicted' if by == 'predicted' else 'true'} {name}-shot{ece}")
     ax.set_xlim(0, 100)
     ax.set_ylim(0, 100)
     ax.set_ylabel("accuracy (%)")
