@@ -285,7 +285,7 @@ def reliability_diagram(counts: ClassificationCounts, path: str, title: str = ""
     ax.set_xlim(0, 100)
     ax.set_ylim(0, 100)
     ax.set_ylabel("accuracy (%)")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
     if title:
         ax.set_title(title, fontsize=10)
     total = max(calib["samples"], 1)
