@@ -8,6 +8,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <cstring>
 #include <source_location>
 #include <utility>
 
@@ -76,6 +77,24 @@ struct alignas(sizeof(T) * N) Vector {
   T v[N];
 };
 
+#if !defined(LTFAST_SIMT)
+// The integer type of one 4-, 8- or 16-byte access.
+template <int kBytes>
+struct VectorBits;
+template <>
+struct VectorBits<4> {
+  using type = unsigned int;
+};
+template <>
+struct VectorBits<8> {
+  using type = uint2;
+};
+template <>
+struct VectorBits<16> {
+  using type = uint4;
+};
+#endif
+
 // *address from global memory.
 template <typename T>
 __device__ __forceinline__ T load(const T* address, AccessSite site = AccessSite::current()) {
@@ -120,7 +139,15 @@ __device__ __forceinline__ Vector<T, N> load_vector(const T* address, AccessSite
   return value;
 #else
   (void)site;
-  return *reinterpret_cast<const Vector<T, N>*>(address);
+  // Through the integer vector of the same size and the read-only path (every vector load of the
+  // kernels reads inputs: logits, per-class vectors): ld.global.nc.v4.u32. A copy of Vector<T, N>
+  // or of a uint4 is an aggregate copy, which nvcc may lower element-wise (seen: 8 x st.global.u16
+  // per bf16 vector store, 4 x st.global.u32 for a uint4 assignment); the intrinsics are one access.
+  using Bits = typename VectorBits<sizeof(T) * N>::type;
+  const Bits bits = __ldg(reinterpret_cast<const Bits*>(address));
+  Vector<T, N> value;
+  memcpy(&value, &bits, sizeof(Bits));
+  return value;
 #endif
 }
 
@@ -134,7 +161,10 @@ __device__ __forceinline__ void store_vector(T* address, const Vector<T, N>& val
   for (int i = 0; i < N; ++i) address[i] = value.v[i];
 #else
   (void)site;
-  *reinterpret_cast<Vector<T, N>*>(address) = value;
+  using Bits = typename VectorBits<sizeof(T) * N>::type;
+  Bits bits;
+  memcpy(&bits, &value, sizeof(Bits));
+  __stwb(reinterpret_cast<Bits*>(address), bits);
 #endif
 }
 

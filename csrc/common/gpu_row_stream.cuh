@@ -74,8 +74,10 @@ __device__ __forceinline__ void load_run(const T* address, T (&out)[V]) {
   if constexpr (kSize <= 8 && 8 % kSize == 0 && V % (8 / kSize) == 0) {
     if (a % 8 == 0) return load_run_as<8 / kSize>(address, out);
   }
-  if constexpr (kSize <= 4 && 4 % kSize == 0 && V % (4 / kSize) == 0) {
-    if (a % 4 == 0) return load_run_as<4 / kSize>(address, out);
+  if constexpr (kSize <= 4) {  // nested: 4 / kSize is 0 for wider T
+    if constexpr (4 % kSize == 0 && V % (4 / kSize) == 0) {
+      if (a % 4 == 0) return load_run_as<4 / kSize>(address, out);
+    }
   }
 #pragma unroll
   for (int i = 0; i < V; ++i) out[i] = gpu::load(address + i);

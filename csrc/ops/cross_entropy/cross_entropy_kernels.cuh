@@ -159,23 +159,31 @@ __device__ __forceinline__ bool dropped_at(const KernelParams<acc_t>& p, const R
   }
 }
 
-// The per-class values V classes from c0 need: the adjustment and the tail mask (0 when absent),
-// each in the widest loads its alignment allows (gpu_row_stream::load_run).
+// The per-class values V classes from c0 need: the adjustment, the tail mask and (general loop,
+// `with_weight`: the backward) the class weights, each in the widest loads its alignment allows
+// (gpu_row_stream::load_run); entries of absent options are not read.
 template <InnerLoop kInner, int V, typename acc_t>
 struct ClassRun {
   acc_t adjustment[V];
   uint8_t tail[V];
+  acc_t weight[kInner == InnerLoop::kGeneral ? V : 1];
 
-  __device__ __forceinline__ void load(const KernelParams<acc_t>& p, int c0, int count) {
+  __device__ __forceinline__ void load(const KernelParams<acc_t>& p, int c0, int count, bool with_weight = false) {
     if (count == V) {
       if (p.adjustment) gpu_row_stream::load_run<V>(p.adjustment + c0, adjustment);
       if constexpr (kInner != InnerLoop::kAdjusted) {
         if (kInner == InnerLoop::kTail || p.tail) gpu_row_stream::load_run<V>(p.tail + c0, tail);
       }
+      if constexpr (kInner == InnerLoop::kGeneral) {
+        if (with_weight && p.weight) gpu_row_stream::load_run<V>(p.weight + c0, weight);
+      }
     } else {  // a scalar head or tail element
       if (p.adjustment) adjustment[0] = gpu::load(p.adjustment + c0);
       if constexpr (kInner != InnerLoop::kAdjusted) {
         if (kInner == InnerLoop::kTail || p.tail) tail[0] = gpu::load(p.tail + c0);
+      }
+      if constexpr (kInner == InnerLoop::kGeneral) {
+        if (with_weight && p.weight) weight[0] = gpu::load(p.weight + c0);
       }
     }
   }
@@ -398,7 +406,10 @@ __global__ void __launch_bounds__(kBlockThreads)
       if constexpr (kInner == InnerLoop::kGeneral) {
         if (c == r.y) a = r.target_logit;
       }
-      const acc_t class_weight = kInner == InnerLoop::kGeneral && p.weight ? gpu::load(p.weight + c) : acc_t(1);
+      acc_t class_weight = acc_t(1);
+      if constexpr (kInner == InnerLoop::kGeneral) {
+        if (p.weight) class_weight = run.weight[i];
+      }
       acc_t grad =
           math::element_gradient(math::softmax_probability(a, stats), coef.prob_coef, coef.class_coef, class_weight);
       if (c == r.y) grad -= coef.target_coef;
@@ -409,7 +420,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     };
     auto scalar_gradient = [&](int c) -> acc_t {
       ClassRun<kInner, V, acc_t> run;
-      run.load(p, c, 1);
+      run.load(p, c, 1, true);
       return gradient(static_cast<acc_t>(gpu::load(z + c)), c, run, 0);
     };
     const RowSplit split = split_row(z, C);
@@ -427,7 +438,7 @@ __global__ void __launch_bounds__(kBlockThreads)
         if (v < split.vectors) {
           const int c0 = split.head + v * V;
           ClassRun<kInner, V, acc_t> run;
-          run.load(p, c0, V);
+          run.load(p, c0, V, true);
           gpu::Vector<scalar_t, V> out;
 #pragma unroll
           for (int i = 0; i < V; ++i) {
