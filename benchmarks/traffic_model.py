@@ -37,9 +37,6 @@ import torch
 
 ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 F32, I64 = 4, 8
-# Row kernels of the CE family put 8 rows in a 256-thread block (a warp per row): one partial
-# (loss sum, weight sum: 2 x fp32) per block. Upper bound; it is ~0.01% of the logits.
-CE_ROWS_PER_BLOCK = 8
 # LADE's column pass splits the batch into at most 64 row blocks (lade_kernels.cuh kMaxRowBlocks);
 # each writes per class: column max, exp-sum, target-logit sum (3 x fp32) and a count (int64).
 LADE_MAX_ROW_BLOCKS, LADE_ROWS_PER_BLOCK = 64, 64
@@ -80,8 +77,17 @@ def model(op: str, N: int, C: int, dtype: str = "bfloat16", reduction: str = "me
         # CDF (float64 [C]) for the weighted draw; one kernel.
         extra = C * 8 if op == "class_weighted_sample" else 0
         return [Phase(op, "fwd", 1, N * 3 * I64 + extra, N * I64, 0.0)]
+    if reduction == "mean":
+        # The per-kernel model, summed per phase: the same numbers memory_model.py checks against the
+        # emulator's count (it replaced an estimate that took the partials as float32 and 8 rows per
+        # block at every C, and left out the per-row loss the row kernels write).
+        phases = kernel_model(op, (N, C), dtype)
+        passes = {"fwd": 2.0 if op == "lade" else 1.0, "bwd": 2.0}
+        return [Phase(op, phase, sum(k.launches for k in kernels.values()),
+                      sum(k.read_bytes for k in kernels.values()), sum(k.write_bytes for k in kernels.values()),
+                      passes[phase]) for phase, kernels in phases.items()]
     reduced = reduction != "none"
-    ce_blocks = math.ceil(N / CE_ROWS_PER_BLOCK)
+    ce_blocks = row_blocks(N, C)
     vectors = _class_vectors(op, C)
     row_stats = 2 * N * F32       # [2, N] fp32 saved for backward
     loss_out = e if reduced else N * e
@@ -126,6 +132,118 @@ def model(op: str, N: int, C: int, dtype: str = "bfloat16", reduction: str = "me
     bwd = Phase(op, "bwd", 1, read_bytes=logits + N * I64 + vectors + (row_stats if with_ce else 0)
                 + column_stats + I64 + e, write_bytes=logits, logits_passes=2)
     return [fwd, bwd]
+
+
+# ------------------------------------------------------------------ per-kernel model (memory_model.py)
+@dataclass
+class KernelTraffic:
+    launches: int
+    read_bytes: int
+    write_bytes: int
+
+
+BLOCK_THREADS = 256  # gpu_reduce::kBlockThreads
+
+
+def row_blocks(N: int, C: int) -> int:
+    """Blocks of a row kernel (gpu_reduce::with_row_group / row_blocks): 8 lanes per row for
+    C <= 32, a warp for C <= 1024, the block beyond; at most 4096 blocks."""
+    group = 8 if C <= 32 else 32 if C <= 1024 else BLOCK_THREADS
+    return max(1, min(-(-N // (BLOCK_THREADS // group)), 4096))
+
+
+def kernel_model(op: str, shape, dtype: str = "bfloat16") -> dict:
+    """{"fwd": {kernel: KernelTraffic}, "bwd": {...}} for one call with reduction='mean' and the
+    arguments of benchmarks/memory_model.py (the benchmark's: balanced_softmax with log_prior,
+    adjusted_cross_entropy with LDAM margins and class weights, SEQL with a tail mask and a seed,
+    mixed_cross_entropy with two targets and a scalar mix, probability_cross_entropy with the prior,
+    diverse_expert_loss with E adjustments, ride_loss with margins and weights).
+
+    Bytes are distinct bytes (each byte of a tensor once per kernel: what DRAM moves with an ideal
+    cache). Per-class vectors read only at the target class are gathered once per distinct target:
+    min(N, C) entries, exact for N << C, an upper bound otherwise (<0.1 % of the logits at the
+    memory_model shapes). Partials are float64 (gpu_reduce::write_block_partials); per-row outputs and
+    row statistics are in the accumulation type (float32 for half types, float64 for float64)."""
+    e, acc = ELEMENT_SIZE[dtype], (8 if dtype == "float64" else 4)
+    N, C = shape[0], shape[-1]
+    E = shape[1] if len(shape) == 3 else 1
+    logits = N * E * C * e
+    B = row_blocks(N, C)
+    gathered = min(N, C) * acc  # a [C] vector read at each row's target
+    K = KernelTraffic
+    ce_finish = K(1, 2 * B * 8, 2 * acc)  # finish_mean_kernel: loss and weight sums -> loss, denominator
+    if op in CE_FAMILY:
+        forward_vectors, backward_vectors = {
+            "balanced_softmax": (C * acc, C * acc),  # log_prior as the adjustment
+            # margin at the target; weight at the target (forward) and at every class (backward)
+            "adjusted_cross_entropy": (2 * gathered, gathered + C * acc),
+            # tail mask per class, the two seed words
+            "softmax_equalization_loss": (C + 2 * I64, C + 2 * I64),
+        }[op]
+        return {
+            "fwd": {"cross_entropy forward_rows_kernel": K(1, logits + N * I64 + forward_vectors,
+                                                             3 * N * acc + 2 * B * 8),  # row_stats, row_loss, partials
+                    "cross_entropy finish_kernel": ce_finish},
+            "bwd": {"cross_entropy backward_rows_kernel": K(1, logits + N * I64 + backward_vectors + 2 * N * acc
+                                                              + 2 * acc,  # row_stats, grad_output, denominator
+                                                              logits)},
+        }
+    if op == "equalization_loss":
+        return {
+            "fwd": {"equalization forward_rows_kernel": K(1, logits + N * I64 + C, N * acc + 2 * B * 8),
+                    "equalization finish_kernel": ce_finish},
+            "bwd": {"equalization backward_rows_kernel": K(1, logits + N * I64 + C + 2 * acc, logits)},
+        }
+    if op in ("lade", "lade_regularizer"):
+        with_ce = op == "lade"
+        RB = max(1, min(LADE_MAX_ROW_BLOCKS, -(-N // LADE_ROWS_PER_BLOCK)))
+        CB = -(-C // BLOCK_THREADS)
+        column_partials = 3 * RB * C * acc + RB * C * I64 + RB * I64
+        fwd = {}
+        if with_ce:  # the CE row kernel with reduction 'sum' (its partials feed the scalar finish)
+            fwd["cross_entropy forward_rows_kernel"] = K(1, logits + N * I64 + C * acc, 3 * N * acc + 2 * B * 8)
+        fwd["lade column_partials_kernel"] = K(1, logits + N * I64, column_partials)
+        fwd["lade finish_columns_kernel"] = K(1, column_partials + C * acc, 4 * C * acc + CB * 8)
+        # the CE loss sums only (not the weight sums), the row-block counts, the LADER partials
+        fwd["lade finish_scalar_kernel"] = K(1, (B * 8 if with_ce else 0) + RB * I64 + CB * 8, acc + I64)
+        # column_stats: M_c, L_c and the sigma coefficient per class, the target coefficient at the
+        # target only; log_prior and N' only with the CE term
+        backward_reads = (logits + N * I64 + 2 * N * acc + 3 * C * acc + gathered + acc
+                          + ((C * acc + I64) if with_ce else 0))
+        return {"fwd": fwd, "bwd": {"lade backward_kernel": K(1, backward_reads, logits)}}
+    if op == "mixed_cross_entropy":
+        return {
+            # row_stats and the two targets' partials (no per-row loss unless reduction='none')
+            "fwd": {"soft_targets mixed_forward_kernel": K(1, logits + 2 * N * I64, 2 * N * acc + 4 * B * 8),
+                    "soft_targets mixed_finish_kernel": K(1, 4 * B * 8, 3 * acc)},
+            "bwd": {"soft_targets mixed_backward_kernel": K(1, logits + 2 * N * I64 + 2 * N * acc + 3 * acc,
+                                                              logits)},
+        }
+    if op == "probability_cross_entropy":
+        return {
+            "fwd": {"soft_targets probability_forward_kernel": K(1, 2 * logits + C * acc, 4 * N * acc + 2 * B * 8),
+                    "soft_targets probability_finish_kernel": K(1, 2 * B * 8, 2 * acc)},
+            "bwd": {"soft_targets probability_backward_kernel": K(1, 2 * logits + C * acc + 3 * N * acc + 2 * acc,
+                                                                   logits)},
+        }
+    if op == "diverse_expert_loss":
+        return {
+            "fwd": {"multi_expert diverse_forward_kernel": K(1, logits + N * I64 + E * C * acc,
+                                                               2 * N * E * acc + N * acc + 2 * B * 8),
+                    "multi_expert diverse finish_mean_kernel": ce_finish},
+            "bwd": {"multi_expert diverse_backward_kernel": K(1, logits + N * I64 + E * C * acc + 2 * N * E * acc
+                                                                + 2 * acc, logits)},
+        }
+    if op == "ride_loss":
+        S = 2 * E + 1  # row statistics per sample (multi_expert.h)
+        return {
+            "fwd": {"multi_expert ride_forward_kernel": K(1, logits + N * I64 + 2 * gathered,
+                                                            2 * N * S * acc + 4 * B * 8),
+                    "multi_expert ride_finish_kernel": K(1, 4 * B * 8, 4 * acc)},
+            "bwd": {"multi_expert ride_backward_kernel": K(1, logits + N * I64 + 2 * gathered + 2 * N * S * acc
+                                                             + 4 * acc, logits)},
+        }
+    raise ValueError(f"traffic_model.kernel_model: no model for op {op!r}")
 
 
 def three_passes_bytes(N: int, C: int, dtype: str, phase: str) -> int:

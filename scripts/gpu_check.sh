@@ -18,6 +18,8 @@
 #   5 compute-sanitizer                50   memcheck (30) and racecheck (20) on scripts/sanitizer_driver.py,
 #                                           ltfast's kernels only (--kernel-name kns=ltfast)
 #   6 traffic model vs profiler        30   benchmarks/traffic_model.py --measure at 65536x8142 bf16
+#   6b ncu vs the emulator             40   benchmarks/ncu_sectors.py: ncu sector efficiency, DRAM bytes, GB/s of one
+#                                           op per family at 64x8142 bf16 beside the emulator's (memory_model.json)
 #   7 loss + compat benchmark       rest    benchmarks/throughput.py --budget-s (JSON rewritten per row)
 #
 # Every stage's timeout is its cap or what is left before the deadline, whichever is less, so a
@@ -30,8 +32,9 @@
 # preflight 5 s; build ~150 s (the generic sources and the 6 .cu files in parallel, the heaviest
 # .cu ~60-90 s for sm_90 alone, then the CPU kernels' three capability groups one after another,
 # ~20-30 s each); parity ~45 s; fast tests 90 s (cap; 1,378 tests on 8 workers); slow tests 60 s
-# (cap; 29 opcheck/gradcheck/compile tests); sanitizer ~40 s; traffic model ~15 s: ~405 s, which
-# leaves the benchmark ~60 s before the 480 s deadline.
+# (cap; 29 opcheck/gradcheck/compile tests); sanitizer ~40 s; traffic model ~15 s; ncu ~30 s
+# (estimated: its start-up and 5 metrics over ~15 small kernels): ~435 s, which leaves the
+# benchmark ~30 s before the 480 s deadline.
 #
 #   OUT=/some/folder bash scripts/gpu_check.sh            # on the GPU machine
 #   bash scripts/gpu_check.sh --dry-run                   # CPU, no build, tiny sizes (CI; ~1-2 min on 2 cores)
@@ -253,6 +256,21 @@ rc=${PIPESTATUS[0]}
 tail -n 3 "$OUT/details.log"
 verdict traffic-model "$rc"
 stage_done traffic-model
+
+# ---------------------------------------------------------------------------- 6b ncu vs the emulator
+# Nsight Compute's sector efficiency (bytes used per 32-byte sector, loads and stores), DRAM bytes and
+# GB/s of one op per family at 64x8142 bf16, beside the SIMT emulator's numbers for the same kernels
+# (benchmarks/results/memory_model.json): the first GPU run calibrates the emulator's traffic model.
+t=$(budget 40)
+if [ "$DRY_RUN" = 1 ]; then ncu_args=(--dry-run); else ncu_args=(--timeout $(( t > 10 ? t - 5 : t ))); fi
+stamp "ncu sectors and DRAM bytes vs the SIMT emulator, 64x8142 bf16 (timeout ${t}s)"
+echo "==== ncu sectors" >>"$OUT/details.log"
+run_for "$t" "$PYTHON" benchmarks/ncu_sectors.py "${ncu_args[@]}" --json "$OUT/checks.jsonl" >"$work/ncu.log" 2>&1
+rc=$?
+cat "$work/ncu.log" >>"$OUT/details.log"
+tail -n 16 "$work/ncu.log"
+if [ "$rc" -eq 2 ]; then incomplete+=("ncu(missing)"); else verdict ncu-sectors "$rc"; fi
+stage_done ncu-sectors
 
 # ---------------------------------------------------------------------------- 7 benchmark
 t=$(budget 400)

@@ -92,8 +92,8 @@ __device__ __forceinline__ void write_block_partials(double a, double b, double*
   constexpr int kGroups = kBlockThreads / GROUP;
   if constexpr (kGroups == 1) {
     if (threadIdx.x == 0) {
-      partials[blockIdx.x] = a;
-      partials[gridDim.x + blockIdx.x] = b;
+      gpu::store(partials + blockIdx.x, a);
+      gpu::store(partials + gridDim.x + blockIdx.x, b);
     }
   } else {
     if (threadIdx.x % GROUP == 0) {
@@ -107,8 +107,8 @@ __device__ __forceinline__ void write_block_partials(double a, double b, double*
         total_a += scratch_a[g];
         total_b += scratch_b[g];
       }
-      partials[blockIdx.x] = total_a;
-      partials[gridDim.x + blockIdx.x] = total_b;
+      gpu::store(partials + blockIdx.x, total_a);
+      gpu::store(partials + gridDim.x + blockIdx.x, total_b);
     }
   }
 }
@@ -133,7 +133,7 @@ __device__ double block_sum(double value, Scratch& scratch) {
 template <typename Scratch>
 __device__ double sum_in_block(const double* values, int64_t count, Scratch& scratch) {
   double value = 0.0;
-  for (int64_t i = threadIdx.x; i < count; i += kBlockThreads) value += values[i];
+  for (int64_t i = threadIdx.x; i < count; i += kBlockThreads) value += gpu::load(values + i);
   return block_sum(value, scratch);
 }
 
@@ -149,8 +149,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const double divisor = sum_in_block(partials + num_blocks, num_blocks, scratch);
   if (threadIdx.x == 0) {
     const double denom = mean ? divisor : 1.0;
-    *loss = static_cast<acc_t>(total / denom);
-    *denominator = static_cast<acc_t>(denom);
+    gpu::store(loss, total / denom);
+    gpu::store(denominator, denom);
   }
 }
 

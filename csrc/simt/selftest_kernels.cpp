@@ -110,6 +110,27 @@ __global__ void shared_out_of_bounds_kernel(int64_t* out) {
   out[global_thread()] = 1;
 }
 
+// Access patterns with known sector efficiency for the memory trace (tests/test_memory_traffic.py).
+// Each thread stores its own 8 bytes: a warp's request covers 256 contiguous bytes, 8 sectors (1.0).
+__global__ void coalesced_store_kernel(int64_t* out) { gpu::store(out + global_thread(), int64_t(1)); }
+
+// The first half of the block stores every other element: 256 bytes over 512, 16 sectors (0.5).
+__global__ void strided_store_kernel(int64_t* out) {
+  if (threadIdx.x < blockDim.x / 2) gpu::store(out + int64_t(blockIdx.x) * blockDim.x + 2 * threadIdx.x, int64_t(1));
+}
+
+// The first half of the block stores 16-byte vectors: 512 contiguous bytes, 16 sectors (1.0).
+__global__ void vector_store_kernel(int64_t* out) {
+  if (threadIdx.x < blockDim.x / 2) {
+    gpu::store_vector<2>(out + int64_t(blockIdx.x) * blockDim.x + 2 * threadIdx.x, gpu::Vector<int64_t, 2>{{1, 1}});
+  }
+}
+
+// A 16-byte vector at an 8-byte boundary: a misaligned address on a GPU.
+__global__ void misaligned_vector_kernel(int64_t* out) {
+  if (threadIdx.x == 0 && blockIdx.x == 0) gpu::store_vector<2>(out + 1, gpu::Vector<int64_t, 2>{{1, 1}});
+}
+
 at::Tensor selftest(c10::string_view name_view, int64_t blocks, int64_t threads) {
   const std::string name(name_view);
   TORCH_CHECK(threads >= 1 && threads <= kMaxThreads && blocks >= 1, "ltfast_simt.selftest: bad launch size");
@@ -126,6 +147,10 @@ at::Tensor selftest(c10::string_view name_view, int64_t blocks, int64_t threads)
   else if (name == "assert") kernel = &assert_kernel;
   else if (name == "block_order") kernel = &block_order_kernel;
   else if (name == "shared_out_of_bounds") kernel = &shared_out_of_bounds_kernel;
+  else if (name == "coalesced_store") kernel = &coalesced_store_kernel;
+  else if (name == "strided_store") kernel = &strided_store_kernel;
+  else if (name == "vector_store") kernel = &vector_store_kernel;
+  else if (name == "misaligned_vector") kernel = &misaligned_vector_kernel;
   TORCH_CHECK(kernel != nullptr, "ltfast_simt.selftest: unknown case '", name, "'");
   gpu::launch(("selftest " + name + "_kernel").c_str(), kernel, static_cast<unsigned>(blocks),
               static_cast<unsigned>(threads), gpu::Stream{}, out.data_ptr<int64_t>());

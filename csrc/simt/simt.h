@@ -120,6 +120,39 @@ inline void syncwarp(const std::source_location& where, unsigned mask) {
   detail::collective(where, CollectiveKind::kSyncWarp, mask, nullptr, 0, 0, 32, nullptr);
 }
 
+// ------------------------------------------------------------------------------ global memory
+// Every global-memory access of a kernel goes through ltfast::gpu::load/store (gpu_kernel.h),
+// which call global_access. While a memory trace is on (start_memory_trace), the accesses of the
+// launches made under the first schedule (ascending) are recorded as (kernel, source site, block,
+// warp, lane, address, bytes) and summarised per launch when it ends: the bytes each kernel
+// touches (each byte once: an ideal cache, what DRAM traffic is at best) and, per site, the warp
+// requests. A request is the k-th execution of a site by the lanes of one warp since they last
+// passed a rendezvous point or a row start (gpu::mark_row_start): lanes execute a warp's loop
+// iterations together on a GPU, and the row start keeps lanes that skipped a masked access in a
+// row's tail aligned in the next row. Sector efficiency = requested bytes / (32 x distinct 32-byte
+// sectors of the requests), as Nsight Compute counts it.
+namespace detail {
+extern thread_local bool tl_trace_memory;
+void record_access(const std::source_location& where, const void* address, std::size_t bytes, bool write);
+void mark_row_start();
+}  // namespace detail
+
+inline void global_access(const std::source_location& where, const void* address, std::size_t bytes, bool write) {
+  if (detail::tl_trace_memory) detail::record_access(where, address, bytes, write);
+}
+inline void row_start() {
+  if (detail::tl_trace_memory) detail::mark_row_start();
+}
+
+// Starts recording (clearing what was recorded); stop_memory_trace ends it and returns the summary,
+// one line per launch ("L", serial, kernel, bytes read, bytes written: distinct bytes; then the bytes
+// of the distinct 32-byte sectors read and written) and per
+// launch, site and direction ("S", serial, kernel, file:line:column, "r" | "w", requests,
+// requested bytes, sectors, widest access in bytes, lowest address, end of the highest access:
+// [lowest, end) tells which tensor a site reads or writes), tab-separated.
+void start_memory_trace();
+std::string stop_memory_trace();
+
 // ------------------------------------------------------------------------------ shared memory
 // One declaration site of a __shared__ array (LTFAST_SHARED_ARRAY); each block gets fresh,
 // poisoned storage for it, with one "written" flag per element.

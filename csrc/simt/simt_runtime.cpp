@@ -152,6 +152,10 @@ struct Fiber {
   CollectiveRequest request{};
   dim3 index;
   std::exception_ptr error;
+  // Memory trace: rendezvous points and row starts passed (the request grouping's epoch), and per
+  // site the epoch of its last execution and the executions in that epoch.
+  uint32_t epoch = 0;
+  std::vector<std::pair<uint32_t, uint32_t>> site_executions;
 };
 
 struct LaunchInfo {
@@ -176,6 +180,44 @@ struct BlockRun {
 };
 
 thread_local BlockRun* tl_block = nullptr;
+
+// ------------------------------------------------------------------------------ memory trace
+struct Access {
+  uint32_t site;
+  uint32_t warp;
+  uint32_t epoch;
+  uint32_t execution;
+  uint64_t address;
+  uint32_t bytes;
+  bool write;
+};
+
+struct SiteKey {
+  const char* file;
+  uint32_t line, column;
+  bool operator==(const SiteKey& o) const { return file == o.file && line == o.line && column == o.column; }
+};
+struct SiteKeyHash {
+  std::size_t operator()(const SiteKey& k) const {
+    return std::hash<const void*>()(k.file) ^ (std::size_t(k.line) << 20) ^ std::size_t(k.column);
+  }
+};
+
+struct SiteStats {
+  int64_t requests = 0, bytes = 0, sectors = 0, widest = 0;
+  uint64_t lowest = ~uint64_t(0), highest = 0;  // the addresses touched: [lowest, highest)
+};
+
+struct MemoryTrace {
+  std::unordered_map<SiteKey, uint32_t, SiteKeyHash> site_ids;
+  std::vector<std::string> site_names;
+  std::vector<Access> block_accesses;  // of the running block
+  // Of the running launch: per (site, write) the request statistics; the byte ranges touched.
+  std::unordered_map<uint64_t, SiteStats> site_stats;
+  std::vector<std::pair<uint64_t, uint64_t>> ranges[2];  // [read, write]: [begin, end)
+  std::string summary;
+};
+thread_local MemoryTrace tl_memory;
 thread_local Schedule tl_schedule = Schedule::kAscending;
 thread_local StackPool tl_stacks;
 thread_local std::vector<std::string> tl_launched;
@@ -394,6 +436,107 @@ void resolve_barrier_or_report(BlockRun& block) {
   ++g_counters.barriers;
 }
 
+// Sorts and merges [begin, end) ranges in place.
+void merge_ranges(std::vector<std::pair<uint64_t, uint64_t>>& ranges) {
+  std::sort(ranges.begin(), ranges.end());
+  std::size_t kept = 0;
+  for (const auto& r : ranges) {
+    if (kept > 0 && r.first <= ranges[kept - 1].second) {
+      ranges[kept - 1].second = std::max(ranges[kept - 1].second, r.second);
+    } else {
+      ranges[kept++] = r;
+    }
+  }
+  ranges.resize(kept);
+}
+
+// A block has ended: its accesses become warp requests (per site statistics) and byte ranges.
+void summarise_block_accesses() {
+  auto& accesses = tl_memory.block_accesses;
+  if (accesses.empty()) return;
+  std::sort(accesses.begin(), accesses.end(), [](const Access& a, const Access& b) {
+    return std::tie(a.site, a.write, a.warp, a.epoch, a.execution, a.address) <
+           std::tie(b.site, b.write, b.warp, b.epoch, b.execution, b.address);
+  });
+  std::vector<std::pair<uint64_t, uint64_t>> block_ranges[2];
+  for (std::size_t first = 0; first < accesses.size();) {
+    const Access& head = accesses[first];
+    std::size_t end = first;
+    int64_t bytes = 0, sectors = 0, widest = 0;
+    uint64_t last_sector = 0, covered_end = 0;  // of the request's bytes so far (sorted by address)
+    bool any_sector = false;
+    for (; end < accesses.size(); ++end) {
+      const Access& a = accesses[end];
+      if (a.site != head.site || a.write != head.write || a.warp != head.warp || a.epoch != head.epoch ||
+          a.execution != head.execution) {
+        break;
+      }
+      // Bytes the request uses: lanes reading the same bytes (a broadcast) count them once, as the
+      // sectors do, so that the efficiency stays <= 1.
+      const uint64_t begin = std::max<uint64_t>(a.address, covered_end);
+      if (a.address + a.bytes > begin) bytes += static_cast<int64_t>(a.address + a.bytes - begin);
+      covered_end = std::max<uint64_t>(covered_end, a.address + a.bytes);
+      widest = std::max<int64_t>(widest, a.bytes);
+      // Sorted by address: a sector is new unless it is the last one counted.
+      uint64_t first_sector = a.address / 32;
+      const uint64_t end_sector = (a.address + a.bytes - 1) / 32;
+      if (any_sector && first_sector <= last_sector) first_sector = last_sector + 1;
+      if (first_sector <= end_sector) {
+        sectors += static_cast<int64_t>(end_sector - first_sector + 1);
+        last_sector = end_sector;
+        any_sector = true;
+      }
+      block_ranges[a.write].emplace_back(a.address, a.address + a.bytes);
+    }
+    SiteStats& stats = tl_memory.site_stats[uint64_t(head.site) << 1 | uint64_t(head.write)];
+    stats.requests += 1;
+    stats.bytes += bytes;
+    stats.sectors += sectors;
+    stats.widest = std::max(stats.widest, widest);
+    stats.lowest = std::min(stats.lowest, accesses[first].address);
+    for (std::size_t i = first; i < end; ++i) {
+      stats.highest = std::max(stats.highest, accesses[i].address + accesses[i].bytes);
+    }
+    first = end;
+  }
+  for (int w = 0; w < 2; ++w) {
+    merge_ranges(block_ranges[w]);
+    auto& launch_ranges = tl_memory.ranges[w];
+    launch_ranges.insert(launch_ranges.end(), block_ranges[w].begin(), block_ranges[w].end());
+  }
+  accesses.clear();
+}
+
+// A traced launch has ended: its summary lines (see stop_memory_trace).
+void summarise_launch_accesses(const char* kernel_name, uint64_t serial) {
+  // Distinct bytes, and the bytes of the distinct 32-byte sectors (what DRAM moves at least: a
+  // kernel that skips elements of a sector still moves the sector).
+  int64_t distinct[2] = {0, 0}, sector_bytes[2] = {0, 0};
+  for (int w = 0; w < 2; ++w) {
+    auto& ranges = tl_memory.ranges[w];
+    merge_ranges(ranges);
+    for (auto& r : ranges) {
+      distinct[w] += static_cast<int64_t>(r.second - r.first);
+      r = {r.first / 32 * 32, (r.second + 31) / 32 * 32};
+    }
+    merge_ranges(ranges);
+    for (const auto& r : ranges) sector_bytes[w] += static_cast<int64_t>(r.second - r.first);
+    ranges.clear();
+  }
+  std::ostringstream out;
+  out << "L\t" << serial << "\t" << kernel_name << "\t" << distinct[0] << "\t" << distinct[1] << "\t"
+      << sector_bytes[0] << "\t" << sector_bytes[1] << "\n";
+  std::vector<std::pair<uint64_t, SiteStats>> sites(tl_memory.site_stats.begin(), tl_memory.site_stats.end());
+  std::sort(sites.begin(), sites.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (const auto& [key, stats] : sites) {
+    out << "S\t" << serial << "\t" << kernel_name << "\t" << tl_memory.site_names[key >> 1] << "\t"
+        << ((key & 1) ? "w" : "r") << "\t" << stats.requests << "\t" << stats.bytes << "\t" << stats.sectors << "\t"
+        << stats.widest << "\t" << stats.lowest << "\t" << stats.highest << "\n";
+  }
+  tl_memory.site_stats.clear();
+  tl_memory.summary += out.str();
+}
+
 void run_block(const LaunchInfo& launch, const dim3& block_index, uint64_t block_seed) {
   const unsigned threads = launch.block.x * launch.block.y * launch.block.z;
   BlockRun block;
@@ -436,7 +579,10 @@ void run_block(const LaunchInfo& launch, const dim3& block_index, uint64_t block
       if (f.error) std::rethrow_exception(f.error);
     }
     for (const Fiber& f : block.fibers) any_live = any_live || f.state != State::kExited;
-    if (!any_live) return;
+    if (!any_live) {
+      if (detail::tl_trace_memory) summarise_block_accesses();
+      return;
+    }
     if (complete_collectives(block)) continue;
     resolve_barrier_or_report(block);
   }
@@ -478,6 +624,7 @@ void syncthreads(const std::source_location& where) {
   Fiber& fiber = running_fiber("__syncthreads");
   fiber.state = State::kBarrier;
   fiber.site = where;
+  ++fiber.epoch;
   yield_to_scheduler(fiber);
 }
 
@@ -488,6 +635,34 @@ void kernel_assert_failed(const char* condition, const std::source_location& whe
 }
 
 namespace detail {
+
+thread_local bool tl_trace_memory = false;
+
+void record_access(const std::source_location& where, const void* address, std::size_t bytes, bool write) {
+  if (tl_schedule != Schedule::kAscending) return;  // the other schedules make the same accesses
+  BlockRun& block = running_block("a global-memory access");
+  Fiber& fiber = block.fibers[static_cast<std::size_t>(block.current)];
+  const SiteKey key{where.file_name(), where.line(), where.column()};
+  auto found = tl_memory.site_ids.find(key);
+  if (found == tl_memory.site_ids.end()) {
+    found = tl_memory.site_ids.emplace(key, static_cast<uint32_t>(tl_memory.site_names.size())).first;
+    tl_memory.site_names.push_back(location(where) + ":" + std::to_string(where.column()));
+  }
+  const uint32_t site = found->second;
+  if (fiber.site_executions.size() <= site) fiber.site_executions.resize(site + 1, {~0u, 0u});
+  auto& [epoch, executions] = fiber.site_executions[site];
+  if (epoch != fiber.epoch) {
+    epoch = fiber.epoch;
+    executions = 0;
+  }
+  tl_memory.block_accesses.push_back(Access{site, static_cast<uint32_t>(block.current / 32), fiber.epoch, executions++,
+                                            reinterpret_cast<uint64_t>(address), static_cast<uint32_t>(bytes), write});
+}
+
+void mark_row_start() {
+  if (tl_block == nullptr || tl_block->current < 0) return;
+  ++tl_block->fibers[static_cast<std::size_t>(tl_block->current)].epoch;
+}
 
 void collective(const std::source_location& where, CollectiveKind kind, unsigned mask, const void* value,
                 std::size_t size, int parameter, int width, void* result) {
@@ -511,6 +686,7 @@ void collective(const std::source_location& where, CollectiveKind kind, unsigned
   if (size) std::memcpy(request.value, value, size);
   fiber.state = State::kCollective;
   fiber.site = where;
+  ++fiber.epoch;
   yield_to_scheduler(fiber);
   if (result && kind != CollectiveKind::kSyncWarp) std::memcpy(result, request.result, kind == CollectiveKind::kBallot ? sizeof(unsigned) : size);
 }
@@ -573,8 +749,26 @@ void run_launch(const char* kernel_name, const std::source_location& where, dim3
     run_block(launch, index, (serial << 32) ^ b);
     ++g_counters.blocks;
   }
+  if (tl_trace_memory && tl_schedule == Schedule::kAscending) summarise_launch_accesses(kernel_name, serial);
 }
 
 }  // namespace detail
+
+void start_memory_trace() {
+  tl_memory.summary.clear();
+  tl_memory.block_accesses.clear();
+  tl_memory.site_stats.clear();
+  tl_memory.ranges[0].clear();
+  tl_memory.ranges[1].clear();
+  detail::tl_trace_memory = true;
+}
+
+std::string stop_memory_trace() {
+  detail::tl_trace_memory = false;
+  std::string summary;
+  summary.swap(tl_memory.summary);
+  return summary;
+}
+
 }  // namespace simt
 }  // namespace ltfast

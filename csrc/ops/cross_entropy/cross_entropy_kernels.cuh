@@ -4,8 +4,9 @@
 // CPU kernels; this file holds only the parallel decomposition.
 //
 // A "group" of threads owns a row (gpu_reduce::with_row_group): 8 lanes for C <= 32, a warp for
-// C <= 1024, the whole block otherwise. Forward streams the row once with an online softmax (the
-// row max and exp-sum merged chunk by chunk), reduces the group's partial states with shuffles
+// C <= 1024, the whole block otherwise. Forward streams the row once in 16-byte vectors (a scalar
+// head and tail around them: split_row) with an online softmax (the row max and exp-sum merged
+// once per 16 elements), reduces the group's partial states with shuffles
 // and, for block groups, a fixed-order pass over shared memory. For 'mean'/'sum' each block also
 // writes its rows' loss and weight sums (fixed order) and one small block adds those partials:
 // two launches, deterministic, no serial pass over N in one block. Backward streams the row once
@@ -17,18 +18,28 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #include "../../common/gpu_kernel.h"
 #include "../../common/gpu_reduce.cuh"
+#include "../../common/gpu_row_stream.cuh"
 #include "../../common/softmax_math.h"
 
 namespace ltfast {
 namespace cross_entropy_kernels {
 
 using gpu_reduce::kBlockThreads;
+using gpu_row_stream::fill_row;
+using gpu_row_stream::kVectorElements;
+using gpu_row_stream::kVectorUnroll;
+using gpu_row_stream::RowSplit;
+using gpu_row_stream::split_row;
 constexpr int kWarpsPerBlock = kBlockThreads / 32;
-// Elements each thread keeps in flight per iteration: 4 independent loads hide DRAM latency
-// while the online-softmax merge costs one extra exp per 4 elements.
+// Elements each thread of the element-wise (scalar) loops of soft_targets_kernels.cuh keeps in
+// flight per iteration: 4 independent loads hide DRAM latency while the online-softmax merge costs
+// one extra exp per 4 elements. The row kernels here use 16-byte vectors (gpu_row_stream.cuh).
 constexpr int kUnroll = 4;
 
 // Reduces a softmax state and two plain sums over the GROUP threads that own a row; every thread
@@ -86,33 +97,144 @@ struct KernelParams {
   uint64_t drop_threshold;
 };
 
-// The row's SEQL key (0 when SEQL is off); the element decision is then per class.
-template <typename acc_t>
-__device__ __forceinline__ uint32_t seql_row_key(const KernelParams<acc_t>& p, int64_t row) {
-  return p.tail ? math::seql_row_key(row, static_cast<uint32_t>(p.seed[1])) : 0u;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ bool seql_dropped(const KernelParams<acc_t>& p, uint32_t row_key, int64_t c, int64_t y) {
-  return p.tail && c != y && p.tail[c] &&
-         math::seql_dropped(math::seql_column_key(c, static_cast<uint32_t>(p.seed[0])), row_key, p.drop_threshold);
-}
-
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t load_adjusted(const scalar_t* row, const KernelParams<acc_t>& p,
                                                int64_t c) {
-  const acc_t z = static_cast<acc_t>(row[c]);
-  return p.adjustment ? math::adjusted_logit(z, p.adjustment[c]) : z;
+  const acc_t z = static_cast<acc_t>(gpu::load(row + c));
+  return p.adjustment ? math::adjusted_logit(z, gpu::load(p.adjustment + c)) : z;
 }
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t target_logit_of(const scalar_t* row, const KernelParams<acc_t>& p,
                                                  int64_t y) {
   const acc_t a = load_adjusted(row, p, y);
-  return p.target_margin ? a - p.target_margin[y] : a;
+  return p.target_margin ? a - gpu::load(p.target_margin + y) : a;
 }
 
-template <typename scalar_t, int GROUP>
+// ------------------------------------------------------------------------------ inner loops
+// What the per-element work of a call needs, fixed at compile time so that the hot loops carry
+// none of the unused options (inner_loop_of picks one per call):
+enum class InnerLoop : int {
+  kAdjusted = 0,  // an optional adjustment only: CE, balanced softmax, logit adjustment, focal
+  kTail = 1,      // SEQL: tail-mask drops (and an optional adjustment)
+  kGeneral = 2,   // target margin, class weights or label smoothing: every option checked at run time
+};
+
+template <typename acc_t>
+InnerLoop inner_loop_of(const KernelParams<acc_t>& p) {
+  if (p.target_margin != nullptr || p.weight != nullptr || p.cfg.label_smoothing != acc_t(0)) {
+    return InnerLoop::kGeneral;
+  }
+  return p.tail != nullptr ? InnerLoop::kTail : InnerLoop::kAdjusted;
+}
+
+template <typename F>
+void with_inner_loop(InnerLoop inner, F&& f) {
+  switch (inner) {
+    case InnerLoop::kAdjusted: f(std::integral_constant<InnerLoop, InnerLoop::kAdjusted>{}); break;
+    case InnerLoop::kTail: f(std::integral_constant<InnerLoop, InnerLoop::kTail>{}); break;
+    case InnerLoop::kGeneral: f(std::integral_constant<InnerLoop, InnerLoop::kGeneral>{}); break;
+  }
+}
+
+// One row's constants for the element loops.
+template <typename acc_t>
+struct RowInfo {
+  int y;               // the target class
+  acc_t target_logit;  // adjusted, less the margin
+  uint32_t row_key;    // SEQL
+};
+
+// Whether SEQL drops element c of the row (never the target), given tail[c]. `column_seed` is the
+// seed word the kernel loaded once (the per-element reload of p.seed[0] was 4 loads per 4 elements).
+template <InnerLoop kInner, typename acc_t>
+__device__ __forceinline__ bool dropped_at(const KernelParams<acc_t>& p, const RowInfo<acc_t>& r,
+                                           uint32_t column_seed, int c, uint8_t tail_c) {
+  if constexpr (kInner == InnerLoop::kAdjusted) {
+    return false;
+  } else {
+    const bool tail_on = kInner == InnerLoop::kTail || p.tail != nullptr;
+    return tail_on && c != r.y && tail_c &&
+           math::seql_dropped(math::seql_column_key(c, column_seed), r.row_key, p.drop_threshold);
+  }
+}
+
+// The per-class values V classes from c0 need: the adjustment, the tail mask and (general loop,
+// `with_weight`: the backward) the class weights, each in the widest loads its alignment allows
+// (gpu_row_stream::load_run); entries of absent options are not read.
+template <InnerLoop kInner, int V, typename acc_t>
+struct ClassRun {
+  acc_t adjustment[V];
+  uint8_t tail[V];
+  acc_t weight[kInner == InnerLoop::kGeneral ? V : 1];
+
+  __device__ __forceinline__ void load(const KernelParams<acc_t>& p, int c0, int count, bool with_weight = false) {
+    if (count == V) {
+      if (p.adjustment) gpu_row_stream::load_run<V>(p.adjustment + c0, adjustment);
+      if constexpr (kInner != InnerLoop::kAdjusted) {
+        if (kInner == InnerLoop::kTail || p.tail) gpu_row_stream::load_run<V>(p.tail + c0, tail);
+      }
+      if constexpr (kInner == InnerLoop::kGeneral) {
+        if (with_weight && p.weight) gpu_row_stream::load_run<V>(p.weight + c0, weight);
+      }
+    } else {  // a scalar head or tail element
+      if (p.adjustment) adjustment[0] = gpu::load(p.adjustment + c0);
+      if constexpr (kInner != InnerLoop::kAdjusted) {
+        if (kInner == InnerLoop::kTail || p.tail) tail[0] = gpu::load(p.tail + c0);
+      }
+      if constexpr (kInner == InnerLoop::kGeneral) {
+        if (with_weight && p.weight) weight[0] = gpu::load(p.weight + c0);
+      }
+    }
+  }
+};
+
+// The logit the softmax sees at class c (per-class values in `run` at i): -inf when dropped, the
+// target's (with its margin) at y, else z + adjustment. Without a margin the target's value is
+// z_y + adjustment_y, so only the general loop compares c with y.
+template <InnerLoop kInner, int V, typename acc_t>
+__device__ __forceinline__ acc_t softmax_logit(const KernelParams<acc_t>& p, const RowInfo<acc_t>& r,
+                                               uint32_t column_seed, acc_t z, int c,
+                                               const ClassRun<kInner, V, acc_t>& run, int i) {
+  if constexpr (kInner != InnerLoop::kAdjusted) {
+    if (dropped_at<kInner>(p, r, column_seed, c, run.tail[i])) return math::negative_infinity<acc_t>();
+  }
+  if constexpr (kInner == InnerLoop::kGeneral) {
+    if (c == r.y) return r.target_logit;
+  }
+  return p.adjustment ? math::adjusted_logit(z, run.adjustment[i]) : z;
+}
+
+// Merges K logits (classes cls, those >= C are padding of -inf) into the row's online softmax state
+// with one rescaling exponential, and (general loop, label smoothing) adds the smoothing sums.
+template <InnerLoop kInner, int K, typename acc_t>
+__device__ __forceinline__ void accumulate_logits(const acc_t (&a)[K], const int (&cls)[K], int C,
+                                                  const KernelParams<acc_t>& p, acc_t target_logit, bool smoothing,
+                                                  math::SoftmaxState<acc_t>& state, acc_t& offset_sum,
+                                                  acc_t& weight_sum) {
+  acc_t chunk_max = a[0];
+#pragma unroll
+  for (int k = 1; k < K; ++k) chunk_max = a[k] > chunk_max ? a[k] : chunk_max;
+  acc_t chunk_sum = acc_t(0);
+#pragma unroll
+  for (int k = 0; k < K; ++k) chunk_sum += math::exp_shifted(a[k], chunk_max);
+  state = math::merge_softmax_states(state, math::SoftmaxState<acc_t>{chunk_max, chunk_sum});
+  if constexpr (kInner == InnerLoop::kGeneral) {
+    if (smoothing) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        if (cls[k] < C) {
+          const acc_t w = p.weight ? gpu::load(p.weight + cls[k]) : acc_t(1);
+          offset_sum += w * (a[k] - target_logit);
+          weight_sum += w;
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ kernels
+template <typename scalar_t, int GROUP, InnerLoop kInner>
 __global__ void __launch_bounds__(kBlockThreads)
     forward_rows_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
                         at::opmath_type<scalar_t>* __restrict__ row_loss,
@@ -120,6 +242,8 @@ __global__ void __launch_bounds__(kBlockThreads)
                         at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
+  constexpr int V = kVectorElements<scalar_t>;
+  constexpr int U = kVectorUnroll<scalar_t>;
   LTFAST_SHARED_ARRAY(math::SoftmaxState<acc_t>, scratch_state, kWarpsPerBlock);
   LTFAST_SHARED_ARRAY(acc_t, scratch_a, kWarpsPerBlock);
   LTFAST_SHARED_ARRAY(acc_t, scratch_b, kWarpsPerBlock);
@@ -128,69 +252,88 @@ __global__ void __launch_bounds__(kBlockThreads)
   // This group's rows, summed by its lane 0 in row order (only read when partials are requested).
   double group_loss = 0.0, group_weight = 0.0;
   const int lane = threadIdx.x % GROUP;
-  const int64_t C = p.num_classes;
+  const int C = static_cast<int>(p.num_classes);
   const bool smoothing = p.cfg.label_smoothing != acc_t(0);
   const bool sum_weights = smoothing && p.weight != nullptr;
+  const bool tail_on = kInner != InnerLoop::kAdjusted && p.tail != nullptr;
+  const uint32_t column_seed = tail_on ? static_cast<uint32_t>(gpu::load(p.seed)) : 0u;
+  const uint32_t row_seed = tail_on ? static_cast<uint32_t>(gpu::load(p.seed + 1)) : 0u;
   // reduction 'none': the denominator is 1, written here rather than by a separate fill launch.
-  if (unit_denominator != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *unit_denominator = acc_t(1);
+  if (unit_denominator != nullptr && blockIdx.x == 0 && threadIdx.x == 0) gpu::store(unit_denominator, acc_t(1));
 
   // Every thread of a block runs the same number of iterations (the row loop bound is uniform
   // per group, and for block groups the group is the block), so __syncthreads in group_reduce is safe.
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < p.num_rows;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
-    const int64_t y = p.target[row];
+    gpu::mark_row_start();
+    const int64_t y = gpu::load(p.target + row);
     if (y == p.ignore_index) {
       if (lane == 0) {
-        row_loss[row] = acc_t(0);
-        row_stats[row] = acc_t(0);
-        row_stats[p.num_rows + row] = acc_t(0);
+        gpu::store(row_loss + row, acc_t(0));
+        gpu::store(row_stats + row, acc_t(0));
+        gpu::store(row_stats + p.num_rows + row, acc_t(0));
       }
       continue;
     }
     CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
-    const scalar_t* z = logits + row * C;
-    const acc_t target_logit = target_logit_of(z, p, y);
-    const uint32_t row_key = seql_row_key(p, row);
+    const scalar_t* z = logits + row * p.num_classes;
+    const RowInfo<acc_t> r{static_cast<int>(y), target_logit_of(z, p, y),
+                           tail_on ? math::seql_row_key(row, row_seed) : 0u};
 
     math::SoftmaxState<acc_t> state = math::empty_softmax_state<acc_t>();
     acc_t offset_sum = acc_t(0), weight_sum = acc_t(0);
-    for (int64_t base = lane; base < C; base += int64_t(GROUP) * kUnroll) {
-      acc_t a[kUnroll];
+    const RowSplit split = split_row(z, C);
+    if (lane < split.head) {
+      ClassRun<kInner, V, acc_t> run;
+      run.load(p, lane, 1);
+      const acc_t a[1] = {softmax_logit<kInner>(p, r, column_seed, static_cast<acc_t>(gpu::load(z + lane)), lane,
+                                                run, 0)};
+      const int cls[1] = {lane};
+      accumulate_logits<kInner>(a, cls, C, p, r.target_logit, smoothing, state, offset_sum, weight_sum);
+    }
+    for (int first = lane; first < split.vectors; first += GROUP * U) {
+      gpu::Vector<scalar_t, V> x[U];
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        const int64_t c = base + int64_t(k) * GROUP;
-        a[k] = (c >= C || seql_dropped(p, row_key, c, y)) ? math::negative_infinity<acc_t>()
-                                                          : (c == y ? target_logit : load_adjusted(z, p, c));
+      for (int u = 0; u < U; ++u) {
+        const int v = first + u * GROUP;
+        if (v < split.vectors) x[u] = gpu::load_vector<V>(z + split.head + v * V);
       }
-      acc_t chunk_max = a[0];
+      acc_t a[U * V];
+      int cls[U * V];
 #pragma unroll
-      for (int k = 1; k < kUnroll; ++k) chunk_max = a[k] > chunk_max ? a[k] : chunk_max;
-      acc_t chunk_sum = acc_t(0);
+      for (int u = 0; u < U; ++u) {
+        const int v = first + u * GROUP;
+        const bool valid = v < split.vectors;
+        ClassRun<kInner, V, acc_t> run;
+        if (valid) run.load(p, split.head + v * V, V);
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) chunk_sum += math::exp_shifted(a[k], chunk_max);
-      state = math::merge_softmax_states(state, math::SoftmaxState<acc_t>{chunk_max, chunk_sum});
-      if (smoothing) {
-#pragma unroll
-        for (int k = 0; k < kUnroll; ++k) {
-          const int64_t c = base + int64_t(k) * GROUP;
-          if (c < C) {
-            const acc_t w = p.weight ? p.weight[c] : acc_t(1);
-            offset_sum += w * (a[k] - target_logit);
-            weight_sum += w;
-          }
+        for (int i = 0; i < V; ++i) {
+          const int c = split.head + v * V + i;
+          cls[u * V + i] = valid ? c : C;
+          a[u * V + i] = valid ? softmax_logit<kInner>(p, r, column_seed, static_cast<acc_t>(x[u].v[i]), c, run, i)
+                               : math::negative_infinity<acc_t>();
         }
       }
+      accumulate_logits<kInner>(a, cls, C, p, r.target_logit, smoothing, state, offset_sum, weight_sum);
+    }
+    if (split.tail_begin + lane < C) {
+      const int c = split.tail_begin + lane;
+      ClassRun<kInner, V, acc_t> run;
+      run.load(p, c, 1);
+      const acc_t a[1] = {softmax_logit<kInner>(p, r, column_seed, static_cast<acc_t>(gpu::load(z + c)), c, run, 0)};
+      const int cls[1] = {c};
+      accumulate_logits<kInner>(a, cls, C, p, r.target_logit, smoothing, state, offset_sum, weight_sum);
     }
     group_reduce<GROUP>(state, offset_sum, weight_sum, scratch_state, scratch_a, scratch_b);
     if (lane == 0) {
       auto cfg = p.cfg;
       if (sum_weights) cfg.total_weight = weight_sum;
       const math::RowLogSumExp<acc_t> finished = math::finish_row(state);
-      const acc_t target_weight = p.weight ? p.weight[y] : acc_t(1);
-      const acc_t loss = math::row_loss(cfg, finished, target_logit, target_weight, offset_sum);
-      row_stats[row] = finished.max;
-      row_stats[p.num_rows + row] = finished.log_sum;
-      row_loss[row] = loss;
+      const acc_t target_weight = p.weight ? gpu::load(p.weight + y) : acc_t(1);
+      const acc_t loss = math::row_loss(cfg, finished, r.target_logit, target_weight, offset_sum);
+      gpu::store(row_stats + row, finished.max);
+      gpu::store(row_stats + p.num_rows + row, finished.log_sum);
+      gpu::store(row_loss + row, loss);
       group_loss += static_cast<double>(loss);
       group_weight += static_cast<double>(target_weight);
     }
@@ -200,7 +343,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-template <typename scalar_t, int GROUP>
+template <typename scalar_t, int GROUP, InnerLoop kInner>
 __global__ void __launch_bounds__(kBlockThreads)
     backward_rows_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
                          const at::opmath_type<scalar_t>* __restrict__ row_stats,
@@ -209,65 +352,123 @@ __global__ void __launch_bounds__(kBlockThreads)
                          scalar_t* __restrict__ grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
+  constexpr int V = kVectorElements<scalar_t>;
+  constexpr int U = kVectorUnroll<scalar_t>;
   LTFAST_SHARED_ARRAY(math::SoftmaxState<acc_t>, scratch_state, kWarpsPerBlock);
   LTFAST_SHARED_ARRAY(acc_t, scratch_a, kWarpsPerBlock);
   LTFAST_SHARED_ARRAY(acc_t, scratch_b, kWarpsPerBlock);
   const int lane = threadIdx.x % GROUP;
-  const int64_t C = p.num_classes;
+  const int C = static_cast<int>(p.num_classes);
   const bool sum_weights = p.cfg.label_smoothing != acc_t(0) && p.weight != nullptr;
-  const acc_t shared_scale = per_row_grad ? acc_t(0) : grad_loss[0] / denominator[0];
+  const acc_t shared_scale = per_row_grad ? acc_t(0) : gpu::load(grad_loss) / gpu::load(denominator);
+  const bool tail_on = kInner != InnerLoop::kAdjusted && p.tail != nullptr;
+  const uint32_t column_seed = tail_on ? static_cast<uint32_t>(gpu::load(p.seed)) : 0u;
+  const uint32_t row_seed = tail_on ? static_cast<uint32_t>(gpu::load(p.seed + 1)) : 0u;
+  // Rows of the logits and of the gradient start at the same offset from a 16-byte boundary when
+  // their bases do (both have C elements per row): then one split serves both and the gradient is
+  // stored in vectors; else (a logits view with an odd storage offset) it is stored element-wise.
+  const bool vector_stores = gpu_row_stream::same_split(logits, grad_logits);
 
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < p.num_rows;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
-    scalar_t* g = grad_logits + row * C;
-    const int64_t y = p.target[row];
+    gpu::mark_row_start();
+    scalar_t* g = grad_logits + row * p.num_classes;
+    const int64_t y = gpu::load(p.target + row);
     if (y == p.ignore_index) {
-      for (int64_t c = lane; c < C; c += GROUP) g[c] = scalar_t(0);
+      fill_row<GROUP>(g, C, lane, scalar_t(0));
       continue;
     }
     CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
-    const math::RowLogSumExp<acc_t> stats{row_stats[row], row_stats[p.num_rows + row]};
+    const math::RowLogSumExp<acc_t> stats{gpu::load(row_stats + row), gpu::load(row_stats + p.num_rows + row)};
     if (math::row_is_nan(stats)) {  // NaN/inf in the row: every gradient is NaN, as in F.cross_entropy
-      for (int64_t c = lane; c < C; c += GROUP) g[c] = static_cast<scalar_t>(stats.log_sum);
+      fill_row<GROUP>(g, C, lane, static_cast<scalar_t>(stats.log_sum));
       continue;  // row-uniform: the whole group (for block groups, the block) takes this branch
     }
-    const scalar_t* z = logits + row * C;
+    const scalar_t* z = logits + row * p.num_classes;
     auto cfg = p.cfg;
-    if (sum_weights) {  // W = sum_c w_c from the [C] vector (L2-resident), only with smoothing
-      math::SoftmaxState<acc_t> unused = math::empty_softmax_state<acc_t>();
-      acc_t weight_sum = acc_t(0), unused_sum = acc_t(0);
-      for (int64_t c = lane; c < C; c += GROUP) weight_sum += p.weight[c];
-      group_reduce<GROUP>(unused, weight_sum, unused_sum, scratch_state, scratch_a, scratch_b);
-      cfg.total_weight = weight_sum;
+    if constexpr (kInner == InnerLoop::kGeneral) {
+      if (sum_weights) {  // W = sum_c w_c from the [C] vector (L2-resident), only with smoothing
+        math::SoftmaxState<acc_t> unused = math::empty_softmax_state<acc_t>();
+        acc_t weight_sum = acc_t(0), unused_sum = acc_t(0);
+        for (int c = lane; c < C; c += GROUP) weight_sum += gpu::load(p.weight + c);
+        group_reduce<GROUP>(unused, weight_sum, unused_sum, scratch_state, scratch_a, scratch_b);
+        cfg.total_weight = weight_sum;
+      }
     }
-    const acc_t target_logit = target_logit_of(z, p, y);
-    const acc_t scale = per_row_grad ? grad_loss[row] : shared_scale;
-    const uint32_t row_key = seql_row_key(p, row);
-    const auto coef = math::row_gradient_coefficients(cfg, scale, stats, target_logit,
-                                                      p.weight ? p.weight[y] : acc_t(1));
-    for (int64_t base = lane; base < C; base += int64_t(GROUP) * kUnroll) {
-      acc_t a[kUnroll];
+    const RowInfo<acc_t> r{static_cast<int>(y), target_logit_of(z, p, y),
+                           tail_on ? math::seql_row_key(row, row_seed) : 0u};
+    const acc_t scale = per_row_grad ? gpu::load(grad_loss + row) : shared_scale;
+    const auto coef = math::row_gradient_coefficients(cfg, scale, stats, r.target_logit,
+                                                      p.weight ? gpu::load(p.weight + y) : acc_t(1));
+    // d loss / d z_c of one element (per-class values in `run` at i).
+    auto gradient = [&](acc_t zc, int c, const ClassRun<kInner, V, acc_t>& run, int i) -> acc_t {
+      acc_t a = p.adjustment ? math::adjusted_logit(zc, run.adjustment[i]) : zc;
+      if constexpr (kInner == InnerLoop::kGeneral) {
+        if (c == r.y) a = r.target_logit;
+      }
+      acc_t class_weight = acc_t(1);
+      if constexpr (kInner == InnerLoop::kGeneral) {
+        if (p.weight) class_weight = run.weight[i];
+      }
+      acc_t grad =
+          math::element_gradient(math::softmax_probability(a, stats), coef.prob_coef, coef.class_coef, class_weight);
+      if (c == r.y) grad -= coef.target_coef;
+      if constexpr (kInner != InnerLoop::kAdjusted) {
+        if (dropped_at<kInner>(p, r, column_seed, c, run.tail[i])) grad = acc_t(0);  // dropped: exactly zero
+      }
+      return grad;
+    };
+    auto scalar_gradient = [&](int c) -> acc_t {
+      ClassRun<kInner, V, acc_t> run;
+      run.load(p, c, 1, true);
+      return gradient(static_cast<acc_t>(gpu::load(z + c)), c, run, 0);
+    };
+    const RowSplit split = split_row(z, C);
+    if (lane < split.head) gpu::store(g + lane, scalar_gradient(lane));
+    for (int first = lane; first < split.vectors; first += GROUP * U) {
+      gpu::Vector<scalar_t, V> x[U];
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        const int64_t c = base + int64_t(k) * GROUP;
-        a[k] = c < C ? (c == y ? target_logit : load_adjusted(z, p, c)) : acc_t(0);
+      for (int u = 0; u < U; ++u) {
+        const int v = first + u * GROUP;
+        if (v < split.vectors) x[u] = gpu::load_vector<V>(z + split.head + v * V);
       }
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        const int64_t c = base + int64_t(k) * GROUP;
-        if (c < C) {
-          acc_t grad = math::element_gradient(math::softmax_probability(a[k], stats), coef.prob_coef, coef.class_coef,
-                                              p.weight ? p.weight[c] : acc_t(1));
-          if (c == y) grad -= coef.target_coef;
-          if (seql_dropped(p, row_key, c, y)) grad = acc_t(0);  // dropped: exactly zero gradient
-          g[c] = static_cast<scalar_t>(grad);
+      for (int u = 0; u < U; ++u) {
+        const int v = first + u * GROUP;
+        if (v < split.vectors) {
+          const int c0 = split.head + v * V;
+          ClassRun<kInner, V, acc_t> run;
+          run.load(p, c0, V, true);
+          gpu::Vector<scalar_t, V> out;
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            out.v[i] = static_cast<scalar_t>(gradient(static_cast<acc_t>(x[u].v[i]), c0 + i, run, i));
+          }
+          if (vector_stores) {
+            gpu::store_vector<V>(g + c0, out);
+          } else {
+#pragma unroll
+            for (int i = 0; i < V; ++i) gpu::store(g + c0 + i, out.v[i]);
+          }
         }
       }
+    }
+    if (split.tail_begin + lane < C) {
+      const int c = split.tail_begin + lane;
+      gpu::store(g + c, scalar_gradient(c));
     }
   }
 }
 
 // ------------------------------------------------------------------------------ launch plan
+// The kernels index within a row in 32 bits.
+inline void check_class_count(int64_t num_classes) {
+  if (!gpu_row_stream::fits_row_index(num_classes)) {
+    throw std::invalid_argument("ltfast cross_entropy (CUDA): logits have " + std::to_string(num_classes) +
+                                " classes; expected at most 2^31 - 1");
+  }
+}
+
 // Blocks of the row kernels for this call (the partials buffer of forward has 2 x this many).
 inline unsigned row_kernel_blocks(int64_t num_rows, int64_t num_classes) {
   unsigned blocks = 1;
@@ -283,11 +484,14 @@ void launch_forward_rows(const scalar_t* logits, const KernelParams<at::opmath_t
                          at::opmath_type<scalar_t>* row_loss, at::opmath_type<scalar_t>* row_stats,
                          at::opmath_type<scalar_t>* unit_denominator, double* partials, gpu::Stream stream) {
   if (p.num_rows == 0) return;
+  check_class_count(p.num_classes);
   gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
-    constexpr int kGroup = decltype(group)::value;
-    gpu::launch("cross_entropy forward_rows_kernel", &forward_rows_kernel<scalar_t, kGroup>,
-                gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_loss, row_stats,
-                unit_denominator, partials);
+    with_inner_loop(inner_loop_of(p), [&](auto inner) {
+      constexpr int kGroup = decltype(group)::value;
+      gpu::launch("cross_entropy forward_rows_kernel", &forward_rows_kernel<scalar_t, kGroup, decltype(inner)::value>,
+                  gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_loss, row_stats,
+                  unit_denominator, partials);
+    });
   });
 }
 
@@ -314,11 +518,15 @@ void launch_backward(const scalar_t* logits, const KernelParams<at::opmath_type<
                      bool per_row_grad, const at::opmath_type<scalar_t>* denominator, scalar_t* grad_logits,
                      gpu::Stream stream) {
   if (p.num_rows == 0) return;
+  check_class_count(p.num_classes);
   gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
-    constexpr int kGroup = decltype(group)::value;
-    gpu::launch("cross_entropy backward_rows_kernel", &backward_rows_kernel<scalar_t, kGroup>,
-                gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_stats, grad_loss,
-                per_row_grad, denominator, grad_logits);
+    with_inner_loop(inner_loop_of(p), [&](auto inner) {
+      constexpr int kGroup = decltype(group)::value;
+      gpu::launch("cross_entropy backward_rows_kernel",
+                  &backward_rows_kernel<scalar_t, kGroup, decltype(inner)::value>,
+                  gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_stats, grad_loss,
+                  per_row_grad, denominator, grad_logits);
+    });
   });
 }
 

@@ -3,15 +3,19 @@
 // group (8 lanes for C <= 32, a warp up to 1024 classes, a block beyond: gpu_reduce::with_row_group)
 // sums a row's element losses; for 'mean'/'sum' each block also writes its rows' loss sum and row
 // count, which one small block adds in a fixed order. Backward is elementwise, a row group per row.
+// Both stream rows in 16-byte vectors around a scalar head and tail (gpu_row_stream::split_row).
 // The per-element rule (non-finite logits, suppressed entries exactly 0) is softmax_math.h's.
 #pragma once
 
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "../../common/gpu_kernel.h"
 #include "../../common/gpu_reduce.cuh"
+#include "../../common/gpu_row_stream.cuh"
 #include "../../common/softmax_math.h"
 
 namespace ltfast {
@@ -27,29 +31,56 @@ __global__ void __launch_bounds__(kBlockThreads)
                         at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
+  constexpr int V = gpu_row_stream::kVectorElements<scalar_t>;
+  constexpr int U = gpu_row_stream::kVectorUnroll<scalar_t>;
+  const int C32 = static_cast<int>(C);
   LTFAST_SHARED_ARRAY(acc_t, scratch, kBlockThreads / 32);
   LTFAST_SHARED_ARRAY(double, partial_loss, kRowsPerBlock);
   LTFAST_SHARED_ARRAY(double, partial_rows, kRowsPerBlock);
   const int lane = threadIdx.x % GROUP;
   // reduction 'none': the denominator is 1, written here rather than by a separate launch.
-  if (unit_denominator != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *unit_denominator = acc_t(1);
+  if (unit_denominator != nullptr && blockIdx.x == 0 && threadIdx.x == 0) gpu::store(unit_denominator, acc_t(1));
   double group_loss = 0.0, group_rows = 0.0;  // this group's rows, summed by lane 0 in row order
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < N;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
-    const int64_t y = target[row];
+    gpu::mark_row_start();
+    const int64_t y = gpu::load(target + row);
     if (y == ignore_index) {  // row-uniform: the whole group skips
-      if (lane == 0) row_loss[row] = acc_t(0);
+      if (lane == 0) gpu::store(row_loss + row, acc_t(0));
       continue;
     }
     CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
+    const scalar_t* z = logits + row * C;
+    const int y32 = static_cast<int>(y);
+    auto element_loss = [&](acc_t zc, int c) -> acc_t {
+      return math::eql_element_loss(zc, c == y32, math::eql_suppressed(gpu::load(tail + c) != 0, c == y32));
+    };
     acc_t sum = acc_t(0);
-    for (int64_t c = lane; c < C; c += GROUP) {
-      sum += math::eql_element_loss(static_cast<acc_t>(logits[row * C + c]), c == y,
-                                    math::eql_suppressed(tail[c] != 0, c == y));
+    const gpu_row_stream::RowSplit split = gpu_row_stream::split_row(z, C32);
+    if (lane < split.head) sum += element_loss(static_cast<acc_t>(gpu::load(z + lane)), lane);
+    for (int first = lane; first < split.vectors; first += GROUP * U) {
+      gpu::Vector<scalar_t, V> x[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = first + u * GROUP;
+        if (v < split.vectors) x[u] = gpu::load_vector<V>(z + split.head + v * V);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = first + u * GROUP;
+        if (v < split.vectors) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) sum += element_loss(static_cast<acc_t>(x[u].v[i]), split.head + v * V + i);
+        }
+      }
+    }
+    if (split.tail_begin + lane < C32) {
+      const int c = split.tail_begin + lane;
+      sum += element_loss(static_cast<acc_t>(gpu::load(z + c)), c);
     }
     sum = gpu_reduce::group_sum<GROUP>(sum, scratch);
     if (lane == 0) {
-      row_loss[row] = sum;
+      gpu::store(row_loss + row, sum);
       group_loss += static_cast<double>(sum);
       group_rows += 1.0;
     }
@@ -67,23 +98,74 @@ __global__ void __launch_bounds__(kBlockThreads)
                          int64_t C, int64_t ignore_index, scalar_t* __restrict__ grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
+  constexpr int V = gpu_row_stream::kVectorElements<scalar_t>;
+  constexpr int U = gpu_row_stream::kVectorUnroll<scalar_t>;
+  const int C32 = static_cast<int>(C);
   const int lane = threadIdx.x % GROUP;
+  const bool vector_stores = gpu_row_stream::same_split(logits, static_cast<const scalar_t*>(grad_logits));
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < N;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
-    const int64_t y = target[row];
-    const acc_t scale = y == ignore_index ? acc_t(0) : (per_row ? grad_loss[row] : grad_loss[0] / denominator[0]);
-    for (int64_t c = lane; c < C; c += GROUP) {
-      acc_t g = acc_t(0);
-      const bool suppressed = math::eql_suppressed(tail[c] != 0, c == y);
-      if (y != ignore_index && !suppressed) {  // suppressed: exactly 0, the logit is never read
-        g = scale * math::eql_element_gradient(static_cast<acc_t>(logits[row * C + c]), c == y, false);
+    gpu::mark_row_start();
+    const int64_t y = gpu::load(target + row);
+    const acc_t scale = y == ignore_index ? acc_t(0)
+                                          : (per_row ? gpu::load(grad_loss + row)
+                                                     : gpu::load(grad_loss) / gpu::load(denominator));
+    const scalar_t* z = logits + row * C;
+    scalar_t* out = grad_logits + row * C;
+    if (y == ignore_index) {
+      gpu_row_stream::fill_row<GROUP>(out, C32, lane, scalar_t(0));
+      continue;
+    }
+    const int y32 = static_cast<int>(y);
+    auto gradient = [&](acc_t zc, int c) -> acc_t {
+      const bool suppressed = math::eql_suppressed(gpu::load(tail + c) != 0, c == y32);
+      // suppressed: exactly 0 (the element's logit is loaded with its vector, its value unused)
+      return suppressed ? acc_t(0) : scale * math::eql_element_gradient(zc, c == y32, false);
+    };
+    const gpu_row_stream::RowSplit split = gpu_row_stream::split_row(z, C32);
+    if (lane < split.head) gpu::store(out + lane, gradient(static_cast<acc_t>(gpu::load(z + lane)), lane));
+    for (int first = lane; first < split.vectors; first += GROUP * U) {
+      gpu::Vector<scalar_t, V> x[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = first + u * GROUP;
+        if (v < split.vectors) x[u] = gpu::load_vector<V>(z + split.head + v * V);
       }
-      grad_logits[row * C + c] = static_cast<scalar_t>(g);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = first + u * GROUP;
+        if (v < split.vectors) {
+          const int c0 = split.head + v * V;
+          gpu::Vector<scalar_t, V> g;
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            g.v[i] = static_cast<scalar_t>(gradient(static_cast<acc_t>(x[u].v[i]), c0 + i));
+          }
+          if (vector_stores) {
+            gpu::store_vector<V>(out + c0, g);
+          } else {
+#pragma unroll
+            for (int i = 0; i < V; ++i) gpu::store(out + c0 + i, g.v[i]);
+          }
+        }
+      }
+    }
+    if (split.tail_begin + lane < C32) {
+      const int c = split.tail_begin + lane;
+      gpu::store(out + c, gradient(static_cast<acc_t>(gpu::load(z + c)), c));
     }
   }
 }
 
 // ------------------------------------------------------------------------------ launch plan
+// The kernels index within a row in 32 bits.
+inline void check_class_count(int64_t C) {
+  if (!gpu_row_stream::fits_row_index(C)) {
+    throw std::invalid_argument("ltfast equalization_loss (CUDA): logits have " + std::to_string(C) +
+                                " classes; expected at most 2^31 - 1");
+  }
+}
+
 // Blocks of the row kernels (the forward partials buffer holds 2 x this many doubles).
 inline unsigned row_kernel_blocks(int64_t N, int64_t C) {
   unsigned blocks = 1;
@@ -100,6 +182,7 @@ void launch_forward(const scalar_t* logits, const int64_t* target, const uint8_t
                     double* partials, at::opmath_type<scalar_t>* loss, at::opmath_type<scalar_t>* denominator,
                     gpu::Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
+  check_class_count(C);
   if (N > 0) {
     gpu_reduce::with_row_group(C, [&](auto group) {
       constexpr int kGroup = decltype(group)::value;
@@ -121,6 +204,7 @@ void launch_backward(const scalar_t* logits, const int64_t* target, const uint8_
                      const at::opmath_type<scalar_t>* denominator, int64_t N, int64_t C, int64_t ignore_index,
                      scalar_t* grad_logits, gpu::Stream stream) {
   if (N == 0) return;
+  check_class_count(C);
   gpu_reduce::with_row_group(C, [&](auto group) {
     constexpr int kGroup = decltype(group)::value;
     gpu::launch("equalization backward_rows_kernel", &backward_rows_kernel<scalar_t, kGroup>,

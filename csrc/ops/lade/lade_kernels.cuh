@@ -56,12 +56,12 @@ __global__ void __launch_bounds__(kBlockThreads)
   acc_t target_sum = acc_t(0);
   int64_t count = 0, valid = 0;  // exact: a float count stops at 2^24
   for (int64_t i = first + row_lane; i < last; i += row_lanes) {
-    const int64_t y = target[i];  // the same address for a warp's columns: one broadcast load
+    const int64_t y = gpu::load(target + i);  // the same address for a warp's columns: one broadcast load
     if (y == ignore_index) continue;
     CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
     ++valid;
     if (!active) continue;
-    const acc_t z = static_cast<acc_t>(logits[i * C + c]);  // consecutive threads, consecutive classes
+    const acc_t z = static_cast<acc_t>(gpu::load(logits + i * C + c));  // consecutive threads, consecutive classes
     state = math::merge_softmax_states(state, math::SoftmaxState<acc_t>{z, acc_t(1)});
     if (y == c) {
       target_sum += z;
@@ -89,12 +89,12 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (active) {
     const int64_t slot = int64_t(blockIdx.y) * C + c;
     const int64_t plane = int64_t(gridDim.y) * C;
-    partials[slot] = state.max;
-    partials[plane + slot] = state.sum;
-    partials[2 * plane + slot] = target_sum;
-    count_partials[slot] = count;
+    gpu::store(partials + slot, state.max);
+    gpu::store(partials + plane + slot, state.sum);
+    gpu::store(partials + 2 * plane + slot, target_sum);
+    gpu::store(count_partials + slot, count);
   }
-  if (blockIdx.x == 0 && column_lane == 0) valid_partials[blockIdx.y] = valid;
+  if (blockIdx.x == 0 && column_lane == 0) gpu::store(valid_partials + blockIdx.y, valid);
 }
 
 // A thread per class: merges the row blocks' column partials in order, writes column_stats (lade.h)
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kBlockThreads)
                           double balanced, acc_t* __restrict__ column_stats, double* __restrict__ lader_partials) {
   LTFAST_SHARED_ARRAY(double, scratch, kBlockThreads);
   int64_t num_valid = 0;
-  for (int64_t b = 0; b < num_row_blocks; ++b) num_valid += valid_partials[b];  // <= 64 cached loads
+  for (int64_t b = 0; b < num_row_blocks; ++b) num_valid += gpu::load(valid_partials + b);  // <= 64 cached loads
   const double log_n = log(static_cast<double>(num_valid));
   const int64_t c = int64_t(blockIdx.x) * kBlockThreads + threadIdx.x;
   double term = 0.0;
@@ -117,27 +117,29 @@ __global__ void __launch_bounds__(kBlockThreads)
     double target_sum = 0.0;
     int64_t count = 0;
     for (int64_t b = 0; b < num_row_blocks; ++b) {
-      state = math::merge_softmax_states(state, math::SoftmaxState<acc_t>{partials[b * C + c], partials[plane + b * C + c]});
-      target_sum += static_cast<double>(partials[2 * plane + b * C + c]);
-      count += count_partials[b * C + c];
+      state = math::merge_softmax_states(
+          state, math::SoftmaxState<acc_t>{gpu::load(partials + b * C + c), gpu::load(partials + plane + b * C + c)});
+      target_sum += static_cast<double>(gpu::load(partials + 2 * plane + b * C + c));
+      count += gpu::load(count_partials + b * C + c);
     }
     const math::RowLogSumExp<acc_t> column = math::finish_row(state);
     // log sum_i exp(z_ic) as M_c + L_c in float64: S_c keeps L_c's digits at |z| ~ 1e6.
     const double column_lse = static_cast<double>(column.max) + static_cast<double>(column.log_sum);
-    const double prior = exp(static_cast<double>(log_prior[c]));
-    const double s_c = column_lse - static_cast<double>(log_prior[c]) + balanced - log_n;
+    const double class_log_prior = static_cast<double>(gpu::load(log_prior + c));
+    const double prior = exp(class_log_prior);
+    const double s_c = column_lse - class_log_prior + balanced - log_n;
     // The survey's n_c + 1e-8 (float32) is n_c for every n_c >= 1; the 1e-8 only keeps an absent
     // class finite (as the CPU kernel, lade.h).
     const double count_term = count > 0 ? static_cast<double>(count) : 1e-8;
     const double f_c = target_sum / count_term;
     term = -prior * (f_c - s_c - remine_lambda * s_c * s_c);
-    column_stats[c] = column.max;
-    column_stats[C + c] = column.log_sum;
-    column_stats[2 * C + c] = static_cast<acc_t>(alpha * prior * (1.0 + 2.0 * remine_lambda * s_c));
-    column_stats[3 * C + c] = static_cast<acc_t>(alpha * prior / count_term);
+    gpu::store(column_stats + c, column.max);
+    gpu::store(column_stats + C + c, column.log_sum);
+    gpu::store(column_stats + 2 * C + c, static_cast<acc_t>(alpha * prior * (1.0 + 2.0 * remine_lambda * s_c)));
+    gpu::store(column_stats + 3 * C + c, static_cast<acc_t>(alpha * prior / count_term));
   }
   const double block_total = gpu_reduce::block_sum(term, scratch);
-  if (threadIdx.x == 0) lader_partials[blockIdx.x] = block_total;
+  if (threadIdx.x == 0) gpu::store(lader_partials + blockIdx.x, block_total);
 }
 
 // One block: loss = ce_weight * PriorCE_sum / N' + alpha * LADER, and N' (int64).
@@ -152,10 +154,10 @@ __global__ void __launch_bounds__(kBlockThreads)
   const double lader = gpu_reduce::sum_in_block(lader_partials, num_column_blocks, scratch);
   if (threadIdx.x == 0) {
     int64_t num_valid = 0;
-    for (int64_t b = 0; b < num_row_blocks; ++b) num_valid += valid_partials[b];
+    for (int64_t b = 0; b < num_row_blocks; ++b) num_valid += gpu::load(valid_partials + b);
     const double ce = ce_partials != nullptr ? ce_weight * ce_total / static_cast<double>(num_valid) : 0.0;
-    *loss = static_cast<acc_t>(ce + alpha * lader);
-    *num_valid_out = num_valid;
+    gpu::store(loss, static_cast<acc_t>(ce + alpha * lader));
+    gpu::store(num_valid_out, num_valid);
   }
 }
 
@@ -170,9 +172,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   const int lane = threadIdx.x % GROUP;
-  const acc_t g = grad_loss[0];
+  const acc_t g = gpu::load(grad_loss);
   const bool with_ce = ce_weight != 0.0;
-  const acc_t ce_coef = with_ce ? g * static_cast<acc_t>(ce_weight) / static_cast<acc_t>(num_valid[0]) : acc_t(0);
+  const acc_t ce_coef = with_ce ? g * static_cast<acc_t>(ce_weight) / static_cast<acc_t>(gpu::load(num_valid)) : acc_t(0);
   // column_stats layout: lade.h (M_c, L_c, sigma coefficient, target coefficient).
   const acc_t* column_max = column_stats;
   const acc_t* column_log_sum = column_stats + C;
@@ -180,25 +182,29 @@ __global__ void __launch_bounds__(kBlockThreads)
   const acc_t* target_coef = column_stats + 3 * C;
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < N;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
+    gpu::mark_row_start();
     scalar_t* out = grad_logits + row * C;
-    const int64_t y = target[row];
+    const int64_t y = gpu::load(target + row);
     if (y == ignore_index) {
-      for (int64_t c = lane; c < C; c += GROUP) out[c] = scalar_t(0);
+      for (int64_t c = lane; c < C; c += GROUP) gpu::store(out + c, scalar_t(0));
       continue;
     }
-    const math::RowLogSumExp<acc_t> stats{row_stats[row], row_stats[N + row]};
+    const math::RowLogSumExp<acc_t> stats{gpu::load(row_stats + row), gpu::load(row_stats + N + row)};
     if (with_ce && math::row_is_nan(stats)) {  // NaN/inf in the row: NaN gradients, as F.cross_entropy
-      for (int64_t c = lane; c < C; c += GROUP) out[c] = static_cast<scalar_t>(stats.log_sum);
+      for (int64_t c = lane; c < C; c += GROUP) gpu::store(out + c, stats.log_sum);
       continue;
     }
     const scalar_t* z_row = logits + row * C;
     for (int64_t c = lane; c < C; c += GROUP) {
-      const acc_t z = static_cast<acc_t>(z_row[c]);
-      const acc_t sigma = math::exp_fn(math::log_softmax_of(z, column_max[c], column_log_sum[c]));
-      acc_t value = g * sigma_coef[c] * sigma;
-      if (with_ce) value += ce_coef * math::softmax_probability(math::adjusted_logit(z, log_prior[c]), stats);
-      if (c == y) value -= ce_coef + g * target_coef[c];
-      out[c] = static_cast<scalar_t>(value);
+      const acc_t z = static_cast<acc_t>(gpu::load(z_row + c));
+      const acc_t sigma =
+          math::exp_fn(math::log_softmax_of(z, gpu::load(column_max + c), gpu::load(column_log_sum + c)));
+      acc_t value = g * gpu::load(sigma_coef + c) * sigma;
+      if (with_ce) {
+        value += ce_coef * math::softmax_probability(math::adjusted_logit(z, gpu::load(log_prior + c)), stats);
+      }
+      if (c == y) value -= ce_coef + g * gpu::load(target_coef + c);
+      gpu::store(out + c, value);
     }
   }
 }

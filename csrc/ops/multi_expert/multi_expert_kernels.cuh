@@ -54,7 +54,7 @@ __device__ __forceinline__ void accumulate(math::SoftmaxState<T>& state, T a) {
 // 1 / T_c, the same arithmetic as the CPU kernel.
 template <typename acc_t>
 __device__ __forceinline__ acc_t inverse_temperature(const KernelParams<acc_t>& p, int64_t c) {
-  return acc_t(1) / (p.temperature ? p.base_temperature * p.temperature[c] : p.base_temperature);
+  return acc_t(1) / (p.temperature ? p.base_temperature * gpu::load(p.temperature + c) : p.base_temperature);
 }
 
 // The tempered logit u = z * (1 / T), rounded once: nvcc contracts a product that feeds a
@@ -78,8 +78,8 @@ __device__ __forceinline__ acc_t tempered_logit(acc_t z, acc_t inv_t) {
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t shifted_tempered_mean(const scalar_t* block, int64_t E, int64_t C, int64_t c,
                                                        acc_t inv_t, acc_t shift) {
-  acc_t total = tempered_logit(static_cast<acc_t>(block[c]), inv_t) - shift;
-  for (int64_t k = 1; k < E; ++k) total += tempered_logit(static_cast<acc_t>(block[k * C + c]), inv_t) - shift;
+  acc_t total = tempered_logit(static_cast<acc_t>(gpu::load(block + c)), inv_t) - shift;
+  for (int64_t k = 1; k < E; ++k) total += tempered_logit(static_cast<acc_t>(gpu::load(block + (k * C + c))), inv_t) - shift;
   return total * (acc_t(1) / static_cast<acc_t>(E));
 }
 
@@ -118,13 +118,14 @@ __global__ void __launch_bounds__(kBlockThreads)
   // Uniform row loop per group (for block groups the group is the block): group_reduce's barriers are safe.
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < N;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
-    const int64_t y = p.target[row];
+    gpu::mark_row_start();
+    const int64_t y = gpu::load(p.target + row);
     if (y == p.ignore_index) {
       for (int64_t e = lane; e < E; e += GROUP) {
-        row_stats[row * E + e] = acc_t(0);
-        row_stats[N * E + row * E + e] = acc_t(0);
+        gpu::store(row_stats + (row * E + e), acc_t(0));
+        gpu::store(row_stats + (N * E + row * E + e), acc_t(0));
       }
-      if (lane == 0) row_loss[row] = acc_t(0);
+      if (lane == 0) gpu::store(row_loss + row, acc_t(0));
       continue;
     }
     CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
@@ -134,19 +135,19 @@ __global__ void __launch_bounds__(kBlockThreads)
       const acc_t* adjustment = p.adjustments + e * C;
       auto state = math::empty_softmax_state<acc_t>();
       for (int64_t c = lane; c < C; c += GROUP) {
-        accumulate(state, math::adjusted_logit(static_cast<acc_t>(z[c]), adjustment[c]));
+        accumulate(state, math::adjusted_logit(static_cast<acc_t>(gpu::load(z + c)), gpu::load(adjustment + c)));
       }
       reduce_state<GROUP>(state, scratch_state, scratch_a, scratch_b);
       if (lane == 0) {
         const math::RowLogSumExp<acc_t> finished = math::finish_row(state);
-        row_stats[row * E + e] = finished.max;
-        row_stats[N * E + row * E + e] = finished.log_sum;
-        const acc_t target_logit = math::adjusted_logit(static_cast<acc_t>(z[y]), adjustment[y]);
+        gpu::store(row_stats + (row * E + e), finished.max);
+        gpu::store(row_stats + (N * E + row * E + e), finished.log_sum);
+        const acc_t target_logit = math::adjusted_logit(static_cast<acc_t>(gpu::load(z + y)), gpu::load(adjustment + y));
         total += finished.log_sum - (target_logit - finished.max);
       }
     }
     if (lane == 0) {
-      row_loss[row] = total;
+      gpu::store(row_loss + row, total);
       group_loss += static_cast<double>(total);
       group_count += 1.0;
     }
@@ -167,30 +168,31 @@ __global__ void __launch_bounds__(kBlockThreads)
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   const int lane = threadIdx.x % GROUP;
   const int64_t E = p.num_experts, C = p.num_classes, N = p.num_rows;
-  const acc_t shared_scale = per_row_grad ? acc_t(0) : grad_loss[0] / denominator[0];
+  const acc_t shared_scale = per_row_grad ? acc_t(0) : gpu::load(grad_loss) / gpu::load(denominator);
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < N;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
+    gpu::mark_row_start();
     scalar_t* g = grad_logits + row * E * C;
-    const int64_t y = p.target[row];
+    const int64_t y = gpu::load(p.target + row);
     if (y == p.ignore_index) {
-      for (int64_t c = lane; c < E * C; c += GROUP) g[c] = scalar_t(0);
+      for (int64_t c = lane; c < E * C; c += GROUP) gpu::store(g + c, scalar_t(0));
       continue;
     }
     CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
-    const acc_t scale = per_row_grad ? grad_loss[row] : shared_scale;
+    const acc_t scale = per_row_grad ? gpu::load(grad_loss + row) : shared_scale;
     for (int64_t e = 0; e < E; ++e) {
-      const math::RowLogSumExp<acc_t> stats{row_stats[row * E + e], row_stats[N * E + row * E + e]};
+      const math::RowLogSumExp<acc_t> stats{gpu::load(row_stats + (row * E + e)), gpu::load(row_stats + (N * E + row * E + e))};
       const scalar_t* z = logits + (row * E + e) * C;
       scalar_t* out = g + e * C;
       const acc_t* adjustment = p.adjustments + e * C;
       if (math::row_is_nan(stats)) {  // NaN/inf in the row: NaN gradients, as F.cross_entropy
-        for (int64_t c = lane; c < C; c += GROUP) out[c] = static_cast<scalar_t>(stats.log_sum);
+        for (int64_t c = lane; c < C; c += GROUP) gpu::store(out + c, stats.log_sum);
         continue;
       }
       for (int64_t c = lane; c < C; c += GROUP) {
         const acc_t prob =
-            math::softmax_probability(math::adjusted_logit(static_cast<acc_t>(z[c]), adjustment[c]), stats);
-        out[c] = static_cast<scalar_t>(c == y ? scale * prob - scale : scale * prob);
+            math::softmax_probability(math::adjusted_logit(static_cast<acc_t>(gpu::load(z + c)), gpu::load(adjustment + c)), stats);
+        gpu::store(out + c, c == y ? scale * prob - scale : scale * prob);
       }
     }
   }
@@ -217,17 +219,18 @@ __global__ void __launch_bounds__(kBlockThreads)
   acc_t* log_sum_out = row_stats + N * S;
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < N;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
-    const int64_t y = p.target[row];
+    gpu::mark_row_start();
+    const int64_t y = gpu::load(p.target + row);
     if (y == p.ignore_index) {
       for (int64_t j = lane; j < S; j += GROUP) {
-        max_out[row * S + j] = acc_t(0);
-        log_sum_out[row * S + j] = acc_t(0);
+        gpu::store(max_out + (row * S + j), acc_t(0));
+        gpu::store(log_sum_out + (row * S + j), acc_t(0));
       }
       continue;
     }
     CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
     const scalar_t* block = logits + row * E * C;
-    const acc_t margin = p.target_margin ? p.target_margin[y] : acc_t(0);
+    const acc_t margin = p.target_margin ? gpu::load(p.target_margin + y) : acc_t(0);
     double ce = 0.0, kl = 0.0, tempered_max_sum = 0.0;
     // shift: the largest tempered row max (every thread has it: the reduced states are everyone's).
     acc_t shift = math::negative_infinity<acc_t>();
@@ -236,7 +239,7 @@ __global__ void __launch_bounds__(kBlockThreads)
       auto ce_state = math::empty_softmax_state<acc_t>();
       auto t_state = math::empty_softmax_state<acc_t>();
       for (int64_t c = lane; c < C; c += GROUP) {
-        const acc_t value = static_cast<acc_t>(z[c]);
+        const acc_t value = static_cast<acc_t>(gpu::load(z + c));
         accumulate(ce_state, c == y ? value - margin : value);
         accumulate(t_state, tempered_logit(value, inverse_temperature(p, c)));
       }
@@ -246,11 +249,11 @@ __global__ void __launch_bounds__(kBlockThreads)
       shift = nan_propagating_max(shift, finished_t.max);
       if (lane == 0) {
         const math::RowLogSumExp<acc_t> finished_ce = math::finish_row(ce_state);
-        max_out[row * S + k] = finished_ce.max;
-        log_sum_out[row * S + k] = finished_ce.log_sum;
-        max_out[row * S + E + k] = finished_t.max;
-        log_sum_out[row * S + E + k] = finished_t.log_sum;
-        const acc_t target_logit = static_cast<acc_t>(z[y]) - margin;
+        gpu::store(max_out + (row * S + k), finished_ce.max);
+        gpu::store(log_sum_out + (row * S + k), finished_ce.log_sum);
+        gpu::store(max_out + (row * S + E + k), finished_t.max);
+        gpu::store(log_sum_out + (row * S + E + k), finished_t.log_sum);
+        const acc_t target_logit = static_cast<acc_t>(gpu::load(z + y)) - margin;
         ce += static_cast<double>(finished_ce.log_sum - (target_logit - finished_ce.max));
         // Kept apart from the log-sums: E float32 maxes and E s add up exactly in float64.
         tempered_max_sum += static_cast<double>(finished_t.max);
@@ -264,14 +267,14 @@ __global__ void __launch_bounds__(kBlockThreads)
     reduce_state<GROUP>(bar_state, scratch_state, scratch_a, scratch_b);
     if (lane == 0) {
       const math::RowLogSumExp<acc_t> finished_bar = math::finish_row(bar_state);
-      max_out[row * S + 2 * E] = finished_bar.max;
-      log_sum_out[row * S + 2 * E] = finished_bar.log_sum;
+      gpu::store(max_out + (row * S + 2 * E), finished_bar.max);
+      gpu::store(log_sum_out + (row * S + 2 * E), finished_bar.log_sum);
       // sum_k KL(pbar || p_k) = sum_k lse(z_k / T) - E lse(zbar / T) (multi_expert.h), with
       // lse(zbar / T) = s + m_w + log_sum_w: sum_k (m_k + log_sum_k) - E s is formed first, in float64.
       kl += tempered_max_sum - static_cast<double>(E) * static_cast<double>(shift);
       kl -= static_cast<double>(E) *
             (static_cast<double>(finished_bar.max) + static_cast<double>(finished_bar.log_sum));
-      const double w = p.weight ? static_cast<double>(p.weight[y]) : 1.0;
+      const double w = p.weight ? static_cast<double>(gpu::load(p.weight + y)) : 1.0;
       group_ce += w * ce;
       group_weight += w;
       group_kl += kl;
@@ -295,14 +298,14 @@ __global__ void __launch_bounds__(kBlockThreads)
   const double count = gpu_reduce::sum_in_block(partials + 3 * num_blocks, num_blocks, scratch);
   double temperature = 0.0;
   for (int64_t c = threadIdx.x; c < p.num_classes; c += kBlockThreads) {
-    temperature += static_cast<double>(p.temperature ? p.base_temperature * p.temperature[c] : p.base_temperature);
+    temperature += static_cast<double>(p.temperature ? p.base_temperature * gpu::load(p.temperature + c) : p.base_temperature);
   }
   const double mean_temperature = gpu_reduce::block_sum(temperature, scratch) / static_cast<double>(p.num_classes);
   if (threadIdx.x == 0) {
-    *loss = static_cast<acc_t>(ce / weight + p.diversity_factor * mean_temperature * mean_temperature * kl / count);
-    denominators[0] = static_cast<acc_t>(weight);
-    denominators[1] = static_cast<acc_t>(count);
-    denominators[2] = static_cast<acc_t>(mean_temperature);
+    gpu::store(loss, ce / weight + p.diversity_factor * mean_temperature * mean_temperature * kl / count);
+    gpu::store(denominators, static_cast<acc_t>(weight));
+    gpu::store(denominators + 1, static_cast<acc_t>(count));
+    gpu::store(denominators + 2, static_cast<acc_t>(mean_temperature));
   }
 }
 
@@ -319,44 +322,48 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int64_t E = p.num_experts, C = p.num_classes, N = p.num_rows, S = 2 * E + 1;
   const acc_t* max_in = row_stats;
   const acc_t* log_sum_in = row_stats + N * S;
-  const double g = static_cast<double>(grad_loss[0]);
-  const double mean_temperature = static_cast<double>(denominators[2]);
+  const double g = static_cast<double>(gpu::load(grad_loss));
+  const double mean_temperature = static_cast<double>(gpu::load(denominators + 2));
   const acc_t kl_scale = static_cast<acc_t>(g * p.diversity_factor * mean_temperature * mean_temperature /
-                                            static_cast<double>(denominators[1]));
-  const double ce_scale = g / static_cast<double>(denominators[0]);
+                                            static_cast<double>(gpu::load(denominators + 1)));
+  const double ce_scale = g / static_cast<double>(gpu::load(denominators));
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < N;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
+    gpu::mark_row_start();
     scalar_t* out = grad_logits + row * E * C;
-    const int64_t y = p.target[row];
+    const int64_t y = gpu::load(p.target + row);
     if (y == p.ignore_index) {
-      for (int64_t c = lane; c < E * C; c += GROUP) out[c] = scalar_t(0);
+      for (int64_t c = lane; c < E * C; c += GROUP) gpu::store(out + c, scalar_t(0));
       continue;
     }
     CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
     bool nan_row = false;
-    for (int64_t j = 0; j < S; ++j) nan_row = nan_row || !(log_sum_in[row * S + j] == log_sum_in[row * S + j]);
+    for (int64_t j = 0; j < S; ++j) {
+      const acc_t log_sum = gpu::load(log_sum_in + (row * S + j));
+      nan_row = nan_row || log_sum != log_sum;
+    }
     if (nan_row) {  // NaN/inf in the sample's logits: NaN gradients
-      for (int64_t c = lane; c < E * C; c += GROUP) out[c] = static_cast<scalar_t>(NAN);
+      for (int64_t c = lane; c < E * C; c += GROUP) gpu::store(out + c, NAN);
       continue;
     }
-    const acc_t ce_coef = static_cast<acc_t>(ce_scale * (p.weight ? static_cast<double>(p.weight[y]) : 1.0));
-    const acc_t margin = p.target_margin ? p.target_margin[y] : acc_t(0);
-    const math::RowLogSumExp<acc_t> bar{max_in[row * S + 2 * E], log_sum_in[row * S + 2 * E]};
+    const acc_t ce_coef = static_cast<acc_t>(ce_scale * (p.weight ? static_cast<double>(gpu::load(p.weight + y)) : 1.0));
+    const acc_t margin = p.target_margin ? gpu::load(p.target_margin + y) : acc_t(0);
+    const math::RowLogSumExp<acc_t> bar{gpu::load(max_in + (row * S + 2 * E)), gpu::load(log_sum_in + (row * S + 2 * E))};
     acc_t shift = math::negative_infinity<acc_t>();
-    for (int64_t k = 0; k < E; ++k) shift = nan_propagating_max(shift, max_in[row * S + E + k]);
+    for (int64_t k = 0; k < E; ++k) shift = nan_propagating_max(shift, gpu::load(max_in + (row * S + E + k)));
     const scalar_t* block = logits + row * E * C;
     for (int64_t c = lane; c < C; c += GROUP) {
       const acc_t inv_t = inverse_temperature(p, c);
       const acc_t pbar =
           math::softmax_probability(shifted_tempered_mean<scalar_t, acc_t>(block, E, C, c, inv_t, shift), bar);
       for (int64_t k = 0; k < E; ++k) {
-        const acc_t z = static_cast<acc_t>(block[k * C + c]);
-        const math::RowLogSumExp<acc_t> ce_stats{max_in[row * S + k], log_sum_in[row * S + k]};
-        const math::RowLogSumExp<acc_t> t_stats{max_in[row * S + E + k], log_sum_in[row * S + E + k]};
+        const acc_t z = static_cast<acc_t>(gpu::load(block + (k * C + c)));
+        const math::RowLogSumExp<acc_t> ce_stats{gpu::load(max_in + (row * S + k)), gpu::load(log_sum_in + (row * S + k))};
+        const math::RowLogSumExp<acc_t> t_stats{gpu::load(max_in + (row * S + E + k)), gpu::load(log_sum_in + (row * S + E + k))};
         const acc_t q = math::softmax_probability(c == y ? z - margin : z, ce_stats);
         const acc_t prob = math::softmax_probability(tempered_logit(z, inv_t), t_stats);
         const acc_t ce_grad = c == y ? ce_coef * (q - acc_t(1)) : ce_coef * q;
-        out[k * C + c] = static_cast<scalar_t>(ce_grad + kl_scale * inv_t * (prob - pbar));
+        gpu::store(out + (k * C + c), ce_grad + kl_scale * inv_t * (prob - pbar));
       }
     }
   }

@@ -19,8 +19,10 @@ __global__ void class_aware_kernel(const int64_t* __restrict__ offsets, const in
                                    int64_t* __restrict__ out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= count) return;
-  out[i] = sampling::class_aware_index(offsets, members, num_classes, class_key, member_key, epoch, groups_per_epoch,
-                                       start + static_cast<uint64_t>(i), per_class);
+  // The gathers inside sampling:: (shared with the CPU kernels) are not traced; the emulator's
+  // traffic count covers this store only.
+  gpu::store(out + i, sampling::class_aware_index(offsets, members, num_classes, class_key, member_key, epoch,
+                                                  groups_per_epoch, start + static_cast<uint64_t>(i), per_class));
 }
 
 __global__ void weighted_kernel(const double* __restrict__ cdf, const int64_t* __restrict__ offsets,
@@ -28,7 +30,8 @@ __global__ void weighted_kernel(const double* __restrict__ cdf, const int64_t* _
                                 uint64_t first, int64_t count, int64_t* __restrict__ out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= count) return;
-  out[i] = sampling::weighted_class_index(cdf, offsets, members, num_classes, key, first + static_cast<uint64_t>(i));
+  gpu::store(out + i,
+             sampling::weighted_class_index(cdf, offsets, members, num_classes, key, first + static_cast<uint64_t>(i)));
 }
 
 // ------------------------------------------------------------------------------ launch plan

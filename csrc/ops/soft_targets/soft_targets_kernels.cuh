@@ -50,28 +50,28 @@ struct MixedParams {
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t mix_of(const MixedParams<acc_t>& p, int64_t row) {
-  return p.mix ? p.mix[row * p.mix_stride] : p.mix_scalar;
+  return p.mix ? gpu::load(p.mix + (row * p.mix_stride)) : p.mix_scalar;
 }
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t adjusted_at(const scalar_t* row, const MixedParams<acc_t>& p, int64_t c) {
-  const acc_t z = static_cast<acc_t>(row[c]);
-  return p.adjustment ? math::adjusted_logit(z, p.adjustment[c]) : z;
+  const acc_t z = static_cast<acc_t>(gpu::load(row + c));
+  return p.adjustment ? math::adjusted_logit(z, gpu::load(p.adjustment + c)) : z;
 }
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ math::TargetTerm<acc_t> term_of(const scalar_t* row, const MixedParams<acc_t>& p,
                                                            int64_t y) {
   const acc_t a = adjusted_at(row, p, y);
-  return {p.target_margin ? a - p.target_margin[y] : a, p.weight ? p.weight[y] : acc_t(1),
-          p.class_smoothing ? p.class_smoothing[y] : p.smoothing};
+  return {p.target_margin ? a - gpu::load(p.target_margin + y) : a, p.weight ? gpu::load(p.weight + y) : acc_t(1),
+          p.class_smoothing ? gpu::load(p.class_smoothing + y) : p.smoothing};
 }
 
 // Sum of the [C] weights over the row group (the smoothing term's W), every thread gets it.
 template <int GROUP, typename acc_t, typename Scratch>
 __device__ __forceinline__ acc_t class_weight_total(const MixedParams<acc_t>& p, int lane, Scratch& scratch) {
   acc_t total = acc_t(0);
-  for (int64_t c = lane; c < p.num_classes; c += GROUP) total += p.weight[c];
+  for (int64_t c = lane; c < p.num_classes; c += GROUP) total += gpu::load(p.weight + c);
   return gpu_reduce::group_sum<GROUP>(total, scratch);
 }
 
@@ -97,14 +97,15 @@ __global__ void __launch_bounds__(kBlockThreads)
   // Uniform trip count per group (see cross_entropy_kernels.cuh): the barriers in group_reduce are safe.
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < p.num_rows;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
-    const int64_t ya = p.target_a[row];
-    const int64_t yb = p.target_b ? p.target_b[row] : p.ignore_index;
+    gpu::mark_row_start();
+    const int64_t ya = gpu::load(p.target_a + row);
+    const int64_t yb = p.target_b ? gpu::load(p.target_b + row) : p.ignore_index;
     const bool active_a = ya != p.ignore_index, active_b = yb != p.ignore_index;
     if (!active_a && !active_b) {
       if (lane == 0) {
-        if (row_loss) row_loss[row] = acc_t(0);
-        row_stats[row] = acc_t(0);
-        row_stats[p.num_rows + row] = acc_t(0);
+        if (row_loss) gpu::store(row_loss + row, acc_t(0));
+        gpu::store(row_stats + row, acc_t(0));
+        gpu::store(row_stats + (p.num_rows + row), acc_t(0));
       }
       continue;
     }
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(kBlockThreads)
         for (int k = 0; k < kUnroll; ++k) {
           const int64_t c = base + int64_t(k) * GROUP;
           if (c < C) {
-            const acc_t w = p.weight ? p.weight[c] : acc_t(1);
+            const acc_t w = p.weight ? gpu::load(p.weight + c) : acc_t(1);
             offset_sum += w * (a[k] - ref_logit);
             weight_sum += w;
           }
@@ -163,9 +164,9 @@ __global__ void __launch_bounds__(kBlockThreads)
         loss_b_sum += static_cast<double>(loss_b);
         weight_b_sum += static_cast<double>(term.weight);
       }
-      row_stats[row] = finished.max;
-      row_stats[p.num_rows + row] = finished.log_sum;
-      if (row_loss) row_loss[row] = loss_a + loss_b;
+      gpu::store(row_stats + row, finished.max);
+      gpu::store(row_stats + (p.num_rows + row), finished.log_sum);
+      if (row_loss) gpu::store(row_loss + row, loss_a + loss_b);
     }
   }
   if (partials != nullptr) {
@@ -189,9 +190,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (threadIdx.x == 0) {
     const double denom_a = mean ? weight_a : 1.0;
     const double denom_b = (mean && has_target_b) ? weight_b : 1.0;
-    *loss = static_cast<acc_t>(sum_a / denom_a + (has_target_b ? sum_b / denom_b : 0.0));
-    denominators[0] = static_cast<acc_t>(denom_a);
-    denominators[1] = static_cast<acc_t>(denom_b);
+    gpu::store(loss, sum_a / denom_a + (has_target_b ? sum_b / denom_b : 0.0));
+    gpu::store(denominators, static_cast<acc_t>(denom_a));
+    gpu::store(denominators + 1, static_cast<acc_t>(denom_b));
   }
 }
 
@@ -208,32 +209,33 @@ __global__ void __launch_bounds__(kBlockThreads)
   const int lane = threadIdx.x % GROUP;
   const int64_t C = p.num_classes;
   const bool sum_weights = p.any_smoothing && p.weight != nullptr;
-  const acc_t shared_a = per_row_grad ? acc_t(0) : grad_loss[0] / denominators[0];
-  const acc_t shared_b = per_row_grad ? acc_t(0) : grad_loss[0] / denominators[1];
+  const acc_t shared_a = per_row_grad ? acc_t(0) : gpu::load(grad_loss) / gpu::load(denominators);
+  const acc_t shared_b = per_row_grad ? acc_t(0) : gpu::load(grad_loss) / gpu::load(denominators + 1);
 
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < p.num_rows;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
+    gpu::mark_row_start();
     scalar_t* g = grad_logits + row * C;
-    const int64_t ya = p.target_a[row];
-    const int64_t yb = p.target_b ? p.target_b[row] : p.ignore_index;
+    const int64_t ya = gpu::load(p.target_a + row);
+    const int64_t yb = p.target_b ? gpu::load(p.target_b + row) : p.ignore_index;
     const bool active_a = ya != p.ignore_index, active_b = yb != p.ignore_index;
     if (!active_a && !active_b) {
-      for (int64_t c = lane; c < C; c += GROUP) g[c] = scalar_t(0);
+      for (int64_t c = lane; c < C; c += GROUP) gpu::store(g + c, scalar_t(0));
       continue;
     }
     CUDA_KERNEL_ASSERT((!active_a || (ya >= 0 && ya < C)) && "ltfast: target out of range [0, C) and not ignore_index");
     CUDA_KERNEL_ASSERT((!active_b || (yb >= 0 && yb < C)) &&
                        "ltfast: target_b out of range [0, C) and not ignore_index");
-    const math::RowLogSumExp<acc_t> stats{row_stats[row], row_stats[p.num_rows + row]};
+    const math::RowLogSumExp<acc_t> stats{gpu::load(row_stats + row), gpu::load(row_stats + (p.num_rows + row))};
     if (math::row_is_nan(stats)) {  // row-uniform branch, as in the hard-target kernel
-      for (int64_t c = lane; c < C; c += GROUP) g[c] = static_cast<scalar_t>(stats.log_sum);
+      for (int64_t c = lane; c < C; c += GROUP) gpu::store(g + c, stats.log_sum);
       continue;
     }
     const scalar_t* z = logits + row * C;
     auto cfg = p.cfg;
     if (sum_weights) cfg.total_weight = class_weight_total<GROUP>(p, lane, scratch_sum);
     const acc_t lam = mix_of(p, row);
-    const acc_t upstream = per_row_grad ? grad_loss[row] : acc_t(1);
+    const acc_t upstream = per_row_grad ? gpu::load(grad_loss + row) : acc_t(1);
     math::RowGradientCoefficients<acc_t> coef_a{0, 0, 0}, coef_b{0, 0, 0};
     math::TargetTerm<acc_t> term_a{0, 0, 0}, term_b{0, 0, 0};
     if (active_a) {
@@ -259,10 +261,10 @@ __global__ void __launch_bounds__(kBlockThreads)
         const int64_t c = base + int64_t(k) * GROUP;
         if (c < C) {
           acc_t grad = math::element_gradient(math::softmax_probability(a[k], stats), prob_coef, class_coef,
-                                              p.weight ? p.weight[c] : acc_t(1));
+                                              p.weight ? gpu::load(p.weight + c) : acc_t(1));
           if (active_a && c == ya) grad -= coef_a.target_coef;
           if (active_b && c == yb) grad -= coef_b.target_coef;
-          g[c] = static_cast<scalar_t>(grad);
+          gpu::store(g + c, grad);
         }
       }
     }
@@ -368,6 +370,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < p.num_rows;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
+    gpu::mark_row_start();
     const scalar_t* z = logits + row * C;
     const target_t* t = target + row * C;
     auto state = math::empty_probability_state<acc_t>();
@@ -377,9 +380,9 @@ __global__ void __launch_bounds__(kBlockThreads)
       for (int k = 0; k < kUnroll; ++k) {
         const int64_t c = base + int64_t(k) * GROUP;
         if (c < C) {
-          const acc_t zc = static_cast<acc_t>(z[c]);
-          a[k] = p.adjustment ? math::adjusted_logit(zc, p.adjustment[c]) : zc;
-          wq[k] = math::weighted_probability(static_cast<acc_t>(t[c]), p.weight ? p.weight[c] : acc_t(1),
+          const acc_t zc = static_cast<acc_t>(gpu::load(z + c));
+          a[k] = p.adjustment ? math::adjusted_logit(zc, gpu::load(p.adjustment + c)) : zc;
+          wq[k] = math::weighted_probability(static_cast<acc_t>(gpu::load(t + c)), p.weight ? gpu::load(p.weight + c) : acc_t(1),
                                              p.one_minus_eps, p.eps_over_c);
         } else {
           a[k] = math::negative_infinity<acc_t>();
@@ -404,10 +407,10 @@ __global__ void __launch_bounds__(kBlockThreads)
     if (lane == 0) {
       const auto finished = math::finish_row(math::SoftmaxState<acc_t>{state.max, state.sum});
       const acc_t loss = math::probability_row_loss(finished, state.mass, state.offset);
-      row_stats[row] = finished.max;
-      row_stats[p.num_rows + row] = finished.log_sum;
-      row_stats[2 * p.num_rows + row] = state.mass;
-      row_loss[row] = loss;
+      gpu::store(row_stats + row, finished.max);
+      gpu::store(row_stats + (p.num_rows + row), finished.log_sum);
+      gpu::store(row_stats + (2 * p.num_rows + row), state.mass);
+      gpu::store(row_loss + row, loss);
       group_loss += static_cast<double>(loss);
       group_rows += 1.0;
     }
@@ -429,26 +432,27 @@ __global__ void __launch_bounds__(kBlockThreads)
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   const int lane = threadIdx.x % GROUP;
   const int64_t C = p.num_classes;
-  const acc_t shared_scale = per_row_grad ? acc_t(0) : grad_loss[0] / denominator[0];
+  const acc_t shared_scale = per_row_grad ? acc_t(0) : gpu::load(grad_loss) / gpu::load(denominator);
 
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < p.num_rows;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
+    gpu::mark_row_start();
     scalar_t* g = grad_logits + row * C;
-    const math::RowLogSumExp<acc_t> stats{row_stats[row], row_stats[p.num_rows + row]};
+    const math::RowLogSumExp<acc_t> stats{gpu::load(row_stats + row), gpu::load(row_stats + (p.num_rows + row))};
     if (math::row_is_nan(stats)) {
-      for (int64_t c = lane; c < C; c += GROUP) g[c] = static_cast<scalar_t>(stats.log_sum);
+      for (int64_t c = lane; c < C; c += GROUP) gpu::store(g + c, stats.log_sum);
       continue;
     }
     const scalar_t* z = logits + row * C;
     const target_t* t = target + row * C;
-    const acc_t scale = per_row_grad ? grad_loss[row] : shared_scale;
-    const acc_t mass_scale = scale * row_stats[2 * p.num_rows + row];
+    const acc_t scale = per_row_grad ? gpu::load(grad_loss + row) : shared_scale;
+    const acc_t mass_scale = scale * gpu::load(row_stats + (2 * p.num_rows + row));
     for (int64_t c = lane; c < C; c += GROUP) {
-      const acc_t zc = static_cast<acc_t>(z[c]);
-      const acc_t a = p.adjustment ? math::adjusted_logit(zc, p.adjustment[c]) : zc;
-      const acc_t wq = math::weighted_probability(static_cast<acc_t>(t[c]), p.weight ? p.weight[c] : acc_t(1),
+      const acc_t zc = static_cast<acc_t>(gpu::load(z + c));
+      const acc_t a = p.adjustment ? math::adjusted_logit(zc, gpu::load(p.adjustment + c)) : zc;
+      const acc_t wq = math::weighted_probability(static_cast<acc_t>(gpu::load(t + c)), p.weight ? gpu::load(p.weight + c) : acc_t(1),
                                                   p.one_minus_eps, p.eps_over_c);
-      g[c] = static_cast<scalar_t>(math::softmax_probability(a, stats) * mass_scale - wq * scale);
+      gpu::store(g + c, math::softmax_probability(a, stats) * mass_scale - wq * scale);
     }
   }
 }

@@ -1,0 +1,144 @@
+"""Global-memory traffic of the CUDA kernels, counted by the SIMT emulator (no GPU needed): the
+bytes each kernel moves equal benchmarks/traffic_model.py's, the launches per call are the plan's,
+and the [N, C] streams are read and written with full sectors (benchmarks/memory_model.py).
+
+The emulator's counting itself is checked first on access patterns whose sector efficiency is known
+(csrc/simt/selftest_kernels.cpp)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import memory_model  # noqa: E402
+import simt_support  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _emulator():
+    try:
+        simt_support.load()
+    except Exception as error:  # the simt tests of the other files report the same cause
+        pytest.skip(f"SIMT emulator unavailable: {error}")
+
+
+def _selftest_trace(name, blocks=2, threads=64):
+    out, launches = memory_model.traced(lambda: torch.ops.ltfast_simt.selftest(name, blocks, threads))
+    assert len(launches) == 1
+    return out, launches[0]
+
+
+@pytest.mark.parametrize("name, efficiency, width, written", [
+    ("coalesced_store", 1.0, 8, 2 * 64 * 8),   # 32 lanes x 8 contiguous bytes: 8 sectors per request
+    ("strided_store", 0.5, 8, 2 * 32 * 8),     # every other 8-byte element: half of each sector unused
+    ("vector_store", 1.0, 16, 2 * 64 * 8),     # 32 lanes x 16 contiguous bytes: 16 sectors per request
+])
+def test_sector_efficiency_of_known_patterns(name, efficiency, width, written):
+    _, launch = _selftest_trace(name)
+    (site,) = launch.sites
+    assert site.write and site.widest == width
+    assert site.efficiency == pytest.approx(efficiency)
+    assert launch.bytes_written == written and launch.bytes_read == 0
+    # one request per warp that stores (2 blocks x 2 warps; strided/vector: only the first warp)
+    assert site.requests == (4 if name == "coalesced_store" else 2)
+
+
+def test_misaligned_vector_access_is_reported():
+    with pytest.raises(RuntimeError, match="16-byte vector access at .*selftest_kernels.cpp:\\d+ is misaligned"):
+        _selftest_trace("misaligned_vector")
+
+
+def test_trace_is_off_outside_start_and_stop():
+    torch.ops.ltfast_simt.selftest("coalesced_store", 1, 32)
+    assert memory_model.traced(lambda: None)[1] == []
+
+
+# Kernels whose [N, C] streams are vectorised (16-byte accesses, per-row alignment peel): sector
+# efficiency >= 0.9 on those streams, at odd C and any row alignment.
+VECTORISED = {"cross_entropy forward_rows_kernel", "cross_entropy backward_rows_kernel",
+              "equalization forward_rows_kernel", "equalization backward_rows_kernel"}
+# Rows of C <= 32 classes (8-lane groups, 4 rows per warp request): a 40-byte bf16 row spans 2-3
+# sectors whatever its accesses, so per-row vectors reach ~0.4 (measured 0.42-0.48 at 256 x 20);
+# this needs a flat [N * C] tiling, not done yet. Floor: today's value.
+SMALL_ROWS_FLOOR = 0.38
+# The kernels not vectorised yet (issue 20, section 2) load one 2-byte element per thread, strided by
+# the row group: a warp request of 64 bytes spans 3 sectors at most row alignments. Floors: their
+# measured [N, C]-stream efficiency at the quick shapes (benchmarks/memory_model.py --quick), less
+# 0.02; they are to become >= 0.9 when vectorised.
+SCALAR_FLOORS = {
+    "lade column_partials_kernel": 0.67,
+    "lade backward_kernel": 0.67,
+    "soft_targets mixed_forward_kernel": 0.63,
+    "soft_targets mixed_backward_kernel": 0.65,
+    "soft_targets probability_forward_kernel": 0.67,
+    "soft_targets probability_backward_kernel": 0.67,
+    "multi_expert diverse_forward_kernel": 0.67,
+    "multi_expert diverse_backward_kernel": 0.67,
+    "multi_expert ride_forward_kernel": 0.67,
+    "multi_expert ride_backward_kernel": 0.67,
+}
+
+CASES = memory_model.cases(quick=True)
+
+
+@pytest.fixture(scope="module")
+def records():
+    out = {}
+    for case in CASES:
+        out[case.label] = memory_model.measure(case)
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
+def test_counted_bytes_equal_the_model(records, case):
+    for r in records[case.label]:
+        assert r["bytes_model"] is not None, f"{case.label}: {r['kernel']} is not in traffic_model.kernel_model"
+        assert r["launches"] == r["launches_model"], (case.label, r["kernel"])
+        assert r["bytes_read"] == pytest.approx(r["bytes_read_model"], rel=0.02), (case.label, r["kernel"], "read")
+        assert r["bytes_written"] == pytest.approx(r["bytes_written_model"], rel=0.02), (case.label, r["kernel"],
+                                                                                          "written")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
+def test_sector_efficiency_of_the_row_streams(records, case):
+    streams = [r for r in records[case.label] if r["sector_efficiency"] is not None]
+    assert streams, f"{case.label}: no kernel reads the logits"
+    for r in streams:
+        if r["kernel"] in VECTORISED:
+            floor = 0.9 if case.shape[-1] > 32 else SMALL_ROWS_FLOOR
+            assert r["sector_efficiency"] >= floor, (case.label, r["kernel"], r["sector_efficiency"])
+            assert r["max_access_bytes"] == 16, (case.label, r["kernel"], r["max_access_bytes"])
+        else:
+            assert r["sector_efficiency"] >= SCALAR_FLOORS[r["kernel"]], (case.label, r["kernel"],
+                                                                          r["sector_efficiency"])
+
+
+@pytest.mark.parametrize("offset", [1, 3, 5])
+def test_vector_body_at_any_row_alignment(offset):
+    """A logits view whose rows start 2, 6 or 10 bytes past a 16-byte boundary (a storage offset) with
+    odd C: the per-row peel keeps 16-byte loads, the gradient (a fresh tensor, aligned otherwise than
+    the logits) falls back to element stores, and the values match the aligned call."""
+    gen = torch.Generator().manual_seed(offset)
+    N, C = 6, 1001
+    base = torch.randn(N * C + offset, generator=gen).to(torch.bfloat16)
+    logits = base[offset:].view(N, C).requires_grad_()
+    target = torch.randint(0, C, (N,), generator=gen)
+    log_prior = torch.log_softmax(torch.randn(C, generator=gen), 0)
+    with simt_support.emulate_cuda_kernels():
+        loss, fwd = memory_model.traced(lambda: torch.ops.ltfast.balanced_softmax(logits, target, log_prior))
+        _, bwd = memory_model.traced(lambda: loss.backward())
+        aligned = logits.detach().clone().requires_grad_()
+        expected = torch.ops.ltfast.balanced_softmax(aligned, target, log_prior)
+        expected.backward()
+    assert torch.equal(loss, expected) and torch.equal(logits.grad, aligned.grad)
+    begin, end = logits.data_ptr(), logits.data_ptr() + logits.numel() * 2
+    (rows,) = [launch for launch in fwd if launch.kernel == "cross_entropy forward_rows_kernel"]
+    reads = memory_model.stream_sites(rows, [(begin, end)])
+    assert max(s.widest for s in reads) == 16
+    assert sum(s.bytes for s in reads) / (32 * sum(s.sectors for s in reads)) >= 0.9
+    (backward,) = [launch for launch in bwd if launch.kernel == "cross_entropy backward_rows_kernel"]
+    assert max(s.widest for s in memory_model.stream_sites(backward, [(begin, end)])) == 16
