@@ -204,7 +204,7 @@ class Recorder:
             return self.emit(dict(check=check, seconds=0.0, note="budget exhausted", **{"pass": None}))
         try:
             fn(self, check, start, *args)
-        except Exception as e:  # noqa: BLE001: reported as a failed check, the next ones still run
+        except Exception as e:  # noqa: BLE001 - reported as a failed check, the next ones still run
             traceback.print_exc()
             self.emit(dict(check=check, seconds=round(time.monotonic() - start, 3),
                            note=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300],
@@ -261,7 +261,7 @@ def op_parity(rec: Recorder, check, start, op, N, C, dtype, cpu_rows):
                  "reference_f64", "loss")
     else:
         x64 = x.double()
-        ref_loss, ref_grad = loss_and_grad(lambda t: case.ref(t, y, "mean", grad), x64)
+        ref_loss, ref_grad = loss_and_grad(lambda t, ours_grad=grad: case.ref(t, y, "mean", ours_grad), x64)
         rec.compare(check, op, loss, ref_loss, dtype, "reference_f64", "loss", start, shape=[N, C])
         rec.compare(check, op, grad, ref_grad, dtype, "reference_f64", "grad", start, shape=[N, C], scale_atol=True)
         del x64, ref_loss, ref_grad

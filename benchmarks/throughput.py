@@ -222,7 +222,7 @@ def loss_suite(args) -> list[Record]:
                  if name in MODEL_OP else None)
         for mode in ("fwd", "fwd_bwd"):
             x = logits.detach().clone().requires_grad_(mode == "fwd_bwd")
-            calls = loss_calls(impls, x, lambda fn, x: fn(x, target), mode)
+            calls = loss_calls(impls, x, lambda fn, x, target=target: fn(x, target), mode)
             with SingleThread(single):
                 # warm-up 3: torch.compile compiles on the first calls
                 times = measure_interleaved(calls, device, args.min_time, args.max_reps, warmup=3)

@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     evaluation = record("eval", _timed(device, forward, steps, warmup), steps * 2 * batch)
     model.train()
 
-    dali = dali_step = None
+    dali_step = None
     if not args.no_dali:
         try:
             from ltfast.data import make_sampler, read_list_file
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
                         pass
                     return seconds
                 extra = {"dali_threads": threads, "decoder": loader.decoder_device, "jpegs": source}
-                dali = record("dali", run(False), steps * batch, **extra)
+                record("dali", run(False), steps * batch, **extra)
                 dali_step = record("dali+step", run(True), steps * batch, **extra)
         except Exception as error:  # noqa: BLE001 - the synthetic numbers still stand
             print(f"DALI measurement failed: {type(error).__name__}: {error}", flush=True)

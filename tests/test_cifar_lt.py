@@ -326,7 +326,7 @@ def test_cli_prints_the_counts(cifar10, capsys):
     assert "12406 training images" in printed and "5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50" in printed
 
 
-# ------------------------------------------------------------------ ResNet-32 (ltfast.train.resnet_cifar)
+# ------------------------------------------------------------------ ResNet-32 (ltfast.train.models.resnet_cifar)
 class _LdamLambdaLayer(torch.nn.Module):
     def __init__(self, lambd):
         super().__init__()
@@ -428,7 +428,7 @@ def one_thread():
 
 @pytest.mark.parametrize("num_classes,use_norm", [(10, False), (100, False), (10, True)])
 def test_resnet32_matches_ldam_drw(num_classes, use_norm, one_thread):
-    from ltfast.train.resnet_cifar import resnet32
+    from ltfast.train.models.resnet_cifar import resnet32
     torch.manual_seed(0)
     ours = resnet32(num_classes, use_norm=use_norm)
     torch.manual_seed(0)
@@ -461,7 +461,7 @@ def test_resnet32_matches_ldam_drw(num_classes, use_norm, one_thread):
 
 
 def test_resnet_cifar_depths_and_errors(one_thread):
-    from ltfast.train.resnet_cifar import resnet_cifar
+    from ltfast.train.models.resnet_cifar import resnet_cifar
     assert len(resnet_cifar(20).layer1) == 3 and len(resnet_cifar(56).layer3) == 9
     assert resnet_cifar(32, 7, in_channels=1)(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
     with pytest.raises(ValueError, match="depth must be 6n \\+ 2"):

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 
-import ltfast
 from ltfast.compat import ensemble, survey
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

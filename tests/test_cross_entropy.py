@@ -438,8 +438,11 @@ def test_cuda_no_host_sync_and_graph_capture():
                                                            denom, "mean", IGNORE)
     static_x.copy_(torch.randn_like(static_x))
     graph.replay()
-    expected = F.cross_entropy(static_x + prior, target, ignore_index=IGNORE)
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    replayed_x = static_x.detach().clone().requires_grad_()
+    expected = F.cross_entropy(replayed_x + prior, target, ignore_index=IGNORE)
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-5)
+    expected.backward()   # the captured backward replayed on the new logits too
+    torch.testing.assert_close(grad, replayed_x.grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.cuda

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import ltfast
-from ltfast import priors, reference
+from ltfast import reference
 from conftest import device_params
 from test_cross_entropy import DTYPES, REDUCTIONS, SHAPES, TOL, make_inputs
 

@@ -13,7 +13,6 @@ write backward).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor

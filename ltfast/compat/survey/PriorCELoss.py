@@ -7,7 +7,6 @@ absolute imports only.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 import ltfast
