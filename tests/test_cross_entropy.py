@@ -713,7 +713,11 @@ def test_forward_time_gradient_equals_backward_kernel(C, dtype):
         assert grad[6].isnan().all() or name.startswith("seql"), name  # SEQL may drop the NaN entry
         for upstream in ("one", "scalar", "per_row", "negative"):
             x = logits.clone().requires_grad_()
-            out = functional(x)
+            previous = ltfast.set_forward_gradient(True)
+            try:
+                out = functional(x)
+            finally:
+                ltfast.set_forward_gradient(previous)
             g = {"one": torch.ones_like(out), "scalar": torch.full_like(out, 0.37),
                  "per_row": torch.linspace(-1.0, 2.0, out.numel()).reshape(out.shape).to(out.dtype),
                  "negative": torch.full_like(out, -2.5)}[upstream]
@@ -734,21 +738,27 @@ def test_forward_time_gradient_equals_backward_kernel(C, dtype):
             want = backward(g.to(loss.dtype), logits, stats, den)
             assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)), name
         finally:
-            assert ltfast.set_forward_gradient(previous) is False
+            ltfast.set_forward_gradient(previous)
 
 
 def test_forward_time_gradient_retain_graph_create_graph_and_switch():
     logits, target, gen = make_inputs((6, 11), torch.float64, "cpu", ignored_rows=(2,))
     prior = ltfast.priors.log_prior(_counts(11, gen))
     x = logits.clone().requires_grad_()
-    loss = ltfast.balanced_softmax_loss(x, target, prior)
+    previous = ltfast.set_forward_gradient(True)
+    try:
+        loss = ltfast.balanced_softmax_loss(x, target, prior)
+        forward_time = ltfast.balanced_softmax_loss(x, target, prior)
+    finally:
+        assert ltfast.set_forward_gradient(previous) is True
+    assert previous is False  # off by default (autograd_common.h)
     (first,) = torch.autograd.grad(loss, x, retain_graph=True)
     first.mul_(0)  # the caller owns the gradient it got; a second backward is unaffected
     (second,) = torch.autograd.grad(loss, x)
     x64 = logits.clone().requires_grad_()
     (expected,) = torch.autograd.grad(reference.balanced_softmax(x64, target, prior), x64)
     torch.testing.assert_close(second, expected, rtol=1e-9, atol=1e-12)
-    (with_graph,) = torch.autograd.grad(ltfast.balanced_softmax_loss(x, target, prior), x, create_graph=True)
+    (with_graph,) = torch.autograd.grad(forward_time, x, create_graph=True)
     torch.testing.assert_close(with_graph, expected, rtol=1e-9, atol=1e-12)
     with pytest.raises(RuntimeError, match="ltfast.balanced_softmax: second-order gradients"):
         torch.autograd.grad(with_graph.sum(), x)

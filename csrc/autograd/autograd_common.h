@@ -103,14 +103,24 @@ inline void refuse_double_backward(variable_list& grads, const char* op, const v
 // so it is held from the forward to the backward (16 MB at 4096 x 1000 float32). In the usual step
 // (loss.backward() right after the forward) the peak is unchanged: the backward op would allocate the
 // same buffer at its start, while every activation is still alive. It is wasted where the logits
-// require grad but no backward follows. ltfast.set_forward_gradient(False) turns it off (process-wide).
+// require grad but no backward follows. ltfast.set_forward_gradient(enabled) sets it for the
+// cross-entropy family (process-wide).
 //
 // The backward op still runs for create_graph=True (so that double backward is refused with an error
 // naming the op), for a second backward through the graph (retain_graph=True: the gradient is handed
 // out once, so the caller owns it and AccumulateGrad can take it without a copy), for a non-finite
 // upstream gradient, and under torch.compile/FakeTensor (values cannot be read there).
+//
+// Off by default for the cross-entropy family (ltfast.set_forward_gradient(True) turns it on): its
+// forward-time gradient recomputes each exponential (p = exp((a - m) - log_sum), the backward's own
+// code, so that it is bit-identical), and on the 2-core Zen 4 of the README that made a float32
+// 4096 x 1000 balanced_softmax step slower, not faster (1 thread, busy machine, minima of 30
+// alternating steps: 9.3 ms fused vs 4.2 ms separate; op level: forward 4.28 ms with the gradient vs
+// 2.04 + 1.78 ms forward + backward op): the exponentials, not the memory traffic, bound it there. The
+// next step is reusing the forward's exponentials (as the multi-expert kernels do, which keep theirs
+// on: `wants_forward_grad(logits, requested)` without the switch).
 inline std::atomic<bool>& forward_gradient_switch() {
-  static std::atomic<bool> enabled{true};
+  static std::atomic<bool> enabled{false};
   return enabled;
 }
 
@@ -130,9 +140,14 @@ inline bool is_plain_cpu_tensor(const at::Tensor& t) { return is_plain_tensor(t)
 inline bool backend_writes_forward_grad(const at::Tensor& logits) { return logits.device().is_cpu(); }
 
 // Whether the forward should also compute the gradient.
-inline bool wants_forward_grad(const at::Tensor& logits, bool requested) {
-  return requested || (forward_gradient_switch().load(std::memory_order_relaxed) && at::GradMode::is_enabled() &&
-                       logits.requires_grad() && backend_writes_forward_grad(logits) && is_plain_tensor(logits));
+// `enabled`: the family's switch (the cross-entropy family: forward_gradient_switch()).
+inline bool wants_forward_grad(const at::Tensor& logits, bool requested, bool enabled = true) {
+  return requested || (enabled && at::GradMode::is_enabled() && logits.requires_grad() &&
+                       backend_writes_forward_grad(logits) && is_plain_tensor(logits));
+}
+
+inline bool cross_entropy_forward_gradient_enabled() {
+  return forward_gradient_switch().load(std::memory_order_relaxed);
 }
 
 // The private forward op's grad_logits output as its caller sees it: the forward-time gradient only

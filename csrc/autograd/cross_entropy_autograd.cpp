@@ -78,7 +78,7 @@ ForwardOutputs balanced_softmax_forward_autograd(const at::Tensor& logits, const
                                                  const at::Tensor& log_prior, c10::string_view reduction,
                                                  int64_t ignore_index, bool with_grad) {
   auto out = BalancedSoftmaxFunction::apply(logits, target, log_prior, reduction, ignore_index,
-                                            wants_forward_grad(logits, with_grad));
+                                            wants_forward_grad(logits, with_grad, cross_entropy_forward_gradient_enabled()));
   return {out[0], out[1], out[2], requested_forward_grad(with_grad, out[3], logits)};
 }
 
@@ -178,7 +178,7 @@ ForwardOutputs adjusted_forward_autograd(const at::Tensor& logits, const at::Ten
               "weight.detach()");
   auto out = AdjustedCrossEntropyFunction::apply(logits, target, adjustment, target_margin, weight, gamma,
                                                  label_smoothing, reduction, ignore_index,
-                                                 wants_forward_grad(logits, with_grad));
+                                                 wants_forward_grad(logits, with_grad, cross_entropy_forward_gradient_enabled()));
   return {out[0], out[1], out[2], requested_forward_grad(with_grad, out[3], logits)};
 }
 
