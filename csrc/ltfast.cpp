@@ -19,6 +19,9 @@ namespace ltfast {
 namespace {
 
 using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+// The cross-entropy family's private forward ops also return grad_logits (cross_entropy.h); the
+// composites pass with_grad=false and the autograd kernel turns it on (csrc/autograd/).
+using CrossEntropyForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // float32 logits (the common case) skip the dispatcher round trip of a no-op .to().
 at::Tensor in_logits_dtype(const at::Tensor& loss, const at::Tensor& logits) {
@@ -31,9 +34,10 @@ at::Tensor balanced_softmax(const at::Tensor& logits, const at::Tensor& target,
   static const auto forward =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("ltfast::_balanced_softmax_forward", "")
-          .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                c10::string_view, int64_t)>();
-  const auto loss = std::get<0>(forward.call(logits.contiguous(), target, log_prior, reduction, ignore_index));
+          .typed<CrossEntropyForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            c10::string_view, int64_t, bool)>();
+  const auto loss =
+      std::get<0>(forward.call(logits.contiguous(), target, log_prior, reduction, ignore_index, false));
   // The kernels return the loss in the float32 accumulation dtype; like F.cross_entropy, the
   // public op returns it in the logits dtype (the autocast kernels in csrc/autograd/ keep float32).
   return in_logits_dtype(loss, logits);
@@ -48,12 +52,12 @@ at::Tensor adjusted_cross_entropy(const at::Tensor& logits, const at::Tensor& ta
   static const auto forward =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("ltfast::_adjusted_cross_entropy_forward", "")
-          .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&,
-                                const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                                const c10::optional<at::Tensor>&, double, double, c10::string_view,
-                                int64_t)>();
+          .typed<CrossEntropyForwardOutputs(const at::Tensor&, const at::Tensor&,
+                                            const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                                            const c10::optional<at::Tensor>&, double, double, c10::string_view,
+                                            int64_t, bool)>();
   const auto loss = std::get<0>(forward.call(logits.contiguous(), target, adjustment, target_margin, weight, gamma,
-                                             label_smoothing, reduction, ignore_index));
+                                             label_smoothing, reduction, ignore_index, false));
   return in_logits_dtype(loss, logits);
 }
 
@@ -63,10 +67,10 @@ at::Tensor softmax_equalization_loss(const at::Tensor& logits, const at::Tensor&
   static const auto forward =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("ltfast::_softmax_equalization_loss_forward", "")
-          .typed<ForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                                c10::string_view, int64_t)>();
-  const auto loss =
-      std::get<0>(forward.call(logits.contiguous(), target, tail_mask, seed, gamma, reduction, ignore_index));
+          .typed<CrossEntropyForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, double, c10::string_view, int64_t, bool)>();
+  const auto loss = std::get<0>(
+      forward.call(logits.contiguous(), target, tail_mask, seed, gamma, reduction, ignore_index, false));
   return in_logits_dtype(loss, logits);
 }
 
@@ -177,8 +181,11 @@ TORCH_LIBRARY(ltfast, m) {
   m.def("balanced_softmax(Tensor logits, Tensor target, Tensor log_prior, str reduction=\"mean\", "
         "int ignore_index=-100) -> Tensor",
         &balanced_softmax);
+  // with_grad (the CE family and the multi-expert ops): the CPU kernels also return grad_logits, the
+  // gradient for an upstream gradient of 1 (cross_entropy.h); the other backends an empty tensor.
   m.def("_balanced_softmax_forward(Tensor logits, Tensor target, Tensor log_prior, str reduction, "
-        "int ignore_index) -> (Tensor loss, Tensor row_stats, Tensor denominator)");
+        "int ignore_index, bool with_grad=False) -> (Tensor loss, Tensor row_stats, Tensor denominator, "
+        "Tensor grad_logits)");
   m.def("_balanced_softmax_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor log_prior, "
         "Tensor row_stats, Tensor denominator, str reduction, int ignore_index) -> Tensor");
 
@@ -190,7 +197,8 @@ TORCH_LIBRARY(ltfast, m) {
         &adjusted_cross_entropy);
   m.def("_adjusted_cross_entropy_forward(Tensor logits, Tensor target, Tensor? adjustment, "
         "Tensor? target_margin, Tensor? weight, float gamma, float label_smoothing, str reduction, "
-        "int ignore_index) -> (Tensor loss, Tensor row_stats, Tensor denominator)");
+        "int ignore_index, bool with_grad=False) -> (Tensor loss, Tensor row_stats, Tensor denominator, "
+        "Tensor grad_logits)");
   m.def("_adjusted_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, "
         "Tensor? adjustment, Tensor? target_margin, Tensor? weight, Tensor row_stats, "
         "Tensor denominator, float gamma, float label_smoothing, str reduction, int ignore_index) "
@@ -203,7 +211,8 @@ TORCH_LIBRARY(ltfast, m) {
         "str reduction=\"mean\", int ignore_index=-100) -> Tensor",
         &softmax_equalization_loss);
   m.def("_softmax_equalization_loss_forward(Tensor logits, Tensor target, Tensor tail_mask, Tensor seed, "
-        "float gamma, str reduction, int ignore_index) -> (Tensor loss, Tensor row_stats, Tensor denominator)");
+        "float gamma, str reduction, int ignore_index, bool with_grad=False) -> (Tensor loss, Tensor row_stats, "
+        "Tensor denominator, Tensor grad_logits)");
   m.def("_softmax_equalization_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor tail_mask, "
         "Tensor seed, Tensor row_stats, Tensor denominator, float gamma, str reduction, int ignore_index) -> Tensor");
 

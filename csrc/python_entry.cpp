@@ -25,6 +25,7 @@
 
 #include <cstdint>
 
+#include "autograd/autograd_common.h"
 #include "common/cpu_dispatch.h"
 #include "common/torch_compat.h"
 
@@ -313,6 +314,18 @@ PyObject* cpu_capability(PyObject* /*self*/, PyObject* /*unused*/) {
   return PyUnicode_FromString(cpu_kernel_capability_name());
 }
 
+// ltfast.set_forward_gradient(enabled): turns the forward-time gradient of the CPU kernels on or off
+// (csrc/autograd/autograd_common.h) and returns the previous setting.
+PyObject* set_forward_gradient(PyObject* /*self*/, PyObject* enabled) {
+  if (!PyBool_Check(enabled)) {
+    PyErr_Format(PyExc_TypeError, "ltfast.set_forward_gradient: enabled must be a bool, got %s",
+                 Py_TYPE(enabled)->tp_name);
+    return nullptr;
+  }
+  const bool previous = autograd::forward_gradient_switch().exchange(enabled == Py_True);
+  return PyBool_FromLong(previous);
+}
+
 #define LTFAST_ENTRY(name, doc) \
   { #name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(&name)), METH_FASTCALL, doc }
 
@@ -349,6 +362,10 @@ PyMethodDef methods[] = {
     {"cpu_capability", &cpu_capability, METH_NOARGS,
      "cpu_capability(): 'AVX512', 'AVX2' or 'DEFAULT', the instruction set of the CPU kernels that run "
      "(follows torch's, so ATEN_CPU_CAPABILITY=avx2 forces the AVX2 kernels)"},
+    {"set_forward_gradient", &set_forward_gradient, METH_O,
+     "set_forward_gradient(enabled): whether the CPU forward kernels also write the gradient where the logits "
+     "require grad (one pass fewer per training step, the [N, C] gradient held from forward to backward); returns "
+     "the previous setting"},
     {nullptr, nullptr, 0, nullptr}};
 
 #undef LTFAST_ENTRY

@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 __all__ = ["adjusted_cross_entropy", "balanced_softmax_loss", "lade_loss", "lade_regularizer",
            "softmax_equalization_loss", "equalization_loss", "mixed_cross_entropy",
            "probability_cross_entropy", "diverse_expert_loss", "ride_loss", "nn", "priors", "reference",
-           "has_cuda_kernels", "cpu_capability"]
+           "has_cuda_kernels", "cpu_capability", "set_forward_gradient"]
 
 has_cuda_kernels = _extension.has_cuda_kernels
 cpu_capability = _extension.cpu_capability
+set_forward_gradient = _extension.set_forward_gradient

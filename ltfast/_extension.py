@@ -107,3 +107,22 @@ def cpu_capability() -> str | None:
         if hasattr(_C, "cpu_capability"):
             return _C.cpu_capability()
     return None
+
+
+def set_forward_gradient(enabled: bool) -> bool:
+    """Whether the CPU forward kernels of the cross-entropy family (balanced_softmax,
+    adjusted_cross_entropy and its wrappers, softmax_equalization_loss) also write the gradient when
+    the logits require grad; off by default. The backward then returns that gradient (scaled when the
+    upstream gradient is not 1) instead of reading the logits again: one read and one write of [N, C]
+    per training step instead of two reads and one write, at the cost of the [N, C] gradient (logits
+    dtype) held from the forward to the backward (16 MB at 4096 x 1000 float32; the peak of a step
+    that calls backward right after the forward is unchanged). Off by default because it recomputes the
+    exponentials and was measured slower on the project's AVX-512 CPU (csrc/autograd/autograd_common.h).
+    The multi-expert losses always compute their gradient in the forward. Process-wide; returns the
+    previous setting."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"ltfast.set_forward_gradient: enabled must be a bool, got {type(enabled).__name__}")
+    if not AVAILABLE:
+        return False
+    from . import _C
+    return _C.set_forward_gradient(enabled)

@@ -57,7 +57,8 @@ def _fake_expert_checks(op: str, logits: Tensor, target: Tensor, tensors: dict) 
 
 
 def _fake_forward_grad(logits: Tensor, with_grad: bool) -> Tensor:
-    """The multi-expert forward ops' grad_logits: computed by the CPU kernels only (multi_expert.h)."""
+    """The grad_logits of the forward ops with with_grad (cross-entropy family, multi-expert): computed
+    by the CPU kernels only (cross_entropy.h, multi_expert.h)."""
     if with_grad and logits.device.type == "cpu":
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
     return logits.new_empty((0,))
@@ -69,8 +70,9 @@ def register() -> None:
 
     # ---------------------------------------------------------------- balanced_softmax
     @lib.register_fake("ltfast::_balanced_softmax_forward")
-    def _(logits, target, log_prior, reduction, ignore_index):
-        return _fake_forward("ltfast.balanced_softmax", logits, target, reduction, {"log_prior": log_prior})
+    def _(logits, target, log_prior, reduction, ignore_index, with_grad=False):
+        return (*_fake_forward("ltfast.balanced_softmax", logits, target, reduction, {"log_prior": log_prior}),
+                _fake_forward_grad(logits, with_grad))
 
     @lib.register_fake("ltfast::_balanced_softmax_backward")
     def _(grad_loss, logits, target, log_prior, row_stats, denominator, reduction, ignore_index):
@@ -78,9 +80,11 @@ def register() -> None:
 
     # ---------------------------------------------------------------- adjusted_cross_entropy
     @lib.register_fake("ltfast::_adjusted_cross_entropy_forward")
-    def _(logits, target, adjustment, target_margin, weight, gamma, label_smoothing, reduction, ignore_index):
-        return _fake_forward("ltfast.adjusted_cross_entropy", logits, target, reduction,
-                             {"adjustment": adjustment, "target_margin": target_margin, "weight": weight})
+    def _(logits, target, adjustment, target_margin, weight, gamma, label_smoothing, reduction, ignore_index,
+          with_grad=False):
+        return (*_fake_forward("ltfast.adjusted_cross_entropy", logits, target, reduction,
+                               {"adjustment": adjustment, "target_margin": target_margin, "weight": weight}),
+                _fake_forward_grad(logits, with_grad))
 
     @lib.register_fake("ltfast::_adjusted_cross_entropy_backward")
     def _(grad_loss, logits, target, adjustment, target_margin, weight, row_stats, denominator, gamma,
@@ -89,10 +93,11 @@ def register() -> None:
 
     # ---------------------------------------------------------------- softmax_equalization_loss
     @lib.register_fake("ltfast::_softmax_equalization_loss_forward")
-    def _(logits, target, tail_mask, seed, gamma, reduction, ignore_index):
+    def _(logits, target, tail_mask, seed, gamma, reduction, ignore_index, with_grad=False):
         check_devices("ltfast.softmax_equalization_loss", logits, {"seed": seed})
-        return _fake_forward("ltfast.softmax_equalization_loss", logits, target, reduction,
-                             {"tail_mask": tail_mask})
+        return (*_fake_forward("ltfast.softmax_equalization_loss", logits, target, reduction,
+                               {"tail_mask": tail_mask}),
+                _fake_forward_grad(logits, with_grad))
 
     @lib.register_fake("ltfast::_softmax_equalization_loss_backward")
     def _(grad_loss, logits, target, tail_mask, seed, row_stats, denominator, gamma, reduction, ignore_index):

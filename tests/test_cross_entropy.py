@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import ltfast
 from ltfast import reference
-from conftest import RecordOps, device_params, expect_kernel_assert
+from conftest import RecordOps, device_params, expect_kernel_assert, is_simt
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [(1, 2), (7, 10), (129, 1000), (3, 8142)]
@@ -215,6 +215,12 @@ def _opcheck_samples(device):
             yield torch.ops.ltfast.adjusted_cross_entropy, (x, target, prior, m, w, 0.0, 0.1, reduction, IGNORE)
             yield torch.ops.ltfast._adjusted_cross_entropy_forward, (x, target, prior, m, w, 1.5, 0.0, reduction, IGNORE)
             yield torch.ops.ltfast._adjusted_cross_entropy_forward, (x, target, None, None, None, 0.0, 0.0, reduction, IGNORE)
+            if is_simt(device):  # CPU tensors, CUDA kernels: no forward-time gradient, as on a GPU
+                continue
+            # with_grad: the forward-time gradient (a [N, C] fourth output on the CPU, empty elsewhere).
+            yield torch.ops.ltfast._balanced_softmax_forward, (x, target, prior, reduction, IGNORE, True)
+            yield torch.ops.ltfast._adjusted_cross_entropy_forward, (x, target, prior, m, w, 0.0, 0.1, reduction,
+                                                                     IGNORE, True)
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -228,11 +234,11 @@ def test_opcheck_backward_ops(device):
     logits, target, gen = make_inputs((8, 13), torch.float32, device, ignored_rows=(3,))
     prior = ltfast.priors.log_prior(_counts(13, gen)).to(device)
     for reduction in REDUCTIONS:
-        loss, lse, denom = torch.ops.ltfast._balanced_softmax_forward(logits, target, prior, reduction, IGNORE)
+        loss, lse, denom, _ = torch.ops.ltfast._balanced_softmax_forward(logits, target, prior, reduction, IGNORE)
         grad = torch.ones_like(loss)
         torch.library.opcheck(torch.ops.ltfast._balanced_softmax_backward,
                               (grad, logits, target, prior, lse, denom, reduction, IGNORE))
-        loss, lse, denom = torch.ops.ltfast._adjusted_cross_entropy_forward(
+        loss, lse, denom, _ = torch.ops.ltfast._adjusted_cross_entropy_forward(
             logits, target, prior, prior.abs(), prior.abs(), 0.0, 0.1, reduction, IGNORE)
         torch.library.opcheck(torch.ops.ltfast._adjusted_cross_entropy_backward,
                               (grad, logits, target, prior, prior.abs(), prior.abs(), lse, denom, 0.0, 0.1,
@@ -279,7 +285,8 @@ def test_deterministic(variant, device):
 
 @pytest.mark.parametrize("device", device_params())
 def test_saves_only_row_statistics(device):
-    """Backward keeps the input logits and [N]/scalar statistics, never a new [N, C] buffer."""
+    """Backward saves the input logits and [N]/scalar statistics, never a new [N, C] buffer (the CPU
+    forward-time gradient is not a saved tensor: test_forward_time_gradient_equals_backward_kernel)."""
     N, C = 64, 100
     logits, target, gen = make_inputs((N, C), torch.float32, device)
     logits.requires_grad_()
@@ -429,11 +436,11 @@ def test_cuda_no_host_sync_and_graph_capture():
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):
-            loss, lse, denom = torch.ops.ltfast._balanced_softmax_forward(static_x, target, prior, "mean", IGNORE)
+            loss, lse, denom, _ = torch.ops.ltfast._balanced_softmax_forward(static_x, target, prior, "mean", IGNORE)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        loss, lse, denom = torch.ops.ltfast._balanced_softmax_forward(static_x, target, prior, "mean", IGNORE)
+        loss, lse, denom, _ = torch.ops.ltfast._balanced_softmax_forward(static_x, target, prior, "mean", IGNORE)
         grad = torch.ops.ltfast._balanced_softmax_backward(torch.ones_like(loss), static_x, target, prior, lse,
                                                            denom, "mean", IGNORE)
     static_x.copy_(torch.randn_like(static_x))
@@ -587,7 +594,7 @@ def test_row_stats_layout(device):
     both 0 for ignored rows (the contract the CUDA kernels follow too)."""
     logits, target, gen = make_inputs((5, 9), torch.bfloat16, device, ignored_rows=(2,))
     prior = ltfast.priors.log_prior(_counts(9, gen)).to(device)
-    _, stats, _ = torch.ops.ltfast._balanced_softmax_forward(logits, target, prior, "mean", IGNORE)
+    _, stats, _, _ = torch.ops.ltfast._balanced_softmax_forward(logits, target, prior, "mean", IGNORE)
     assert stats.shape == (2, 5) and stats.dtype == torch.float32
     adjusted = logits.float() + prior
     row_max = adjusted.max(1).values
@@ -655,3 +662,110 @@ def test_non_contiguous_logits_are_copied_once(device):
         x_contiguous = logits.detach().contiguous().requires_grad_()
         (expected,) = torch.autograd.grad(fn(x_contiguous), x_contiguous)
         torch.testing.assert_close(grad, expected, msg=name)
+
+
+def _forward_time_gradient_cases(logits, target, gen):
+    """(name, forward(x, with_grad), backward(grad_loss, x, stats, denominator), functional(x)) per op."""
+    C = logits.shape[1]
+    prior = ltfast.priors.log_prior(_counts(C, gen))
+    margin = 3 * ltfast.priors.ldam_margins(_counts(C, gen))
+    weight = torch.rand(C, generator=gen) + 0.5
+    tail = torch.rand(C, generator=gen) < 0.6
+    seed = torch.tensor([11, 23])
+    ops = torch.ops.ltfast
+    cases = []
+    for reduction in REDUCTIONS:
+        cases.append((f"balanced_softmax-{reduction}",
+                      lambda x, g, r=reduction: ops._balanced_softmax_forward(x, target, prior, r, IGNORE, g),
+                      lambda gl, x, s, d, r=reduction: ops._balanced_softmax_backward(gl, x, target, prior, s, d, r,
+                                                                                       IGNORE),
+                      lambda x, r=reduction: ltfast.balanced_softmax_loss(x, target, prior, r)))
+        for variant, gamma, smoothing in (("ldam_drw_smoothing", 0.0, 0.1), ("ldam_drw_focal", 1.5, 0.0)):
+            cases.append((f"{variant}-{reduction}",
+                          lambda x, g, r=reduction, a=gamma, s=smoothing: ops._adjusted_cross_entropy_forward(
+                              x, target, prior, margin, weight, a, s, r, IGNORE, g),
+                          lambda gl, x, st, d, r=reduction, a=gamma, s=smoothing: ops._adjusted_cross_entropy_backward(
+                              gl, x, target, prior, margin, weight, st, d, a, s, r, IGNORE),
+                          lambda x, r=reduction, a=gamma, s=smoothing: ltfast.adjusted_cross_entropy(
+                              x, target, prior, margin, weight, a, s, r)))
+        cases.append((f"seql-{reduction}",
+                      lambda x, g, r=reduction: ops._softmax_equalization_loss_forward(x, target, tail, seed, 0.7, r,
+                                                                                       IGNORE, g),
+                      lambda gl, x, s, d, r=reduction: ops._softmax_equalization_loss_backward(
+                          gl, x, target, tail, seed, s, d, 0.7, r, IGNORE),
+                      lambda x, r=reduction: ltfast.softmax_equalization_loss(x, target, tail, 0.7, r, seed=seed)))
+    return cases
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("C", [1000, 4500])  # 4500: three 2048-class tiles
+def test_forward_time_gradient_equals_backward_kernel(C, dtype):
+    """CPU, one pass fewer per training step (autograd_common.h): with with_grad the forward op also
+    writes the gradient for an upstream gradient of 1, bit-identical to the backward op's; through
+    autograd, loss.backward() returns it as it is, another upstream gradient scales it (equal within
+    rounding), and ltfast.set_forward_gradient(False) runs the backward op."""
+    logits, target, gen = make_inputs((9, C), dtype, "cpu", ignored_rows=(1, 4))
+    logits[6, 17] = float("nan")  # a NaN row: NaN gradient row either way
+    for name, forward, backward, functional in _forward_time_gradient_cases(logits, target, gen):
+        loss, stats, den, grad = forward(logits, True)
+        plain = forward(logits, False)
+        assert plain[3].numel() == 0 and grad.shape == logits.shape and grad.dtype == logits.dtype, name
+        for got, want in zip((loss, stats, den), plain[:3]):
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()), name
+        expected = backward(torch.ones_like(loss), logits, stats, den)
+        assert torch.equal(grad.nan_to_num(7.0), expected.nan_to_num(7.0)), name
+        assert (grad[1] == 0).all() and (grad[4] == 0).all(), name
+        assert grad[6].isnan().all() or name.startswith("seql"), name  # SEQL may drop the NaN entry
+        for upstream in ("one", "scalar", "per_row", "negative"):
+            x = logits.clone().requires_grad_()
+            previous = ltfast.set_forward_gradient(True)
+            try:
+                out = functional(x)
+            finally:
+                ltfast.set_forward_gradient(previous)
+            g = {"one": torch.ones_like(out), "scalar": torch.full_like(out, 0.37),
+                 "per_row": torch.linspace(-1.0, 2.0, out.numel()).reshape(out.shape).to(out.dtype),
+                 "negative": torch.full_like(out, -2.5)}[upstream]
+            (got,) = torch.autograd.grad(out, x, g)
+            want = backward(g.to(loss.dtype), logits, stats, den)
+            if upstream == "one":
+                assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)), name
+            else:
+                tol = TOL[dtype]
+                torch.testing.assert_close(got.double(), want.double(), rtol=tol["rtol"], atol=tol["atol"],
+                                           equal_nan=True, msg=f"{name} {upstream}")
+        previous = ltfast.set_forward_gradient(False)
+        try:
+            x = logits.clone().requires_grad_()
+            out = functional(x)
+            g = torch.full_like(out, 0.37)  # in the loss dtype: bf16 rounds 0.37
+            (got,) = torch.autograd.grad(out, x, g)
+            want = backward(g.to(loss.dtype), logits, stats, den)
+            assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)), name
+        finally:
+            ltfast.set_forward_gradient(previous)
+
+
+def test_forward_time_gradient_retain_graph_create_graph_and_switch():
+    logits, target, gen = make_inputs((6, 11), torch.float64, "cpu", ignored_rows=(2,))
+    prior = ltfast.priors.log_prior(_counts(11, gen))
+    x = logits.clone().requires_grad_()
+    previous = ltfast.set_forward_gradient(True)
+    try:
+        loss = ltfast.balanced_softmax_loss(x, target, prior)
+        forward_time = ltfast.balanced_softmax_loss(x, target, prior)
+    finally:
+        assert ltfast.set_forward_gradient(previous) is True
+    assert previous is False  # off by default (autograd_common.h)
+    (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+    first.mul_(0)  # the caller owns the gradient it got; a second backward is unaffected
+    (second,) = torch.autograd.grad(loss, x)
+    x64 = logits.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(reference.balanced_softmax(x64, target, prior), x64)
+    torch.testing.assert_close(second, expected, rtol=1e-9, atol=1e-12)
+    (with_graph,) = torch.autograd.grad(forward_time, x, create_graph=True)
+    torch.testing.assert_close(with_graph, expected, rtol=1e-9, atol=1e-12)
+    with pytest.raises(RuntimeError, match="ltfast.balanced_softmax: second-order gradients"):
+        torch.autograd.grad(with_graph.sum(), x)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        ltfast.set_forward_gradient(1)

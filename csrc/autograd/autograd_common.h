@@ -29,6 +29,8 @@
 
 #include "common/torch_compat.h"
 
+#include <atomic>
+#include <cmath>
 #include <memory>
 #include <string>
 #include <utility>
@@ -88,6 +90,150 @@ inline void refuse_double_backward(variable_list& grads, const char* op, const v
     }
   }
 }
+
+// ------------------------------------------------------------------ the forward-time gradient
+// Where the logits need a gradient and the backend's forward kernel can write it (today the CPU
+// kernels of the cross-entropy family and of the multi-expert ops), the autograd kernel asks the
+// forward op for it (with_grad=True): the kernel reads the logits once and writes the gradient for an
+// upstream gradient of 1 while each row is still in L1, and the backward hands that tensor out instead
+// of running the backward op, scaled in place when the upstream gradient is not 1. A training step is
+// then one read of [N, C] and one write instead of two reads and one write.
+//
+// Cost: the [N, C] gradient (in the logits dtype) is allocated in the forward instead of the backward,
+// so it is held from the forward to the backward (16 MB at 4096 x 1000 float32). In the usual step
+// (loss.backward() right after the forward) the peak is unchanged: the backward op would allocate the
+// same buffer at its start, while every activation is still alive. It is wasted where the logits
+// require grad but no backward follows. ltfast.set_forward_gradient(enabled) sets it for the
+// cross-entropy family (process-wide).
+//
+// The backward op still runs for create_graph=True (so that double backward is refused with an error
+// naming the op), for a second backward through the graph (retain_graph=True: the gradient is handed
+// out once, so the caller owns it and AccumulateGrad can take it without a copy), for a non-finite
+// upstream gradient, and under torch.compile/FakeTensor (values cannot be read there).
+//
+// Off by default for the cross-entropy family (ltfast.set_forward_gradient(True) turns it on): its
+// forward-time gradient recomputes each exponential (p = exp((a - m) - log_sum), the backward's own
+// code, so that it is bit-identical), and on the 2-core Zen 4 of the README that made a float32
+// 4096 x 1000 balanced_softmax step slower, not faster (1 thread, busy machine, minima of 30
+// alternating steps: 9.3 ms fused vs 4.2 ms separate; op level: forward 4.28 ms with the gradient vs
+// 2.04 + 1.78 ms forward + backward op): the exponentials, not the memory traffic, bound it there. The
+// next step is reusing the forward's exponentials (as the multi-expert kernels do, which keep theirs
+// on: `wants_forward_grad(logits, requested)` without the switch).
+inline std::atomic<bool>& forward_gradient_switch() {
+  static std::atomic<bool> enabled{false};
+  return enabled;
+}
+
+// A real tensor with concrete sizes: not a FakeTensor or a functional wrapper (torch.compile,
+// opcheck), whose values cannot be read and whose graph must not depend on them.
+inline bool is_plain_tensor(const at::Tensor& t) {
+  return t.defined() && !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
+         !t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
+}
+
+inline bool is_plain_cpu_tensor(const at::Tensor& t) { return is_plain_tensor(t) && t.device().is_cpu(); }
+
+// The backends whose forward kernels write the gradient. A backend adopts the forward-time gradient by
+// returning it from its forward kernel (see with_forward_grad in cross_entropy.h) and being named
+// here; its backward must then also read the upstream gradient where it lives (on a GPU: a scaling
+// kernel that reads it on the device, no host synchronisation).
+inline bool backend_writes_forward_grad(const at::Tensor& logits) { return logits.device().is_cpu(); }
+
+// Whether the forward should also compute the gradient.
+// `enabled`: the family's switch (the cross-entropy family: forward_gradient_switch()).
+inline bool wants_forward_grad(const at::Tensor& logits, bool requested, bool enabled = true) {
+  return requested || (enabled && at::GradMode::is_enabled() && logits.requires_grad() &&
+                       backend_writes_forward_grad(logits) && is_plain_tensor(logits));
+}
+
+inline bool cross_entropy_forward_gradient_enabled() {
+  return forward_gradient_switch().load(std::memory_order_relaxed);
+}
+
+// The private forward op's grad_logits output as its caller sees it: the forward-time gradient only
+// where the caller asked for it (with_grad=True), else empty, as without autograd: the op's outputs
+// must not depend on whether autograd turned the gradient on (torch.compile traces it without).
+inline at::Tensor requested_forward_grad(bool requested, const at::Tensor& grad_logits, const at::Tensor& logits) {
+  return requested || grad_logits.numel() == 0 ? grad_logits : at::empty({0}, logits.options());
+}
+
+// Keeps the forward op's gradient in the context for the backward, when the kernel returned one.
+inline void keep_forward_grad(AutogradContext* ctx, const at::Tensor& grad_logits) {
+  if (is_plain_tensor(grad_logits) && grad_logits.numel() > 0) ctx->saved_data["forward_grad"] = grad_logits;
+}
+
+// Takes the forward-time gradient out of the context (once): undefined where there is none.
+inline at::Tensor take_forward_grad(AutogradContext* ctx) {
+  auto& data = ctx->saved_data;
+  const auto it = data.find("forward_grad");
+  if (it == data.end()) return at::Tensor();
+  at::Tensor grad = it->second.toTensor();
+  data.erase(it);
+  return grad;
+}
+
+// Whether the forward-time gradient can stand for the backward op's result for `upstream`.
+inline bool forward_grad_usable(const at::Tensor& forward_grad, const at::Tensor& logits, const at::Tensor& upstream) {
+  return forward_grad.defined() && !at::GradMode::is_enabled() && is_plain_tensor(forward_grad) &&
+         is_plain_tensor(upstream) && is_plain_tensor(logits) && forward_grad.numel() == logits.numel() &&
+         forward_grad.numel() > 0 && upstream.device() == forward_grad.device();
+}
+
+// The multi-expert ops: the forward-time gradient when the upstream gradient is exactly 1 everywhere,
+// else undefined (the backward op runs).
+inline at::Tensor forward_grad_if_unit_upstream(AutogradContext* ctx, const at::Tensor& logits,
+                                                const at::Tensor& upstream) {
+  at::Tensor grad = take_forward_grad(ctx);
+  if (!forward_grad_usable(grad, logits, upstream)) return at::Tensor();
+  const bool unit = upstream.numel() == 1 ? upstream.item<double>() == 1.0 : upstream.eq(1).all().item<bool>();
+  return unit ? grad : at::Tensor();
+}
+
+// The cross-entropy family: the forward-time gradient for the upstream gradient `upstream` (a scalar
+// for a reduced loss, [N] for reduction 'none'), or undefined where the backward op must run. An
+// upstream gradient of exactly 1 (loss.backward() on the loss itself) returns the tensor as it is:
+// bit-identical to the backward op. Any other finite one scales it in place (per row for [N]), one
+// pass with no exponentials instead of the backward op's: equal to it within rounding (the backward
+// op folds the upstream gradient into the per-row coefficients before the product, this multiplies
+// after it; and an ignored row of a negative upstream gradient gets -0 rather than 0). Reading a CPU
+// scalar costs nothing; a non-finite upstream gradient takes the backward op (0 * inf).
+inline at::Tensor forward_grad_for_upstream(AutogradContext* ctx, const at::Tensor& logits,
+                                            const at::Tensor& upstream) {
+  at::Tensor grad = take_forward_grad(ctx);
+  if (!forward_grad_usable(grad, logits, upstream) || !upstream.device().is_cpu()) return at::Tensor();
+  if (upstream.numel() == 1) {
+    const double g = upstream.item<double>();
+    if (g == 1.0) return grad;
+    if (!std::isfinite(g)) return at::Tensor();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return grad.mul_(upstream.reshape({}));
+  }
+  if (upstream.dim() != 1 || upstream.size(0) != grad.size(0)) return at::Tensor();
+  if (upstream.eq(1).all().item<bool>()) return grad;
+  if (!upstream.isfinite().all().item<bool>()) return at::Tensor();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  std::vector<int64_t> row_shape(grad.dim(), 1);
+  row_shape[0] = grad.size(0);
+  return grad.mul_(upstream.reshape(row_shape));
+}
+
+// ------------------------------------------------------------------ autocast
+// The AutocastCPU/AutocastCUDA kernel of a public loss op, from `float_loss`: the op's private forward
+// op called on the original logits (made contiguous, as the composites in csrc/ltfast.cpp make them),
+// returning its float32 loss as it is. Below autocast (the key excluded), so nothing casts the
+// bf16/fp16 logits: the kernels read them and accumulate in float32. Registered as
+//   m.impl("balanced_softmax", TORCH_FN(Autocast<balanced_softmax_float_loss>::call<c10::DispatchKey::AutocastCPU>));
+template <auto float_loss>
+struct Autocast;
+
+template <typename... Args, at::Tensor (*float_loss)(Args...)>
+struct Autocast<float_loss> {
+  template <c10::DispatchKey Key>
+  static at::Tensor call(Args... args) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
+    return float_loss(args...);
+  }
+};
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> typed_op(const char* name) {

@@ -1,5 +1,7 @@
 // Autograd and autocast of the cross-entropy family: balanced_softmax and adjusted_cross_entropy
-// (see autograd_common.h for the design).
+// (see autograd_common.h for the design). Where the logits need a gradient on the CPU, the forward op
+// also writes it (with_grad; "the forward-time gradient" in autograd_common.h) and the backward hands
+// it out, scaled for the upstream gradient, instead of running the backward op.
 #include "autograd/autograd_common.h"
 
 #include <torch/library.h>
@@ -10,7 +12,7 @@ namespace ltfast {
 namespace autograd {
 namespace {
 
-using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using OptionalTensor = c10::optional<at::Tensor>;
 
 inline OptionalTensor optional_of(const at::Tensor& t) {
@@ -19,7 +21,7 @@ inline OptionalTensor optional_of(const at::Tensor& t) {
 
 // ------------------------------------------------------------------ balanced_softmax
 using BalancedSoftmaxForward = ForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                              c10::string_view, int64_t);
+                                              c10::string_view, int64_t, bool);
 using BalancedSoftmaxBackward = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            c10::string_view, int64_t);
@@ -32,15 +34,17 @@ const c10::TypedOperatorHandle<BalancedSoftmaxForward>& balanced_softmax_forward
 class BalancedSoftmaxFunction : public torch::autograd::Function<BalancedSoftmaxFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
-                               const at::Tensor& log_prior, c10::string_view reduction, int64_t ignore_index) {
+                               const at::Tensor& log_prior, c10::string_view reduction, int64_t ignore_index,
+                               bool with_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, row_stats, denominator] =
-        balanced_softmax_forward_op().call(logits, target, log_prior, reduction, ignore_index);
+    auto [loss, row_stats, denominator, grad_logits] =
+        balanced_softmax_forward_op().call(logits, target, log_prior, reduction, ignore_index, with_grad);
     ctx->save_for_backward({logits, target, log_prior, row_stats, denominator});
+    keep_forward_grad(ctx, grad_logits);
     ctx->saved_data["reduction"] = std::string(reduction);
     ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->mark_non_differentiable({row_stats, denominator});
-    return {loss, row_stats, denominator};
+    ctx->mark_non_differentiable({row_stats, denominator, grad_logits});
+    return {loss, row_stats, denominator, grad_logits};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -51,17 +55,20 @@ class BalancedSoftmaxFunction : public torch::autograd::Function<BalancedSoftmax
     const auto& log_prior = saved[2];
     const auto& reduction = ctx->saved_data["reduction"].toStringRef();
     const auto ignore_index = ctx->saved_data["ignore_index"].toInt();
-    at::Tensor grad_logits, grad_prior;
+    at::Tensor grad_logits = forward_grad_for_upstream(ctx, logits, grads[0]);
+    at::Tensor grad_prior;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      grad_logits = backward_op.call(grads[0], logits, target, log_prior, saved[3], saved[4], reduction,
-                                     ignore_index);
+      if (!grad_logits.defined()) {
+        grad_logits = backward_op.call(grads[0], logits, target, log_prior, saved[3], saved[4], reduction,
+                                       ignore_index);
+      }
       if (ctx->needs_input_grad(2)) {
         grad_prior = column_sum(grad_logits, log_prior.scalar_type());
       }
     }
     variable_list result = {ctx->needs_input_grad(0) ? grad_logits : at::Tensor(), at::Tensor(), grad_prior,
-                            at::Tensor(), at::Tensor()};
+                            at::Tensor(), at::Tensor(), at::Tensor()};
     refuse_double_backward(result, "ltfast.balanced_softmax", {logits, grads[0], log_prior});
     return result;
   }
@@ -69,23 +76,23 @@ class BalancedSoftmaxFunction : public torch::autograd::Function<BalancedSoftmax
 
 ForwardOutputs balanced_softmax_forward_autograd(const at::Tensor& logits, const at::Tensor& target,
                                                  const at::Tensor& log_prior, c10::string_view reduction,
-                                                 int64_t ignore_index) {
-  auto out = BalancedSoftmaxFunction::apply(logits, target, log_prior, reduction, ignore_index);
-  return {out[0], out[1], out[2]};
+                                                 int64_t ignore_index, bool with_grad) {
+  auto out = BalancedSoftmaxFunction::apply(logits, target, log_prior, reduction, ignore_index,
+                                            wants_forward_grad(logits, with_grad, cross_entropy_forward_gradient_enabled()));
+  return {out[0], out[1], out[2], requested_forward_grad(with_grad, out[3], logits)};
 }
 
-template <c10::DispatchKey Key>
-at::Tensor balanced_softmax_autocast(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& log_prior,
-                                     c10::string_view reduction, int64_t ignore_index) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
+// The float32 loss of the public op, for Autocast (autograd_common.h).
+at::Tensor balanced_softmax_float_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& log_prior,
+                                       c10::string_view reduction, int64_t ignore_index) {
   return std::get<0>(
-      balanced_softmax_forward_op().call(logits.contiguous(), target, log_prior, reduction, ignore_index));
+      balanced_softmax_forward_op().call(logits.contiguous(), target, log_prior, reduction, ignore_index, false));
 }
 
 // ------------------------------------------------------------------ adjusted_cross_entropy
 using AdjustedForward = ForwardOutputs(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
                                        const OptionalTensor&, const OptionalTensor&, double, double,
-                                       c10::string_view, int64_t);
+                                       c10::string_view, int64_t, bool);
 using AdjustedBackward = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
                                     const OptionalTensor&, const OptionalTensor&, const at::Tensor&,
                                     const at::Tensor&, double, double, c10::string_view, int64_t);
@@ -100,19 +107,21 @@ class AdjustedCrossEntropyFunction : public torch::autograd::Function<AdjustedCr
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
                                const OptionalTensor& adjustment, const OptionalTensor& target_margin,
                                const OptionalTensor& weight, double gamma, double label_smoothing,
-                               c10::string_view reduction, int64_t ignore_index) {
+                               c10::string_view reduction, int64_t ignore_index, bool with_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, row_stats, denominator] = adjusted_forward_op().call(
-        logits, target, adjustment, target_margin, weight, gamma, label_smoothing, reduction, ignore_index);
+    auto [loss, row_stats, denominator, grad_logits] =
+        adjusted_forward_op().call(logits, target, adjustment, target_margin, weight, gamma, label_smoothing,
+                                   reduction, ignore_index, with_grad);
     // Absent optional tensors are saved as undefined ones.
     ctx->save_for_backward({logits, target, adjustment.value_or(at::Tensor()), target_margin.value_or(at::Tensor()),
                             weight.value_or(at::Tensor()), row_stats, denominator});
+    keep_forward_grad(ctx, grad_logits);
     ctx->saved_data["gamma"] = gamma;
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["reduction"] = std::string(reduction);
     ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->mark_non_differentiable({row_stats, denominator});
-    return {loss, row_stats, denominator};
+    ctx->mark_non_differentiable({row_stats, denominator, grad_logits});
+    return {loss, row_stats, denominator, grad_logits};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -127,13 +136,16 @@ class AdjustedCrossEntropyFunction : public torch::autograd::Function<AdjustedCr
     // needs_input_grad counts the tensor inputs only; an absent optional is not one.
     const size_t adjustment_edge = 2;
     const size_t margin_edge = adjustment.has_value() ? 3 : 2;
-    at::Tensor grad_logits, grad_adjustment, grad_margin;
+    at::Tensor grad_logits = forward_grad_for_upstream(ctx, logits, grads[0]);
+    at::Tensor grad_adjustment, grad_margin;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      grad_logits = backward_op.call(grads[0], logits, target, adjustment, target_margin, weight, saved[5], saved[6],
-                                     ctx->saved_data["gamma"].toDouble(),
-                                     ctx->saved_data["label_smoothing"].toDouble(),
-                                     ctx->saved_data["reduction"].toStringRef(), ignore_index);
+      if (!grad_logits.defined()) {
+        grad_logits = backward_op.call(grads[0], logits, target, adjustment, target_margin, weight, saved[5],
+                                       saved[6], ctx->saved_data["gamma"].toDouble(),
+                                       ctx->saved_data["label_smoothing"].toDouble(),
+                                       ctx->saved_data["reduction"].toStringRef(), ignore_index);
+      }
       if (adjustment.has_value() && ctx->needs_input_grad(adjustment_edge)) {
         grad_adjustment = column_sum(grad_logits, adjustment->scalar_type());
       }
@@ -149,6 +161,7 @@ class AdjustedCrossEntropyFunction : public torch::autograd::Function<AdjustedCr
                             at::Tensor(),
                             at::Tensor(),
                             at::Tensor(),
+                            at::Tensor(),
                             at::Tensor()};
     refuse_double_backward(result, "ltfast.adjusted_cross_entropy",
                            {logits, grads[0], saved[2], saved[3]});
@@ -159,23 +172,23 @@ class AdjustedCrossEntropyFunction : public torch::autograd::Function<AdjustedCr
 ForwardOutputs adjusted_forward_autograd(const at::Tensor& logits, const at::Tensor& target,
                                          const OptionalTensor& adjustment, const OptionalTensor& target_margin,
                                          const OptionalTensor& weight, double gamma, double label_smoothing,
-                                         c10::string_view reduction, int64_t ignore_index) {
+                                         c10::string_view reduction, int64_t ignore_index, bool with_grad) {
   TORCH_CHECK(!(weight.has_value() && weight->requires_grad() && at::GradMode::is_enabled()),
               "ltfast.adjusted_cross_entropy: the gradient with respect to `weight` is not implemented; pass "
               "weight.detach()");
   auto out = AdjustedCrossEntropyFunction::apply(logits, target, adjustment, target_margin, weight, gamma,
-                                                 label_smoothing, reduction, ignore_index);
-  return {out[0], out[1], out[2]};
+                                                 label_smoothing, reduction, ignore_index,
+                                                 wants_forward_grad(logits, with_grad, cross_entropy_forward_gradient_enabled()));
+  return {out[0], out[1], out[2], requested_forward_grad(with_grad, out[3], logits)};
 }
 
-template <c10::DispatchKey Key>
-at::Tensor adjusted_cross_entropy_autocast(const at::Tensor& logits, const at::Tensor& target,
-                                           const OptionalTensor& adjustment, const OptionalTensor& target_margin,
-                                           const OptionalTensor& weight, double gamma, double label_smoothing,
-                                           c10::string_view reduction, int64_t ignore_index) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
+// The float32 loss of the public op, for Autocast (autograd_common.h).
+at::Tensor adjusted_cross_entropy_float_loss(const at::Tensor& logits, const at::Tensor& target,
+                                             const OptionalTensor& adjustment, const OptionalTensor& target_margin,
+                                             const OptionalTensor& weight, double gamma, double label_smoothing,
+                                             c10::string_view reduction, int64_t ignore_index) {
   return std::get<0>(adjusted_forward_op().call(logits.contiguous(), target, adjustment, target_margin, weight, gamma,
-                                                label_smoothing, reduction, ignore_index));
+                                                label_smoothing, reduction, ignore_index, false));
 }
 
 }  // namespace
@@ -186,13 +199,13 @@ TORCH_LIBRARY_IMPL(ltfast, Autograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(ltfast, AutocastCPU, m) {
-  m.impl("balanced_softmax", TORCH_FN(balanced_softmax_autocast<c10::DispatchKey::AutocastCPU>));
-  m.impl("adjusted_cross_entropy", TORCH_FN(adjusted_cross_entropy_autocast<c10::DispatchKey::AutocastCPU>));
+  m.impl("balanced_softmax", TORCH_FN(Autocast<balanced_softmax_float_loss>::call<c10::DispatchKey::AutocastCPU>));
+  m.impl("adjusted_cross_entropy", TORCH_FN(Autocast<adjusted_cross_entropy_float_loss>::call<c10::DispatchKey::AutocastCPU>));
 }
 
 TORCH_LIBRARY_IMPL(ltfast, AutocastCUDA, m) {
-  m.impl("balanced_softmax", TORCH_FN(balanced_softmax_autocast<c10::DispatchKey::AutocastCUDA>));
-  m.impl("adjusted_cross_entropy", TORCH_FN(adjusted_cross_entropy_autocast<c10::DispatchKey::AutocastCUDA>));
+  m.impl("balanced_softmax", TORCH_FN(Autocast<balanced_softmax_float_loss>::call<c10::DispatchKey::AutocastCUDA>));
+  m.impl("adjusted_cross_entropy", TORCH_FN(Autocast<adjusted_cross_entropy_float_loss>::call<c10::DispatchKey::AutocastCUDA>));
 }
 
 }  // namespace autograd

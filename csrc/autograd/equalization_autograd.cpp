@@ -12,9 +12,10 @@ namespace autograd {
 namespace {
 
 // ------------------------------------------------------------------ softmax_equalization_loss
-using SeqlForward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                   const at::Tensor&, const at::Tensor&, double,
-                                                                   c10::string_view, int64_t);
+// The fourth output: the forward-time gradient (autograd_common.h).
+using SeqlForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using SeqlForward = SeqlForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       double, c10::string_view, int64_t, bool);
 using SeqlBackward = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, double, c10::string_view,
                                 int64_t);
@@ -28,52 +29,50 @@ class SoftmaxEqualizationFunction : public torch::autograd::Function<SoftmaxEqua
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
                                const at::Tensor& tail_mask, const at::Tensor& seed, double gamma,
-                               c10::string_view reduction, int64_t ignore_index) {
+                               c10::string_view reduction, int64_t ignore_index, bool with_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, row_stats, denominator] =
-        seql_forward_op().call(logits, target, tail_mask, seed, gamma, reduction, ignore_index);
+    auto [loss, row_stats, denominator, grad_logits] =
+        seql_forward_op().call(logits, target, tail_mask, seed, gamma, reduction, ignore_index, with_grad);
     // The drop mask is not saved: backward regenerates it from `seed`.
     ctx->save_for_backward({logits, target, tail_mask, seed, row_stats, denominator});
+    keep_forward_grad(ctx, grad_logits);
     ctx->saved_data["gamma"] = gamma;
     ctx->saved_data["reduction"] = std::string(reduction);
     ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->mark_non_differentiable({row_stats, denominator});
-    return {loss, row_stats, denominator};
+    ctx->mark_non_differentiable({row_stats, denominator, grad_logits});
+    return {loss, row_stats, denominator, grad_logits};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto backward_op = typed_op<SeqlBackward>("ltfast::_softmax_equalization_loss_backward");
     const auto saved = ctx->get_saved_variables();
-    at::Tensor grad_logits;
-    {
+    at::Tensor grad_logits = forward_grad_for_upstream(ctx, saved[0], grads[0]);
+    if (!grad_logits.defined()) {
       at::AutoDispatchBelowADInplaceOrView guard;
       grad_logits = backward_op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
                                      ctx->saved_data["gamma"].toDouble(), ctx->saved_data["reduction"].toStringRef(),
                                      ctx->saved_data["ignore_index"].toInt());
     }
     variable_list result = {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(),
-                            at::Tensor(), at::Tensor(), at::Tensor()};
+                            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     refuse_double_backward(result, "ltfast.softmax_equalization_loss", {saved[0], grads[0]});
     return result;
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> seql_forward_autograd(const at::Tensor& logits,
-                                                                     const at::Tensor& target,
-                                                                     const at::Tensor& tail_mask,
-                                                                     const at::Tensor& seed, double gamma,
-                                                                     c10::string_view reduction,
-                                                                     int64_t ignore_index) {
-  auto out = SoftmaxEqualizationFunction::apply(logits, target, tail_mask, seed, gamma, reduction, ignore_index);
-  return {out[0], out[1], out[2]};
+SeqlForwardOutputs seql_forward_autograd(const at::Tensor& logits, const at::Tensor& target,
+                                         const at::Tensor& tail_mask, const at::Tensor& seed, double gamma,
+                                         c10::string_view reduction, int64_t ignore_index, bool with_grad) {
+  auto out = SoftmaxEqualizationFunction::apply(logits, target, tail_mask, seed, gamma, reduction, ignore_index,
+                                                wants_forward_grad(logits, with_grad, cross_entropy_forward_gradient_enabled()));
+  return {out[0], out[1], out[2], requested_forward_grad(with_grad, out[3], logits)};
 }
 
-template <c10::DispatchKey Key>
-at::Tensor seql_autocast(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tail_mask,
-                         const at::Tensor& seed, double gamma, c10::string_view reduction, int64_t ignore_index) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
+// The float32 loss of the public op, for Autocast (autograd_common.h).
+at::Tensor seql_float_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tail_mask,
+                           const at::Tensor& seed, double gamma, c10::string_view reduction, int64_t ignore_index) {
   return std::get<0>(seql_forward_op().call(logits.contiguous(), target, tail_mask, seed, gamma, reduction,
-                                            ignore_index));
+                                            ignore_index, false));
 }
 
 // ------------------------------------------------------------------ equalization_loss (EQL)
@@ -123,10 +122,9 @@ std::tuple<at::Tensor, at::Tensor> eql_forward_autograd(const at::Tensor& logits
   return {out[0], out[1]};
 }
 
-template <c10::DispatchKey Key>
-at::Tensor eql_autocast(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tail_mask,
-                        c10::string_view reduction, int64_t ignore_index) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
+// The float32 loss of the public op, for Autocast (autograd_common.h).
+at::Tensor eql_float_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tail_mask,
+                          c10::string_view reduction, int64_t ignore_index) {
   return std::get<0>(eql_forward_op().call(logits.contiguous(), target, tail_mask, reduction, ignore_index));
 }
 
@@ -138,13 +136,13 @@ TORCH_LIBRARY_IMPL(ltfast, Autograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(ltfast, AutocastCPU, m) {
-  m.impl("softmax_equalization_loss", TORCH_FN(seql_autocast<c10::DispatchKey::AutocastCPU>));
-  m.impl("equalization_loss", TORCH_FN(eql_autocast<c10::DispatchKey::AutocastCPU>));
+  m.impl("softmax_equalization_loss", TORCH_FN(Autocast<seql_float_loss>::call<c10::DispatchKey::AutocastCPU>));
+  m.impl("equalization_loss", TORCH_FN(Autocast<eql_float_loss>::call<c10::DispatchKey::AutocastCPU>));
 }
 
 TORCH_LIBRARY_IMPL(ltfast, AutocastCUDA, m) {
-  m.impl("softmax_equalization_loss", TORCH_FN(seql_autocast<c10::DispatchKey::AutocastCUDA>));
-  m.impl("equalization_loss", TORCH_FN(eql_autocast<c10::DispatchKey::AutocastCUDA>));
+  m.impl("softmax_equalization_loss", TORCH_FN(Autocast<seql_float_loss>::call<c10::DispatchKey::AutocastCUDA>));
+  m.impl("equalization_loss", TORCH_FN(Autocast<eql_float_loss>::call<c10::DispatchKey::AutocastCUDA>));
 }
 
 }  // namespace autograd

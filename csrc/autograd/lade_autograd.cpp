@@ -61,18 +61,16 @@ LadeOutputs lade_forward_autograd(const at::Tensor& logits, const at::Tensor& ta
   return {out[0], out[1], out[2], out[3]};
 }
 
-template <c10::DispatchKey Key>
-at::Tensor lade_autocast(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& log_prior, double alpha,
-                         double remine_lambda, int64_t ignore_index) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
+// The float32 loss of the public op, for Autocast (autograd_common.h).
+at::Tensor lade_float_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& log_prior, double alpha,
+                           double remine_lambda, int64_t ignore_index) {
   return std::get<0>(
       lade_forward_op().call(logits.contiguous(), target, log_prior, 1.0, alpha, remine_lambda, ignore_index));
 }
 
-template <c10::DispatchKey Key>
-at::Tensor lade_regularizer_autocast(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& log_prior,
-                                     double remine_lambda, int64_t ignore_index) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
+// The float32 loss of the public op, for Autocast (autograd_common.h).
+at::Tensor lade_regularizer_float_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& log_prior,
+                                       double remine_lambda, int64_t ignore_index) {
   return std::get<0>(
       lade_forward_op().call(logits.contiguous(), target, log_prior, 0.0, 1.0, remine_lambda, ignore_index));
 }
@@ -84,13 +82,13 @@ TORCH_LIBRARY_IMPL(ltfast, Autograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(ltfast, AutocastCPU, m) {
-  m.impl("lade", TORCH_FN(lade_autocast<c10::DispatchKey::AutocastCPU>));
-  m.impl("lade_regularizer", TORCH_FN(lade_regularizer_autocast<c10::DispatchKey::AutocastCPU>));
+  m.impl("lade", TORCH_FN(Autocast<lade_float_loss>::call<c10::DispatchKey::AutocastCPU>));
+  m.impl("lade_regularizer", TORCH_FN(Autocast<lade_regularizer_float_loss>::call<c10::DispatchKey::AutocastCPU>));
 }
 
 TORCH_LIBRARY_IMPL(ltfast, AutocastCUDA, m) {
-  m.impl("lade", TORCH_FN(lade_autocast<c10::DispatchKey::AutocastCUDA>));
-  m.impl("lade_regularizer", TORCH_FN(lade_regularizer_autocast<c10::DispatchKey::AutocastCUDA>));
+  m.impl("lade", TORCH_FN(Autocast<lade_float_loss>::call<c10::DispatchKey::AutocastCUDA>));
+  m.impl("lade_regularizer", TORCH_FN(Autocast<lade_regularizer_float_loss>::call<c10::DispatchKey::AutocastCUDA>));
 }
 
 }  // namespace autograd

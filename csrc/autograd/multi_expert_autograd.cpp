@@ -4,10 +4,10 @@
 // is not implemented), rather than silently given none.
 //
 // Where the logits need a gradient and live on the CPU, the forward op is asked for the gradient
-// too (with_grad, multi_expert.h): it reads the logits once and writes the gradient once, and the
-// backward returns that tensor when the upstream gradient is exactly 1 (loss.backward() on the loss
-// itself). Any other upstream gradient, create_graph, and the CUDA kernels (which return no
-// gradient) take the backward op. At 4096 x 3 x 1000 float32 on one CPU thread this is 2 passes
+// too (with_grad, multi_expert.h; see "the forward-time gradient" in autograd_common.h): it reads the
+// logits once and writes the gradient once, and the backward returns that tensor when the upstream
+// gradient is exactly 1 (loss.backward() on the loss itself). Any other upstream gradient,
+// create_graph, and the CUDA kernels (which return no gradient) take the backward op. At 4096 x 3 x 1000 float32 on one CPU thread this is 2 passes
 // over the logits instead of 3, and the exponentials of the forward are reused. The gradient is kept
 // in saved_data and handed out once: the caller owns it (AccumulateGrad can take it without a copy,
 // in-place changes cannot reach a later backward), and a second backward (retain_graph=True) runs
@@ -26,37 +26,6 @@ using ForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 using OptionalTensor = c10::optional<at::Tensor>;
 
 inline OptionalTensor optional_of(const at::Tensor& t) { return t.defined() ? OptionalTensor(t) : OptionalTensor(); }
-
-// A real CPU tensor with concrete sizes: not a FakeTensor or a functional wrapper (torch.compile,
-// opcheck), whose values cannot be read and whose graph must not depend on them.
-bool is_plain_cpu_tensor(const at::Tensor& t) {
-  return t.defined() && t.device().is_cpu() && !t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() &&
-         !t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize}));
-}
-
-// Whether the forward should also compute the gradient (see above).
-bool wants_forward_grad(const at::Tensor& logits, bool requested) {
-  return requested || (at::GradMode::is_enabled() && logits.requires_grad() && is_plain_cpu_tensor(logits));
-}
-
-// The forward-time gradient, when it exists and the upstream gradient is exactly 1 everywhere.
-// Takes the forward-time gradient out of the context (once).
-at::Tensor take_forward_grad(AutogradContext* ctx) {
-  auto& data = ctx->saved_data;
-  const auto it = data.find("forward_grad");
-  if (it == data.end()) return at::Tensor();
-  at::Tensor grad = it->second.toTensor();
-  data.erase(it);
-  return grad;
-}
-
-bool use_forward_grad(const at::Tensor& forward_grad, const at::Tensor& logits, const at::Tensor& upstream) {
-  if (at::GradMode::is_enabled() || !is_plain_cpu_tensor(forward_grad) || !is_plain_cpu_tensor(upstream) ||
-      !is_plain_cpu_tensor(logits) || forward_grad.numel() == 0 || forward_grad.numel() != logits.numel()) {
-    return false;
-  }
-  return upstream.numel() == 1 ? upstream.item<double>() == 1.0 : upstream.eq(1).all().item<bool>();
-}
 
 void refuse_grad_of(const OptionalTensor& t, const char* name, const char* op) {
   TORCH_CHECK(!(t.has_value() && t->defined() && t->requires_grad() && at::GradMode::is_enabled()), op,
@@ -83,7 +52,7 @@ class DiverseExpertFunction : public torch::autograd::Function<DiverseExpertFunc
     auto [loss, row_stats, denominator, grad_logits] =
         diverse_forward_op().call(logits, target, adjustments, reduction, ignore_index, with_grad);
     ctx->save_for_backward({logits, target, adjustments, row_stats, denominator});
-    if (is_plain_cpu_tensor(grad_logits) && grad_logits.numel() > 0) ctx->saved_data["forward_grad"] = grad_logits;
+    keep_forward_grad(ctx, grad_logits);
     ctx->saved_data["reduction"] = std::string(reduction);
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->mark_non_differentiable({row_stats, denominator, grad_logits});
@@ -93,11 +62,8 @@ class DiverseExpertFunction : public torch::autograd::Function<DiverseExpertFunc
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto backward_op = typed_op<DiverseBackward>("ltfast::_diverse_expert_loss_backward");
     const auto saved = ctx->get_saved_variables();
-    at::Tensor grad_logits;
-    at::Tensor forward_grad = take_forward_grad(ctx);
-    if (use_forward_grad(forward_grad, saved[0], grads[0])) {
-      grad_logits = std::move(forward_grad);
-    } else {
+    at::Tensor grad_logits = forward_grad_if_unit_upstream(ctx, saved[0], grads[0]);
+    if (!grad_logits.defined()) {
       at::AutoDispatchBelowADInplaceOrView guard;
       grad_logits = backward_op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4],
                                      ctx->saved_data["reduction"].toStringRef(),
@@ -118,10 +84,9 @@ ForwardOutputs diverse_forward_autograd(const at::Tensor& logits, const at::Tens
   return {out[0], out[1], out[2], out[3]};
 }
 
-template <c10::DispatchKey Key>
-at::Tensor diverse_autocast(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& adjustments,
-                            c10::string_view reduction, int64_t ignore_index) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
+// The float32 loss of the public op, for Autocast (autograd_common.h).
+at::Tensor diverse_float_loss(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& adjustments,
+                              c10::string_view reduction, int64_t ignore_index) {
   return std::get<0>(
       diverse_forward_op().call(logits.contiguous(), target, adjustments, reduction, ignore_index, false));
 }
@@ -149,7 +114,7 @@ class RideFunction : public torch::autograd::Function<RideFunction> {
         logits, target, target_margin, weight, temperature, base_temperature, diversity_factor, ignore_index, with_grad);
     ctx->save_for_backward({logits, target, target_margin.value_or(at::Tensor()), weight.value_or(at::Tensor()),
                             temperature.value_or(at::Tensor()), row_stats, denominators});
-    if (is_plain_cpu_tensor(grad_logits) && grad_logits.numel() > 0) ctx->saved_data["forward_grad"] = grad_logits;
+    keep_forward_grad(ctx, grad_logits);
     ctx->saved_data["base_temperature"] = base_temperature;
     ctx->saved_data["diversity_factor"] = diversity_factor;
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -160,11 +125,8 @@ class RideFunction : public torch::autograd::Function<RideFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto backward_op = typed_op<RideBackward>("ltfast::_ride_loss_backward");
     const auto saved = ctx->get_saved_variables();
-    at::Tensor grad_logits;
-    at::Tensor forward_grad = take_forward_grad(ctx);
-    if (use_forward_grad(forward_grad, saved[0], grads[0])) {
-      grad_logits = std::move(forward_grad);
-    } else {
+    at::Tensor grad_logits = forward_grad_if_unit_upstream(ctx, saved[0], grads[0]);
+    if (!grad_logits.defined()) {
       at::AutoDispatchBelowADInplaceOrView guard;
       grad_logits = backward_op.call(grads[0], saved[0], saved[1], optional_of(saved[2]), optional_of(saved[3]),
                                      optional_of(saved[4]), saved[5], saved[6],
@@ -191,11 +153,10 @@ ForwardOutputs ride_forward_autograd(const at::Tensor& logits, const at::Tensor&
   return {out[0], out[1], out[2], out[3]};
 }
 
-template <c10::DispatchKey Key>
-at::Tensor ride_autocast(const at::Tensor& logits, const at::Tensor& target, const OptionalTensor& target_margin,
-                         const OptionalTensor& weight, const OptionalTensor& temperature, double base_temperature,
-                         double diversity_factor, int64_t ignore_index) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
+// The float32 loss of the public op, for Autocast (autograd_common.h).
+at::Tensor ride_float_loss(const at::Tensor& logits, const at::Tensor& target, const OptionalTensor& target_margin,
+                           const OptionalTensor& weight, const OptionalTensor& temperature, double base_temperature,
+                           double diversity_factor, int64_t ignore_index) {
   return std::get<0>(ride_forward_op().call(logits.contiguous(), target, target_margin, weight, temperature,
                                             base_temperature, diversity_factor, ignore_index, false));
 }
@@ -208,13 +169,13 @@ TORCH_LIBRARY_IMPL(ltfast, Autograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(ltfast, AutocastCPU, m) {
-  m.impl("diverse_expert_loss", TORCH_FN(diverse_autocast<c10::DispatchKey::AutocastCPU>));
-  m.impl("ride_loss", TORCH_FN(ride_autocast<c10::DispatchKey::AutocastCPU>));
+  m.impl("diverse_expert_loss", TORCH_FN(Autocast<diverse_float_loss>::call<c10::DispatchKey::AutocastCPU>));
+  m.impl("ride_loss", TORCH_FN(Autocast<ride_float_loss>::call<c10::DispatchKey::AutocastCPU>));
 }
 
 TORCH_LIBRARY_IMPL(ltfast, AutocastCUDA, m) {
-  m.impl("diverse_expert_loss", TORCH_FN(diverse_autocast<c10::DispatchKey::AutocastCUDA>));
-  m.impl("ride_loss", TORCH_FN(ride_autocast<c10::DispatchKey::AutocastCUDA>));
+  m.impl("diverse_expert_loss", TORCH_FN(Autocast<diverse_float_loss>::call<c10::DispatchKey::AutocastCUDA>));
+  m.impl("ride_loss", TORCH_FN(Autocast<ride_float_loss>::call<c10::DispatchKey::AutocastCUDA>));
 }
 
 }  // namespace autograd

@@ -124,14 +124,13 @@ ForwardOutputs mixed_forward_autograd(const at::Tensor& logits, const at::Tensor
   return {out[0], out[1], out[2]};
 }
 
-template <c10::DispatchKey Key>
-at::Tensor mixed_cross_entropy_autocast(const at::Tensor& logits, const at::Tensor& target,
-                                        const OptionalTensor& target_b, const OptionalTensor& mix_weight, double mix,
-                                        const OptionalTensor& adjustment, const OptionalTensor& target_margin,
-                                        const OptionalTensor& weight, double gamma, double label_smoothing,
-                                        const OptionalTensor& class_label_smoothing, c10::string_view reduction,
-                                        int64_t ignore_index) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
+// The float32 loss of the public op, for Autocast (autograd_common.h).
+at::Tensor mixed_cross_entropy_float_loss(const at::Tensor& logits, const at::Tensor& target,
+                                          const OptionalTensor& target_b, const OptionalTensor& mix_weight, double mix,
+                                          const OptionalTensor& adjustment, const OptionalTensor& target_margin,
+                                          const OptionalTensor& weight, double gamma, double label_smoothing,
+                                          const OptionalTensor& class_label_smoothing, c10::string_view reduction,
+                                          int64_t ignore_index) {
   return std::get<0>(mixed_forward_op().call(logits.contiguous(), target, target_b, mix_weight, mix, adjustment,
                                              target_margin, weight, gamma, label_smoothing, class_label_smoothing,
                                              reduction, ignore_index));
@@ -201,11 +200,10 @@ ForwardOutputs probability_forward_autograd(const at::Tensor& logits, const at::
   return {out[0], out[1], out[2]};
 }
 
-template <c10::DispatchKey Key>
-at::Tensor probability_cross_entropy_autocast(const at::Tensor& logits, const at::Tensor& target,
-                                              const OptionalTensor& adjustment, const OptionalTensor& weight,
-                                              double label_smoothing, c10::string_view reduction) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(Key);
+// The float32 loss of the public op, for Autocast (autograd_common.h).
+at::Tensor probability_cross_entropy_float_loss(const at::Tensor& logits, const at::Tensor& target,
+                                                const OptionalTensor& adjustment, const OptionalTensor& weight,
+                                                double label_smoothing, c10::string_view reduction) {
   return std::get<0>(
       probability_forward_op().call(logits.contiguous(), target, adjustment, weight, label_smoothing, reduction));
 }
@@ -218,13 +216,13 @@ TORCH_LIBRARY_IMPL(ltfast, Autograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(ltfast, AutocastCPU, m) {
-  m.impl("mixed_cross_entropy", TORCH_FN(mixed_cross_entropy_autocast<c10::DispatchKey::AutocastCPU>));
-  m.impl("probability_cross_entropy", TORCH_FN(probability_cross_entropy_autocast<c10::DispatchKey::AutocastCPU>));
+  m.impl("mixed_cross_entropy", TORCH_FN(Autocast<mixed_cross_entropy_float_loss>::call<c10::DispatchKey::AutocastCPU>));
+  m.impl("probability_cross_entropy", TORCH_FN(Autocast<probability_cross_entropy_float_loss>::call<c10::DispatchKey::AutocastCPU>));
 }
 
 TORCH_LIBRARY_IMPL(ltfast, AutocastCUDA, m) {
-  m.impl("mixed_cross_entropy", TORCH_FN(mixed_cross_entropy_autocast<c10::DispatchKey::AutocastCUDA>));
-  m.impl("probability_cross_entropy", TORCH_FN(probability_cross_entropy_autocast<c10::DispatchKey::AutocastCUDA>));
+  m.impl("mixed_cross_entropy", TORCH_FN(Autocast<mixed_cross_entropy_float_loss>::call<c10::DispatchKey::AutocastCUDA>));
+  m.impl("probability_cross_entropy", TORCH_FN(Autocast<probability_cross_entropy_float_loss>::call<c10::DispatchKey::AutocastCUDA>));
 }
 
 }  // namespace autograd

@@ -50,6 +50,30 @@ inline int64_t rows_per_task(int64_t num_classes) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, num_classes));
 }
 
+// The backward tile loop of the row kernels: body(source, out, start, len) sees entries start ..
+// start + len - 1 of a row as acc_t logits (`source`) and writes their gradient as acc_t (`out`).
+// float32/float64 rows are read and written in place; half-precision rows are converted into `tile`
+// (gradient_tile_size elements), and the gradient is converted back from it, one L1-sized tile at a time.
+template <typename scalar_t, typename acc_t>
+int64_t gradient_tile_size(int64_t num_classes) {
+  return std::is_same_v<scalar_t, acc_t> ? 0 : std::min(num_classes, kTileClasses);
+}
+
+template <typename scalar_t, typename acc_t, typename Body>
+inline void for_each_gradient_tile(const scalar_t* logits_row, scalar_t* grad_row, int64_t num_classes, acc_t* tile,
+                                   Body&& body) {
+  for (int64_t start = 0; start < num_classes; start += kTileClasses) {
+    const int64_t len = std::min(kTileClasses, num_classes - start);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      body(static_cast<const acc_t*>(logits_row + start), grad_row + start, start, len);
+    } else {
+      at::vec::convert(logits_row + start, tile, len);
+      body(static_cast<const acc_t*>(tile), tile, start, len);
+      at::vec::convert(tile, grad_row + start, len);
+    }
+  }
+}
+
 template <typename acc_t>
 const acc_t* data_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<acc_t>() : nullptr;

@@ -4,9 +4,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Optional.h>
 
 #include <tuple>
+#include <utility>
 
 #include "../../common/checks.h"
 
@@ -33,6 +35,9 @@ struct CrossEntropyArgs {
   at::Tensor tail_mask;  // uint8 [C], 1 = tail class
   at::Tensor seed;       // int64 [2]
   double drop_probability = 0.0;
+  // Forward only: also write d loss / d logits for an upstream gradient of 1 (see
+  // CrossEntropyForwardOutputs). Set by the autograd kernel where the logits need a gradient.
+  bool with_grad = false;
 };
 
 CrossEntropyArgs prepare_seql_args(const char* op, const at::Tensor& logits, const at::Tensor& target,
@@ -61,7 +66,15 @@ void check_cross_entropy_backward_args(const char* op, const CrossEntropyArgs& a
 // exp(a_ic - lse_i) with a rounded lse_i. denominator is the scalar the summed loss was divided by
 // (sum of target weights for 'mean', 1 otherwise). All three are in the accumulation dtype.
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
-ForwardResult cross_entropy_forward_cpu(const CrossEntropyArgs& args);
+// The private forward ops return a fourth tensor, grad_logits: empty ([0]) unless args.with_grad and
+// the backend computes it (today the CPU kernels; a backend whose forward kernel returns a
+// ForwardResult gets the empty one, see with_forward_grad below). Then it is d loss / d logits for an
+// upstream gradient of exactly 1, in the logits dtype, bit-identical to the backward op's result for
+// that gradient (the same per-row code, on the row while it is still in L1), and autograd returns it
+// instead of running the backward (csrc/autograd/autograd_common.h): one read of the logits and one
+// write of the gradient per training step instead of two reads and one write.
+using CrossEntropyForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+CrossEntropyForwardOutputs cross_entropy_forward_cpu(const CrossEntropyArgs& args);
 at::Tensor cross_entropy_backward_cpu(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
                                       const at::Tensor& row_stats, const at::Tensor& denominator);
 ForwardResult cross_entropy_forward_cuda(const CrossEntropyArgs& args);
@@ -83,19 +96,29 @@ at::Tensor cross_entropy_backward_cuda(const CrossEntropyArgs& args, const at::T
 namespace ltfast {
 
 // Schema-shaped adapters: each backend registers these with its own kernels, so the argument
-// handling of the four private ops is written once for all backends.
-using ForwardKernel = ForwardResult (*)(const CrossEntropyArgs&);
+// handling of the four private ops is written once for all backends. A forward kernel returns either
+// a ForwardResult (no forward-time gradient: the CUDA kernels today) or CrossEntropyForwardOutputs;
+// adopting the forward-time gradient on a backend is then a change of its kernel's return type.
+inline CrossEntropyForwardOutputs with_forward_grad(const CrossEntropyArgs& args, ForwardResult result) {
+  auto& [loss, row_stats, denominator] = result;
+  return {std::move(loss), std::move(row_stats), std::move(denominator), at::empty({0}, args.logits.options())};
+}
+inline CrossEntropyForwardOutputs with_forward_grad(const CrossEntropyArgs& /*args*/,
+                                                    CrossEntropyForwardOutputs result) {
+  return result;
+}
 using BackwardKernel = at::Tensor (*)(const CrossEntropyArgs&, const at::Tensor&, const at::Tensor&,
                                       const at::Tensor&);
 
-template <ForwardKernel kernel>
-ForwardResult balanced_softmax_forward(const at::Tensor& logits, const at::Tensor& target,
-                                       const at::Tensor& log_prior, c10::string_view reduction,
-                                       int64_t ignore_index) {
-  const auto args = prepare_cross_entropy_args("ltfast.balanced_softmax", logits, target, log_prior,
-                                               "log_prior", c10::nullopt, c10::nullopt, 0.0, 0.0,
-                                               reduction, ignore_index);
-  return kernel(args);
+template <auto kernel>
+CrossEntropyForwardOutputs balanced_softmax_forward(const at::Tensor& logits, const at::Tensor& target,
+                                                    const at::Tensor& log_prior, c10::string_view reduction,
+                                                    int64_t ignore_index, bool with_grad) {
+  auto args = prepare_cross_entropy_args("ltfast.balanced_softmax", logits, target, log_prior,
+                                         "log_prior", c10::nullopt, c10::nullopt, 0.0, 0.0,
+                                         reduction, ignore_index);
+  args.with_grad = with_grad;
+  return with_forward_grad(args, kernel(args));
 }
 
 template <BackwardKernel kernel>
@@ -111,15 +134,16 @@ at::Tensor balanced_softmax_backward(const at::Tensor& grad_loss, const at::Tens
   return kernel(args, grad_loss, row_stats, denominator);
 }
 
-template <ForwardKernel kernel>
-ForwardResult adjusted_cross_entropy_forward(
+template <auto kernel>
+CrossEntropyForwardOutputs adjusted_cross_entropy_forward(
     const at::Tensor& logits, const at::Tensor& target, const c10::optional<at::Tensor>& adjustment,
     const c10::optional<at::Tensor>& target_margin, const c10::optional<at::Tensor>& weight,
-    double gamma, double label_smoothing, c10::string_view reduction, int64_t ignore_index) {
-  const auto args = prepare_cross_entropy_args("ltfast.adjusted_cross_entropy", logits, target,
-                                               adjustment, "adjustment", target_margin, weight, gamma,
-                                               label_smoothing, reduction, ignore_index);
-  return kernel(args);
+    double gamma, double label_smoothing, c10::string_view reduction, int64_t ignore_index, bool with_grad) {
+  auto args = prepare_cross_entropy_args("ltfast.adjusted_cross_entropy", logits, target,
+                                         adjustment, "adjustment", target_margin, weight, gamma,
+                                         label_smoothing, reduction, ignore_index);
+  args.with_grad = with_grad;
+  return with_forward_grad(args, kernel(args));
 }
 
 template <BackwardKernel kernel>
@@ -141,11 +165,14 @@ at::Tensor adjusted_cross_entropy_backward(
 
 namespace ltfast {
 
-template <ForwardKernel kernel>
-ForwardResult seql_forward(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& tail_mask,
-                           const at::Tensor& seed, double gamma, c10::string_view reduction, int64_t ignore_index) {
-  return kernel(prepare_seql_args("ltfast.softmax_equalization_loss", logits, target, tail_mask, seed, gamma,
-                                  reduction, ignore_index));
+template <auto kernel>
+CrossEntropyForwardOutputs seql_forward(const at::Tensor& logits, const at::Tensor& target,
+                                        const at::Tensor& tail_mask, const at::Tensor& seed, double gamma,
+                                        c10::string_view reduction, int64_t ignore_index, bool with_grad) {
+  auto args = prepare_seql_args("ltfast.softmax_equalization_loss", logits, target, tail_mask, seed, gamma,
+                                reduction, ignore_index);
+  args.with_grad = with_grad;
+  return with_forward_grad(args, kernel(args));
 }
 
 template <BackwardKernel kernel>

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -65,8 +66,109 @@ class SeqlKeys {
   uint64_t threshold_ = 0;
 };
 
+// The denominator of the reduced loss: the sum of the target weights of the non-ignored rows for
+// 'mean' (their count without class weights), 1 otherwise; serially in float64 so that the result is
+// bit-identical run to run whatever the thread count (4096 rows take ~4 us).
+template <typename acc_t>
+double loss_denominator(const CrossEntropyArgs& args) {
+  if (args.reduction != Reduction::Mean) return 1.0;
+  const int64_t* target = args.target.data_ptr<int64_t>();
+  const acc_t* weight = data_or_null<acc_t>(args.weight);
+  double total_weight = 0.0;
+  for (int64_t i = 0; i < args.num_rows; ++i) {
+    const int64_t y = target[i];
+    if (y != args.ignore_index) total_weight += weight ? static_cast<double>(weight[y]) : 1.0;
+  }
+  return total_weight;
+}
+
+// d loss / d logits of one row, given its saved statistics and its upstream gradient: what the
+// backward op writes for every row, and what the forward writes with args.with_grad (with the
+// upstream gradient 1) right after the row's statistics, while the row is still in L1 (a 1000-class
+// float32 row is 4 KB). One function for both, so the forward-time gradient is bit-identical to the
+// backward op's for an upstream gradient of 1.
 template <typename scalar_t>
-void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tensor& row_stats) {
+class RowGradient {
+ public:
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+
+  explicit RowGradient(const CrossEntropyArgs& args)
+      : args_(args),
+        logits_(args.logits.data_ptr<scalar_t>()),
+        adjustment_(data_or_null<acc_t>(args.adjustment)),
+        margin_(data_or_null<acc_t>(args.target_margin)),
+        weight_(data_or_null<acc_t>(args.weight)),
+        cfg_(make_config<acc_t>(args)),
+        seql_(args) {}
+
+  // Scratch for half-precision rows, one per parallel task.
+  std::vector<acc_t> make_tile() const { return std::vector<acc_t>(gradient_tile_size<scalar_t, acc_t>(args_.num_classes)); }
+
+  // Writes row i's gradient into grad_row; y is its (checked) target, scale its upstream gradient
+  // (divided by the denominator for a reduced loss).
+  void write(int64_t i, int64_t y, const math::RowLogSumExp<acc_t>& row, acc_t scale, scalar_t* grad_row,
+             acc_t* tile) const {
+    const int64_t C = args_.num_classes;
+    if (y == args_.ignore_index) {
+      std::fill(grad_row, grad_row + C, scalar_t(0));
+      return;
+    }
+    if (math::row_is_nan(row)) {  // NaN/inf in the row: every gradient is NaN, as in F.cross_entropy
+      std::fill(grad_row, grad_row + C, static_cast<scalar_t>(row.log_sum));
+      return;
+    }
+    const scalar_t* logits_row = logits_ + i * C;
+    const acc_t target_logit = adjusted_target_logit(logits_row, adjustment_, margin_, y);
+    const auto coef = math::row_gradient_coefficients(cfg_, scale, row, target_logit,
+                                                      weight_ ? weight_[y] : acc_t(1));
+    const Vec vmax(row.max), vlog_sum(row.log_sum), vprob(coef.prob_coef), vclass(coef.class_coef), vone(acc_t(1));
+    const RowDrops row_drops = seql_.row(i, y);
+    const RowDrops* drops = seql_.enabled() ? &row_drops : nullptr;  // SEQL: dropped entries get exactly 0
+    for_each_gradient_tile(logits_row, grad_row, C, tile, [&](const acc_t* source, acc_t* out, int64_t start,
+                                                              int64_t len) {
+      const acc_t* adj = adjustment_ ? adjustment_ + start : nullptr;
+      const acc_t* w = weight_ ? weight_ + start : nullptr;
+      int64_t c = 0;
+      for (; c + Vec::size() <= len; c += Vec::size()) {
+        Vec a = Vec::loadu(source + c);
+        if (adj) a = math::adjusted_logit(a, Vec::loadu(adj + c));
+        const Vec p = vec_exp(math::log_softmax_of(a, vmax, vlog_sum));
+        Vec g = math::element_gradient(p, vprob, vclass, w ? Vec::loadu(w + c) : vone);
+        if (drops) g = drops->drop_lanes(g, start + c, acc_t(0));
+        g.store(out + c);
+      }
+      for (; c < len; ++c) {
+        const acc_t a = adj ? math::adjusted_logit(source[c], adj[c]) : source[c];
+        out[c] = (drops && drops->dropped(start + c))
+                     ? acc_t(0)
+                     : math::element_gradient(math::softmax_probability(a, row), coef.prob_coef, coef.class_coef,
+                                              w ? w[c] : acc_t(1));
+      }
+      if (y >= start && y < start + len) {
+        // The target element: its probability uses the margin-adjusted logit, then the one-hot term.
+        out[y - start] = math::element_gradient(math::softmax_probability(target_logit, row), coef.prob_coef,
+                                                coef.class_coef, w ? w[y - start] : acc_t(1)) -
+                         coef.target_coef;
+      }
+    });
+  }
+
+ private:
+  const CrossEntropyArgs& args_;
+  const scalar_t* logits_;
+  const acc_t* adjustment_;
+  const acc_t* margin_;
+  const acc_t* weight_;
+  math::CrossEntropyConfig<acc_t> cfg_;
+  SeqlKeys seql_;
+};
+
+// grad_logits: with args.with_grad, [N, C] in the logits dtype, receives d loss / d logits for an
+// upstream gradient of 1; else undefined or empty.
+template <typename scalar_t>
+void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tensor& row_stats,
+                    at::Tensor& grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = args.num_rows, C = args.num_classes;
   const scalar_t* logits = args.logits.data_ptr<scalar_t>();
@@ -80,15 +182,27 @@ void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tens
   acc_t* max_out = row_stats.data_ptr<acc_t>();  // row_stats[0]
   acc_t* log_sum_out = max_out + N;              // row_stats[1]
   const SeqlKeys seql(args);
+  // The forward-time gradient takes the upstream gradient as 1: the backward op's scale for a
+  // reduced loss is then 1 * (1 / denominator), computed here from the same float64 sum reduce_rows
+  // stores, rounded the same way.
+  scalar_t* grad = args.with_grad ? grad_logits.data_ptr<scalar_t>() : nullptr;
+  std::optional<RowGradient<scalar_t>> row_gradient;
+  acc_t grad_scale = acc_t(1);
+  if (grad) {
+    row_gradient.emplace(args);
+    if (args.reduction != Reduction::None) grad_scale = acc_t(1) / static_cast<acc_t>(loss_denominator<acc_t>(args));
+  }
 
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile(std::min(C, kTileClasses));
+    std::vector<acc_t> grad_tile = grad ? row_gradient->make_tile() : std::vector<acc_t>();
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = checked_target(target, i, C, args.ignore_index);
       if (y == args.ignore_index) {
         loss_out[i] = acc_t(0);
         max_out[i] = acc_t(0);
         log_sum_out[i] = acc_t(0);
+        if (grad) std::fill(grad + i * C, grad + (i + 1) * C, scalar_t(0));
         continue;
       }
       const scalar_t* logits_row = logits + i * C;
@@ -102,25 +216,20 @@ void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tens
       max_out[i] = row.max;
       log_sum_out[i] = row.log_sum;
       loss_out[i] = math::row_loss(cfg, row, target_logit, weight ? weight[y] : acc_t(1), offset_sum);
+      if (grad) row_gradient->write(i, y, row, grad_scale, grad + i * C, grad_tile.data());
     }
   });
 }
 
-// Sum of the row losses and of the target weights, serially in float64 so that the result is
-// bit-identical run to run whatever the thread count (4096 rows take ~4 us).
+// Sum of the row losses, serially in float64 so that the result is bit-identical run to run whatever
+// the thread count.
 template <typename acc_t>
 void reduce_rows(const CrossEntropyArgs& args, const at::Tensor& row_loss, at::Tensor& loss,
                  at::Tensor& denominator) {
   const acc_t* rows = row_loss.data_ptr<acc_t>();
-  const int64_t* target = args.target.data_ptr<int64_t>();
-  const acc_t* weight = data_or_null<acc_t>(args.weight);
-  double total = 0.0, total_weight = 0.0;
-  for (int64_t i = 0; i < args.num_rows; ++i) {
-    total += static_cast<double>(rows[i]);
-    const int64_t y = target[i];
-    if (y != args.ignore_index) total_weight += weight ? static_cast<double>(weight[y]) : 1.0;
-  }
-  const double denom = args.reduction == Reduction::Mean ? total_weight : 1.0;
+  double total = 0.0;
+  for (int64_t i = 0; i < args.num_rows; ++i) total += static_cast<double>(rows[i]);
+  const double denom = loss_denominator<acc_t>(args);
   // Direct stores rather than fill_: two dispatcher round trips are ~10% of a small call.
   *loss.data_ptr<acc_t>() = static_cast<acc_t>(total / denom);
   *denominator.data_ptr<acc_t>() = static_cast<acc_t>(denom);
@@ -131,110 +240,50 @@ void backward_kernel(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
                      const at::Tensor& row_stats, const at::Tensor& denominator,
                      at::Tensor& grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
   const int64_t N = args.num_rows, C = args.num_classes;
-  const scalar_t* logits = args.logits.data_ptr<scalar_t>();
   scalar_t* grad = grad_logits.data_ptr<scalar_t>();
   const int64_t* target = args.target.data_ptr<int64_t>();
-  const acc_t* adjustment = data_or_null<acc_t>(args.adjustment);
-  const acc_t* margin = data_or_null<acc_t>(args.target_margin);
-  const acc_t* weight = data_or_null<acc_t>(args.weight);
   const acc_t* max_in = row_stats.data_ptr<acc_t>();  // row_stats[0]
   const acc_t* log_sum_in = max_in + N;               // row_stats[1]
-  const auto cfg = make_config<acc_t>(args);
   const bool per_row_grad = args.reduction == Reduction::None;
   const at::Tensor grad_acc = grad_loss.to(args.accumulate_type).contiguous();
   const acc_t* grad_in = grad_acc.data_ptr<acc_t>();
   const at::Tensor denominator_acc = denominator.to(args.accumulate_type);
   const acc_t inv_denominator = acc_t(1) / *denominator_acc.data_ptr<acc_t>();
-  const SeqlKeys seql(args);
+  const RowGradient<scalar_t> row_gradient(args);
 
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tile(std::is_same_v<scalar_t, acc_t> ? 0 : std::min(C, kTileClasses));
+    std::vector<acc_t> tile = row_gradient.make_tile();
     for (int64_t i = begin; i < end; ++i) {
-      scalar_t* grad_row = grad + i * C;
       const int64_t y = checked_target(target, i, C, args.ignore_index);
-      if (y == args.ignore_index) {
-        std::fill(grad_row, grad_row + C, scalar_t(0));
-        continue;
-      }
-      const scalar_t* logits_row = logits + i * C;
-      const math::RowLogSumExp<acc_t> row{max_in[i], log_sum_in[i]};
-      if (math::row_is_nan(row)) {  // NaN/inf in the row: every gradient is NaN, as in F.cross_entropy
-        std::fill(grad_row, grad_row + C, static_cast<scalar_t>(row.log_sum));
-        continue;
-      }
-      const acc_t target_logit = adjusted_target_logit(logits_row, adjustment, margin, y);
       const acc_t scale = per_row_grad ? grad_in[i] : grad_in[0] * inv_denominator;
-      const auto coef = math::row_gradient_coefficients(cfg, scale, row, target_logit,
-                                                        weight ? weight[y] : acc_t(1));
-      const Vec vmax(row.max), vlog_sum(row.log_sum), vprob(coef.prob_coef), vclass(coef.class_coef),
-          vone(acc_t(1));
-      const RowDrops row_drops = seql.row(i, y);
-      const RowDrops* drops = seql.enabled() ? &row_drops : nullptr;  // SEQL: dropped entries get exactly 0
-      for (int64_t start = 0; start < C; start += kTileClasses) {
-        const int64_t len = std::min(kTileClasses, C - start);
-        const acc_t* source;
-        acc_t* out;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          source = logits_row + start;
-          out = grad_row + start;
-        } else {
-          at::vec::convert(logits_row + start, tile.data(), len);
-          source = out = tile.data();
-        }
-        const acc_t* adj = adjustment ? adjustment + start : nullptr;
-        const acc_t* w = weight ? weight + start : nullptr;
-        int64_t c = 0;
-        for (; c + Vec::size() <= len; c += Vec::size()) {
-          Vec a = Vec::loadu(source + c);
-          if (adj) a = math::adjusted_logit(a, Vec::loadu(adj + c));
-          const Vec p = vec_exp(math::log_softmax_of(a, vmax, vlog_sum));
-          Vec g = math::element_gradient(p, vprob, vclass, w ? Vec::loadu(w + c) : vone);
-          if (drops) g = drops->drop_lanes(g, start + c, acc_t(0));
-          g.store(out + c);
-        }
-        for (; c < len; ++c) {
-          const acc_t a = adj ? math::adjusted_logit(source[c], adj[c]) : source[c];
-          out[c] = (drops && drops->dropped(start + c))
-                       ? acc_t(0)
-                       : math::element_gradient(math::softmax_probability(a, row), coef.prob_coef, coef.class_coef,
-                                                w ? w[c] : acc_t(1));
-        }
-        if (y >= start && y < start + len) {
-          // The target element: its probability uses the margin-adjusted logit, then the one-hot term.
-          out[y - start] = math::element_gradient(math::softmax_probability(target_logit, row), coef.prob_coef,
-                                                  coef.class_coef,
-                                                  w ? w[y - start] : acc_t(1)) -
-                           coef.target_coef;
-        }
-        if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-          at::vec::convert(tile.data(), grad_row + start, len);
-        }
-      }
+      row_gradient.write(i, y, math::RowLogSumExp<acc_t>{max_in[i], log_sum_in[i]}, scale, grad + i * C,
+                         tile.data());
     }
   });
 }
 
-ForwardResult forward_cpu(const CrossEntropyArgs& args) {
+CrossEntropyForwardOutputs forward_cpu(const CrossEntropyArgs& args) {
   const auto acc_options = args.logits.options().dtype(args.accumulate_type);
   at::Tensor row_loss = at::empty({args.num_rows}, acc_options);
   // row_stats [2, N]: row max m and log sum_c exp(a_c - m) per row (see cross_entropy.h).
   at::Tensor row_stats = at::empty({2, args.num_rows}, acc_options);
   at::Tensor denominator = at::empty({}, acc_options);
+  at::Tensor grad_logits = args.with_grad ? at::empty_like(args.logits, at::MemoryFormat::Contiguous)
+                                          : at::empty({0}, args.logits.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(),
                                   "ltfast_cross_entropy_forward_cpu",
-                                  [&] { forward_kernel<scalar_t>(args, row_loss, row_stats); });
+                                  [&] { forward_kernel<scalar_t>(args, row_loss, row_stats, grad_logits); });
   if (args.reduction == Reduction::None) {
     AT_DISPATCH_FLOATING_TYPES(args.accumulate_type, "ltfast_denominator", [&] {
       *denominator.data_ptr<scalar_t>() = scalar_t(1);
     });
-    return {row_loss, row_stats, denominator};
+    return {row_loss, row_stats, denominator, grad_logits};
   }
   at::Tensor loss = at::empty({}, acc_options);
   AT_DISPATCH_FLOATING_TYPES(args.accumulate_type, "ltfast_reduce_rows",
                              [&] { reduce_rows<scalar_t>(args, row_loss, loss, denominator); });
-  return {loss, row_stats, denominator};
+  return {loss, row_stats, denominator, grad_logits};
 }
 
 at::Tensor backward_cpu(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
@@ -251,7 +300,7 @@ at::Tensor backward_cpu(const CrossEntropyArgs& args, const at::Tensor& grad_los
 
 }  // namespace
 
-ForwardResult cross_entropy_forward_cpu(const CrossEntropyArgs& args) { return forward_cpu(args); }
+CrossEntropyForwardOutputs cross_entropy_forward_cpu(const CrossEntropyArgs& args) { return forward_cpu(args); }
 
 at::Tensor cross_entropy_backward_cpu(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
                                       const at::Tensor& row_stats, const at::Tensor& denominator) {
@@ -263,7 +312,7 @@ at::Tensor cross_entropy_backward_cpu(const CrossEntropyArgs& args, const at::Te
 #if defined(CPU_CAPABILITY_DEFAULT)
 // Once, in the build without -m flags: the entry points that pick a capability's kernels, and the
 // registrations (static initialisers, which must not hold AVX code).
-LTFAST_CPU_DISPATCH(ForwardResult, cross_entropy_forward_cpu,
+LTFAST_CPU_DISPATCH(CrossEntropyForwardOutputs, cross_entropy_forward_cpu,
                     (const CrossEntropyArgs& args),
                     (args))
 LTFAST_CPU_DISPATCH(at::Tensor, cross_entropy_backward_cpu,

@@ -304,7 +304,7 @@ at::Tensor backward_kernel(const LadeArgs& args, const at::Tensor& grad_loss, co
   }
 
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tile(std::is_same_v<scalar_t, acc_t> ? 0 : std::min(C, kTileClasses));
+    std::vector<acc_t> tile(gradient_tile_size<scalar_t, acc_t>(C));
     const Vec vg(g), vce(ce_coef);
     for (int64_t i = begin; i < end; ++i) {
       scalar_t* grad_row = grad + i * C;
@@ -322,17 +322,8 @@ at::Tensor backward_kernel(const LadeArgs& args, const at::Tensor& grad_loss, co
       const bool shared = classes_shared && std::isfinite(lse) && std::max(hi, lse) - std::min(lo, lse) <= kSharedExpSpread;
       const Vec vrow_max(row.max), vrow_log_sum(row.log_sum),
           vrow_scale(shared ? std::exp((row.max - center) + row.log_sum) : acc_t(0));
-      for (int64_t start = 0; start < C; start += kTileClasses) {
-        const int64_t len = std::min(kTileClasses, C - start);
-        const acc_t* source;
-        acc_t* out;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          source = logits + i * C + start;
-          out = grad_row + start;
-        } else {
-          at::vec::convert(logits + i * C + start, tile.data(), len);
-          source = out = tile.data();
-        }
+      for_each_gradient_tile(logits + i * C, grad_row, C, tile.data(),
+                             [&](const acc_t* source, acc_t* out, int64_t start, int64_t len) {
         const acc_t* lp = log_prior + start;
         const acc_t* cmax = column_max + start;
         const acc_t* clog_sum = column_log_sum + start;
@@ -363,10 +354,7 @@ at::Tensor backward_kernel(const LadeArgs& args, const at::Tensor& grad_loss, co
           out[c] = value;
         }
         if (y >= start && y < start + len) out[y - start] -= ce_coef + g * target_coef[y];
-        if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-          at::vec::convert(tile.data(), grad_row + start, len);
-        }
-      }
+      });
     }
   });
   return grad_logits;

@@ -286,7 +286,7 @@ void diverse_backward_kernel(const MultiExpertArgs& args, const at::Tensor& grad
   const acc_t inv_denominator = acc_t(1) / *denominator_acc.data_ptr<acc_t>();
 
   at::parallel_for(0, N, rows_per_task(E * C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tile(std::is_same_v<scalar_t, acc_t> ? 0 : std::min(C, kTileClasses));
+    std::vector<acc_t> tile(gradient_tile_size<scalar_t, acc_t>(C));
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = checked_target(target, i, C, args.ignore_index);
       if (y == args.ignore_index) {
@@ -304,17 +304,8 @@ void diverse_backward_kernel(const MultiExpertArgs& args, const at::Tensor& grad
         }
         const acc_t* adjustment = adjustments + e * C;
         const Vec vmax(row.max), vlog_sum(row.log_sum), vscale(scale);
-        for (int64_t start = 0; start < C; start += kTileClasses) {
-          const int64_t len = std::min(kTileClasses, C - start);
-          const acc_t* source;
-          acc_t* out;
-          if constexpr (std::is_same_v<scalar_t, acc_t>) {
-            source = logits_row + start;
-            out = grad_row + start;
-          } else {
-            at::vec::convert(logits_row + start, tile.data(), len);
-            source = out = tile.data();
-          }
+        for_each_gradient_tile(logits_row, grad_row, C, tile.data(),
+                               [&](const acc_t* source, acc_t* out, int64_t start, int64_t len) {
           const acc_t* adj = adjustment + start;
           int64_t c = 0;
           for (; c + Vec::size() <= len; c += Vec::size()) {
@@ -325,8 +316,7 @@ void diverse_backward_kernel(const MultiExpertArgs& args, const at::Tensor& grad
             out[c] = scale * math::softmax_probability(math::adjusted_logit(source[c], adj[c]), row);
           }
           if (y >= start && y < start + len) out[y - start] -= scale;
-          if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(tile.data(), grad_row + start, len);
-        }
+        });
       }
     }
   });

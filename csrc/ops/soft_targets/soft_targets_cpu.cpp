@@ -135,7 +135,7 @@ at::Tensor mixed_backward_kernel(const MixedArgs& args, const at::Tensor& grad_l
   const acc_t scale_b = per_row_grad ? acc_t(0) : grad_in[0] / denominators_acc.data_ptr<acc_t>()[1];
 
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> tile(std::is_same_v<scalar_t, acc_t> ? 0 : std::min(C, kTileClasses));
+    std::vector<acc_t> tile(gradient_tile_size<scalar_t, acc_t>(C));
     for (int64_t i = begin; i < end; ++i) {
       scalar_t* grad_row = grad + i * C;
       const int64_t ya = checked_target(v.target_a, i, C, v.ignore_index);
@@ -167,17 +167,8 @@ at::Tensor mixed_backward_kernel(const MixedArgs& args, const at::Tensor& grad_l
       const acc_t prob_coef = coef_a.prob_coef + coef_b.prob_coef;
       const acc_t class_coef = coef_a.class_coef + coef_b.class_coef;
       const Vec vmax(row.max), vlog_sum(row.log_sum), vprob(prob_coef), vclass(class_coef), vone(acc_t(1));
-      for (int64_t start = 0; start < C; start += kTileClasses) {
-        const int64_t len = std::min(kTileClasses, C - start);
-        const acc_t* source;
-        acc_t* out;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          source = logits_row + start;
-          out = grad_row + start;
-        } else {
-          at::vec::convert(logits_row + start, tile.data(), len);
-          source = out = tile.data();
-        }
+      for_each_gradient_tile(logits_row, grad_row, C, tile.data(),
+                             [&](const acc_t* source, acc_t* out, int64_t start, int64_t len) {
         const acc_t* adj = v.adjustment ? v.adjustment + start : nullptr;
         const acc_t* w = v.weight ? v.weight + start : nullptr;
         int64_t c = 0;
@@ -206,10 +197,7 @@ at::Tensor mixed_backward_kernel(const MixedArgs& args, const at::Tensor& grad_l
                               coef_b.target_coef;
           }
         }
-        if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-          at::vec::convert(tile.data(), grad_row + start, len);
-        }
-      }
+      });
     }
   });
   return grad_logits;
