@@ -56,7 +56,10 @@ def _yaml_load(text, where: str):
         raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from None
 
 
-DATASETS = ("fmnist_lt", "list", "synthetic")
+DATASETS = ("fmnist_lt", "list", "synthetic", "cifar10_lt", "cifar100_lt", "image_folder")
+CIFAR_DATASETS = ("cifar10_lt", "cifar100_lt")
+# What data.imbalance means for each dataset that reads it (the error names the dataset's use).
+IMBALANCE_DATASETS = CIFAR_DATASETS + ("image_folder", "list")
 SAMPLERS = ("instance", "class_balanced", "square_root", "progressive")
 LOSSES = tuple(losses.LOSSES)
 SCHEDULES = ("cosine", "step", "multistep", "constant")
@@ -69,12 +72,24 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "data": {
         "dataset": ("fmnist_lt", str, schema.choice(*DATASETS),
                     "fmnist_lt: Debian's Fashion-MNIST, long-tailed in memory; list: root + list files "
-                    "(ImageNet-LT format) through DALI; synthetic: random in-memory images (tests)"),
-        "root": (None, (str, NoneType), None, "image root of the list files; fmnist_lt: its raw-data folder"),
+                    "(ImageNet-LT format) through DALI; synthetic: random in-memory images (tests); "
+                    "cifar10_lt / cifar100_lt: the CIFAR python pickles in data.root, long-tailed as LDAM-DRW's "
+                    "generator (in memory); image_folder: data.root/train, data.root/test (and data.root/val) "
+                    "in ImageFolder layout through DALI"),
+        "root": (None, (str, NoneType), None,
+                 "image root of the list files; fmnist_lt: its raw-data folder; cifar*_lt: the folder holding "
+                 "cifar-10-batches-py/ or cifar-100-python/; image_folder: the folder holding train/ and test/"),
         "train_list": (None, (str, NoneType), None, "list file, '<relative path> <label>' per line"),
         "val_list": (None, (str, NoneType), None, "model selection uses this split only (never test)"),
         "test_list": (None, (str, NoneType), None, "reported numbers come from this split"),
         "ratio": (100.0, (int, float), schema.positive, "imbalance n_max / n_min of fmnist_lt / synthetic"),
+        "imbalance": (None, (int, float, NoneType), schema.at_least_one,
+                      "imbalance n_max / n_min of cifar10_lt / cifar100_lt (required: 10, 50 or 100 in the papers), "
+                      "image_folder and list (null: the training split as it is; R: a deterministic long-tailed "
+                      "subsample of it, class 0 the head)"),
+        "profile": ("exp", str, schema.choice("exp", "step"),
+                    "with data.imbalance: exp n_i = n_max * R^(-i/(C-1)); step: n_max for the first half of the "
+                    "classes, n_max / R for the rest"),
         "n_max": (1000, int, schema.positive, "images of the head class (fmnist_lt / synthetic)"),
         "val_per_class": (50, int, schema.non_negative, "balanced validation images per class held out of train"),
         "test_per_class": (50, int, schema.positive, "synthetic only"),
@@ -88,7 +103,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                         "file systems)"),
         "image_size": (28, int, schema.positive, "synthetic only (square images)"),
         "channels": (1, int, schema.positive, "synthetic only"),
-        "split_seed": (0, int, None, "seed of the long-tailed subsampling, fixed across training seeds"),
+        "split_seed": (0, int, None,
+                       "seed of the long-tailed subsampling, fixed across training seeds (cifar*_lt: LDAM-DRW's "
+                       "np.random.seed, its --rand_number 0; LADE's README runs seed 1)"),
         "sampler": ("instance", str, schema.choice(*SAMPLERS), None),
         "num_samples_cls": (4, int, schema.positive, "class_balanced: consecutive images per drawn class (survey: 4)"),
         "batch_size": (256, int, schema.positive, "global batch, split evenly over the DDP ranks"),
@@ -107,7 +124,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "arch": ("small_resnet", str, None,
                  "small_resnet (local, for 28x28 / 32x32), a multi-expert model (expert_resnext50_32x4d, "
                  "expert_resnet50, small_expert_resnet: ltfast.train.models.experts) or any torchvision classification "
-                 "model, e.g. resnext50_32x4d; always from scratch, nothing is downloaded"),
+                 "model, e.g. resnext50_32x4d; resnet20 / resnet32 / resnet44 / resnet56 / resnet110: the CIFAR "
+                 "ResNets of LDAM-DRW (ltfast.train.models.resnet_cifar); always from scratch, nothing is downloaded"),
         "width": (32, int, schema.positive, "small_resnet: channels of the first stage (x2, x4 after)"),
         "init_from": (None, (str, NoneType), None,
                       "checkpoint whose model weights start this run (decoupled stage 2: the stage-1 best.pt)"),
@@ -323,6 +341,7 @@ def _cross_checks(cfg: dict) -> None:
         raise ConfigError("data.train_list: required when data.dataset is 'list'")
     if data["dataset"] == "list" and not data["test_list"]:
         raise ConfigError("data.test_list: required when data.dataset is 'list'")
+    _dataset_checks(data)
     for key in ("milestones",):
         late = [m for m in optim[key] if m >= optim["epochs"]]
         if late:
@@ -351,6 +370,22 @@ def _cross_checks(cfg: dict) -> None:
     _resume_check(train["resume"])
 
 
+def _dataset_checks(data: dict) -> None:
+    """The keys each dataset needs, and data.imbalance where no dataset reads it (it would be ignored)."""
+    dataset = data["dataset"]
+    if dataset in CIFAR_DATASETS + ("image_folder",) and not data["root"]:
+        where = "cifar-10-batches-py/ or cifar-100-python/" if dataset in CIFAR_DATASETS else "train/ and test/"
+        raise ConfigError(f"data.root: required when data.dataset is {dataset!r} (the folder holding {where})")
+    if dataset in CIFAR_DATASETS and data["imbalance"] is None:
+        raise ConfigError(f"data.imbalance: required when data.dataset is {dataset!r} (n_max / n_min, e.g. 100; "
+                          f"1 keeps the balanced set)")
+    if data["imbalance"] is not None and dataset not in IMBALANCE_DATASETS:
+        raise ConfigError(f"data.imbalance: not read by data.dataset={dataset!r} (its imbalance is data.ratio); "
+                          f"data.imbalance applies to {', '.join(IMBALANCE_DATASETS)}")
+    if data["profile"] != "exp" and data["imbalance"] is None:
+        raise ConfigError("data.profile: needs data.imbalance (the profile of the long-tailed subsample)")
+
+
 def _normalisation_checks(data: dict) -> None:
     """data.mean / data.std: one entry per channel. Fashion-MNIST is grey (1); a list dataset decodes
     to 1 or 3 channels and takes its channel count from data.mean, so std must match it."""
@@ -359,12 +394,13 @@ def _normalisation_checks(data: dict) -> None:
         raise ConfigError(f"data.std: every entry must be > 0, got {std!r}")
     if mean is not None and std is not None and len(mean) != len(std):
         raise ConfigError(f"data.std: {len(std)} entries but data.mean has {len(mean)} (one per channel)")
-    channels = {"fmnist_lt": (1,), "synthetic": (1, data["channels"]), "list": (1, 3)}[data["dataset"]]
+    channels = {"fmnist_lt": (1,), "synthetic": (1, data["channels"]), "list": (1, 3), "image_folder": (1, 3),
+                "cifar10_lt": (3,), "cifar100_lt": (3,)}[data["dataset"]]
     for key, value in (("mean", mean), ("std", std)):
         if value is not None and len(value) not in channels:
             raise ConfigError(f"data.{key}: {len(value)} entries, but data.dataset={data['dataset']!r} has "
                               f"{' or '.join(map(str, sorted(set(channels))))} channel(s)")
-    if data["dataset"] == "list" and (mean is None) != (std is None) and len(mean or std) == 1:
+    if data["dataset"] in ("list", "image_folder") and (mean is None) != (std is None) and len(mean or std) == 1:
         # The loaders' defaults are ImageNet's 3-channel mean/std: half a grey setting is a mismatch.
         raise ConfigError("data.mean / data.std: give both for grey (1-channel) images")
 

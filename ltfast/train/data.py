@@ -1,7 +1,8 @@
-"""The data of a run: the datasets the ``data`` section names (Fashion-MNIST-LT and synthetic sets in
-memory, list files of image paths), and the loaders that feed them to the trainer, sharded over the
-DDP ranks. In-memory sets go through ``ltfast.data.loaders.DeviceTensorLoader``, list files through
-the DALI pipeline or its PIL baseline (``ltfast.data``)."""
+"""The data of a run: the datasets the ``data`` section names (Fashion-MNIST-LT, CIFAR-10/100-LT and
+synthetic sets in memory; list files and image folders of image paths, optionally made long-tailed
+by ``data.imbalance``), and the loaders that feed them to the trainer, sharded over the DDP ranks.
+In-memory sets go through ``ltfast.data.loaders.DeviceTensorLoader``, image paths through the DALI
+pipeline or its PIL baseline (``ltfast.data``)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -9,6 +10,12 @@ from typing import Optional
 import torch
 
 from .errors import ConfigError
+
+# LDAM-DRW's cifar_train.py normalisation (Normalize((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+# used for CIFAR-100 too; BBN, LADE and SADE copy it): the default of cifar*_lt when data.mean / data.std
+# are null, so a run without them is not normalised with Fashion-MNIST's grey statistics.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
 def _synthetic_split(per_class: list[int], data: dict, seed: int):
@@ -26,6 +33,10 @@ def _synthetic_split(per_class: list[int], data: dict, seed: int):
 def load_datasets(data: dict) -> dict:
     """{"train", "val" (or None), "test", "class_counts", "class_names", "in_memory"} from the config."""
     from ltfast.data import datasets
+    if data["dataset"] in ("cifar10_lt", "cifar100_lt"):
+        return _cifar_sets(data)
+    if data["dataset"] == "image_folder":
+        return _image_folder_sets(data)
     if data["dataset"] == "fmnist_lt":
         kwargs = {"root": data["root"]} if data["root"] else {}
         lt = datasets.fashion_mnist_lt(ratio=data["ratio"], n_max=data["n_max"], val_per_class=data["val_per_class"],
@@ -46,9 +57,80 @@ def load_datasets(data: dict) -> dict:
     val = datasets.read_list_file(data["val_list"], data["root"]) if data["val_list"] else None
     test = datasets.read_list_file(data["test_list"], data["root"])
     num_classes = _check_list_splits(data, {"train": train, "val": val, "test": test})
+    if data["imbalance"] is not None:
+        train = _long_tailed(train, data, num_classes, f"data.train_list {data['train_list']}")
     counts = datasets.class_counts(train.labels, num_classes)
     return {"train": train, "val": val, "test": test, "class_counts": [int(c) for c in counts],
             "class_names": None, "in_memory": False}
+
+
+def _long_tailed(train, data: dict, num_classes: int, what: str):
+    """``data.imbalance`` / ``data.profile`` / ``data.split_seed`` applied to a training split of image
+    paths (``ltfast.data.folders.long_tailed_subset``, n_max the largest the classes can supply)."""
+    from ltfast.data.folders import long_tailed_subset
+    try:
+        subset, _ = long_tailed_subset(train, data["imbalance"], data["profile"], data["split_seed"],
+                                       num_classes=num_classes)
+    except ValueError as error:
+        raise ConfigError(f"data.imbalance: {what}: {error}") from None
+    return subset
+
+
+def _cifar_sets(data: dict) -> dict:
+    """CIFAR-10-LT / CIFAR-100-LT (``ltfast.data.cifar.cifar_lt``): LDAM-DRW's counts and picks; the
+    validation split is the test set, as in LDAM-DRW / BBN / LADE / SADE (there is no other)."""
+    from ltfast.data.cifar import cifar_lt
+    dataset = data["dataset"].removesuffix("_lt")
+    try:
+        lt = cifar_lt(data["root"], dataset, data["imbalance"], data["profile"], data["split_seed"])
+    except FileNotFoundError as error:
+        raise ConfigError(f"data.root: {error}") from None
+    except ValueError as error:
+        raise ConfigError(f"data.imbalance / data.profile: {error}") from None
+    return {"train": lt["train"], "val": lt["val"], "test": lt["test"],
+            "class_counts": [int(c) for c in lt["class_counts"]], "class_names": list(lt["class_names"]),
+            "in_memory": True, "rule": lt["rule"], "mean": CIFAR_MEAN, "std": CIFAR_STD}
+
+
+def image_folder_roots(root: str) -> dict:
+    """{"train", "val", "test"} folders of an image_folder dataset: ``root/train`` and ``root/test``,
+    ``root/val`` when present; with no ``test/`` the ``val/`` folder is the test set (and validation
+    is on it, said in the run's log line ``rule``)."""
+    import os
+    folders = {name: os.path.join(root, name) for name in ("train", "val", "test")}
+    present = {name: os.path.isdir(path) for name, path in folders.items()}
+    if not present["train"] or not (present["test"] or present["val"]):
+        raise ConfigError(f"data.root: {root} must hold train/ and test/ (or val/) folders in ImageFolder layout "
+                          f"(train/<class name>/<image>); found {', '.join(n for n, p in present.items() if p) or 'neither'}")
+    test = folders["test"] if present["test"] else folders["val"]
+    val = folders["val"] if present["val"] and present["test"] else None
+    return {"train": folders["train"], "val": val, "test": test}
+
+
+def _image_folder_sets(data: dict) -> dict:
+    """``root/train`` (made long-tailed when data.imbalance is set), ``root/test`` / ``root/val`` read
+    with the training folder's class names. Without a separate val folder, validation is the test set."""
+    from ltfast.data.folders import read_image_folder
+    roots = image_folder_roots(data["root"])
+    try:
+        train, names = read_image_folder(roots["train"], allow_empty=data["allow_empty_classes"])
+        test = read_image_folder(roots["test"], names)[0]
+        val = read_image_folder(roots["val"], names)[0] if roots["val"] else test
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"data.root: {error}") from None
+    num_classes = len(names)
+    if data["num_classes"] is not None and data["num_classes"] != num_classes:
+        raise ConfigError(f"data.num_classes: {data['num_classes']}, but {roots['train']} has {num_classes} class "
+                          f"folders")
+    if data["imbalance"] is not None:
+        train = _long_tailed(train, data, num_classes, f"image folder {roots['train']}")
+    counts = train.class_counts(num_classes)
+    rule = (f"image folder {data['root']}: {len(train)} training images"
+            + (f" ({data['profile']} profile, imbalance {data['imbalance']:g}, split seed {data['split_seed']})"
+               if data["imbalance"] is not None else "")
+            + ("" if roots["val"] else f"; validation = the test folder {roots['test']} (no separate val/)"))
+    return {"train": train, "val": val, "test": test, "class_counts": [int(c) for c in counts],
+            "class_names": names, "in_memory": False, "rule": rule}
 
 
 def _check_list_splits(data: dict, splits: dict) -> int:
@@ -71,7 +153,9 @@ def make_loader(sets: dict, split: str, data: dict, *, sampler, batch_size: int,
                 rank: Optional[int] = None, world: Optional[int] = None):
     """DeviceTensorLoader for in-memory sets, the DALI (or PIL) pipeline for list files: both yield
     normalised float images and int64 labels on ``device`` and have set_epoch / len."""
-    norm = {k: tuple(data[k]) for k in ("mean", "std") if data[k] is not None}
+    # data.mean / data.std, else the dataset's own statistics (CIFAR), else the loader's default
+    norm = {k: tuple(data[k]) if data[k] is not None else sets[k] for k in ("mean", "std")
+            if data[k] is not None or sets.get(k) is not None}
     if sets["in_memory"]:
         from ltfast.data.loaders import DeviceTensorLoader
         return DeviceTensorLoader(sets[split], sampler, batch_size, device, train, pad=data["pad"], flip=data["flip"],

@@ -7,7 +7,9 @@
   for training (stage "train": the methods' heads, ``model.init_from``, the frozen backbone, the
   methods' adaptations) and for every rebuild from a checkpoint (stage "rebuild": the same
   structure, then the checkpoint's weights; ``load_run``).
-- ``evaluate`` / ``evaluate_with_experts``: per-class correct / total counts, summed over the ranks.
+- ``evaluate`` / ``evaluate_with_experts`` / ``evaluate_split``: per-class correct / total counts
+  (and, for ``evaluate_split(..., calibrate=True)``, the calibration and precision count tables of
+  ``calibration.ClassificationCounts``), summed over the ranks, in one pass over the data.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, methods, metrics
+from .calibration import ClassificationCounts
 from .config import ConfigError, dump, load_config
 from .data import load_datasets
 from .distributed import setup_distributed
@@ -64,6 +67,10 @@ class RunContext:
     def evaluate(self, model: nn.Module, loader, num_classes: int):
         """``evaluate_with_experts`` in this context."""
         return evaluate_with_experts(model, loader, num_classes, self.device, self.autocast, self.memory_format)
+
+    def evaluate_split(self, model: nn.Module, loader, num_classes: int, calibrate: bool = True) -> "Evaluation":
+        """``evaluate_split`` in this context (the test: with the calibration counts)."""
+        return evaluate_split(model, loader, num_classes, self.device, self.autocast, self.memory_format, calibrate)
 
 
 def check_before_start(cfg: dict) -> None:
@@ -222,10 +229,32 @@ def evaluate_with_experts(model: nn.Module, loader, num_classes: int, device, au
                           memory_format=torch.contiguous_format):
     """``evaluate`` plus, for a multi-expert model, each expert's per-class correct counts [E, C]
     (None for a single-output model); correct / total are the aggregate (mean-logit) prediction's."""
+    result = evaluate_split(model, loader, num_classes, device, autocast, memory_format, calibrate=False)
+    return result.correct, result.total, result.expert_correct
+
+
+@dataclass
+class Evaluation:
+    """One pass over a split: per-class ``correct`` / ``total`` (int64 [C], CPU), each expert's
+    correct counts [E, C] (None for a single-output model) and, when asked, the calibration /
+    precision tables (``calibration.ClassificationCounts`` of the aggregate prediction, CPU)."""
+    correct: torch.Tensor
+    total: torch.Tensor
+    expert_correct: Optional[torch.Tensor] = None
+    classification: Optional[ClassificationCounts] = None
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, loader, num_classes: int, device, autocast=contextlib.nullcontext,
+                   memory_format=torch.contiguous_format, calibrate: bool = False) -> Evaluation:
+    """Per-class counts of ``loader`` in one pass; with ``calibrate`` the ECE / precision count tables
+    too (15 confidence bins by true and by predicted class, [C, 15] each: additive, so each rank
+    counts its shard and one all-reduce per table sums them, like correct / total)."""
     was_training = model.training
     model.eval()
     correct = torch.zeros(num_classes, dtype=torch.long, device=device)
     total = torch.zeros(num_classes, dtype=torch.long, device=device)
+    tables = ClassificationCounts.zeros(num_classes, device=device) if calibrate else None
     expert_correct = None
     for images, labels in loader:
         with autocast():
@@ -234,6 +263,8 @@ def evaluate_with_experts(model: nn.Module, loader, num_classes: int, device, au
         batch_correct, batch_total = metrics.count_correct(logits.float(), labels, num_classes)
         correct += batch_correct
         total += batch_total
+        if tables is not None:
+            tables.update(logits.float(), labels)
         if expert_logits is not None:
             batch_experts = count_expert_correct(expert_logits.float(), labels.to(expert_logits.device), num_classes)
             expert_correct = batch_experts if expert_correct is None else expert_correct + batch_experts
@@ -242,7 +273,9 @@ def evaluate_with_experts(model: nn.Module, loader, num_classes: int, device, au
     if expert_correct is not None:
         expert_correct, _ = metrics.all_reduce_counts(expert_correct, torch.zeros_like(expert_correct))
         expert_correct = expert_correct.cpu()
-    return correct.cpu(), total.cpu(), expert_correct
+    if tables is not None:
+        tables = ClassificationCounts(*(t.cpu() for t in tables.all_reduce().tensors()))
+    return Evaluation(correct.cpu(), total.cpu(), expert_correct, tables)
 
 
 def head_name_of(model: nn.Module, cfg: dict, num_classes: int) -> str:

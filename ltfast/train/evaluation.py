@@ -8,9 +8,11 @@
 RUN_DIR: its ``best.pt`` (``last.pt`` when there is none) with its ``config.yaml``. A checkpoint
 file: the ``config.yaml`` next to it, or ``--config``. ``section.key=value`` overrides apply on top
 (e.g. ``data.root=`` when the data moved). Reports top-1 (mean per-class accuracy), micro accuracy,
-many / medium / few, UA / RA (``eval.ua``), per-class accuracy and the confusion matrix, for the
+many / medium / few, UA / RA (``eval.ua``), per-class accuracy, the confusion matrix, ECE (15 bins),
+per-class precision / recall / F1, macro-F1 and geometric-mean recall (``ltfast.train.calibration``), for the
 plain model and, when asked, after post-hoc logit adjustment and / or tau-normalisation
-(``ltfast.train.posthoc``). Writes ``evaluation.json``, ``confusion.png`` and ``per_class.png`` into
+(``ltfast.train.posthoc``). Writes ``evaluation.json``, ``confusion.png``, ``per_class.png`` and
+``reliability.png`` into
 ``--out`` (default ``RUN_DIR/eval/<split>``, ``RUN_DIR/eval/<split>-logit_adjust_<tau>`` /
 ``-tau_norm_<tau>`` after post-hoc adjustment, so that each mode keeps its own files). Checkpoints are read with ``weights_only=True``.
 """
@@ -27,7 +29,7 @@ import torch
 
 from ltfast.data import datasets
 
-from . import metrics, posthoc
+from . import calibration, metrics, posthoc
 from .data import make_loader
 from .engine import load_run, resolve_target, run_config
 from .errors import CheckpointError, ConfigError
@@ -171,21 +173,26 @@ def evaluate_run(args) -> dict:
                                  cfg["eval"]["shot_split"])
     labels = evaluated["labels"]
 
-    def report(logits):
+    tables = {}
+
+    def report(logits, name):
         correct, total = metrics.count_correct(logits, labels, num_classes)
         out = metrics.summarize(correct, total, groups, cfg["eval"]["ua"])
         out["correct"], out["total"] = correct.tolist(), total.tolist()
         out["confusion"] = posthoc.confusion_matrix(logits, labels, num_classes).tolist()
+        # ECE, precision / recall / F1, macro-F1, geometric-mean recall (the keys of summary.json's test)
+        tables[name] = calibration.ClassificationCounts.zeros(num_classes).update(logits, labels)
+        out.update(calibration.summarize_classification(tables[name], groups))
         return out
 
-    results = {"plain": report(evaluated["logits"])}
+    results = {"plain": report(evaluated["logits"], "plain")}
     if evaluated["expert_logits"] is not None:  # each expert alone; "plain" is their mean logits
-        results["experts"] = [report(evaluated["expert_logits"][:, k])
+        results["experts"] = [report(evaluated["expert_logits"][:, k], f"expert{k}")
                               for k in range(evaluated["expert_logits"].shape[1])]
     adjusted = chosen["logit_adjust"] not in (None, 0) or chosen["tau_norm"] is not None
     if adjusted:
         results["posthoc"] = report(_variant_logits(evaluated, weight, bias, log_prior, chosen["tau_norm"],
-                                                    chosen["logit_adjust"]))
+                                                    chosen["logit_adjust"]), "posthoc")
     name = cfg.get("name") or cfg["loss"]["name"]
     out_dir = args.out or os.path.join(run_dir, "eval", split_name + _posthoc_suffix(args))
     summary = {"name": name, "checkpoint": os.path.abspath(checkpoint), "config": config, "split": split_name,
@@ -197,7 +204,8 @@ def evaluate_run(args) -> dict:
                            "grid": selection["grid"] if selection else None},
                "results": results, "device": str(device), "time_s": time.perf_counter() - start}
     os.makedirs(out_dir, exist_ok=True)
-    for written in ["evaluation.json"] + ([] if args.no_plot else ["confusion.png", "per_class.png"]):
+    for written in ["evaluation.json"] + ([] if args.no_plot else ["confusion.png", "per_class.png",
+                                                                   "reliability.png"]):
         record_output_path(os.path.join(out_dir, written))  # inside a run folder: listed in its manifest
     if not args.no_plot:
         final = results.get("posthoc", results["plain"])
@@ -206,6 +214,9 @@ def evaluate_run(args) -> dict:
         summary["per_class_png"] = metrics.plot_per_class(
             final["per_class"], counts, groups, os.path.join(out_dir, "per_class.png"),
             f"{name} ({split_name}, {_label(chosen)}): top-1 {final['top1']:.1f}", sets.get("class_names"))
+        summary["reliability_png"] = calibration.reliability_diagram(
+            tables["posthoc" if "posthoc" in results else "plain"], os.path.join(out_dir, "reliability.png"),
+            f"{name} ({split_name}, {_label(chosen)}): reliability", groups, by="predicted")
     path = os.path.join(out_dir, "evaluation.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)

@@ -23,6 +23,10 @@ def non_negative(value) -> Optional[str]:
     return None if value >= 0 else "must be >= 0"
 
 
+def at_least_one(value) -> Optional[str]:
+    return None if value >= 1 else "must be >= 1 (n_max / n_min; 1 keeps the classes balanced)"
+
+
 def probability(value) -> Optional[str]:
     return None if 0 <= value <= 1 else "must be in [0, 1]"
 

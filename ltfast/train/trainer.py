@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, distributed, engine, methods, metrics
+from . import calibration, checkpoint, distributed, engine, methods, metrics
 from .config import dump
 from .data import build_data
 from .engine import RunContext
@@ -41,6 +41,8 @@ def train(cfg: dict) -> dict:
     run = engine.start_run(cfg)
     data = build_data(cfg, run.rank, run.world, run.device)
     counts, num_classes = data["class_counts"], len(data["class_counts"])
+    if data.get("rule"):  # how a long-tailed subset was drawn (CIFAR-LT, data.imbalance), and its counts
+        run.log(f"data: {data['rule']}; training images per class: {', '.join(map(str, counts))}")
     groups = metrics.shot_groups(counts, cfg["eval"]["many_threshold"], cfg["eval"]["few_threshold"],
                                  cfg["eval"]["shot_split"])
     active = methods.active(cfg)
@@ -265,12 +267,16 @@ def _finish(cfg: dict, run: RunContext, model, data: dict, groups: dict, state: 
             model.load_state_dict(distributed.broadcast_object(best_weights, run.world))
     eval_start = time.perf_counter()
     try:
-        correct, total, experts = run.evaluate(model, data["test_loader"], num_classes)
+        result = run.evaluate_split(model, data["test_loader"], num_classes, calibrate=True)
     except Exception as error:
         _write_failed_summary(cfg, state, selection, error, run.rank)
         raise
+    correct, total, experts = result.correct, result.total, result.expert_correct
     test = metrics.summarize(correct, total, groups, cfg["eval"]["ua"])
     test["correct"], test["total"] = correct.tolist(), total.tolist()  # to re-aggregate or compare runs
+    # ECE, per-class precision / recall / F1, macro-F1, geometric-mean recall, by many / medium / few
+    # (calibration.summarize_classification): new keys only, the accuracies above stay as they were.
+    test.update(calibration.summarize_classification(result.classification, groups))
     if experts is not None:  # each expert alone; the top-level numbers are the experts' mean logits
         test["experts"] = [dict(summary, correct=c.tolist()) for summary, c in
                            zip(expert_summaries(experts, total, groups), experts)]
@@ -293,20 +299,27 @@ def _finish(cfg: dict, run: RunContext, model, data: dict, groups: dict, state: 
     if "decoupled" in state:
         summary["decoupled"] = state["decoupled"]  # tau-norm's tau and validation curve, NCM's settings
     if run.rank == 0:
-        _write_summary(cfg, summary, data, groups)
+        _write_summary(cfg, summary, data, groups, result.classification)
     distributed.barrier()  # ranks leave together: none tears its connections down while rank 0 still writes
     return summary
 
 
-def _write_summary(cfg: dict, summary: dict, data: dict, groups: dict) -> None:
-    """summary.json (and per_class.png), and the one line that reports the test."""
+def _write_summary(cfg: dict, summary: dict, data: dict, groups: dict,
+                   classification: calibration.ClassificationCounts) -> None:
+    """summary.json (and per_class.png, reliability.png), and the lines that report the test."""
     out_dir, test, selection = cfg["train"]["out_dir"], summary["test"], summary["selection"]
-    record_outputs(out_dir, files=["summary.json"] + (["per_class.png"] if cfg["train"]["plot"] else []))
+    record_outputs(out_dir, files=["summary.json"] + (["per_class.png", "reliability.png"] if cfg["train"]["plot"]
+                                                      else []))
     if cfg["train"]["plot"]:
         title = (f"{summary['name']}: test top-1 {test['top1']:.1f}, many {_fmt(test['many'])}, "
                  f"medium {_fmt(test['medium'])}, few {_fmt(test['few'])}")
         summary["plot"] = metrics.plot_per_class(test["per_class"], data["class_counts"], groups,
                                                  os.path.join(out_dir, "per_class.png"), title, data["class_names"])
+        # Lines by PREDICTED group: a head-class prediction more confident than it is accurate is the
+        # long-tail over-confidence the diagram is for.
+        summary["reliability_plot"] = calibration.reliability_diagram(
+            classification, os.path.join(out_dir, "reliability.png"), f"{summary['name']}: test reliability",
+            groups, by="predicted")
     summary_path = os.path.join(out_dir, "summary.json")
     summary["summary"] = summary_path
     with open(summary_path, "w") as f:
@@ -314,6 +327,8 @@ def _write_summary(cfg: dict, summary: dict, data: dict, groups: dict) -> None:
     ra = f"  RA {test['ra']:.1f}" if test.get("ra") is not None else ""
     print(f"test ({selection}): top-1 {test['top1']:.2f}  many {_fmt(test['many'])}  "
           f"medium {_fmt(test['medium'])}  few {_fmt(test['few'])}{ra}  -> {summary_path}", flush=True)
+    print(f"  calibration: ECE {_fmt(test['ece'])}  macro-F1 {_fmt(test['macro_f1'])}  "
+          f"geometric-mean recall {_fmt(test['gmean_recall'])}", flush=True)
     if "experts" in test:
         print("  each expert alone: " + ", ".join(f"expert {k} top-1 {_fmt(e['top1'])} (few {_fmt(e['few'])})"
                                                   for k, e in enumerate(test["experts"], start=1)), flush=True)

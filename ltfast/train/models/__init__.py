@@ -19,19 +19,26 @@ from ..errors import ConfigError
 from .experts import (EXPERT_ARCHS, ExpertOutput, build_expert_model, count_expert_correct, expert_fields,
                       expert_summaries, is_expert_arch, loss_input, split_output, takes_expert_logits)
 from .heads import CosineLinear, find_head, freeze_backbone, is_head, replace_head, use_cosine_classifier
+from .resnet_cifar import resnet_cifar
 from .small import BasicBlock, SmallResNet
 
-__all__ = ["BasicBlock", "CosineLinear", "EXPERT_ARCHS", "ExpertOutput", "SmallResNet", "build_backbone",
+__all__ = ["BasicBlock", "CIFAR_ARCHS", "CosineLinear", "EXPERT_ARCHS", "ExpertOutput", "SmallResNet", "build_backbone",
            "build_expert_model", "build_model", "check_arch", "count_expert_correct", "expert_fields",
            "expert_summaries", "find_head", "freeze_backbone", "is_expert_arch", "is_head", "load_init_weights",
            "loss_input", "replace_head", "split_output", "takes_expert_logits", "use_cosine_classifier"]
 
 
+# The CIFAR ResNets of He et al. 2016 §4.2 as LDAM-DRW builds them (resnet_cifar.py): name -> depth.
+CIFAR_ARCHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+
+
 def build_model(arch: str, num_classes: int, in_channels: int = 3, width: int = 32) -> nn.Module:
-    """``small_resnet``, a multi-expert arch (the survey's configs: 3 experts, reduced widths, cosine
+    """``small_resnet``, a CIFAR ResNet (``CIFAR_ARCHS``: resnet32 ...), a multi-expert arch (the survey's configs: 3 experts, reduced widths, cosine
     x 30) or a torchvision classification model by name (weights=None: from scratch)."""
     if arch == "small_resnet":
         return SmallResNet(num_classes, in_channels, width)
+    if arch in CIFAR_ARCHS:  # head "fc" (nn.Linear); model.classifier=cosine swaps it as for any model
+        return resnet_cifar(CIFAR_ARCHS[arch], num_classes, in_channels=in_channels)
     if is_expert_arch(arch):
         return build_expert_model(arch, num_classes, in_channels, width)
     import torchvision
@@ -61,15 +68,15 @@ def build_backbone(model_cfg: dict, num_classes: int, in_channels: int) -> nn.Mo
 def check_arch(arch: str) -> None:
     """A ConfigError for an unknown ``model.arch``, with the closest names, before any data is read
     (a mistyped model.arch used to fail after the data had loaded)."""
-    if arch == "small_resnet" or arch in EXPERT_ARCHS:
+    if arch == "small_resnet" or arch in EXPERT_ARCHS or arch in CIFAR_ARCHS:
         return
     import torchvision
     known = torchvision.models.list_models(module=torchvision.models)
     if arch not in known:
-        close = difflib.get_close_matches(arch, known + ["small_resnet"] + list(EXPERT_ARCHS), 3)
+        close = difflib.get_close_matches(arch, known + ["small_resnet"] + list(EXPERT_ARCHS) + list(CIFAR_ARCHS), 3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ConfigError(f"model.arch: unknown architecture {arch!r}{hint}; small_resnet or a torchvision "
-                          f"classification model name")
+        raise ConfigError(f"model.arch: unknown architecture {arch!r}{hint}; small_resnet, a CIFAR ResNet "
+                          f"({', '.join(CIFAR_ARCHS)}) or a torchvision classification model name")
 
 
 def load_init_weights(model: nn.Module, path: str, head: Optional[str] = None, num_classes: Optional[int] = None,
