@@ -158,8 +158,8 @@ def format_cells(row: dict) -> dict:
             "seeds": ",".join(str(s) for s in row["seeds"]) + ("" if row["status"] == "finished"
                                                                else f" ({row['status']})"),
             **{k: _cell(row[k]) for k in ACCURACY_KEYS},
-            # ECE is a fraction in [0, 1]; shown in percent like the accuracies
-            "ece": _cell(row["ece"], scale=100.0),
+            # test.ece is in percent, like the accuracies (ltfast.train.calibration)
+            "ece": _cell(row["ece"]),
             "train_time_s": _cell(row["train_time_s"], digits=1),
             "train_images_per_s": _cell(row["train_images_per_s"], digits=0)}
 

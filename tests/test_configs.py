@@ -35,7 +35,7 @@ def test_every_config_loads(path):
     assert cfg["data"]["batch_size"] % 4 == 0   # splits over 1, 2 or 4 ranks
 
 
-@pytest.mark.parametrize("group", ["imagenet_lt", "fmnist_lt"])
+@pytest.mark.parametrize("group", ["imagenet_lt", "fmnist_lt", "cifar10_lt", "cifar100_lt"])
 def test_every_method_has_a_recipe(group):
     for method in METHODS:
         cfg = load_config(os.path.join(ROOT, "configs", group, f"{method}.yaml"))
@@ -174,3 +174,54 @@ def test_overrides_parse_yaml_and_inherit(tmp_path):
     (tmp_path / "e.yaml").write_text("model: {freeze_backbone: true}\n")
     with pytest.raises(ConfigError, match="model.freeze_backbone"):
         load_config(str(tmp_path / "e.yaml"))
+
+
+FMNIST_METHODS = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(ROOT, "configs", "fmnist_lt", "*.yaml"))
+                        if not os.path.basename(p).startswith("_"))
+# The method keys of a recipe: what the fmnist_lt and CIFAR files must agree on (the rest is the dataset's).
+METHOD_KEYS = {"loss": None, "model": ("classifier", "freeze_backbone", "learnable_scale", "shift_bn", "causal_heads",
+                                       "causal_tau", "causal_gamma", "tau_norm", "ncm_features", "num_experts",
+                                       "reduce_dimension", "expert_scale"),
+               "data": ("sampler", "num_samples_cls", "mixup_alpha"), "optim": ("nesterov", "head_lr_factor")}
+
+
+@pytest.mark.parametrize("group", ["cifar10_lt", "cifar100_lt"])
+@pytest.mark.parametrize("method", FMNIST_METHODS)
+def test_cifar_lt_recipes(group, method):
+    """configs/cifar*_lt: every fmnist_lt method with the same method keys, on LDAM-DRW's CIFAR recipe."""
+    cfg = load_config(os.path.join(ROOT, "configs", group, f"{method}.yaml"))
+    fmnist = load_config(os.path.join(ROOT, "configs", "fmnist_lt", f"{method}.yaml"))
+    data, optim = cfg["data"], cfg["optim"]
+    assert data["dataset"] == group and data["imbalance"] == 100 and data["profile"] == "exp"
+    assert (data["pad"], data["flip"], data["split_seed"]) == (4, True, 0)
+    assert data["mean"] == [0.4914, 0.4822, 0.4465] and data["std"] == [0.2023, 0.1994, 0.2010]
+    assert data["batch_size"] == 128 and optim["momentum"] == 0.9 and optim["weight_decay"] == 2e-4
+    assert cfg["train"]["out_dir"] == f"runs/{group}/{method}" and cfg["name"] == fmnist["name"]
+    for section, keys in METHOD_KEYS.items():
+        for key in keys or [k for k in fmnist[section] if k not in ("drw_epoch", "count_threshold")]:
+            assert cfg[section][key] == fmnist[section][key], f"{section}.{key}"
+    expert = cfg["model"]["arch"] == "small_expert_resnet"
+    assert expert == (method in ("ride", "sade")) and (expert or cfg["model"]["arch"] == "resnet32")
+    if not cfg["model"]["init_from"]:  # stage 1: LDAM-DRW's 200 epochs, lr 0.1, 5 warm-up, x0.01 at 160 / 180
+        assert (optim["epochs"], optim["lr"], optim["warmup_epochs"]) == (200, 0.1, 5)
+        assert (optim["schedule"], optim["milestones"], optim["gamma"]) == ("multistep", [160, 180], 0.01)
+    else:
+        assert cfg["model"]["init_from"].startswith(f"runs/{group}/")
+    if cfg["loss"]["drw_epoch"] is not None:
+        assert cfg["loss"]["drw_epoch"] == 160
+
+
+@pytest.mark.parametrize("group, classes, arch", [("places_lt", 365, "resnet152"), ("inat2018", 8142, "resnet50")])
+@pytest.mark.parametrize("method", ["ce", "balanced_softmax", "crt"])
+def test_places_lt_and_inat_recipes(group, classes, arch, method):
+    cfg = load_config(os.path.join(ROOT, "configs", group, f"{method}.yaml"))
+    data, model = cfg["data"], cfg["model"]
+    assert data["dataset"] == "list" and data["num_classes"] == classes and model["arch"] == arch
+    assert data["train_list"] and data["test_list"] and data["val_list"]
+    if method == "crt":
+        assert model["freeze_backbone"] and model["init_from"] == f"runs/{group}/ce/best.pt"
+        assert data["sampler"] == "class_balanced" and cfg["optim"]["epochs"] == 10
+    elif group == "places_lt":  # stage 1 from an ImageNet checkpoint, classifier at 10x the backbone's lr
+        assert model["init_from"] and cfg["optim"]["lr"] == 0.01 and cfg["optim"]["head_lr_factor"] == 10.0
+    else:
+        assert model["init_from"] is None and data["val_list"] == data["test_list"]   # iNat: val = test

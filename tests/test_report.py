@@ -70,14 +70,14 @@ def test_unfinished_runs_are_skipped_not_averaged(tmp_path, capsys):
 
 def test_csv_markdown_and_png(tmp_path):
     for seed in range(2):
-        write_run(tmp_path / "runs" / "ce" / f"seed{seed}", "ce", seed, 50.0 + seed, 5.0, ece=0.10 + 0.02 * seed)
+        write_run(tmp_path / "runs" / "ce" / f"seed{seed}", "ce", seed, 50.0 + seed, 5.0, ece=10.0 + 2.0 * seed)
         write_run(tmp_path / "runs" / "bs" / f"seed{seed}", "balanced_softmax", seed, 55.0, 20.0 + seed)
     out = tmp_path / "out"
     out.mkdir()
     report.report([str(tmp_path / "runs")], markdown=str(out / "t.md"), csv_path=str(out / "t.csv"), png=str(out / "classes.png"))
     table = (out / "t.md").read_text()
     assert "| ce | fmnist_lt (IF 100) | 0,1 | 50.50 ± 0.71 |" in table
-    assert "11.00 ± 1.41" in table              # ECE 0.10 / 0.12 shown in percent
+    assert "11.00 ± 1.41" in table              # ECE 10 % / 12 % (summary.json's test.ece is in percent)
     rows = list(csv.DictReader(open(out / "t.csv")))
     by_method = {r["method"]: r for r in rows}
     assert float(by_method["ce"]["top1_mean"]) == 50.5
