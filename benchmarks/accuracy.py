@@ -14,6 +14,10 @@ must list too; it is run first whatever the order. NCM and tau-norm train nothin
 the fit and the evaluation. SADE's rows also run its test-time self-supervised aggregation
 (ltfast.train.test_time) on a forward- and a backward-long-tailed test set (imbalance 50, built from
 the balanced test set) and report the micro accuracy before and after.
+
+The statistics (mean, sample standard deviation over the seeds) are ``ltfast.report``'s, and the
+markdown ends with ``python -m ltfast.report``'s table of the same run folders (ECE, training time
+and images/s per method), also stored under "report" in the JSON.
 """
 from __future__ import annotations
 
@@ -21,12 +25,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from ltfast import report  # noqa: E402  (after the sys.path line: the checkout's ltfast)
 
 ALL_METHODS = ["ce", "weighted_ce", "seql", "balanced_softmax", "lade", "ldam_drw", "crt", "lws", "ncm", "tau_norm",
                "causal", "mislas_stage1", "mislas_stage2", "ride", "sade"]
@@ -95,17 +100,17 @@ def aggregate(runs: list[dict], methods: list[str]) -> list[dict]:
         row = {"method": method, "name": mine[0]["name"], "seeds": [r["seed"] for r in mine]}
         for key in COLUMNS:
             values = [r[key] for r in mine]
-            row[key] = statistics.fmean(values)
+            row[key], std, n = report.mean_std(values)  # ltfast.report's statistic: sample std (n - 1)
             row[f"{key}_runs"] = values
-            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
-        row["wall_s"] = statistics.fmean(r["wall_s"] for r in mine)
+            row[f"{key}_std"] = std if n > 1 else None
+        row["wall_s"] = report.mean_std([r["wall_s"] for r in mine])[0]
         for name in TEST_TIME_SETS:
             for when in ("before", "after"):
                 key = f"{name}_{when}"
                 if all(key in r for r in mine):
                     values = [r[key] for r in mine]
-                    row[key], row[f"{key}_runs"] = statistics.fmean(values), values
-                    row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+                    row[key], std, n = report.mean_std(values)
+                    row[f"{key}_runs"], row[f"{key}_std"] = values, std if n > 1 else None
         rows.append(row)
     ce = next((r for r in rows if r["method"] == "ce"), None)
     for row in rows:
@@ -146,7 +151,20 @@ def markdown(rows: list[dict], runs: list[dict], meta: dict) -> str:
     if any(r.get("plot") for r in runs):
         lines += ["", "Per-class accuracy plots: per_class.png in each run folder (--out-root, by default "
                       "runs/fmnist_lt/<method>/seed<k>/)."]
+    if meta.get("report_table"):
+        lines += ["", "The same run folders through `python -m ltfast.report` (test ECE in %, training time per "
+                      "seed and training images per second):", "", meta["report_table"].rstrip("\n")]
     return "\n".join(lines) + "\n"
+
+
+def report_of(runs: list[dict]) -> tuple[str, list]:
+    """``ltfast.report``'s markdown table and rows of the runs' folders ('' and [] when a summary is gone,
+    e.g. a --merge of results measured elsewhere)."""
+    folders = [os.path.dirname(r["summary"]) for r in runs if r.get("summary")]
+    if not folders or len(folders) != len(runs) or not all(os.path.isfile(r["summary"]) for r in runs):
+        return "", []
+    rows = report.group_runs([report.load_run(path) for path in report.find_summaries(folders)])
+    return report.markdown_table(rows), [{k: v for k, v in row.items() if k != "per_class"} for row in rows]
 
 
 def main(argv=None) -> int:
@@ -211,6 +229,7 @@ def main(argv=None) -> int:
                        f"{torch.__version__}", "seeds": seeds, "overrides": args.set, "total_wall_s": total,
             "note": args.note}
     rows = aggregate(runs, methods)
+    meta["report_table"], report_rows = report_of(runs)
     table = markdown(rows, runs, meta)
     print("\n" + table)
     print("per-class accuracy plots: " + ", ".join(os.path.relpath(r["plot"]) for r in runs if r.get("plot")))
@@ -221,7 +240,7 @@ def main(argv=None) -> int:
     print(f"total {total:.0f} s for {len(runs)} runs")
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     with open(json_path, "w") as f:
-        json.dump({"meta": meta, "rows": rows, "runs": runs}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "runs": runs, "report": report_rows}, f, indent=1)
     print(f"wrote {json_path}")
     if md_path:
         with open(md_path, "w") as f:
@@ -247,10 +266,11 @@ def merge_results(paths: list[str], json_path: str, md_path, note: str) -> int:
             "merged_from": [os.path.basename(p) for p in paths],
             "total_wall_s": sum(m["total_wall_s"] for m in metas), "note": note}
     rows = aggregate(runs, methods)
+    meta["report_table"], report_rows = report_of(runs)
     table = markdown(rows, runs, meta)
     print(table)
     with open(json_path, "w") as f:
-        json.dump({"meta": meta, "rows": rows, "runs": runs}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "runs": runs, "report": report_rows}, f, indent=1)
     md_path = md_path or os.path.splitext(json_path)[0] + ".md"
     with open(md_path, "w") as f:
         f.write(table)

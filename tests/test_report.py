@@ -105,3 +105,31 @@ def test_cli_prints_the_table_and_names_bad_paths(tmp_path):
     (tmp_path / "bad" / "summary.json").write_text("{not json")
     with pytest.raises(report.ReportError, match="not valid JSON"):
         report.report([str(tmp_path / "bad")])
+
+
+def test_accuracy_benchmark_table_comes_from_the_report(tmp_path):
+    """benchmarks/accuracy.py: its mean / std are ltfast.report's and its markdown ends with the report's
+    table of the same run folders (the old columns stay)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("accuracy_benchmark", os.path.join(ROOT, "benchmarks", "accuracy.py"))
+    accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy)
+    runs = []
+    for seed in range(2):
+        for method, top1 in (("ce", 50.0 + seed), ("balanced_softmax", 55.0 + 2 * seed)):
+            folder = write_run(tmp_path / method / f"seed{seed}", method, seed, top1, 5.0, ece=10.0 + seed)
+            runs.append({"method": method, "name": method, "seed": seed, "wall_s": 3.0, "top1": top1,
+                         "many": top1 + 10, "medium": top1, "few": 5.0, "summary": str(folder / "summary.json")})
+    rows = accuracy.aggregate(runs, ["ce", "balanced_softmax"])
+    assert rows[1]["top1"] == 56.0 and rows[1]["top1_std"] == pytest.approx(math.sqrt(2.0))
+    assert rows[1]["top1_vs_ce"] == pytest.approx(5.5)
+    table_text, report_rows = accuracy.report_of(runs)
+    meta = {"ratio": 100, "train_images": 135, "shots": "1 / 1 / 1", "machine": "test", "report_table": table_text}
+    text = accuracy.markdown(rows, runs, meta)
+    assert "| method | top-1 (balanced) | many | medium | few | top-1 vs CE | s / run |" in text
+    assert "| balanced_softmax | 56.00 ± 1.41 |" in text
+    assert "| ce | fmnist_lt (IF 100) | 0,1 | 50.50 ± 0.71 |" in text and "10.50 ± 0.71" in text   # ECE column
+    assert sorted(r["method"] for r in report_rows) == ["balanced_softmax", "ce"]
+    assert all(r["seeds"] == [0, 1] and "per_class" not in r for r in report_rows)
+    runs[0]["summary"] = str(tmp_path / "gone" / "summary.json")   # a merged file measured elsewhere
+    assert accuracy.report_of(runs) == ("", [])
