@@ -57,11 +57,14 @@ def load_datasets(data: dict) -> dict:
     val = datasets.read_list_file(data["val_list"], data["root"]) if data["val_list"] else None
     test = datasets.read_list_file(data["test_list"], data["root"])
     num_classes = _check_list_splits(data, {"train": train, "val": val, "test": test})
+    sets = {"train": train, "val": val, "test": test, "class_names": None, "in_memory": False}
     if data["imbalance"] is not None:
-        train = _long_tailed(train, data, num_classes, f"data.train_list {data['train_list']}")
-    counts = datasets.class_counts(train.labels, num_classes)
-    return {"train": train, "val": val, "test": test, "class_counts": [int(c) for c in counts],
-            "class_names": None, "in_memory": False}
+        sets["train"] = _long_tailed(train, data, num_classes, f"data.train_list {data['train_list']}")
+        sets["rule"] = (f"{data['train_list']} subsampled: {data['profile']} profile, imbalance "
+                        f"{data['imbalance']:g}, split seed {data['split_seed']}, {len(sets['train'])} of {len(train)} "
+                        f"images")
+    sets["class_counts"] = [int(c) for c in datasets.class_counts(sets["train"].labels, num_classes)]
+    return sets
 
 
 def _long_tailed(train, data: dict, num_classes: int, what: str):

@@ -267,7 +267,7 @@ class ImageSource:
     def __init__(self, sets: dict, dataset, data_cfg: dict, device, batch_size: int) -> None:
         self.sets, self.dataset, self.data_cfg, self.device = sets, dataset, data_cfg, torch.device(device)
         self.batch_size, self.in_memory = batch_size, sets["in_memory"]
-        mean, std = self.normalisation(data_cfg, self.channels())
+        mean, std = self.normalisation(data_cfg, self.channels(), sets)
         self.mean, self.std = mean.to(self.device), std.to(self.device)
 
     def channels(self) -> int:
@@ -276,11 +276,13 @@ class ImageSource:
         return len(self.data_cfg["mean"] or (0, 0, 0))
 
     @staticmethod
-    def normalisation(data_cfg: dict, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def normalisation(data_cfg: dict, channels: int, sets: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
         from ltfast.data.loaders import FASHION_MNIST_MEAN, FASHION_MNIST_STD
         from ltfast.data.dali import IMAGENET_MEAN, IMAGENET_STD
         default = (FASHION_MNIST_MEAN, FASHION_MNIST_STD) if data_cfg["dataset"] == "fmnist_lt" or channels == 1 \
             else (IMAGENET_MEAN, IMAGENET_STD)
+        if sets is not None and sets.get("mean") is not None:  # the dataset's own statistics (CIFAR), as make_loader
+            default = (sets["mean"], sets["std"])
         mean = torch.as_tensor(data_cfg["mean"] or default[0], dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.as_tensor(data_cfg["std"] or default[1], dtype=torch.float32).view(1, -1, 1, 1)
         return mean, std
