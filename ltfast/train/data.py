@@ -5,6 +5,7 @@ In-memory sets go through ``ltfast.data.loaders.DeviceTensorLoader``, image path
 pipeline or its PIL baseline (``ltfast.data``)."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -99,7 +100,6 @@ def image_folder_roots(root: str) -> dict:
     """{"train", "val", "test"} folders of an image_folder dataset: ``root/train`` and ``root/test``,
     ``root/val`` when present; with no ``test/`` the ``val/`` folder is the test set (and validation
     is on it, said in the run's log line ``rule``)."""
-    import os
     folders = {name: os.path.join(root, name) for name in ("train", "val", "test")}
     present = {name: os.path.isdir(path) for name, path in folders.items()}
     if not present["train"] or not (present["test"] or present["val"]):
