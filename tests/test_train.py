@@ -124,6 +124,15 @@ def test_ddp_two_processes_metrics_equal_single_process(tmp_path):
     single = metrics.summarize(correct, total, metrics.shot_groups(summary["class_counts"]))
     for key in ("top1", "many", "medium", "few", "per_class"):
         assert single[key] == summary["test"][key], key
+    # the calibration / precision tables are all-reduced too: the same bins and ECE as one process
+    from ltfast.train.calibration import summarize_classification
+    from ltfast.train.engine import evaluate_split
+    result = evaluate_split(model, data["test_loader"], 7, torch.device("cpu"), calibrate=True)
+    calibrated = summarize_classification(result.classification, metrics.shot_groups(summary["class_counts"]))
+    assert calibrated["bins"]["bin_count"] == summary["test"]["bins"]["bin_count"]
+    assert calibrated["f1"] == pytest.approx(summary["test"]["f1"], abs=1e-9)
+    for key in ("ece", "confidence", "macro_f1", "gmean_recall", "many_ece", "many_macro_f1"):
+        assert calibrated[key] == pytest.approx(summary["test"][key], abs=1e-9), key
 
 
 def test_list_file_dataset_trains_through_the_dali_pipeline(tmp_path):
