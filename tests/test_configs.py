@@ -221,7 +221,10 @@ def test_places_lt_and_inat_recipes(group, classes, arch, method):
     if method == "crt":
         assert model["freeze_backbone"] and model["init_from"] == f"runs/{group}/ce/best.pt"
         assert data["sampler"] == "class_balanced" and cfg["optim"]["epochs"] == 10
-    elif group == "places_lt":  # stage 1 from an ImageNet checkpoint, classifier at 10x the backbone's lr
-        assert model["init_from"] and cfg["optim"]["lr"] == 0.01 and cfg["optim"]["head_lr_factor"] == 10.0
-    else:
-        assert model["init_from"] is None and data["val_list"] == data["test_list"]   # iNat: val = test
+    elif group == "places_lt":  # LADE's: from an ImageNet checkpoint, backbone lr 0.001, classifier 0.1
+        assert model["init_from"] and cfg["optim"]["lr"] == 0.001 and cfg["optim"]["head_lr_factor"] == 100.0
+        assert cfg["optim"]["epochs"] == 30 and cfg["data"]["batch_size"] == 128
+    else:  # LADE's: from scratch, batch 256, lr 0.1, weight decay 1e-4, cosine, 200 epochs; val = test
+        assert model["init_from"] is None and data["val_list"] == data["test_list"]
+        assert (cfg["optim"]["lr"], cfg["optim"]["weight_decay"], cfg["optim"]["epochs"]) == (0.1, 1e-4, 200)
+        assert cfg["data"]["batch_size"] == 256 and cfg["optim"]["schedule"] == "cosine"
