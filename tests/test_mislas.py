@@ -14,7 +14,8 @@ from ltfast import priors
 from ltfast.train import load_config, train
 from ltfast.train.config import ConfigError
 from ltfast.train.evaluation import main as evaluate_main
-from ltfast.train.methods.mislas import (Mixup, ScaledClassifier, label_aware_smoothing_loss, mixed_loss, parameter_groups,
+from ltfast.train.methods.classifier_lr import parameter_groups
+from ltfast.train.methods.mislas import (Mixup, ScaledClassifier, label_aware_smoothing_loss, mixed_loss,
                                  use_learnable_weight_scaling)
 from ltfast.train.models import build_model, find_head, freeze_backbone
 

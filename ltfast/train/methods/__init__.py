@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .base import Method
 from .causal import CausalTDE
+from .classifier_lr import ClassifierLearningRate
 from .cosine import CosineClassifier
 from .decoupled import ClassifierRetraining, LearnableWeightScalingMethod, NearestClassMeanMethod, TauNormalisation
 from .losses import loss_methods
@@ -18,7 +19,7 @@ from .multi_expert import RIDE, SADE
 # Order matters only where two enabled methods act at the same point: heads are built, then adapted
 # in this order (LWS wraps the stage-1 head before MiSLAS's learnable scale could wrap a head).
 _SPECIAL = [CosineClassifier, CausalTDE, ClassifierRetraining, LearnableWeightScalingMethod, NearestClassMeanMethod,
-            TauNormalisation, MixupMethod, MiSLAS, RIDE, SADE]
+            TauNormalisation, MixupMethod, MiSLAS, ClassifierLearningRate, RIDE, SADE]
 _CLAIMED_LOSSES = {"label_aware_smoothing", "ride", "sade"}  # losses that belong to the methods above
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in loss_methods(_CLAIMED_LOSSES) + _SPECIAL}
 

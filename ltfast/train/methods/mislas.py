@@ -13,7 +13,7 @@ Stage 2 (10 epochs, class-balanced sampler with 4 images per class, as the autho
   false puts the backbone in eval mode (the authors' ``shift_bn: False``);
 - a learnable per-class scale on the classifier's logits (``model.learnable_scale``, LearnableWeightScaling,
   initialised to 1), trained at the full lr, while the classifier trains at ``optim.head_lr_factor``
-  (0.05) times the lr; both with the same SGD, momentum and weight decay;
+  (0.05) times the lr (``methods/classifier_lr.py``); both with the same SGD, momentum and weight decay;
 - label-aware smoothing (``loss.name=label_aware_smoothing``): cross-entropy whose label-smoothing
   epsilon depends on the target class, from ``smooth_head`` (0.3, most frequent class) to
   ``smooth_tail`` (0.0, rarest), concave in the class count (``ltfast.priors.label_aware_smoothing``).
@@ -33,7 +33,7 @@ from .base import Method
 from .decoupled import LearnableWeightScaling
 
 __all__ = ["Mixup", "MixupMethod", "MiSLAS", "ScaledClassifier", "label_aware_smoothing_loss", "mixed_loss",
-           "parameter_groups", "use_learnable_weight_scaling"]
+           "use_learnable_weight_scaling"]
 
 
 # -------------------------------------------------------------------------------------------- mixup
@@ -103,24 +103,6 @@ def use_learnable_weight_scaling(model: nn.Module, num_classes: int, head: Optio
     return replace_head(model, ScaledClassifier(module, num_classes), name, num_classes)
 
 
-def parameter_groups(model: nn.Module, head_name: str, head_lr_factor: float) -> list[dict]:
-    """Trainable parameters as optimizer groups: the classifier's (``head_name``, without a learnable
-    scale inside it) at ``head_lr_factor`` times the lr, everything else at the lr. The trainer
-    multiplies each group's ``lr_factor`` into the scheduled lr (MiSLAS stage 2: classifier 0.05,
-    LearnableWeightScaling 1)."""
-    prefix = head_name + "."
-    head, rest = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        is_classifier = name.startswith(prefix) and not name.startswith(prefix + "scale.")
-        (head if is_classifier else rest).append(param)
-    groups = [{"params": rest, "lr_factor": 1.0, "name": "other"}] if rest else []
-    if head:
-        groups.append({"params": head, "lr_factor": float(head_lr_factor), "name": "classifier"})
-    return groups
-
-
 class MixupMethod(Method):
     """MiSLAS stage 1 (and any recipe with ``data.mixup_alpha`` > 0): mixup on every training batch."""
     name = "mixup"
@@ -144,23 +126,20 @@ class MixupMethod(Method):
 
 class MiSLAS(Method):
     """MiSLAS stage 2 (with label-aware smoothing as ``loss.name`` and a frozen backbone): a learnable
-    per-class scale on the classifier's logits (``model.learnable_scale``) and the classifier at
-    ``optim.head_lr_factor`` times the lr."""
+    per-class scale on the classifier's logits (``model.learnable_scale``). Its classifier lr of 0.05
+    times the lr is ``optim.head_lr_factor``, the ``classifier_lr`` method (methods/classifier_lr.py),
+    which the learnable scale stays out of."""
     name = "mislas"
-    summary = "MiSLAS stage 2: learnable scale, classifier lr factor (Zhong et al. 2021)"
+    summary = "MiSLAS stage 2: learnable per-class scale on the logits (Zhong et al. 2021)"
     config_keys = {
         "model": {"learnable_scale": (False, bool, None,
                                       "a learnable per-class scale on the head's logits (MiSLAS stage 2's "
                                       "LearnableWeightScaling)")},
-        "optim": {"head_lr_factor": (1.0, (int, float), schema.positive,
-                                     "the classifier's lr is this times the lr (MiSLAS stage 2: 0.05; its learnable "
-                                     "scale keeps the full lr)")},
     }
 
     @classmethod
     def enabled(cls, cfg: dict) -> bool:
-        return (cfg["loss"]["name"] == "label_aware_smoothing" or cfg["model"]["learnable_scale"]
-                or cfg["optim"]["head_lr_factor"] != 1.0)
+        return cfg["loss"]["name"] == "label_aware_smoothing" or cfg["model"]["learnable_scale"]
 
     @classmethod
     def check(cls, cfg: dict) -> None:
@@ -173,9 +152,3 @@ class MiSLAS(Method):
         # after init_from (stage 1 has no scale) and the freeze (the scale trains)
         if self.cfg["model"]["learnable_scale"]:
             use_learnable_weight_scaling(model, num_classes, self.cfg["model"]["head"])
-
-    def param_groups(self, model: nn.Module, head_name: str, params: list) -> list:
-        # each group's lr is lr x its lr_factor
-        if self.cfg["optim"]["head_lr_factor"] == 1.0:
-            return params
-        return parameter_groups(model, head_name, self.cfg["optim"]["head_lr_factor"])
