@@ -115,7 +115,7 @@ class RowGradient {
   // rounding of two products instead of one exponential (a few float32 ulp of p_c; one ulp of
   // bfloat16/float16 after the final rounding; tests/test_cross_entropy.py states the tolerance).
   // The target entry is written as write() writes it (its margin-adjusted logit, exactly), and SEQL's
-  // dropped entries (-inf in the buffer, e_c = 0; SEQL has no smoothing, so class_coef = 0) get 0.
+  // dropped entries (loaded as -inf, so e_c = 0; SEQL has no smoothing, so class_coef = 0) get 0.
   // For float32/float64 `exponentials` may be grad_row itself; otherwise it is converted into it.
   void write_from_exponentials(int64_t i, int64_t y, const math::RowLogSumExp<acc_t>& row, acc_t scale,
                                const acc_t* tile_maxes, acc_t* exponentials, scalar_t* grad_row) const {
@@ -243,9 +243,10 @@ void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tens
 
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
-    // Without the gradient: one L1 tile. With it: the row's exponentials, kept for the gradient (in
-    // grad itself for float32/float64; a float32 row buffer for half-precision logits).
-    std::vector<acc_t> tile(grad ? (kSameType ? 0 : C) : std::min(C, kTileClasses));
+    std::vector<acc_t> tile(std::min(C, kTileClasses));
+    // With the gradient: the row's exponentials, kept for it (in grad itself for float32/float64; a
+    // float32 row buffer for half-precision logits).
+    std::vector<acc_t> exponential_row(grad && !kSameType ? C : 0);
     std::vector<acc_t> tile_maxes(grad ? (C + kTileClasses - 1) / kTileClasses : 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = checked_target(target, i, C, args.ignore_index);
@@ -260,19 +261,21 @@ void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tens
       const acc_t target_logit = adjusted_target_logit(logits_row, adjustment, margin, y);
       acc_t offset_sum = acc_t(0);
       const RowDrops drops = seql.row(i, y);
-      acc_t* buffer = tile.data();
+      acc_t* exponentials = nullptr;
       if constexpr (kSameType) {
-        if (grad) buffer = grad + i * C;
+        exponentials = grad ? grad + i * C : nullptr;
+      } else {
+        exponentials = grad ? exponential_row.data() : nullptr;
       }
-      const auto state = adjusted_row_softmax_state(logits_row, C, adjustment, margin, y, target_logit, buffer,
+      const auto state = adjusted_row_softmax_state(logits_row, C, adjustment, margin, y, target_logit, tile.data(),
                                                     weight, smoothing ? &offset_sum : nullptr,
-                                                    seql.enabled() ? &drops : nullptr,
-                                                    grad ? tile_maxes.data() : nullptr);
+                                                    seql.enabled() ? &drops : nullptr, exponentials,
+                                                    tile_maxes.data());
       const auto row = math::finish_row(state);
       max_out[i] = row.max;
       log_sum_out[i] = row.log_sum;
       loss_out[i] = math::row_loss(cfg, row, target_logit, weight ? weight[y] : acc_t(1), offset_sum);
-      if (grad) row_gradient->write_from_exponentials(i, y, row, grad_scale, tile_maxes.data(), buffer, grad + i * C);
+      if (grad) row_gradient->write_from_exponentials(i, y, row, grad_scale, tile_maxes.data(), exponentials, grad + i * C);
     }
   });
 }
