@@ -756,6 +756,38 @@ def test_forward_time_gradient_equals_backward_kernel(C, dtype):
             ltfast.set_forward_gradient(previous)
 
 
+class _NoGradient(torch.autograd.Function):
+    """Identity forward whose backward returns no gradient (None)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("forward_gradient", [True, False])
+def test_loss_without_upstream_gradient(forward_gradient):
+    """The CE family's autograd functions do not materialise zero gradients for their outputs (that was
+    an [N, C] fill for grad_logits per step), so their backward can see the loss's gradient undefined:
+    it then returns none, and the logits get only what the rest of the graph gives them."""
+    logits, target, gen = make_inputs((5, 9), torch.float32, "cpu", ignored_rows=(1,))
+    prior = ltfast.priors.log_prior(_counts(9, gen))
+    tail = torch.rand(9, generator=gen) < 0.5
+    previous = ltfast.set_forward_gradient(forward_gradient)
+    try:
+        for loss_of in (lambda x: ltfast.balanced_softmax_loss(x, target, prior),
+                        lambda x: ltfast.adjusted_cross_entropy(x, target, prior, label_smoothing=0.1),
+                        lambda x: ltfast.softmax_equalization_loss(x, target, tail, 0.5, seed=torch.tensor([1, 2]))):
+            x = logits.clone().requires_grad_()
+            (_NoGradient.apply(loss_of(x)) + (3 * x).sum()).backward()
+            torch.testing.assert_close(x.grad, torch.full_like(x, 3.0), rtol=0, atol=0)
+    finally:
+        ltfast.set_forward_gradient(previous)
+
+
 def test_forward_time_gradient_retain_graph_create_graph_and_switch():
     logits, target, gen = make_inputs((6, 11), torch.float64, "cpu", ignored_rows=(2,))
     prior = ltfast.priors.log_prior(_counts(11, gen))
