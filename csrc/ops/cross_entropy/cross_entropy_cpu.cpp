@@ -116,7 +116,8 @@ class RowGradient {
   // bfloat16/float16 after the final rounding; tests/test_cross_entropy.py states the tolerance).
   // The target entry is written as write() writes it (its margin-adjusted logit, exactly), and SEQL's
   // dropped entries (loaded as -inf, so e_c = 0; SEQL has no smoothing, so class_coef = 0) get 0.
-  // For float32/float64 `exponentials` may be grad_row itself; otherwise it is converted into it.
+  // For float32 `exponentials` may be grad_row itself; otherwise it is converted into it. Not used
+  // for float64 (see forward_kernel).
   void write_from_exponentials(int64_t i, int64_t y, const math::RowLogSumExp<acc_t>& row, acc_t scale,
                                const acc_t* tile_maxes, acc_t* exponentials, scalar_t* grad_row) const {
     const int64_t C = args_.num_classes;
@@ -242,10 +243,15 @@ void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tens
   }
 
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+  // float64 (the gradcheck dtype, where speed is secondary) recomputes the exponentials with the
+  // backward op's own code instead, so that its forward-time gradient is bit-identical to the backward
+  // op's: gradcheck's reentrancy check compares a first backward (the forward-time gradient) with a
+  // second one (the backward op) at nondet_tol = 0.
+  constexpr bool kReuseExponentials = !std::is_same_v<scalar_t, double>;
   at::parallel_for(0, N, rows_per_task(C), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> tile(std::min(C, kTileClasses));
-    // With the gradient: the row's exponentials, kept for it (in grad itself for float32/float64; a
-    // float32 row buffer for half-precision logits).
+    // With the gradient: the row's exponentials, kept for it (in grad itself for float32; a float32
+    // row buffer for half-precision logits).
     std::vector<acc_t> exponential_row(grad && !kSameType ? C : 0);
     std::vector<acc_t> tile_maxes(grad ? (C + kTileClasses - 1) / kTileClasses : 0);
     for (int64_t i = begin; i < end; ++i) {
@@ -262,7 +268,9 @@ void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tens
       acc_t offset_sum = acc_t(0);
       const RowDrops drops = seql.row(i, y);
       acc_t* exponentials = nullptr;
-      if constexpr (kSameType) {
+      if constexpr (!kReuseExponentials) {
+        exponentials = nullptr;
+      } else if constexpr (kSameType) {
         exponentials = grad ? grad + i * C : nullptr;
       } else {
         exponentials = grad ? exponential_row.data() : nullptr;
@@ -275,7 +283,11 @@ void forward_kernel(const CrossEntropyArgs& args, at::Tensor& row_loss, at::Tens
       max_out[i] = row.max;
       log_sum_out[i] = row.log_sum;
       loss_out[i] = math::row_loss(cfg, row, target_logit, weight ? weight[y] : acc_t(1), offset_sum);
-      if (grad) row_gradient->write_from_exponentials(i, y, row, grad_scale, tile_maxes.data(), exponentials, grad + i * C);
+      if (exponentials) {
+        row_gradient->write_from_exponentials(i, y, row, grad_scale, tile_maxes.data(), exponentials, grad + i * C);
+      } else if (grad) {
+        row_gradient->write(i, y, row, grad_scale, grad + i * C, nullptr);  // float64: no tile needed
+      }
     }
   });
 }
