@@ -201,22 +201,52 @@ acc_t load_adjusted_row(const scalar_t* logits_row, const acc_t* adjustment, int
   return row_max;
 }
 
+// sum_c exp(tile_c - shift) over the whole vectors of a tile (the first len - len % Vec::size()
+// entries; returned as a vector), with `offset` += sum_c w_c * (tile_c - target) when asked; with
+// kStore, each exponential is also written to exponentials[c]. Returns the number of entries done.
+template <bool kStore, typename acc_t>
+int64_t add_tile_exponentials(const acc_t* tile, int64_t len, acc_t shift, Vectorized<acc_t>& sum,
+                              Vectorized<acc_t>* offset, acc_t target, const acc_t* w, acc_t* exponentials) {
+  using Vec = Vectorized<acc_t>;
+  const Vec vshift(shift), vtarget(target);
+  int64_t c = 0;
+  for (; c + Vec::size() <= len; c += Vec::size()) {
+    const Vec v = Vec::loadu(tile + c);
+    const Vec e = vec_exp(v - vshift);
+    if constexpr (kStore) e.store(exponentials + c);
+    sum = sum + e;
+    if (offset) {
+      const Vec d = v - vtarget;
+      *offset = *offset + (w ? d * Vec::loadu(w + c) : d);
+    }
+  }
+  return c;
+}
+
 // Online-softmax state (max, sum exp) of one adjusted row a_c = z_c + adjustment_c, with the
 // target's logit replaced by `target_logit` when a margin is given. The row is taken in L1-sized
 // tiles: each tile is read from memory once (max pass), re-read from L1 (exp pass) and merged into
 // the state. With `offset_sum`, also accumulates sum_c w_c * (a_c - target_logit) (label smoothing).
+//
+// With `exponentials` (C entries) and `tile_maxes` (one per kTileClasses-class tile), also writes
+// the row's exponentials e_c = exp(a_c - M_k), M_k = tile_maxes[k] the max of c's tile (-inf for a
+// tile of -inf, whose e_c are 0): the softmax is then p_c = e_c * exp((M_k - m) - log_sum), one
+// multiply per entry instead of a second exponential (the forward-time gradient,
+// cross_entropy_cpu.cpp). They are written by the exp pass, not the load pass, so that the first
+// touch of a fresh output row overlaps the exponentials. The state is bit-identical either way.
 template <typename scalar_t, typename acc_t>
 math::SoftmaxState<acc_t> adjusted_row_softmax_state(const scalar_t* logits_row, int64_t C,
                                                      const acc_t* adjustment, const acc_t* margin,
                                                      int64_t y, acc_t target_logit, acc_t* tile,
                                                      const acc_t* weight, acc_t* offset_sum,
-                                                     const RowDrops* drops = nullptr) {
+                                                     const RowDrops* drops = nullptr, acc_t* exponentials = nullptr,
+                                                     acc_t* tile_maxes = nullptr) {
   using Vec = Vectorized<acc_t>;
-  const Vec vtarget(target_logit);
   auto state = math::empty_softmax_state<acc_t>();
   Vec voffset(acc_t(0));
   for (int64_t start = 0; start < C; start += kTileClasses) {
     const int64_t len = std::min(kTileClasses, C - start);
+    acc_t* const tile_exponentials = exponentials ? exponentials + start : nullptr;
     // Dropped entries become -inf as they are loaded: exactly 0 in the sum, never the max.
     acc_t tile_max = load_adjusted_row(logits_row + start, adjustment ? adjustment + start : nullptr, len, tile,
                                        drops, start);
@@ -232,25 +262,27 @@ math::SoftmaxState<acc_t> adjusted_row_softmax_state(const scalar_t* logits_row,
         const acc_t* w = weight ? weight + start : nullptr;
         for (int64_t c = 0; c < len; ++c) *offset_sum += (tile[c] - target_logit) * (w ? w[c] : acc_t(1));
       }
+      if (tile_exponentials) {
+        std::fill(tile_exponentials, tile_exponentials + len, acc_t(0));
+        tile_maxes[start / kTileClasses] = tile_max;
+      }
       continue;
     }
-    const Vec vmax(tile_max);
     Vec vsum(acc_t(0));
     const acc_t* w = weight ? weight + start : nullptr;
-    int64_t c = 0;
-    for (; c + Vec::size() <= len; c += Vec::size()) {
-      const Vec v = Vec::loadu(tile + c);
-      vsum = vsum + vec_exp(v - vmax);
-      if (offset_sum) {
-        const Vec offset = v - vtarget;
-        voffset = voffset + (w ? offset * Vec::loadu(w + c) : offset);
-      }
-    }
+    Vec* voffset_or_null = offset_sum ? &voffset : nullptr;
+    int64_t c = tile_exponentials ? add_tile_exponentials<true>(tile, len, tile_max, vsum, voffset_or_null,
+                                                                target_logit, w, tile_exponentials)
+                                  : add_tile_exponentials<false>(tile, len, tile_max, vsum, voffset_or_null,
+                                                                 target_logit, w, tile_exponentials);
     acc_t tile_sum = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& z) { return x + z; }, vsum);
     for (; c < len; ++c) {
-      tile_sum += std::exp(tile[c] - tile_max);
+      const acc_t e = std::exp(tile[c] - tile_max);
+      tile_sum += e;
       if (offset_sum) *offset_sum += (tile[c] - target_logit) * (w ? w[c] : acc_t(1));
+      if (tile_exponentials) tile_exponentials[c] = e;
     }
+    if (tile_exponentials) tile_maxes[start / kTileClasses] = tile_max;
     state = math::merge_softmax_states(state, math::SoftmaxState<acc_t>{tile_max, tile_sum});
   }
   if (offset_sum) *offset_sum += at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& z) { return x + z; }, voffset);

@@ -69,8 +69,9 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // The private forward ops return a fourth tensor, grad_logits: empty ([0]) unless args.with_grad and
 // the backend computes it (today the CPU kernels; a backend whose forward kernel returns a
 // ForwardResult gets the empty one, see with_forward_grad below). Then it is d loss / d logits for an
-// upstream gradient of exactly 1, in the logits dtype, bit-identical to the backward op's result for
-// that gradient (the same per-row code, on the row while it is still in L1), and autograd returns it
+// upstream gradient of exactly 1, in the logits dtype, equal to the backward op's result for that
+// gradient within rounding (the CPU takes p_c from the exponentials of the statistics pass instead of a
+// second exponential: RowGradient::write_from_exponentials), and autograd returns it
 // instead of running the backward (csrc/autograd/autograd_common.h): one read of the logits and one
 // write of the gradient per training step instead of two reads and one write.
 using CrossEntropyForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
