@@ -1,6 +1,6 @@
 // Every ltfast op schema lives here, in one TORCH_LIBRARY block; each backend file
 // (csrc/ops/<family>/<family>_{cpu,cuda}.*) registers its own kernels, csrc/autograd/ the autograd
-// kernels of the private forward ops and the autocast kernels of the public ops, and ltfast/ops.py
+// kernels of the private forward ops and the autocast kernels of the public ops, and ltfast/_meta.py
 // the fake (meta) kernels.
 //
 // Each public loss op is a thin composite over a private forward op that also returns the per-row

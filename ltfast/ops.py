@@ -85,7 +85,7 @@ def adjusted_cross_entropy(logits: Tensor, target: Tensor, adjustment: Tensor | 
     and ``gamma`` refused).
 
     A target outside ``[0, C)`` that is not ``ignore_index`` raises ``IndexError`` on the CPU; on CUDA
-    it is a device-side assert that leaves the CUDA context unusable (see README, "Targets out of
+    it is a device-side assert that leaves the CUDA context unusable (see docs/ops.md, "Targets out of
     range"). The same holds for every ltfast loss.
     """
     if target_b is not None or mix_weight is not None or type(label_smoothing) is not float or \

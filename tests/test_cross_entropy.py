@@ -369,7 +369,7 @@ def test_target_out_of_range_names_the_row():
 @pytest.mark.parametrize("device", [p for p in device_params() if p.id != "cpu"])
 @pytest.mark.parametrize("loss", ["balanced_softmax", "adjusted_cross_entropy", "seql", "eql", "lade"])
 def test_target_out_of_range_is_a_kernel_assert_on_cuda(loss, device):
-    # Documented behaviour (README, "Targets out of range"): the CUDA kernels check in-kernel with
+    # Documented behaviour (docs/ops.md, "Targets out of range"): the CUDA kernels check in-kernel with
     # CUDA_KERNEL_ASSERT, which the emulator raises as an error naming the kernel and the line; on a
     # GPU it is a device-side assert (this test's cuda variant then runs in a child process).
     logits, target = torch.randn(4, 5, device=device), torch.tensor([0, 1, 7, 3], device=device)

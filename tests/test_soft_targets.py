@@ -673,7 +673,7 @@ def test_mixed_bad_inputs_name_the_argument(overrides, error, pattern, device):
 @pytest.mark.parametrize("device", device_params())
 def test_target_b_out_of_range(device):
     """CPU: an IndexError naming the row; the CUDA kernels (here emulated): an in-kernel assert
-    naming target_b, as for every ltfast loss (README, "Targets out of range"); on a GPU a
+    naming target_b, as for every ltfast loss (docs/ops.md, "Targets out of range"); on a GPU a
     device-side assert, in a child process (tests/conftest.py, device_assert)."""
     logits, a = torch.randn(4, 5, device=device), torch.tensor([0, 1, 2, 3], device=device)
     b = torch.tensor([0, 1, 7, 3], device=device)
