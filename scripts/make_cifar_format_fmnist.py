@@ -14,7 +14,8 @@ Training set: by default the first 5,000 images of each class in file order, i.e
 50,000 images (5 batches of 10,000 in Fashion-MNIST's file order, where the classes are already
 mixed: 942 to 1,027 images of each class in data_batch_1). CIFAR-10-LT at ratio
 100 then has CIFAR-10's counts, 5000, 2997, ..., 50. ``--per-class 0`` keeps all 60,000 (n_max
-6,000). Test set: all 10,000 test images. Prints the CIFAR-10-LT counts read back at ratios 10,
+6,000). Test set: all 10,000 test images (``--test-per-class K``: the first K of each class, still
+balanced). Prints the CIFAR-10-LT counts read back at ratios 10,
 50 and 100.
 """
 from __future__ import annotations
@@ -59,14 +60,20 @@ def main(argv=None) -> None:
     parser.add_argument("out_root", help="folder to hold cifar-10-batches-py/")
     parser.add_argument("--per-class", type=int, default=5000,
                         help="training images per class (CIFAR-10: 5000); 0 keeps all 6000")
+    parser.add_argument("--test-per-class", type=int, default=0,
+                        help="test images per class, the first in file order (default 0: all 1000, CIFAR-10's 10,000)")
     parser.add_argument("--fmnist-root", default=FASHION_MNIST_ROOT)
     args = parser.parse_args(argv)
     if args.per_class < 0:
         parser.error("--per-class must be >= 0")
+    if not 0 <= args.test_per_class <= 1000:
+        parser.error("--test-per-class must be in [0, 1000] (Fashion-MNIST has 1000 test images per class)")
     start = time.perf_counter()
     train, test = load_fashion_mnist(args.fmnist_root)
     if args.per_class:
         train = first_per_class(train, args.per_class)
+    if args.test_per_class:
+        test = first_per_class(test, args.test_per_class)
     folder = write_cifar_folder(args.out_root, "cifar10", to_cifar_images(train), to_cifar_images(test),
                                 FASHION_MNIST_CLASSES)
     print(f"wrote {len(train)} training and {len(test)} test images to {folder} "
