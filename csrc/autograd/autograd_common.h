@@ -111,14 +111,13 @@ inline void refuse_double_backward(variable_list& grads, const char* op, const v
 // out once, so the caller owns it and AccumulateGrad can take it without a copy), for a non-finite
 // upstream gradient, and under torch.compile/FakeTensor (values cannot be read there).
 //
-// Off by default for the cross-entropy family (ltfast.set_forward_gradient(True) turns it on): its
-// forward-time gradient recomputes each exponential (p = exp((a - m) - log_sum), the backward's own
-// code, so that it is bit-identical), and on the 2-core Zen 4 of the README that made a float32
-// 4096 x 1000 balanced_softmax step slower, not faster (1 thread, busy machine, minima of 30
-// alternating steps: 9.3 ms fused vs 4.2 ms separate; op level: forward 4.28 ms with the gradient vs
-// 2.04 + 1.78 ms forward + backward op): the exponentials, not the memory traffic, bound it there. The
-// next step is reusing the forward's exponentials (as the multi-expert kernels do, which keep theirs
-// on: `wants_forward_grad(logits, requested)` without the switch).
+// The cross-entropy family's switch starts off here and ltfast/_extension.py turns it on at import
+// (FORWARD_GRADIENT_DEFAULT, next to ltfast.set_forward_gradient and its documentation). Its forward-time gradient reuses the exponentials of the statistics pass
+// (RowGradient::write_from_exponentials): a float32 4096 x 1000 balanced_softmax step took 2.97 ms
+// with it against 3.74 ms with the backward op (Zen 4, AVX512 kernels, 1 thread, minima of 60 steps).
+// A first version that recomputed each exponential was slower (9.3 vs 4.2 ms on a busy machine): the
+// exponentials, not the memory traffic, bound it there. The multi-expert kernels keep theirs on
+// unconditionally (`wants_forward_grad(logits, requested)` without the switch).
 inline std::atomic<bool>& forward_gradient_switch() {
   static std::atomic<bool> enabled{false};
   return enabled;
