@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -96,9 +97,16 @@ def main(argv=None) -> int:
     if args.data_root is None:
         args.data_root = os.path.join(ROOT, "data", f"cifar-fmnist-{args.per_class}-{args.test_per_class}")
     if not os.path.exists(os.path.join(args.data_root, "cifar-10-batches-py", "test_batch")):
-        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_cifar_format_fmnist.py"), args.data_root,
+        # Written beside the target and renamed into place, so that two invocations started together
+        # (e.g. one per group of methods) never read a half-written pickle.
+        staging = f"{args.data_root}.tmp-{os.getpid()}"
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_cifar_format_fmnist.py"), staging,
                         "--per-class", str(args.per_class), "--test-per-class", str(args.test_per_class)],
                        check=True, cwd=ROOT)
+        try:
+            os.rename(staging, args.data_root)
+        except OSError:  # another invocation renamed its identical copy first
+            shutil.rmtree(staging)
     ordered = [m for m in methods if m in STAGE1_OF.values()] + [m for m in methods if m not in STAGE1_OF.values()]
     run_dirs = [train(method, seed, args.data_root, args.out_root, args.epochs, args.eval_every, args.threads)
                 for seed in range(args.seeds) for method in ordered]
