@@ -181,6 +181,15 @@ def test_loss_epsilon_matters_where_p_is_tiny():
     torch.testing.assert_close(loss, torch.tensor(-np.log(np.exp(-60.0) + 1e-7), dtype=torch.float64))
 
 
+def test_ignored_rows_count_in_neither_term():
+    counts = [9, 5, 3, 1]
+    logits = _logits(8, 4, torch.float64, 2)
+    target = torch.tensor([0, 3, 1, 2, 3, 0, 2, 1])
+    dropped = ltfast.nn.ResLTLoss(counts, 3, 1)(logits[::2], target[::2])
+    ignored = ltfast.nn.ResLTLoss(counts, 3, 1, ignore_index=-1)(logits, torch.where(torch.arange(8) % 2 == 0, target, -1))
+    torch.testing.assert_close(ignored, dropped, rtol=1e-12, atol=1e-12)
+
+
 def test_loss_bf16_logits_and_bad_input():
     counts = [9, 5, 3, 1]
     criterion = ltfast.nn.ResLTLoss(counts, 3, 1)

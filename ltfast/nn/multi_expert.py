@@ -195,6 +195,8 @@ class ResLTLoss(nn.Module):
     cross-entropy op on ``[4N, C]`` rows (``reduction='none'``); ``-log(p + e)`` is then
     ``-logaddexp(-ce, log e)``, the same value computed without forming ``p`` (stable when p underflows).
     Under DDP each rank normalises by its own batch's counts (the seed ran DataParallel: one global batch).
+    Rows whose target is ``ignore_index`` count in neither term (a batch of only those gives NaN, as
+    ``nn.CrossEntropyLoss``'s mean).
     """
 
     takes_expert_logits = True
@@ -202,8 +204,9 @@ class ResLTLoss(nn.Module):
     epsilon = 1e-7  # both seed codebases: torch.log(softmax(logit) + 1e-7) in the branch terms
 
     def __init__(self, class_counts, medium_classes: int, tail_classes: int, beta: float = 0.99,
-                 fusion_epsilon: float = 1e-7) -> None:
+                 fusion_epsilon: float = 1e-7, ignore_index: int = -100) -> None:
         super().__init__()
+        self.ignore_index = int(ignore_index)
         beta, fusion_epsilon = float(beta), float(fusion_epsilon)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"ResLTLoss: beta must be in [0, 1] (the weight of the per-branch term), got {beta}")
@@ -220,20 +223,24 @@ class ResLTLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, medium_classes={self.medium_classes}, "
-                f"tail_classes={self.tail_classes}, beta={self.beta}, fusion_epsilon={self.fusion_epsilon}")
+                f"tail_classes={self.tail_classes}, beta={self.beta}, fusion_epsilon={self.fusion_epsilon}, "
+                f"ignore_index={self.ignore_index}")
 
     def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
         _check_expert_logits(expert_logits, "ResLTLoss", self.num_classes, self.num_experts)
         n, _, c = expert_logits.shape
         rows = torch.cat([expert_logits.transpose(0, 1).reshape(3 * n, c), expert_logits.sum(dim=1)])
-        ce = adjusted_cross_entropy(rows, target.repeat(4), reduction="none")
+        ce = adjusted_cross_entropy(rows, target.repeat(4), reduction="none", ignore_index=self.ignore_index)
         ce = ce.to(torch.promote_types(ce.dtype, torch.float32)).view(4, n)  # bf16 / fp16 -> float32
         branch = -torch.logaddexp(-ce[:3], ce.new_tensor(math.log(self.epsilon)))
         fused = ce[3] if self.fusion_epsilon == 0.0 else \
             -torch.logaddexp(-ce[3], ce.new_tensor(math.log(self.fusion_epsilon)))
-        weights = self.branch_classes[:, target].to(branch.dtype)  # [3, N]: which branches train on y_n
+        kept = target != self.ignore_index  # ignored rows count in neither term (the seed has none)
+        classes = self.branch_classes[:, torch.where(kept, target, 0)] & kept  # [3, N]: branches that train on y_n
+        weights = classes.to(branch.dtype)
         individual = (weights * branch).sum() / weights.sum()
-        return (1.0 - self.beta) * fused.mean() + self.beta * individual
+        fused_mean = (fused * kept).sum() / kept.sum()
+        return (1.0 - self.beta) * fused_mean + self.beta * individual
 
 
 __all__ = ["DiverseExpertLoss", "RIDELoss", "ResLTLoss"]

@@ -108,7 +108,7 @@ class ResLTClassifier(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"ResLTClassifier: expects the pooled branch features [N, {self.in_features}] (3 x "
                              f"{self.features}), got {tuple(x.shape)}; is the branch hook on the last stage?")
-        features = x.view(x.shape[0], 3, self.features)  # the seed's x[:, :c], x[:, c:2c], x[:, 2c:]
+        features = x.reshape(x.shape[0], 3, self.features)  # the seed's x[:, :c], x[:, c:2c], x[:, 2c:]
         if self.training or self.gamma is None:
             logits = self.fc(features)
         else:
