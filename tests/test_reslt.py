@@ -296,6 +296,7 @@ def test_config_checks():
     assert "reslt" in methods.available()
     for overrides, key in [(["loss.name=ce", "model.reslt_gamma=0.5"], "model.reslt_gamma"),
                            (["loss.name=ce", "loss.reslt_beta=0.5"], "loss.reslt_beta"),
+                           (["loss.name=ce", "loss.reslt_global_batch=true"], "loss.reslt_global_batch"),
                            (["loss.reslt_medium_classes=null"], "loss.reslt_medium_classes"),
                            (["loss.reslt_tail_classes=6"], "loss.reslt_tail_classes"),
                            (["model.classifier=cosine"], "model.classifier"),
@@ -334,6 +335,7 @@ def test_reslt_configs():
         ("resnext50_32x4d", "conv", True, 0.7)
     assert (loss["name"], loss["reslt_beta"], loss["reslt_medium_classes"], loss["reslt_tail_classes"],
             loss["reslt_fusion_epsilon"]) == ("reslt", 0.99, 825, 220, 1e-7)
+    assert loss["reslt_global_batch"]              # the seed's DataParallel normalised over all 256 images
     assert (data["batch_size"], optim["epochs"], optim["lr"], optim["weight_decay"], optim["momentum"]) == \
         (256, 200, 0.1, 5e-4, 0.9)
     assert (optim["schedule"], optim["warmup_epochs"], optim["nesterov"]) == ("cosine", 5, False)
@@ -381,3 +383,58 @@ def test_resnext50_imagenet_recipe_runs(jpeg_lists, tmp_path):
     assert summary["status"] == "finished" and summary["test"]["samples"] == 6
     model = torch.load(out / "best.pt", weights_only=True)["model"]
     assert model["fc.branches.block.0.weight"].shape == (3 * 2048, 2048, 1, 1) and model["fc.fc.weight"].shape == (3, 2048)
+
+
+# ------------------------------------------------------------------------------ DDP: the global batch
+
+DDP_COUNTS = [40, 30, 22, 15, 9, 5, 2]
+DDP_SIZES = (13, 11)  # unequal local batches with different group counts per rank
+
+
+def _ddp_problem():
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(sum(DDP_SIZES), 16, generator=gen)
+    target = torch.randint(0, len(DDP_COUNTS), (sum(DDP_SIZES),), generator=gen)
+    torch.manual_seed(1)
+    return features, target, nn.Linear(16, 3 * len(DDP_COUNTS))
+
+
+def _ddp_worker(rank, world, init_file, out_dir, global_batch):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        features, target, model = _ddp_problem()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        start = sum(DDP_SIZES[:rank])
+        local = slice(start, start + DDP_SIZES[rank])
+        criterion = ltfast.nn.ResLTLoss(DDP_COUNTS, 4, 2, global_batch=global_batch)
+        loss = criterion(ddp(features[local]).view(-1, 3, len(DDP_COUNTS)), target[local])
+        loss.backward()
+        torch.save({"loss": loss.detach(), "weight_grad": model.weight.grad, "bias_grad": model.bias.grad},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ddp(global_batch):
+    import tempfile
+
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "store"), tmp, global_batch), nprocs=2, join=True)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_global_batch_under_ddp_matches_one_process():
+    features, target, model = _ddp_problem()
+    single = ltfast.nn.ResLTLoss(DDP_COUNTS, 4, 2)(model(features).view(-1, 3, len(DDP_COUNTS)), target)
+    single.backward()
+    results = _run_ddp(global_batch=True)
+    torch.testing.assert_close((results[0]["loss"] + results[1]["loss"]) / 2, single.detach(), rtol=1e-5, atol=1e-6)
+    for rank in range(2):  # DDP averaged the gradients: every rank holds the global batch's
+        torch.testing.assert_close(results[rank]["weight_grad"], model.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(results[rank]["bias_grad"], model.bias.grad, rtol=1e-5, atol=1e-6)
+    local = _run_ddp(global_batch=False)  # each rank normalised by its own counts: another weighting
+    assert not torch.allclose(local[0]["weight_grad"], model.weight.grad, rtol=1e-3)

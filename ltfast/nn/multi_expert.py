@@ -64,7 +64,7 @@ class DiverseExpertLoss(_ClassVectors, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, tau={self.tau}, reduction={self.reduction!r}, "
-                f"ignore_index={self.ignore_index}")
+                f"ignore_index={self.ignore_index}, global_batch={self.global_batch}")
 
     def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
         _check_expert_logits(expert_logits, "DiverseExpertLoss", self.num_classes, self.num_experts)
@@ -149,7 +149,7 @@ class RIDELoss(_ClassVectors, nn.Module):
         return (f"num_classes={self.num_classes}, s={self.s}, max_margin={self.max_margin}, "
                 f"drw_epoch={self.drw_epoch}, base_temperature={self.base_temperature}, "
                 f"diversity_factor={self.diversity_factor}, reweight_factor={self.reweight_factor}, "
-                f"ignore_index={self.ignore_index}")
+                f"ignore_index={self.ignore_index}, global_batch={self.global_batch}")
 
     def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
         _check_expert_logits(expert_logits, "RIDELoss", self.num_classes)
@@ -194,7 +194,10 @@ class ResLTLoss(nn.Module):
     Computation: the four cross-entropies (three branches and their sum) are one call of the fused
     cross-entropy op on ``[4N, C]`` rows (``reduction='none'``); ``-log(p + e)`` is then
     ``-logaddexp(-ce, log e)``, the same value computed without forming ``p`` (stable when p underflows).
-    Under DDP each rank normalises by its own batch's counts (the seed ran DataParallel: one global batch).
+    The seed ran DataParallel: one global batch. Under DDP each rank normalises by its own batch's counts
+    unless ``global_batch``: the counts are then all-reduced over ``process_group`` (two numbers per
+    step) and the rank's loss is ``world`` times its share of the global loss, so that DDP's gradient mean
+    is the global batch's gradient and the mean of the ranks' losses is the global loss.
     Rows whose target is ``ignore_index`` count in neither term (a batch of only those gives NaN, as
     ``nn.CrossEntropyLoss``'s mean).
     """
@@ -204,9 +207,11 @@ class ResLTLoss(nn.Module):
     epsilon = 1e-7  # both seed codebases: torch.log(softmax(logit) + 1e-7) in the branch terms
 
     def __init__(self, class_counts, medium_classes: int, tail_classes: int, beta: float = 0.99,
-                 fusion_epsilon: float = 1e-7, ignore_index: int = -100) -> None:
+                 fusion_epsilon: float = 1e-7, ignore_index: int = -100, global_batch: bool = False,
+                 process_group=None) -> None:
         super().__init__()
         self.ignore_index = int(ignore_index)
+        self.global_batch, self.process_group = bool(global_batch), process_group
         beta, fusion_epsilon = float(beta), float(fusion_epsilon)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"ResLTLoss: beta must be in [0, 1] (the weight of the per-branch term), got {beta}")
@@ -224,7 +229,7 @@ class ResLTLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, medium_classes={self.medium_classes}, "
                 f"tail_classes={self.tail_classes}, beta={self.beta}, fusion_epsilon={self.fusion_epsilon}, "
-                f"ignore_index={self.ignore_index}")
+                f"ignore_index={self.ignore_index}, global_batch={self.global_batch}")
 
     def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
         _check_expert_logits(expert_logits, "ResLTLoss", self.num_classes, self.num_experts)
@@ -238,9 +243,20 @@ class ResLTLoss(nn.Module):
         kept = target != self.ignore_index  # ignored rows count in neither term (the seed has none)
         classes = self.branch_classes[:, torch.where(kept, target, 0)] & kept  # [3, N]: branches that train on y_n
         weights = classes.to(branch.dtype)
-        individual = (weights * branch).sum() / weights.sum()
-        fused_mean = (fused * kept).sum() / kept.sum()
-        return (1.0 - self.beta) * fused_mean + self.beta * individual
+        pairs, rows = weights.sum(), kept.sum().to(branch.dtype)
+        scale = 1.0
+        if self.global_batch:
+            import torch.distributed as dist
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+                # the seed's normalisation over the global batch (DataParallel): divide by the global counts
+                # and multiply by the world size, so that DDP's gradient mean is the global batch's gradient
+                counts = torch.stack([pairs, rows]).detach()
+                dist.all_reduce(counts, group=self.process_group)
+                pairs, rows = counts[0], counts[1]
+                scale = float(dist.get_world_size(self.process_group))
+        individual = (weights * branch).sum() / pairs
+        fused_mean = (fused * kept).sum() / rows
+        return scale * ((1.0 - self.beta) * fused_mean + self.beta * individual)
 
 
 __all__ = ["DiverseExpertLoss", "RIDELoss", "ResLTLoss"]

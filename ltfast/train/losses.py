@@ -60,6 +60,9 @@ KEYS: dict[str, tuple] = {
                            "ResLT: the tail branch trains on this many rarest classes (ImageNet-LT code 220)"),
     "reslt_fusion_epsilon": (1e-7, (int, float), schema.non_negative,
                              "ResLT: -log(p + eps) of the summed logits (ImageNet-LT code 1e-7; CIFAR code 0 = CE)"),
+    "reslt_global_batch": (False, bool, None,
+                           "ResLT under DDP: normalise by the global batch's counts (all-reduced), as the seed's "
+                           "DataParallel did"),
 }
 
 
@@ -145,8 +148,9 @@ LOSSES: dict[str, Loss] = {
     # ResLTLoss declares takes_expert_logits, the entry leaves expert_logits False.
     "reslt": Loss(lambda loss, counts: ltfast.nn.ResLTLoss(
         counts, loss["reslt_medium_classes"], loss["reslt_tail_classes"], beta=loss["reslt_beta"],
-        fusion_epsilon=loss["reslt_fusion_epsilon"]),
-        own_keys=("reslt_beta", "reslt_medium_classes", "reslt_tail_classes", "reslt_fusion_epsilon"),
+        fusion_epsilon=loss["reslt_fusion_epsilon"], global_batch=loss["reslt_global_batch"]),
+        own_keys=("reslt_beta", "reslt_medium_classes", "reslt_tail_classes", "reslt_fusion_epsilon",
+                  "reslt_global_batch"),
         check=_reslt_check, summary="ResLT's fusion + per-branch loss"),
 }
 
