@@ -294,10 +294,11 @@ def test_config_checks():
     base = TINY + ["loss.name=reslt", "loss.reslt_medium_classes=5", "loss.reslt_tail_classes=2"]
     assert load_config(None, base)["model"]["reslt_branches"] == "conv"
     assert "reslt" in methods.available()
-    for overrides, key in [(["loss.name=ce", "model.reslt_gamma=0.5"], "model.reslt_gamma"),
-                           (["loss.name=ce", "loss.reslt_beta=0.5"], "loss.reslt_beta"),
-                           (["loss.name=ce", "loss.reslt_global_batch=true"], "loss.reslt_global_batch"),
-                           (["loss.reslt_medium_classes=null"], "loss.reslt_medium_classes"),
+    for key in ("model.reslt_gamma=0.5", "loss.reslt_beta=0.5", "loss.reslt_global_batch=true",
+                "loss.reslt_tail_classes=3"):  # a ResLT key in a run of another loss
+        with pytest.raises(ConfigError, match=key.split("=")[0].replace(".", r"\.")):
+            load_config(None, TINY + ["loss.name=ce", key])
+    for overrides, key in [(["loss.reslt_medium_classes=null"], "loss.reslt_medium_classes"),
                            (["loss.reslt_tail_classes=6"], "loss.reslt_tail_classes"),
                            (["model.classifier=cosine"], "model.classifier"),
                            (["model.arch=small_expert_resnet"], "model.arch"),
