@@ -2,10 +2,11 @@
 :class:`DiverseExpertLoss` and RIDE's :class:`RIDELoss`, and ResLT's three-branch
 :class:`ResLTLoss` (§2.4), exported from :mod:`ltfast.nn`.
 
-Both take the experts' logits ``[N, E, C]`` (``forward(expert_logits, target)``) and have the class
-attribute ``takes_expert_logits = True``, which tells the trainer to pass them instead of the
-aggregated ``[N, C]`` output. Per-class vectors are float64 buffers (saved in the state_dict and
-moved by ``.to()``), handed to the fused ops in the logits' accumulation dtype (``_ClassVectors``).
+All three take the experts' (ResLT: the branches') logits ``[N, E, C]`` (``forward(expert_logits,
+target)``) and have the class attribute ``takes_expert_logits = True``, which tells the trainer to pass
+them instead of the aggregated ``[N, C]`` output. Per-class vectors are float64 buffers (saved in the
+state_dict and moved by ``.to()``), handed to the fused ops in the logits' accumulation dtype
+(``_ClassVectors``); ResLT's branch class mask is a bool buffer.
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class DiverseExpertLoss(_ClassVectors, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, tau={self.tau}, reduction={self.reduction!r}, "
-                f"ignore_index={self.ignore_index}, global_batch={self.global_batch}")
+                f"ignore_index={self.ignore_index}")
 
     def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
         _check_expert_logits(expert_logits, "DiverseExpertLoss", self.num_classes, self.num_experts)
@@ -149,7 +150,7 @@ class RIDELoss(_ClassVectors, nn.Module):
         return (f"num_classes={self.num_classes}, s={self.s}, max_margin={self.max_margin}, "
                 f"drw_epoch={self.drw_epoch}, base_temperature={self.base_temperature}, "
                 f"diversity_factor={self.diversity_factor}, reweight_factor={self.reweight_factor}, "
-                f"ignore_index={self.ignore_index}, global_batch={self.global_batch}")
+                f"ignore_index={self.ignore_index}")
 
     def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
         _check_expert_logits(expert_logits, "RIDELoss", self.num_classes)
@@ -243,19 +244,19 @@ class ResLTLoss(nn.Module):
         kept = target != self.ignore_index  # ignored rows count in neither term (the seed has none)
         classes = self.branch_classes[:, torch.where(kept, target, 0)] & kept  # [3, N]: branches that train on y_n
         weights = classes.to(branch.dtype)
-        pairs, rows = weights.sum(), kept.sum().to(branch.dtype)
+        pairs, kept_rows = weights.sum(), kept.sum().to(branch.dtype)
         scale = 1.0
         if self.global_batch:
             import torch.distributed as dist
             if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
                 # the seed's normalisation over the global batch (DataParallel): divide by the global counts
                 # and multiply by the world size, so that DDP's gradient mean is the global batch's gradient
-                counts = torch.stack([pairs, rows]).detach()
+                counts = torch.stack([pairs, kept_rows]).detach()
                 dist.all_reduce(counts, group=self.process_group)
-                pairs, rows = counts[0], counts[1]
+                pairs, kept_rows = counts[0], counts[1]
                 scale = float(dist.get_world_size(self.process_group))
         individual = (weights * branch).sum() / pairs
-        fused_mean = (fused * kept).sum() / rows
+        fused_mean = (fused * kept).sum() / kept_rows
         return scale * ((1.0 - self.beta) * fused_mean + self.beta * individual)
 
 
