@@ -205,3 +205,33 @@ def ride_diversity_temperature(class_counts: Counts, reweight_factor: float = 0.
         raise ValueError(f"reweight_factor={reweight_factor} gives diversity temperatures <= 0: C * pi_c * r + 1 - r "
                          f"must be > 0 for every class (the survey uses 0.02)")
     return factors.to(dtype)
+
+
+def reslt_branch_classes(class_counts: Counts, medium_classes: int, tail_classes: int) -> Tensor:
+    """ResLT's three branch class sets (Cui et al. 2022; the seed's ``ImageNetTrain_reslt.py`` and
+    ``cifarTrain_reslt_cifar*.py``) as a ``[3, C]`` bool mask: branch 0 (head) trains on every class,
+    branch 1 (medium) on the ``medium_classes`` rarest classes, branch 2 (tail) on the ``tail_classes``
+    rarest, so the sets are nested (tail within medium within all).
+
+    The seed writes them as slices of one-hot labels on a label order where rarity follows the index:
+    ImageNet-LT remaps labels to their ascending-count rank (``np.argsort``) and takes ``[:825]`` /
+    ``[:220]``; CIFAR-LT keeps the descending-count order and takes ``[35:100]`` / ``[70:100]``
+    (CIFAR-10 ``[2:10]`` / ``[4:10]``). Here the rank comes from the counts: ascending count, and among
+    equal counts the higher class index is the rarer, which is what the CIFAR slices select for any
+    non-increasing count profile (ties of ImageNet-LT's counts follow NumPy's unstable argsort in the
+    seed, an order no other code can reproduce)."""
+    counts = as_counts(class_counts)
+    num_classes = counts.numel()
+    for name, value in (("medium_classes", medium_classes), ("tail_classes", tail_classes)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= num_classes:
+            raise ValueError(f"{name}: must be an int in [1, {num_classes}] (a number of classes), got {value!r}")
+    if tail_classes > medium_classes:
+        raise ValueError(f"tail_classes ({tail_classes}) must be <= medium_classes ({medium_classes}): the tail "
+                         f"branch's classes are the rarest of the medium branch's")
+    # sort key: count ascending, then index descending (rarer first); stable sorts on two keys
+    index = torch.arange(num_classes)
+    by_index = torch.flip(index, [0])
+    order = by_index[torch.sort(counts[by_index], stable=True).indices]
+    rank = torch.empty_like(order)
+    rank[order] = index
+    return torch.stack([torch.ones(num_classes, dtype=torch.bool), rank < medium_classes, rank < tail_classes])

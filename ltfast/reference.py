@@ -387,3 +387,24 @@ def ride_loss(logits: Tensor, target: Tensor, target_margin: Tensor | None = Non
         kl = torch.where(valid, kl_rows, torch.zeros_like(kl_rows)).sum() / num_valid
         loss = loss + diversity_factor * mean_temperature * mean_temperature * kl
     return loss
+
+
+def reslt_loss(branch_logits: Tensor, target: Tensor, branch_classes: Tensor, beta: float = 0.99,
+               epsilon: float = 1e-7, fusion_epsilon: float = 1e-7) -> Tensor:
+    """ResLT's loss (Cui et al. 2022, the seed's ``ImageNetTrain_reslt.py``) on the three branches'
+    logits ``[N, 3, C]``: ``(1 - beta) F + beta I`` with, for ``l_e(z) = -log(softmax(z)_y + e)``,
+
+    - ``I = sum_k sum_n m[k, y_n] l_epsilon(z_k) / sum_k sum_n m[k, y_n]`` (``branch_classes`` m
+      ``[3, C]``: the classes each branch trains on);
+    - ``F = mean_n l_fusion_epsilon(z_0 + z_1 + z_2)`` (``fusion_epsilon`` 0: plain cross-entropy,
+      the seed's CIFAR scripts)."""
+    dtype = torch.promote_types(branch_logits.dtype, torch.float32)
+
+    def nll(logits: Tensor, eps: float) -> Tensor:
+        p = torch.softmax(logits.to(dtype), dim=1).gather(1, target.view(-1, 1)).squeeze(1)
+        return -torch.log(p + eps) if eps > 0 else F.cross_entropy(logits.to(dtype), target, reduction="none")
+    weights = branch_classes.to(dtype)[:, target]  # [3, N]
+    branch = torch.stack([nll(branch_logits[:, k], epsilon) for k in range(branch_logits.shape[1])])
+    individual = (weights * branch).sum() / weights.sum()
+    fused = nll(branch_logits.sum(dim=1), fusion_epsilon).mean()
+    return (1.0 - beta) * fused + beta * individual

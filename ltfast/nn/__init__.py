@@ -8,14 +8,14 @@ exact to float64.
 
 The modules, one file per family: ``cross_entropy`` (CrossEntropyLoss, Balanced Softmax, logit
 adjustment, weighted CE, LDAM-DRW, focal), ``equalization`` (SEQL, EQL), ``lade`` (LADE and the DDP
-batch gather), ``multi_expert`` (SADE, RIDE); ``_base`` holds what they share.
+batch gather), ``multi_expert`` (SADE, RIDE, ResLT); ``_base`` holds what they share.
 """
 from .cross_entropy import (BalancedSoftmaxLoss, CrossEntropyLoss, FocalLoss, LDAMLoss, LogitAdjustedLoss,
                             WeightedCrossEntropyLoss)
 from .equalization import EqualizationLoss, SoftmaxEqualizationLoss
 from .lade import LADELoss, gather_batch_with_grad
-from .multi_expert import DiverseExpertLoss, RIDELoss
+from .multi_expert import DiverseExpertLoss, ResLTLoss, RIDELoss
 
 __all__ = ["CrossEntropyLoss", "BalancedSoftmaxLoss", "LogitAdjustedLoss", "WeightedCrossEntropyLoss", "LDAMLoss",
            "FocalLoss", "LADELoss", "gather_batch_with_grad", "SoftmaxEqualizationLoss", "EqualizationLoss",
-           "DiverseExpertLoss", "RIDELoss"]
+           "DiverseExpertLoss", "RIDELoss", "ResLTLoss"]

@@ -1,13 +1,16 @@
 """nn.Module losses of the multi-expert methods (seed-methods.md §6): SADE's
-:class:`DiverseExpertLoss` and RIDE's :class:`RIDELoss`, exported from :mod:`ltfast.nn`.
+:class:`DiverseExpertLoss` and RIDE's :class:`RIDELoss`, and ResLT's three-branch
+:class:`ResLTLoss` (§2.4), exported from :mod:`ltfast.nn`.
 
-Both take the experts' logits ``[N, E, C]`` (``forward(expert_logits, target)``) and have the class
-attribute ``takes_expert_logits = True``, which tells the trainer to pass them instead of the
-aggregated ``[N, C]`` output. Per-class vectors are float64 buffers (saved in the state_dict and
-moved by ``.to()``), handed to the fused ops in the logits' accumulation dtype (``_ClassVectors``).
+All three take the experts' (ResLT: the branches') logits ``[N, E, C]`` (``forward(expert_logits,
+target)``) and have the class attribute ``takes_expert_logits = True``, which tells the trainer to pass
+them instead of the aggregated ``[N, C]`` output. Per-class vectors are float64 buffers (saved in the
+state_dict and moved by ``.to()``), handed to the fused ops in the logits' accumulation dtype
+(``_ClassVectors``); ResLT's branch class mask is a bool buffer.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -167,4 +170,94 @@ class RIDELoss(_ClassVectors, nn.Module):
                          self.base_temperature, self.diversity_factor, self.ignore_index)
 
 
-__all__ = ["DiverseExpertLoss", "RIDELoss"]
+class ResLTLoss(nn.Module):
+    """ResLT's loss (Cui et al., "ResLT: Residual Learning for Long-tailed Recognition", TPAMI 2022) as
+    the seed's ``ImageNetTrain_reslt.py`` computes it, on the three branches' logits ``[N, 3, C]``
+    (head, medium, tail; predict with their sum)::
+
+        l_e(z)  = -log(softmax(z)_y + e)
+        I       = sum_k sum_n m[k, y_n] l_1e-7(z_k) / sum_k sum_n m[k, y_n]
+        F       = mean_n l_fusion_epsilon(z_0 + z_1 + z_2)
+        loss    = (1 - beta) F + beta I
+
+    ``m = priors.reslt_branch_classes(class_counts, medium_classes, tail_classes)``: branch 0 trains on
+    every class, branch 1 on the ``medium_classes`` rarest, branch 2 on the ``tail_classes`` rarest (the
+    seed: 825 and 220 of ImageNet-LT's 1000; 65 / 30 of CIFAR-100, 8 / 6 of CIFAR-10). ``I`` is
+    normalised by the number of (sample, branch) pairs that train, over the whole batch, as the seed's
+    ``(labelH.sum() + labelM.sum() + labelT.sum())``; ``F`` by N (its ``labelH`` is 1 for every sample).
+    ``fusion_epsilon``: 1e-7 in the ImageNet-LT script; 0 = the CIFAR scripts' ``nn.CrossEntropyLoss``.
+
+    The branches share one classifier and are summed with weight 1 (``methods/reslt.py`` builds that
+    head). ``beta`` is the seed's ``--beta`` (X50.sh 0.99; the upstream CIFAR scripts: CIFAR-100-LT IF 100
+    0.995, CIFAR-10-LT IF 100 0.998), the alpha of the upstream README. The seed's label smoothing
+    (``--lsm``, 0 in every script) is left out.
+
+    Computation: the four cross-entropies (three branches and their sum) are one call of the fused
+    cross-entropy op on ``[4N, C]`` rows (``reduction='none'``); ``-log(p + e)`` is then
+    ``-logaddexp(-ce, log e)``, the same value computed without forming ``p`` (stable when p underflows).
+    The seed ran DataParallel: one global batch. Under DDP each rank normalises by its own batch's counts
+    unless ``global_batch``: the counts are then all-reduced over ``process_group`` (two numbers per
+    step) and the rank's loss is ``world`` times its share of the global loss, so that DDP's gradient mean
+    is the global batch's gradient and the mean of the ranks' losses is the global loss.
+    Rows whose target is ``ignore_index`` count in neither term (a batch of only those gives NaN, as
+    ``nn.CrossEntropyLoss``'s mean).
+    """
+
+    takes_expert_logits = True
+    num_experts = 3
+    epsilon = 1e-7  # both seed codebases: torch.log(softmax(logit) + 1e-7) in the branch terms
+
+    def __init__(self, class_counts, medium_classes: int, tail_classes: int, beta: float = 0.99,
+                 fusion_epsilon: float = 1e-7, ignore_index: int = -100, global_batch: bool = False,
+                 process_group=None) -> None:
+        super().__init__()
+        self.ignore_index = int(ignore_index)
+        self.global_batch, self.process_group = bool(global_batch), process_group
+        beta, fusion_epsilon = float(beta), float(fusion_epsilon)
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"ResLTLoss: beta must be in [0, 1] (the weight of the per-branch term), got {beta}")
+        if not 0.0 <= fusion_epsilon < 1.0:
+            raise ValueError(f"ResLTLoss: fusion_epsilon must be in [0, 1), got {fusion_epsilon}")
+        self.beta, self.fusion_epsilon = beta, fusion_epsilon
+        self.medium_classes, self.tail_classes = medium_classes, tail_classes
+        self.register_buffer("branch_classes", priors.reslt_branch_classes(class_counts, medium_classes,
+                                                                           tail_classes))
+
+    @property
+    def num_classes(self) -> int:
+        return self.branch_classes.shape[1]
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, medium_classes={self.medium_classes}, "
+                f"tail_classes={self.tail_classes}, beta={self.beta}, fusion_epsilon={self.fusion_epsilon}, "
+                f"ignore_index={self.ignore_index}, global_batch={self.global_batch}")
+
+    def forward(self, expert_logits: Tensor, target: Tensor) -> Tensor:
+        _check_expert_logits(expert_logits, "ResLTLoss", self.num_classes, self.num_experts)
+        n, _, c = expert_logits.shape
+        rows = torch.cat([expert_logits.transpose(0, 1).reshape(3 * n, c), expert_logits.sum(dim=1)])
+        ce = adjusted_cross_entropy(rows, target.repeat(4), reduction="none", ignore_index=self.ignore_index)
+        ce = ce.to(torch.promote_types(ce.dtype, torch.float32)).view(4, n)  # bf16 / fp16 -> float32
+        branch = -torch.logaddexp(-ce[:3], ce.new_tensor(math.log(self.epsilon)))
+        fused = ce[3] if self.fusion_epsilon == 0.0 else \
+            -torch.logaddexp(-ce[3], ce.new_tensor(math.log(self.fusion_epsilon)))
+        kept = target != self.ignore_index  # ignored rows count in neither term (the seed has none)
+        classes = self.branch_classes[:, torch.where(kept, target, 0)] & kept  # [3, N]: branches that train on y_n
+        weights = classes.to(branch.dtype)
+        pairs, kept_rows = weights.sum(), kept.sum().to(branch.dtype)
+        scale = 1.0
+        if self.global_batch:
+            import torch.distributed as dist
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+                # the seed's normalisation over the global batch (DataParallel): divide by the global counts
+                # and multiply by the world size, so that DDP's gradient mean is the global batch's gradient
+                counts = torch.stack([pairs, kept_rows]).detach()
+                dist.all_reduce(counts, group=self.process_group)
+                pairs, kept_rows = counts[0], counts[1]
+                scale = float(dist.get_world_size(self.process_group))
+        individual = (weights * branch).sum() / pairs
+        fused_mean = (fused * kept).sum() / kept_rows
+        return scale * ((1.0 - self.beta) * fused_mean + self.beta * individual)
+
+
+__all__ = ["DiverseExpertLoss", "RIDELoss", "ResLTLoss"]

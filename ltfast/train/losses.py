@@ -52,6 +52,17 @@ KEYS: dict[str, tuple] = {
     "smooth_shape": ("concave", str, schema.choice("concave", "linear", "convex", "exp"),
                      "label_aware_smoothing: epsilon against the class count (MiSLAS default concave)"),
     "smooth_power": (None, (int, float, NoneType), schema.positive, "label_aware_smoothing: exponent of shape 'exp'"),
+    "reslt_beta": (0.99, (int, float), schema.probability,
+                   "ResLT: (1 - beta) fusion CE + beta per-branch CE (X50.sh --beta 0.99)"),
+    "reslt_medium_classes": (None, (int, NoneType), schema.positive,
+                             "ResLT: the medium branch trains on this many rarest classes (ImageNet-LT code 825)"),
+    "reslt_tail_classes": (None, (int, NoneType), schema.positive,
+                           "ResLT: the tail branch trains on this many rarest classes (ImageNet-LT code 220)"),
+    "reslt_fusion_epsilon": (1e-7, (int, float), schema.non_negative,
+                             "ResLT: -log(p + eps) of the summed logits (ImageNet-LT code 1e-7; CIFAR code 0 = CE)"),
+    "reslt_global_batch": (False, bool, None,
+                           "ResLT under DDP: normalise by the global batch's counts (all-reduced), as the seed's "
+                           "DataParallel did"),
 }
 
 
@@ -92,6 +103,17 @@ def _gamma_is_not_focal(loss: dict) -> None:
                           f"(got loss.gamma={loss['gamma']})")
 
 
+def _reslt_check(loss: dict) -> None:
+    for key in ("reslt_medium_classes", "reslt_tail_classes"):
+        if loss[key] is None:
+            raise ConfigError(f"loss.{key}: required with loss.name=reslt (a number of rarest classes; the seed: "
+                              f"825 / 220 of ImageNet-LT's 1000, 65 / 30 of CIFAR-100, 8 / 6 of CIFAR-10)")
+    if loss["reslt_tail_classes"] > loss["reslt_medium_classes"]:
+        raise ConfigError(f"loss.reslt_tail_classes: must be <= loss.reslt_medium_classes (the tail branch's classes "
+                          f"are the rarest of the medium branch's), got {loss['reslt_tail_classes']} > "
+                          f"{loss['reslt_medium_classes']}")
+
+
 LOSSES: dict[str, Loss] = {
     "ce": Loss(lambda loss, counts: ltfast.nn.CrossEntropyLoss(), summary="softmax cross-entropy"),
     "weighted_ce": Loss(lambda loss, counts: ltfast.nn.WeightedCrossEntropyLoss(counts),
@@ -122,6 +144,14 @@ LOSSES: dict[str, Loss] = {
         reweight_factor=loss["reweight_factor"]),
         own_keys=("diversity_factor", "base_temperature", "reweight_factor"), expert_logits=True,
         summary="RIDE's distribution-aware diversity loss"),
+    # The branch logits come from the ResLT head (methods/reslt.py), not from a multi-expert arch:
+    # ResLTLoss declares takes_expert_logits, the entry leaves expert_logits False.
+    "reslt": Loss(lambda loss, counts: ltfast.nn.ResLTLoss(
+        counts, loss["reslt_medium_classes"], loss["reslt_tail_classes"], beta=loss["reslt_beta"],
+        fusion_epsilon=loss["reslt_fusion_epsilon"], global_batch=loss["reslt_global_batch"]),
+        own_keys=("reslt_beta", "reslt_medium_classes", "reslt_tail_classes", "reslt_fusion_epsilon",
+                  "reslt_global_batch"),
+        check=_reslt_check, summary="ResLT's fusion + per-branch loss"),
 }
 
 
@@ -169,7 +199,8 @@ def describe_loss(criterion: nn.Module) -> str:
     parts = []
     per_class_smoothing = getattr(criterion, "_per_class_smoothing", False)
     for key in ("gamma", "tau", "alpha", "remine_lambda", "s", "max_margin", "drw_epoch", "beta", "label_smoothing",
-                "base_temperature", "diversity_factor", "reweight_factor"):
+                "base_temperature", "diversity_factor", "reweight_factor", "medium_classes", "tail_classes",
+                "fusion_epsilon"):
         if key == "label_smoothing" and per_class_smoothing:
             continue  # the scalar is 0 then; the per-class values that run are summarised below
         value = getattr(criterion, key, None)

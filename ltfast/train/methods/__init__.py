@@ -15,12 +15,13 @@ from .decoupled import ClassifierRetraining, LearnableWeightScalingMethod, Neare
 from .losses import loss_methods
 from .mislas import MiSLAS, MixupMethod
 from .multi_expert import RIDE, SADE
+from .reslt import ResLT
 
 # Order matters only where two enabled methods act at the same point: heads are built, then adapted
 # in this order (LWS wraps the stage-1 head before MiSLAS's learnable scale could wrap a head).
 _SPECIAL = [CosineClassifier, CausalTDE, ClassifierRetraining, LearnableWeightScalingMethod, NearestClassMeanMethod,
-            TauNormalisation, MixupMethod, MiSLAS, ClassifierLearningRate, RIDE, SADE]
-_CLAIMED_LOSSES = {"label_aware_smoothing", "ride", "sade"}  # losses that belong to the methods above
+            TauNormalisation, MixupMethod, MiSLAS, ClassifierLearningRate, RIDE, SADE, ResLT]
+_CLAIMED_LOSSES = {"label_aware_smoothing", "ride", "sade", "reslt"}  # losses that belong to the methods above
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in loss_methods(_CLAIMED_LOSSES) + _SPECIAL}
 
 __all__ = ["Method", "REGISTRY", "active", "available", "build_head", "check", "classifiers", "config_keys", "describe"]
