@@ -15,7 +15,7 @@ the authors' code (Megvii-Nanjing/BBN: ``lib/backbone/resnet_cifar.py`` ``BBN_Re
   batch statistics as in BBN's two ``model(...)`` calls; the classifier reads
   ``2 [alpha f_c, (1 - alpha) f_r]`` and the loss is ``alpha L(z, y_c) + (1 - alpha) L(z, y_r)``, one
   fused call of the mixed-target cross-entropy (``ltfast.mixed_cross_entropy`` with
-  ``mix_weight=alpha``, ``target_b=y_r``; ``mislas.mixed_loss``).
+  ``mix_weight=alpha``, ``target_b=y_r``), two calls for a loss without mixed targets.
 - **Cumulative alpha** (``cumulative_alpha``): ``1 - ((e - 1) / T)^2`` for the 1-based epoch e, with
   BBN's divisor T: the epoch count, except 90 -> 100 and 180 -> 200 (``Combiner.div_epoch``).
 - **Inference** (``valid_model``: ``feature_flag`` then ``classifier_flag``): both branches on the
@@ -54,7 +54,6 @@ from ..models import CIFAR_ARCHS, EXPERT_ARCHS
 from ..models.resnet_cifar import CifarResNet
 from ..models.small import SmallResNet
 from .base import Method
-from .mislas import mixed_loss
 
 __all__ = ["BBN", "BilateralBranchNetwork", "alpha_divisor", "bbn_mixed_loss", "cumulative_alpha", "split_last_block"]
 
@@ -81,8 +80,12 @@ def cumulative_alpha(epoch: int, epochs: int) -> float:
 def bbn_mixed_loss(criterion: nn.Module, logits: Tensor, labels: Tensor, reversed_labels: Tensor,
                    alpha: float) -> Tensor:
     """``alpha L(z, y_c) + (1 - alpha) L(z, y_r)`` (``bbn_mix``), one fused mixed-target call when the
-    criterion takes ``target_b`` (ltfast.nn.CrossEntropyLoss: ``ltfast.mixed_cross_entropy``)."""
-    return mixed_loss(criterion, logits, labels, reversed_labels, alpha)
+    criterion takes ``target_b`` (ltfast.nn.CrossEntropyLoss: ``ltfast.mixed_cross_entropy``), else two
+    calls. The weight is in the logits' dtype (float64 logits get alpha to float64, not float32)."""
+    if getattr(criterion, "supports_mixed_targets", False):
+        weight = torch.tensor(alpha, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+        return criterion(logits, labels, target_b=reversed_labels, mix_weight=weight)
+    return alpha * criterion(logits, labels) + (1.0 - alpha) * criterion(logits, reversed_labels)
 
 
 # ------------------------------------------------------------------------------------------ network
@@ -229,8 +232,9 @@ class BBN(Method):
     def train_step(self, net: nn.Module, images: Tensor, labels: Tensor, extra: dict,
                    criterion: nn.Module) -> Optional[Tensor]:
         reversed_images, reversed_labels = extra[REVERSED_LOADER]
-        # alpha as a tensor: a compiled network sees one graph for every epoch's value
-        alpha = torch.tensor(self.alpha, dtype=torch.float32, device=images.device)
+        # alpha as a tensor (a compiled network sees one graph for every epoch's value) in the images'
+        # dtype (float32 under autocast too: a 0-dim tensor does not promote the bf16 features)
+        alpha = torch.tensor(self.alpha, dtype=images.dtype, device=images.device)
         logits = net(images.contiguous(memory_format=self.memory_format),
                      reversed_images=reversed_images.contiguous(memory_format=self.memory_format), alpha=alpha)
         return bbn_mixed_loss(criterion, logits, labels, reversed_labels, self.alpha)
