@@ -4,10 +4,13 @@ PyTorch transcription of BBN's ``bbn_mix`` (values and gradients), the config ch
 Fashion-MNIST-LT recipe end to end (train, ``python -m ltfast.evaluate``, resume)."""
 import copy
 import json
+import math
 import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import ltfast.nn
@@ -18,7 +21,7 @@ from ltfast.train.evaluation import main as evaluate_main
 from ltfast.train.methods.bbn import (BBN, REVERSED_LOADER, BilateralBranchNetwork, alpha_divisor, cumulative_alpha)
 from ltfast.train.models import build_model, find_head
 
-from test_train import TINY
+from test_train import TINY, _ddp_worker, _free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST_BBN = os.path.join(ROOT, "configs", "fmnist_lt", "bbn.yaml")
@@ -264,3 +267,56 @@ def test_the_step_reads_the_reversed_stream(tmp_path, monkeypatch):
     frequency = torch.bincount(drawn, minlength=7).double() / drawn.numel()
     expected = (counts.max() / counts) / (counts.max() / counts).sum()
     assert frequency[-1] > frequency[0] and torch.argmax(frequency) == torch.argmax(expected)
+
+
+def test_bf16_autocast_step(tmp_path):
+    summary = train(load_config(None, TINY + ["model.bbn=true", "train.amp=bf16", "optim.epochs=1", "data.n_max=64",
+                                              "train.save_checkpoints=false", "train.plot=false",
+                                              f"train.out_dir={tmp_path}"]))
+    assert summary["bf16"] and math.isfinite(summary["history"][0]["loss"]) and summary["history"][0]["loss"] > 0
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_processes(tmp_path):
+    """Under DDP the step is one forward of the wrapped network (a second forward before the backward
+    would fail DDP's reducer); each rank reads its shard of both streams."""
+    overrides = TINY + [f"train.out_dir={tmp_path}", "model.bbn=true", "optim.epochs=1", "train.seed=3",
+                        "train.plot=false"]
+    mp.spawn(_ddp_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "finished"
+    assert math.isfinite(summary["history"][0]["loss"])
+
+
+@pytest.fixture(scope="module")
+def rgb_jpegs(tmp_path_factory):
+    """4 classes of 24x24 RGB JPEGs: train 3 per class (one batch of 12), val 1, test 2."""
+    from ltfast.data import InMemoryDataset, write_jpeg_folder
+    root = tmp_path_factory.mktemp("rgb")
+    gen = torch.Generator().manual_seed(0)
+    for split, per_class in (("train", 3), ("val", 1), ("test", 2)):
+        labels = torch.arange(4).repeat_interleave(per_class)
+        images = (torch.rand(labels.numel(), 3, 24, 24, generator=gen) * 255).to(torch.uint8)
+        write_jpeg_folder(InMemoryDataset(images, labels), str(root), split)
+    return root
+
+
+def test_imagenet_lt_recipe_runs(rgb_jpegs, tmp_path):
+    # The ResNeXt-50 recipe for one epoch (one step of two batches of 12): tiny JPEGs, 16-pixel crops, CPU,
+    # through the image-path loader (PIL backend) for both streams.
+    cfg = load_config(os.path.join(ROOT, "configs", "imagenet_lt", "bbn.yaml"),
+                      [f"data.root={rgb_jpegs}", f"data.train_list={rgb_jpegs / 'train.txt'}",
+                       f"data.val_list={rgb_jpegs / 'val.txt'}", f"data.test_list={rgb_jpegs / 'test.txt'}",
+                       "data.backend=pil", "data.num_threads=0", "data.crop_size=16", "data.resize_size=16",
+                       "data.batch_size=12", "data.eval_batch_size=8", "optim.epochs=1", "train.progress=false",
+                       "train.plot=false", "train.device=cpu", "train.save_checkpoints=false",
+                       f"train.out_dir={tmp_path}"])
+    summary = train(cfg)
+    assert summary["status"] == "finished" and summary["test"]["samples"] == 8 and summary["name"] == "BBN"
+    assert math.isfinite(summary["history"][0]["loss"]) and summary["history"][0]["loss"] > 0
+
+
+def test_imagenet_lt_split_is_bbn_res50():
+    net = BilateralBranchNetwork.from_architecture(build_model("resnext50_32x4d", 10), 10)
+    assert len(net.trunk.layer4) == 2 and net.fc.in_features == 4096     # BBN_ResNet: layer4 of 3 - 1 blocks
+    assert net.conventional.conv2.groups == 32 and net.rebalancing.conv2.groups == 32   # ResNeXt 32x4d
