@@ -181,7 +181,7 @@ FMNIST_METHODS = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join
 # The method keys of a recipe: what the fmnist_lt and CIFAR files must agree on (the rest is the dataset's).
 METHOD_KEYS = {"loss": None, "model": ("classifier", "freeze_backbone", "learnable_scale", "shift_bn", "causal_heads",
                                        "causal_tau", "causal_gamma", "tau_norm", "ncm_features", "num_experts",
-                                       "reduce_dimension", "expert_scale"),
+                                       "reduce_dimension", "expert_scale", "bbn"),
                "data": ("sampler", "num_samples_cls", "mixup_alpha"), "optim": ("nesterov", "head_lr_factor")}
 # Methods whose CIFAR configs follow the method's own CIFAR scripts instead of LDAM-DRW's recipe (their
 # values are checked where the method is tested).
@@ -209,7 +209,10 @@ def test_cifar_lt_recipes(group, method):
             assert cfg[section][key] == fmnist[section][key], f"{section}.{key}"
     expert = cfg["model"]["arch"] == "small_expert_resnet"
     assert expert == (method in ("ride", "sade")) and (expert or cfg["model"]["arch"] == "resnet32")
-    if not cfg["model"]["init_from"]:  # stage 1: LDAM-DRW's 200 epochs, lr 0.1, 5 warm-up, x0.01 at 160 / 180
+    if method == "bbn":  # BBN's own CIFAR recipe (configs/cifar10.yaml): x0.01 from 1-based epochs 120 and 160
+        assert (optim["epochs"], optim["lr"], optim["warmup_epochs"]) == (200, 0.1, 5)
+        assert (optim["schedule"], optim["milestones"], optim["gamma"]) == ("multistep", [119, 159], 0.01)
+    elif not cfg["model"]["init_from"]:  # stage 1: LDAM-DRW's 200 epochs, lr 0.1, 5 warm-up, x0.01 at 160 / 180
         assert (optim["epochs"], optim["lr"], optim["warmup_epochs"]) == (200, 0.1, 5)
         assert (optim["schedule"], optim["milestones"], optim["gamma"]) == ("multistep", [160, 180], 0.01)
     else:

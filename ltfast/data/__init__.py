@@ -10,9 +10,9 @@ from .datasets import (FASHION_MNIST_CLASSES, InMemoryDataset, ListDataset, chec
                        write_jpeg_folder, write_list_file)
 from .loaders import DeviceTensorLoader
 from .samplers import (ClassBalancedSampler, InstanceSampler, LongTailSampler, ProgressivelyBalancedSampler,
-                       SquareRootSampler, make_sampler)
+                       ReversedSampler, SquareRootSampler, make_sampler)
 
 __all__ = ["FASHION_MNIST_CLASSES", "InMemoryDataset", "ListDataset", "check_files_exist", "check_labels", "class_counts", "fashion_mnist_lt",
            "load_fashion_mnist", "long_tailed_counts", "long_tailed_indices", "read_list_file", "write_jpeg_folder",
            "write_list_file", "DeviceTensorLoader", "ClassBalancedSampler", "InstanceSampler", "LongTailSampler",
-           "ProgressivelyBalancedSampler", "SquareRootSampler", "make_sampler"]
+           "ProgressivelyBalancedSampler", "ReversedSampler", "SquareRootSampler", "make_sampler"]

@@ -271,12 +271,25 @@ class ProgressivelyBalancedSampler(_WeightedClassSampler):
         return f"total_epochs={self.total_epochs}"
 
 
+class ReversedSampler(_WeightedClassSampler):
+    """BBN's reversed sampler (Zhou et al. 2020, Megvii-Nanjing/BBN ``imbalance_cifar.py``
+    ``get_weight`` / ``sample_class_index_by_weight``): P(class c) proportional to w_c = n_max / n_c,
+    drawn by inverting the CDF of the weights, then an image of the class uniformly, with
+    replacement. BBN feeds its re-balancing branch from it. Unlike BBN, empty classes are left out
+    (BBN's ``max_num / 0`` fails on them)."""
+
+    def class_probabilities(self):
+        counts = self._present_counts()
+        weights = counts.max() / counts
+        return weights / weights.sum()
+
+
 SAMPLERS = {"instance": InstanceSampler, "class_balanced": ClassBalancedSampler, "square_root": SquareRootSampler,
-            "progressive": ProgressivelyBalancedSampler}
+            "progressive": ProgressivelyBalancedSampler, "reversed": ReversedSampler}
 
 
 def make_sampler(name: str, labels, **kwargs) -> LongTailSampler:
-    """``name``: 'instance', 'class_balanced', 'square_root' or 'progressive'."""
+    """``name``: 'instance', 'class_balanced', 'square_root', 'progressive' or 'reversed'."""
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
     return SAMPLERS[name](labels, **kwargs)

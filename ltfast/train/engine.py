@@ -128,7 +128,7 @@ def build_model(cfg: dict, num_classes: int, in_channels: int, stage: str = "tra
     mcfg = cfg["model"]
     active = methods.active(cfg) if active is None else active
     model = build_backbone(mcfg, num_classes, in_channels)
-    methods.build_head(model, num_classes, cfg, active)  # before init_from: a checkpoint with that head fits
+    model = methods.build_head(model, num_classes, cfg, active)  # before init_from: a checkpoint with that head fits
     if stage == "train":
         if mcfg["init_from"]:
             load_init_weights(model, mcfg["init_from"], mcfg["head"], num_classes, log=log)

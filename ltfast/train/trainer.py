@@ -80,8 +80,9 @@ def train(cfg: dict) -> dict:
     _write_config(cfg, run, files=["best.pt", "last.pt"] if tcfg["save_checkpoints"] else [])
 
     loader = data["train_loader"]
+    extra_loaders = _extra_loaders(active, data, run, len(loader))
     stepper = Stepper(optimizer, ocfg["accumulate"], len(loader), scaler, net)
-    parts = _TrainingParts(cfg, run, model, net, criterion, loader, stepper, base_lr, active, head_name)
+    parts = _TrainingParts(cfg, run, model, net, criterion, loader, stepper, base_lr, active, head_name, extra_loaders)
     history = History(cfg, run.rank, state["history"])
     if lr_note:
         run.log(lr_note)
@@ -147,6 +148,22 @@ class _TrainingParts:
     base_lr: float
     active: list                  # the run's enabled methods
     head_name: str
+    extra_loaders: dict           # name -> a further training stream in step with ``loader`` (methods' extra_loaders)
+
+
+def _extra_loaders(active: list, data: dict, run: RunContext, batches: int) -> dict:
+    """Every enabled method's extra training loaders, each checked to yield ``batches`` batches an epoch
+    (the training loader's count: batch i of each reaches the step together)."""
+    loaders: dict = {}
+    for method in active:
+        for name, extra in method.extra_loaders(data, run).items():
+            if name in loaders:
+                raise ValueError(f"extra loader {name!r}: made by two methods ({method.name} and another)")
+            if len(extra) != batches:
+                raise ValueError(f"extra loader {name!r} of {method.name}: {len(extra)} batches per epoch, the training "
+                                 f"loader has {batches}; they are read in step")
+            loaders[name] = extra
+    return loaders
 
 
 def _train_epoch(parts: _TrainingParts, epoch: int) -> dict:
@@ -156,6 +173,8 @@ def _train_epoch(parts: _TrainingParts, epoch: int) -> dict:
         parts.active, parts.head_name)
     ocfg, tcfg = cfg["optim"], cfg["train"]
     loader.set_epoch(epoch)
+    for extra_loader in parts.extra_loaders.values():
+        extra_loader.set_epoch(epoch)
     if hasattr(criterion, "set_epoch"):
         criterion.set_epoch(epoch)  # a loss with a schedule of its own (LDAM's deferred re-weighting)
     model.train()
@@ -170,18 +189,25 @@ def _train_epoch(parts: _TrainingParts, epoch: int) -> dict:
         bar = tqdm(total=batches, desc=f"epoch {epoch + 1}/{ocfg['epochs']}", leave=False, dynamic_ncols=True)
     start = time.perf_counter()
     step = epoch * steps_per_epoch
-    for i, (images, labels) in enumerate(loader):
+    extra_names = list(parts.extra_loaders)
+    for i, ((images, labels), *extra_batches) in enumerate(zip(loader, *parts.extra_loaders.values())):
         lr = base_lr * lr_factor(step + stepper.step_of(i), steps_per_epoch, ocfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_factor", 1.0)
         images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
+        extra = {name: (x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True))
+                 for name, (x, y) in zip(extra_names, extra_batches)}
         mixed = next((m for m in (method.mix_batch(images, labels, criterion) for method in active) if m is not None),
                      None)
         images, loss_of = mixed if mixed is not None else (images, None)
         with stepper.context(i):
             with run.autocast():
-                outputs = loss_input(net(images.contiguous(memory_format=run.memory_format)), criterion)
-                loss = criterion(outputs, labels) if loss_of is None else loss_of(outputs)
+                # a method that owns the step (BBN's two branches) gives the loss; else the default forward
+                loss = next((owned for method in active
+                             if (owned := method.train_step(net, images, labels, extra, criterion)) is not None), None)
+                if loss is None:
+                    outputs = loss_input(net(images.contiguous(memory_format=run.memory_format)), criterion)
+                    loss = criterion(outputs, labels) if loss_of is None else loss_of(outputs)
             stepper.backward(loss, i)  # zero_grad / backward / step, accumulated and fp16-scaled
         for method in active:
             method.after_step(lr)

@@ -8,6 +8,7 @@ line in ``REGISTRY`` below (docs/methods.md).
 from __future__ import annotations
 
 from .base import Method
+from .bbn import BBN
 from .causal import CausalTDE
 from .classifier_lr import ClassifierLearningRate
 from .cosine import CosineClassifier
@@ -18,8 +19,9 @@ from .multi_expert import RIDE, SADE
 from .reslt import ResLT
 
 # Order matters only where two enabled methods act at the same point: heads are built, then adapted
-# in this order (LWS wraps the stage-1 head before MiSLAS's learnable scale could wrap a head).
-_SPECIAL = [CosineClassifier, CausalTDE, ClassifierRetraining, LearnableWeightScalingMethod, NearestClassMeanMethod,
+# in this order (BBN replaces the whole model first, so that a later head method would see its fc; LWS
+# wraps the stage-1 head before MiSLAS's learnable scale could wrap a head).
+_SPECIAL = [BBN, CosineClassifier, CausalTDE, ClassifierRetraining, LearnableWeightScalingMethod, NearestClassMeanMethod,
             TauNormalisation, MixupMethod, MiSLAS, ClassifierLearningRate, RIDE, SADE, ResLT]
 _CLAIMED_LOSSES = {"label_aware_smoothing", "ride", "sade", "reslt"}  # losses that belong to the methods above
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in loss_methods(_CLAIMED_LOSSES) + _SPECIAL}
@@ -69,8 +71,12 @@ def check(cfg: dict) -> None:
 
 
 
-def build_head(model, num_classes: int, cfg: dict, run_methods=None) -> None:
+def build_head(model, num_classes: int, cfg: dict, run_methods=None):
     """Every enabled method's ``build_head`` on ``model`` (the architecture's head replaced by the
-    configured one: cosine, causal). ``run_methods``: the run's ``active(cfg)`` when already made."""
+    configured one: cosine, causal); returns the model, which a method may have replaced (BBN).
+    ``run_methods``: the run's ``active(cfg)`` when already made."""
     for method in run_methods if run_methods is not None else active(cfg):
-        method.build_head(model, num_classes)
+        replaced = method.build_head(model, num_classes)
+        if replaced is not None:
+            model = replaced
+    return model

@@ -15,13 +15,18 @@ Class-level (read without a run):
 
 Per run (``Method(cfg)``; an instance may keep run state, e.g. a feature average or mixup):
 - ``build_head(model, num_classes)``: replace the architecture's head (cosine, causal); before
-  ``model.init_from`` is loaded, so a checkpoint of the same kind fits.
+  ``model.init_from`` is loaded, so a checkpoint of the same kind fits. Returns None (the model was
+  changed in place) or the module to use instead of ``model`` (BBN: the architecture split into a
+  shared trunk and two branches).
 - ``adapt(model, num_classes, stage)``: after ``model.init_from`` (stage "train") and on every
   rebuild from a checkpoint (stage "rebuild": evaluation, test-time); wraps or swaps the head so
   that it has the structure the checkpoint was saved with (LWS, NCM, MiSLAS's scale).
 - ``fit(model, data, run)``: a training-free stage 2 (NCM, tau-norm): builds the classifier from
   statistics and returns {"label", "selection", "info"}; the trainer then validates, saves and
   tests without any epoch. None (the default): the run trains.
+- ``extra_loaders(data, run)``: {name: loader} of further training streams (BBN's reversed-sampled
+  batches), made once after the data; each has the training loader's length and ``set_epoch``,
+  and its batch i reaches ``train_step`` beside the training loader's batch i.
 - ``start(model, head_name, run)``: once before the first epoch of a training run.
 - ``param_groups(model, head_name, params)``: the optimizer's parameter groups (each may carry an
   ``lr_factor``, multiplied into the scheduled lr).
@@ -29,6 +34,11 @@ Per run (``Method(cfg)``; an instance may keep run state, e.g. a feature average
 - ``mix_batch(images, labels, criterion)``: (the batch the model sees, the function from the model's
   loss input to the loss) when the method changes them (mixup), else None: the batch as loaded and
   ``criterion(outputs, labels)``. At most one enabled method may return something.
+- ``train_step(net, images, labels, extra, criterion)``: the loss of one training batch when the
+  method owns the forward (BBN: two batches, two branches, one mixed loss), else None (the default
+  step: ``criterion(net(images), labels)``). ``extra``: {name: (images, labels)} of every method's
+  extra loaders, on the device. Runs inside the run's autocast; the trainer does the backward.
+  At most one enabled method may return something; it sees the batch as loaded (no ``mix_batch``).
 - ``after_step(lr)``: after each training batch's backward / optimizer step.
 """
 from __future__ import annotations
@@ -55,7 +65,7 @@ class Method:
     def __init__(self, cfg: dict) -> None:
         self.cfg = cfg
 
-    def build_head(self, model: nn.Module, num_classes: int) -> None:
+    def build_head(self, model: nn.Module, num_classes: int) -> Optional[nn.Module]:
         return None
 
     def adapt(self, model: nn.Module, num_classes: int, stage: str) -> None:
@@ -63,6 +73,9 @@ class Method:
 
     def fit(self, model: nn.Module, data: dict, run) -> Optional[dict]:
         return None
+
+    def extra_loaders(self, data: dict, run) -> dict:
+        return {}
 
     def start(self, model: nn.Module, head_name: str, run) -> None:
         return None
@@ -75,6 +88,10 @@ class Method:
 
     def mix_batch(self, images: Tensor, labels: Tensor,
                   criterion: nn.Module) -> Optional[tuple[Tensor, Callable[[Tensor], Tensor]]]:
+        return None
+
+    def train_step(self, net: nn.Module, images: Tensor, labels: Tensor, extra: dict,
+                   criterion: nn.Module) -> Optional[Tensor]:
         return None
 
     def after_step(self, lr: float) -> None:
