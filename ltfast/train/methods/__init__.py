@@ -17,12 +17,13 @@ from .losses import loss_methods
 from .mislas import MiSLAS, MixupMethod
 from .multi_expert import RIDE, SADE
 from .reslt import ResLT
+from .rsg import RSG
 
 # Order matters only where two enabled methods act at the same point: heads are built, then adapted
 # in this order (BBN replaces the whole model first, so that a later head method would see its fc; LWS
 # wraps the stage-1 head before MiSLAS's learnable scale could wrap a head).
 _SPECIAL = [BBN, CosineClassifier, CausalTDE, ClassifierRetraining, LearnableWeightScalingMethod, NearestClassMeanMethod,
-            TauNormalisation, MixupMethod, MiSLAS, ClassifierLearningRate, RIDE, SADE, ResLT]
+            TauNormalisation, MixupMethod, MiSLAS, ClassifierLearningRate, RIDE, SADE, ResLT, RSG]
 _CLAIMED_LOSSES = {"label_aware_smoothing", "ride", "sade", "reslt"}  # losses that belong to the methods above
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in loss_methods(_CLAIMED_LOSSES) + _SPECIAL}
 
