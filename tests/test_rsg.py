@@ -435,3 +435,18 @@ def test_module_on_the_architectures(arch, channels, size, stage_channels):
     assert result.labels.tolist() == [0, 0, 0, 1, 2, 3, 1, 2, 3]
     (logits.sum() + result.cesc_loss + result.mv_loss).backward()
     assert generator.transformation.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_processes_train_with_the_module_idle_and_generating(tmp_path):
+    """Under DDP (no find_unused_parameters) the transformation conv is idle in epoch 0 and the
+    contrastive module in epoch 1: every module parameter still has a gradient to reduce."""
+    import torch.multiprocessing as mp
+
+    from test_train import _ddp_worker, _free_port
+    overrides = TINY + [f"train.out_dir={tmp_path}", "model.rsg=true", "model.rsg_epoch_thresh=0",
+                        "data.rsg_resample_epoch=1", "optim.epochs=2", "train.plot=false"]
+    mp.spawn(_ddp_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "finished"
+    assert all(np.isfinite(record["loss"]) for record in summary["history"])
