@@ -450,3 +450,42 @@ def test_ddp_two_processes_train_with_the_module_idle_and_generating(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "finished"
     assert all(np.isfinite(record["loss"]) for record in summary["history"])
+
+
+def test_resume_is_exact(tmp_path):
+    """Stopped after the first epoch and resumed: the generation (after epoch 0) and the resampled
+    loader (from epoch 1) pick up where an uninterrupted run is."""
+    extra = TINY + ["model.rsg=true", "model.rsg_epoch_thresh=0", "data.rsg_resample_epoch=1", "optim.epochs=3",
+                    "train.plot=false"]
+    train(load_config(None, extra + [f"train.out_dir={tmp_path / 'full'}"]))
+    cut = extra + [f"train.out_dir={tmp_path / 'cut'}"]
+    assert train(load_config(None, cut + ["train.stop_after=1"]))["status"] == "stopped"
+    train(load_config(None, cut + ["train.resume=true"]))
+    full, resumed = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("full", "cut"))
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert full["state"]["history"][-1]["loss"] == resumed["state"]["history"][-1]["loss"]
+
+
+def test_train_step_adds_the_weighted_losses():
+    from ltfast.train.methods.rsg import RSG
+    from ltfast.train.models import build_model
+    cfg = load_config(None, TINY + ["model.rsg=true", "model.rsg_epoch_thresh=0", "model.rsg_cesc_weight=0.25",
+                                    "model.rsg_mv_weight=0.5"])
+    method = RSG(cfg)
+    torch.manual_seed(0)
+    model = build_model("small_resnet", 7, 1, 8)
+    method.build_head(model, 7)
+    method.generator.set_head_classes(head_classes([50, 40, 30, 20, 10, 5, 2], 0.3))
+    method.on_epoch_start(model, "fc", 1)
+    model.train()
+    images, labels = torch.randn(8, 1, 12, 12), torch.tensor([0, 1, 2, 3, 4, 5, 6, 0])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    loss = method.train_step(model, images, labels, {}, nn.CrossEntropyLoss())
+    model.load_state_dict(state)  # the same BN statistics for the second forward
+    method.generator.arm(labels, 1)
+    logits = model(images)
+    result = method.generator.take_result()
+    expected = F.cross_entropy(logits, result.labels) + 0.25 * result.cesc_loss + 0.5 * result.mv_loss
+    assert len(result.labels) > 8 and result.mv_loss > 0
+    torch.testing.assert_close(loss, expected)
