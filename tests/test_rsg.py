@@ -489,3 +489,16 @@ def test_train_step_adds_the_weighted_losses():
     expected = F.cross_entropy(logits, result.labels) + 0.25 * result.cesc_loss + 0.5 * result.mv_loss
     assert len(result.labels) > 8 and result.mv_loss > 0
     torch.testing.assert_close(loss, expected)
+
+
+def test_effective_number_sampler_is_the_seeds_law():
+    from ltfast.train.methods.rsg import EffectiveNumberSampler
+    labels = torch.tensor([0] * 50 + [1] * 9 + [2] * 3 + [3] * 1)
+    sampler = EffectiveNumberSampler(labels, beta=0.99, seed=3)
+    # ImbalancedDatasetSampler: image weight (1 - beta) / (1 - beta^n_c); a class's mass is n_c times it
+    counts = np.array([50, 9, 3, 1], dtype=np.float64)
+    mass = counts * (1 - 0.99) / (1 - np.power(0.99, counts))
+    np.testing.assert_allclose(sampler.class_probabilities().numpy(), mass / mass.sum(), rtol=1e-12)
+    sampler.set_epoch(0)
+    drawn = labels[torch.as_tensor(list(sampler))]
+    assert len(drawn) == len(labels) and set(drawn.tolist()) <= {0, 1, 2, 3}

@@ -63,6 +63,7 @@ Differences from the seed, on purpose:
 """
 from __future__ import annotations
 
+from functools import cache
 from typing import NamedTuple, Optional
 
 import torch
@@ -296,6 +297,7 @@ def attach_generator(model: nn.Module, num_classes: int, model_cfg: dict) -> Rar
     return generator
 
 
+@cache
 def _effective_number_sampler():
     from ltfast.data.samplers import _WeightedClassSampler
 
@@ -317,8 +319,8 @@ def _effective_number_sampler():
 
 
 def EffectiveNumberSampler(labels, beta: float = 0.9999, **kwargs):
-    """``ImbalancedDatasetSampler`` of the seed as an ltfast sampler (made on first use: the data layer
-    loads the compiled sampler ops)."""
+    """``ImbalancedDatasetSampler`` of the seed as an ltfast sampler; the class is made on first use
+    (``ltfast.data`` loads the compiled sampler ops, which ``ltfast.train`` imports only when it needs them)."""
     return _effective_number_sampler()(labels, beta=beta, **kwargs)
 
 
