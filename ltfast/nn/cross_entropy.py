@@ -67,6 +67,21 @@ class _CrossEntropyFamilyLoss(_ClassVectors, nn.Module):
                            None if weight is None else vector(weight, input), gamma, smoothing, self.reduction,
                            self.ignore_index)
 
+    def _weighted_cross_entropy(self, input: Tensor, target: Tensor, target_b, mix_weight) -> Tensor:
+        """Cross-entropy of [N, C] logits with the optional ``weight`` buffer and the label smoothing:
+        the soft-target cases through ``_soft_loss``, else the fused op (the C entry point in eager mode)."""
+        if target_b is not None or mix_weight is not None or self._per_class_smoothing or _soft.is_probability(target):
+            return self._soft_loss(input, target, target_b, mix_weight)
+        if _extension.AVAILABLE and not _is_compiling():
+            loss = _dispatch.fast.adjusted_cross_entropy(input, target, None, None,
+                                                     self._eager_class_vector("weight", input), 0.0,
+                                                     self.label_smoothing, self.reduction, self.ignore_index)
+            if loss is not NotImplemented:
+                return loss
+        return adjusted_cross_entropy(input, target, weight=self._class_vector("weight", input),
+                                      label_smoothing=self.label_smoothing, reduction=self.reduction,
+                                      ignore_index=self.ignore_index)
+
     @property
     def num_classes(self) -> Optional[int]:
         for buffer in self.buffers():
@@ -156,17 +171,7 @@ class WeightedCrossEntropyLoss(_CrossEntropyFamilyLoss):
         self.scheme = scheme
 
     def forward(self, input: Tensor, target: Tensor, target_b: Optional[Tensor] = None, mix_weight=None) -> Tensor:
-        if target_b is not None or mix_weight is not None or self._per_class_smoothing or _soft.is_probability(target):
-            return self._soft_loss(input, target, target_b, mix_weight)
-        if _extension.AVAILABLE and not _is_compiling():
-            loss = _dispatch.fast.adjusted_cross_entropy(input, target, None, None,
-                                                     self._eager_class_vector("weight", input), 0.0,
-                                                     self.label_smoothing, self.reduction, self.ignore_index)
-            if loss is not NotImplemented:
-                return loss
-        return adjusted_cross_entropy(input, target, weight=self._class_vector("weight", input),
-                                      label_smoothing=self.label_smoothing,
-                                      reduction=self.reduction, ignore_index=self.ignore_index)
+        return self._weighted_cross_entropy(input, target, target_b, mix_weight)
 
 
 class LDAMLoss(_CrossEntropyFamilyLoss):
@@ -341,14 +346,4 @@ class CrossEntropyLoss(_CrossEntropyFamilyLoss):
     def forward(self, input: Tensor, target: Tensor, target_b: Optional[Tensor] = None, mix_weight=None) -> Tensor:
         if input.dim() != 2:
             return self._other_shapes(input, target, target_b, mix_weight)
-        if target_b is not None or mix_weight is not None or self._per_class_smoothing or _soft.is_probability(target):
-            return self._soft_loss(input, target, target_b, mix_weight)
-        if _extension.AVAILABLE and not _is_compiling():
-            loss = _dispatch.fast.adjusted_cross_entropy(input, target, None, None,
-                                                     self._eager_class_vector("weight", input), 0.0,
-                                                     self.label_smoothing, self.reduction, self.ignore_index)
-            if loss is not NotImplemented:
-                return loss
-        return adjusted_cross_entropy(input, target, weight=self._class_vector("weight", input),
-                                      label_smoothing=self.label_smoothing, reduction=self.reduction,
-                                      ignore_index=self.ignore_index)
+        return self._weighted_cross_entropy(input, target, target_b, mix_weight)
