@@ -196,3 +196,22 @@ def _emulate_cuda_kernels_for_simt(request):
         pytest.fail(f"this test made {calls[1]} emulated CUDA_KERNEL_ASSERT(s): on a GPU each is a device-side "
                     "assert that kills the CUDA context of every test after it. Mark it @pytest.mark.device_assert "
                     "(its cuda variant then runs in a child process).", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def jpeg_lists(tmp_path_factory):
+    """A tiny ImageNet-LT-shaped list-file dataset for the ResNeXt-50 recipe tests (causal / MiSLAS,
+    ResLT, RSG): 3 RGB classes with 8 / 4 / 2 training images, 2 validation and 2 test images each, so
+    one step of 8 images per epoch (a ResNeXt-50 step takes seconds on a busy 2-core CPU). Built once
+    per session; returns (root, {split: list file})."""
+    pytest.importorskip("nvidia.dali")
+    from ltfast.data import write_jpeg_folder
+    from ltfast.train import load_config
+    from ltfast.train.data import load_datasets
+    root = tmp_path_factory.mktemp("lt_jpegs")
+    data = load_config(None, ["data.dataset=synthetic", "data.num_classes=3", "data.n_max=8", "data.ratio=4",
+                              "data.image_size=32", "data.channels=3", "data.val_per_class=2",
+                              "data.test_per_class=2"])["data"]
+    sets = load_datasets(data)
+    lists = {split: write_jpeg_folder(sets[split], str(root), split) for split in ("train", "val", "test")}
+    return root, lists

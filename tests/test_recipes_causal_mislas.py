@@ -75,22 +75,6 @@ def test_fmnist_lt_recipes():
 
 # ------------------------------------------------------------------- ResNeXt-50 on list-file data
 
-@pytest.fixture(scope="module")
-def jpeg_lists(tmp_path_factory):
-    pytest.importorskip("nvidia.dali")
-    from ltfast.data import write_jpeg_folder
-    from ltfast.train.data import load_datasets
-    root = tmp_path_factory.mktemp("lt_jpegs")
-    # 3 RGB classes with 8 / 4 / 2 training images, 2 validation and 2 test images each: one step of 8 images
-    # per epoch (a ResNeXt-50 step takes seconds on a busy 2-core CPU)
-    data = load_config(None, ["data.dataset=synthetic", "data.num_classes=3", "data.n_max=8", "data.ratio=4",
-                              "data.image_size=32", "data.channels=3", "data.val_per_class=2",
-                              "data.test_per_class=2"])["data"]
-    sets = load_datasets(data)
-    lists = {split: write_jpeg_folder(sets[split], str(root), split) for split in ("train", "val", "test")}
-    return root, lists
-
-
 def _tiny_imagenet(root, lists, out_dir):
     return [f"data.root={root}", f"data.train_list={lists['train']}", f"data.val_list={lists['val']}",
             f"data.test_list={lists['test']}", "data.num_threads=1", "data.batch_size=8", "data.eval_batch_size=8",

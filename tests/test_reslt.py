@@ -356,21 +356,6 @@ def test_reslt_configs():
     assert (fmnist["loss"]["reslt_medium_classes"], fmnist["loss"]["reslt_tail_classes"]) == (8, 2)
 
 
-@pytest.fixture(scope="module")
-def jpeg_lists(tmp_path_factory):
-    pytest.importorskip("nvidia.dali")
-    from ltfast.data import write_jpeg_folder
-    from ltfast.train.data import load_datasets
-    root = tmp_path_factory.mktemp("reslt_jpegs")
-    # as tests/test_recipes_causal_mislas.py: 3 RGB classes with 8 / 4 / 2 training images: one step of 8 per epoch
-    data = load_config(None, ["data.dataset=synthetic", "data.num_classes=3", "data.n_max=8", "data.ratio=4",
-                              "data.image_size=32", "data.channels=3", "data.val_per_class=2",
-                              "data.test_per_class=2"])["data"]
-    sets = load_datasets(data)
-    lists = {split: write_jpeg_folder(sets[split], str(root), split) for split in ("train", "val", "test")}
-    return root, lists
-
-
 def test_resnext50_imagenet_recipe_runs(jpeg_lists, tmp_path):
     root, lists = jpeg_lists
     out = tmp_path / "reslt"

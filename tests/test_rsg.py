@@ -384,21 +384,6 @@ def test_fmnist_recipe_trains_and_evaluates(tmp_path):
     assert result["results"]["plain"]["correct"] == summary["test"]["correct"]
 
 
-@pytest.fixture(scope="module")
-def jpeg_lists(tmp_path_factory):
-    pytest.importorskip("nvidia.dali")
-    from ltfast.data import write_jpeg_folder
-    from ltfast.train.data import load_datasets
-    root = tmp_path_factory.mktemp("rsg_jpegs")
-    # 3 RGB classes with 8 / 4 / 2 training images: one step of 8 per epoch
-    data = load_config(None, ["data.dataset=synthetic", "data.num_classes=3", "data.n_max=8", "data.ratio=4",
-                              "data.image_size=32", "data.channels=3", "data.val_per_class=2",
-                              "data.test_per_class=2"])["data"]
-    sets = load_datasets(data)
-    lists = {split: write_jpeg_folder(sets[split], str(root), split) for split in ("train", "val", "test")}
-    return root, lists
-
-
 def test_resnext50_imagenet_recipe_runs(jpeg_lists, tmp_path):
     """One ResNeXt-50 epoch of configs/imagenet_lt/rsg.yaml with the generation and the resampled
     loader on (epoch_thresh -1 is not allowed: the 0-based epoch 0 generates only after it, so 2 epochs)."""
