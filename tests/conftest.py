@@ -215,3 +215,16 @@ def jpeg_lists(tmp_path_factory):
     sets = load_datasets(data)
     lists = {split: write_jpeg_folder(sets[split], str(root), split) for split in ("train", "val", "test")}
     return root, lists
+
+
+@pytest.fixture(scope="session")
+def rgb_jpegs(tmp_path_factory):
+    """4 classes of 24x24 RGB JPEGs: train 3 per class (one batch of 12), val 1, test 2."""
+    from ltfast.data import InMemoryDataset, write_jpeg_folder
+    root = tmp_path_factory.mktemp("rgb")
+    gen = torch.Generator().manual_seed(0)
+    for split, per_class in (("train", 3), ("val", 1), ("test", 2)):
+        labels = torch.arange(4).repeat_interleave(per_class)
+        images = (torch.rand(labels.numel(), 3, 24, 24, generator=gen) * 255).to(torch.uint8)
+        write_jpeg_folder(InMemoryDataset(images, labels), str(root), split)
+    return root

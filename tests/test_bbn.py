@@ -288,19 +288,6 @@ def test_ddp_two_processes(tmp_path):
     assert math.isfinite(summary["history"][0]["loss"])
 
 
-@pytest.fixture(scope="module")
-def rgb_jpegs(tmp_path_factory):
-    """4 classes of 24x24 RGB JPEGs: train 3 per class (one batch of 12), val 1, test 2."""
-    from ltfast.data import InMemoryDataset, write_jpeg_folder
-    root = tmp_path_factory.mktemp("rgb")
-    gen = torch.Generator().manual_seed(0)
-    for split, per_class in (("train", 3), ("val", 1), ("test", 2)):
-        labels = torch.arange(4).repeat_interleave(per_class)
-        images = (torch.rand(labels.numel(), 3, 24, 24, generator=gen) * 255).to(torch.uint8)
-        write_jpeg_folder(InMemoryDataset(images, labels), str(root), split)
-    return root
-
-
 def test_imagenet_lt_recipe_runs(rgb_jpegs, tmp_path):
     # The ResNeXt-50 recipe for one epoch (one step of two batches of 12): tiny JPEGs, 16-pixel crops, CPU,
     # through the image-path loader (PIL backend) for both streams.

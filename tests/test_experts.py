@@ -321,19 +321,6 @@ def test_expert_transcription_matches_seed_methods():
         assert e90 == (acc90, ua90, ra90, h90, m90, t90) and e200 == (acc200, ua200, ra200, h200, m200, t200)
 
 
-@pytest.fixture(scope="module")
-def rgb_jpegs(tmp_path_factory):
-    """4 classes of 24x24 RGB JPEGs: train 3 per class (one batch of 12), val 1, test 2."""
-    from ltfast.data import InMemoryDataset, write_jpeg_folder
-    root = tmp_path_factory.mktemp("rgb")
-    gen = torch.Generator().manual_seed(0)
-    for split, per_class in (("train", 3), ("val", 1), ("test", 2)):
-        labels = torch.arange(4).repeat_interleave(per_class)
-        images = (torch.rand(labels.numel(), 3, 24, 24, generator=gen) * 255).to(torch.uint8)
-        write_jpeg_folder(InMemoryDataset(images, labels), str(root), split)
-    return root
-
-
 @pytest.mark.parametrize("method, extra", [
     ("sade", []),
     ("ride", ["loss.drw_epoch=0", "optim.milestones=[0]", "optim.warmup_epochs=0"]),
