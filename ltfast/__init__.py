@@ -10,13 +10,13 @@ The ops themselves are ``torch.ops.ltfast.*`` (registered when this package is i
 # first reached), so the order of these imports does not matter.
 from . import _extension, _meta, nn, priors, reference  # noqa: F401  (_meta: the fake kernels)
 from .ops import (adjusted_cross_entropy, balanced_softmax_loss, diverse_expert_loss, equalization_loss, lade_loss,
-                  lade_regularizer, ride_loss, softmax_equalization_loss)
+                  lade_regularizer, paco_loss, ride_loss, softmax_equalization_loss)
 from .soft_targets import mixed_cross_entropy, probability_cross_entropy
 
 __version__ = "0.1.0"
 __all__ = ["adjusted_cross_entropy", "balanced_softmax_loss", "lade_loss", "lade_regularizer",
            "softmax_equalization_loss", "equalization_loss", "mixed_cross_entropy",
-           "probability_cross_entropy", "diverse_expert_loss", "ride_loss", "nn", "priors", "reference",
+           "probability_cross_entropy", "diverse_expert_loss", "ride_loss", "paco_loss", "nn", "priors", "reference",
            "has_cuda_kernels", "cpu_capability", "set_forward_gradient"]
 
 has_cuda_kernels = _extension.has_cuda_kernels

@@ -285,3 +285,27 @@ def ride_loss(logits: Tensor, target: Tensor, target_margin: Tensor | None = Non
             return loss
     return torch.ops.ltfast.ride_loss.default(logits, target, target_margin, weight, temperature, base_temperature,
                                               diversity_factor, ignore_index)
+
+
+def paco_loss(similarity: Tensor, labels: Tensor, key_labels: Tensor, sup_logits: Tensor | None = None,
+              log_prior: Tensor | None = None, temperature: float = 0.07, alpha: float = 0.05, beta: float = 1.0,
+              gamma: float = 1.0, sup_temperature: float = 1.0, base_temperature: float | None = None,
+              reduction: str = "mean", ignore_index: int = -100) -> Tensor:
+    """PaCo's parametric contrastive loss (Cui et al. 2021; the survey's ``PaCo-codebase/losses.py``),
+    fused: the math is in csrc/ops/paco/paco.h.
+
+    Args:
+        similarity: ``[B, M]`` ``q @ keys.T`` (not yet divided by ``temperature``); the first B keys
+            are the anchors themselves (PaCo: keys = [q, k, queue], M = 2B + K).
+        labels: ``[B]`` int64 anchor labels; key_labels: ``[M]`` int64 key labels.
+        sup_logits: ``[B, C]`` classifier logits (None: SupCon, no class columns).
+        log_prior: ``[C]`` added to ``sup_logits`` (PaCo: ``log(pi + 1e-9)``).
+        temperature, base_temperature: T (moco-t) and T_base (default T); the loss is scaled by T / T_base.
+        alpha, beta, gamma: key positives' weight, the class positive's weight, key columns' weight
+            in the denominator. sup_temperature: the original's ``supt``.
+        reduction: 'mean' (over counted rows), 'sum' or 'none'.
+        ignore_index: anchors with this label give 0 and are not counted; keys with it are never positive.
+    """
+    # Plain PyTorch until the fused op lands (issue 22): same math and signature.
+    return reference.paco_loss(similarity, labels, key_labels, sup_logits, log_prior, temperature, alpha, beta,
+                               gamma, sup_temperature, base_temperature, reduction, ignore_index)

@@ -408,3 +408,44 @@ def reslt_loss(branch_logits: Tensor, target: Tensor, branch_classes: Tensor, be
     individual = (weights * branch).sum() / weights.sum()
     fused = nll(branch_logits.sum(dim=1), fusion_epsilon).mean()
     return (1.0 - beta) * fused + beta * individual
+
+
+def paco_loss(similarity: Tensor, labels: Tensor, key_labels: Tensor, sup_logits: Tensor | None = None,
+              log_prior: Tensor | None = None, temperature: float = 0.07, alpha: float = 0.05, beta: float = 1.0,
+              gamma: float = 1.0, sup_temperature: float = 1.0, base_temperature: float | None = None,
+              reduction: str = "mean", ignore_index: int = -100) -> Tensor:
+    """PaCo's parametric contrastive loss (the survey's ``PaCo-codebase/losses.py``, ``PaCoLoss.forward``)
+    on the similarities ``similarity = q @ keys.T`` ``[B, M]`` (the first B keys are the anchors; PaCo:
+    keys = [q, k, queue]) and the classifier's ``sup_logits`` ``[B, C]``; the math is in
+    csrc/ops/paco/paco.h. Same as the original for every row with a positive; rows whose label is
+    ``ignore_index`` or that have no positive (the original: 0 / 0) give 0 and are not counted."""
+    dtype = torch.promote_types(similarity.dtype, torch.float32)
+    base_temperature = temperature if base_temperature is None else base_temperature
+    batch, num_keys = similarity.shape
+    valid = labels != ignore_index
+    not_self = torch.ones(batch, num_keys, dtype=torch.bool, device=similarity.device)
+    not_self[torch.arange(batch), torch.arange(batch)] = False
+    key_positive = (labels[:, None] == key_labels[None, :]) & (key_labels != ignore_index)[None, :] & not_self
+    columns = [similarity.to(dtype) / temperature]
+    positives = [alpha * key_positive.to(dtype)]
+    denominator_weights = [gamma * not_self.to(dtype)]
+    if sup_logits is not None:
+        adjusted = sup_logits.to(dtype) if log_prior is None else sup_logits.to(dtype) + log_prior.to(dtype)
+        one_hot = F.one_hot(torch.where(valid, labels, torch.zeros_like(labels)), sup_logits.shape[1]).to(dtype)
+        columns.insert(0, adjusted / sup_temperature)
+        positives.insert(0, beta * one_hot)
+        denominator_weights.insert(0, torch.ones_like(adjusted))
+    logits = torch.cat(columns, dim=1)
+    mask = torch.cat(positives, dim=1) * valid[:, None]
+    weights = torch.cat(denominator_weights, dim=1)
+    shifted = logits - logits.max(dim=1, keepdim=True).values.detach()
+    log_prob = shifted - torch.log((torch.exp(shifted) * weights).sum(dim=1, keepdim=True) + 1e-12)
+    positive_weight = mask.sum(dim=1)
+    counted = positive_weight > 0
+    mean_log_prob = (mask * log_prob).sum(dim=1) / torch.where(counted, positive_weight, torch.ones_like(positive_weight))
+    per_row = torch.where(counted, -(temperature / base_temperature) * mean_log_prob, torch.zeros_like(mean_log_prob))
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    return per_row.sum() / counted.sum()
