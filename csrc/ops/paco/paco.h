@@ -26,6 +26,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <tuple>
 
@@ -83,7 +85,47 @@ PacoBackwardResult paco_backward_cpu(const PacoArgs& args, const at::Tensor& gra
 PacoBackwardResult paco_backward_cuda(const PacoArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
                                       const at::Tensor& denominator);
 
+using PacoForwardKernel = PacoForwardResult (*)(const PacoArgs&);
+using PacoBackwardKernel = PacoBackwardResult (*)(const PacoArgs&, const at::Tensor&, const at::Tensor&,
+                                                  const at::Tensor&);
+
 void check_paco_backward_args(const char* op, const PacoArgs& args, const at::Tensor& grad_loss,
                               const at::Tensor& row_stats, const at::Tensor& denominator);
+
+// The private ops' kernels (schemas in csrc/ltfast.cpp), one per backend:
+//   _paco_forward(similarity, labels, key_labels, sup_logits?, log_prior?, temperature, alpha, beta, gamma,
+//                 sup_temperature, base_temperature, reduction, ignore_index, with_grad)
+//       -> (loss, row_stats, denominator, grad_similarity, grad_sup_logits)
+//   _paco_backward(grad_loss, similarity, labels, key_labels, sup_logits?, log_prior?, row_stats, denominator,
+//                  temperature, alpha, beta, gamma, sup_temperature, base_temperature, reduction, ignore_index)
+//       -> (grad_similarity, grad_sup_logits)
+template <PacoForwardKernel kernel>
+PacoForwardResult paco_forward_op(const at::Tensor& similarity, const at::Tensor& labels, const at::Tensor& key_labels,
+                                  const c10::optional<at::Tensor>& sup_logits,
+                                  const c10::optional<at::Tensor>& log_prior, double temperature, double alpha,
+                                  double beta, double gamma, double sup_temperature, double base_temperature,
+                                  c10::string_view reduction, int64_t ignore_index, bool with_grad) {
+  PacoArgs args = prepare_paco_args("ltfast.paco_loss", similarity, labels, key_labels, sup_logits, log_prior,
+                                    temperature, alpha, beta, gamma, sup_temperature, base_temperature, reduction,
+                                    ignore_index);
+  args.with_grad = with_grad;
+  return kernel(args);
+}
+
+template <PacoBackwardKernel kernel>
+PacoBackwardResult paco_backward_op(const at::Tensor& grad_loss, const at::Tensor& similarity,
+                                    const at::Tensor& labels, const at::Tensor& key_labels,
+                                    const c10::optional<at::Tensor>& sup_logits,
+                                    const c10::optional<at::Tensor>& log_prior, const at::Tensor& row_stats,
+                                    const at::Tensor& denominator, double temperature, double alpha, double beta,
+                                    double gamma, double sup_temperature, double base_temperature,
+                                    c10::string_view reduction, int64_t ignore_index) {
+  const char* op = "ltfast._paco_backward";
+  const PacoArgs args = prepare_paco_args(op, similarity, labels, key_labels, sup_logits, log_prior, temperature,
+                                          alpha, beta, gamma, sup_temperature, base_temperature, reduction,
+                                          ignore_index);
+  check_paco_backward_args(op, args, grad_loss, row_stats, denominator);
+  return kernel(args, grad_loss, row_stats, denominator);
+}
 
 }  // namespace ltfast
