@@ -522,10 +522,12 @@ PacoForwardResult forward_cpu(const PacoArgs& args) {
   at::Tensor row_loss = at::empty({args.num_rows}, acc_options);
   at::Tensor row_stats = at::empty({2, args.num_rows}, acc_options);
   at::Tensor denominator = at::empty({}, acc_options);
-  const auto empty = at::empty({0}, args.similarity.options());
-  at::Tensor grad_similarity = args.with_grad ? at::empty_like(args.similarity, at::MemoryFormat::Contiguous) : empty;
-  at::Tensor grad_sup_logits =
-      args.with_grad && args.num_classes > 0 ? at::empty_like(args.sup_logits, at::MemoryFormat::Contiguous) : empty;
+  // Two distinct empty tensors where there is no gradient: outputs must not alias each other.
+  at::Tensor grad_similarity = args.with_grad ? at::empty_like(args.similarity, at::MemoryFormat::Contiguous)
+                                              : at::empty({0}, args.similarity.options());
+  at::Tensor grad_sup_logits = args.with_grad && args.num_classes > 0
+                                   ? at::empty_like(args.sup_logits, at::MemoryFormat::Contiguous)
+                                   : at::empty({0}, args.similarity.options());
   double total = 0.0, counted = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.similarity.scalar_type(), "ltfast_paco_forward_cpu",
                                   [&] {
