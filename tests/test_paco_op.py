@@ -383,3 +383,41 @@ def test_fallback_without_extension_matches(monkeypatch):
     monkeypatch.setattr(_extension, "AVAILABLE", False)
     monkeypatch.setattr(_extension, "warn_fallback_once", lambda: None)
     torch.testing.assert_close(ltfast.paco_loss(similarity, labels, key_labels, sup_logits), fused)
+
+
+def test_fast_path_taken_in_eager_and_declined_under_a_mode(monkeypatch):
+    """ltfast.paco_loss calls ltfast._C.paco_loss (csrc/python_entry.cpp) with plain tensors and takes
+    torch.ops under a TorchFunctionMode; both give the same loss and gradients."""
+    from torch.overrides import TorchFunctionMode
+
+    from ltfast import _dispatch
+    calls = []
+    inner = _dispatch.fast
+
+    class Recorder:
+        def __getattr__(self, name):
+            def call(*args):
+                out = getattr(inner, name)(*args)
+                calls.append((name, out is not NotImplemented))
+                return out
+            return call
+
+    class PassThrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(_dispatch, "fast", Recorder())
+    similarity, labels, key_labels, sup_logits, _ = make_inputs(5, 4, 7, torch.float32, "cpu", ignored=(1,))
+    results = []
+    for mode in (None, PassThrough()):
+        x, s = similarity.clone().requires_grad_(), sup_logits.clone().requires_grad_()
+        if mode is None:
+            loss = ltfast.paco_loss(x, labels, key_labels, s, base_temperature=0.2, reduction="none")
+        else:
+            with mode:
+                loss = ltfast.paco_loss(x, labels, key_labels, s, base_temperature=0.2, reduction="none")
+        loss.sum().backward()
+        results.append((loss.detach(), x.grad, s.grad))
+    assert calls == [("paco_loss", True), ("paco_loss", False)]
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
