@@ -10,7 +10,7 @@ import torch
 
 import ltfast
 from ltfast import reference
-from conftest import device_params, expect_kernel_assert, is_simt
+from conftest import RecordOps, device_params, expect_kernel_assert, is_simt
 from test_cross_entropy import DTYPES, TOL
 
 IGNORE = -100
@@ -296,12 +296,25 @@ def test_double_backward_raises_naming_the_op():
     (grad,) = torch.autograd.grad(ltfast.paco_loss(x, labels, key_labels, sup_logits), x, create_graph=True)
     with pytest.raises(RuntimeError, match="ltfast.paco_loss: second-order gradients"):
         grad.sum().backward()
+    # Through sup_logits too, and with a first-order gradient that is still right under create_graph.
+    s = sup_logits.clone().requires_grad_()
+    (first,) = torch.autograd.grad(ltfast.paco_loss(x, labels, key_labels, s), s)
+    (g,) = torch.autograd.grad(ltfast.paco_loss(x, labels, key_labels, s) + (s ** 3).sum(), s, create_graph=True)
+    torch.testing.assert_close(g.detach(), first + 3 * s.detach() ** 2)
+    with pytest.raises(RuntimeError, match="ltfast.paco_loss: second-order gradients"):
+        torch.autograd.grad(g.sum(), s)
 
 
-def test_autocast_returns_float32():
+def test_autocast_returns_float32_without_upcasting():
     similarity, labels, key_labels, sup_logits, _ = make_inputs(6, 7, 20, torch.bfloat16, "cpu")
+    x, s = similarity.clone().requires_grad_(), sup_logits.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16), RecordOps() as recorded:
+        loss = ltfast.paco_loss(x, labels, key_labels, s)
+    assert not [n for n in recorded.names if "copy" in n or n.endswith(".to")], recorded.names
+    assert "PacoFunction" in loss.grad_fn.name()  # the C++ autograd node (csrc/autograd/paco_autograd.cpp)
+    grads = torch.autograd.grad(loss, (x, s))
+    assert all(g.dtype == torch.bfloat16 for g in grads)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = ltfast.paco_loss(similarity, labels, key_labels, sup_logits)
         mixed = ltfast.paco_loss(similarity, labels, key_labels, sup_logits.float())  # dtypes differ: float32
     assert loss.dtype == torch.float32 and mixed.dtype == torch.float32
     expected = reference.paco_loss(similarity.double(), labels, key_labels, sup_logits.double())
