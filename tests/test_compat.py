@@ -355,6 +355,21 @@ def test_paco_loss(batch, queue, config, dtype):
         torch.testing.assert_close(value, expected, **TOL[dtype])
 
 
+@pytest.mark.parametrize("config", PACO_CONFIGS)
+def test_paco_reference_matches_the_original(config):
+    """ltfast.reference.paco_loss (the op's test oracle) against the transcription of the original."""
+    from ltfast import reference
+    original = orig.OriginalPaCoLoss(K=40, num_classes=11, **config)
+    original.cal_weight_for_classes(profile_counts(11))
+    features, labels, sup_logits = paco_batch(7, 40, 11, torch.float64)
+    options = dict(config)
+    options["sup_temperature"] = options.pop("supt", 1.0)
+    want = original(features, labels, sup_logits=sup_logits)
+    got = reference.paco_loss(features[:7] @ features.T, labels[:7], labels, sup_logits,
+                              torch.log(original.weight + 1e-9).view(-1), **options)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
 def test_paco_loss_arguments():
     from ltfast.compat.paco import PaCoLoss
     loss = PaCoLoss(alpha=0.05, K=4, num_classes=5)
