@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .augmentation import (_RRC_RATIO, _RRC_SCALE, IMAGENET_MEAN, IMAGENET_STD, _batch_generator, _row,
-                           draw_train_randoms, eval_geometry, train_params)
+                           draw_train_randoms, draw_view_randoms, eval_geometry, train_params, view_params)
 from .image_loader import ImageDecodeError, _check_common, _LoaderBase, default_num_threads
 
 
@@ -31,6 +31,7 @@ class _PilDataset(torch.utils.data.Dataset):
         self.mean, self.std = loader.mean, loader.std
         self.color_jitter, self.scale, self.ratio = loader.color_jitter, loader.scale, loader.ratio
         self.seed, self.rank, self.batch_size = loader.seed, loader.rank, loader.batch_size
+        self.view = loader.view
         self._cached = (None, None)
 
     def __len__(self):
@@ -38,8 +39,11 @@ class _PilDataset(torch.utils.data.Dataset):
 
     def _randoms(self, epoch: int, batch: int) -> dict:
         if self._cached[0] != (epoch, batch):
-            self._cached = ((epoch, batch), draw_train_randoms(_batch_generator(self.seed, epoch, self.rank, batch),
-                                                               self.batch_size))
+            rng = _batch_generator(self.seed, epoch, self.rank, batch)
+            randoms = draw_train_randoms(rng, self.batch_size)
+            if self.view is not None:  # after the standard draws: the crop and flip are drawn alike
+                randoms.update(draw_view_randoms(rng, self.batch_size))
+            self._cached = ((epoch, batch), randoms)
         return self._cached[1]
 
     def __getitem__(self, spec):
@@ -55,9 +59,12 @@ class _PilDataset(torch.utils.data.Dataset):
             raise ImageDecodeError(path, f"{type(e).__name__}: {e}", i) from None
         if self.train:
             size = np.array([img.size], dtype=np.int64)
-            p = train_params(size, _row(self._randoms(epoch, batch), k), self.color_jitter, self.scale, self.ratio)
+            row = _row(self._randoms(epoch, batch), k)
+            p = train_params(size, row, self.color_jitter, self.scale, self.ratio)
             img = F.resized_crop(img, int(p["top"][0]), int(p["left"][0]), int(p["height"][0]), int(p["width"][0]),
                                  [self.crop_size, self.crop_size], InterpolationMode.BILINEAR, antialias=True)
+            if self.view is not None:
+                return self._contrastive_view(img, view_params(row, self.view, p), i)
             if p["flip"][0]:
                 img = F.hflip(img)
             if self.color_jitter > 0:
@@ -69,6 +76,27 @@ class _PilDataset(torch.utils.data.Dataset):
             resized, _ = eval_geometry(np.array([img.size]), self.resize_size, self.crop_size)
             img = F.resize(img, [int(resized[0, 1]), int(resized[0, 0])], InterpolationMode.BILINEAR, antialias=True)
             img = F.center_crop(img, [self.crop_size, self.crop_size])
+        return F.normalize(F.to_tensor(img), self.mean, self.std), self.labels[i]
+
+    def _contrastive_view(self, img, p: dict, i: int):
+        """A contrastive view after the crop (augmentation.py's ``CONTRASTIVE_VIEWS``, paco_lt.py's
+        Compose order): jitter (brightness, contrast, saturation, hue), grayscale, Gaussian blur (PIL's
+        ``GaussianBlur(radius=sigma)``, MoCo's ``moco.loader.GaussianBlur``), flip."""
+        import torchvision.transforms.functional as F
+        from PIL import ImageFilter
+        if self.color_jitter > 0:
+            img = F.adjust_brightness(img, float(p["brightness"][0]))
+            img = F.adjust_contrast(img, float(p["contrast"][0]))
+            if self.mode == "RGB":
+                img = F.adjust_saturation(img, float(p["saturation"][0]))
+        if self.mode == "RGB" and p["hue"][0] != 0:
+            img = F.adjust_hue(img, float(p["hue"][0]))
+        if self.mode == "RGB" and p["grayscale"][0]:
+            img = F.rgb_to_grayscale(img, num_output_channels=3)
+        if p["sigma"][0] > 0:
+            img = img.filter(ImageFilter.GaussianBlur(radius=float(p["sigma"][0])))
+        if p["flip"][0]:
+            img = F.hflip(img)
         return F.normalize(F.to_tensor(img), self.mean, self.std), self.labels[i]
 
 
@@ -102,7 +130,7 @@ class PilImageLoader(_LoaderBase):
                  dtype: torch.dtype = torch.float32, drop_last: bool | None = None, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, num_workers: int | None = None,
                  prefetch: int = 2, persistent_workers: bool = True, scale: Sequence[float] = _RRC_SCALE,
-                 ratio: Sequence[float] = _RRC_RATIO, decoder_device: str | None = None):
+                 ratio: Sequence[float] = _RRC_RATIO, decoder_device: str | None = None, view: str = "standard"):
         _check_common(dataset, sampler, batch_size, train, crop_size, resize_size, mean, std, color_jitter,
                       num_threads, dtype, "num_threads", seed, scale, ratio)
         if num_workers is None:
@@ -114,7 +142,7 @@ class PilImageLoader(_LoaderBase):
         if decoder_device not in (None, "cpu"):
             raise ValueError(f"decoder_device must be 'cpu' or None for the PIL loader, got {decoder_device!r}")
         super().__init__(dataset, sampler, batch_size, device, train, crop_size, resize_size, mean, std,
-                         color_jitter, dtype, drop_last, seed, rank, world_size, scale, ratio)
+                         color_jitter, dtype, drop_last, seed, rank, world_size, scale, ratio, view)
         self.num_workers = num_workers
         import torchvision.transforms.functional  # noqa: F401  (here, so that forked workers inherit it)
         # drop_last=False: the epoch plan has already dropped (or kept) the last partial batch.
