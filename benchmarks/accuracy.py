@@ -34,7 +34,7 @@ sys.path.insert(0, ROOT)
 from ltfast import report  # noqa: E402  (after the sys.path line: the checkout's ltfast)
 
 ALL_METHODS = ["ce", "weighted_ce", "seql", "balanced_softmax", "lade", "ldam_drw", "crt", "lws", "ncm", "tau_norm",
-               "causal", "mislas_stage1", "mislas_stage2", "ride", "sade", "reslt", "bbn", "rsg"]
+               "causal", "mislas_stage1", "mislas_stage2", "ride", "sade", "reslt", "bbn", "rsg", "paco"]
 # second stage -> the method whose best.pt of the same seed it starts from (model.init_from)
 STAGE1_OF = {"crt": "ce", "lws": "ce", "ncm": "ce", "tau_norm": "ce", "mislas_stage2": "mislas_stage1"}
 TEST_TIME_METHODS = {"sade"}             # SADE's test-time aggregation runs after these
