@@ -353,3 +353,15 @@ def test_fmnist_recipe_trains_evaluates_and_resumes(tmp_path):
     resumed = torch.load(cut / "last.pt", weights_only=True)["model"]
     for key in weights:
         assert torch.equal(weights[key], resumed[key]), key
+
+
+@pytest.mark.parametrize("group", ["cifar10_lt", "cifar100_lt"])
+def test_cifar_configs(group):
+    """The authors' CIFAR-100-LT script's values (PaCo/LT/sh/CIFAR100_train_imb0.01.sh), on ResNet-32."""
+    cfg = load_config(os.path.join(ROOT, "configs", group, "paco.yaml"))
+    model, optim = cfg["model"], cfg["optim"]
+    assert model["paco"] and model["arch"] == "resnet32" and cfg["loss"]["name"] == "ce"
+    assert (model["paco_alpha"], model["paco_beta"], model["paco_gamma"]) == (0.01, 1.0, 1.0)
+    assert (model["paco_temperature"], model["paco_queue"], model["paco_dim"]) == (0.05, 1024, 32)
+    assert (optim["epochs"], optim["lr"], optim["weight_decay"], optim["schedule"]) == (400, 0.05, 5e-4, "cosine")
+    assert model["paco_queue"] % cfg["data"]["batch_size"] == 0
