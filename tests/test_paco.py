@@ -365,3 +365,95 @@ def test_cifar_configs(group):
     assert (model["paco_temperature"], model["paco_queue"], model["paco_dim"]) == (0.05, 1024, 32)
     assert (optim["epochs"], optim["lr"], optim["weight_decay"], optim["schedule"]) == (400, 0.05, 5e-4, "cosine")
     assert model["paco_queue"] % cfg["data"]["batch_size"] == 0
+
+
+# ----------------------------------------------------------------------------- RandAugment (randcls_sim)
+
+def _randaugment_py(img, name, argument, bicubic):
+    """The survey's PaCo-codebase/randaugment.py op functions, transcribed (PIL >= 5.2 branches), with
+    paco_lt.py's ra_params fill (the ImageNet mean in 0-255) and the interpolation already drawn."""
+    from PIL import Image, ImageEnhance, ImageOps
+    kwargs = dict(fillcolor=tuple(min(255, round(255 * x)) for x in (0.485, 0.456, 0.406)),
+                  resample=Image.BICUBIC if bicubic else Image.BILINEAR)
+
+    def solarize_add(img, add, thresh=128):
+        lut = [min(255, i + add) if i < thresh else i for i in range(256)]
+        return img.point(lut + lut + lut)
+
+    return {
+        "AutoContrast": lambda: ImageOps.autocontrast(img), "Equalize": lambda: ImageOps.equalize(img),
+        "Invert": lambda: ImageOps.invert(img), "Rotate": lambda: img.rotate(argument, **kwargs),
+        "PosterizeTpu": lambda: img if argument >= 8 else ImageOps.posterize(img, argument),
+        "Solarize": lambda: ImageOps.solarize(img, argument), "SolarizeAdd": lambda: solarize_add(img, argument),
+        "Color": lambda: ImageEnhance.Color(img).enhance(argument),
+        "Contrast": lambda: ImageEnhance.Contrast(img).enhance(argument),
+        "Brightness": lambda: ImageEnhance.Brightness(img).enhance(argument),
+        "Sharpness": lambda: ImageEnhance.Sharpness(img).enhance(argument),
+        "ShearX": lambda: img.transform(img.size, Image.AFFINE, (1, argument, 0, 0, 1, 0), **kwargs),
+        "ShearY": lambda: img.transform(img.size, Image.AFFINE, (1, 0, 0, argument, 1, 0), **kwargs),
+        "TranslateXRel": lambda: img.transform(img.size, Image.AFFINE, (1, 0, argument * img.size[0], 0, 1, 0),
+                                               **kwargs),
+        "TranslateYRel": lambda: img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, argument * img.size[1]),
+                                               **kwargs),
+    }[name]()
+
+
+def test_rand_augment_ops_are_randaugment_py():
+    from PIL import Image
+    from ltfast.data.augmentation import RAND_AUGMENT_OPS
+    from ltfast.data.pil import _PilDataset
+    rng = np.random.default_rng(0)
+    img = Image.fromarray((rng.random((40, 52, 3)) * 255).astype(np.uint8), "RGB")
+    arguments = {"Rotate": -21.0, "PosterizeTpu": 2, "Solarize": 200, "SolarizeAdd": 77, "Color": 0.4, "Contrast": 1.7,
+                 "Brightness": 1.3, "Sharpness": 0.2, "ShearX": 0.25, "ShearY": -0.3, "TranslateXRel": -0.4,
+                 "TranslateYRel": 0.33}
+    for name in RAND_AUGMENT_OPS:
+        for bicubic in (False, True):
+            ours = _PilDataset._rand_augment(None, img, [(name, arguments.get(name), bicubic)])
+            theirs = _randaugment_py(img, name, arguments.get(name), bicubic)
+            assert np.array_equal(np.asarray(ours), np.asarray(theirs)), name
+
+
+def test_rand_augment_draws_follow_rand_n2_m10_mstd05():
+    from ltfast.data.augmentation import (RAND_AUGMENT_OPS, _batch_generator, draw_rand_augment_randoms,
+                                          parse_rand_augment, rand_augment_ops_of)
+    assert parse_rand_augment("rand-n2-m10-mstd0.5") == (2, 10, 0.5) and parse_rand_augment("rand") == (2, 10, 0.0)
+    for bad in ("randaugment", "rand-w0", "rand-x3"):
+        with pytest.raises(ValueError, match="rand_augment"):
+            parse_rand_augment(bad)
+    n = 20000
+    randoms = draw_rand_augment_randoms(_batch_generator(1, 0, 0, 0), n, 2)
+    ops = [rand_augment_ops_of(randoms, row, 10, 0.5) for row in range(n)]
+    applied = [op for row in ops for op in row]
+    assert abs(len(applied) / (2 * n) - 0.5) < 0.01                       # AutoAugmentOp prob 0.5
+    frequency = np.bincount([RAND_AUGMENT_OPS.index(name) for name, _, _ in applied], minlength=15) / len(applied)
+    assert np.abs(frequency - 1 / 15).max() < 0.01                          # uniform choice, no weights
+    rotations = np.array([arg for name, arg, _ in applied if name == "Rotate"])
+    assert np.abs(rotations).max() <= 30 and abs((rotations < 0).mean() - 0.5) < 0.05
+    # magnitude N(10, 0.5) clipped to 10: the level is 10 half the time, else ~ 10 - |N(0, 0.5)|
+    enhance = np.array([arg for name, arg, _ in applied if name == "Color"])
+    assert enhance.max() == pytest.approx(1.9) and abs((enhance > 1.9 - 1e-9).mean() - 0.5) < 0.05
+    assert enhance.min() > (10 - 4 * 0.5) / 10 * 1.8 + 0.1
+
+
+def test_randcls_sim_views(rgb_jpegs):
+    """randcls_sim: RandAugment on the training loader (PIL only), the sim view on the key loader."""
+    from ltfast.train.data import build_data
+    overrides = [f"data.root={rgb_jpegs}", f"data.train_list={rgb_jpegs / 'train.txt'}",
+                 f"data.val_list={rgb_jpegs / 'val.txt'}", f"data.test_list={rgb_jpegs / 'test.txt'}",
+                 "data.num_threads=0", "data.crop_size=16", "data.resize_size=16", "data.batch_size=4",
+                 "model.paco_queue=8", "data.eval_batch_size=4", "train.device=cpu", "data.paco_views=randcls_sim"]
+    with pytest.raises(ConfigError, match="data.backend=pil"):
+        load_config(IMAGENET_PACO, overrides)
+    with pytest.raises(ConfigError, match="in-memory"):
+        load_config(FMNIST_PACO, ["data.paco_views=randcls_sim"])
+    cfg = load_config(IMAGENET_PACO, overrides + ["data.backend=pil"])
+    data = build_data(cfg, 0, 1, torch.device("cpu"))
+    run = type("Run", (), {"rank": 0, "world": 1, "device": torch.device("cpu")})()
+    key_loader = PaCo(cfg).extra_loaders(data, run)[KEY_VIEW_LOADER]
+    assert data["train_loader"].rand_augment == (2, 10, 0.5) and data["train_loader"].view is None
+    assert key_loader.view.name == "sim" and key_loader.scale == (0.08, 1.0) and key_loader.rand_augment is None
+    for (x1, y1), (x2, y2) in zip(data["train_loader"], key_loader):
+        assert torch.equal(y1, y2) and torch.isfinite(x1).all()
+    with pytest.raises(RuntimeError, match="already been iterated"):
+        data["train_loader"].set_rand_augment("rand-n2-m10-mstd0.5")

@@ -167,3 +167,64 @@ def eval_geometry(sizes: np.ndarray, resize_size: int, crop_size: int) -> tuple[
                        np.stack([new_long, np.full_like(short, resize_size)], 1))
     offsets = np.round((resized - crop_size) / 2.0).astype(np.int64)
     return resized, offsets
+
+
+# RandAugment as PaCo's randaugment.py (Ross Wightman's, via timm) builds it for
+# ``rand_augment_transform('rand-n2-m10-mstd0.5', ...)`` (paco_lt.py's ``augmentation_randncls``): N
+# operations drawn uniformly WITH replacement from these 15, each applied with probability 0.5, its
+# magnitude ~ N(m, mstd) clipped to [0, 10], signed ops negated with probability 0.5, the geometric
+# ones resampled bilinear or bicubic with probability 1/2 each and filled with the ImageNet mean.
+RAND_AUGMENT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeTpu", "Solarize", "SolarizeAdd", "Color",
+                    "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+RAND_AUGMENT_MAX_LEVEL = 10.0
+RAND_AUGMENT_FILL = tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN)  # paco_lt.py's ra_params img_mean
+
+
+def parse_rand_augment(spec: str) -> tuple[int, int, float]:
+    """(n, m, mstd) of a timm-style ``rand-n2-m10-mstd0.5`` string (defaults n 2, m 10, mstd 0, as
+    ``rand_augment_transform``); ValueError naming the spec otherwise (weights ``w`` are not supported)."""
+    import re
+    parts = spec.split("-") if isinstance(spec, str) else []
+    if not parts or parts[0] != "rand":
+        raise ValueError(f"rand_augment must look like 'rand-n2-m10-mstd0.5', got {spec!r}")
+    n, m, mstd = 2, 10, 0.0
+    for part in parts[1:]:
+        found = re.fullmatch(r"(mstd|m|n)(\d+(?:\.\d+)?)", part)
+        if not found:
+            raise ValueError(f"rand_augment: unknown section {part!r} in {spec!r} (n<int>, m<int>, mstd<float>)")
+        key, value = found.groups()
+        if key == "mstd":
+            mstd = float(value)
+        elif key == "m":
+            m = int(float(value))
+        else:
+            n = int(float(value))
+    return n, m, mstd
+
+
+def draw_rand_augment_randoms(rng: np.random.Generator, batch: int, layers: int) -> dict:
+    """RandAugment's draws for ``batch`` images and ``layers`` operations each: a fixed count per image
+    (op choice, apply, a standard normal for the magnitude, sign, interpolation), all [batch, layers]."""
+    return {"ra_op": rng.integers(0, len(RAND_AUGMENT_OPS), (batch, layers)), "ra_apply": rng.random((batch, layers)),
+            "ra_normal": rng.standard_normal((batch, layers)), "ra_sign": rng.random((batch, layers)),
+            "ra_bicubic": rng.random((batch, layers))}
+
+
+def rand_augment_ops_of(randoms: dict, row: int, magnitude: float, magnitude_std: float) -> list:
+    """The operations image ``row`` goes through, in order: [(name, level argument or None, bicubic)]
+    (the level as randaugment.py's ``LEVEL_TO_ARG`` makes it; skipped operations left out)."""
+    ops = []
+    for k in range(randoms["ra_op"].shape[1]):
+        if randoms["ra_apply"][row, k] > 0.5:  # AutoAugmentOp: `if random.random() > self.prob: return img`
+            continue
+        name = RAND_AUGMENT_OPS[int(randoms["ra_op"][row, k])]
+        level = magnitude + magnitude_std * float(randoms["ra_normal"][row, k]) if magnitude_std > 0 else magnitude
+        level = min(RAND_AUGMENT_MAX_LEVEL, max(0.0, level)) / RAND_AUGMENT_MAX_LEVEL
+        sign = -1.0 if randoms["ra_sign"][row, k] > 0.5 else 1.0
+        argument = {"Rotate": sign * level * 30.0, "ShearX": sign * level * 0.3, "ShearY": sign * level * 0.3,
+                    "TranslateXRel": sign * level * 0.45, "TranslateYRel": sign * level * 0.45,
+                    "PosterizeTpu": int(level * 4), "Solarize": int(level * 256), "SolarizeAdd": int(level * 110),
+                    "Color": level * 1.8 + 0.1, "Contrast": level * 1.8 + 0.1, "Brightness": level * 1.8 + 0.1,
+                    "Sharpness": level * 1.8 + 0.1}.get(name)
+        ops.append((name, argument, bool(randoms["ra_bicubic"][row, k] > 0.5)))
+    return ops

@@ -36,8 +36,9 @@ _base.yaml (RandomResizedCrop(0.08-1) + flip + ColorJitter(0.4, 0.4, 0.4, 0), ``
 view 2 MoCo v2's (``augmentation``: RandomResizedCrop(0.2-1), ColorJitter(0.4, 0.4, 0.4, 0.1) with
 p 0.8, grayscale p 0.2, Gaussian blur sigma in [0.1, 2] with p 0.5, flip), ``view="mocov2"`` of
 ltfast/data/augmentation.py in both the DALI and the PIL loader. ``randcls_sim``: view 2 is
-``augmentation_sim`` (``view="sim"``); view 1 adds RandAugment n2 m10 (``augmentation_randncls``),
-which ltfast's loaders do not have yet: the config check refuses it. In-memory sets (Fashion-MNIST-LT,
+``augmentation_sim`` (``view="sim"``); view 1 adds RandAugment n2 m10 mstd 0.5 (``augmentation_randncls``)
+after its jitter, which only the PIL loader implements (``PilImageLoader.set_rand_augment``, set on the
+training loader before the first epoch; the config check refuses DALI and in-memory sets). In-memory sets (Fashion-MNIST-LT,
 CIFAR-LT) have one augmentation (pad-crop + flip on the device): both views draw it independently.
 A second loader rather than a two-view dataset: both image loaders, the device loader and BBN's
 reversed stream already work this way, and nothing in the trainer or the loaders changes.
@@ -86,6 +87,9 @@ KEY_VIEW_SEED_OFFSET = 4099
 # data.paco_views -> the key view's transform (ltfast.data.augmentation.CONTRASTIVE_VIEWS) and whether
 # the query view adds RandAugment (paco_lt.py's --aug choices).
 VIEWS = {"regular_regular": ("mocov2", False), "randcls_sim": ("sim", True)}
+# paco_lt.py's rand_augment_transform('rand-n{randaug_n}-m{randaug_m}-mstd0.5') with its defaults n 2, m 10
+RAND_AUGMENT = "rand-n2-m10-mstd0.5"
+IN_MEMORY_DATASETS = ("fmnist_lt", "cifar10_lt", "cifar100_lt", "synthetic")
 _SUPPORTED_ARCHS = "small_resnet, a CIFAR ResNet (resnet32, ...) or a torchvision resnet* / resnext* / wide_resnet*"
 
 
@@ -247,8 +251,12 @@ class PaCo(Method):
             raise ConfigError("model.freeze_backbone: model.paco trains the encoder contrastively; not with a frozen "
                               "backbone")
         if VIEWS[data["paco_views"]][1]:
-            raise ConfigError(f"data.paco_views: {data['paco_views']!r} adds RandAugment to the query view, which "
-                              f"ltfast's image loaders do not implement yet; use regular_regular (X50.sh)")
+            if data["dataset"] in IN_MEMORY_DATASETS:
+                raise ConfigError(f"data.paco_views: {data['paco_views']!r} adds RandAugment to the query view; the "
+                                  f"in-memory loader of data.dataset={data['dataset']} has none (regular_regular there)")
+            if data["backend"] != "pil":
+                raise ConfigError(f"data.paco_views: {data['paco_views']!r} adds RandAugment to the query view, which "
+                                  f"only the PIL loader has; set data.backend=pil (got {data['backend']!r})")
         for other in ("bbn", "rsg"):
             if model.get(other):
                 raise ConfigError(f"model.{other}: {other.upper()} and PaCo both own the training step; not together")
@@ -271,6 +279,8 @@ class PaCo(Method):
         dcfg = self.cfg["data"]
         seed = self.cfg["train"]["seed"] + KEY_VIEW_SEED_OFFSET
         options = {} if data["in_memory"] else {"view": VIEWS[dcfg["paco_views"]][0]}
+        if VIEWS[dcfg["paco_views"]][1]:  # randcls_sim: RandAugment on the query view (the training loader)
+            data["train_loader"].set_rand_augment(RAND_AUGMENT)
         # the training loader's own sampler: batch i of both streams holds the same images
         loader = make_loader(data, "train", dcfg, sampler=data["train_loader"].sampler,
                              batch_size=dcfg["batch_size"] // run.world, device=run.device, train=True, seed=seed,
