@@ -22,7 +22,10 @@ from ltfast.train.evaluation import main as evaluate_main
 from ltfast.train.methods.paco import KEY_VIEW_LOADER, PaCo, PaCoNetwork
 from ltfast.train.models import build_model, find_head
 
-from test_train import TINY
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from test_train import TINY, _ddp_worker, _free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST_PACO = os.path.join(ROOT, "configs", "fmnist_lt", "paco.yaml")
@@ -327,6 +330,30 @@ def test_imagenet_lt_recipe_runs(jpeg_lists, tmp_path):
         assert weights["fc.weight"].shape == (3, 2048) and weights["queue"].shape == (8, 128)
         assert weights["projection.3.weight"].shape == (128, 2048) and "key_encoder.layer4.2.conv2.weight" in weights
         assert int(weights["queue_ptr"]) == 12 % 8         # 14 images: 3 steps of 4 enqueue 12 keys into K = 8
+
+
+def test_bf16_autocast_step(tmp_path):
+    summary = train(load_config(None, TINY + ["model.paco=true", "model.paco_queue=64", "train.amp=bf16",
+                                              "optim.epochs=1", "train.plot=false", f"train.out_dir={tmp_path}"]))
+    assert summary["bf16"] and math.isfinite(summary["history"][0]["loss"]) and summary["history"][0]["loss"] > 0
+    queue = torch.load(tmp_path / "last.pt", weights_only=True)["model"]["queue"]
+    assert queue.dtype == torch.float32 and torch.allclose(queue[:32].norm(dim=1), torch.ones(32), atol=1e-2)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_processes(tmp_path):
+    """Under DDP each rank enqueues the all-gathered keys of both ranks: the pointer moves by the global
+    batch (32 = 2 x 16) per step, not by a rank's 16."""
+    overrides = TINY + [f"train.out_dir={tmp_path}", "model.paco=true", "model.paco_queue=64", "optim.epochs=1",
+                        "train.seed=3", "train.plot=false"]
+    mp.spawn(_ddp_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "finished"
+    assert math.isfinite(summary["history"][0]["loss"])
+    weights = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    steps = sum(summary["class_counts"]) // 32
+    assert int(weights["queue_ptr"]) == (steps * 32) % 64
+    assert torch.allclose(weights["queue"][:32].norm(dim=1), torch.ones(32), atol=1e-5)   # keys, not the random init
 
 
 SMALL_FMNIST = ["data.n_max=150", "data.val_per_class=10", "data.eval_batch_size=1000", "train.plot=false"]
