@@ -36,6 +36,11 @@ re-decoded with PIL to find the culprit (DALI's message gives only the position 
 Damage inside the entropy-coded data that libjpeg-turbo decodes past (it warns "Corrupt JPEG
 data" and returns a garbled image) is not an error on the DALI path; PIL raises on it.
 
+Contrastive views (``view="mocov2"`` / ``"sim"``, PaCo's second view; augmentation.py): after the
+brightness / contrast step, one ``color_twist`` (saturation, hue), a clamp, grey for the images drawn
+grey, and ``gaussian_blur`` with each image's sigma; the PIL path is the reference (DALI's hue is a
+YIQ rotation, torchvision's an HSV shift). RandAugment is PIL-only.
+
 The names this module has always exported (the augmentation functions, the PIL loader, the shared
 error) stay importable from it.
 """

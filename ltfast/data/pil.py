@@ -161,7 +161,10 @@ class PilImageLoader(_LoaderBase):
     ``torchvision.transforms.functional`` in a ``torch.utils.data.DataLoader`` with
     ``num_workers`` processes (default: the cores this process may use; 0 = in the main process).
     Each worker produces whole batches. ``num_threads`` is accepted as an alias of
-    ``num_workers`` so that both loaders take the same keyword arguments."""
+    ``num_workers`` so that both loaders take the same keyword arguments. ``view``: "standard" or a
+    contrastive view (augmentation.py's ``CONTRASTIVE_VIEWS``, PaCo's second view), as the DALI
+    loader. ``rand_augment`` (PIL only; also ``set_rand_augment`` before the first epoch): RandAugment
+    after the standard view's jitter, e.g. "rand-n2-m10-mstd0.5" (PaCo's randcls view)."""
 
     def __init__(self, dataset, sampler=None, batch_size: int = 256, device="cpu", train: bool = True,
                  crop_size: int = 224, resize_size: int = 256, mean: Sequence[float] = IMAGENET_MEAN,
