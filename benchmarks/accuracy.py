@@ -34,7 +34,7 @@ sys.path.insert(0, ROOT)
 from ltfast import report  # noqa: E402  (after the sys.path line: the checkout's ltfast)
 
 ALL_METHODS = ["ce", "weighted_ce", "seql", "balanced_softmax", "lade", "ldam_drw", "crt", "lws", "ncm", "tau_norm",
-               "causal", "mislas_stage1", "mislas_stage2", "ride", "sade", "reslt", "bbn", "rsg"]
+               "causal", "mislas_stage1", "mislas_stage2", "ride", "sade", "reslt", "bbn", "rsg", "paco"]
 # second stage -> the method whose best.pt of the same seed it starts from (model.init_from)
 STAGE1_OF = {"crt": "ce", "lws": "ce", "ncm": "ce", "tau_norm": "ce", "mislas_stage2": "mislas_stage1"}
 TEST_TIME_METHODS = {"sade"}             # SADE's test-time aggregation runs after these
@@ -171,6 +171,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 seed, CE / Balanced Softmax / LADE (the main job)")
     parser.add_argument("--seeds", type=int, help="training seeds 0..N-1 (default: 1 quick, 2 full)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="start the seeds here (seeds first..first+N-1): one seed per process, merged with --merge")
     parser.add_argument("--methods", help="comma-separated configs/fmnist_lt names (default: all; quick: ce,"
                                           "balanced_softmax,lade)")
     parser.add_argument("--out-root", default=os.path.join(ROOT, "runs", "fmnist_lt"), help="run folders")
@@ -180,8 +182,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run, e.g. --set optim.epochs=10")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
-                        help="train nothing: one table from the runs of earlier results JSONs (a method's runs come "
-                             "from the last file that has it), e.g. when the table was measured in parts")
+                        help="train nothing: one table from the runs of earlier results JSONs (a method's run of a "
+                             "seed comes from the last file that has it), e.g. when the table was measured in parts")
     parser.add_argument("--note", default="", help="a sentence added under the table (how it was measured)")
     args = parser.parse_args(argv)
     if args.merge:
@@ -207,7 +209,7 @@ def main(argv=None) -> int:
     from ltfast.train.metrics import shot_groups
     start = time.perf_counter()
     runs, stage1 = [], {}
-    for seed in range(seeds):
+    for seed in range(args.first_seed, args.first_seed + seeds):
         for method in methods:
             print(f"=== {method}, seed {seed} ===", flush=True)
             runs.append(run_method(method, seed, args.out_root, args.set, stage1))
@@ -256,8 +258,8 @@ def merge_results(paths: list[str], json_path: str, md_path, note: str) -> int:
         with open(path) as f:
             data = json.load(f)
         metas.append(data["meta"])
-        replaced = {r["method"] for r in data["runs"]}
-        runs = [r for r in runs if r["method"] not in replaced] + data["runs"]
+        replaced = {(r["method"], r["seed"]) for r in data["runs"]}  # seeds of one method may come from several files
+        runs = [r for r in runs if (r["method"], r["seed"]) not in replaced] + data["runs"]
     keys = ("ratio", "train_images", "class_counts", "shots")
     if any(m[k] != metas[0][k] for m in metas for k in keys):
         raise SystemExit(f"--merge: the files were measured on different data ({', '.join(keys)} differ)")

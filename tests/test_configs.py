@@ -185,7 +185,7 @@ METHOD_KEYS = {"loss": None, "model": ("classifier", "freeze_backbone", "learnab
                "data": ("sampler", "num_samples_cls", "mixup_alpha"), "optim": ("nesterov", "head_lr_factor")}
 # Methods whose CIFAR configs follow the method's own CIFAR scripts instead of LDAM-DRW's recipe (their
 # values are checked where the method is tested).
-OWN_CIFAR_RECIPE = {"reslt": "tests/test_reslt.py::test_reslt_configs"}
+OWN_CIFAR_RECIPE = {"reslt": "tests/test_reslt.py::test_reslt_configs", "paco": "tests/test_paco.py::test_cifar_configs"}
 
 
 @pytest.mark.parametrize("group", ["cifar10_lt", "cifar100_lt"])

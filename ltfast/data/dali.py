@@ -36,6 +36,11 @@ re-decoded with PIL to find the culprit (DALI's message gives only the position 
 Damage inside the entropy-coded data that libjpeg-turbo decodes past (it warns "Corrupt JPEG
 data" and returns a garbled image) is not an error on the DALI path; PIL raises on it.
 
+Contrastive views (``view="mocov2"`` / ``"sim"``, PaCo's second view; augmentation.py): after the
+brightness / contrast step, one ``color_twist`` (saturation, hue), a clamp, grey for the images drawn
+grey, and ``gaussian_blur`` with each image's sigma; the PIL path is the reference (DALI's hue is a
+YIQ rotation, torchvision's an HSV shift). RandAugment is PIL-only.
+
 The names this module has always exported (the augmentation functions, the PIL loader, the shared
 error) stay importable from it.
 """
@@ -49,7 +54,7 @@ import numpy as np
 import torch
 
 from .augmentation import (_RRC_RATIO, _RRC_SCALE, IMAGENET_MEAN, IMAGENET_STD, _batch_generator,
-                           draw_train_randoms, eval_geometry, train_params)
+                           draw_train_randoms, draw_view_randoms, eval_geometry, train_params, view_params)
 from .image_loader import ImageDecodeError, _check_common, _LoaderBase, default_num_threads
 from .pil import PilImageLoader
 
@@ -104,11 +109,12 @@ class DaliImageLoader(_LoaderBase):
                  std: Sequence[float] = IMAGENET_STD, color_jitter: float = 0.4, num_threads: int | None = None,
                  dtype: torch.dtype = torch.float32, drop_last: bool | None = None, seed: int = 0,
                  rank: int | None = None, world_size: int | None = None, decoder_device: str | None = None,
-                 prefetch: int = 2, scale: Sequence[float] = _RRC_SCALE, ratio: Sequence[float] = _RRC_RATIO):
+                 prefetch: int = 2, scale: Sequence[float] = _RRC_SCALE, ratio: Sequence[float] = _RRC_RATIO,
+                 view: str = "standard"):
         _check_common(dataset, sampler, batch_size, train, crop_size, resize_size, mean, std, color_jitter,
                       num_threads, dtype, "num_threads", seed, scale, ratio)
         super().__init__(dataset, sampler, batch_size, device, train, crop_size, resize_size, mean, std,
-                         color_jitter, dtype, drop_last, seed, rank, world_size, scale, ratio)
+                         color_jitter, dtype, drop_last, seed, rank, world_size, scale, ratio, view)
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be a CPU or CUDA device, got {device!r}")
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -183,7 +189,7 @@ class DaliImageLoader(_LoaderBase):
                         images = fn.cast(dmath.clamp(images * (brightness * contrast)
                                                      + mean_grey * (brightness * (1.0 - contrast)), 0.0, 255.0),
                                          dtype=types.UINT8)
-                    if self.channels == 3:
+                    if self.channels == 3 and self.view is None:
                         # Saturation in float, clamped after normalisation by one torch.clamp_ on
                         # the batch (_to_torch). Per 224x224 image on this CPU: color_twist to
                         # float 0.45 ms; a saturating cast back to uint8 in DALI would add 0.4 ms,
@@ -194,6 +200,8 @@ class DaliImageLoader(_LoaderBase):
                             images = fn.cast(images, dtype=types.UINT8)
                         else:
                             clamp = True
+                if self.view is not None:
+                    images = self._contrastive_view(images, fn, types, dmath)
                 images = fn.crop_mirror_normalize(images, mirror=flip, mean=scale[0], std=scale[1],
                                                   dtype=types.FLOAT, output_layout="CHW")
             else:
@@ -215,6 +223,27 @@ class DaliImageLoader(_LoaderBase):
             self._clamp = (lo.view(1, -1, 1, 1).to(self.device), hi.view(1, -1, 1, 1).to(self.device))
         self._zero_copy = bool(getattr(pipe, "exec_dynamic", False)) and self.device.type == "cpu"
         return pipe
+
+    def _contrastive_view(self, images, fn, types, dmath):
+        """A contrastive view's steps after the brightness / contrast jitter (augmentation.py's
+        ``CONTRASTIVE_VIEWS``): saturation and hue in one ``color_twist``, clamped to [0, 255], then grey
+        for the images drawn grey (a second ``color_twist`` with saturation 0: the luma Y = 0.299 R +
+        0.587 G + 0.114 B, PIL's "L"), then the Gaussian blur with the image's sigma (sigma 1e-3 for an image not blurred:
+        a 1-tap window, the identity). DALI's hue is a rotation in YIQ space, torchvision's a shift in
+        HSV: batches with hue jitter differ from the PIL path beyond the 1/255 of the standard view;
+        DALI's blur is a true Gaussian, PIL's a 3-pass box approximation (~1/255 apart)."""
+        if self.channels == 3:
+            saturation = fn.external_source(name="saturation", dtype=types.FLOAT, ndim=0)
+            hue = fn.external_source(name="hue", dtype=types.FLOAT, ndim=0)
+            colour = fn.external_source(name="colour", dtype=types.FLOAT, ndim=0)  # 0: grey, 1: keep
+            images = dmath.clamp(fn.color_twist(images, saturation=saturation, hue=hue, dtype=types.FLOAT), 0.0, 255.0)
+            # grey AFTER the clamp of the jittered image, as torchvision's RandomGrayscale after ColorJitter
+            images = fn.color_twist(images, saturation=colour, dtype=types.FLOAT)
+        else:
+            images = fn.cast(images, dtype=types.FLOAT)
+        images = dmath.clamp(images, 0.0, 255.0)
+        sigma = fn.external_source(name="sigma", dtype=types.FLOAT, ndim=0)
+        return fn.gaussian_blur(images, sigma=sigma)
 
     def _sizes_of(self, indices: np.ndarray, data: list) -> np.ndarray:
         sizes = self._sizes[indices]
@@ -243,17 +272,27 @@ class DaliImageLoader(_LoaderBase):
         pipe.feed_input("jpegs", data)
         if self.train:
             # a full batch of draws, as the PIL path makes, so a last partial batch matches too
-            randoms = draw_train_randoms(_batch_generator(self.seed, self.epoch, self.rank, batch), self.batch_size)
+            rng = _batch_generator(self.seed, self.epoch, self.rank, batch)
+            randoms = draw_train_randoms(rng, self.batch_size)
+            if self.view is not None:  # after the standard draws, as the PIL path
+                randoms.update(draw_view_randoms(rng, self.batch_size))
             n = len(indices)
             randoms = {key: (v[:, :n] if key == "jitter" else v[:n]) for key, v in randoms.items()}
             p = train_params(sizes, randoms, self.color_jitter, self.scale, self.ratio)
+            if self.view is not None:
+                p = view_params(randoms, self.view, p)
+                if self.channels == 3:
+                    pipe.feed_input("saturation", p["saturation"])
+                    pipe.feed_input("hue", (p["hue"] * 360.0).astype(np.float32))  # DALI's hue is in degrees
+                    pipe.feed_input("colour", np.where(p["grayscale"], 0.0, 1.0).astype(np.float32))
+                pipe.feed_input("sigma", np.where(p["sigma"] > 0, p["sigma"], np.float32(1e-3)).astype(np.float32))
             pipe.feed_input("anchor", np.stack([p["left"], p["top"]], 1).astype(np.float32))
             pipe.feed_input("shape", np.stack([p["width"], p["height"]], 1).astype(np.float32))
             pipe.feed_input("flip", p["flip"].astype(np.int32))
             if self.color_jitter > 0:
                 pipe.feed_input("brightness", p["brightness"])
                 pipe.feed_input("contrast", p["contrast"])
-                if self.channels == 3:
+                if self.channels == 3 and self.view is None:
                     pipe.feed_input("saturation", p["saturation"])
         else:
             resized, offsets = eval_geometry(sizes, self.resize_size, self.crop_size)

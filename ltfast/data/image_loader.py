@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from .augmentation import _RRC_RATIO, _RRC_SCALE
+from .augmentation import _RRC_RATIO, _RRC_SCALE, contrastive_view
 
 
 class ImageDecodeError(RuntimeError):
@@ -80,8 +80,17 @@ class _LoaderBase:
     for evaluation without one), batching, ``set_epoch`` and ``len``."""
 
     def __init__(self, dataset, sampler, batch_size, device, train, crop_size, resize_size, mean, std,
-                 color_jitter, dtype, drop_last, seed, rank, world_size, scale, ratio):
+                 color_jitter, dtype, drop_last, seed, rank, world_size, scale, ratio, view="standard"):
         from .samplers import _distributed_rank_and_size
+        # a contrastive view (PaCo's second view) brings its own crop scale and colour / grey / blur steps
+        self.view = contrastive_view(view)
+        if self.view is not None:
+            if not train:
+                raise ValueError(f"view={view!r} is a training transform; evaluation (train=False) has none")
+            if tuple(scale) != _RRC_SCALE:
+                raise ValueError(f"scale: view={view!r} sets the crop scale {self.view.scale}; leave scale at its "
+                                 f"default, got {tuple(scale)}")
+            scale = self.view.scale
         self.dataset = dataset
         self.sampler = sampler
         self.batch_size = batch_size

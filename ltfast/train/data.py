@@ -153,13 +153,18 @@ def _check_list_splits(data: dict, splits: dict) -> int:
 
 
 def make_loader(sets: dict, split: str, data: dict, *, sampler, batch_size: int, device, train: bool, seed: int,
-                rank: Optional[int] = None, world: Optional[int] = None):
+                rank: Optional[int] = None, world: Optional[int] = None, view: str = "standard"):
     """DeviceTensorLoader for in-memory sets, the DALI (or PIL) pipeline for list files: both yield
-    normalised float images and int64 labels on ``device`` and have set_epoch / len."""
+    normalised float images and int64 labels on ``device`` and have set_epoch / len. ``view``: the
+    image loaders' training transform (ltfast/data/augmentation.py: "standard", or a contrastive
+    method's second view such as PaCo's "mocov2"); in-memory sets have only their own."""
     # data.mean / data.std, else the dataset's own statistics (CIFAR), else the loader's default
     norm = {k: tuple(data[k]) if data[k] is not None else sets[k] for k in ("mean", "std")
             if data[k] is not None or sets.get(k) is not None}
     if sets["in_memory"]:
+        if view != "standard":
+            raise ValueError(f"make_loader: view={view!r} is for image-path datasets; in-memory sets have one "
+                             f"augmentation")
         from ltfast.data.loaders import DeviceTensorLoader
         return DeviceTensorLoader(sets[split], sampler, batch_size, device, train, pad=data["pad"], flip=data["flip"],
                                   drop_last=train, seed=seed, rank=rank, world_size=world, **norm)
@@ -168,7 +173,7 @@ def make_loader(sets: dict, split: str, data: dict, *, sampler, batch_size: int,
     return make_image_loader(data["backend"], dataset=sets[split], sampler=sampler, batch_size=batch_size,
                              device=device, train=train, crop_size=data["crop_size"], resize_size=data["resize_size"],
                              color_jitter=data["color_jitter"], drop_last=train, seed=seed, rank=rank,
-                             world_size=world, **threads, **norm)
+                             world_size=world, **threads, **norm, **({"view": view} if view != "standard" else {}))
 
 
 def build_data(cfg: dict, rank: int, world: int, device) -> dict:

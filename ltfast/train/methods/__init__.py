@@ -16,6 +16,7 @@ from .decoupled import ClassifierRetraining, LearnableWeightScalingMethod, Neare
 from .losses import loss_methods
 from .mislas import MiSLAS, MixupMethod
 from .multi_expert import RIDE, SADE
+from .paco import PaCo
 from .reslt import ResLT
 from .rsg import RSG
 
@@ -23,7 +24,7 @@ from .rsg import RSG
 # in this order (BBN replaces the whole model first, so that a later head method would see its fc; LWS
 # wraps the stage-1 head before MiSLAS's learnable scale could wrap a head).
 _SPECIAL = [BBN, CosineClassifier, CausalTDE, ClassifierRetraining, LearnableWeightScalingMethod, NearestClassMeanMethod,
-            TauNormalisation, MixupMethod, MiSLAS, ClassifierLearningRate, RIDE, SADE, ResLT, RSG]
+            TauNormalisation, MixupMethod, MiSLAS, ClassifierLearningRate, RIDE, SADE, ResLT, RSG, PaCo]
 _CLAIMED_LOSSES = {"label_aware_smoothing", "ride", "sade", "reslt"}  # losses that belong to the methods above
 REGISTRY: dict[str, type[Method]] = {m.name: m for m in loss_methods(_CLAIMED_LOSSES) + _SPECIAL}
 
