@@ -63,6 +63,15 @@ template <typename acc_t>
 constexpr acc_t kLogEpsilon = acc_t(1e-12);
 
 // ------------------------------------------------------------------------------ the two segments
+// The source sites of the accesses to a segment's rows, one per access of the row loops: the
+// emulator groups a site's executions by warp into requests and tells a stream by the tensor a site
+// touches, so the class and key segments, streamed by the same helpers, name their own sites
+// (Segment::sites()). Empty on the GPU.
+struct RowSites {
+  gpu::AccessSite load_head, load_body, load_tail;
+  gpu::AccessSite store_head, store_body, store_body_element, store_tail;
+};
+
 // What a column of a segment contributes, for K consecutive columns from c0 (K = 1 or the vector
 // width V) whose raw values are x[0 .. K): the logit a, its denominator weight w and its positive
 // weight m. Each segment loads its per-column vector (log_prior, key labels) in the widest accesses
@@ -72,6 +81,12 @@ template <typename acc_t>
 struct ClassSegment {
   const KernelParams<acc_t>& p;
   int y;  // the row's label (its class column)
+
+  static __device__ __forceinline__ RowSites sites() {
+    return {gpu::AccessSite::current(), gpu::AccessSite::current(), gpu::AccessSite::current(),
+            gpu::AccessSite::current(), gpu::AccessSite::current(), gpu::AccessSite::current(),
+            gpu::AccessSite::current()};
+  }
 
   template <int K, typename scalar_t>
   __device__ __forceinline__ void columns(int c0, const scalar_t (&x)[K], acc_t (&a)[K], acc_t (&w)[K],
@@ -99,6 +114,12 @@ struct KeySegment {
   const KernelParams<acc_t>& p;
   int64_t y;     // the row's label
   int64_t self;  // the row's own key column (i < B <= M)
+
+  static __device__ __forceinline__ RowSites sites() {
+    return {gpu::AccessSite::current(), gpu::AccessSite::current(), gpu::AccessSite::current(),
+            gpu::AccessSite::current(), gpu::AccessSite::current(), gpu::AccessSite::current(),
+            gpu::AccessSite::current()};
+  }
 
   template <int K, typename scalar_t>
   __device__ __forceinline__ void columns(int j0, const scalar_t (&x)[K], acc_t (&a)[K], acc_t (&w)[K],
@@ -156,9 +177,10 @@ __device__ __forceinline__ void forward_segment(const scalar_t* row, int n, int 
                                                 RowState<acc_t>& s) {
   constexpr int V = kVectorElements<scalar_t>;
   constexpr int U = kVectorUnroll<scalar_t>;
+  const RowSites sites = Segment::sites();
   const RowSplit split = split_row(row, n);
   if (lane < split.head) {
-    const scalar_t x[1] = {gpu::load(row + lane)};
+    const scalar_t x[1] = {gpu::load(row + lane, sites.load_head)};
     acc_t a[1], w[1], m[1];
     segment.columns(lane, x, a, w, m);
     accumulate(a, w, m, s);
@@ -168,7 +190,7 @@ __device__ __forceinline__ void forward_segment(const scalar_t* row, int n, int 
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int v = first + u * GROUP;
-      if (v < split.vectors) x[u] = gpu::load_vector<V>(row + split.head + v * V);
+      if (v < split.vectors) x[u] = gpu::load_vector<V>(row + split.head + v * V, sites.load_body);
     }
     acc_t a[U * V], w[U * V], m[U * V];
 #pragma unroll
@@ -195,7 +217,7 @@ __device__ __forceinline__ void forward_segment(const scalar_t* row, int n, int 
   }
   if (split.tail_begin + lane < n) {
     const int c = split.tail_begin + lane;
-    const scalar_t x[1] = {gpu::load(row + c)};
+    const scalar_t x[1] = {gpu::load(row + c, sites.load_tail)};
     acc_t a[1], w[1], m[1];
     segment.columns(c, x, a, w, m);
     accumulate(a, w, m, s);
@@ -322,23 +344,24 @@ __device__ __forceinline__ void backward_segment(const scalar_t* row, scalar_t* 
     const acc_t probability = w != acc_t(0) ? w * math::exp_fn(a - lse) : acc_t(0);
     return coef * (probability - m * inv_P);
   };
-  auto scalar_column = [&](int c) {
-    const scalar_t x[1] = {gpu::load(row + c)};
+  const RowSites sites = Segment::sites();
+  auto scalar_column = [&](int c, const gpu::AccessSite& load_site, const gpu::AccessSite& store_site) {
+    const scalar_t x[1] = {gpu::load(row + c, load_site)};
     acc_t a[1], w[1], m[1];
     segment.columns(c, x, a, w, m);
-    gpu::store(grad + c, static_cast<scalar_t>(gradient(a[0], w[0], m[0])));
+    gpu::store(grad + c, static_cast<scalar_t>(gradient(a[0], w[0], m[0])), store_site);
   };
   // Rows of the input and of the gradient share their split when their bases do (both have n
   // elements per row); else (an input view at an odd storage offset) the gradient is stored per element.
   const bool vector_stores = gpu_row_stream::same_split(row, grad);
   const RowSplit split = split_row(row, n);
-  if (lane < split.head) scalar_column(lane);
+  if (lane < split.head) scalar_column(lane, sites.load_head, sites.store_head);
   for (int first = lane; first < split.vectors; first += GROUP * U) {
     gpu::Vector<scalar_t, V> x[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int v = first + u * GROUP;
-      if (v < split.vectors) x[u] = gpu::load_vector<V>(row + split.head + v * V);
+      if (v < split.vectors) x[u] = gpu::load_vector<V>(row + split.head + v * V, sites.load_body);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -351,15 +374,15 @@ __device__ __forceinline__ void backward_segment(const scalar_t* row, scalar_t* 
 #pragma unroll
         for (int i = 0; i < V; ++i) out.v[i] = static_cast<scalar_t>(gradient(a[i], w[i], m[i]));
         if (vector_stores) {
-          gpu::store_vector<V>(grad + c0, out);
+          gpu::store_vector<V>(grad + c0, out, sites.store_body);
         } else {
 #pragma unroll
-          for (int i = 0; i < V; ++i) gpu::store(grad + c0 + i, out.v[i]);
+          for (int i = 0; i < V; ++i) gpu::store(grad + c0 + i, out.v[i], sites.store_body_element);
         }
       }
     }
   }
-  if (split.tail_begin + lane < n) scalar_column(split.tail_begin + lane);
+  if (split.tail_begin + lane < n) scalar_column(split.tail_begin + lane, sites.load_tail, sites.store_tail);
 }
 
 template <typename scalar_t, int GROUP>
