@@ -192,28 +192,17 @@ __device__ __forceinline__ void forward_segment(const scalar_t* row, int n, int 
       const int v = first + u * GROUP;
       if (v < split.vectors) x[u] = gpu::load_vector<V>(row + split.head + v * V, sites.load_body);
     }
-    acc_t a[U * V], w[U * V], m[U * V];
+    // One merge per vector (not per U vectors, as the cross-entropy rows do): the per-column
+    // weights and key labels of U vectors at once took 96-106 registers (ptxas, sm_90).
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int v = first + u * GROUP;
-      acc_t au[V], wu[V], mu[V];
       if (v < split.vectors) {
-        segment.columns(split.head + v * V, x[u].v, au, wu, mu);
-      } else {
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          au[i] = math::negative_infinity<acc_t>();
-          wu[i] = mu[i] = acc_t(0);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        a[u * V + i] = au[i];
-        w[u * V + i] = wu[i];
-        m[u * V + i] = mu[i];
+        acc_t a[V], w[V], m[V];
+        segment.columns(split.head + v * V, x[u].v, a, w, m);
+        accumulate(a, w, m, s);
       }
     }
-    accumulate(a, w, m, s);
   }
   if (split.tail_begin + lane < n) {
     const int c = split.tail_begin + lane;
