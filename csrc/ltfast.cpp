@@ -173,6 +173,30 @@ at::Tensor ride_loss(const at::Tensor& logits, const at::Tensor& target, const c
                          logits);
 }
 
+// PaCo's parametric contrastive loss (csrc/ops/paco/paco.h). base_temperature None: T_base = T.
+using PacoForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+at::Tensor paco_loss(const at::Tensor& similarity, const at::Tensor& labels, const at::Tensor& key_labels,
+                     const c10::optional<at::Tensor>& sup_logits, const c10::optional<at::Tensor>& log_prior,
+                     double temperature, double alpha, double beta, double gamma, double sup_temperature,
+                     c10::optional<double> base_temperature, c10::string_view reduction, int64_t ignore_index) {
+  using Optional = c10::optional<at::Tensor>;
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ltfast::_paco_forward", "")
+          .typed<PacoForwardOutputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Optional&,
+                                    const Optional&, double, double, double, double, double, double,
+                                    c10::string_view, int64_t, bool)>();
+  // The kernels need contiguous rows; autograd then saves these copies (see the top of this file).
+  const Optional sup = sup_logits.has_value() && sup_logits->defined() ? Optional(sup_logits->contiguous())
+                                                                       : Optional();
+  const auto loss = std::get<0>(forward.call(similarity.contiguous(), labels, key_labels, sup, log_prior,
+                                             temperature, alpha, beta, gamma, sup_temperature,
+                                             base_temperature.value_or(temperature), reduction, ignore_index,
+                                             false));
+  return in_logits_dtype(loss, similarity);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ltfast, m) {
@@ -287,6 +311,25 @@ TORCH_LIBRARY(ltfast, m) {
   m.def("_ride_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? target_margin, "
         "Tensor? weight, Tensor? temperature, Tensor row_stats, Tensor denominators, float base_temperature, "
         "float diversity_factor, int ignore_index) -> Tensor");
+
+  // PaCo (Cui et al. 2021; csrc/ops/paco/paco.h): multi-positive contrastive loss on the row
+  // [(sup_logits + log_prior) / sup_temperature, similarity / temperature], positives from the labels
+  // (beta on the class column, alpha on the keys of the same label, self excluded), gamma on the key
+  // columns of the denominator, scaled by temperature / base_temperature. SupCon: sup_logits None.
+  m.def("paco_loss(Tensor similarity, Tensor labels, Tensor key_labels, Tensor? sup_logits=None, "
+        "Tensor? log_prior=None, float temperature=0.07, float alpha=0.05, float beta=1.0, float gamma=1.0, "
+        "float sup_temperature=1.0, float? base_temperature=None, str reduction=\"mean\", "
+        "int ignore_index=-100) -> Tensor",
+        &paco_loss);
+  // with_grad: the forward also returns both gradients for an upstream gradient of 1 (paco.h).
+  m.def("_paco_forward(Tensor similarity, Tensor labels, Tensor key_labels, Tensor? sup_logits, "
+        "Tensor? log_prior, float temperature, float alpha, float beta, float gamma, float sup_temperature, "
+        "float base_temperature, str reduction, int ignore_index, bool with_grad=False) -> (Tensor loss, "
+        "Tensor row_stats, Tensor denominator, Tensor grad_similarity, Tensor grad_sup_logits)");
+  m.def("_paco_backward(Tensor grad_loss, Tensor similarity, Tensor labels, Tensor key_labels, "
+        "Tensor? sup_logits, Tensor? log_prior, Tensor row_stats, Tensor denominator, float temperature, "
+        "float alpha, float beta, float gamma, float sup_temperature, float base_temperature, str reduction, "
+        "int ignore_index) -> (Tensor grad_similarity, Tensor grad_sup_logits)");
 
   // Sampler index draws (ltfast/data/samplers.py): positions [start, start + count) of epoch
   // `epoch` (epoch_length positions over all ranks), each a pure function of (seed, epoch,

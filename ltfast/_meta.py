@@ -12,6 +12,8 @@ the output layouts in csrc/ops/<family>/<family>.h.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -62,6 +64,50 @@ def _fake_forward_grad(logits: Tensor, with_grad: bool) -> Tensor:
     if with_grad and logits.device.type == "cpu":
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
     return logits.new_empty((0,))
+
+
+def _fake_paco_checks(similarity: Tensor, labels: Tensor, key_labels: Tensor, sup_logits: Tensor | None,
+                      log_prior: Tensor | None, temperature: float, alpha: float, beta: float, gamma: float,
+                      sup_temperature: float, base_temperature: float, reduction: str) -> None:
+    """The shape, device and scalar checks of csrc/ops/paco/paco_args.cpp, with its messages."""
+    op = "ltfast.paco_loss"
+    torch._check(similarity.dim() == 2, lambda: f"{op}: similarity must be a 2-D tensor [B, M] (anchors x keys, "
+                                                f"q @ keys.T), got a {similarity.dim()}-D tensor")
+    torch._check(similarity.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                 lambda: f"{op}: similarity must be float32, float64, float16 or bfloat16, got {similarity.dtype}")
+    batch, keys = similarity.shape
+    torch._check(keys >= batch, lambda: f"{op}: similarity [B, M] must have at least as many keys as anchors (M >= B: "
+                                        f"the first B keys are the anchors themselves), got shape "
+                                        f"{tuple(similarity.shape)}")
+    for name, tensor, size, size_name in (("labels", labels, batch, "B"), ("key_labels", key_labels, keys, "M")):
+        torch._check(tensor.dim() == 1 and tensor.shape[0] == size,
+                     lambda: f"{op}: {name} must be a 1-D tensor [{size_name}] of labels, {size_name} = {size} "
+                             f"elements, got shape {tuple(tensor.shape)}")
+        torch._check(tensor.dtype == torch.int64, lambda: f"{op}: {name} must be an int64 tensor of labels, got "
+                                                          f"{tensor.dtype}")
+    if sup_logits is not None:
+        torch._check(sup_logits.dim() == 2 and sup_logits.shape[0] == batch and sup_logits.shape[1] >= 1,
+                     lambda: f"{op}: sup_logits must be a 2-D tensor [B = {batch}, C >= 1], got shape "
+                             f"{tuple(sup_logits.shape)}")
+        torch._check(sup_logits.dtype == similarity.dtype,
+                     lambda: f"{op}: sup_logits must have the same dtype as similarity ({similarity.dtype}), got "
+                             f"{sup_logits.dtype}")
+    if log_prior is not None:
+        torch._check(sup_logits is not None, lambda: f"{op}: log_prior is added to sup_logits, which is None")
+        torch._check(log_prior.dim() == 1 and log_prior.shape[0] == sup_logits.shape[1],
+                     lambda: f"{op}: log_prior must be a 1-D tensor of C = {sup_logits.shape[1]} elements, got "
+                             f"shape {tuple(log_prior.shape)}")
+    for name, value in (("temperature", temperature), ("sup_temperature", sup_temperature),
+                        ("base_temperature", base_temperature)):
+        torch._check(math.isfinite(value) and value > 0, lambda: f"{op}: {name} must be a finite number > 0, got {value}")
+    for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+        torch._check(math.isfinite(value) and value >= 0, lambda: f"{op}: {name} must be a finite number >= 0, got {value}")
+    torch._check(reduction in REDUCTIONS, lambda: f"{op}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    for name, tensor in (("labels", labels), ("key_labels", key_labels), ("sup_logits", sup_logits),
+                         ("log_prior", log_prior)):
+        if tensor is not None and tensor.device != similarity.device:
+            raise RuntimeError(f"{op}: {name} must be on the same device as similarity ({similarity.device}), "
+                               f"got {tensor.device}")
 
 
 def register() -> None:
@@ -170,6 +216,30 @@ def register() -> None:
     def _(grad_loss, logits, target, target_margin, weight, temperature, row_stats, denominators, base_temperature,
           diversity_factor, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    # ---------------------------------------------------------------- paco_loss
+    @lib.register_fake("ltfast::_paco_forward")
+    def _(similarity, labels, key_labels, sup_logits, log_prior, temperature, alpha, beta, gamma, sup_temperature,
+          base_temperature, reduction, ignore_index, with_grad=False):
+        _fake_paco_checks(similarity, labels, key_labels, sup_logits, log_prior, temperature, alpha, beta, gamma,
+                          sup_temperature, base_temperature, reduction)
+        acc = accumulate_dtype(similarity)
+        rows = similarity.shape[0]
+        loss = similarity.new_empty((rows,) if reduction == "none" else (), dtype=acc)
+        # row_stats [2, B] (lse, positive weight), denominator, then the forward-time gradients: the CPU
+        # kernel's only (csrc/ops/paco/paco.h).
+        return (loss, similarity.new_empty((2, rows), dtype=acc), similarity.new_empty((), dtype=acc),
+                _fake_forward_grad(similarity, with_grad),
+                _fake_forward_grad(sup_logits, with_grad) if sup_logits is not None else similarity.new_empty((0,)))
+
+    @lib.register_fake("ltfast::_paco_backward")
+    def _(grad_loss, similarity, labels, key_labels, sup_logits, log_prior, row_stats, denominator, temperature,
+          alpha, beta, gamma, sup_temperature, base_temperature, reduction, ignore_index):
+        _fake_paco_checks(similarity, labels, key_labels, sup_logits, log_prior, temperature, alpha, beta, gamma,
+                          sup_temperature, base_temperature, reduction)
+        return (torch.empty_like(similarity, memory_format=torch.contiguous_format),
+                torch.empty_like(sup_logits, memory_format=torch.contiguous_format) if sup_logits is not None
+                else similarity.new_empty((0,)))
 
     # ---------------------------------------------------------------- soft targets (ltfast.soft_targets)
     @lib.register_fake("ltfast::_mixed_cross_entropy_forward")

@@ -305,7 +305,15 @@ def paco_loss(similarity: Tensor, labels: Tensor, key_labels: Tensor, sup_logits
             in the denominator. sup_temperature: the original's ``supt``.
         reduction: 'mean' (over counted rows), 'sum' or 'none'.
         ignore_index: anchors with this label give 0 and are not counted; keys with it are never positive.
+
+    Labels out of ``[0, C)`` (other than ``ignore_index``) with ``sup_logits``: an ``IndexError`` naming the
+    row on the CPU. Differentiable in ``similarity`` and ``sup_logits`` (first order; ``log_prior`` is a
+    constant). Returns the loss in the similarity's dtype (float32 under autocast).
     """
-    # Plain PyTorch until the fused op lands (issue 22): same math and signature.
-    return reference.paco_loss(similarity, labels, key_labels, sup_logits, log_prior, temperature, alpha, beta,
-                               gamma, sup_temperature, base_temperature, reduction, ignore_index)
+    if not _extension.AVAILABLE:
+        _extension.warn_fallback_once()
+        return reference.paco_loss(similarity, labels, key_labels, sup_logits, log_prior, temperature, alpha, beta,
+                                   gamma, sup_temperature, base_temperature, reduction, ignore_index)
+    return torch.ops.ltfast.paco_loss.default(similarity, labels, key_labels, sup_logits, log_prior, temperature,
+                                              alpha, beta, gamma, sup_temperature, base_temperature, reduction,
+                                              ignore_index)
