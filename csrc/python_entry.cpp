@@ -307,6 +307,37 @@ PyObject* ride_loss(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs)
   END_HANDLE_TH_ERRORS
 }
 
+// paco_loss(Tensor similarity, Tensor labels, Tensor key_labels, Tensor? sup_logits, Tensor? log_prior,
+//           float temperature, float alpha, float beta, float gamma, float sup_temperature,
+//           float? base_temperature, str reduction, int ignore_index)
+PyObject* paco_loss(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  using Signature = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+                               const OptionalTensor&, double, double, double, double, double, c10::optional<double>,
+                               c10::string_view, int64_t);
+  static const auto op = typed_op<Signature>("ltfast::paco_loss");
+  const at::Tensor *similarity, *labels, *key_labels;
+  OptionalTensor sup_logits, log_prior;
+  double temperature, alpha, beta, gamma, sup_temperature, base_value = 0.0;
+  c10::optional<double> base_temperature;
+  c10::string_view reduction;
+  int64_t ignore_index;
+  if (nargs != 13 || !as_tensor(args[0], &similarity) || !as_tensor(args[1], &labels) ||
+      !as_tensor(args[2], &key_labels) || !as_optional_tensor(args[3], &sup_logits) ||
+      !as_optional_tensor(args[4], &log_prior) || !as_double(args[5], &temperature) || !as_double(args[6], &alpha) ||
+      !as_double(args[7], &beta) || !as_double(args[8], &gamma) || !as_double(args[9], &sup_temperature) ||
+      !(args[10] == Py_None || as_double(args[10], &base_value)) || !as_string(args[11], &reduction) ||
+      !as_int(args[12], &ignore_index) || !plain_torch_function_state()) {
+    LTFAST_FALLBACK();
+  }
+  if (args[10] != Py_None) base_temperature = base_value;
+  return run([&] {
+    return op.call(*similarity, *labels, *key_labels, sup_logits, log_prior, temperature, alpha, beta, gamma,
+                   sup_temperature, base_temperature, reduction, ignore_index);
+  });
+  END_HANDLE_TH_ERRORS
+}
+
 #undef LTFAST_FALLBACK
 
 // ltfast.cpu_capability(): which build of the CPU kernels runs (csrc/common/cpu_dispatch.h).
@@ -359,6 +390,10 @@ PyMethodDef methods[] = {
     LTFAST_ENTRY(ride_loss,
                  "ride_loss(logits, target, target_margin, weight, temperature, base_temperature, diversity_factor, "
                  "ignore_index): torch.ops.ltfast.ride_loss for plain tensors, else NotImplemented"),
+    LTFAST_ENTRY(paco_loss,
+                 "paco_loss(similarity, labels, key_labels, sup_logits, log_prior, temperature, alpha, beta, gamma, "
+                 "sup_temperature, base_temperature, reduction, ignore_index): torch.ops.ltfast.paco_loss for plain "
+                 "tensors, else NotImplemented"),
     {"cpu_capability", &cpu_capability, METH_NOARGS,
      "cpu_capability(): 'AVX512', 'AVX2' or 'DEFAULT', the instruction set of the CPU kernels that run "
      "(follows torch's, so ATEN_CPU_CAPABILITY=avx2 forces the AVX2 kernels)"},

@@ -314,6 +314,11 @@ def paco_loss(similarity: Tensor, labels: Tensor, key_labels: Tensor, sup_logits
         _extension.warn_fallback_once()
         return reference.paco_loss(similarity, labels, key_labels, sup_logits, log_prior, temperature, alpha, beta,
                                    gamma, sup_temperature, base_temperature, reduction, ignore_index)
+    if not _is_compiling():
+        loss = _dispatch.fast.paco_loss(similarity, labels, key_labels, sup_logits, log_prior, temperature, alpha,
+                                        beta, gamma, sup_temperature, base_temperature, reduction, ignore_index)
+        if loss is not NotImplemented:
+            return loss
     return torch.ops.ltfast.paco_loss.default(similarity, labels, key_labels, sup_logits, log_prior, temperature,
                                               alpha, beta, gamma, sup_temperature, base_temperature, reduction,
                                               ignore_index)

@@ -271,3 +271,66 @@ class OriginalRIDELoss(nn.Module):
             loss += self.additional_diversity_factor * temperature_mean * temperature_mean * F.kl_div(
                 output_dist, mean_output_dist, reduction="batchmean")
         return loss
+
+
+# ----------------------------------------------------------------------------- PaCo-codebase
+class OriginalPaCoLoss(nn.Module):
+    """PaCo-codebase/losses.py::PaCoLoss, operation by operation. Changes that make it runnable here: the
+    class prior ``self.weight`` follows the features' device and dtype instead of ``.to('cuda')``, the
+    masks are built in the features' dtype instead of float32 (float64 tests), and the one-hot label is
+    cast to that dtype too. ``features`` is ``[q, k, queue]`` (N = 2B + K rows), ``labels`` their N labels."""
+
+    def __init__(self, alpha, beta=1.0, gamma=1.0, supt=1.0, temperature=1.0, base_temperature=None, K=128,
+                 num_classes=1000):
+        super().__init__()
+        self.temperature = temperature
+        self.base_temperature = temperature if base_temperature is None else base_temperature
+        self.K = K
+        self.alpha = alpha
+        self.beta = beta
+        self.gamma = gamma
+        self.supt = supt
+        self.num_classes = num_classes
+
+    def cal_weight_for_classes(self, cls_num_list):
+        cls_num_list = torch.Tensor(cls_num_list).view(1, self.num_classes)
+        self.weight = cls_num_list / cls_num_list.sum()
+
+    def forward(self, features, labels=None, sup_logits=None, mask=None, epoch=None):
+        batch_size = (features.shape[0] - self.K) // 2
+        return self.loss_from_similarity(torch.matmul(features[:batch_size], features.T), labels, sup_logits)
+
+    def loss_from_similarity(self, similarity, labels, sup_logits):
+        """The rest of forward, from ``torch.matmul(features[:batch_size], features.T)`` on (the
+        benchmark's baseline with the matmul excluded)."""
+        device = similarity.device
+        dtype = similarity.dtype
+        batch_size = similarity.shape[0]
+
+        labels = labels.contiguous().view(-1, 1)
+        mask = torch.eq(labels[:batch_size], labels.T).to(dtype).to(device)
+
+        anchor_dot_contrast = torch.div(similarity, self.temperature)
+        weight = self.weight.to(device)
+        anchor_dot_contrast = torch.cat(((sup_logits + torch.log(weight + 1e-9)) / self.supt, anchor_dot_contrast),
+                                        dim=1)
+
+        logits_max, _ = torch.max(anchor_dot_contrast, dim=1, keepdim=True)
+        logits = anchor_dot_contrast - logits_max.detach()
+
+        logits_mask = torch.scatter(torch.ones_like(mask), 1, torch.arange(batch_size).view(-1, 1).to(device), 0)
+        mask = mask * logits_mask
+
+        one_hot_label = F.one_hot(labels[:batch_size, ].view(-1, ), num_classes=self.num_classes).to(dtype)
+        mask = torch.cat((one_hot_label * self.beta, mask * self.alpha), dim=1)
+
+        logits_mask = torch.cat((torch.ones(batch_size, self.num_classes, dtype=dtype).to(device),
+                                 self.gamma * logits_mask), dim=1)
+        exp_logits = torch.exp(logits) * logits_mask
+        log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True) + 1e-12)
+
+        mean_log_prob_pos = (mask * log_prob).sum(1) / mask.sum(1)
+
+        loss = - (self.temperature / self.base_temperature) * mean_log_prob_pos
+        loss = loss.mean()
+        return loss

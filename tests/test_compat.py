@@ -307,6 +307,100 @@ def test_diverse_expert_inverse_prior():
     assert inverse[0] == 0.1 and inverse[2] == 0.1 and sorted(inverse.tolist()) == sorted(prior.tolist())
 
 
+# ============================================================================ PaCo-codebase
+def paco_batch(batch, queue, num_classes, dtype, seed=0, absent=False):
+    """PaCo's features [q, k, queue] (unit rows, N = 2B + K), their labels and sup_logits [B, C]."""
+    gen = torch.Generator().manual_seed(seed + 31 * batch + queue)
+    q = torch.randn(batch, 12, generator=gen, dtype=torch.float64)
+    features = torch.cat([q, q + 0.3 * torch.randn(batch, 12, generator=gen, dtype=torch.float64),
+                          torch.randn(queue, 12, generator=gen, dtype=torch.float64)])
+    features = torch.nn.functional.normalize(features, dim=1).to(dtype)
+    high = max(1, num_classes // 3) if absent else num_classes
+    anchor_labels = torch.randint(0, high, (batch,), generator=gen)
+    labels = torch.cat([anchor_labels, anchor_labels, torch.randint(0, num_classes, (queue,), generator=gen)])
+    sup_logits = (torch.randn(batch, num_classes, generator=gen, dtype=torch.float64) * 2).to(dtype)
+    return features, labels, sup_logits
+
+
+PACO_CONFIGS = [pytest.param(dict(alpha=0.05, temperature=0.07), id="x50-recipe"),  # sh/ImageNetLT_train_X50.sh
+                pytest.param(dict(alpha=0.5, beta=0.5, gamma=0.0, supt=2.0, temperature=0.2, base_temperature=0.1),
+                             id="weights")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,queue", [(1, 0), (7, 0), (5, 40), (33, 257)], ids=["B1-K0", "B7-K0", "B5-K40",
+                                                                                  "B33-K257"])
+@pytest.mark.parametrize("config", PACO_CONFIGS)
+def test_paco_loss(batch, queue, config, dtype):
+    from ltfast.compat.paco import PaCoLoss
+    num_classes = 37
+    counts = profile_counts(num_classes, zero_last=True)
+    ours = PaCoLoss(K=queue, num_classes=num_classes, **config)
+    original = orig.OriginalPaCoLoss(K=queue, num_classes=num_classes, **config)
+    ours.cal_weight_for_classes(counts)
+    original.cal_weight_for_classes(counts)
+    assert torch.equal(ours.weight, original.weight)
+    features, labels, sup_logits = paco_batch(batch, queue, num_classes, dtype, absent=batch > 5)
+
+    def run(loss_fn):
+        f = features.detach().clone().requires_grad_(True)
+        s = sup_logits.detach().clone().requires_grad_(True)
+        loss = loss_fn(f, labels, sup_logits=s)
+        loss.backward()
+        return loss.detach(), f.grad, s.grad
+
+    got, want = run(ours), run(original)
+    assert got[0].dtype == dtype
+    for value, expected in zip(got, want):
+        torch.testing.assert_close(value, expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("config", PACO_CONFIGS)
+def test_paco_reference_matches_the_original(config):
+    """ltfast.reference.paco_loss (the op's test oracle) against the transcription of the original."""
+    from ltfast import reference
+    original = orig.OriginalPaCoLoss(K=40, num_classes=11, **config)
+    original.cal_weight_for_classes(profile_counts(11))
+    features, labels, sup_logits = paco_batch(7, 40, 11, torch.float64)
+    options = dict(config)
+    options["sup_temperature"] = options.pop("supt", 1.0)
+    want = original(features, labels, sup_logits=sup_logits)
+    got = reference.paco_loss(features[:7] @ features.T, labels[:7], labels, sup_logits,
+                              torch.log(original.weight + 1e-9).view(-1), **options)
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+def test_paco_loss_arguments():
+    from ltfast.compat.paco import PaCoLoss
+    loss = PaCoLoss(alpha=0.05, K=4, num_classes=5)
+    features, labels, sup_logits = paco_batch(3, 4, 5, torch.float32)
+    with pytest.raises(RuntimeError, match="call cal_weight_for_classes"):
+        loss(features, labels, sup_logits=sup_logits)
+    loss.cal_weight_for_classes([5, 4, 3, 2, 1])
+    with pytest.raises(ValueError, match="PaCoLoss: mask is not supported"):
+        loss(features, labels, sup_logits=sup_logits, mask=torch.ones(3, 10))
+    with pytest.raises(ValueError, match="PaCoLoss: labels .* are required"):
+        loss(features, sup_logits=sup_logits)
+    with pytest.raises(ValueError, match="PaCoLoss: labels must have N = 10"):
+        loss(features, labels[:-1], sup_logits=sup_logits)
+    with pytest.raises(ValueError, match=r"PaCoLoss: sup_logits must be \[B = 3, num_classes = 5\]"):
+        loss(features, labels, sup_logits=sup_logits[:, :4])
+    with pytest.raises(ValueError, match="too few for K = 4"):
+        loss(features[:5], labels[:5], sup_logits=sup_logits)
+    with pytest.raises(ValueError, match="cls_num_list must have num_classes = 5"):
+        loss.cal_weight_for_classes([1, 2])
+    for bad in (dict(alpha=-1.0), dict(alpha=0.1, temperature=0.0), dict(alpha=0.1, K=-1),
+                dict(alpha=0.1, num_classes=0), dict(alpha=0.1, supt=float("nan"))):
+        with pytest.raises(ValueError, match="PaCoLoss: "):
+            PaCoLoss(**bad)
+    # Any device and any order: the prior follows .to(); epoch is accepted and unused, as in the original.
+    loss = loss.to(torch.float64)
+    value = loss(features.double(), labels, sup_logits=sup_logits.double(), epoch=3)
+    assert value.dtype == torch.float64 and torch.isfinite(value)
+    # No sup_logits: the key columns only (the original fails there).
+    assert torch.isfinite(loss(features, labels))
+
+
 # ============================================================================ plumbing
 @pytest.mark.parametrize("reverse", [False, True])
 def test_calculate_prior_profile(reverse):

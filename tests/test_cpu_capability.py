@@ -85,6 +85,12 @@ def _cases(inputs: dict):
                 z, t["soft"], adjustment=t["log_prior"])),
             (f"sade-{shape}", x3, lambda z: ltfast.diverse_expert_loss(z, full, t["adjustments"])),
             (f"ride-{shape}", x3, lambda z: ltfast.ride_loss(z, full, t["margin"], t["weight"], t["temperature"])),
+            # x as the similarity [B = N, M = C] and its first 50 columns as sup_logits [N, 50]; 7 labels,
+            # one anchor ignored.
+            (f"paco-{shape}", x, lambda z: ltfast.paco_loss(
+                z, target.remainder(7).masked_fill(target < 0, -100), torch.cat(
+                    [target.remainder(7), torch.arange(z.shape[1] - z.shape[0]).remainder(7)]), z[:, :50],
+                temperature=0.5, alpha=1.0, gamma=0.5)),
         ]
 
     cases = [case for shape, t in inputs.items() for case in shape_cases(shape, t)]

@@ -10,6 +10,6 @@
 Every class computes the values and gradients of the original (docs/migrating.md lists the few
 deliberate differences); only the ``[N, C]`` work moves into ltfast's fused kernels.
 """
-from . import ensemble, survey
+from . import ensemble, paco, survey
 
-__all__ = ["ensemble", "survey"]
+__all__ = ["ensemble", "paco", "survey"]
