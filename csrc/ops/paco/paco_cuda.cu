@@ -36,6 +36,22 @@ KernelParams<acc_t> make_params(const PacoArgs& args) {
 // No gradient from this backend's forward (paco.h: empty unless the backend computes them).
 at::Tensor no_gradient(const PacoArgs& args) { return at::empty({0}, args.similarity.options()); }
 
+PacoBackwardResult backward(const PacoArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
+                            const at::Tensor& denominator);
+
+// The forward-time gradients (paco.h): the CUDA kernels compute none ([0]; autograd then runs the
+// backward kernel). Only the SIMT test build sees CPU tensors here, where the with_grad contract of
+// the CPU backend (and of the fake kernels, ltfast/_meta.py) says [B, M] and [B, C]: it runs the
+// emulated backward kernel with an upstream gradient of 1, as multi_expert_cuda.cu does.
+PacoBackwardResult forward_time_grads(const PacoArgs& args, const at::Tensor& row_stats,
+                                      const at::Tensor& denominator) {
+  if (!(args.with_grad && args.similarity.device().is_cpu())) return {no_gradient(args), no_gradient(args)};
+  const auto acc_options = args.similarity.options().dtype(args.accumulate_type);
+  const at::Tensor ones =
+      args.reduction == Reduction::None ? at::ones({args.num_rows}, acc_options) : at::ones({}, acc_options);
+  return backward(args, ones, row_stats, denominator);
+}
+
 PacoForwardResult forward(const PacoArgs& args) {
   gpu::DeviceGuard guard(args.similarity.device());
   const int64_t B = args.num_rows;
@@ -62,7 +78,8 @@ PacoForwardResult forward(const PacoArgs& args) {
         none ? nullptr : partials.data_ptr<double>(), loss.data_ptr<acc_t>(), denominator.data_ptr<acc_t>(),
         gpu::current_stream());
   });
-  return {loss, row_stats, denominator, no_gradient(args), no_gradient(args)};
+  auto [grad_similarity, grad_sup_logits] = forward_time_grads(args, row_stats, denominator);
+  return {loss, row_stats, denominator, grad_similarity, grad_sup_logits};
 }
 
 PacoBackwardResult backward(const PacoArgs& args, const at::Tensor& grad_loss, const at::Tensor& row_stats,
