@@ -116,6 +116,27 @@ def test_row_groups(device, B, C, K, dtype):
 
 
 @pytest.mark.parametrize("device", GPU_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gamma", [0.0, 1.0])
+@pytest.mark.parametrize("classes", [0, 12])
+def test_normalized_features(device, dtype, gamma, classes):
+    """PaCo's own inputs: L2-normalised q, k and queue, so the self column (q_i . q_i = 1) is every
+    row's max while its weight is 0; with gamma = 0 and no class columns the denominator is the
+    original's 1e-12 alone."""
+    gen = torch.Generator().manual_seed(5)
+    B, K, D = 16, 40, 8
+    q = torch.nn.functional.normalize(torch.randn(B, D, generator=gen), dim=1)
+    k = torch.nn.functional.normalize(q + 0.1 * torch.randn(B, D, generator=gen), dim=1)
+    queue = torch.nn.functional.normalize(torch.randn(K, D, generator=gen), dim=1)
+    similarity = (q @ torch.cat([q, k, queue]).T).to(dtype).to(device)
+    labels = torch.randint(0, max(classes, 3), (B,), generator=gen)
+    key_labels = torch.cat([labels, labels, torch.randint(0, max(classes, 3), (K,), generator=gen)]).to(device)
+    sup_logits = torch.randn(B, classes, generator=gen).to(dtype).to(device) if classes else None
+    check_against_reference(similarity, labels.to(device), key_labels, sup_logits, None, "mean", temperature=0.07,
+                            gamma=gamma, base_temperature=0.07)
+
+
+@pytest.mark.parametrize("device", GPU_DEVICES)
 @pytest.mark.parametrize("offset", [1, 3])
 def test_inputs_at_an_odd_storage_offset(device, offset):
     """Rows starting 2 or 6 bytes past a 16-byte boundary (bf16 views at an odd offset): the vector
