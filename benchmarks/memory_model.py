@@ -117,6 +117,8 @@ def cases(quick: bool = False) -> list[Case]:
     out.append(Case("balanced_softmax", (256, 20) if not quick else (32, 20), "bfloat16"))  # 8-lane row groups
     experts = [(128, 3, 1000)] if not quick else [(16, 3, 1000)]
     out += [Case(op, shape, "bfloat16") for op in ("diverse_expert_loss", "ride_loss") for shape in experts]
+    # PaCo on ImageNet-LT: (B, M = 2B + queue, C), the original's 8192-key queue; --quick: 1000 keys.
+    out.append(Case("paco_loss", (64, 2 * 64 + 8192, 1000) if not quick else (8, 2 * 8 + 1000, 1000), "bfloat16"))
     return out
 
 
@@ -127,6 +129,8 @@ def make_call(case: Case, generator: torch.Generator, device: str = "cpu"):
     dtype = DTYPES[case.dtype]
     C = case.shape[-1]
     N = case.shape[0]
+    if case.op == "paco_loss":
+        return _paco_call(case, generator, device, dtype)
     logits = (torch.randn(*case.shape, generator=generator) * 2).to(device=device, dtype=dtype).requires_grad_()
     target = torch.randint(0, C, (N,), generator=generator).to(device)
     counts = torch.logspace(3.1, 0.7, C).round()
@@ -166,6 +170,26 @@ def make_call(case: Case, generator: torch.Generator, device: str = "cpu"):
     raise ValueError(f"memory_model: unknown op {op!r}")
 
 
+def _paco_call(case: Case, generator: torch.Generator, device: str, dtype: torch.dtype):
+    """paco_loss at shape (B, M, C): the leaf returned is the similarity [B, M]; sup_logits [B, C] is
+    a leaf too (fn.other_leaves: its rows are a stream as well). Keys: the anchors twice (q and k)
+    and a queue of M - 2B keys, labels in [0, C) (every row counted); the log prior of the other ops."""
+    from ltfast import priors
+    B, M, C = case.shape
+    similarity = (torch.randn(B, M, generator=generator) * 2).to(device=device, dtype=dtype).requires_grad_()
+    sup_logits = (torch.randn(B, C, generator=generator) * 2).to(device=device, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, C, (B,), generator=generator)
+    key_labels = torch.cat([labels, labels, torch.randint(0, C, (M - 2 * B,), generator=generator)]).to(device)
+    labels = labels.to(device)
+    log_prior = priors.log_prior(torch.logspace(3.1, 0.7, C).round()).to(device)
+
+    def paco(x):
+        return torch.ops.ltfast.paco_loss(x, labels, key_labels, sup_logits, log_prior, 0.2, 0.05, 1.0, 1.0, 1.0)
+
+    paco.other_leaves = (sup_logits,)
+    return similarity, paco
+
+
 def stream_sites(launch: Launch, ranges: list[tuple[int, int]]) -> list[Site]:
     """The sites of a launch whose accesses all fall in one [N, C] tensor (address ranges given; a
     site that also reads elsewhere, e.g. a finishing sum over two partials buffers, is not a stream)."""
@@ -187,11 +211,13 @@ def measure(case: Case, seed: int = 0) -> list[dict]:
     moved = [launch for launch in fwd if "backward" in launch.kernel]
     fwd = [launch for launch in fwd if launch not in moved]
     bwd = moved + bwd
-    nbytes = logits.numel() * logits.element_size()
-    grad = logits.grad
-    streams = [(logits.data_ptr(), logits.data_ptr() + nbytes)]
-    if grad is not None:
-        streams.append((grad.data_ptr(), grad.data_ptr() + nbytes))
+    # The [N, C] streams: the logits leaf and any other input the op streams by rows (paco_loss's
+    # sup_logits), then (backward) their gradients.
+    leaves = [logits, *getattr(fn, "other_leaves", ())]
+    inputs = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in leaves]
+    grads = [(t.grad.data_ptr(), t.grad.data_ptr() + t.grad.numel() * t.grad.element_size())
+             for t in leaves if t.grad is not None]
+    streams = inputs + grads
     model = traffic_model.kernel_model(case.op, case.shape, case.dtype)
     records = []
     for phase, launches in (("fwd", fwd), ("bwd", bwd)):
@@ -200,9 +226,9 @@ def measure(case: Case, seed: int = 0) -> list[dict]:
             by_kernel.setdefault(launch.kernel, []).append(launch)
         for kernel, group in by_kernel.items():
             sites = [s for launch in group for s in launch.sites]
-            # The forward's sites are matched with the logits only: the gradient, allocated later,
+            # The forward's sites are matched with the inputs only: the gradients, allocated later,
             # may reuse memory the forward's temporaries had.
-            stream = [s for launch in group for s in stream_sites(launch, streams if phase == "bwd" else streams[:1])]
+            stream = [s for launch in group for s in stream_sites(launch, streams if phase == "bwd" else inputs)]
             expected = model.get(phase, {}).get(kernel)
             records.append({
                 "op": case.op, "kernel": kernel, "shape": list(case.shape), "dtype": case.dtype, "pass": phase,

@@ -165,6 +165,8 @@ def kernel_model(op: str, shape, dtype: str = "bfloat16") -> dict:
     memory_model shapes). Partials are float64 (gpu_reduce::write_block_partials); per-row outputs and
     row statistics are in the accumulation type (float32 for half types, float64 for float64)."""
     e, acc = ELEMENT_SIZE[dtype], (8 if dtype == "float64" else 4)
+    if op == "paco_loss":
+        return _paco_kernel_model(shape, e, acc)
     N, C = shape[0], shape[-1]
     E = shape[1] if len(shape) == 3 else 1
     logits = N * E * C * e
@@ -244,6 +246,25 @@ def kernel_model(op: str, shape, dtype: str = "bfloat16") -> dict:
                                                              + 4 * acc, logits)},
         }
     raise ValueError(f"traffic_model.kernel_model: no model for op {op!r}")
+
+
+def _paco_kernel_model(shape, e: int, acc: int) -> dict:
+    """paco_loss with shape (B, M, C): similarity [B, M], sup_logits [B, C], log_prior [C] (the
+    accumulation type: prepare_paco_args converts it), labels [B] and key_labels [M] int64, every
+    row counted (the benchmark's labels are all in [0, C), so each row has its class positive). A
+    row of the kernels is C + M columns (paco_kernels.cuh), which sizes the row group and the
+    blocks. The key labels and log_prior are read by every row but counted once (distinct bytes)."""
+    B, M, C = shape
+    K = KernelTraffic
+    blocks = row_blocks(B, C + M)
+    streams = B * (M + C) * e
+    inputs = streams + B * I64 + M * I64 + C * acc
+    return {
+        "fwd": {"paco forward_rows_kernel": K(1, inputs, 3 * B * acc + 2 * blocks * 8),  # row_stats, row_loss, partials
+                "paco finish_kernel": K(1, 2 * blocks * 8, 2 * acc)},  # loss sums, counted rows -> loss, denominator
+        # row_stats, grad_output and the denominator; both gradients written once
+        "bwd": {"paco backward_rows_kernel": K(1, inputs + 2 * B * acc + 2 * acc, streams)},
+    }
 
 
 def three_passes_bytes(N: int, C: int, dtype: str, phase: str) -> int:

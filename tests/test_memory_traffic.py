@@ -60,7 +60,9 @@ def test_trace_is_off_outside_start_and_stop():
 # Kernels whose [N, C] streams are vectorised (16-byte accesses, per-row alignment peel): sector
 # efficiency >= 0.9 on those streams, at odd C and any row alignment.
 VECTORISED = {"cross_entropy forward_rows_kernel", "cross_entropy backward_rows_kernel",
-              "equalization forward_rows_kernel", "equalization backward_rows_kernel"}
+              "equalization forward_rows_kernel", "equalization backward_rows_kernel",
+              # paco_loss: the [B, C] sup_logits and [B, M] similarity rows, each with its own peel
+              "paco forward_rows_kernel", "paco backward_rows_kernel"}
 # Rows of C <= 32 classes (8-lane groups, 4 rows per warp request): a 40-byte bf16 row spans 2-3
 # sectors whatever its accesses, so per-row vectors reach ~0.4 (measured 0.42-0.48 at 256 x 20);
 # this needs a flat [N * C] tiling, not done yet. Floor: today's value.

@@ -145,13 +145,13 @@ VARIANTS = {
 @pytest.mark.parametrize("device", paco_devices())
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("classes", [0, 10])
+# log_prior needs sup_logits: no (0, "log_prior") case (a skip inside a simt test fails it: conftest
+# requires every simt test to run an emulated kernel).
+@pytest.mark.parametrize("classes, variant", [(c, v) for c in (0, 10) for v in VARIANTS
+                                              if not (c == 0 and v == "log_prior")])
 def test_options_match_reference(classes, variant, dtype, reduction, device):
     options = dict(VARIANTS[variant])
     if options.pop("log_prior", False):
-        if classes == 0:
-            pytest.skip("log_prior needs sup_logits")
         counts = torch.arange(1, classes + 1, dtype=torch.float64) ** 2
         options["log_prior"] = torch.log(counts / counts.sum() + 1e-9).float().to(device)
     similarity, labels, key_labels, sup_logits, _ = make_inputs(9, classes, 31, dtype, device, seed=3, ignored=(4,),
