@@ -23,7 +23,7 @@ LENT_MACHINE_TORCH=2.11.0
 # The kernel-level tests: every op on cpu and simt, autograd, the fast path, decompositions, samplers.
 OP_TESTS=(tests/test_cross_entropy.py tests/test_equalization.py tests/test_lade.py tests/test_soft_targets.py
           tests/test_multi_expert.py tests/test_samplers.py tests/test_autograd.py tests/test_decompositions.py
-          tests/test_fastcall.py tests/test_simt.py)
+          tests/test_fastcall.py tests/test_simt.py tests/test_paco_op.py tests/test_paco_simt.py)
 BASE_PYTHON=${BASE_PYTHON:-python3}
 [ "$#" -gt 0 ] || { echo "usage: $0 TORCH_VERSION..." >&2; exit 2; }
 
