@@ -484,6 +484,18 @@ def test_randcls_sim_views(rgb_jpegs):
         assert torch.equal(y1, y2) and torch.isfinite(x1).all()
     with pytest.raises(RuntimeError, match="already been iterated"):
         data["train_loader"].set_rand_augment("rand-n2-m10-mstd0.5")
+    pytest.importorskip("nvidia.dali")
+    from ltfast.data.dali import DaliImageLoader
+    from ltfast.data import InstanceSampler
+    train_set = data["train_loader"].dataset
+    dali = DaliImageLoader(train_set, InstanceSampler(train_set.labels), batch_size=4, crop_size=16, num_threads=1,
+                           seed=1)
+    with pytest.raises(ValueError, match="rand_augment"):
+        dali.set_rand_augment("randaugment")
+    dali.set_rand_augment("rand-n2-m10-mstd0.5")
+    assert dali.rand_augment == (2, 10, 0.5)
+    batches = [x.clone() for x, _ in dali]
+    assert batches and all(x.shape == (4, 3, 16, 16) and torch.isfinite(x).all() for x in batches)
 
 
 _GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
