@@ -340,11 +340,13 @@ class DaliImageLoader(_LoaderBase):
         Why every stage for every sample rather than DALI conditionals: the 15 operations are 5 stages
         (point LUTs, ImageEnhance blends, autocontrast, equalize, one affine warp) whose identity settings
         are exact on integer values, so the graph stays one plain pipeline (no ``pipeline_def``
-        rewriting of the loader, no per-op split of the batch). Cost measured on this busy 2-core CPU,
-        224 x 224: about 2 ms per image per layer (the warp and the 3x3 smoothing filter dominate),
-        on top of ~2.5 ms of decoding and the standard augmentation.
+        rewriting of the loader, no per-op split of the batch). Its cost: 16 ms per 224 x 224 image for
+        the two layers of rand-n2 on one DALI thread (measured on a shared, busy 2-core CPU), against
+        the module docstring's ~2.5 ms per ImageNet JPEG for decoding and augmenting; conditionals would run each sample through
+        one stage only: the next step if this limits a CPU-bound run (not measured).
 
-        Differences from PIL (tests/test_paco.py::test_dali_rand_augment_op_matches_pil measures each):
+        Differences from PIL on the same inputs (tests/test_paco.py::test_dali_rand_augment_layer_on_pil_inputs):
+        the point and blend operations are bit-exact, AutoContrast within 1 level;
         DALI's warp_affine has no bicubic mode, so the geometric operations drawn bicubic are resampled
         bilinear; DALI's ``equalize`` is OpenCV's (the LUT from the cumulative histogram, rounded), PIL's
         steps by the histogram's size minus its last bin; warp borders blend with the fill colour."""
