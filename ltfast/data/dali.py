@@ -331,6 +331,8 @@ class DaliImageLoader(_LoaderBase):
         interior[1:-1, 1:-1] = 1.0
         self._interior = fn.constant(fdata=interior.ravel().tolist(), shape=[c, c, 1], dtype=types.FLOAT)
         self._smooth_kernel = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13.0
+        if self.decoder_device == "mixed":
+            self._fill, self._interior = self._fill.gpu(), self._interior.gpu()
 
     def _rand_augment_layer(self, images, layer: int, fn, types, dmath):
         """One RandAugment layer (PaCo's randaugment.py, the PIL path's ``_rand_augment``) on integer-valued
@@ -351,7 +353,9 @@ class DaliImageLoader(_LoaderBase):
         bilinear; DALI's ``equalize`` is OpenCV's (the LUT from the cumulative histogram, rounded), PIL's
         steps by the histogram's size minus its last bin; warp borders blend with the fill colour."""
         params = fn.external_source(name=f"ra_params{layer}", dtype=types.FLOAT, ndim=1)
-        matrix = fn.external_source(name=f"ra_matrix{layer}", dtype=types.FLOAT, ndim=2)
+        matrix = fn.external_source(name=f"ra_matrix{layer}", dtype=types.FLOAT, ndim=2)  # an argument: CPU
+        if self.decoder_device == "mixed":  # arithmetic operands on the images' device (not run here: no GPU)
+            params = params.gpu()
         x = images
         # PosterizeTpu (step q = 2^(8 - bits), 1: identity), Solarize / Invert (255 - x from the threshold
         # on: 256 none, 0 inverts all), SolarizeAdd (below 128, + a capped at 255; a = 0: identity)
