@@ -313,13 +313,15 @@ def test_dali_view_matches_pil(view):
 # ------------------------------------------------------------------------------------------ end to end
 
 def test_imagenet_lt_recipe_runs(jpeg_lists, tmp_path):
-    """Two steps of configs/imagenet_lt/paco.yaml (ResNeXt-50, MoCo v2 key view) on tiny JPEGs, PIL then DALI."""
+    """Two steps of configs/imagenet_lt/paco.yaml (ResNeXt-50, MoCo v2 key view) on tiny JPEGs, PIL then DALI,
+    then DALI with PaCo's RandAugment query view (randcls_sim)."""
     root, lists = jpeg_lists
-    for backend in ("pil", "dali"):
-        out = tmp_path / backend
+    for backend, views in (("pil", "regular_regular"), ("dali", "regular_regular"), ("dali", "randcls_sim")):
+        out = tmp_path / f"{backend}-{views}"
         cfg = load_config(IMAGENET_PACO, [
             f"data.root={root}", f"data.train_list={lists['train']}", f"data.val_list={lists['val']}",
-            f"data.test_list={lists['test']}", f"data.backend={backend}", "data.num_threads=1", "data.batch_size=4",
+            f"data.test_list={lists['test']}", f"data.backend={backend}", f"data.paco_views={views}", "data.num_threads=1",
+            "data.batch_size=4",
             "data.eval_batch_size=8", "data.crop_size=16", "data.resize_size=18", "optim.epochs=1",
             "optim.warmup_epochs=0", "optim.reference_batch=null", "model.paco_queue=8", "train.progress=false",
             "train.plot=false", f"train.out_dir={out}", "train.device=cpu"])
@@ -464,14 +466,12 @@ def test_rand_augment_draws_follow_rand_n2_m10_mstd05():
 
 
 def test_randcls_sim_views(rgb_jpegs):
-    """randcls_sim: RandAugment on the training loader (PIL only), the sim view on the key loader."""
+    """randcls_sim: RandAugment on the training loader, the sim view on the key loader."""
     from ltfast.train.data import build_data
     overrides = [f"data.root={rgb_jpegs}", f"data.train_list={rgb_jpegs / 'train.txt'}",
                  f"data.val_list={rgb_jpegs / 'val.txt'}", f"data.test_list={rgb_jpegs / 'test.txt'}",
                  "data.num_threads=0", "data.crop_size=16", "data.resize_size=16", "data.batch_size=4",
                  "model.paco_queue=8", "data.eval_batch_size=4", "train.device=cpu", "data.paco_views=randcls_sim"]
-    with pytest.raises(ConfigError, match="data.backend=pil"):
-        load_config(IMAGENET_PACO, overrides)
     with pytest.raises(ConfigError, match="in-memory"):
         load_config(FMNIST_PACO, ["data.paco_views=randcls_sim"])
     cfg = load_config(IMAGENET_PACO, overrides + ["data.backend=pil"])
@@ -509,8 +509,8 @@ def test_dali_rand_augment_op_matches_pil(monkeypatch):
     per image and 2.1 on average (the bicubic draws, resampled bilinear by DALI's warp_affine, the worst);
     each op's DALI output is closer to PIL's output with the op than to PIL's without it. Equalize is
     OpenCV's in DALI (1-4 levels from PIL's on the same image) and amplifies the inputs' 1-level
-    differences in peaked histograms (up to 29 levels per image): not compared, and why
-    data.backend=dali still refuses randcls_sim (methods/paco.py)."""
+    differences in peaked histograms (up to 29 levels per image): not compared here (its own test bounds it on
+    identical inputs)."""
     pytest.importorskip("nvidia.dali")
     import ltfast.data.dali as dali_module
     import ltfast.data.pil as pil_module
@@ -579,8 +579,9 @@ def test_dali_rand_augment_layer_on_pil_inputs():
     within 1 level (float32 vs PIL's double scale); the geometric ones drawn bilinear within 0.6 levels per
     image on average (measured 0.3-0.56: rounding, and the 1-pixel borders that DALI blends with the fill
     where PIL leaves the fill), drawn bicubic within 2.0 (measured 1.0-1.96: DALI resamples them bilinear).
-    Equalize (OpenCV's in DALI) is measured 2.4 levels apart on average, 3.8 on the worst image: the one
-    operation not matched, the reason data.backend=dali refuses randcls_sim."""
+    Equalize (OpenCV's in DALI) is measured 2.4 levels apart on average, 3.8 on the worst image, and held to
+    < 3 / < 5: the one operation not matched (a different algorithm: documented in methods/paco.py and
+    docs/training.md)."""
     pytest.importorskip("nvidia.dali")
     from PIL import Image
     from nvidia.dali import Pipeline, fn, types
@@ -606,8 +607,6 @@ def test_dali_rand_augment_layer_on_pil_inputs():
     pipe.build()
     exact = ("Invert", "PosterizeTpu", "Solarize", "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness")
     for name in RAND_AUGMENT_OPS:
-        if name == "Equalize":
-            continue
         for bicubic in ((False, True) if name in _GEOMETRIC else (False,)):
             rng = np.random.default_rng(3)
             randoms = {"ra_op": np.full((batch, 1), RAND_AUGMENT_OPS.index(name)), "ra_apply": np.zeros((batch, 1)),
@@ -627,5 +626,7 @@ def test_dali_rand_augment_layer_on_pil_inputs():
                 assert diff.max() == 0, name
             elif name == "AutoContrast":
                 assert diff.max() <= 1, name
+            elif name == "Equalize":  # OpenCV's algorithm, not PIL's: measured 2.4 mean, 3.8 on the worst image
+                assert per_image.mean() < 3.0 and per_image.max() < 5.0, (name, per_image)
             else:
                 assert per_image.max() < (2.0 if bicubic else 0.6), (name, bicubic, per_image)
