@@ -163,7 +163,7 @@ class PilImageLoader(_LoaderBase):
     Each worker produces whole batches. ``num_threads`` is accepted as an alias of
     ``num_workers`` so that both loaders take the same keyword arguments. ``view``: "standard" or a
     contrastive view (augmentation.py's ``CONTRASTIVE_VIEWS``, PaCo's second view), as the DALI
-    loader. ``rand_augment`` (PIL only; also ``set_rand_augment`` before the first epoch): RandAugment
+    loader. ``rand_augment`` (the reference of the DALI loader's; also ``set_rand_augment`` before the first epoch): RandAugment
     after the standard view's jitter, e.g. "rand-n2-m10-mstd0.5" (PaCo's randcls view)."""
 
     def __init__(self, dataset, sampler=None, batch_size: int = 256, device="cpu", train: bool = True,

@@ -37,8 +37,12 @@ view 2 MoCo v2's (``augmentation``: RandomResizedCrop(0.2-1), ColorJitter(0.4, 0
 p 0.8, grayscale p 0.2, Gaussian blur sigma in [0.1, 2] with p 0.5, flip), ``view="mocov2"`` of
 ltfast/data/augmentation.py in both the DALI and the PIL loader. ``randcls_sim``: view 2 is
 ``augmentation_sim`` (``view="sim"``); view 1 adds RandAugment n2 m10 mstd 0.5 (``augmentation_randncls``)
-after its jitter, which only the PIL loader implements (``PilImageLoader.set_rand_augment``, set on the
-training loader before the first epoch; the config check refuses DALI and in-memory sets). In-memory sets (Fashion-MNIST-LT,
+after its jitter (``set_rand_augment`` on the training loader before the first epoch). The PIL loader
+is the reference; the DALI loader applies the same draws with the same operations, all within 2 grey
+levels per image of PIL's on the same input except Equalize, which is OpenCV's histogram equalisation
+in DALI (2.4 levels mean on the same input, up to 29 through the whole loaders), as its hue jitter is
+YIQ where torchvision's is HSV (ltfast/data/dali.py). The config check refuses in-memory sets, which
+have no RandAugment. In-memory sets (Fashion-MNIST-LT,
 CIFAR-LT) have one augmentation (pad-crop + flip on the device): both views draw it independently.
 A second loader rather than a two-view dataset: both image loaders, the device loader and BBN's
 reversed stream already work this way, and nothing in the trainer or the loaders changes.
@@ -254,9 +258,6 @@ class PaCo(Method):
             if data["dataset"] in IN_MEMORY_DATASETS:
                 raise ConfigError(f"data.paco_views: {data['paco_views']!r} adds RandAugment to the query view; the "
                                   f"in-memory loader of data.dataset={data['dataset']} has none (regular_regular there)")
-            if data["backend"] != "pil":
-                raise ConfigError(f"data.paco_views: {data['paco_views']!r} adds RandAugment to the query view, which "
-                                  f"only the PIL loader has; set data.backend=pil (got {data['backend']!r})")
         for other in ("bbn", "rsg"):
             if model.get(other):
                 raise ConfigError(f"model.{other}: {other.upper()} and PaCo both own the training step; not together")
