@@ -2,7 +2,10 @@
 // (compiled by nvcc into ltfast._C and by the host compiler into the SIMT emulator's test library).
 // The parallel decomposition is the hard-target one (cross_entropy_kernels.cuh): a row group of 8
 // lanes, a warp or the block per row, one streaming pass forward with an online softmax, one pass
-// backward, fixed-order reductions, no host synchronisation. The arithmetic is
+// backward, fixed-order reductions, no host synchronisation. The [N, C] rows (logits, gradient,
+// probability targets) are streamed in 16-byte vectors with a scalar head and tail per row
+// (gpu_row_stream::split_row): element-wise loads of 2 bytes strided by the group measured 0.63-0.67
+// sector efficiency in the emulator (tests/test_memory_traffic.py). The arithmetic is
 // csrc/common/soft_target_math.h, shared with the CPU kernels.
 //
 // Mixed targets: both terms share the row's softmax; 'mean'/'sum' write four block partials (each
@@ -15,18 +18,45 @@
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #include "../../common/gpu_kernel.h"
 #include "../../common/gpu_reduce.cuh"
+#include "../../common/gpu_row_stream.cuh"
 #include "../../common/soft_target_math.h"
 #include "../cross_entropy/cross_entropy_kernels.cuh"
 
 namespace ltfast {
 namespace soft_target_kernels {
 
-using cross_entropy_kernels::kUnroll;
 using cross_entropy_kernels::kWarpsPerBlock;
 using gpu_reduce::kBlockThreads;
+using gpu_row_stream::fill_row;
+using gpu_row_stream::kVectorElements;
+using gpu_row_stream::kVectorUnroll;
+using gpu_row_stream::RowSplit;
+using gpu_row_stream::split_row;
+
+// The per-class values V classes from c0 need (each pointer nullable: not read): the adjustment and
+// the class weights. count == V (the vector body): in the widest loads their alignment allows
+// (gpu_row_stream::load_run); else one element (a scalar head or tail element, at index 0).
+template <int V, typename acc_t>
+struct ClassValues {
+  acc_t adjustment[V];
+  acc_t weight[V];
+
+  __device__ __forceinline__ void load(const acc_t* adjustment_c, const acc_t* weight_c, int c0, int count) {
+    if (count == V) {
+      if (adjustment_c) gpu_row_stream::load_run<V>(adjustment_c + c0, adjustment);
+      if (weight_c) gpu_row_stream::load_run<V>(weight_c + c0, weight);
+    } else {
+      if (adjustment_c) adjustment[0] = gpu::load(adjustment_c + c0);
+      if (weight_c) weight[0] = gpu::load(weight_c + c0);
+    }
+  }
+};
 
 // ------------------------------------------------------------------------------ mixed targets
 template <typename acc_t>
@@ -75,6 +105,30 @@ __device__ __forceinline__ acc_t class_weight_total(const MixedParams<acc_t>& p,
   return gpu_reduce::group_sum<GROUP>(total, scratch);
 }
 
+// Merges K logits (invalid ones: padding of -inf) into the row's online softmax state with one
+// rescaling exponential and, with smoothing, adds w * (a - ref_logit) and w of the valid ones.
+template <int K, typename acc_t>
+__device__ __forceinline__ void merge_mixed_chunk(const acc_t (&a)[K], const acc_t (&w)[K], const bool (&valid)[K],
+                                                  acc_t ref_logit, bool smoothing, math::SoftmaxState<acc_t>& state,
+                                                  acc_t& offset_sum, acc_t& weight_sum) {
+  acc_t chunk_max = a[0];
+#pragma unroll
+  for (int k = 1; k < K; ++k) chunk_max = a[k] > chunk_max ? a[k] : chunk_max;
+  acc_t chunk_sum = acc_t(0);
+#pragma unroll
+  for (int k = 0; k < K; ++k) chunk_sum += math::exp_shifted(a[k], chunk_max);
+  state = math::merge_softmax_states(state, math::SoftmaxState<acc_t>{chunk_max, chunk_sum});
+  if (smoothing) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      if (valid[k]) {
+        offset_sum += w[k] * (a[k] - ref_logit);
+        weight_sum += w[k];
+      }
+    }
+  }
+}
+
 template <typename scalar_t, int GROUP>
 __global__ void __launch_bounds__(kBlockThreads)
     mixed_forward_kernel(const scalar_t* __restrict__ logits, MixedParams<at::opmath_type<scalar_t>> p,
@@ -89,10 +143,14 @@ __global__ void __launch_bounds__(kBlockThreads)
   LTFAST_SHARED_ARRAY(double, partial_weight_a, kRowsPerBlock);
   LTFAST_SHARED_ARRAY(double, partial_loss_b, kRowsPerBlock);
   LTFAST_SHARED_ARRAY(double, partial_weight_b, kRowsPerBlock);
+  constexpr int V = kVectorElements<scalar_t>;
+  constexpr int U = kVectorUnroll<scalar_t>;
   double loss_a_sum = 0.0, weight_a_sum = 0.0, loss_b_sum = 0.0, weight_b_sum = 0.0;
   const int lane = threadIdx.x % GROUP;
-  const int64_t C = p.num_classes;
+  const int C = static_cast<int>(p.num_classes);
   const bool sum_weights = p.any_smoothing && p.weight != nullptr;
+  // The class weights are read in the row pass only for the smoothing term's sums.
+  const acc_t* smoothing_weight = p.any_smoothing ? p.weight : nullptr;
 
   // Uniform trip count per group (see cross_entropy_kernels.cuh): the barriers in group_reduce are safe.
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < p.num_rows;
@@ -112,39 +170,57 @@ __global__ void __launch_bounds__(kBlockThreads)
     CUDA_KERNEL_ASSERT((!active_a || (ya >= 0 && ya < C)) && "ltfast: target out of range [0, C) and not ignore_index");
     CUDA_KERNEL_ASSERT((!active_b || (yb >= 0 && yb < C)) &&
                        "ltfast: target_b out of range [0, C) and not ignore_index");
-    const scalar_t* z = logits + row * C;
+    const scalar_t* z = logits + row * p.num_classes;
     const int64_t y_ref = active_a ? ya : yb;
     const auto ref = term_of(z, p, y_ref);
     const acc_t ref_logit = ref.logit;
+    const int y_ref_c = static_cast<int>(y_ref);
+    // The logit the softmax sees at class c (per-class values in `run` at i): the reference term's
+    // (with its margin) at y_ref, else z + adjustment.
+    auto softmax_logit = [&](acc_t zc, int c, const ClassValues<V, acc_t>& run, int i) -> acc_t {
+      if (c == y_ref_c) return ref_logit;
+      return p.adjustment ? math::adjusted_logit(zc, run.adjustment[i]) : zc;
+    };
+    auto scalar_element = [&](int c, math::SoftmaxState<acc_t>& state, acc_t& offset_sum, acc_t& weight_sum) {
+      ClassValues<V, acc_t> run;
+      run.load(p.adjustment, smoothing_weight, c, 1);
+      const acc_t a[1] = {softmax_logit(static_cast<acc_t>(gpu::load(z + c)), c, run, 0)};
+      const acc_t w[1] = {smoothing_weight ? run.weight[0] : acc_t(1)};
+      const bool valid[1] = {true};
+      merge_mixed_chunk(a, w, valid, ref_logit, p.any_smoothing, state, offset_sum, weight_sum);
+    };
 
     math::SoftmaxState<acc_t> state = math::empty_softmax_state<acc_t>();
     acc_t offset_sum = acc_t(0), weight_sum = acc_t(0);
-    for (int64_t base = lane; base < C; base += int64_t(GROUP) * kUnroll) {
-      acc_t a[kUnroll];
+    const RowSplit split = split_row(z, C);
+    if (lane < split.head) scalar_element(lane, state, offset_sum, weight_sum);
+    for (int first = lane; first < split.vectors; first += GROUP * U) {
+      gpu::Vector<scalar_t, V> x[U];
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        const int64_t c = base + int64_t(k) * GROUP;
-        a[k] = c >= C ? math::negative_infinity<acc_t>() : (c == y_ref ? ref_logit : adjusted_at(z, p, c));
+      for (int u = 0; u < U; ++u) {
+        const int v = first + u * GROUP;
+        if (v < split.vectors) x[u] = gpu::load_vector<V>(z + split.head + v * V);
       }
-      acc_t chunk_max = a[0];
+      acc_t a[U * V], w[U * V];
+      bool valid[U * V];
 #pragma unroll
-      for (int k = 1; k < kUnroll; ++k) chunk_max = a[k] > chunk_max ? a[k] : chunk_max;
-      acc_t chunk_sum = acc_t(0);
+      for (int u = 0; u < U; ++u) {
+        const int v = first + u * GROUP;
+        const bool in_row = v < split.vectors;
+        const int c0 = split.head + v * V;
+        ClassValues<V, acc_t> run;
+        if (in_row) run.load(p.adjustment, smoothing_weight, c0, V);
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) chunk_sum += math::exp_shifted(a[k], chunk_max);
-      state = math::merge_softmax_states(state, math::SoftmaxState<acc_t>{chunk_max, chunk_sum});
-      if (p.any_smoothing) {
-#pragma unroll
-        for (int k = 0; k < kUnroll; ++k) {
-          const int64_t c = base + int64_t(k) * GROUP;
-          if (c < C) {
-            const acc_t w = p.weight ? gpu::load(p.weight + c) : acc_t(1);
-            offset_sum += w * (a[k] - ref_logit);
-            weight_sum += w;
-          }
+        for (int i = 0; i < V; ++i) {
+          valid[u * V + i] = in_row;
+          a[u * V + i] = in_row ? softmax_logit(static_cast<acc_t>(x[u].v[i]), c0 + i, run, i)
+                                : math::negative_infinity<acc_t>();
+          w[u * V + i] = (in_row && smoothing_weight) ? run.weight[i] : acc_t(1);
         }
       }
+      merge_mixed_chunk(a, w, valid, ref_logit, p.any_smoothing, state, offset_sum, weight_sum);
     }
+    if (split.tail_begin + lane < C) scalar_element(split.tail_begin + lane, state, offset_sum, weight_sum);
     cross_entropy_kernels::group_reduce<GROUP>(state, offset_sum, weight_sum, scratch_state, scratch_a, scratch_b);
     if (lane == 0) {
       auto cfg = p.cfg;
@@ -206,21 +282,27 @@ __global__ void __launch_bounds__(kBlockThreads)
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   LTFAST_SHARED_ARRAY(acc_t, scratch_sum, kWarpsPerBlock);
+  constexpr int V = kVectorElements<scalar_t>;
+  constexpr int U = kVectorUnroll<scalar_t>;
   const int lane = threadIdx.x % GROUP;
-  const int64_t C = p.num_classes;
+  const int C = static_cast<int>(p.num_classes);
   const bool sum_weights = p.any_smoothing && p.weight != nullptr;
   const acc_t shared_a = per_row_grad ? acc_t(0) : gpu::load(grad_loss) / gpu::load(denominators);
   const acc_t shared_b = per_row_grad ? acc_t(0) : gpu::load(grad_loss) / gpu::load(denominators + 1);
+  // Rows of the logits and of the gradient share their split when their bases are equally far from
+  // a 16-byte boundary (both have C elements per row): the gradient is then stored in vectors; else
+  // (a logits view at an odd storage offset) element-wise, as in the hard-target backward.
+  const bool vector_stores = gpu_row_stream::same_split(logits, grad_logits);
 
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < p.num_rows;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
     gpu::mark_row_start();
-    scalar_t* g = grad_logits + row * C;
+    scalar_t* g = grad_logits + row * p.num_classes;
     const int64_t ya = gpu::load(p.target_a + row);
     const int64_t yb = p.target_b ? gpu::load(p.target_b + row) : p.ignore_index;
     const bool active_a = ya != p.ignore_index, active_b = yb != p.ignore_index;
     if (!active_a && !active_b) {
-      for (int64_t c = lane; c < C; c += GROUP) gpu::store(g + c, scalar_t(0));
+      fill_row<GROUP>(g, C, lane, scalar_t(0));
       continue;
     }
     CUDA_KERNEL_ASSERT((!active_a || (ya >= 0 && ya < C)) && "ltfast: target out of range [0, C) and not ignore_index");
@@ -228,10 +310,10 @@ __global__ void __launch_bounds__(kBlockThreads)
                        "ltfast: target_b out of range [0, C) and not ignore_index");
     const math::RowLogSumExp<acc_t> stats{gpu::load(row_stats + row), gpu::load(row_stats + (p.num_rows + row))};
     if (math::row_is_nan(stats)) {  // row-uniform branch, as in the hard-target kernel
-      for (int64_t c = lane; c < C; c += GROUP) gpu::store(g + c, stats.log_sum);
+      fill_row<GROUP>(g, C, lane, static_cast<scalar_t>(stats.log_sum));
       continue;
     }
-    const scalar_t* z = logits + row * C;
+    const scalar_t* z = logits + row * p.num_classes;
     auto cfg = p.cfg;
     if (sum_weights) cfg.total_weight = class_weight_total<GROUP>(p, lane, scratch_sum);
     const acc_t lam = mix_of(p, row);
@@ -249,30 +331,66 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
     const acc_t prob_coef = coef_a.prob_coef + coef_b.prob_coef;
     const acc_t class_coef = coef_a.class_coef + coef_b.class_coef;
-    for (int64_t base = lane; base < C; base += int64_t(GROUP) * kUnroll) {
-      acc_t a[kUnroll];
+    // An inactive target's class is -1: no c matches it.
+    const int ya_c = active_a ? static_cast<int>(ya) : -1, yb_c = active_b ? static_cast<int>(yb) : -1;
+    // d loss / d z_c of one element (per-class values in `run` at i).
+    auto gradient = [&](acc_t zc, int c, const ClassValues<V, acc_t>& run, int i) -> acc_t {
+      const acc_t a = c == ya_c ? term_a.logit : (p.adjustment ? math::adjusted_logit(zc, run.adjustment[i]) : zc);
+      acc_t grad = math::element_gradient(math::softmax_probability(a, stats), prob_coef, class_coef,
+                                          p.weight ? run.weight[i] : acc_t(1));
+      if (c == ya_c) grad -= coef_a.target_coef;
+      if (c == yb_c) grad -= coef_b.target_coef;
+      return grad;
+    };
+    auto scalar_gradient = [&](int c) -> acc_t {
+      ClassValues<V, acc_t> run;
+      run.load(p.adjustment, p.weight, c, 1);
+      return gradient(static_cast<acc_t>(gpu::load(z + c)), c, run, 0);
+    };
+    const RowSplit split = split_row(z, C);
+    if (lane < split.head) gpu::store(g + lane, scalar_gradient(lane));
+    for (int first = lane; first < split.vectors; first += GROUP * U) {
+      gpu::Vector<scalar_t, V> x[U];
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        const int64_t c = base + int64_t(k) * GROUP;
-        a[k] = c < C ? ((active_a && c == ya) ? term_a.logit : adjusted_at(z, p, c)) : acc_t(0);
+      for (int u = 0; u < U; ++u) {
+        const int v = first + u * GROUP;
+        if (v < split.vectors) x[u] = gpu::load_vector<V>(z + split.head + v * V);
       }
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        const int64_t c = base + int64_t(k) * GROUP;
-        if (c < C) {
-          acc_t grad = math::element_gradient(math::softmax_probability(a[k], stats), prob_coef, class_coef,
-                                              p.weight ? gpu::load(p.weight + c) : acc_t(1));
-          if (active_a && c == ya) grad -= coef_a.target_coef;
-          if (active_b && c == yb) grad -= coef_b.target_coef;
-          gpu::store(g + c, grad);
+      for (int u = 0; u < U; ++u) {
+        const int v = first + u * GROUP;
+        if (v < split.vectors) {
+          const int c0 = split.head + v * V;
+          ClassValues<V, acc_t> run;
+          run.load(p.adjustment, p.weight, c0, V);
+          gpu::Vector<scalar_t, V> out;
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            out.v[i] = static_cast<scalar_t>(gradient(static_cast<acc_t>(x[u].v[i]), c0 + i, run, i));
+          }
+          if (vector_stores) {
+            gpu::store_vector<V>(g + c0, out);
+          } else {
+#pragma unroll
+            for (int i = 0; i < V; ++i) gpu::store(g + c0 + i, out.v[i]);
+          }
         }
       }
     }
+    if (split.tail_begin + lane < C) gpu::store(g + split.tail_begin + lane, scalar_gradient(split.tail_begin + lane));
   }
 }
 
 inline unsigned row_kernel_blocks(int64_t num_rows, int64_t num_classes) {
   return cross_entropy_kernels::row_kernel_blocks(num_rows, num_classes);
+}
+
+// The row kernels index within a row in 32 bits.
+inline void check_class_count(int64_t num_classes) {
+  if (!gpu_row_stream::fits_row_index(num_classes)) {
+    throw std::invalid_argument("ltfast soft-target cross-entropy (CUDA): logits have " + std::to_string(num_classes) +
+                                " classes; expected at most 2^31 - 1");
+  }
 }
 
 // Forward: row_loss [N] ('none', else nullptr), row_stats [2, N]; with `partials` (double
@@ -284,6 +402,7 @@ void launch_mixed_forward(const scalar_t* logits, const MixedParams<at::opmath_t
                           gpu::Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   if (p.num_rows > 0) {
+    check_class_count(p.num_classes);
     gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
       constexpr int kGroup = decltype(group)::value;
       gpu::launch("soft_targets mixed_forward_kernel", &mixed_forward_kernel<scalar_t, kGroup>,
@@ -305,6 +424,7 @@ void launch_mixed_backward(const scalar_t* logits, const MixedParams<at::opmath_
                            bool per_row_grad, const at::opmath_type<scalar_t>* denominators, scalar_t* grad_logits,
                            gpu::Stream stream) {
   if (p.num_rows == 0) return;
+  check_class_count(p.num_classes);
   gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
     constexpr int kGroup = decltype(group)::value;
     gpu::launch("soft_targets mixed_backward_kernel", &mixed_backward_kernel<scalar_t, kGroup>,
@@ -353,6 +473,53 @@ __device__ __forceinline__ math::ProbabilityState<T> group_reduce_probability(ma
   return state;
 }
 
+// Merges K (logit, weighted target) pairs (invalid ones: padding of -inf and 0) into the row's
+// probability state with one rescaling exponential.
+template <int K, typename acc_t>
+__device__ __forceinline__ void merge_probability_chunk(const acc_t (&a)[K], const acc_t (&wq)[K],
+                                                        const bool (&valid)[K], math::ProbabilityState<acc_t>& state) {
+  math::ProbabilityState<acc_t> chunk{a[0], acc_t(0), acc_t(0), acc_t(0)};
+#pragma unroll
+  for (int k = 1; k < K; ++k) chunk.max = a[k] > chunk.max ? a[k] : chunk.max;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    chunk.sum += math::exp_shifted(a[k], chunk.max);
+    if (valid[k]) {  // padding adds nothing (0 * -inf would be NaN)
+      chunk.mass += wq[k];
+      chunk.offset += math::probability_offset(wq[k], a[k], chunk.max);
+    }
+  }
+  state = math::merge_probability_states(state, chunk);
+}
+
+// Whether the target rows share the logits rows' split (same dtype, bases equally far from a
+// 16-byte boundary): then each logits vector has its target in one 16-byte vector.
+template <typename scalar_t, typename target_t>
+__device__ __forceinline__ bool target_shares_split(const scalar_t* logits, const target_t* target) {
+  if constexpr (std::is_same_v<scalar_t, target_t>) {
+    return gpu_row_stream::same_split(logits, target);
+  } else {
+    return false;
+  }
+}
+
+// The target row's V elements from c0 next to a logits vector: one 16-byte vector when the target
+// rows share the logits' split (same dtype, bases equally far from a 16-byte boundary), else the
+// widest loads the address allows (gpu_row_stream::load_run: a float target of bf16 logits is two
+// 16-byte vectors when aligned).
+template <int V, typename target_t>
+__device__ __forceinline__ void load_target_run(const target_t* t, bool target_vectors, int c0, target_t (&out)[V]) {
+  if constexpr (sizeof(target_t) * V == 16) {
+    if (target_vectors) {
+      const gpu::Vector<target_t, V> w = gpu::load_vector<V>(t + c0);
+#pragma unroll
+      for (int i = 0; i < V; ++i) out[i] = w.v[i];
+      return;
+    }
+  }
+  gpu_row_stream::load_run<V>(t + c0, out);
+}
+
 template <typename scalar_t, typename target_t, int GROUP>
 __global__ void __launch_bounds__(kBlockThreads)
     probability_forward_kernel(const scalar_t* __restrict__ logits, const target_t* __restrict__ target,
@@ -364,45 +531,65 @@ __global__ void __launch_bounds__(kBlockThreads)
   LTFAST_SHARED_ARRAY(math::ProbabilityState<acc_t>, scratch_state, kWarpsPerBlock);
   LTFAST_SHARED_ARRAY(double, partial_loss, kRowsPerBlock);
   LTFAST_SHARED_ARRAY(double, partial_rows, kRowsPerBlock);
+  constexpr int V = kVectorElements<scalar_t>;
+  constexpr int U = kVectorUnroll<scalar_t>;
   double group_loss = 0.0, group_rows = 0.0;
   const int lane = threadIdx.x % GROUP;
-  const int64_t C = p.num_classes;
+  const int C = static_cast<int>(p.num_classes);
+  const bool target_vectors = target_shares_split(logits, target);
 
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < p.num_rows;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
     gpu::mark_row_start();
-    const scalar_t* z = logits + row * C;
-    const target_t* t = target + row * C;
+    const scalar_t* z = logits + row * p.num_classes;
+    const target_t* t = target + row * p.num_classes;
     auto state = math::empty_probability_state<acc_t>();
-    for (int64_t base = lane; base < C; base += int64_t(GROUP) * kUnroll) {
-      acc_t a[kUnroll], wq[kUnroll];
+    // The adjusted logit and the weighted target of class c (per-class values in `run` at i).
+    auto adjusted = [&](acc_t zc, const ClassValues<V, acc_t>& run, int i) -> acc_t {
+      return p.adjustment ? math::adjusted_logit(zc, run.adjustment[i]) : zc;
+    };
+    auto weighted = [&](acc_t tc, const ClassValues<V, acc_t>& run, int i) -> acc_t {
+      return math::weighted_probability(tc, p.weight ? run.weight[i] : acc_t(1), p.one_minus_eps, p.eps_over_c);
+    };
+    auto scalar_element = [&](int c) {
+      ClassValues<V, acc_t> run;
+      run.load(p.adjustment, p.weight, c, 1);
+      const acc_t a[1] = {adjusted(static_cast<acc_t>(gpu::load(z + c)), run, 0)};
+      const acc_t wq[1] = {weighted(static_cast<acc_t>(gpu::load(t + c)), run, 0)};
+      const bool valid[1] = {true};
+      merge_probability_chunk(a, wq, valid, state);
+    };
+    const RowSplit split = split_row(z, C);
+    if (lane < split.head) scalar_element(lane);
+    for (int first = lane; first < split.vectors; first += GROUP * U) {
+      gpu::Vector<scalar_t, V> x[U];
+      target_t q[U][V];
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        const int64_t c = base + int64_t(k) * GROUP;
-        if (c < C) {
-          const acc_t zc = static_cast<acc_t>(gpu::load(z + c));
-          a[k] = p.adjustment ? math::adjusted_logit(zc, gpu::load(p.adjustment + c)) : zc;
-          wq[k] = math::weighted_probability(static_cast<acc_t>(gpu::load(t + c)), p.weight ? gpu::load(p.weight + c) : acc_t(1),
-                                             p.one_minus_eps, p.eps_over_c);
-        } else {
-          a[k] = math::negative_infinity<acc_t>();
-          wq[k] = acc_t(0);
+      for (int u = 0; u < U; ++u) {
+        const int v = first + u * GROUP;
+        if (v < split.vectors) {
+          x[u] = gpu::load_vector<V>(z + split.head + v * V);
+          load_target_run<V>(t, target_vectors, split.head + v * V, q[u]);
         }
       }
-      math::ProbabilityState<acc_t> chunk{a[0], acc_t(0), acc_t(0), acc_t(0)};
+      acc_t a[U * V], wq[U * V];
+      bool valid[U * V];
 #pragma unroll
-      for (int k = 1; k < kUnroll; ++k) chunk.max = a[k] > chunk.max ? a[k] : chunk.max;
+      for (int u = 0; u < U; ++u) {
+        const int v = first + u * GROUP;
+        const bool in_row = v < split.vectors;
+        ClassValues<V, acc_t> run;
+        if (in_row) run.load(p.adjustment, p.weight, split.head + v * V, V);
 #pragma unroll
-      for (int k = 0; k < kUnroll; ++k) {
-        const int64_t c = base + int64_t(k) * GROUP;
-        chunk.sum += math::exp_shifted(a[k], chunk.max);
-        if (c < C) {  // padding adds nothing (0 * -inf would be NaN)
-          chunk.mass += wq[k];
-          chunk.offset += math::probability_offset(wq[k], a[k], chunk.max);
+        for (int i = 0; i < V; ++i) {
+          valid[u * V + i] = in_row;
+          a[u * V + i] = in_row ? adjusted(static_cast<acc_t>(x[u].v[i]), run, i) : math::negative_infinity<acc_t>();
+          wq[u * V + i] = in_row ? weighted(static_cast<acc_t>(q[u][i]), run, i) : acc_t(0);
         }
       }
-      state = math::merge_probability_states(state, chunk);
+      merge_probability_chunk(a, wq, valid, state);
     }
+    if (split.tail_begin + lane < C) scalar_element(split.tail_begin + lane);
     state = group_reduce_probability<GROUP>(state, scratch_state);
     if (lane == 0) {
       const auto finished = math::finish_row(math::SoftmaxState<acc_t>{state.max, state.sum});
@@ -430,30 +617,77 @@ __global__ void __launch_bounds__(kBlockThreads)
                                 scalar_t* __restrict__ grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
+  constexpr int V = kVectorElements<scalar_t>;
+  constexpr int U = kVectorUnroll<scalar_t>;
   const int lane = threadIdx.x % GROUP;
-  const int64_t C = p.num_classes;
+  const int C = static_cast<int>(p.num_classes);
   const acc_t shared_scale = per_row_grad ? acc_t(0) : gpu::load(grad_loss) / gpu::load(denominator);
+  // The split of the logits rows serves the gradient and the target rows when their bases are
+  // equally far from a 16-byte boundary (else: element stores, narrower target loads).
+  const bool vector_stores = gpu_row_stream::same_split(logits, grad_logits);
+  const bool target_vectors = target_shares_split(logits, target);
 
   for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < p.num_rows;
        row += int64_t(gridDim.x) * kRowsPerBlock) {
     gpu::mark_row_start();
-    scalar_t* g = grad_logits + row * C;
+    scalar_t* g = grad_logits + row * p.num_classes;
     const math::RowLogSumExp<acc_t> stats{gpu::load(row_stats + row), gpu::load(row_stats + (p.num_rows + row))};
     if (math::row_is_nan(stats)) {
-      for (int64_t c = lane; c < C; c += GROUP) gpu::store(g + c, stats.log_sum);
+      fill_row<GROUP>(g, C, lane, static_cast<scalar_t>(stats.log_sum));
       continue;
     }
-    const scalar_t* z = logits + row * C;
-    const target_t* t = target + row * C;
+    const scalar_t* z = logits + row * p.num_classes;
+    const target_t* t = target + row * p.num_classes;
     const acc_t scale = per_row_grad ? gpu::load(grad_loss + row) : shared_scale;
     const acc_t mass_scale = scale * gpu::load(row_stats + (2 * p.num_rows + row));
-    for (int64_t c = lane; c < C; c += GROUP) {
-      const acc_t zc = static_cast<acc_t>(gpu::load(z + c));
-      const acc_t a = p.adjustment ? math::adjusted_logit(zc, gpu::load(p.adjustment + c)) : zc;
-      const acc_t wq = math::weighted_probability(static_cast<acc_t>(gpu::load(t + c)), p.weight ? gpu::load(p.weight + c) : acc_t(1),
-                                                  p.one_minus_eps, p.eps_over_c);
-      gpu::store(g + c, math::softmax_probability(a, stats) * mass_scale - wq * scale);
+    // d loss / d z_c of one element from its logit and target (per-class values in `run` at i).
+    auto gradient = [&](acc_t zc, acc_t tc, const ClassValues<V, acc_t>& run, int i) -> acc_t {
+      const acc_t a = p.adjustment ? math::adjusted_logit(zc, run.adjustment[i]) : zc;
+      const acc_t wq =
+          math::weighted_probability(tc, p.weight ? run.weight[i] : acc_t(1), p.one_minus_eps, p.eps_over_c);
+      return math::softmax_probability(a, stats) * mass_scale - wq * scale;
+    };
+    auto scalar_gradient = [&](int c) -> acc_t {
+      ClassValues<V, acc_t> run;
+      run.load(p.adjustment, p.weight, c, 1);
+      return gradient(static_cast<acc_t>(gpu::load(z + c)), static_cast<acc_t>(gpu::load(t + c)), run, 0);
+    };
+    const RowSplit split = split_row(z, C);
+    if (lane < split.head) gpu::store(g + lane, scalar_gradient(lane));
+    for (int first = lane; first < split.vectors; first += GROUP * U) {
+      gpu::Vector<scalar_t, V> x[U];
+      target_t q[U][V];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = first + u * GROUP;
+        if (v < split.vectors) {
+          x[u] = gpu::load_vector<V>(z + split.head + v * V);
+          load_target_run<V>(t, target_vectors, split.head + v * V, q[u]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = first + u * GROUP;
+        if (v < split.vectors) {
+          const int c0 = split.head + v * V;
+          ClassValues<V, acc_t> run;
+          run.load(p.adjustment, p.weight, c0, V);
+          gpu::Vector<scalar_t, V> out;
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            out.v[i] =
+                static_cast<scalar_t>(gradient(static_cast<acc_t>(x[u].v[i]), static_cast<acc_t>(q[u][i]), run, i));
+          }
+          if (vector_stores) {
+            gpu::store_vector<V>(g + c0, out);
+          } else {
+#pragma unroll
+            for (int i = 0; i < V; ++i) gpu::store(g + c0 + i, out.v[i]);
+          }
+        }
+      }
     }
+    if (split.tail_begin + lane < C) gpu::store(g + split.tail_begin + lane, scalar_gradient(split.tail_begin + lane));
   }
 }
 
@@ -465,6 +699,7 @@ void launch_probability_forward(const scalar_t* logits, const target_t* target,
                                 at::opmath_type<scalar_t>* denominator, gpu::Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   if (p.num_rows > 0) {
+    check_class_count(p.num_classes);
     gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
       constexpr int kGroup = decltype(group)::value;
       gpu::launch("soft_targets probability_forward_kernel", &probability_forward_kernel<scalar_t, target_t, kGroup>,
@@ -486,6 +721,7 @@ void launch_probability_backward(const scalar_t* logits, const target_t* target,
                                  bool per_row_grad, const at::opmath_type<scalar_t>* denominator,
                                  scalar_t* grad_logits, gpu::Stream stream) {
   if (p.num_rows == 0) return;
+  check_class_count(p.num_classes);
   gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
     constexpr int kGroup = decltype(group)::value;
     gpu::launch("soft_targets probability_backward_kernel", &probability_backward_kernel<scalar_t, target_t, kGroup>,
