@@ -45,10 +45,13 @@ def test_registry_and_checks():
     for override, key in [("model.paco_queue=1000", "model.paco_queue"), ("loss.name=balanced_softmax", "loss.name"),
                           ("model.classifier=cosine", "model.classifier"), ("data.mixup_alpha=0.2", "data.mixup_alpha"),
                           ("model.arch=small_expert_resnet", "model.arch"), ("model.bbn=true", "model.bbn"),
-                          ("data.paco_views=randcls_sim", "data.paco_views"),
                           ("model.freeze_backbone=true", "model.freeze_backbone")]:
         with pytest.raises(ConfigError, match=key):
             load_config(IMAGENET_PACO, [override])
+    # randcls_sim runs on both image loaders (DALI included); the in-memory sets have no RandAugment
+    assert load_config(IMAGENET_PACO, ["data.paco_views=randcls_sim"])["data"]["backend"] == "dali"
+    with pytest.raises(ConfigError, match="data.paco_views"):
+        load_config(FMNIST_PACO, ["data.paco_views=randcls_sim"])
     with pytest.raises(ConfigError, match="model.paco_alpha: only used with model.paco=true"):
         load_config(None, ["model.paco_alpha=0.1"])
 
