@@ -21,7 +21,8 @@ from ltfast.train.evaluation import main as evaluate_main
 from ltfast.train.methods.bbn import (BBN, REVERSED_LOADER, BilateralBranchNetwork, alpha_divisor, cumulative_alpha)
 from ltfast.train.models import build_model, find_head
 
-from test_train import TINY, _ddp_worker, _free_port
+from ddp_support import free_port
+from test_train import TINY, _ddp_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST_BBN = os.path.join(ROOT, "configs", "fmnist_lt", "bbn.yaml")
@@ -282,7 +283,7 @@ def test_ddp_two_processes(tmp_path):
     would fail DDP's reducer); each rank reads its shard of both streams."""
     overrides = TINY + [f"train.out_dir={tmp_path}", "model.bbn=true", "optim.epochs=1", "train.seed=3",
                         "train.plot=false"]
-    mp.spawn(_ddp_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), overrides), nprocs=2, join=True)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "finished"
     assert math.isfinite(summary["history"][0]["loss"])

@@ -195,7 +195,9 @@ def test_causal_resume_restores_the_moving_average(tmp_path):
 
 def _ddp_average_worker(rank, world, port, result_path):
     import os
+
     import torch.distributed as dist
+    from ddp_support import leave_worker, leave_worker_after_error
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -207,15 +209,16 @@ def _ddp_average_worker(rank, world, port, result_path):
             updater.update(lr)
         torch.save(model[0].feature_average, f"{result_path}.{rank}")
     finally:
-        dist.destroy_process_group()
+        leave_worker_after_error()
+    leave_worker()
 
 
 def test_moving_average_under_ddp_uses_the_global_batch(tmp_path):
     # Each rank sees its own half of the batch; the average must be the one of the whole batch on
     # every rank (the survey's DataParallel computed the mean over all 256 images).
     import torch.multiprocessing as mp
-    from test_train import _free_port
-    mp.spawn(_ddp_average_worker, args=(2, _free_port(), str(tmp_path / "avg")), nprocs=2, join=True)
+    from ddp_support import free_port
+    mp.spawn(_ddp_average_worker, args=(2, free_port(), str(tmp_path / "avg")), nprocs=2, join=True)
     rank0, rank1 = (torch.load(f"{tmp_path / 'avg'}.{r}", weights_only=True) for r in (0, 1))
     global_mean = torch.tensor([1.5, 2.0])               # mean of all four rows
     expected = 0.95 * (global_mean * 2.0) + global_mean * 1.1   # lr 0.1 (x2.0 rows, mu 0.9 on 0), lr 0.01

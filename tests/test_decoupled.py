@@ -407,15 +407,14 @@ def test_imagenet_lt_config_runs_resnext50_on_list_files(list_data, tmp_path, na
 # ------------------------------------------------------------------------------------------- DDP
 
 def _ddp_stage2_worker(rank, world, port, runs):
-    import torch.distributed as dist
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from ddp_support import leave_worker, leave_worker_after_error, set_torchrun_environment
+    set_torchrun_environment(rank, world, port)
     try:
         for overrides in runs:
             train(load_config(None, overrides))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_worker_after_error()
+    leave_worker()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
@@ -423,11 +422,11 @@ def test_ncm_and_tau_norm_under_ddp_equal_one_process(stage1, tmp_path):
     # 2 gloo ranks each see half of the training / validation images; the class means, the tau curve
     # and the test counts must be those of one process over everything.
     import torch.multiprocessing as mp
-    from test_train import _free_port
+    from ddp_support import free_port
     runs = {kind: _stage2(stage1, tmp_path / f"ddp_{kind}", kind, "train.plot=false") for kind in ("ncm", "tau_norm")}
     overrides = [TINY + [f"train.out_dir={tmp_path / f'ddp_{kind}'}", f"model.init_from={stage1 / 'best.pt'}",
                          f"model.classifier={kind}", "train.plot=false"] for kind in runs]
-    mp.spawn(_ddp_stage2_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
+    mp.spawn(_ddp_stage2_worker, args=(2, free_port(), overrides), nprocs=2, join=True)
     for kind, cfg in runs.items():
         cfg["train"]["out_dir"] = str(tmp_path / f"one_{kind}")
         single = train(cfg)

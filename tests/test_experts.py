@@ -259,8 +259,9 @@ def test_ride_resume_is_exact(tmp_path):
 def test_ddp_expert_model_counts_equal_single_process(tmp_path):
     # DDP with a NamedTuple output; the per-expert counts are all-reduced like the aggregate ones.
     overrides = TINY + [f"train.out_dir={tmp_path}", "loss.name=ride", "optim.epochs=1", "train.seed=3"]
-    from test_train import _ddp_worker, _free_port
-    mp.spawn(_ddp_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
+    from ddp_support import free_port
+    from test_train import _ddp_worker
+    mp.spawn(_ddp_worker, args=(2, free_port(), overrides), nprocs=2, join=True)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["test"]["samples"] == 105
     from ltfast.train.checkpoint import load_model_weights

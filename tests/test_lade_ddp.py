@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ltfast
+from ddp_support import leave_worker, leave_worker_after_error
 
 COUNTS = [400, 150, 60, 20, 8, 3, 1]
 SIZES = (13, 11)  # unequal local batches: the gather pads with ignored rows
@@ -36,9 +37,9 @@ def worker(rank, world, init_file, out_dir, gather):
         loss.backward()
         torch.save({"loss": loss.detach(), "weight_grad": model.weight.grad, "bias_grad": model.bias.grad},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # no rank tears its connections down while the other still uses them
     finally:
-        dist.destroy_process_group()
+        leave_worker_after_error()
+    leave_worker()
 
 
 def run(gather):

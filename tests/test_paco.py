@@ -25,7 +25,8 @@ from ltfast.train.models import build_model, find_head
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from test_train import TINY, _ddp_worker, _free_port
+from ddp_support import free_port
+from test_train import TINY, _ddp_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FMNIST_PACO = os.path.join(ROOT, "configs", "fmnist_lt", "paco.yaml")
@@ -351,7 +352,7 @@ def test_ddp_two_processes(tmp_path):
     batch (32 = 2 x 16) per step, not by a rank's 16."""
     overrides = TINY + [f"train.out_dir={tmp_path}", "model.paco=true", "model.paco_queue=64", "optim.epochs=1",
                         "train.seed=3", "train.plot=false"]
-    mp.spawn(_ddp_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), overrides), nprocs=2, join=True)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "finished"
     assert math.isfinite(summary["history"][0]["loss"])

@@ -22,6 +22,7 @@ from ltfast.train.evaluation import main as evaluate_main
 from ltfast.train.methods.reslt import ResLTClassifier, use_reslt_head
 from ltfast.train.models import ExpertOutput, build_model, find_head
 
+from ddp_support import leave_worker, leave_worker_after_error
 from test_train import TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -398,9 +399,9 @@ def _ddp_worker(rank, world, init_file, out_dir, global_batch):
         loss.backward()
         torch.save({"loss": loss.detach(), "weight_grad": model.weight.grad, "bias_grad": model.bias.grad},
                    os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
     finally:
-        dist.destroy_process_group()
+        leave_worker_after_error()
+    leave_worker()
 
 
 def _run_ddp(global_batch):

@@ -428,10 +428,11 @@ def test_ddp_two_processes_train_with_the_module_idle_and_generating(tmp_path):
     contrastive module in epoch 1: every module parameter still has a gradient to reduce."""
     import torch.multiprocessing as mp
 
-    from test_train import _ddp_worker, _free_port
+    from ddp_support import free_port
+    from test_train import _ddp_worker
     overrides = TINY + [f"train.out_dir={tmp_path}", "model.rsg=true", "model.rsg_epoch_thresh=0",
                         "data.rsg_resample_epoch=1", "optim.epochs=2", "train.plot=false"]
-    mp.spawn(_ddp_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), overrides), nprocs=2, join=True)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "finished"
     assert all(np.isfinite(record["loss"]) for record in summary["history"])

@@ -3,13 +3,13 @@ exact resume, decoupled stage 2, and a 2-process gloo DDP run whose all-reduced 
 single-process evaluation of the same weights."""
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ddp_support import free_port, leave_worker, leave_worker_after_error, set_torchrun_environment
 from ltfast.train import load_config, train
 from ltfast.train import metrics
 from ltfast.train.checkpoint import load_model_weights
@@ -85,21 +85,13 @@ def test_decoupled_stage2_trains_only_the_classifier(tmp_path):
     assert not torch.equal(stage1["stem.1.running_mean"], stage2["stem.1.running_mean"])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, overrides):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    set_torchrun_environment(rank, world, port)
     try:
         train(load_config(None, overrides))
-        dist.barrier()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_worker_after_error()
+    leave_worker()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -108,7 +100,7 @@ def test_ddp_two_processes_metrics_equal_single_process(tmp_path):
     # 53 / 52 over the ranks, in batches of 8 with a partial last batch.
     overrides = TINY + [f"train.out_dir={tmp_path}", "loss.name=lade", "loss.gather_batch=true",
                         "optim.epochs=2", "train.seed=3"]
-    mp.spawn(_ddp_worker, args=(2, _free_port(), overrides), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), overrides), nprocs=2, join=True)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "finished"
     assert summary["test"]["samples"] == 105
