@@ -345,6 +345,13 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 // ------------------------------------------------------------------------------ ride_loss
+// Vectors per thread and iteration of the RIDE row kernels: half the other kernels' (8 elements of
+// 2 or 4 bytes), as each element carries two softmaxes and its 1 / T_c (a division). With 16,
+// ptxas (sm_90) gave ride_forward_kernel 181-188 registers for bf16/float (one 256-thread block per
+// SM) and, capped at 128, spilled ~350 bytes; with 8: 100 (bf16) and 128 (float), no spills.
+template <typename scalar_t>
+constexpr int kRideUnroll = kVectorUnroll<scalar_t> / 2;
+
 // Per sample: row_stats [2, N, 2E + 1] (multi_expert.h) and the block's sums (double [4, gridDim.x]:
 // weighted CE, target weights, KL, rows). The expert rows are each split on their own boundaries;
 // the expert-mean pass takes expert 0's split and reads the other experts' runs with load_elements.
@@ -355,7 +362,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   constexpr int V = kVectorElements<scalar_t>;
-  constexpr int U = kVectorUnroll<scalar_t>;
+  constexpr int U = kRideUnroll<scalar_t>;
   LTFAST_SHARED_ARRAY(math::SoftmaxState<acc_t>, scratch_state, kWarpsPerBlock);
   LTFAST_SHARED_ARRAY(acc_t, scratch_a, kWarpsPerBlock);
   LTFAST_SHARED_ARRAY(acc_t, scratch_b, kWarpsPerBlock);
@@ -540,7 +547,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   constexpr int V = kVectorElements<scalar_t>;
-  constexpr int U = kVectorUnroll<scalar_t>;
+  constexpr int U = kRideUnroll<scalar_t>;
   const int lane = threadIdx.x % GROUP;
   const int64_t E = p.num_experts, N = p.num_rows, S = 2 * E + 1;
   const int C = static_cast<int>(p.num_classes);
