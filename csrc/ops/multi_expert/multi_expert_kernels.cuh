@@ -11,7 +11,7 @@
 //
 // The [N, E, C] rows (logits, gradient) are streamed in 16-byte vectors with a scalar head and tail
 // per row (gpu_row_stream::split_row), the online softmax merged once per U x V elements:
-// element-wise loads of 2 bytes strided by the group measured 0.67-0.80 sector efficiency in the
+// element-wise loads of 2 bytes strided by the group measured 0.70-0.80 sector efficiency in the
 // emulator at 128 x 3 x 1000 bf16 (tests/test_memory_traffic.py). At C * sizeof(T) not a multiple
 // of 16 (CIFAR-100: 200 bytes) the E rows of a sample start at different offsets from a 16-byte
 // boundary, while RIDE's expert mean needs every expert's logit of one class together: those
