@@ -163,15 +163,16 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
     for (int64_t base = first + phase + int64_t(row_lane) * row_phases; base < last; base += row_step * U) {
       gpu::mark_row_start();
-      int64_t y[U];
+      int64_t row_target[U];
       gpu::Vector<scalar_t, V> x[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {  // U independent predicated loads before any use
         const int64_t row = base + u * row_step;
-        y[u] = row < last ? gpu::load(target + row) : ignore_index;  // a broadcast load per warp
-        if (y[u] == ignore_index) continue;
+        const int64_t y = row < last ? gpu::load(target + row) : ignore_index;  // a broadcast load per warp
+        row_target[u] = y;
+        if (y == ignore_index) continue;
         // once per row, outside the class loop
-        CUDA_KERNEL_ASSERT(y[u] >= 0 && y[u] < C && "ltfast: target out of range [0, C) and not ignore_index");
+        CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
         ++valid;
         if (!owns_classes) continue;
         const scalar_t* z = logits + row * C + c0;
@@ -190,8 +191,8 @@ __global__ void __launch_bounds__(kBlockThreads)
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        if (y[u] == ignore_index || !owns_classes) continue;
-        const int64_t target_k = y[u] - (c0 + lo);  // the target's slot, if in [0, V)
+        if (row_target[u] == ignore_index || !owns_classes) continue;
+        const int64_t target_k = row_target[u] - (c0 + lo);  // the target's slot, if in [0, V)
 #pragma unroll
         for (int k = 0; k < V; ++k) {
           if (!mine[k]) continue;
