@@ -205,7 +205,13 @@ __global__ void __launch_bounds__(kBlockThreads)
         }
       }
     }
-    for (int lane = 0; lane < row_lanes; ++lane) {  // lane order: deterministic
+    // Lane order: deterministic. Lanes past the phase's row count hold empty states: C = 10 with
+    // 64 rows per block has 16 rows per phase for 64 row lanes, so 16 barriers per phase, not 64.
+    const int64_t rows_from_phase = last - first - phase;  // the phase has ceil(this / row_phases) rows
+    const int merging_lanes = rows_from_phase > int64_t(row_lanes - 1) * row_phases
+                                  ? row_lanes
+                                  : (static_cast<int>(rows_from_phase) + row_phases - 1) / row_phases;
+    for (int lane = 0; lane < merging_lanes; ++lane) {
       __syncthreads();
       if (row_lane != lane || !owns_classes) continue;
 #pragma unroll
