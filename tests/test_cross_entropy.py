@@ -367,7 +367,8 @@ def test_target_out_of_range_names_the_row():
 
 @pytest.mark.device_assert
 @pytest.mark.parametrize("device", [p for p in device_params() if p.id != "cpu"])
-@pytest.mark.parametrize("loss", ["balanced_softmax", "adjusted_cross_entropy", "seql", "eql", "lade"])
+@pytest.mark.parametrize("loss", ["balanced_softmax", "adjusted_cross_entropy", "seql", "eql", "lade",
+                                  "lade_regularizer"])
 def test_target_out_of_range_is_a_kernel_assert_on_cuda(loss, device):
     # Documented behaviour (docs/ops.md, "Targets out of range"): the CUDA kernels check in-kernel with
     # CUDA_KERNEL_ASSERT, which the emulator raises as an error naming the kernel and the line; on a
@@ -381,6 +382,8 @@ def test_target_out_of_range_is_a_kernel_assert_on_cuda(loss, device):
         "seql": lambda: ltfast.softmax_equalization_loss(logits, target, tail),
         "eql": lambda: ltfast.equalization_loss(logits, target, tail),
         "lade": lambda: ltfast.lade_loss(logits, target, prior),
+        # no CE rows: LADE's column pass checks the targets, once per row
+        "lade_regularizer": lambda: ltfast.lade_regularizer(logits, target, prior),
     }
     with expect_kernel_assert(device, kernel_match=r"\(y >= 0 && y < C .*\) failed at csrc/ops/"):
         calls[loss]()
