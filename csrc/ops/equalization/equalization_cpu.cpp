@@ -31,13 +31,19 @@ using namespace cpu;
 // below 2^16, far from float overflow, and cost one log per 16 exponentials.
 constexpr int kProductVectors = 16;
 
-// sum over the lanes of log1p(q), q = each lane's product of factors less 1.
+// sum over the lanes of log1p(q), q = each lane's product of factors less 1, as log(u) q / (u - 1)
+// with u = 1 + q (Goldberg's accurate log1p from log: the rounding of u cancels in q / (u - 1)).
+// glibc's log1pf per lane made the float32 4096 x 1000 forward 1.8x slower (3.7-3.8 ms against
+// 2.0-2.1 ms with the plain log of the product it replaces, 2 threads), at::vec's log1p ~1.2x.
 template <typename acc_t>
 acc_t sum_of_log1p(const Vectorized<acc_t>& factors_minus_one) {
   alignas(64) acc_t lanes[Vectorized<acc_t>::size()];
   factors_minus_one.store(lanes);
   acc_t total = acc_t(0);
-  for (int k = 0; k < Vectorized<acc_t>::size(); ++k) total += std::log1p(lanes[k]);
+  for (int k = 0; k < Vectorized<acc_t>::size(); ++k) {
+    const acc_t q = lanes[k], u = acc_t(1) + q;
+    total += u == acc_t(1) ? q : std::log(u) * (q / (u - acc_t(1)));
+  }
   return total;
 }
 
