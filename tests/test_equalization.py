@@ -242,6 +242,29 @@ def test_eql_large_logits(dtype, device):
 
 
 @pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_eql_confident_rows_keep_their_tiny_terms(dtype, device):
+    """A row whose every logit has the sign of its label, |z| in [17, 40]: each term log1p(exp(-|z|))
+    is 4e-18 to 4e-8, below float32's epsilon relative to 1, and the row's loss is their sum alone.
+    The CUDA forward takes one log1p per 16 elements (math::eql_accumulate_element): it must keep
+    that sum to relative precision, as a running product of the (1 + e) factors would not (it
+    rounds to exactly 1, a loss of 0). C = 1000 and an odd C with a misaligned row start."""
+    gen = torch.Generator().manual_seed(11)
+    for C, offset in ((1000, 0), (333, 3)):
+        magnitude = 17 + 23 * torch.rand(6, C + offset, generator=gen, dtype=torch.float64)
+        target = torch.randint(0, C, (6,), generator=gen)
+        sign = -torch.ones(6, C + offset, dtype=torch.float64)
+        sign[torch.arange(6), target + offset] = 1.0  # the target's logit positive, every other negative
+        logits = (sign * magnitude).to(dtype)[:, offset:]  # a view: rows start `offset` elements in
+        tail = torch.zeros(C, dtype=torch.bool)
+        loss = ltfast.equalization_loss(logits.to(device), target.to(device), tail.to(device), "none")
+        expected = reference.equalization_loss(logits.double(), target, tail, "none")
+        assert (expected > 0).all() and (expected < 1e-5).all()
+        torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-5 if dtype == torch.float32 else 1e-12,
+                                   atol=0.0, msg=lambda m: f"C={C}, offset={offset}: {m}")
+
+
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_eql_non_finite_logits(dtype, device):
     """Issue 11.2: one EQL semantics per element on every backend. Suppressed (tail negative) entries

@@ -252,10 +252,22 @@ LTFAST_HOST_DEVICE T bce_linear_part(T z, bool is_target) {
   return signed_z > T(0) ? signed_z : (signed_z != signed_z ? signed_z : T(0));  // NaN stays NaN
 }
 
+// a / b for a denominator in [1, 2] (the sigmoid's 1 + exp(-|z|)). On the GPU, float division is
+// __fdividef (MUFU.RCP and a multiply, 2 ulp in this range) instead of the IEEE division's ~8-instruction
+// Newton sequence with its slow-path branch: the EQL backward divides once per element.
+LTFAST_HOST_DEVICE float divide_by_one_to_two(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(a, b);
+#else
+  return a / b;
+#endif
+}
+LTFAST_HOST_DEVICE double divide_by_one_to_two(double a, double b) { return a / b; }
+
 template <typename T>
 LTFAST_HOST_DEVICE T sigmoid_fn(T z) {
   const T e = exp_fn(z > T(0) ? -z : z);  // exp(-|z|) <= 1: no overflow
-  return z >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
+  return divide_by_one_to_two(z >= T(0) ? T(1) : e, T(1) + e);
 }
 
 // EQL's weight of element (i, c): the negative term of a tail class is suppressed (Tan et al. 2020,
@@ -276,6 +288,22 @@ LTFAST_HOST_DEVICE T eql_element_loss(T z, bool is_target, bool suppressed) {
   if (suppressed) return T(0);
   const T abs_z = z < T(0) ? -z : z;
   return bce_linear_part(z, is_target) + log1p_fn(exp_fn(-abs_z));
+}
+
+// eql_element_loss of a run of elements (the GPU kernels' vector body) with one logarithm per run
+// instead of one log1p per element: linear += the linear parts, and factors_minus_one = q with
+// 1 + q = the product of the (1 + exp(-|z|)) factors, so that the run's loss is linear + log1p(q).
+// Keeping q = product - 1 rather than the product (the CPU kernel's running product) keeps factors
+// below the float epsilon: 1 + 1e-9 rounds to 1, while q + e + q e adds the 1e-9. Runs of at most 16
+// factors of at most 2 keep q < 2^16.
+template <typename T>
+LTFAST_HOST_DEVICE void eql_accumulate_element(T z, bool is_target, bool suppressed, T& linear,
+                                               T& factors_minus_one) {
+  if (suppressed) return;
+  const T abs_z = z < T(0) ? -z : z;
+  linear += bce_linear_part(z, is_target);
+  const T e = exp_fn(-abs_z);
+  factors_minus_one += e + factors_minus_one * e;
 }
 
 template <typename T>
