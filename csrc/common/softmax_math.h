@@ -242,7 +242,8 @@ LTFAST_CAPABILITY_NAMESPACE_BEGIN
 // Binary cross-entropy with logits of one element, against y = is_target in {0, 1}:
 //   max(z, 0) - y z + log(1 + exp(-|z|)) = max(y ? -z : z, 0) + log(1 + exp(-|z|)),
 // written as the part without the logarithm plus log1p_term = exp(-|z|) (the CPU kernel multiplies
-// the (1 + exp(-|z|)) factors of a row and takes one log per 128 elements).
+// the (1 + exp(-|z|)) factors of each lane over 16 vectors and takes one log per 16 elements; the
+// CUDA forward one per 16 elements of a thread: eql_accumulate_element).
 // The linear part never forms y * z: that is NaN for y = 0 and z = +-inf, and a row sum of
 // max(z, 0) - y z adds +z_y and then subtracts it again, which at z_y = 1e6 cancels every other
 // term of the row in float32. max(+-z, 0) >= 0 has no cancellation.
@@ -293,7 +294,7 @@ LTFAST_HOST_DEVICE T eql_element_loss(T z, bool is_target, bool suppressed) {
 // eql_element_loss of a run of elements (the GPU kernels' vector body) with one logarithm per run
 // instead of one log1p per element: linear += the linear parts, and factors_minus_one = q with
 // 1 + q = the product of the (1 + exp(-|z|)) factors, so that the run's loss is linear + log1p(q).
-// Keeping q = product - 1 rather than the product (the CPU kernel's running product) keeps factors
+// Keeping q = product - 1 rather than the product (the CPU kernel does the same) keeps factors
 // below the float epsilon: 1 + 1e-9 rounds to 1, while q + e + q e adds the 1e-9. Runs of at most 16
 // factors of at most 2 keep q < 2^16.
 template <typename T>
