@@ -4,8 +4,9 @@
 // in (1, 2]) taken every 16 vectors, so a row of C elements costs C exponentials and C/16 vector
 // logarithms. The product is kept as q = product - 1 (math::eql_accumulate_element): a product of
 // 1 + 4e-8 factors rounds to exactly 1 in float32, which gave a loss of 0 for a confident row whose
-// true loss is their sum (test_eql_confident_rows_keep_their_tiny_terms). Backward: math::eql_element_gradient, sigmoid(z) - y for kept elements, exactly 0 for
-// suppressed ones (tail negatives), whatever their logit.
+// true loss is their sum (test_eql_confident_rows_keep_their_tiny_terms).
+// Backward: math::eql_element_gradient, sigmoid(z) - y for kept elements, exactly 0 for suppressed
+// ones (tail negatives), whatever their logit.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
