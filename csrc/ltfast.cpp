@@ -205,13 +205,18 @@ TORCH_LIBRARY(ltfast, m) {
   m.def("balanced_softmax(Tensor logits, Tensor target, Tensor log_prior, str reduction=\"mean\", "
         "int ignore_index=-100) -> Tensor",
         &balanced_softmax);
-  // with_grad (the CE family and the multi-expert ops): the CPU kernels also return grad_logits, the
-  // gradient for an upstream gradient of 1 (cross_entropy.h); the other backends an empty tensor.
+  // with_grad (the CE family and the multi-expert ops): the forward also returns grad_logits, the
+  // gradient for an upstream gradient of 1 (cross_entropy.h): the CE family's CPU and CUDA kernels,
+  // the multi-expert CPU kernels; the other backends an empty tensor.
   m.def("_balanced_softmax_forward(Tensor logits, Tensor target, Tensor log_prior, str reduction, "
         "int ignore_index, bool with_grad=False) -> (Tensor loss, Tensor row_stats, Tensor denominator, "
         "Tensor grad_logits)");
   m.def("_balanced_softmax_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor log_prior, "
         "Tensor row_stats, Tensor denominator, str reduction, int ignore_index) -> Tensor");
+  // The forward-time gradient (grad_logits of a with_grad forward) times the upstream gradient, in
+  // place: a scalar or one factor per row, read where it lives (on a GPU: on the device, returning at
+  // once when it is 1). The CE family's autograd calls it on CUDA (autograd_common.h).
+  m.def("_scale_forward_grad_(Tensor(a!) grad, Tensor upstream) -> ()");
 
   // The cross-entropy family: CE on logits + adjustment - target_margin[y] * onehot(y), per-class
   // weights with PyTorch's weighted mean, focal factor (1 - p_y)^gamma, label smoothing.

@@ -58,10 +58,11 @@ def _fake_expert_checks(op: str, logits: Tensor, target: Tensor, tensors: dict) 
                                f"got {tensor.device}")
 
 
-def _fake_forward_grad(logits: Tensor, with_grad: bool) -> Tensor:
-    """The grad_logits of the forward ops with with_grad (cross-entropy family, multi-expert): computed
-    by the CPU kernels only (cross_entropy.h, multi_expert.h)."""
-    if with_grad and logits.device.type == "cpu":
+def _fake_forward_grad(logits: Tensor, with_grad: bool, cuda: bool = False) -> Tensor:
+    """The grad_logits of the forward ops with with_grad: computed by the CPU kernels (cross-entropy
+    family, multi-expert: cross_entropy.h, multi_expert.h) and, with `cuda`, the CUDA kernels (the
+    cross-entropy family)."""
+    if with_grad and (logits.device.type == "cpu" or (cuda and logits.device.type == "cuda")):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
     return logits.new_empty((0,))
 
@@ -118,11 +119,15 @@ def register() -> None:
     @lib.register_fake("ltfast::_balanced_softmax_forward")
     def _(logits, target, log_prior, reduction, ignore_index, with_grad=False):
         return (*_fake_forward("ltfast.balanced_softmax", logits, target, reduction, {"log_prior": log_prior}),
-                _fake_forward_grad(logits, with_grad))
+                _fake_forward_grad(logits, with_grad, cuda=True))
 
     @lib.register_fake("ltfast::_balanced_softmax_backward")
     def _(grad_loss, logits, target, log_prior, row_stats, denominator, reduction, ignore_index):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    @lib.register_fake("ltfast::_scale_forward_grad_")
+    def _(grad, upstream):
+        return None
 
     # ---------------------------------------------------------------- adjusted_cross_entropy
     @lib.register_fake("ltfast::_adjusted_cross_entropy_forward")
@@ -130,7 +135,7 @@ def register() -> None:
           with_grad=False):
         return (*_fake_forward("ltfast.adjusted_cross_entropy", logits, target, reduction,
                                {"adjustment": adjustment, "target_margin": target_margin, "weight": weight}),
-                _fake_forward_grad(logits, with_grad))
+                _fake_forward_grad(logits, with_grad, cuda=True))
 
     @lib.register_fake("ltfast::_adjusted_cross_entropy_backward")
     def _(grad_loss, logits, target, adjustment, target_margin, weight, row_stats, denominator, gamma,
@@ -143,7 +148,7 @@ def register() -> None:
         check_devices("ltfast.softmax_equalization_loss", logits, {"seed": seed})
         return (*_fake_forward("ltfast.softmax_equalization_loss", logits, target, reduction,
                                {"tail_mask": tail_mask}),
-                _fake_forward_grad(logits, with_grad))
+                _fake_forward_grad(logits, with_grad, cuda=True))
 
     @lib.register_fake("ltfast::_softmax_equalization_loss_backward")
     def _(grad_loss, logits, target, tail_mask, seed, row_stats, denominator, gamma, reduction, ignore_index):

@@ -181,8 +181,10 @@ def _emulate_cuda_kernels_for_simt(request):
         simt_support.load()
     except Exception as error:  # a missing compiler or a broken build: a failure, never a skip
         pytest.fail(f"simt: {error}", pytrace=False)
-    # simt tensors are CPU tensors, so the cross-entropy family would ask its kernels for the forward-time
-    # gradient, which only the CPU kernels write: off here, as it is in effect on a GPU.
+    # The forward-time gradient is off here, so that the simt tests of every op keep running the backward
+    # kernels through autograd. (On simt's CPU tensors autograd would scale that gradient on the host,
+    # not with the GPU's _scale_forward_grad_; the forward-time gradient of the CUDA kernels has tests of
+    # its own that turn it on: test_cross_entropy.py, test_gpu_forward_time_gradient_*.)
     import ltfast
     forward_gradient = ltfast.set_forward_gradient(False)
     try:

@@ -215,9 +215,7 @@ def _opcheck_samples(device):
             yield torch.ops.ltfast.adjusted_cross_entropy, (x, target, prior, m, w, 0.0, 0.1, reduction, IGNORE)
             yield torch.ops.ltfast._adjusted_cross_entropy_forward, (x, target, prior, m, w, 1.5, 0.0, reduction, IGNORE)
             yield torch.ops.ltfast._adjusted_cross_entropy_forward, (x, target, None, None, None, 0.0, 0.0, reduction, IGNORE)
-            if is_simt(device):  # CPU tensors, CUDA kernels: no forward-time gradient, as on a GPU
-                continue
-            # with_grad: the forward-time gradient (a [N, C] fourth output on the CPU, empty elsewhere).
+            # with_grad: the forward-time gradient (a [N, C] fourth output, from the CPU and CUDA kernels).
             yield torch.ops.ltfast._balanced_softmax_forward, (x, target, prior, reduction, IGNORE, True)
             yield torch.ops.ltfast._adjusted_cross_entropy_forward, (x, target, prior, m, w, 0.0, 0.1, reduction,
                                                                      IGNORE, True)
@@ -243,6 +241,9 @@ def test_opcheck_backward_ops(device):
         torch.library.opcheck(torch.ops.ltfast._adjusted_cross_entropy_backward,
                               (grad, logits, target, prior, prior.abs(), prior.abs(), lse, denom, 0.0, 0.1,
                                reduction, IGNORE))
+        _, _, _, forward_grad = torch.ops.ltfast._balanced_softmax_forward(logits, target, prior, reduction, IGNORE,
+                                                                           True)
+        torch.library.opcheck(torch.ops.ltfast._scale_forward_grad_, (forward_grad, grad * 0.5))
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -669,12 +670,12 @@ def test_non_contiguous_logits_are_copied_once(device):
 
 def _forward_time_gradient_cases(logits, target, gen):
     """(name, forward(x, with_grad), backward(grad_loss, x, stats, denominator), functional(x)) per op."""
-    C = logits.shape[1]
-    prior = ltfast.priors.log_prior(_counts(C, gen))
-    margin = 3 * ltfast.priors.ldam_margins(_counts(C, gen))
-    weight = torch.rand(C, generator=gen) + 0.5
-    tail = torch.rand(C, generator=gen) < 0.6
-    seed = torch.tensor([11, 23])
+    C, device = logits.shape[1], logits.device
+    prior = ltfast.priors.log_prior(_counts(C, gen)).to(device)
+    margin = (3 * ltfast.priors.ldam_margins(_counts(C, gen))).to(device)
+    weight = (torch.rand(C, generator=gen) + 0.5).to(device)
+    tail = (torch.rand(C, generator=gen) < 0.6).to(device)
+    seed = torch.tensor([11, 23], device=device)
     ops = torch.ops.ltfast
     cases = []
     for reduction in REDUCTIONS:
@@ -761,6 +762,96 @@ def test_forward_time_gradient_equals_backward_kernel(C, dtype):
             assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)), name
         finally:
             ltfast.set_forward_gradient(previous)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(9, 13), (7, 77), (5, 1100)], ids=str)  # 8-lane, warp and block row groups
+def test_gpu_forward_time_gradient_is_the_backward_kernels(shape, dtype, device):
+    """CUDA (issue 20, one pass fewer per training step): the forward kernel's gradient pass runs the
+    backward kernel's code on the statistics it just reduced, scaled for 'mean' by the denominator
+    mean_denominator_kernel computes before the rows, so with_grad returns the backward op's gradient
+    for an upstream gradient of 1 bit for bit, with the same loss, statistics and denominator."""
+    if not (is_simt(device) or device == "cuda"):
+        pytest.skip("the CPU kernels' forward-time gradient: test_forward_time_gradient_equals_backward_kernel")
+    logits, target, gen = make_inputs(shape, dtype, device, ignored_rows=(1, 4))
+    logits[6 % shape[0], 3] = float("nan")  # a NaN row: NaN gradient row either way
+    # A view whose rows start 2 bytes past a 16-byte boundary: the gradient (contiguous) then splits
+    # differently from the logits and is stored element by element.
+    offset = torch.empty(logits.numel() + 1, dtype=dtype, device=device)[1:].view(shape)
+    offset.copy_(logits)
+    for x in (logits, offset):
+        for name, forward, backward, _ in _forward_time_gradient_cases(x, target, gen):
+            loss, stats, den, grad = forward(x, True)
+            plain = forward(x, False)
+            assert plain[3].numel() == 0 and grad.shape == x.shape and grad.dtype == dtype, name
+            for got, want in zip((loss, stats, den), plain[:3]):
+                assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)), name
+            expected = backward(torch.ones_like(loss), x, stats, den)
+            assert torch.equal(grad.nan_to_num(7.0), expected.nan_to_num(7.0)), name
+            assert (grad[1] == 0).all() and (grad[4 % shape[0]] == 0).all() or shape[0] <= 4, name
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_scale_forward_grad(dtype, device):
+    """ltfast::_scale_forward_grad_, the GPU half of the forward-time gradient: the gradient times the
+    upstream gradient in place, read on the device; rows whose factor is exactly 1 are not touched (NaN
+    entries included), and exact zeros stay +0 (ignored rows, SEQL drops), also for inf and NaN."""
+    gen = torch.Generator().manual_seed(3)
+    for C in (13, 77, 1100):
+        base = (torch.randn(6, C, generator=gen) * 3).to(dtype)
+        base[2] = 0.0
+        base[3, :5] = 0.0
+        base[4, 7] = float("nan")
+        factors = [torch.tensor(1.0), torch.tensor(0.37), torch.tensor(-2.5), torch.tensor(float("inf")),
+                   torch.tensor(float("nan")), torch.tensor([1.0, 0.5, -3.0, 1.0, 1.0, float("inf")])]
+        for upstream in factors:
+            grad = base.clone().to(device)
+            torch.ops.ltfast._scale_forward_grad_(grad, upstream.to(device))
+            factor = upstream.float().reshape(-1, 1) if upstream.dim() == 1 else upstream.float()
+            product = (base.float() * factor).to(dtype).double()  # in the accumulation type, as the kernels
+            want = torch.where(base == 0, torch.zeros((), dtype=torch.float64), product)
+            ones = (factor == 1).expand_as(want)
+            want = torch.where(ones, base.double(), want)
+            got = grad.cpu().double()
+            assert torch.equal(got.nan_to_num(7.0, 8.0, -8.0), want.nan_to_num(7.0, 8.0, -8.0)), (C, upstream)
+            assert not torch.signbit(got[2]).any(), (C, upstream)  # +0, as the backward kernel writes
+    with pytest.raises(ValueError, match="upstream must be a scalar or have one value per row"):
+        torch.ops.ltfast._scale_forward_grad_(torch.zeros(4, 3, dtype=dtype, device=device),
+                                              torch.ones(3, device=device))
+    with pytest.raises(ValueError, match="grad must be a contiguous floating tensor"):
+        torch.ops.ltfast._scale_forward_grad_(torch.zeros(3, 4, dtype=dtype, device=device).t(),
+                                              torch.ones((), device=device))
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_gpu_forward_time_gradient_through_autograd(device):
+    """The forward-time gradient end to end through autograd on the GPU kernels: loss.backward()
+    hands out the forward's gradient as it is; other upstream gradients scale it (on a GPU with
+    _scale_forward_grad_ on the device); a second backward (retain_graph) runs the backward op."""
+    if not (is_simt(device) or device == "cuda"):
+        pytest.skip("the CPU path: test_forward_time_gradient_equals_backward_kernel")
+    logits, target, gen = make_inputs((9, 77), torch.float32, device, ignored_rows=(1, 4))
+    previous = ltfast.set_forward_gradient(True)
+    try:
+        for name, forward, backward, functional in _forward_time_gradient_cases(logits, target, gen):
+            loss, stats, den, grad = forward(logits, True)
+            for upstream in ("one", "scalar", "per_row"):
+                x = logits.clone().requires_grad_()
+                out = functional(x)
+                g = {"one": torch.ones_like(out), "scalar": torch.full_like(out, 0.37),
+                     "per_row": torch.linspace(-1.0, 2.0, out.numel(), device=device).reshape(out.shape)}[upstream]
+                (got,) = torch.autograd.grad(out, x, g, retain_graph=True)
+                want = backward(g.to(loss.dtype), logits, stats, den)
+                if upstream == "one":
+                    assert torch.equal(got, grad), name
+                else:
+                    torch.testing.assert_close(got, want, **TOL[torch.float32], msg=f"{name} {upstream}")
+                (again,) = torch.autograd.grad(out, x, g)  # the forward's gradient was handed out once
+                assert torch.equal(again, backward(g.to(loss.dtype), logits, stats, den)), name
+    finally:
+        ltfast.set_forward_gradient(previous)
 
 
 class _NoGradient(torch.autograd.Function):

@@ -91,6 +91,12 @@ inline void refuse_double_backward(variable_list& grads, const char* op, const v
   }
 }
 
+// The typed handle of a registered operator.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
 // ------------------------------------------------------------------ the forward-time gradient
 // Where the logits need a gradient and the backend's forward kernel can write it (today the CPU
 // kernels of the cross-entropy family and of the multi-expert ops), the autograd kernel asks the
@@ -123,6 +129,10 @@ inline std::atomic<bool>& forward_gradient_switch() {
   return enabled;
 }
 
+inline bool cross_entropy_forward_gradient_enabled() {
+  return forward_gradient_switch().load(std::memory_order_relaxed);
+}
+
 // A real tensor with concrete sizes: not a FakeTensor or a functional wrapper (torch.compile,
 // opcheck), whose values cannot be read and whose graph must not depend on them.
 inline bool is_plain_tensor(const at::Tensor& t) {
@@ -135,18 +145,23 @@ inline bool is_plain_cpu_tensor(const at::Tensor& t) { return is_plain_tensor(t)
 // The backends whose forward kernels write the gradient. A backend adopts the forward-time gradient by
 // returning it from its forward kernel (see with_forward_grad in cross_entropy.h) and being named
 // here; its backward must then also read the upstream gradient where it lives (on a GPU: a scaling
-// kernel that reads it on the device, no host synchronisation).
-inline bool backend_writes_forward_grad(const at::Tensor& logits) { return logits.device().is_cpu(); }
-
-// Whether the forward should also compute the gradient.
-// `enabled`: the family's switch (the cross-entropy family: forward_gradient_switch()).
-inline bool wants_forward_grad(const at::Tensor& logits, bool requested, bool enabled = true) {
-  return requested || (enabled && at::GradMode::is_enabled() && logits.requires_grad() &&
-                       backend_writes_forward_grad(logits) && is_plain_tensor(logits));
+// kernel that reads it on the device, no host synchronisation: ltfast::_scale_forward_grad_).
+// `cuda`: the family's CUDA forward kernels write it too (the cross-entropy family).
+inline bool backend_writes_forward_grad(const at::Tensor& logits, bool cuda) {
+  return logits.device().is_cpu() || (cuda && logits.device().is_cuda());
 }
 
-inline bool cross_entropy_forward_gradient_enabled() {
-  return forward_gradient_switch().load(std::memory_order_relaxed);
+// Whether the forward should also compute the gradient.
+// `enabled`: the family's switch (the cross-entropy family: forward_gradient_switch()); `cuda`: see
+// backend_writes_forward_grad.
+inline bool wants_forward_grad(const at::Tensor& logits, bool requested, bool enabled = true, bool cuda = false) {
+  return requested || (enabled && at::GradMode::is_enabled() && logits.requires_grad() &&
+                       backend_writes_forward_grad(logits, cuda) && is_plain_tensor(logits));
+}
+
+// The cross-entropy family's choice (its CPU and CUDA forward kernels write the gradient).
+inline bool cross_entropy_wants_forward_grad(const at::Tensor& logits, bool requested) {
+  return wants_forward_grad(logits, requested, cross_entropy_forward_gradient_enabled(), /*cuda=*/true);
 }
 
 // The private forward op's grad_logits output as its caller sees it: the forward-time gradient only
@@ -196,10 +211,24 @@ inline at::Tensor forward_grad_if_unit_upstream(AutogradContext* ctx, const at::
 // op folds the upstream gradient into the per-row coefficients before the product, this multiplies
 // after it; and an ignored row of a negative upstream gradient gets -0 rather than 0). Reading a CPU
 // scalar costs nothing; a non-finite upstream gradient takes the backward op (0 * inf).
+//
+// On a GPU the upstream gradient is not read on the host (that would synchronise every step):
+// ltfast::_scale_forward_grad_ reads it on the device and returns at once where it is exactly 1,
+// else scales in place; non-finite factors are scaled too (elements that are exactly 0 stay 0, as the
+// backward op writes them; the others become inf/NaN where the backward op's do, within rounding).
 inline at::Tensor forward_grad_for_upstream(AutogradContext* ctx, const at::Tensor& logits,
                                             const at::Tensor& upstream) {
   at::Tensor grad = take_forward_grad(ctx);
-  if (!forward_grad_usable(grad, logits, upstream) || !upstream.device().is_cpu()) return at::Tensor();
+  if (!forward_grad_usable(grad, logits, upstream)) return at::Tensor();
+  if (!upstream.device().is_cpu()) {
+    const bool per_row = upstream.dim() == 1 && upstream.size(0) == grad.size(0) && grad.size(0) != 1;
+    if (!per_row && upstream.numel() != 1) return at::Tensor();
+    static const auto scale_op =
+        typed_op<void(at::Tensor&, const at::Tensor&)>("ltfast::_scale_forward_grad_");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    scale_op.call(grad, per_row ? upstream : upstream.reshape({}));
+    return grad;
+  }
   if (upstream.numel() == 1) {
     const double g = upstream.item<double>();
     if (g == 1.0) return grad;
@@ -233,11 +262,6 @@ struct Autocast<float_loss> {
     return float_loss(args...);
   }
 };
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 }  // namespace autograd
 }  // namespace ltfast

@@ -84,7 +84,7 @@ ForwardOutputs balanced_softmax_forward_autograd(const at::Tensor& logits, const
                                                  const at::Tensor& log_prior, c10::string_view reduction,
                                                  int64_t ignore_index, bool with_grad) {
   auto out = BalancedSoftmaxFunction::apply(logits, target, log_prior, reduction, ignore_index,
-                                            wants_forward_grad(logits, with_grad, cross_entropy_forward_gradient_enabled()));
+                                            cross_entropy_wants_forward_grad(logits, with_grad));
   return {out[0], out[1], out[2], requested_forward_grad(with_grad, out[3], logits)};
 }
 
@@ -190,7 +190,7 @@ ForwardOutputs adjusted_forward_autograd(const at::Tensor& logits, const at::Ten
               "weight.detach()");
   auto out = AdjustedCrossEntropyFunction::apply(logits, target, adjustment, target_margin, weight, gamma,
                                                  label_smoothing, reduction, ignore_index,
-                                                 wants_forward_grad(logits, with_grad, cross_entropy_forward_gradient_enabled()));
+                                                 cross_entropy_wants_forward_grad(logits, with_grad));
   return {out[0], out[1], out[2], requested_forward_grad(with_grad, out[3], logits)};
 }
 

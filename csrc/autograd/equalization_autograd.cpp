@@ -70,7 +70,7 @@ SeqlForwardOutputs seql_forward_autograd(const at::Tensor& logits, const at::Ten
                                          const at::Tensor& tail_mask, const at::Tensor& seed, double gamma,
                                          c10::string_view reduction, int64_t ignore_index, bool with_grad) {
   auto out = SoftmaxEqualizationFunction::apply(logits, target, tail_mask, seed, gamma, reduction, ignore_index,
-                                                wants_forward_grad(logits, with_grad, cross_entropy_forward_gradient_enabled()));
+                                                cross_entropy_wants_forward_grad(logits, with_grad));
   return {out[0], out[1], out[2], requested_forward_grad(with_grad, out[3], logits)};
 }
 

@@ -7,6 +7,7 @@
 
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <tuple>
 #include <utility>
 
@@ -70,6 +71,15 @@ struct Scheduled;
 template <typename Result, typename... Args, Result (*function)(Args...)>
 struct Scheduled<function> {
   static Result call(Args... args) {
+    if constexpr (std::is_void_v<Result>) {
+      return call_in_place(args...);
+    } else {
+      return call_with_result(args...);
+    }
+  }
+
+ private:
+  static Result call_with_result(Args... args) {
     take_launched_kernel_names();
     Result first = [&] {
       ScheduleGuard guard(Schedule::kAscending);
@@ -84,7 +94,29 @@ struct Scheduled<function> {
     }
     return first;
   }
+
+  // An in-place op (its first argument is mutated, nothing returned: ltfast::_scale_forward_grad_): the
+  // first schedule works on the caller's tensor, each other schedule on a copy of its original value,
+  // and the results must agree bit for bit.
+  template <typename... Rest>
+  static void call_in_place(at::Tensor& out, Rest... rest) {
+    const at::Tensor original = out.clone();
+    take_launched_kernel_names();
+    {
+      ScheduleGuard guard(Schedule::kAscending);
+      function(out, rest...);
+    }
+    const std::string kernels = take_launched_kernel_names();
+    for (int s = 1; s < kNumSchedules; ++s) {
+      const auto schedule = static_cast<Schedule>(s);
+      ScheduleGuard guard(schedule);
+      at::Tensor again = original.clone();
+      function(again, rest...);
+      detail::check_outputs(out, again, schedule, kernels.empty() ? "none" : kernels);
+    }
+  }
 };
+
 
 }  // namespace simt
 }  // namespace ltfast

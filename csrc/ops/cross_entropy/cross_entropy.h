@@ -67,7 +67,7 @@ void check_cross_entropy_backward_args(const char* op, const CrossEntropyArgs& a
 // (sum of target weights for 'mean', 1 otherwise). All three are in the accumulation dtype.
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // The private forward ops return a fourth tensor, grad_logits: empty ([0]) unless args.with_grad and
-// the backend computes it (today the CPU kernels; a backend whose forward kernel returns a
+// the backend computes it (the CPU and CUDA kernels; a backend whose forward kernel returns a
 // ForwardResult gets the empty one, see with_forward_grad below). Then it is d loss / d logits for an
 // upstream gradient of exactly 1, in the logits dtype, equal to the backward op's result for that
 // gradient within rounding (the CPU takes p_c from the exponentials of the statistics pass instead of a
@@ -76,9 +76,13 @@ using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // write of the gradient per training step instead of two reads and one write.
 using CrossEntropyForwardOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 CrossEntropyForwardOutputs cross_entropy_forward_cpu(const CrossEntropyArgs& args);
+// ltfast::_scale_forward_grad_: the forward-time gradient `grad` times the upstream gradient (a scalar,
+// or one factor per row), in place; see csrc/autograd/autograd_common.h, forward_grad_for_upstream.
+void check_scale_forward_grad_args(const at::Tensor& grad, const at::Tensor& upstream);
+void scale_forward_grad_cpu(at::Tensor& grad, const at::Tensor& upstream);
 at::Tensor cross_entropy_backward_cpu(const CrossEntropyArgs& args, const at::Tensor& grad_loss,
                                       const at::Tensor& row_stats, const at::Tensor& denominator);
-ForwardResult cross_entropy_forward_cuda(const CrossEntropyArgs& args);
+CrossEntropyForwardOutputs cross_entropy_forward_cuda(const CrossEntropyArgs& args);
 
 // The CUDA row kernel alone (LADE's PriorCE rows): row_loss [N], row_stats [2, N] and the row
 // blocks' partial sums, double [2, blocks] (row 0: the loss sum of the block's rows, row 1: their

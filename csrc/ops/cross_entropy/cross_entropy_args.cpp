@@ -1,6 +1,7 @@
 #include "cross_entropy.h"
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
 #include <cmath>
 
@@ -85,6 +86,34 @@ void check_cross_entropy_backward_args(const char* op, const CrossEntropyArgs& a
                       args.reduction == Reduction::Mean ? "mean" : "sum", "', got shape ", grad_loss.sizes());
     check_same_device(grad_loss, "grad_loss", args.logits, op);
   }
+}
+
+// ltfast::_scale_forward_grad_(grad, upstream): grad is a forward-time gradient (contiguous, floating,
+// at least 1-D: its rows are dim 0), upstream a scalar or one factor per row on the same device.
+void check_scale_forward_grad_args(const at::Tensor& grad, const at::Tensor& upstream) {
+  const char* op = "ltfast._scale_forward_grad_";
+  TORCH_CHECK_VALUE(grad.dim() >= 1 && grad.is_contiguous() && at::isFloatingType(grad.scalar_type()), op,
+                    ": grad must be a contiguous floating tensor of at least one dimension, got shape ", grad.sizes(),
+                    " and dtype ", grad.scalar_type());
+  TORCH_CHECK_VALUE(at::isFloatingType(upstream.scalar_type()), op, ": upstream must be floating, got ",
+                    upstream.scalar_type());
+  TORCH_CHECK_VALUE(upstream.dim() == 0 || (upstream.dim() == 1 && upstream.size(0) == grad.size(0)), op,
+                    ": upstream must be a scalar or have one value per row of grad (", grad.size(0),
+                    "), got shape ", upstream.sizes());
+  check_same_device(upstream, "upstream", grad, op);
+}
+
+// The CPU kernel of ltfast::_scale_forward_grad_ (the CPU autograd scales on the host instead; this
+// is the op's reference and CPU form): x *= factor in the accumulation type, rows whose factor is 1
+// unchanged, elements that are 0 stay +0.
+void scale_forward_grad_cpu(at::Tensor& grad, const at::Tensor& upstream) {
+  check_scale_forward_grad_args(grad, upstream);
+  if (grad.numel() == 0) return;
+  std::vector<int64_t> factor_shape(grad.dim(), 1);
+  if (upstream.dim() == 1) factor_shape[0] = grad.size(0);
+  const at::Tensor factor = upstream.to(at::toOpMathType(grad.scalar_type())).reshape(factor_shape);
+  const at::Tensor product = grad.to(factor.scalar_type()).mul(factor);
+  grad.copy_(at::where(grad == 0, at::zeros({}, grad.options()), product));
 }
 
 }  // namespace ltfast

@@ -397,6 +397,7 @@ TORCH_LIBRARY_IMPL(ltfast, CPU, m) {
   m.impl("_balanced_softmax_backward", &balanced_softmax_backward<cross_entropy_backward_cpu>);
   m.impl("_adjusted_cross_entropy_forward", &adjusted_cross_entropy_forward<cross_entropy_forward_cpu>);
   m.impl("_adjusted_cross_entropy_backward", &adjusted_cross_entropy_backward<cross_entropy_backward_cpu>);
+  m.impl("_scale_forward_grad_", &scale_forward_grad_cpu);
 }
 #endif  // CPU_CAPABILITY_DEFAULT
 

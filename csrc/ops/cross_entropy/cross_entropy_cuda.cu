@@ -43,26 +43,33 @@ at::Tensor row_partials(const CrossEntropyArgs& args) {
   return args.num_rows == 0 ? at::zeros({2, blocks}, options) : at::empty({2, blocks}, options);
 }
 
-ForwardResult forward(const CrossEntropyArgs& args) {
+CrossEntropyForwardOutputs forward(const CrossEntropyArgs& args) {
   gpu::DeviceGuard guard(args.logits.device());
   const auto acc_options = args.logits.options().dtype(args.accumulate_type);
   const bool none = args.reduction == Reduction::None;
+  const bool mean = args.reduction == Reduction::Mean;
   at::Tensor row_loss = at::empty({args.num_rows}, acc_options);
   at::Tensor row_stats = at::empty({2, args.num_rows}, acc_options);  // layout: cross_entropy.h
   at::Tensor loss = none ? row_loss : at::empty({}, acc_options);
   at::Tensor denominator = at::empty({}, acc_options);
   at::Tensor partials = none ? at::Tensor() : row_partials(args);
+  // The forward-time gradient (cross_entropy.h): [N, C] for an upstream gradient of 1, and for 'mean'
+  // the scalar its scale is divided by, computed before the rows (mean_denominator_kernel).
+  at::Tensor grad_logits = args.with_grad ? at::empty_like(args.logits, at::MemoryFormat::Contiguous)
+                                          : at::empty({0}, args.logits.options());
+  at::Tensor grad_denominator = args.with_grad && mean ? at::empty({}, acc_options) : at::Tensor();
   if (none && args.num_rows == 0) denominator.fill_(1.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(),
                                   "ltfast_cross_entropy_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cross_entropy_kernels::launch_forward<scalar_t>(
         args.logits.data_ptr<scalar_t>(), make_params<acc_t>(args), row_loss.data_ptr<acc_t>(),
-        row_stats.data_ptr<acc_t>(), none ? denominator.data_ptr<acc_t>() : nullptr, !none,
-        args.reduction == Reduction::Mean, none ? nullptr : partials.data_ptr<double>(), loss.data_ptr<acc_t>(),
-        denominator.data_ptr<acc_t>(), gpu::current_stream());
+        row_stats.data_ptr<acc_t>(), none ? denominator.data_ptr<acc_t>() : nullptr, !none, mean,
+        none ? nullptr : partials.data_ptr<double>(), loss.data_ptr<acc_t>(), denominator.data_ptr<acc_t>(),
+        gpu::current_stream(), args.with_grad ? grad_logits.data_ptr<scalar_t>() : nullptr,
+        grad_denominator.defined() ? grad_denominator.data_ptr<acc_t>() : nullptr);
   });
-  return {loss, row_stats, denominator};
+  return {loss, row_stats, denominator, grad_logits};
 }
 
 CrossEntropyRows rows(const CrossEntropyArgs& args) {
@@ -101,9 +108,25 @@ at::Tensor backward(const CrossEntropyArgs& args, const at::Tensor& grad_loss, c
   return grad_logits;
 }
 
+// ltfast::_scale_forward_grad_: grad (the forward-time gradient, [N, C] contiguous) *= upstream, a
+// scalar or one factor per row, read on the device (cross_entropy_kernels::scale_rows_kernel).
+void scale_forward_grad(at::Tensor& grad, const at::Tensor& upstream) {
+  check_scale_forward_grad_args(grad, upstream);
+  if (grad.numel() == 0) return;
+  gpu::DeviceGuard guard(grad.device());
+  const at::Tensor factors = upstream.to(at::toOpMathType(grad.scalar_type())).contiguous();
+  const int64_t num_rows = grad.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "ltfast_scale_forward_grad_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    cross_entropy_kernels::launch_scale_rows<scalar_t>(grad.data_ptr<scalar_t>(), num_rows, grad.numel() / num_rows,
+                                                       factors.data_ptr<acc_t>(), /*per_row=*/upstream.dim() == 1,
+                                                       gpu::current_stream());
+  });
+}
+
 }  // namespace cross_entropy_cuda
 
-ForwardResult cross_entropy_forward_cuda(const CrossEntropyArgs& args) { return cross_entropy_cuda::forward(args); }
+CrossEntropyForwardOutputs cross_entropy_forward_cuda(const CrossEntropyArgs& args) { return cross_entropy_cuda::forward(args); }
 
 CrossEntropyRows cross_entropy_rows_cuda(const CrossEntropyArgs& args) { return cross_entropy_cuda::rows(args); }
 
@@ -119,6 +142,7 @@ LTFAST_GPU_LIBRARY_IMPL(m) {
   LTFAST_GPU_IMPL(m, "_balanced_softmax_backward", &balanced_softmax_backward<cross_entropy_backward_cuda>);
   LTFAST_GPU_IMPL(m, "_adjusted_cross_entropy_forward", &adjusted_cross_entropy_forward<cross_entropy_forward_cuda>);
   LTFAST_GPU_IMPL(m, "_adjusted_cross_entropy_backward", &adjusted_cross_entropy_backward<cross_entropy_backward_cuda>);
+  LTFAST_GPU_IMPL(m, "_scale_forward_grad_", &cross_entropy_cuda::scale_forward_grad);
 }
 
 }  // namespace ltfast

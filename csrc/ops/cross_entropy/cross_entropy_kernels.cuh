@@ -233,13 +233,113 @@ __device__ __forceinline__ void accumulate_logits(const acc_t (&a)[K], const int
   }
 }
 
+// The loss configuration the gradient of a row uses: with label smoothing and class weights, the
+// total weight W = sum_c w_c, summed from the [C] vector (L2-resident) in the backward's lane order,
+// so that the forward's gradient pass and the backward get the same W bit for bit (the forward's own
+// W, summed in its vector order, may differ in the last bit). Every lane of the group must call it.
+template <int GROUP, InnerLoop kInner, typename acc_t, typename StateScratch, typename SumScratch>
+__device__ __forceinline__ math::CrossEntropyConfig<acc_t> gradient_config(const KernelParams<acc_t>& p, int lane,
+                                                                           StateScratch& scratch_state,
+                                                                           SumScratch& scratch_a,
+                                                                           SumScratch& scratch_b) {
+  auto cfg = p.cfg;
+  if constexpr (kInner == InnerLoop::kGeneral) {
+    if (p.cfg.label_smoothing != acc_t(0) && p.weight != nullptr) {
+      math::SoftmaxState<acc_t> unused = math::empty_softmax_state<acc_t>();
+      acc_t weight_sum = acc_t(0), unused_sum = acc_t(0);
+      for (int c = lane; c < static_cast<int>(p.num_classes); c += GROUP) weight_sum += gpu::load(p.weight + c);
+      group_reduce<GROUP>(unused, weight_sum, unused_sum, scratch_state, scratch_a, scratch_b);
+      cfg.total_weight = weight_sum;
+    }
+  }
+  return cfg;
+}
+
+// Writes row g = d loss / d z of one row z (GROUP lanes, `lane` of them), from the row's statistics
+// and gradient coefficients: a scalar head, 16-byte vectors, a scalar tail (split_row), the
+// gradient stored in vectors when its row splits like the logits row (`vector_stores`). Shared by the
+// backward kernel and the forward's gradient pass, so that the two write bit-identical gradients.
+template <int GROUP, InnerLoop kInner, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void write_row_gradient(const scalar_t* z, scalar_t* g, int C, int lane,
+                                                   const KernelParams<acc_t>& p, const RowInfo<acc_t>& r,
+                                                   const math::RowLogSumExp<acc_t>& stats,
+                                                   const math::RowGradientCoefficients<acc_t>& coef,
+                                                   uint32_t column_seed, bool vector_stores) {
+  constexpr int V = kVectorElements<scalar_t>;
+  constexpr int U = kVectorUnroll<scalar_t>;
+  // d loss / d z_c of one element (per-class values in `run` at i).
+  auto gradient = [&](acc_t zc, int c, const ClassRun<kInner, V, acc_t>& run, int i) -> acc_t {
+    acc_t a = p.adjustment ? math::adjusted_logit(zc, run.adjustment[i]) : zc;
+    if constexpr (kInner == InnerLoop::kGeneral) {
+      if (c == r.y) a = r.target_logit;
+    }
+    acc_t class_weight = acc_t(1);
+    if constexpr (kInner == InnerLoop::kGeneral) {
+      if (p.weight) class_weight = run.weight[i];
+    }
+    acc_t grad =
+        math::element_gradient(math::softmax_probability(a, stats), coef.prob_coef, coef.class_coef, class_weight);
+    if (c == r.y) grad -= coef.target_coef;
+    if constexpr (kInner != InnerLoop::kAdjusted) {
+      if (dropped_at<kInner>(p, r, column_seed, c, run.tail[i])) grad = acc_t(0);  // dropped: exactly zero
+    }
+    return grad;
+  };
+  auto scalar_gradient = [&](int c) -> acc_t {
+    ClassRun<kInner, V, acc_t> run;
+    run.load(p, c, 1, true);
+    return gradient(static_cast<acc_t>(gpu::load(z + c)), c, run, 0);
+  };
+  const RowSplit split = split_row(z, C);
+  if (lane < split.head) gpu::store(g + lane, scalar_gradient(lane));
+  for (int first = lane; first < split.vectors; first += GROUP * U) {
+    gpu::Vector<scalar_t, V> x[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int v = first + u * GROUP;
+      if (v < split.vectors) x[u] = gpu::load_vector<V>(z + split.head + v * V);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int v = first + u * GROUP;
+      if (v < split.vectors) {
+        const int c0 = split.head + v * V;
+        ClassRun<kInner, V, acc_t> run;
+        run.load(p, c0, V, true);
+        gpu::Vector<scalar_t, V> out;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          out.v[i] = static_cast<scalar_t>(gradient(static_cast<acc_t>(x[u].v[i]), c0 + i, run, i));
+        }
+        if (vector_stores) {
+          gpu::store_vector<V>(g + c0, out);
+        } else {
+#pragma unroll
+          for (int i = 0; i < V; ++i) gpu::store(g + c0 + i, out.v[i]);
+        }
+      }
+    }
+  }
+  if (split.tail_begin + lane < C) {
+    const int c = split.tail_begin + lane;
+    gpu::store(g + c, scalar_gradient(c));
+  }
+}
+
 // ------------------------------------------------------------------------------ kernels
-template <typename scalar_t, int GROUP, InnerLoop kInner>
+// kWithGrad: the forward-time gradient. Once a row's statistics are reduced, the group streams the
+// row again (from L1/L2: the block read it microseconds before) and writes grad_logits for an
+// upstream gradient of 1, with write_row_gradient, the backward's code: bit-identical to the backward
+// kernel's result for that upstream. The scale is 1 / *grad_denominator for 'mean' (computed before
+// this kernel by mean_denominator_kernel, the value the finish will write), 1 otherwise (nullptr).
+template <typename scalar_t, int GROUP, InnerLoop kInner, bool kWithGrad>
 __global__ void __launch_bounds__(kBlockThreads)
     forward_rows_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
                         at::opmath_type<scalar_t>* __restrict__ row_loss,
                         at::opmath_type<scalar_t>* __restrict__ row_stats,
-                        at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials) {
+                        at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials,
+                        scalar_t* __restrict__ grad_logits,
+                        const at::opmath_type<scalar_t>* __restrict__ grad_denominator) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   constexpr int V = kVectorElements<scalar_t>;
@@ -258,6 +358,8 @@ __global__ void __launch_bounds__(kBlockThreads)
   const bool tail_on = kInner != InnerLoop::kAdjusted && p.tail != nullptr;
   const uint32_t column_seed = tail_on ? static_cast<uint32_t>(gpu::load(p.seed)) : 0u;
   const uint32_t row_seed = tail_on ? static_cast<uint32_t>(gpu::load(p.seed + 1)) : 0u;
+  // The gradient rows split like the logits rows when their bases do (see the backward kernel).
+  const bool vector_stores = kWithGrad && gpu_row_stream::same_split(logits, grad_logits);
   // reduction 'none': the denominator is 1, written here rather than by a separate fill launch.
   if (unit_denominator != nullptr && blockIdx.x == 0 && threadIdx.x == 0) gpu::store(unit_denominator, acc_t(1));
 
@@ -273,6 +375,7 @@ __global__ void __launch_bounds__(kBlockThreads)
         gpu::store(row_stats + row, acc_t(0));
         gpu::store(row_stats + p.num_rows + row, acc_t(0));
       }
+      if constexpr (kWithGrad) fill_row<GROUP>(grad_logits + row * p.num_classes, C, lane, scalar_t(0));
       continue;
     }
     CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
@@ -337,6 +440,21 @@ __global__ void __launch_bounds__(kBlockThreads)
       group_loss += static_cast<double>(loss);
       group_weight += static_cast<double>(target_weight);
     }
+    if constexpr (kWithGrad) {
+      // Every lane holds the same reduced state (merge_softmax_states is symmetric, so the shuffle
+      // butterfly gives all lanes lane 0's bits), hence the same statistics lane 0 stored.
+      const math::RowLogSumExp<acc_t> stats = math::finish_row(state);
+      scalar_t* g = grad_logits + row * p.num_classes;
+      if (math::row_is_nan(stats)) {  // as the backward: a NaN row of gradients
+        fill_row<GROUP>(g, C, lane, static_cast<scalar_t>(stats.log_sum));
+        continue;
+      }
+      const auto cfg = gradient_config<GROUP, kInner>(p, lane, scratch_state, scratch_a, scratch_b);
+      const acc_t scale = grad_denominator != nullptr ? acc_t(1) / gpu::load(grad_denominator) : acc_t(1);
+      const auto coef = math::row_gradient_coefficients(cfg, scale, stats, r.target_logit,
+                                                        p.weight ? gpu::load(p.weight + y) : acc_t(1));
+      write_row_gradient<GROUP, kInner>(z, g, C, lane, p, r, stats, coef, column_seed, vector_stores);
+    }
   }
   if (partials != nullptr) {
     gpu_reduce::write_block_partials<GROUP>(group_loss, group_weight, partials, partial_loss, partial_weight);
@@ -352,14 +470,11 @@ __global__ void __launch_bounds__(kBlockThreads)
                          scalar_t* __restrict__ grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
-  constexpr int V = kVectorElements<scalar_t>;
-  constexpr int U = kVectorUnroll<scalar_t>;
   LTFAST_SHARED_ARRAY(math::SoftmaxState<acc_t>, scratch_state, kWarpsPerBlock);
   LTFAST_SHARED_ARRAY(acc_t, scratch_a, kWarpsPerBlock);
   LTFAST_SHARED_ARRAY(acc_t, scratch_b, kWarpsPerBlock);
   const int lane = threadIdx.x % GROUP;
   const int C = static_cast<int>(p.num_classes);
-  const bool sum_weights = p.cfg.label_smoothing != acc_t(0) && p.weight != nullptr;
   const acc_t shared_scale = per_row_grad ? acc_t(0) : gpu::load(grad_loss) / gpu::load(denominator);
   const bool tail_on = kInner != InnerLoop::kAdjusted && p.tail != nullptr;
   const uint32_t column_seed = tail_on ? static_cast<uint32_t>(gpu::load(p.seed)) : 0u;
@@ -385,77 +500,90 @@ __global__ void __launch_bounds__(kBlockThreads)
       continue;  // row-uniform: the whole group (for block groups, the block) takes this branch
     }
     const scalar_t* z = logits + row * p.num_classes;
-    auto cfg = p.cfg;
-    if constexpr (kInner == InnerLoop::kGeneral) {
-      if (sum_weights) {  // W = sum_c w_c from the [C] vector (L2-resident), only with smoothing
-        math::SoftmaxState<acc_t> unused = math::empty_softmax_state<acc_t>();
-        acc_t weight_sum = acc_t(0), unused_sum = acc_t(0);
-        for (int c = lane; c < C; c += GROUP) weight_sum += gpu::load(p.weight + c);
-        group_reduce<GROUP>(unused, weight_sum, unused_sum, scratch_state, scratch_a, scratch_b);
-        cfg.total_weight = weight_sum;
-      }
-    }
+    const auto cfg = gradient_config<GROUP, kInner>(p, lane, scratch_state, scratch_a, scratch_b);
     const RowInfo<acc_t> r{static_cast<int>(y), target_logit_of(z, p, y),
                            tail_on ? math::seql_row_key(row, row_seed) : 0u};
     const acc_t scale = per_row_grad ? gpu::load(grad_loss + row) : shared_scale;
     const auto coef = math::row_gradient_coefficients(cfg, scale, stats, r.target_logit,
                                                       p.weight ? gpu::load(p.weight + y) : acc_t(1));
-    // d loss / d z_c of one element (per-class values in `run` at i).
-    auto gradient = [&](acc_t zc, int c, const ClassRun<kInner, V, acc_t>& run, int i) -> acc_t {
-      acc_t a = p.adjustment ? math::adjusted_logit(zc, run.adjustment[i]) : zc;
-      if constexpr (kInner == InnerLoop::kGeneral) {
-        if (c == r.y) a = r.target_logit;
+    write_row_gradient<GROUP, kInner>(z, g, C, lane, p, r, stats, coef, column_seed, vector_stores);
+  }
+}
+
+// 'mean' with the forward-time gradient: the denominator the gradient is scaled by must be known
+// before the row kernel writes any gradient, but the finish computes it only after every row. This
+// one-block kernel computes that very value first: the sum of the target weights (1 without class
+// weights) over the rows not ignored, added in the row kernel's exact order (each group's rows in
+// grid-stride order, the groups of a block in order, the blocks as gpu_reduce::finish_mean_kernel
+// adds them: thread t the blocks t, t + 256, ..., then block_sum), so it equals the finish's
+// denominator bit for bit. It reads the [N] targets (and gathers the weights): 512 KB at N = 65536,
+// ~3 % of the 65536 x 8142 bf16 row kernel's 2.1 GB (estimate: no GPU has run it).
+template <typename acc_t, int GROUP>
+__global__ void __launch_bounds__(kBlockThreads)
+    mean_denominator_kernel(KernelParams<acc_t> p, int64_t row_blocks, acc_t* __restrict__ denominator) {
+  constexpr int kRowsPerBlock = kBlockThreads / GROUP;
+  LTFAST_SHARED_ARRAY(double, scratch, kBlockThreads);
+  const int64_t C = p.num_classes;
+  const int64_t row_stride = row_blocks * kRowsPerBlock;
+  double value = 0.0;
+  for (int64_t block = threadIdx.x; block < row_blocks; block += kBlockThreads) {
+    double block_weight = 0.0;
+    for (int group = 0; group < kRowsPerBlock; ++group) {
+      double group_weight = 0.0;
+      for (int64_t row = block * kRowsPerBlock + group; row < p.num_rows; row += row_stride) {
+        const int64_t y = gpu::load(p.target + row);
+        if (y == p.ignore_index) continue;
+        CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
+        group_weight += static_cast<double>(p.weight ? gpu::load(p.weight + y) : acc_t(1));
       }
-      acc_t class_weight = acc_t(1);
-      if constexpr (kInner == InnerLoop::kGeneral) {
-        if (p.weight) class_weight = run.weight[i];
-      }
-      acc_t grad =
-          math::element_gradient(math::softmax_probability(a, stats), coef.prob_coef, coef.class_coef, class_weight);
-      if (c == r.y) grad -= coef.target_coef;
-      if constexpr (kInner != InnerLoop::kAdjusted) {
-        if (dropped_at<kInner>(p, r, column_seed, c, run.tail[i])) grad = acc_t(0);  // dropped: exactly zero
-      }
-      return grad;
-    };
-    auto scalar_gradient = [&](int c) -> acc_t {
-      ClassRun<kInner, V, acc_t> run;
-      run.load(p, c, 1, true);
-      return gradient(static_cast<acc_t>(gpu::load(z + c)), c, run, 0);
-    };
-    const RowSplit split = split_row(z, C);
-    if (lane < split.head) gpu::store(g + lane, scalar_gradient(lane));
-    for (int first = lane; first < split.vectors; first += GROUP * U) {
-      gpu::Vector<scalar_t, V> x[U];
+      block_weight += group_weight;  // one group per block: 0.0 + x is x, the partial the row kernel stores
+    }
+    value += block_weight;
+  }
+  const double total = gpu_reduce::block_sum(value, scratch);
+  if (threadIdx.x == 0) gpu::store(denominator, total);
+}
+
+// The forward-time gradient handed to an upstream gradient (ltfast::_scale_forward_grad_, the CUDA
+// side of autograd_common.h's forward_grad_for_upstream): grad [N, C] was written for an upstream
+// gradient of 1; here each row is multiplied in place by upstream[0] (a reduced loss) or
+// upstream[row] ('none'), read on the device: no host synchronisation. Where the factor is exactly 1
+// (loss.backward() on the loss itself) the kernel returns before touching [N, C], so a training
+// step stays 1 read + 1 write of [N, C]. Elements that are exactly 0 (ignored rows, SEQL's dropped
+// entries) stay +0, as the backward kernel writes them, also for a negative or non-finite factor.
+template <typename scalar_t, int GROUP>
+__global__ void __launch_bounds__(kBlockThreads)
+    scale_rows_kernel(scalar_t* __restrict__ grad, int64_t num_rows, int64_t num_classes,
+                      const at::opmath_type<scalar_t>* __restrict__ upstream, bool per_row) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kRowsPerBlock = kBlockThreads / GROUP;
+  constexpr int V = kVectorElements<scalar_t>;
+  const acc_t shared_factor = per_row ? acc_t(1) : gpu::load(upstream);
+  if (!per_row && shared_factor == acc_t(1)) return;  // uniform over the grid
+  const int lane = threadIdx.x % GROUP;
+  const int C = static_cast<int>(num_classes);
+  auto scaled = [](scalar_t x, acc_t factor) -> scalar_t {
+    const acc_t value = static_cast<acc_t>(x);
+    return value == acc_t(0) ? scalar_t(0) : static_cast<scalar_t>(value * factor);
+  };
+  for (int64_t row = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / GROUP; row < num_rows;
+       row += int64_t(gridDim.x) * kRowsPerBlock) {
+    gpu::mark_row_start();
+    const acc_t factor = per_row ? gpu::load(upstream + row) : shared_factor;
+    if (factor == acc_t(1)) continue;
+    scalar_t* g = grad + row * num_classes;
+    const RowSplit split = split_row(g, C);
+    if (lane < split.head) gpu::store(g + lane, scaled(gpu::load(g + lane), factor));
+    for (int v = lane; v < split.vectors; v += GROUP) {
+      scalar_t* at = g + split.head + v * V;
+      gpu::Vector<scalar_t, V> x = gpu::load_vector<V>(at);
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int v = first + u * GROUP;
-        if (v < split.vectors) x[u] = gpu::load_vector<V>(z + split.head + v * V);
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int v = first + u * GROUP;
-        if (v < split.vectors) {
-          const int c0 = split.head + v * V;
-          ClassRun<kInner, V, acc_t> run;
-          run.load(p, c0, V, true);
-          gpu::Vector<scalar_t, V> out;
-#pragma unroll
-          for (int i = 0; i < V; ++i) {
-            out.v[i] = static_cast<scalar_t>(gradient(static_cast<acc_t>(x[u].v[i]), c0 + i, run, i));
-          }
-          if (vector_stores) {
-            gpu::store_vector<V>(g + c0, out);
-          } else {
-#pragma unroll
-            for (int i = 0; i < V; ++i) gpu::store(g + c0 + i, out.v[i]);
-          }
-        }
-      }
+      for (int i = 0; i < V; ++i) x.v[i] = scaled(x.v[i], factor);
+      gpu::store_vector<V>(at, x);
     }
     if (split.tail_begin + lane < C) {
       const int c = split.tail_begin + lane;
-      gpu::store(g + c, scalar_gradient(c));
+      gpu::store(g + c, scaled(gpu::load(g + c), factor));
     }
   }
 }
@@ -476,35 +604,59 @@ inline unsigned row_kernel_blocks(int64_t num_rows, int64_t num_classes) {
   return blocks;
 }
 
-// Row kernel: per-row loss, row_stats [2, N] (row max, log-sum offset) and, when `partials` (double
-// [2, row_kernel_blocks]) is given, the blocks' loss and weight sums. `unit_denominator`
-// (reduction 'none') receives 1.
+// Row kernel: per-row loss, row_stats [2, N] and, when `partials` (double [2, row_kernel_blocks]) is
+// given, the blocks' loss and weight sums. `unit_denominator` (reduction 'none') receives 1. With
+// `grad_logits` ([N, C], contiguous), also the gradient for an upstream gradient of 1, scaled by
+// 1 / *grad_denominator when that is given ('mean').
 template <typename scalar_t>
 void launch_forward_rows(const scalar_t* logits, const KernelParams<at::opmath_type<scalar_t>>& p,
                          at::opmath_type<scalar_t>* row_loss, at::opmath_type<scalar_t>* row_stats,
-                         at::opmath_type<scalar_t>* unit_denominator, double* partials, gpu::Stream stream) {
+                         at::opmath_type<scalar_t>* unit_denominator, double* partials, gpu::Stream stream,
+                         scalar_t* grad_logits = nullptr,
+                         const at::opmath_type<scalar_t>* grad_denominator = nullptr) {
   if (p.num_rows == 0) return;
   check_class_count(p.num_classes);
   gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
     with_inner_loop(inner_loop_of(p), [&](auto inner) {
       constexpr int kGroup = decltype(group)::value;
-      gpu::launch("cross_entropy forward_rows_kernel", &forward_rows_kernel<scalar_t, kGroup, decltype(inner)::value>,
-                  gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_loss, row_stats,
-                  unit_denominator, partials);
+      constexpr InnerLoop kInner = decltype(inner)::value;
+      const unsigned blocks = gpu_reduce::row_blocks(p.num_rows, kGroup);
+      if (grad_logits == nullptr) {
+        gpu::launch("cross_entropy forward_rows_kernel", &forward_rows_kernel<scalar_t, kGroup, kInner, false>, blocks,
+                    kBlockThreads, stream, logits, p, row_loss, row_stats, unit_denominator, partials,
+                    grad_logits, grad_denominator);
+      } else {
+        gpu::launch("cross_entropy forward_rows_kernel", &forward_rows_kernel<scalar_t, kGroup, kInner, true>, blocks,
+                    kBlockThreads, stream, logits, p, row_loss, row_stats, unit_denominator, partials,
+                    grad_logits, grad_denominator);
+      }
     });
   });
 }
 
 // Forward: the row kernel, then (reduce) the one-block finish over its partials. With N = 0 the
 // partials are zeros filled by the caller, and the finish still writes the loss (NaN for 'mean',
-// as F.cross_entropy) and the denominator.
+// as F.cross_entropy) and the denominator. With `grad_logits`, the row kernel also writes the
+// forward-time gradient; for 'mean' mean_denominator_kernel first writes its scale's denominator to
+// `grad_denominator` (an accumulation-type scalar).
 template <typename scalar_t>
 void launch_forward(const scalar_t* logits, const KernelParams<at::opmath_type<scalar_t>>& p,
                     at::opmath_type<scalar_t>* row_loss, at::opmath_type<scalar_t>* row_stats,
                     at::opmath_type<scalar_t>* unit_denominator, bool reduce, bool mean, double* partials,
-                    at::opmath_type<scalar_t>* loss, at::opmath_type<scalar_t>* denominator, gpu::Stream stream) {
+                    at::opmath_type<scalar_t>* loss, at::opmath_type<scalar_t>* denominator, gpu::Stream stream,
+                    scalar_t* grad_logits = nullptr, at::opmath_type<scalar_t>* grad_denominator = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
-  launch_forward_rows(logits, p, row_loss, row_stats, unit_denominator, reduce ? partials : nullptr, stream);
+  const bool scaled_gradient = grad_logits != nullptr && mean && p.num_rows > 0;
+  if (scaled_gradient) {
+    check_class_count(p.num_classes);
+    gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
+      constexpr int kGroup = decltype(group)::value;
+      gpu::launch("cross_entropy mean_denominator_kernel", &mean_denominator_kernel<acc_t, kGroup>, 1, kBlockThreads,
+                  stream, p, static_cast<int64_t>(gpu_reduce::row_blocks(p.num_rows, kGroup)), grad_denominator);
+    });
+  }
+  launch_forward_rows(logits, p, row_loss, row_stats, unit_denominator, reduce ? partials : nullptr, stream,
+                      grad_logits, scaled_gradient ? grad_denominator : nullptr);
   if (reduce) {
     gpu::launch("cross_entropy finish_kernel", &gpu_reduce::finish_mean_kernel<acc_t>, 1, kBlockThreads, stream,
                 static_cast<const double*>(partials), static_cast<int64_t>(row_kernel_blocks(p.num_rows, p.num_classes)),
@@ -527,6 +679,20 @@ void launch_backward(const scalar_t* logits, const KernelParams<at::opmath_type<
                   gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_stats, grad_loss,
                   per_row_grad, denominator, grad_logits);
     });
+  });
+}
+
+// grad [N, C] (contiguous) *= upstream per row (per_row: upstream [N]) or upstream[0].
+template <typename scalar_t>
+void launch_scale_rows(scalar_t* grad, int64_t num_rows, int64_t num_classes,
+                       const at::opmath_type<scalar_t>* upstream, bool per_row, gpu::Stream stream) {
+  if (num_rows == 0 || num_classes == 0) return;
+  check_class_count(num_classes);
+  gpu_reduce::with_row_group(num_classes, [&](auto group) {
+    constexpr int kGroup = decltype(group)::value;
+    gpu::launch("cross_entropy scale_rows_kernel", &scale_rows_kernel<scalar_t, kGroup>,
+                gpu_reduce::row_blocks(num_rows, kGroup), kBlockThreads, stream, grad, num_rows, num_classes, upstream,
+                per_row);
   });
 }
 
