@@ -153,6 +153,17 @@ inline void row_start() {
 void start_memory_trace();
 std::string stop_memory_trace();
 
+// ------------------------------------------------------------------------------ ticket counter
+// The counter of gpu::ticket_counter (gpu_glue.h) in the emulator: one per host thread (the emulator
+// has one stream per thread), 0 at rest. Every launch must leave it at 0, as the GPU kernels rely on
+// (a kernel that takes tickets takes gridDim.x of them, the last one wrapping it): run_launch checks
+// that, and resets it after a launch that failed midway (an emulated CUDA_KERNEL_ASSERT, after which
+// a GPU's context is lost anyway). nullptr while finish kernels are forced (a test switch: the launch
+// plans then take the two-launch path they take under CUDA graph capture).
+unsigned int* ticket_counter();
+// Sets whether ticket_counter() returns nullptr on this thread; returns the previous setting.
+bool force_finish_kernels(bool force);
+
 // ------------------------------------------------------------------------------ shared memory
 // One declaration site of a __shared__ array (LTFAST_SHARED_ARRAY); each block gets fresh,
 // poisoned storage for it, with one "written" flag per element.

@@ -8,8 +8,10 @@
 // head and tail around them: split_row) with an online softmax (the row max and exp-sum merged
 // once per 16 elements), reduces the group's partial states with shuffles
 // and, for block groups, a fixed-order pass over shared memory. For 'mean'/'sum' each block also
-// writes its rows' loss and weight sums (fixed order) and one small block adds those partials:
-// two launches, deterministic, no serial pass over N in one block. Backward streams the row once
+// writes its rows' loss and weight sums (fixed order), and the block that takes the last ticket adds
+// those partials in a fixed order (gpu_reduce::finish_in_last_block): one launch, deterministic, no
+// serial pass over N in one block (two launches, row kernel then finish_mean_kernel, under CUDA
+// graph capture, which has no ticket counter: gpu_glue.h). Backward streams the row once
 // more and writes the gradient once. No host synchronisation: grad_output and the mean's
 // denominator are read from device memory by the kernels.
 #pragma once
@@ -239,7 +241,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     forward_rows_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
                         at::opmath_type<scalar_t>* __restrict__ row_loss,
                         at::opmath_type<scalar_t>* __restrict__ row_stats,
-                        at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials) {
+                        at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials,
+                        gpu_reduce::FinishArgs<at::opmath_type<scalar_t>> finish) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   constexpr int V = kVectorElements<scalar_t>;
@@ -340,6 +343,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   if (partials != nullptr) {
     gpu_reduce::write_block_partials<GROUP>(group_loss, group_weight, partials, partial_loss, partial_weight);
+    gpu_reduce::finish_mean_in_last_block(partials, finish);
   }
 }
 
@@ -477,12 +481,14 @@ inline unsigned row_kernel_blocks(int64_t num_rows, int64_t num_classes) {
 }
 
 // Row kernel: per-row loss, row_stats [2, N] (row max, log-sum offset) and, when `partials` (double
-// [2, row_kernel_blocks]) is given, the blocks' loss and weight sums. `unit_denominator`
-// (reduction 'none') receives 1.
+// [2, row_kernel_blocks]) is given, the blocks' loss and weight sums, which the last block finishes
+// into loss and denominator when `finish` has a ticket counter. `unit_denominator` (reduction
+// 'none') receives 1.
 template <typename scalar_t>
 void launch_forward_rows(const scalar_t* logits, const KernelParams<at::opmath_type<scalar_t>>& p,
                          at::opmath_type<scalar_t>* row_loss, at::opmath_type<scalar_t>* row_stats,
-                         at::opmath_type<scalar_t>* unit_denominator, double* partials, gpu::Stream stream) {
+                         at::opmath_type<scalar_t>* unit_denominator, double* partials, gpu::Stream stream,
+                         const gpu_reduce::FinishArgs<at::opmath_type<scalar_t>>& finish = {}) {
   if (p.num_rows == 0) return;
   check_class_count(p.num_classes);
   gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
@@ -490,22 +496,26 @@ void launch_forward_rows(const scalar_t* logits, const KernelParams<at::opmath_t
       constexpr int kGroup = decltype(group)::value;
       gpu::launch("cross_entropy forward_rows_kernel", &forward_rows_kernel<scalar_t, kGroup, decltype(inner)::value>,
                   gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_loss, row_stats,
-                  unit_denominator, partials);
+                  unit_denominator, partials, finish);
     });
   });
 }
 
-// Forward: the row kernel, then (reduce) the one-block finish over its partials. With N = 0 the
-// partials are zeros filled by the caller, and the finish still writes the loss (NaN for 'mean',
-// as F.cross_entropy) and the denominator.
+// Forward: one launch. For 'mean'/'sum' the row kernel's last block finishes the loss from the
+// partials when `ticket` (the stream's counter, gpu::ticket_counter) is given; without one (CUDA
+// graph capture) the one-block finish kernel follows the row kernel. With N = 0 the row kernel does
+// not run: the finish kernel alone sums the partials, zeros filled by the caller, and still writes
+// the loss (NaN for 'mean', as F.cross_entropy) and the denominator.
 template <typename scalar_t>
 void launch_forward(const scalar_t* logits, const KernelParams<at::opmath_type<scalar_t>>& p,
                     at::opmath_type<scalar_t>* row_loss, at::opmath_type<scalar_t>* row_stats,
                     at::opmath_type<scalar_t>* unit_denominator, bool reduce, bool mean, double* partials,
-                    at::opmath_type<scalar_t>* loss, at::opmath_type<scalar_t>* denominator, gpu::Stream stream) {
+                    at::opmath_type<scalar_t>* loss, at::opmath_type<scalar_t>* denominator, unsigned int* ticket,
+                    gpu::Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  launch_forward_rows(logits, p, row_loss, row_stats, unit_denominator, reduce ? partials : nullptr, stream);
-  if (reduce) {
+  launch_forward_rows(logits, p, row_loss, row_stats, unit_denominator, reduce ? partials : nullptr, stream,
+                      {reduce ? ticket : nullptr, mean, loss, denominator});
+  if (reduce && (p.num_rows == 0 || ticket == nullptr)) {
     gpu::launch("cross_entropy finish_kernel", &gpu_reduce::finish_mean_kernel<acc_t>, 1, kBlockThreads, stream,
                 static_cast<const double*>(partials), static_cast<int64_t>(row_kernel_blocks(p.num_rows, p.num_classes)),
                 mean, loss, denominator);
