@@ -128,3 +128,44 @@ def test_the_ticket_counter_is_back_at_zero_after_each_call():
         a = forward_call("balanced_softmax", *shape, "mean")()
         b = forward_call("balanced_softmax", *shape, "mean")()
         assert torch.equal(a[0], b[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_capture_takes_the_two_launch_path_with_the_same_bits():
+    """Under capture the stream has no ticket counter (a graph may be replayed on any stream): the
+    captured forward is the row kernel + the finish kernel, and its replay gives the eager
+    one-launch loss bit for bit. Two streams running reduced forwards at once use their own
+    counters."""
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3000, 1000, generator=gen) * 3).cuda()
+    target = torch.randint(0, 1000, (3000,), generator=gen).cuda()
+    prior = torch.log_softmax(torch.randn(1000, generator=gen), 0).cuda()
+    forward = torch.ops.ltfast._balanced_softmax_forward
+    eager = forward(logits, target, prior, "mean", -100)[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            forward(logits, target, prior, "mean", -100)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = forward(logits, target, prior, "mean", -100)[0]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+    # Concurrent reduced forwards on two streams, of different block counts.
+    small_logits, small_target = logits[:37], target[:37]
+    small = forward(small_logits, small_target, prior, "sum", -100)[0].clone()
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    outs = {0: [], 1: []}
+    for _ in range(20):
+        with torch.cuda.stream(streams[0]):
+            outs[0].append(forward(logits, target, prior, "mean", -100)[0])
+        with torch.cuda.stream(streams[1]):
+            outs[1].append(forward(small_logits, small_target, prior, "sum", -100)[0])
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, eager) for o in outs[0]) and all(torch.equal(o, small) for o in outs[1])
