@@ -11,7 +11,8 @@
 //   - no read of a __shared__ element that no thread of the block has written (shared memory is
 //     poisoned per block: zero-initialised storage would hide a missing write);
 //   - CUDA_KERNEL_ASSERT raises simt::Error (a C++ exception, surfacing as a Python RuntimeError)
-//     instead of aborting.
+//     instead of aborting;
+//   - the ticket counter (ticket_counter, below) is back at 0 when a launch ends.
 // A violation raises simt::Error naming the kernel, the block and thread, and the source line.
 // Blocks run one at a time, in an order set by the schedule (see ScheduleGuard): a kernel that is
 // correct on a GPU gives bit-identical results under every schedule.
