@@ -5,8 +5,11 @@ gpu::store and their vector forms (csrc/common/gpu_kernel.h); in the emulator bu
 (kernel, source site, warp, lane, address, bytes). This script runs each op's forward and backward
 under the emulator at small shapes with realistic C and writes one record per kernel and pass:
 
-    {"op", "kernel", "shape", "dtype", "pass": "fwd" | "bwd", "launches", "bytes_read",
+    {"op", "kernel", "shape", "dtype", "pass": "fwd" | "bwd", "fused", "launches", "bytes_read",
      "bytes_written", "bytes_model", "sector_efficiency", "max_access_bytes", ...}
+
+- fused: the cross-entropy family's training step with the forward-time gradient (the forward writes
+  the gradient; the backward only reads the upstream gradient), else forward and backward kernels.
 
 - bytes_read / bytes_written: the distinct bytes the kernel's launches touch (each byte once: an
   ideal cache, which is what DRAM traffic is at best), summed over its launches in the call;
@@ -100,10 +103,14 @@ class Case:
     shape: tuple           # (N, C) or (N, E, C)
     dtype: str
     options: dict = field(default_factory=dict)  # what the call passes (for the model)
+    # The cross-entropy family's training step with the forward-time gradient: the forward op with
+    # with_grad=True, then _scale_forward_grad_ for an upstream gradient of 1 (what autograd runs on
+    # a GPU); else the forward without it and the backward kernel.
+    fused: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.op} {'x'.join(map(str, self.shape))} {self.dtype}"
+        return f"{self.op} {'x'.join(map(str, self.shape))} {self.dtype}{' fused' if self.fused else ''}"
 
 
 def cases(quick: bool = False) -> list[Case]:
@@ -117,6 +124,7 @@ def cases(quick: bool = False) -> list[Case]:
     out.append(Case("balanced_softmax", (256, 20) if not quick else (32, 20), "bfloat16"))  # 8-lane row groups
     experts = [(128, 3, 1000)] if not quick else [(16, 3, 1000)]
     out += [Case(op, shape, "bfloat16") for op in ("diverse_expert_loss", "ride_loss") for shape in experts]
+    out += [Case(op, shape, "bfloat16", fused=True) for op in traffic_model.CE_FAMILY for shape in big]
     # PaCo on ImageNet-LT: (B, M = 2B + queue, C), the original's 8192-key queue; --quick: 1000 keys.
     out.append(Case("paco_loss", (64, 2 * 64 + 8192, 1000) if not quick else (8, 2 * 8 + 1000, 1000), "bfloat16"))
     return out
@@ -143,6 +151,15 @@ def make_call(case: Case, generator: torch.Generator, device: str = "cpu"):
     seed = torch.tensor([1, 2], dtype=torch.int64, device=device)
     ops = torch.ops.ltfast
     op = case.op
+    if case.fused:
+        forward = {
+            "balanced_softmax": lambda x: ops._balanced_softmax_forward(x, target, log_prior, "mean", -100, True),
+            "adjusted_cross_entropy": lambda x: ops._adjusted_cross_entropy_forward(
+                x, target, None, margin, weight, 0.0, 0.0, "mean", -100, True),
+            "softmax_equalization_loss": lambda x: ops._softmax_equalization_loss_forward(
+                x, target, tail, seed, 0.9, "mean", -100, True),
+        }[op]
+        return logits.detach(), forward
     if op == "balanced_softmax":
         return logits, lambda x: ops.balanced_softmax(x, target, log_prior)
     if op == "adjusted_cross_entropy":  # LDAM-DRW: margins and class weights
@@ -202,8 +219,17 @@ def measure(case: Case, seed: int = 0) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     logits, fn = make_call(case, gen)
     with simt_support.emulate_cuda_kernels():
-        loss, fwd = traced(lambda: fn(logits))
-        _, bwd = traced(lambda: loss.backward())
+        if case.fused:  # (loss, row_stats, denominator, gradient), then the GPU autograd's backward
+            outputs, fwd = traced(lambda: fn(logits))
+            gradient = outputs[3]
+            _, bwd = traced(lambda: torch.ops.ltfast._scale_forward_grad_(gradient, torch.ones(())))
+        else:
+            ltfast_switch = _forward_gradient(False)  # the separate backward kernel (fused: the cases above)
+            try:
+                loss, fwd = traced(lambda: fn(logits))
+                _, bwd = traced(lambda: loss.backward())
+            finally:
+                _forward_gradient(ltfast_switch)
     # The emulator runs the kernels on CPU tensors, where the autograd of some ops (the multi-expert
     # losses: csrc/autograd/multi_expert_autograd.cpp) asks the forward for the gradient too, and the
     # emulated CUDA glue then runs the backward kernel inside the forward call. On a GPU that kernel
@@ -215,10 +241,12 @@ def measure(case: Case, seed: int = 0) -> list[dict]:
     # sup_logits), then (backward) their gradients.
     leaves = [logits, *getattr(fn, "other_leaves", ())]
     inputs = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in leaves]
-    grads = [(t.grad.data_ptr(), t.grad.data_ptr() + t.grad.numel() * t.grad.element_size())
-             for t in leaves if t.grad is not None]
+    grad_tensors = [gradient] if case.fused else [t.grad for t in leaves if t.grad is not None]
+    grads = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in grad_tensors]
     streams = inputs + grads
-    model = traffic_model.kernel_model(case.op, case.shape, case.dtype)
+    if case.fused:  # the forward writes the gradient: a stream of the forward
+        inputs = streams
+    model = traffic_model.kernel_model(case.op, case.shape, case.dtype, fused=case.fused)
     records = []
     for phase, launches in (("fwd", fwd), ("bwd", bwd)):
         by_kernel: dict[str, list[Launch]] = {}
@@ -232,6 +260,7 @@ def measure(case: Case, seed: int = 0) -> list[dict]:
             expected = model.get(phase, {}).get(kernel)
             records.append({
                 "op": case.op, "kernel": kernel, "shape": list(case.shape), "dtype": case.dtype, "pass": phase,
+                "fused": case.fused,
                 "launches": len(group),
                 "launches_model": None if expected is None else expected.launches,
                 "bytes_read": sum(launch.bytes_read for launch in group),
@@ -257,13 +286,19 @@ def measure(case: Case, seed: int = 0) -> list[dict]:
         for kernel, expected in model.get(phase, {}).items():
             if kernel not in by_kernel:
                 records.append({"op": case.op, "kernel": kernel, "shape": list(case.shape), "dtype": case.dtype,
-                                "pass": phase, "launches": 0, "launches_model": expected.launches,
+                                "pass": phase, "fused": case.fused, "launches": 0, "launches_model": expected.launches,
                                 "bytes_read": 0, "bytes_written": 0,
                                 "bytes_model": expected.read_bytes + expected.write_bytes,
                                 "bytes_read_model": expected.read_bytes, "bytes_written_model": expected.write_bytes,
                                 "sector_efficiency": None, "max_access_bytes": None, "sector_efficiency_all": None,
                                 "requests": 0, "sites": []})
     return records
+
+
+def _forward_gradient(enabled: bool) -> bool:
+    """ltfast.set_forward_gradient, returning the previous setting."""
+    import ltfast
+    return ltfast.set_forward_gradient(enabled)
 
 
 def _efficiency(sites) -> float | None:
@@ -280,7 +315,8 @@ def print_records(records: list[dict]) -> None:
         eff = "-" if r["sector_efficiency"] is None else f"{r['sector_efficiency']:.3f}"
         eff_all = "-" if r["sector_efficiency_all"] is None else f"{r['sector_efficiency_all']:.3f}"
         model = "-" if r["bytes_model"] is None else f"{r['bytes_model'] / 1e3:9.1f}"
-        print(f"{r['op']:26} {'x'.join(map(str, r['shape'])):15} {r['dtype']:8} {r['pass']:4} {r['kernel']:40} "
+        op = r["op"] + (" fused" if r.get("fused") else "")
+        print(f"{op:26} {'x'.join(map(str, r['shape'])):15} {r['dtype']:8} {r['pass']:4} {r['kernel']:40} "
               f"{r['launches']:>2} {r['bytes_read'] / 1e3:9.1f} {r['bytes_written'] / 1e3:9.1f} {model:>9} {diff:>7} "
               f"{eff:>7} {eff_all:>7} {r['max_access_bytes'] or '-':>5}")
 

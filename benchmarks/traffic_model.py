@@ -2,9 +2,10 @@
 N, C and the logits dtype, for the launch plan of the CUDA kernels (csrc/ops/*/*_kernels.cuh):
 
     cross-entropy family (balanced_softmax, adjusted_cross_entropy, softmax_equalization_loss):
-        forward 1 kernel for reduction='none', 2 for 'mean'/'sum' (row kernel + one-block finish
-        over per-block partials); backward 1
-    equalization_loss: forward 2 (rows + finish), backward 1
+        forward 1 kernel (for 'mean'/'sum' the row kernel's last block, by a ticket, sums the
+        per-block partials: gpu_reduce::finish_in_last_block); backward 1. (Under CUDA graph
+        capture, which has no ticket counter, a reduced forward is 2: row kernel + one-block finish.)
+    equalization_loss: forward 1 (rows, finished by the last block), backward 1
     lade: forward 4 (CE row kernel, column pass, per-class finish over a grid, one-block scalar
         finish); lade_regularizer 3 (no CE rows); backward 1
     class_aware_sample / class_weighted_sample: 1
@@ -37,6 +38,9 @@ import torch
 
 ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 F32, I64 = 4, 8
+# The ticket counter a reduced forward's row kernel increments once per block (atomicInc, 4 bytes
+# read and written: gpu_reduce::took_last_ticket).
+TICKET = 4
 # LADE's column pass splits the batch into at most 64 row blocks (lade_kernels.cuh kMaxRowBlocks);
 # each writes per class: column max, exp-sum, target-logit sum (3 x fp32) and a count (int64).
 LADE_MAX_ROW_BLOCKS, LADE_ROWS_PER_BLOCK = 64, 64
@@ -93,10 +97,11 @@ def model(op: str, N: int, C: int, dtype: str = "bfloat16", reduction: str = "me
     loss_out = e if reduced else N * e
     grad_out = e if reduced else N * e
 
+    # Reduced: the row kernel writes its partials (float64) and its last block reads them back with the
+    # ticket counter; one launch either way.
+    partials = ce_blocks * 2 * 8 + TICKET if reduced else 0
     if op in CE_FAMILY:
-        fwd_launch = 2 if reduced else 1
-        partials = ce_blocks * 2 * F32 if reduced else 0
-        fwd = Phase(op, "fwd", fwd_launch,
+        fwd = Phase(op, "fwd", 1,
                     read_bytes=logits + N * I64 + vectors + partials,
                     write_bytes=row_stats + partials + loss_out + (F32 if reduced else 0), logits_passes=1)
         bwd = Phase(op, "bwd", 1, read_bytes=logits + N * I64 + vectors + row_stats + grad_out + F32,
@@ -104,11 +109,7 @@ def model(op: str, N: int, C: int, dtype: str = "bfloat16", reduction: str = "me
         return [fwd, bwd]
 
     if op == "equalization_loss":
-        # The plan states 2 launches for the default 'mean'; 'none' is assumed to skip the finish
-        # as the CE family does.
-        fwd_launch = 2 if reduced else 1
-        partials = ce_blocks * 2 * F32 if reduced else 0
-        fwd = Phase(op, "fwd", fwd_launch, read_bytes=logits + N * I64 + vectors + partials,
+        fwd = Phase(op, "fwd", 1, read_bytes=logits + N * I64 + vectors + partials,
                     write_bytes=partials + loss_out + F32, logits_passes=1)
         bwd = Phase(op, "bwd", 1, read_bytes=logits + N * I64 + vectors + grad_out + F32,
                     write_bytes=logits, logits_passes=2)
@@ -152,7 +153,7 @@ def row_blocks(N: int, C: int) -> int:
     return max(1, min(-(-N // (BLOCK_THREADS // group)), 4096))
 
 
-def kernel_model(op: str, shape, dtype: str = "bfloat16") -> dict:
+def kernel_model(op: str, shape, dtype: str = "bfloat16", fused: bool = False) -> dict:
     """{"fwd": {kernel: KernelTraffic}, "bwd": {...}} for one call with reduction='mean' and the
     arguments of benchmarks/memory_model.py (the benchmark's: balanced_softmax with log_prior,
     adjusted_cross_entropy with LDAM margins and class weights, SEQL with a tail mask and a seed,
@@ -163,7 +164,17 @@ def kernel_model(op: str, shape, dtype: str = "bfloat16") -> dict:
     cache). Per-class vectors read only at the target class are gathered once per distinct target:
     min(N, C) entries, exact for N << C, an upper bound otherwise (<0.1 % of the logits at the
     memory_model shapes). Partials are float64 (gpu_reduce::write_block_partials); per-row outputs and
-    row statistics are in the accumulation type (float32 for half types, float64 for float64)."""
+    row statistics are in the accumulation type (float32 for half types, float64 for float64).
+
+    A reduced forward is one launch: the row kernel writes its block partials, takes a ticket per
+    block, and its last block reads the partials back and writes the loss and denominator(s)
+    (gpu_reduce::finish_in_last_block); the partials count as read and written by the row kernel.
+
+    fused (the cross-entropy family): the training step with the forward-time gradient. The forward
+    writes the [N, C] gradient for an upstream gradient of 1 (read once, written once: the gradient
+    pass re-reads the row the block has just read, which the ideal cache counts once), after a
+    one-block pass over the targets that computes the mean's denominator first; the backward is
+    _scale_forward_grad_'s kernel, which reads the upstream gradient and, at exactly 1, stops."""
     e, acc = ELEMENT_SIZE[dtype], (8 if dtype == "float64" else 4)
     if op == "paco_loss":
         return _paco_kernel_model(shape, e, acc)
@@ -173,7 +184,12 @@ def kernel_model(op: str, shape, dtype: str = "bfloat16") -> dict:
     B = row_blocks(N, C)
     gathered = min(N, C) * acc  # a [C] vector read at each row's target
     K = KernelTraffic
-    ce_finish = K(1, 2 * B * 8, 2 * acc)  # finish_mean_kernel: loss and weight sums -> loss, denominator
+
+    def finished(reads: int, writes: int, quantities: int, outputs: int) -> KernelTraffic:
+        """A row kernel whose last block finishes: `quantities` float64 partials per block written and
+        read back, the ticket read and written, `outputs` scalars (loss, denominators) written."""
+        partials = quantities * B * 8
+        return K(1, reads + partials + TICKET, writes + partials + outputs * acc + TICKET)
     if op in CE_FAMILY:
         forward_vectors, backward_vectors = {
             "balanced_softmax": (C * acc, C * acc),  # log_prior as the adjustment
@@ -182,18 +198,28 @@ def kernel_model(op: str, shape, dtype: str = "bfloat16") -> dict:
             # tail mask per class, the two seed words
             "softmax_equalization_loss": (C + 2 * I64, C + 2 * I64),
         }[op]
+        if fused:
+            # the gradient pass reads the backward's class vectors and the scale's denominator
+            union_vectors = {"balanced_softmax": C * acc, "adjusted_cross_entropy": gathered + C * acc,
+                             "softmax_equalization_loss": C + 2 * I64}[op]
+            target_weights = gathered if op == "adjusted_cross_entropy" else 0
+            return {
+                "fwd": {"cross_entropy mean_denominator_kernel": K(1, N * I64 + target_weights, acc),
+                        "cross_entropy forward_rows_kernel": finished(logits + N * I64 + union_vectors + acc,
+                                                                      3 * N * acc + logits, 2, 2)},
+                "bwd": {"cross_entropy scale_rows_kernel": K(1, acc, 0)},
+            }
         return {
-            "fwd": {"cross_entropy forward_rows_kernel": K(1, logits + N * I64 + forward_vectors,
-                                                             3 * N * acc + 2 * B * 8),  # row_stats, row_loss, partials
-                    "cross_entropy finish_kernel": ce_finish},
+            # row_stats, row_loss; loss and weight sums -> loss, denominator
+            "fwd": {"cross_entropy forward_rows_kernel": finished(logits + N * I64 + forward_vectors, 3 * N * acc,
+                                                                  2, 2)},
             "bwd": {"cross_entropy backward_rows_kernel": K(1, logits + N * I64 + backward_vectors + 2 * N * acc
                                                               + 2 * acc,  # row_stats, grad_output, denominator
                                                               logits)},
         }
     if op == "equalization_loss":
         return {
-            "fwd": {"equalization forward_rows_kernel": K(1, logits + N * I64 + C, N * acc + 2 * B * 8),
-                    "equalization finish_kernel": ce_finish},
+            "fwd": {"equalization forward_rows_kernel": finished(logits + N * I64 + C, N * acc, 2, 2)},
             "bwd": {"equalization backward_rows_kernel": K(1, logits + N * I64 + C + 2 * acc, logits)},
         }
     if op in ("lade", "lade_regularizer"):
@@ -215,33 +241,31 @@ def kernel_model(op: str, shape, dtype: str = "bfloat16") -> dict:
         return {"fwd": fwd, "bwd": {"lade backward_kernel": K(1, backward_reads, logits)}}
     if op == "mixed_cross_entropy":
         return {
-            # row_stats and the two targets' partials (no per-row loss unless reduction='none')
-            "fwd": {"soft_targets mixed_forward_kernel": K(1, logits + 2 * N * I64, 2 * N * acc + 4 * B * 8),
-                    "soft_targets mixed_finish_kernel": K(1, 4 * B * 8, 3 * acc)},
+            # row_stats and the two targets' partials (no per-row loss unless reduction='none'); loss and
+            # two denominators
+            "fwd": {"soft_targets mixed_forward_kernel": finished(logits + 2 * N * I64, 2 * N * acc, 4, 3)},
             "bwd": {"soft_targets mixed_backward_kernel": K(1, logits + 2 * N * I64 + 2 * N * acc + 3 * acc,
                                                               logits)},
         }
     if op == "probability_cross_entropy":
         return {
-            "fwd": {"soft_targets probability_forward_kernel": K(1, 2 * logits + C * acc, 4 * N * acc + 2 * B * 8),
-                    "soft_targets probability_finish_kernel": K(1, 2 * B * 8, 2 * acc)},
+            "fwd": {"soft_targets probability_forward_kernel": finished(2 * logits + C * acc, 4 * N * acc, 2, 2)},
             "bwd": {"soft_targets probability_backward_kernel": K(1, 2 * logits + C * acc + 3 * N * acc + 2 * acc,
                                                                    logits)},
         }
     if op == "diverse_expert_loss":
         return {
-            "fwd": {"multi_expert diverse_forward_kernel": K(1, logits + N * I64 + E * C * acc,
-                                                               2 * N * E * acc + N * acc + 2 * B * 8),
-                    "multi_expert diverse finish_mean_kernel": ce_finish},
+            "fwd": {"multi_expert diverse_forward_kernel": finished(logits + N * I64 + E * C * acc,
+                                                                    2 * N * E * acc + N * acc, 2, 2)},
             "bwd": {"multi_expert diverse_backward_kernel": K(1, logits + N * I64 + E * C * acc + 2 * N * E * acc
                                                                 + 2 * acc, logits)},
         }
     if op == "ride_loss":
         S = 2 * E + 1  # row statistics per sample (multi_expert.h)
         return {
-            "fwd": {"multi_expert ride_forward_kernel": K(1, logits + N * I64 + 2 * gathered,
-                                                            2 * N * S * acc + 4 * B * 8),
-                    "multi_expert ride_finish_kernel": K(1, 4 * B * 8, 4 * acc)},
+            # loss and three denominators (W, N', the mean temperature)
+            "fwd": {"multi_expert ride_forward_kernel": finished(logits + N * I64 + 2 * gathered, 2 * N * S * acc, 4,
+                                                                 4)},
             "bwd": {"multi_expert ride_backward_kernel": K(1, logits + N * I64 + 2 * gathered + 2 * N * S * acc
                                                              + 4 * acc, logits)},
         }
@@ -259,9 +283,10 @@ def _paco_kernel_model(shape, e: int, acc: int) -> dict:
     blocks = row_blocks(B, C + M)
     streams = B * (M + C) * e
     inputs = streams + B * I64 + M * I64 + C * acc
+    partials = 2 * blocks * 8  # loss sums, counted rows -> loss, denominator, in the last block (+ the ticket)
     return {
-        "fwd": {"paco forward_rows_kernel": K(1, inputs, 3 * B * acc + 2 * blocks * 8),  # row_stats, row_loss, partials
-                "paco finish_kernel": K(1, 2 * blocks * 8, 2 * acc)},  # loss sums, counted rows -> loss, denominator
+        "fwd": {"paco forward_rows_kernel": K(1, inputs + partials + TICKET,
+                                              3 * B * acc + partials + 2 * acc + TICKET)},  # row_stats, row_loss
         # row_stats, grad_output and the denominator; both gradients written once
         "bwd": {"paco backward_rows_kernel": K(1, inputs + 2 * B * acc + 2 * acc, streams)},
     }

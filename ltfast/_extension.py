@@ -118,7 +118,7 @@ def cpu_capability() -> str | None:
 
 
 def set_forward_gradient(enabled: bool) -> bool:
-    """Whether the CPU forward kernels of the cross-entropy family (balanced_softmax,
+    """Whether the CPU and CUDA forward kernels of the cross-entropy family (balanced_softmax,
     adjusted_cross_entropy and its wrappers, softmax_equalization_loss) also write the gradient when
     the logits require grad; on by default (FORWARD_GRADIENT_DEFAULT). The forward computes it from
     the exponentials of its own softmax pass (equal to the backward op's within a few float32 ulp;
@@ -128,7 +128,7 @@ def set_forward_gradient(enabled: bool) -> bool:
     gradient (logits dtype) held from the forward to the backward (16 MB at 4096 x 1000 float32; the
     peak of a step that calls backward right after the forward is unchanged). Turn it off where the
     logits require grad but often see no backward, or for a gradient bit-identical to the backward
-    op's. paco_loss follows it too (the gradients of similarity and sup_logits). The multi-expert losses
+    op's (CPU; the CUDA kernels' is bit-identical: docs/ops.md). paco_loss follows it too (the gradients of similarity and sup_logits). The multi-expert losses
     always compute their gradient in the forward. Process-wide; returns the previous setting."""
     if not isinstance(enabled, bool):
         raise TypeError(f"ltfast.set_forward_gradient: enabled must be a bool, got {type(enabled).__name__}")

@@ -55,6 +55,21 @@ def test_defect_is_caught_with_its_source_line(name, message):
         selftest(name, blocks=4, threads=threads)
 
 
+@pytest.mark.parametrize("blocks", [1, 5])
+def test_last_block_ticket_sums_every_block_under_every_schedule(blocks):
+    # The block that takes the last ticket differs between the schedules (ascending, descending,
+    # shuffled block orders); every one sees all blocks' values (selftest compares the schedules).
+    out = selftest("last_block_ticket", blocks=blocks, threads=64).view(blocks, 64)
+    assert out[0, 1] == blocks * (blocks + 1) // 2
+    assert torch.equal(out[:, 0], torch.arange(1, blocks + 1))
+
+
+def test_ticket_counter_left_off_zero_is_reported():
+    with pytest.raises(RuntimeError, match="selftest missing_ticket_kernel left the ticket counter at 1"):
+        selftest("missing_ticket", blocks=4)
+    selftest("last_block_ticket", blocks=3)  # reset after the failed launch: the next one is right
+
+
 def test_invalid_launch_configuration_is_reported():
     with pytest.raises(RuntimeError, match="bad launch size"):
         selftest("correct", blocks=1, threads=2048)

@@ -1,8 +1,8 @@
 // What a kernel header (csrc/ops/<family>/<family>_kernels.cuh) needs to compile both for the GPU
 // (nvcc) and for the SIMT emulator (host compiler with LTFAST_SIMT, csrc/simt/): the launch call,
-// the stream type, __shared__ arrays and the global-memory accesses (gpu::load / store and their
-// 4/8/16-byte vector forms: every access of a kernel to global memory goes through them, so that
-// the emulator can count the traffic). Kernel headers hold no torch glue.
+// the stream type, __shared__ arrays and the global-memory accesses (gpu::load / store, their
+// 4/8/16-byte vector forms, load_coherent and atomic_inc: every access of a kernel to global memory
+// goes through them, so that the emulator can count the traffic). Kernel headers hold no torch glue.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -115,6 +115,45 @@ __device__ __forceinline__ void store(T* address, const V& value, AccessSite sit
   (void)site;
 #endif
   *address = static_cast<T>(value);
+}
+
+// *address from global memory through L2 only (ld.global.cg), never the non-coherent read-only/L1
+// path that gpu::load and load_vector may take: for data that other blocks of the same kernel wrote
+// (the block partials read by a row kernel's last block, gpu_reduce::finish_in_last_block).
+template <typename T>
+__device__ __forceinline__ T load_coherent(const T* address, AccessSite site = AccessSite::current()) {
+#if defined(LTFAST_SIMT)
+  simt::global_access(site, address, sizeof(T), false);
+  return *address;
+#else
+  (void)site;
+  return __ldcg(address);
+#endif
+}
+
+// __threadfence(): this thread's global-memory writes before the fence are seen by every block
+// before its writes after it. A no-op in the emulator, whose blocks run one at a time.
+__device__ __forceinline__ void thread_fence() {
+#if !defined(LTFAST_SIMT)
+  __threadfence();
+#endif
+}
+
+// atomicInc(address, limit): returns the old value and stores old >= limit ? 0 : old + 1 (so a
+// counter taken `limit + 1` times is back at 0). The emulator, whose blocks run one at a time, does it
+// as a plain read and write of the 4 bytes, counted in the memory trace.
+__device__ __forceinline__ unsigned int atomic_inc(unsigned int* address, unsigned int limit,
+                                                   AccessSite site = AccessSite::current()) {
+#if defined(LTFAST_SIMT)
+  simt::global_access(site, address, sizeof(unsigned int), false);
+  simt::global_access(site, address, sizeof(unsigned int), true);
+  const unsigned int old = *address;
+  *address = old >= limit ? 0u : old + 1u;
+  return old;
+#else
+  (void)site;
+  return atomicInc(address, limit);
+#endif
 }
 
 #if defined(LTFAST_SIMT)

@@ -1,6 +1,10 @@
 // Parallel decompositions shared by the CUDA kernels (and their SIMT emulation): how many threads
-// own a row, the grid cap, and deterministic two-level reductions over rows (per-block partial sums
-// in a fixed order, then one small block summing the partials in a fixed order).
+// own a row, the grid cap, and deterministic two-level reductions over rows: per-block partial sums
+// in a fixed order, then one block sums the partials in a fixed order. That block is the row
+// kernel's last one (finish_in_last_block: a ticket taken from a per-stream counter after the
+// block's partials are written), so a reduced forward is one launch; where the stream has no
+// counter (CUDA graph capture, gpu_glue.h ticket_counter) a one-block finish kernel runs the same
+// finish code after the row kernel. Both sum in the same order: the loss is bit-identical either way.
 #pragma once
 
 #include <algorithm>
@@ -129,22 +133,63 @@ __device__ double block_sum(double value, Scratch& scratch) {
 }
 
 // Sum of values[0 .. count) by one block of kBlockThreads threads: thread t adds t, t + 256, ...
-// in order, then block_sum. Every thread gets the total.
+// in order, then block_sum. Every thread gets the total. The values are read through L2
+// (load_coherent): they may have been written by other blocks of the running kernel.
 template <typename Scratch>
 __device__ double sum_in_block(const double* values, int64_t count, Scratch& scratch) {
   double value = 0.0;
-  for (int64_t i = threadIdx.x; i < count; i += kBlockThreads) value += gpu::load(values + i);
+  for (int64_t i = threadIdx.x; i < count; i += kBlockThreads) value += gpu::load_coherent(values + i);
   return block_sum(value, scratch);
 }
 
-// The scalar loss of a row kernel from its block partials (double [2, num_blocks]: loss sums, then
-// the sums the mean divides by: target weights for the cross-entropy family, rows for EQL), in one
-// block and a fixed order. loss = sum / denominator, denominator = that sum for 'mean', 1 for 'sum'.
+// What a row kernel needs to finish a reduced forward in its last block: the stream's ticket
+// counter (gpu::ticket_counter; nullptr: the row kernel only writes its partials and the launch
+// plan runs the family's finish kernel after it), 'mean' or 'sum', and where the loss and the
+// denominator(s) go (a family with several denominators writes denominator[0 ..)).
 template <typename acc_t>
-__global__ void __launch_bounds__(kBlockThreads)
-    finish_mean_kernel(const double* __restrict__ partials, int64_t num_blocks, bool mean, acc_t* __restrict__ loss,
-                       acc_t* __restrict__ denominator) {
+struct FinishArgs {
+  unsigned int* ticket = nullptr;
+  bool mean = false;
+  acc_t* loss = nullptr;
+  acc_t* denominator = nullptr;
+};
+
+// Called by every thread of a block after its partials are written (by thread 0: write_block_partials):
+// whether this block took the last of the gridDim.x tickets, i.e. every other block's partials are
+// written and visible. Thread 0 fences its partial stores before taking the ticket (release) and,
+// in the last block, after it (acquire); atomicInc with limit gridDim.x - 1 gives tickets 0 ..
+// gridDim.x - 1 and wraps the counter back to 0 with the last one, so the next launch on the stream
+// finds it at 0 with no reset.
+__device__ __forceinline__ bool took_last_ticket(unsigned int* ticket) {
+  LTFAST_SHARED_ARRAY(int, last_block, 1);
+  if (threadIdx.x == 0) {
+    gpu::thread_fence();
+    const bool last = gpu::atomic_inc(ticket, gridDim.x - 1) == gridDim.x - 1;
+    if (last) gpu::thread_fence();
+    last_block[0] = last ? 1 : 0;
+  }
+  __syncthreads();
+  return last_block[0] != 0;
+}
+
+// The end of a row kernel that finishes its own forward: in the block that takes the last ticket,
+// every thread calls finish(scratch) (scratch: __shared__ double[kBlockThreads], for sum_in_block),
+// the same finish the family's finish kernel runs. No-op with a null ticket. Every thread of every
+// block must call it (it has a barrier).
+template <typename Finish>
+__device__ __forceinline__ void finish_in_last_block(unsigned int* ticket, Finish&& finish) {
+  if (ticket == nullptr || !took_last_ticket(ticket)) return;
   LTFAST_SHARED_ARRAY(double, scratch, kBlockThreads);
+  finish(scratch);
+}
+
+// The scalar loss from a row kernel's block partials (double [2, num_blocks]: loss sums, then the
+// sums the mean divides by: target weights for the cross-entropy family, rows for EQL), by every
+// thread of one block in a fixed order. loss = sum / denominator, denominator = that sum for 'mean',
+// 1 for 'sum'.
+template <typename acc_t, typename Scratch>
+__device__ void finish_mean(const double* partials, int64_t num_blocks, bool mean, acc_t* loss, acc_t* denominator,
+                            Scratch& scratch) {
   const double total = sum_in_block(partials, num_blocks, scratch);
   const double divisor = sum_in_block(partials + num_blocks, num_blocks, scratch);
   if (threadIdx.x == 0) {
@@ -152,6 +197,24 @@ __global__ void __launch_bounds__(kBlockThreads)
     gpu::store(loss, total / denom);
     gpu::store(denominator, denom);
   }
+}
+
+// finish_mean in the last block of a row kernel that wrote `partials` (double [2, gridDim.x]).
+template <typename acc_t>
+__device__ __forceinline__ void finish_mean_in_last_block(const double* partials, const FinishArgs<acc_t>& finish) {
+  finish_in_last_block(finish.ticket, [&](auto& scratch) {
+    finish_mean(partials, gridDim.x, finish.mean, finish.loss, finish.denominator, scratch);
+  });
+}
+
+// finish_mean as a one-block kernel after the row kernel: the launch plans' path when the stream has
+// no ticket counter, and with no rows (the row kernel does not run; the partials are zeros).
+template <typename acc_t>
+__global__ void __launch_bounds__(kBlockThreads)
+    finish_mean_kernel(const double* __restrict__ partials, int64_t num_blocks, bool mean, acc_t* __restrict__ loss,
+                       acc_t* __restrict__ denominator) {
+  LTFAST_SHARED_ARRAY(double, scratch, kBlockThreads);
+  finish_mean(partials, num_blocks, mean, loss, denominator, scratch);
 }
 
 }  // namespace gpu_reduce

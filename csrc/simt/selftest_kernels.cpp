@@ -9,6 +9,7 @@
 #include "scheduled.h"
 #include "simt.h"
 #include "../common/gpu_kernel.h"
+#include "../common/gpu_reduce.cuh"
 
 namespace ltfast {
 namespace simt_selftest {
@@ -110,6 +111,25 @@ __global__ void shared_out_of_bounds_kernel(int64_t* out) {
   out[global_thread()] = 1;
 }
 
+// Correct: each block's thread 0 writes b + 1 at its first element and takes a ticket; the block
+// with the last ticket (any block, by the schedule) sums them in block order into out[1].
+__global__ void last_block_ticket_kernel(int64_t* out) {
+  if (threadIdx.x == 0) gpu::store(out + int64_t(blockIdx.x) * blockDim.x, int64_t(blockIdx.x) + 1);
+  if (!gpu_reduce::took_last_ticket(simt::ticket_counter())) return;
+  if (threadIdx.x == 1) {
+    int64_t total = 0;
+    for (unsigned b = 0; b < gridDim.x; ++b) total += gpu::load_coherent(out + int64_t(b) * blockDim.x);
+    gpu::store(out + 1, total);
+  }
+}
+
+// Only block 0 takes a ticket: the counter is left at 1, and the next launch's last block would be
+// wrong.
+__global__ void missing_ticket_kernel(int64_t* out) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) gpu::atomic_inc(simt::ticket_counter(), gridDim.x - 1);
+  out[global_thread()] = 1;
+}
+
 // Access patterns with known sector efficiency for the memory trace (tests/test_memory_traffic.py).
 // Each thread stores its own 8 bytes: a warp's request covers 256 contiguous bytes, 8 sectors (1.0).
 __global__ void coalesced_store_kernel(int64_t* out) { gpu::store(out + global_thread(), int64_t(1)); }
@@ -151,6 +171,8 @@ at::Tensor selftest(c10::string_view name_view, int64_t blocks, int64_t threads)
   else if (name == "strided_store") kernel = &strided_store_kernel;
   else if (name == "vector_store") kernel = &vector_store_kernel;
   else if (name == "misaligned_vector") kernel = &misaligned_vector_kernel;
+  else if (name == "last_block_ticket") kernel = &last_block_ticket_kernel;
+  else if (name == "missing_ticket") kernel = &missing_ticket_kernel;
   TORCH_CHECK(kernel != nullptr, "ltfast_simt.selftest: unknown case '", name, "'");
   gpu::launch(("selftest " + name + "_kernel").c_str(), kernel, static_cast<unsigned>(blocks),
               static_cast<unsigned>(threads), gpu::Stream{}, out.data_ptr<int64_t>());

@@ -11,7 +11,8 @@
 //   - no read of a __shared__ element that no thread of the block has written (shared memory is
 //     poisoned per block: zero-initialised storage would hide a missing write);
 //   - CUDA_KERNEL_ASSERT raises simt::Error (a C++ exception, surfacing as a Python RuntimeError)
-//     instead of aborting.
+//     instead of aborting;
+//   - the ticket counter (ticket_counter, below) is back at 0 when a launch ends.
 // A violation raises simt::Error naming the kernel, the block and thread, and the source line.
 // Blocks run one at a time, in an order set by the schedule (see ScheduleGuard): a kernel that is
 // correct on a GPU gives bit-identical results under every schedule.
@@ -152,6 +153,17 @@ inline void row_start() {
 // [lowest, end) tells which tensor a site reads or writes), tab-separated.
 void start_memory_trace();
 std::string stop_memory_trace();
+
+// ------------------------------------------------------------------------------ ticket counter
+// The counter of gpu::ticket_counter (gpu_glue.h) in the emulator: one per host thread (the emulator
+// has one stream per thread), 0 at rest. Every launch must leave it at 0, as the GPU kernels rely on
+// (a kernel that takes tickets takes gridDim.x of them, the last one wrapping it): run_launch checks
+// that, and resets it after a launch that failed midway (an emulated CUDA_KERNEL_ASSERT, after which
+// a GPU's context is lost anyway). nullptr while finish kernels are forced (a test switch: the launch
+// plans then take the two-launch path they take under CUDA graph capture).
+unsigned int* ticket_counter();
+// Sets whether ticket_counter() returns nullptr on this thread; returns the previous setting.
+bool force_finish_kernels(bool force);
 
 // ------------------------------------------------------------------------------ shared memory
 // One declaration site of a __shared__ array (LTFAST_SHARED_ARRAY); each block gets fresh,

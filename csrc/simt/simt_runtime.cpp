@@ -222,6 +222,8 @@ thread_local Schedule tl_schedule = Schedule::kAscending;
 thread_local StackPool tl_stacks;
 thread_local std::vector<std::string> tl_launched;
 thread_local uint64_t tl_launch_serial = 0;
+thread_local unsigned int tl_ticket_counter = 0;
+thread_local bool tl_force_finish_kernels = false;
 Counters g_counters;  // written by whichever thread emulates; read only for reporting
 
 // The path from csrc/ on, with "dir/../" collapsed (kernel headers are included through
@@ -743,16 +745,36 @@ void run_launch(const char* kernel_name, const std::source_location& where, dim3
     std::mt19937_64 random(0x5eed0000ULL + serial);
     std::shuffle(order.begin(), order.end(), random);
   }
-  for (const uint64_t b : order) {
-    const dim3 index(static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
-                     static_cast<unsigned>(b / (uint64_t(grid.x) * grid.y)));
-    run_block(launch, index, (serial << 32) ^ b);
-    ++g_counters.blocks;
+  try {
+    for (const uint64_t b : order) {
+      const dim3 index(static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
+                       static_cast<unsigned>(b / (uint64_t(grid.x) * grid.y)));
+      run_block(launch, index, (serial << 32) ^ b);
+      ++g_counters.blocks;
+    }
+  } catch (...) {
+    tl_ticket_counter = 0;  // the blocks that did not run took no ticket
+    throw;
+  }
+  if (tl_ticket_counter != 0) {
+    const unsigned left = tl_ticket_counter;
+    tl_ticket_counter = 0;
+    throw Error(std::string("ltfast.simt: kernel ") + kernel_name + " left the ticket counter at " +
+                std::to_string(left) + " (expected 0: a kernel that takes tickets takes one per block, and the "
+                "last one wraps the counter to 0; the next launch on the stream would finish too early)");
   }
   if (tl_trace_memory && tl_schedule == Schedule::kAscending) summarise_launch_accesses(kernel_name, serial);
 }
 
 }  // namespace detail
+
+unsigned int* ticket_counter() { return tl_force_finish_kernels ? nullptr : &tl_ticket_counter; }
+
+bool force_finish_kernels(bool force) {
+  const bool previous = tl_force_finish_kernels;
+  tl_force_finish_kernels = force;
+  return previous;
+}
 
 void start_memory_trace() {
   tl_memory.summary.clear();

@@ -36,7 +36,7 @@ KernelParams<acc_t> make_params(const CrossEntropyArgs& args) {
 }
 
 // Block partials of the row kernel (double [2, blocks]: loss and target-weight sums), zeros when
-// there are no rows (the kernel then does not run and the finish adds zeros).
+// there are no rows (the row kernel then does not run and the finish kernel adds zeros).
 at::Tensor row_partials(const CrossEntropyArgs& args) {
   const int64_t blocks = cross_entropy_kernels::row_kernel_blocks(args.num_rows, args.num_classes);
   const auto options = args.logits.options().dtype(at::kDouble);
@@ -59,6 +59,7 @@ CrossEntropyForwardOutputs forward(const CrossEntropyArgs& args) {
                                           : at::empty({0}, args.logits.options());
   at::Tensor grad_denominator = args.with_grad && mean ? at::empty({}, acc_options) : at::Tensor();
   if (none && args.num_rows == 0) denominator.fill_(1.0);
+  const gpu::Stream stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(),
                                   "ltfast_cross_entropy_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -66,7 +67,8 @@ CrossEntropyForwardOutputs forward(const CrossEntropyArgs& args) {
         args.logits.data_ptr<scalar_t>(), make_params<acc_t>(args), row_loss.data_ptr<acc_t>(),
         row_stats.data_ptr<acc_t>(), none ? denominator.data_ptr<acc_t>() : nullptr, !none, mean,
         none ? nullptr : partials.data_ptr<double>(), loss.data_ptr<acc_t>(), denominator.data_ptr<acc_t>(),
-        gpu::current_stream(), args.with_grad ? grad_logits.data_ptr<scalar_t>() : nullptr,
+        none ? nullptr : gpu::ticket_counter(stream), stream,
+        args.with_grad ? grad_logits.data_ptr<scalar_t>() : nullptr,
         grad_denominator.defined() ? grad_denominator.data_ptr<acc_t>() : nullptr);
   });
   return {loss, row_stats, denominator, grad_logits};

@@ -8,8 +8,10 @@
 // head and tail around them: split_row) with an online softmax (the row max and exp-sum merged
 // once per 16 elements), reduces the group's partial states with shuffles
 // and, for block groups, a fixed-order pass over shared memory. For 'mean'/'sum' each block also
-// writes its rows' loss and weight sums (fixed order) and one small block adds those partials:
-// two launches, deterministic, no serial pass over N in one block. Backward streams the row once
+// writes its rows' loss and weight sums (fixed order), and the block that takes the last ticket adds
+// those partials in a fixed order (gpu_reduce::finish_in_last_block): one launch, deterministic, no
+// serial pass over N in one block (two launches, row kernel then finish_mean_kernel, under CUDA
+// graph capture, which has no ticket counter: gpu_glue.h). Backward streams the row once
 // more and writes the gradient once. No host synchronisation: grad_output and the mean's
 // denominator are read from device memory by the kernels.
 #pragma once
@@ -338,7 +340,7 @@ __global__ void __launch_bounds__(kBlockThreads)
                         at::opmath_type<scalar_t>* __restrict__ row_loss,
                         at::opmath_type<scalar_t>* __restrict__ row_stats,
                         at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials,
-                        scalar_t* __restrict__ grad_logits,
+                        gpu_reduce::FinishArgs<at::opmath_type<scalar_t>> finish, scalar_t* __restrict__ grad_logits,
                         const at::opmath_type<scalar_t>* __restrict__ grad_denominator) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
@@ -458,6 +460,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   if (partials != nullptr) {
     gpu_reduce::write_block_partials<GROUP>(group_loss, group_weight, partials, partial_loss, partial_weight);
+    gpu_reduce::finish_mean_in_last_block(partials, finish);
   }
 }
 
@@ -604,14 +607,16 @@ inline unsigned row_kernel_blocks(int64_t num_rows, int64_t num_classes) {
   return blocks;
 }
 
-// Row kernel: per-row loss, row_stats [2, N] and, when `partials` (double [2, row_kernel_blocks]) is
-// given, the blocks' loss and weight sums. `unit_denominator` (reduction 'none') receives 1. With
-// `grad_logits` ([N, C], contiguous), also the gradient for an upstream gradient of 1, scaled by
-// 1 / *grad_denominator when that is given ('mean').
+// Row kernel: per-row loss, row_stats [2, N] (row max, log-sum offset) and, when `partials` (double
+// [2, row_kernel_blocks]) is given, the blocks' loss and weight sums, which the last block finishes
+// into loss and denominator when `finish` has a ticket counter. `unit_denominator` (reduction
+// 'none') receives 1. With `grad_logits` ([N, C], contiguous), also the gradient for an upstream
+// gradient of 1, scaled by 1 / *grad_denominator when that is given ('mean').
 template <typename scalar_t>
 void launch_forward_rows(const scalar_t* logits, const KernelParams<at::opmath_type<scalar_t>>& p,
                          at::opmath_type<scalar_t>* row_loss, at::opmath_type<scalar_t>* row_stats,
                          at::opmath_type<scalar_t>* unit_denominator, double* partials, gpu::Stream stream,
+                         const gpu_reduce::FinishArgs<at::opmath_type<scalar_t>>& finish = {},
                          scalar_t* grad_logits = nullptr,
                          const at::opmath_type<scalar_t>* grad_denominator = nullptr) {
   if (p.num_rows == 0) return;
@@ -623,28 +628,31 @@ void launch_forward_rows(const scalar_t* logits, const KernelParams<at::opmath_t
       const unsigned blocks = gpu_reduce::row_blocks(p.num_rows, kGroup);
       if (grad_logits == nullptr) {
         gpu::launch("cross_entropy forward_rows_kernel", &forward_rows_kernel<scalar_t, kGroup, kInner, false>, blocks,
-                    kBlockThreads, stream, logits, p, row_loss, row_stats, unit_denominator, partials,
+                    kBlockThreads, stream, logits, p, row_loss, row_stats, unit_denominator, partials, finish,
                     grad_logits, grad_denominator);
       } else {
         gpu::launch("cross_entropy forward_rows_kernel", &forward_rows_kernel<scalar_t, kGroup, kInner, true>, blocks,
-                    kBlockThreads, stream, logits, p, row_loss, row_stats, unit_denominator, partials,
+                    kBlockThreads, stream, logits, p, row_loss, row_stats, unit_denominator, partials, finish,
                     grad_logits, grad_denominator);
       }
     });
   });
 }
 
-// Forward: the row kernel, then (reduce) the one-block finish over its partials. With N = 0 the
-// partials are zeros filled by the caller, and the finish still writes the loss (NaN for 'mean',
-// as F.cross_entropy) and the denominator. With `grad_logits`, the row kernel also writes the
-// forward-time gradient; for 'mean' mean_denominator_kernel first writes its scale's denominator to
-// `grad_denominator` (an accumulation-type scalar).
+// Forward: one launch. For 'mean'/'sum' the row kernel's last block finishes the loss from the
+// partials when `ticket` (the stream's counter, gpu::ticket_counter) is given; without one (CUDA
+// graph capture) the one-block finish kernel follows the row kernel. With N = 0 the row kernel does
+// not run: the finish kernel alone sums the partials, zeros filled by the caller, and still writes
+// the loss (NaN for 'mean', as F.cross_entropy) and the denominator. With `grad_logits`, the row
+// kernel also writes the forward-time gradient; for 'mean' mean_denominator_kernel first writes its
+// scale's denominator to `grad_denominator` (an accumulation-type scalar): two launches.
 template <typename scalar_t>
 void launch_forward(const scalar_t* logits, const KernelParams<at::opmath_type<scalar_t>>& p,
                     at::opmath_type<scalar_t>* row_loss, at::opmath_type<scalar_t>* row_stats,
                     at::opmath_type<scalar_t>* unit_denominator, bool reduce, bool mean, double* partials,
-                    at::opmath_type<scalar_t>* loss, at::opmath_type<scalar_t>* denominator, gpu::Stream stream,
-                    scalar_t* grad_logits = nullptr, at::opmath_type<scalar_t>* grad_denominator = nullptr) {
+                    at::opmath_type<scalar_t>* loss, at::opmath_type<scalar_t>* denominator, unsigned int* ticket,
+                    gpu::Stream stream, scalar_t* grad_logits = nullptr,
+                    at::opmath_type<scalar_t>* grad_denominator = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const bool scaled_gradient = grad_logits != nullptr && mean && p.num_rows > 0;
   if (scaled_gradient) {
@@ -656,8 +664,9 @@ void launch_forward(const scalar_t* logits, const KernelParams<at::opmath_type<s
     });
   }
   launch_forward_rows(logits, p, row_loss, row_stats, unit_denominator, reduce ? partials : nullptr, stream,
-                      grad_logits, scaled_gradient ? grad_denominator : nullptr);
-  if (reduce) {
+                      {reduce ? ticket : nullptr, mean, loss, denominator}, grad_logits,
+                      scaled_gradient ? grad_denominator : nullptr);
+  if (reduce && (p.num_rows == 0 || ticket == nullptr)) {
     gpu::launch("cross_entropy finish_kernel", &gpu_reduce::finish_mean_kernel<acc_t>, 1, kBlockThreads, stream,
                 static_cast<const double*>(partials), static_cast<int64_t>(row_kernel_blocks(p.num_rows, p.num_classes)),
                 mean, loss, denominator);

@@ -26,13 +26,14 @@ EqualizationForwardResult forward(const EqualizationArgs& args) {
   } else if (args.num_rows == 0) {
     denominator.fill_(1.0);
   }
+  const gpu::Stream stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(), "ltfast_eql_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     equalization_kernels::launch_forward<scalar_t>(
         args.logits.data_ptr<scalar_t>(), args.target.data_ptr<int64_t>(), args.tail_mask.data_ptr<uint8_t>(),
         args.num_rows, args.num_classes, args.ignore_index, !none, args.reduction == Reduction::Mean,
         row_loss.data_ptr<acc_t>(), none ? nullptr : partials.data_ptr<double>(), loss.data_ptr<acc_t>(),
-        denominator.data_ptr<acc_t>(), gpu::current_stream());
+        denominator.data_ptr<acc_t>(), none ? nullptr : gpu::ticket_counter(stream), stream);
   });
   return {loss, denominator};
 }

@@ -2,7 +2,8 @@
 // by nvcc through equalization_cuda.cu, and by the host compiler for the SIMT emulator). A row
 // group (8 lanes for C <= 32, a warp up to 1024 classes, a block beyond: gpu_reduce::with_row_group)
 // sums a row's element losses; for 'mean'/'sum' each block also writes its rows' loss sum and row
-// count, which one small block adds in a fixed order. Backward is elementwise, a row group per row.
+// count, which the block that takes the last ticket adds in a fixed order (one launch;
+// gpu_reduce::finish_in_last_block). Backward is elementwise, a row group per row.
 // Both stream rows in 16-byte vectors around a scalar head and tail (gpu_row_stream::split_row).
 // The per-element rule (non-finite logits, suppressed entries exactly 0) is softmax_math.h's.
 #pragma once
@@ -28,7 +29,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     forward_rows_kernel(const scalar_t* __restrict__ logits, const int64_t* __restrict__ target,
                         const uint8_t* __restrict__ tail, int64_t N, int64_t C, int64_t ignore_index,
                         at::opmath_type<scalar_t>* __restrict__ row_loss,
-                        at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials) {
+                        at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials,
+                        gpu_reduce::FinishArgs<at::opmath_type<scalar_t>> finish) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   constexpr int V = gpu_row_stream::kVectorElements<scalar_t>;
@@ -100,6 +102,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   if (partials != nullptr) {
     gpu_reduce::write_block_partials<GROUP>(group_loss, group_rows, partials, partial_loss, partial_rows);
+    gpu_reduce::finish_mean_in_last_block(partials, finish);
   }
 }
 
@@ -189,14 +192,15 @@ inline unsigned row_kernel_blocks(int64_t N, int64_t C) {
   return blocks;
 }
 
-// Forward: the row kernel, then for 'mean'/'sum' the finish over its partials. With N = 0 the
-// partials are zeros filled by the caller. For 'none', `unit_denominator` receives 1 (and with
-// N = 0 the caller fills it).
+// Forward: one launch. For 'mean'/'sum' the row kernel's last block finishes the loss from its
+// partials when `ticket` (gpu::ticket_counter) is given, else (CUDA graph capture) the finish
+// kernel follows; with N = 0 the finish kernel alone sums the partials, zeros filled by the caller.
+// For 'none', `unit_denominator` receives 1 (and with N = 0 the caller fills it).
 template <typename scalar_t>
 void launch_forward(const scalar_t* logits, const int64_t* target, const uint8_t* tail, int64_t N, int64_t C,
                     int64_t ignore_index, bool reduce, bool mean, at::opmath_type<scalar_t>* row_loss,
                     double* partials, at::opmath_type<scalar_t>* loss, at::opmath_type<scalar_t>* denominator,
-                    gpu::Stream stream) {
+                    unsigned int* ticket, gpu::Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   check_class_count(C);
   if (N > 0) {
@@ -204,10 +208,11 @@ void launch_forward(const scalar_t* logits, const int64_t* target, const uint8_t
       constexpr int kGroup = decltype(group)::value;
       gpu::launch("equalization forward_rows_kernel", &forward_rows_kernel<scalar_t, kGroup>,
                   gpu_reduce::row_blocks(N, kGroup), kBlockThreads, stream, logits, target, tail, N, C, ignore_index,
-                  row_loss, reduce ? nullptr : denominator, reduce ? partials : nullptr);
+                  row_loss, reduce ? nullptr : denominator, reduce ? partials : nullptr,
+                  gpu_reduce::FinishArgs<acc_t>{reduce ? ticket : nullptr, mean, loss, denominator});
     });
   }
-  if (reduce) {
+  if (reduce && (N == 0 || ticket == nullptr)) {
     gpu::launch("equalization finish_kernel", &gpu_reduce::finish_mean_kernel<acc_t>, 1, kBlockThreads, stream,
                 static_cast<const double*>(partials), static_cast<int64_t>(row_kernel_blocks(N, C)), mean, loss,
                 denominator);

@@ -32,8 +32,8 @@ KernelParams<acc_t> make_params(const MultiExpertArgs& args) {
   return p;
 }
 
-// Block partials of a row kernel (double [rows, blocks]); zeros when there are no rows (the kernel
-// then does not run and the finish adds zeros).
+// Block partials of a row kernel (double [rows, blocks]); zeros when there are no rows (the row
+// kernel then does not run and the finish kernel adds zeros).
 at::Tensor row_partials(const MultiExpertArgs& args, int64_t quantities) {
   const int64_t blocks = multi_expert_kernels::row_kernel_blocks(args.num_rows, args.num_classes);
   const auto options = args.logits.options().dtype(at::kDouble);
@@ -68,6 +68,7 @@ MultiExpertForwardResult diverse_forward(const MultiExpertArgs& args) {
   at::Tensor loss = none ? row_loss : at::empty({}, acc_options);
   at::Tensor denominator = none ? at::ones({}, acc_options) : at::empty({}, acc_options);
   at::Tensor partials = none ? at::Tensor() : row_partials(args, 2);
+  const gpu::Stream stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(),
                                   "ltfast_diverse_expert_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -75,7 +76,7 @@ MultiExpertForwardResult diverse_forward(const MultiExpertArgs& args) {
         args.logits.data_ptr<scalar_t>(), make_params<acc_t>(args), row_loss.data_ptr<acc_t>(),
         row_stats.data_ptr<acc_t>(), !none, args.reduction == Reduction::Mean,
         none ? nullptr : partials.data_ptr<double>(), loss.data_ptr<acc_t>(), denominator.data_ptr<acc_t>(),
-        gpu::current_stream());
+        none ? nullptr : gpu::ticket_counter(stream), stream);
   });
   return {loss, row_stats, denominator, forward_time_grad(args, row_stats, denominator, diverse_backward)};
 }
@@ -106,12 +107,13 @@ MultiExpertForwardResult ride_forward(const MultiExpertArgs& args) {
   at::Tensor loss = at::empty({}, acc_options);
   at::Tensor denominators = at::empty({3}, acc_options);
   at::Tensor partials = row_partials(args, 4);
+  const gpu::Stream stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.logits.scalar_type(), "ltfast_ride_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     multi_expert_kernels::launch_ride_forward<scalar_t>(args.logits.data_ptr<scalar_t>(), make_params<acc_t>(args),
                                                         row_stats.data_ptr<acc_t>(), partials.data_ptr<double>(),
                                                         loss.data_ptr<acc_t>(), denominators.data_ptr<acc_t>(),
-                                                        gpu::current_stream());
+                                                        gpu::ticket_counter(stream), stream);
   });
   return {loss, row_stats, denominators, forward_time_grad(args, row_stats, denominators, ride_backward)};
 }

@@ -6,8 +6,9 @@
 // streams its E x C logits: per expert, an online softmax (one exp per element, two for RIDE's CE
 // and tempered softmaxes) reduced over the group with cross_entropy_kernels::group_reduce, and for
 // RIDE one more pass over the E rows (from L1/L2) for the softmax of the expert mean. Each block
-// writes its rows' sums (fixed order) and one small block finishes: deterministic, no atomics, no
-// host synchronisation. Backward streams the block once more and writes each gradient once.
+// writes its rows' sums (fixed order) and the block that takes the last ticket finishes them in a
+// fixed order (gpu_reduce::finish_in_last_block: one launch; a one-block finish kernel after the row
+// kernel under CUDA graph capture): deterministic, no host synchronisation. Backward streams the block once more and writes each gradient once.
 //
 // The [N, E, C] rows (logits, gradient) are streamed in 16-byte vectors with a scalar head and tail
 // per row (gpu_row_stream::split_row), the online softmax merged once per U x V elements:
@@ -186,7 +187,8 @@ template <typename scalar_t, int GROUP>
 __global__ void __launch_bounds__(kBlockThreads)
     diverse_forward_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
                            at::opmath_type<scalar_t>* __restrict__ row_loss,
-                           at::opmath_type<scalar_t>* __restrict__ row_stats, double* __restrict__ partials) {
+                           at::opmath_type<scalar_t>* __restrict__ row_stats, double* __restrict__ partials,
+                           gpu_reduce::FinishArgs<at::opmath_type<scalar_t>> finish) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   constexpr int V = kVectorElements<scalar_t>;
@@ -264,6 +266,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   if (partials != nullptr) {
     gpu_reduce::write_block_partials<GROUP>(group_loss, group_count, partials, partial_loss, partial_count);
+    gpu_reduce::finish_mean_in_last_block(partials, finish);
   }
 }
 
@@ -352,13 +355,37 @@ __global__ void __launch_bounds__(kBlockThreads)
 template <typename scalar_t>
 constexpr int kRideUnroll = kVectorUnroll<scalar_t> / 2;
 
+// loss = CE_sum / W + diversity_factor Tbar^2 KL_sum / N', denominators = (W, N', Tbar), from the
+// partials [4, num_blocks], by every thread of one block in a fixed order (the last block of
+// ride_forward_kernel, or ride_finish_kernel).
+template <typename acc_t, typename Scratch>
+__device__ void ride_finish(const double* partials, int64_t num_blocks, const KernelParams<acc_t>& p, acc_t* loss,
+                            acc_t* denominators, Scratch& scratch) {
+  const double ce = gpu_reduce::sum_in_block(partials, num_blocks, scratch);
+  const double weight = gpu_reduce::sum_in_block(partials + num_blocks, num_blocks, scratch);
+  const double kl = gpu_reduce::sum_in_block(partials + 2 * num_blocks, num_blocks, scratch);
+  const double count = gpu_reduce::sum_in_block(partials + 3 * num_blocks, num_blocks, scratch);
+  double temperature = 0.0;
+  for (int64_t c = threadIdx.x; c < p.num_classes; c += kBlockThreads) {
+    temperature += static_cast<double>(p.temperature ? p.base_temperature * gpu::load(p.temperature + c) : p.base_temperature);
+  }
+  const double mean_temperature = gpu_reduce::block_sum(temperature, scratch) / static_cast<double>(p.num_classes);
+  if (threadIdx.x == 0) {
+    gpu::store(loss, ce / weight + p.diversity_factor * mean_temperature * mean_temperature * kl / count);
+    gpu::store(denominators, static_cast<acc_t>(weight));
+    gpu::store(denominators + 1, static_cast<acc_t>(count));
+    gpu::store(denominators + 2, static_cast<acc_t>(mean_temperature));
+  }
+}
+
 // Per sample: row_stats [2, N, 2E + 1] (multi_expert.h) and the block's sums (double [4, gridDim.x]:
 // weighted CE, target weights, KL, rows). The expert rows are each split on their own boundaries;
 // the expert-mean pass takes expert 0's split and reads the other experts' runs with load_elements.
 template <typename scalar_t, int GROUP>
 __global__ void __launch_bounds__(kBlockThreads)
     ride_forward_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
-                        at::opmath_type<scalar_t>* __restrict__ row_stats, double* __restrict__ partials) {
+                        at::opmath_type<scalar_t>* __restrict__ row_stats, double* __restrict__ partials,
+                        gpu_reduce::FinishArgs<at::opmath_type<scalar_t>> finish) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   constexpr int V = kVectorElements<scalar_t>;
@@ -509,29 +536,18 @@ __global__ void __launch_bounds__(kBlockThreads)
   gpu_reduce::write_block_partials<GROUP>(group_ce, group_weight, partials, partial_a, partial_b);
   __syncthreads();  // partial_a/b are reused
   gpu_reduce::write_block_partials<GROUP>(group_kl, group_count, partials + 2 * gridDim.x, partial_a, partial_b);
+  gpu_reduce::finish_in_last_block(finish.ticket, [&](auto& scratch) {
+    ride_finish(partials, gridDim.x, p, finish.loss, finish.denominator, scratch);
+  });
 }
 
-// One block: loss = CE_sum / W + diversity_factor Tbar^2 KL_sum / N', denominators = (W, N', Tbar).
+// One block finishes (ride_finish) after the row kernel: under CUDA graph capture, and alone when N = 0.
 template <typename acc_t>
 __global__ void __launch_bounds__(kBlockThreads)
     ride_finish_kernel(const double* __restrict__ partials, int64_t num_blocks, KernelParams<acc_t> p,
                        acc_t* __restrict__ loss, acc_t* __restrict__ denominators) {
   LTFAST_SHARED_ARRAY(double, scratch, kBlockThreads);
-  const double ce = gpu_reduce::sum_in_block(partials, num_blocks, scratch);
-  const double weight = gpu_reduce::sum_in_block(partials + num_blocks, num_blocks, scratch);
-  const double kl = gpu_reduce::sum_in_block(partials + 2 * num_blocks, num_blocks, scratch);
-  const double count = gpu_reduce::sum_in_block(partials + 3 * num_blocks, num_blocks, scratch);
-  double temperature = 0.0;
-  for (int64_t c = threadIdx.x; c < p.num_classes; c += kBlockThreads) {
-    temperature += static_cast<double>(p.temperature ? p.base_temperature * gpu::load(p.temperature + c) : p.base_temperature);
-  }
-  const double mean_temperature = gpu_reduce::block_sum(temperature, scratch) / static_cast<double>(p.num_classes);
-  if (threadIdx.x == 0) {
-    gpu::store(loss, ce / weight + p.diversity_factor * mean_temperature * mean_temperature * kl / count);
-    gpu::store(denominators, static_cast<acc_t>(weight));
-    gpu::store(denominators + 1, static_cast<acc_t>(count));
-    gpu::store(denominators + 2, static_cast<acc_t>(mean_temperature));
-  }
+  ride_finish(partials, num_blocks, p, loss, denominators, scratch);
 }
 
 // Each gradient row k is split on its own 16-byte boundaries (every store a vector); the expert
@@ -664,13 +680,15 @@ inline unsigned row_kernel_blocks(int64_t num_rows, int64_t num_classes) {
   return blocks;
 }
 
-// diverse_expert_loss forward: the row kernel, then (reduce) the one-block finish over its partials
-// (double [2, row_kernel_blocks], zeros filled by the caller when N = 0).
+// diverse_expert_loss forward: the row kernel, whose last block (reduce) finishes the loss from its
+// partials (double [2, row_kernel_blocks]) when `ticket` (gpu::ticket_counter) is given; else (CUDA
+// graph capture) the one-block finish kernel follows. With N = 0 the finish kernel alone sums the
+// partials, zeros filled by the caller.
 template <typename scalar_t>
 void launch_diverse_forward(const scalar_t* logits, const KernelParams<at::opmath_type<scalar_t>>& p,
                             at::opmath_type<scalar_t>* row_loss, at::opmath_type<scalar_t>* row_stats, bool reduce,
                             bool mean, double* partials, at::opmath_type<scalar_t>* loss,
-                            at::opmath_type<scalar_t>* denominator, gpu::Stream stream) {
+                            at::opmath_type<scalar_t>* denominator, unsigned int* ticket, gpu::Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   if (p.num_rows > 0) {
     check_class_count(p.num_classes);
@@ -678,10 +696,11 @@ void launch_diverse_forward(const scalar_t* logits, const KernelParams<at::opmat
       constexpr int kGroup = decltype(group)::value;
       gpu::launch("multi_expert diverse_forward_kernel", &diverse_forward_kernel<scalar_t, kGroup>,
                   gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_loss, row_stats,
-                  reduce ? partials : static_cast<double*>(nullptr));
+                  reduce ? partials : static_cast<double*>(nullptr),
+                  gpu_reduce::FinishArgs<acc_t>{reduce ? ticket : nullptr, mean, loss, denominator});
     });
   }
-  if (reduce) {
+  if (reduce && (p.num_rows == 0 || ticket == nullptr)) {
     gpu::launch("multi_expert diverse finish_mean_kernel", &gpu_reduce::finish_mean_kernel<acc_t>, 1, kBlockThreads,
                 stream, static_cast<const double*>(partials),
                 static_cast<int64_t>(row_kernel_blocks(p.num_rows, p.num_classes)), mean, loss, denominator);
@@ -703,24 +722,28 @@ void launch_diverse_backward(const scalar_t* logits, const KernelParams<at::opma
   });
 }
 
-// ride_loss forward: the row kernel and the finish. partials: double [4, row_kernel_blocks]
-// (zeros filled by the caller when N = 0).
+// ride_loss forward: the row kernel, whose last block finishes when `ticket` (gpu::ticket_counter)
+// is given, else (CUDA graph capture; N = 0, alone) the finish kernel. partials: double [4,
+// row_kernel_blocks] (zeros filled by the caller when N = 0).
 template <typename scalar_t>
 void launch_ride_forward(const scalar_t* logits, const KernelParams<at::opmath_type<scalar_t>>& p,
                          at::opmath_type<scalar_t>* row_stats, double* partials, at::opmath_type<scalar_t>* loss,
-                         at::opmath_type<scalar_t>* denominators, gpu::Stream stream) {
+                         at::opmath_type<scalar_t>* denominators, unsigned int* ticket, gpu::Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   if (p.num_rows > 0) {
     check_class_count(p.num_classes);
     gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
       constexpr int kGroup = decltype(group)::value;
       gpu::launch("multi_expert ride_forward_kernel", &ride_forward_kernel<scalar_t, kGroup>,
-                  gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_stats, partials);
+                  gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_stats, partials,
+                  gpu_reduce::FinishArgs<acc_t>{ticket, true, loss, denominators});
     });
   }
-  gpu::launch("multi_expert ride_finish_kernel", &ride_finish_kernel<acc_t>, 1, kBlockThreads, stream,
-              static_cast<const double*>(partials), static_cast<int64_t>(row_kernel_blocks(p.num_rows, p.num_classes)),
-              p, loss, denominators);
+  if (p.num_rows == 0 || ticket == nullptr) {
+    gpu::launch("multi_expert ride_finish_kernel", &ride_finish_kernel<acc_t>, 1, kBlockThreads, stream,
+                static_cast<const double*>(partials),
+                static_cast<int64_t>(row_kernel_blocks(p.num_rows, p.num_classes)), p, loss, denominators);
+  }
 }
 
 template <typename scalar_t>

@@ -68,6 +68,7 @@ PacoForwardResult forward(const PacoArgs& args) {
     partials = B == 0 ? at::zeros({2, blocks}, options) : at::empty({2, blocks}, options);
   }
   if (none && B == 0) denominator.fill_(1.0);
+  const gpu::Stream stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.similarity.scalar_type(), "ltfast_paco_forward_cuda",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -76,7 +77,7 @@ PacoForwardResult forward(const PacoArgs& args) {
         make_params<acc_t>(args), row_loss.data_ptr<acc_t>(), row_stats.data_ptr<acc_t>(),
         none ? denominator.data_ptr<acc_t>() : nullptr, !none, args.reduction == Reduction::Mean,
         none ? nullptr : partials.data_ptr<double>(), loss.data_ptr<acc_t>(), denominator.data_ptr<acc_t>(),
-        gpu::current_stream());
+        none ? nullptr : gpu::ticket_counter(stream), stream);
   });
   auto [grad_similarity, grad_sup_logits] = forward_time_grads(args, row_stats, denominator);
   return {loss, row_stats, denominator, grad_similarity, grad_sup_logits};

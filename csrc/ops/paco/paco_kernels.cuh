@@ -13,8 +13,9 @@
 // positive-weighted logit sum and the positive weight P_i. The group's partial states are reduced
 // with shuffles (and, for block groups, a fixed-order pass over shared memory), so results are
 // identical run to run. For 'mean'/'sum' each block writes its rows' loss sum and counted-row count
-// and one small block adds those partials (gpu_reduce::finish_mean_kernel): two launches, no
-// atomics. Backward is element-wise from row_stats (lse_i, P_i): each segment streamed once more,
+// and the block that takes the last ticket adds those partials in a fixed order
+// (gpu_reduce::finish_in_last_block): one launch (two under CUDA graph capture, which has no ticket
+// counter: the row kernel, then gpu_reduce::finish_mean_kernel). Backward is element-wise from row_stats (lse_i, P_i): each segment streamed once more,
 // each gradient written once, in vectors when its rows share the input's alignment.
 #pragma once
 
@@ -267,7 +268,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     forward_rows_kernel(const scalar_t* __restrict__ similarity, const scalar_t* __restrict__ sup_logits,
                         KernelParams<at::opmath_type<scalar_t>> p, at::opmath_type<scalar_t>* __restrict__ row_loss,
                         at::opmath_type<scalar_t>* __restrict__ row_stats,
-                        at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials) {
+                        at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials,
+                        gpu_reduce::FinishArgs<at::opmath_type<scalar_t>> finish) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   LTFAST_SHARED_ARRAY(math::SoftmaxState<acc_t>, scratch_state, kWarpsPerBlock);
@@ -319,6 +321,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   if (partials != nullptr) {
     gpu_reduce::write_block_partials<GROUP>(group_loss, group_counted, partials, partial_loss, partial_counted);
+    gpu_reduce::finish_mean_in_last_block(partials, finish);
   }
 }
 
@@ -432,15 +435,17 @@ inline unsigned row_kernel_blocks(int64_t num_rows, int64_t num_classes, int64_t
   return blocks;
 }
 
-// Forward: the row kernel, then (reduce) the one-block finish over its partials, which writes the
-// loss (sum / counted rows for 'mean': NaN when none is counted) and the denominator. With B = 0 the
-// partials are zeros filled by the caller; `unit_denominator` ('none') receives 1.
+// Forward: the row kernel, whose last block (reduce) finishes the loss from its partials when
+// `ticket` (gpu::ticket_counter) is given (else, under CUDA graph capture, the one-block finish
+// kernel follows): sum / counted rows for 'mean' (NaN when none is counted), and the denominator.
+// With B = 0 the finish kernel alone sums the partials, zeros filled by the caller;
+// `unit_denominator` ('none') receives 1.
 template <typename scalar_t>
 void launch_forward(const scalar_t* similarity, const scalar_t* sup_logits,
                     const KernelParams<at::opmath_type<scalar_t>>& p, at::opmath_type<scalar_t>* row_loss,
                     at::opmath_type<scalar_t>* row_stats, at::opmath_type<scalar_t>* unit_denominator, bool reduce,
                     bool mean, double* partials, at::opmath_type<scalar_t>* loss,
-                    at::opmath_type<scalar_t>* denominator, gpu::Stream stream) {
+                    at::opmath_type<scalar_t>* denominator, unsigned int* ticket, gpu::Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   check_row_length(p.num_classes, p.num_keys);
   if (p.num_rows > 0) {
@@ -448,10 +453,11 @@ void launch_forward(const scalar_t* similarity, const scalar_t* sup_logits,
       constexpr int kGroup = decltype(group)::value;
       gpu::launch("paco forward_rows_kernel", &forward_rows_kernel<scalar_t, kGroup>,
                   gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, similarity, sup_logits, p,
-                  row_loss, row_stats, unit_denominator, reduce ? partials : nullptr);
+                  row_loss, row_stats, unit_denominator, reduce ? partials : nullptr,
+                  gpu_reduce::FinishArgs<acc_t>{reduce ? ticket : nullptr, mean, loss, denominator});
     });
   }
-  if (reduce) {
+  if (reduce && (p.num_rows == 0 || ticket == nullptr)) {
     gpu::launch("paco finish_kernel", &gpu_reduce::finish_mean_kernel<acc_t>, 1, kBlockThreads, stream,
                 static_cast<const double*>(partials),
                 static_cast<int64_t>(row_kernel_blocks(p.num_rows, p.num_classes, p.num_keys)), mean, loss,

@@ -57,7 +57,7 @@ ProbabilityParams<acc_t> make_probability_params(const CrossEntropyArgs& args) {
   return p;
 }
 
-// double [rows, blocks] block partials, zeros when there are no rows (the finish then adds zeros).
+// double [rows, blocks] block partials, zeros when there are no rows (the finish kernel then adds zeros).
 at::Tensor partials_for(const CrossEntropyArgs& args, int64_t rows) {
   const int64_t blocks = soft_target_kernels::row_kernel_blocks(args.num_rows, args.num_classes);
   const auto options = args.logits.options().dtype(at::kDouble);
@@ -74,12 +74,14 @@ SoftForwardResult mixed_forward(const MixedArgs& args) {
   at::Tensor loss = none ? row_loss : at::empty({}, options);
   at::Tensor denominators = none ? at::ones({2}, options) : at::empty({2}, options);
   at::Tensor partials = none ? at::Tensor() : partials_for(ce, 4);
+  const gpu::Stream stream = gpu::current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ce.logits.scalar_type(), "ltfast_mixed_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     soft_target_kernels::launch_mixed_forward<scalar_t>(
         ce.logits.data_ptr<scalar_t>(), make_mixed_params<acc_t>(args), none ? row_loss.data_ptr<acc_t>() : nullptr,
         row_stats.data_ptr<acc_t>(), none ? nullptr : partials.data_ptr<double>(), ce.reduction == Reduction::Mean,
-        none ? nullptr : loss.data_ptr<acc_t>(), denominators.data_ptr<acc_t>(), gpu::current_stream());
+        none ? nullptr : loss.data_ptr<acc_t>(), denominators.data_ptr<acc_t>(),
+        none ? nullptr : gpu::ticket_counter(stream), stream);
   });
   return {loss, row_stats, denominators};
 }
@@ -125,6 +127,7 @@ SoftForwardResult probability_forward(const CrossEntropyArgs& args) {
   at::Tensor loss = none ? row_loss : at::empty({}, options);
   at::Tensor denominator = none ? at::ones({}, options) : at::empty({}, options);
   at::Tensor partials = none ? at::Tensor() : partials_for(args, 2);
+  const gpu::Stream stream = gpu::current_stream();
   dispatch_probability(args, [&](auto s, auto t) {
     using scalar_t = decltype(s);
     using target_t = decltype(t);
@@ -133,7 +136,7 @@ SoftForwardResult probability_forward(const CrossEntropyArgs& args) {
         args.logits.data_ptr<scalar_t>(), args.target.data_ptr<target_t>(), make_probability_params<acc_t>(args),
         row_loss.data_ptr<acc_t>(), row_stats.data_ptr<acc_t>(), none ? nullptr : partials.data_ptr<double>(),
         args.reduction == Reduction::Mean, none ? nullptr : loss.data_ptr<acc_t>(),
-        none ? nullptr : denominator.data_ptr<acc_t>(), gpu::current_stream());
+        none ? nullptr : denominator.data_ptr<acc_t>(), none ? nullptr : gpu::ticket_counter(stream), stream);
   });
   return {loss, row_stats, denominator};
 }

@@ -9,10 +9,12 @@
 // csrc/common/soft_target_math.h, shared with the CPU kernels.
 //
 // Mixed targets: both terms share the row's softmax; 'mean'/'sum' write four block partials (each
-// term's loss sum and weight sum) and a one-block finish divides each term by its own sum.
+// term's loss sum and weight sum) and the block that takes the last ticket divides each term by its
+// own sum (gpu_reduce::finish_in_last_block: one launch; the finish kernel after the row kernel
+// under CUDA graph capture, and alone when N = 0).
 // Probability targets: the target row is streamed next to the logits, the online state carries
 // (max, exp-sum, mass, offset); 'mean' divides by N (the finish of the hard-target path, whose
-// second partial is then the row count).
+// second partial is then the row count, in the last block as well).
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -129,11 +131,30 @@ __device__ __forceinline__ void merge_mixed_chunk(const acc_t (&a)[K], const acc
   }
 }
 
+// loss = S_a / D_a + S_b / D_b (mean) or S_a + S_b (sum) from the partials [4, num_blocks], by every
+// thread of one block in a fixed order (the last block of mixed_forward_kernel, or
+// mixed_finish_kernel); writes the two denominators (term b: 1 without target_b).
+template <typename acc_t, typename Scratch>
+__device__ void mixed_finish(const double* partials, int64_t num_blocks, bool mean, bool has_target_b, acc_t* loss,
+                             acc_t* denominators, Scratch& scratch) {
+  const double sum_a = gpu_reduce::sum_in_block(partials, num_blocks, scratch);
+  const double weight_a = gpu_reduce::sum_in_block(partials + num_blocks, num_blocks, scratch);
+  const double sum_b = gpu_reduce::sum_in_block(partials + 2 * num_blocks, num_blocks, scratch);
+  const double weight_b = gpu_reduce::sum_in_block(partials + 3 * num_blocks, num_blocks, scratch);
+  if (threadIdx.x == 0) {
+    const double denom_a = mean ? weight_a : 1.0;
+    const double denom_b = (mean && has_target_b) ? weight_b : 1.0;
+    gpu::store(loss, sum_a / denom_a + (has_target_b ? sum_b / denom_b : 0.0));
+    gpu::store(denominators, static_cast<acc_t>(denom_a));
+    gpu::store(denominators + 1, static_cast<acc_t>(denom_b));
+  }
+}
+
 template <typename scalar_t, int GROUP>
 __global__ void __launch_bounds__(kBlockThreads)
     mixed_forward_kernel(const scalar_t* __restrict__ logits, MixedParams<at::opmath_type<scalar_t>> p,
                          at::opmath_type<scalar_t>* __restrict__ row_loss, at::opmath_type<scalar_t>* __restrict__ row_stats,
-                         double* __restrict__ partials) {
+                         double* __restrict__ partials, gpu_reduce::FinishArgs<at::opmath_type<scalar_t>> finish) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   LTFAST_SHARED_ARRAY(math::SoftmaxState<acc_t>, scratch_state, kWarpsPerBlock);
@@ -249,27 +270,20 @@ __global__ void __launch_bounds__(kBlockThreads)
     gpu_reduce::write_block_partials<GROUP>(loss_a_sum, weight_a_sum, partials, partial_loss_a, partial_weight_a);
     gpu_reduce::write_block_partials<GROUP>(loss_b_sum, weight_b_sum, partials + 2 * gridDim.x, partial_loss_b,
                                             partial_weight_b);
+    gpu_reduce::finish_in_last_block(finish.ticket, [&](auto& scratch) {
+      mixed_finish(partials, gridDim.x, finish.mean, p.target_b != nullptr, finish.loss, finish.denominator, scratch);
+    });
   }
 }
 
-// loss = S_a / D_a + S_b / D_b (mean) or S_a + S_b (sum) from the partials [4, num_blocks]; writes the
-// two denominators (term b: 1 without target_b).
+// One block finishes: loss = S_a / D_a + S_b / D_b (mean) or S_a + S_b (sum) from the partials [4,
+// num_blocks]; writes the two denominators (term b: 1 without target_b).
 template <typename acc_t>
 __global__ void __launch_bounds__(kBlockThreads)
     mixed_finish_kernel(const double* __restrict__ partials, int64_t num_blocks, bool mean, bool has_target_b,
                         acc_t* __restrict__ loss, acc_t* __restrict__ denominators) {
   LTFAST_SHARED_ARRAY(double, scratch, kBlockThreads);
-  const double sum_a = gpu_reduce::sum_in_block(partials, num_blocks, scratch);
-  const double weight_a = gpu_reduce::sum_in_block(partials + num_blocks, num_blocks, scratch);
-  const double sum_b = gpu_reduce::sum_in_block(partials + 2 * num_blocks, num_blocks, scratch);
-  const double weight_b = gpu_reduce::sum_in_block(partials + 3 * num_blocks, num_blocks, scratch);
-  if (threadIdx.x == 0) {
-    const double denom_a = mean ? weight_a : 1.0;
-    const double denom_b = (mean && has_target_b) ? weight_b : 1.0;
-    gpu::store(loss, sum_a / denom_a + (has_target_b ? sum_b / denom_b : 0.0));
-    gpu::store(denominators, static_cast<acc_t>(denom_a));
-    gpu::store(denominators + 1, static_cast<acc_t>(denom_b));
-  }
+  mixed_finish(partials, num_blocks, mean, has_target_b, loss, denominators, scratch);
 }
 
 template <typename scalar_t, int GROUP>
@@ -394,12 +408,14 @@ inline void check_class_count(int64_t num_classes) {
 }
 
 // Forward: row_loss [N] ('none', else nullptr), row_stats [2, N]; with `partials` (double
-// [4, row_kernel_blocks], zeros when N = 0) the finish writes loss and denominators [2].
+// [4, row_kernel_blocks], zeros when N = 0) the finish writes loss and denominators [2]: in the row
+// kernel's last block when `ticket` (gpu::ticket_counter) is given, else (CUDA graph capture, or
+// N = 0 alone) the finish kernel.
 template <typename scalar_t>
 void launch_mixed_forward(const scalar_t* logits, const MixedParams<at::opmath_type<scalar_t>>& p,
                           at::opmath_type<scalar_t>* row_loss, at::opmath_type<scalar_t>* row_stats, double* partials,
                           bool mean, at::opmath_type<scalar_t>* loss, at::opmath_type<scalar_t>* denominators,
-                          gpu::Stream stream) {
+                          unsigned int* ticket, gpu::Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   if (p.num_rows > 0) {
     check_class_count(p.num_classes);
@@ -407,10 +423,10 @@ void launch_mixed_forward(const scalar_t* logits, const MixedParams<at::opmath_t
       constexpr int kGroup = decltype(group)::value;
       gpu::launch("soft_targets mixed_forward_kernel", &mixed_forward_kernel<scalar_t, kGroup>,
                   gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_loss, row_stats,
-                  partials);
+                  partials, gpu_reduce::FinishArgs<acc_t>{partials ? ticket : nullptr, mean, loss, denominators});
     });
   }
-  if (partials != nullptr) {
+  if (partials != nullptr && (p.num_rows == 0 || ticket == nullptr)) {
     gpu::launch("soft_targets mixed_finish_kernel", &mixed_finish_kernel<acc_t>, 1, kBlockThreads, stream,
                 static_cast<const double*>(partials),
                 static_cast<int64_t>(row_kernel_blocks(p.num_rows, p.num_classes)), mean, p.target_b != nullptr, loss,
@@ -525,7 +541,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     probability_forward_kernel(const scalar_t* __restrict__ logits, const target_t* __restrict__ target,
                                ProbabilityParams<at::opmath_type<scalar_t>> p,
                                at::opmath_type<scalar_t>* __restrict__ row_loss,
-                               at::opmath_type<scalar_t>* __restrict__ row_stats, double* __restrict__ partials) {
+                               at::opmath_type<scalar_t>* __restrict__ row_stats, double* __restrict__ partials,
+                               gpu_reduce::FinishArgs<at::opmath_type<scalar_t>> finish) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   LTFAST_SHARED_ARRAY(math::ProbabilityState<acc_t>, scratch_state, kWarpsPerBlock);
@@ -604,6 +621,7 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
   if (partials != nullptr) {
     gpu_reduce::write_block_partials<GROUP>(group_loss, group_rows, partials, partial_loss, partial_rows);
+    gpu_reduce::finish_mean_in_last_block(partials, finish);
   }
 }
 
@@ -696,7 +714,7 @@ void launch_probability_forward(const scalar_t* logits, const target_t* target,
                                 const ProbabilityParams<at::opmath_type<scalar_t>>& p,
                                 at::opmath_type<scalar_t>* row_loss, at::opmath_type<scalar_t>* row_stats,
                                 double* partials, bool mean, at::opmath_type<scalar_t>* loss,
-                                at::opmath_type<scalar_t>* denominator, gpu::Stream stream) {
+                                at::opmath_type<scalar_t>* denominator, unsigned int* ticket, gpu::Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   if (p.num_rows > 0) {
     check_class_count(p.num_classes);
@@ -704,10 +722,10 @@ void launch_probability_forward(const scalar_t* logits, const target_t* target,
       constexpr int kGroup = decltype(group)::value;
       gpu::launch("soft_targets probability_forward_kernel", &probability_forward_kernel<scalar_t, target_t, kGroup>,
                   gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, target, p, row_loss,
-                  row_stats, partials);
+                  row_stats, partials, gpu_reduce::FinishArgs<acc_t>{partials ? ticket : nullptr, mean, loss, denominator});
     });
   }
-  if (partials != nullptr) {
+  if (partials != nullptr && (p.num_rows == 0 || ticket == nullptr)) {
     gpu::launch("soft_targets probability_finish_kernel", &gpu_reduce::finish_mean_kernel<acc_t>, 1, kBlockThreads,
                 stream, static_cast<const double*>(partials),
                 static_cast<int64_t>(row_kernel_blocks(p.num_rows, p.num_classes)), mean, loss, denominator);
