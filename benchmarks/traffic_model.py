@@ -73,7 +73,8 @@ def _class_vectors(op: str, C: int) -> int:
             "lade": C * F32, "lade_regularizer": C * F32}[op]
 
 
-def model(op: str, N: int, C: int, dtype: str = "bfloat16", reduction: str = "mean", fused: bool = False) -> list[Phase]:
+def model(op: str, N: int, C: int, dtype: str = "bfloat16", reduction: str = "mean",
+          fused: bool = False) -> list[Phase]:
     """[forward, backward] (one entry for the sampler ops, with N = number of draws and C = classes).
     fused: the cross-entropy family's step with the forward-time gradient (kernel_model)."""
     e = ELEMENT_SIZE[dtype]

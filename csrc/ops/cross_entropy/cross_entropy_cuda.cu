@@ -128,7 +128,9 @@ void scale_forward_grad(at::Tensor& grad, const at::Tensor& upstream) {
 
 }  // namespace cross_entropy_cuda
 
-CrossEntropyForwardOutputs cross_entropy_forward_cuda(const CrossEntropyArgs& args) { return cross_entropy_cuda::forward(args); }
+CrossEntropyForwardOutputs cross_entropy_forward_cuda(const CrossEntropyArgs& args) {
+  return cross_entropy_cuda::forward(args);
+}
 
 CrossEntropyRows cross_entropy_rows_cuda(const CrossEntropyArgs& args) { return cross_entropy_cuda::rows(args); }
 

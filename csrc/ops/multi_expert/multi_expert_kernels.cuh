@@ -8,7 +8,8 @@
 // RIDE one more pass over the E rows (from L1/L2) for the softmax of the expert mean. Each block
 // writes its rows' sums (fixed order) and the block that takes the last ticket finishes them in a
 // fixed order (gpu_reduce::finish_in_last_block: one launch; a one-block finish kernel after the row
-// kernel under CUDA graph capture): deterministic, no host synchronisation. Backward streams the block once more and writes each gradient once.
+// kernel under CUDA graph capture): deterministic, no host synchronisation. Backward streams the
+// block once more and writes each gradient once.
 //
 // The [N, E, C] rows (logits, gradient) are streamed in 16-byte vectors with a scalar head and tail
 // per row (gpu_row_stream::split_row), the online softmax merged once per U x V elements:

@@ -15,8 +15,9 @@
 // identical run to run. For 'mean'/'sum' each block writes its rows' loss sum and counted-row count
 // and the block that takes the last ticket adds those partials in a fixed order
 // (gpu_reduce::finish_in_last_block): one launch (two under CUDA graph capture, which has no ticket
-// counter: the row kernel, then gpu_reduce::finish_mean_kernel). Backward is element-wise from row_stats (lse_i, P_i): each segment streamed once more,
-// each gradient written once, in vectors when its rows share the input's alignment.
+// counter: the row kernel, then gpu_reduce::finish_mean_kernel). Backward is element-wise from
+// row_stats (lse_i, P_i): each segment streamed once more, each gradient written once, in vectors
+// when its rows share the input's alignment.
 #pragma once
 
 #include <ATen/OpMathType.h>
