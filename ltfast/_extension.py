@@ -128,8 +128,9 @@ def set_forward_gradient(enabled: bool) -> bool:
     gradient (logits dtype) held from the forward to the backward (16 MB at 4096 x 1000 float32; the
     peak of a step that calls backward right after the forward is unchanged). Turn it off where the
     logits require grad but often see no backward, or for a gradient bit-identical to the backward
-    op's (CPU; the CUDA kernels' is bit-identical: docs/ops.md). paco_loss follows it too (the gradients of similarity and sup_logits). The multi-expert losses
-    always compute their gradient in the forward. Process-wide; returns the previous setting."""
+    op's (CPU; the CUDA kernels' is bit-identical: docs/ops.md). paco_loss follows it too (the
+    gradients of similarity and sup_logits). The multi-expert losses always compute their gradient in
+    the forward. Process-wide; returns the previous setting."""
     if not isinstance(enabled, bool):
         raise TypeError(f"ltfast.set_forward_gradient: enabled must be a bool, got {type(enabled).__name__}")
     if not AVAILABLE:

@@ -98,12 +98,12 @@ c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
 }
 
 // ------------------------------------------------------------------ the forward-time gradient
-// Where the logits need a gradient and the backend's forward kernel can write it (today the CPU
-// kernels of the cross-entropy family and of the multi-expert ops), the autograd kernel asks the
-// forward op for it (with_grad=True): the kernel reads the logits once and writes the gradient for an
-// upstream gradient of 1 while each row is still in L1, and the backward hands that tensor out instead
-// of running the backward op, scaled in place when the upstream gradient is not 1. A training step is
-// then one read of [N, C] and one write instead of two reads and one write.
+// Where the logits need a gradient and the backend's forward kernel can write it (the CPU and CUDA
+// kernels of the cross-entropy family, the CPU kernels of the multi-expert ops), the autograd kernel
+// asks the forward op for it (with_grad=True): the kernel reads the logits once and writes the
+// gradient for an upstream gradient of 1 while each row is still in L1, and the backward hands that
+// tensor out instead of running the backward op, scaled in place when the upstream gradient is not 1.
+// A training step is then one read of [N, C] and one write instead of two reads and one write.
 //
 // Cost: the [N, C] gradient (in the logits dtype) is allocated in the forward instead of the backward,
 // so it is held from the forward to the backward (16 MB at 4096 x 1000 float32). In the usual step
@@ -118,7 +118,8 @@ c10::TypedOperatorHandle<Signature> typed_op(const char* name) {
 // upstream gradient, and under torch.compile/FakeTensor (values cannot be read there).
 //
 // The cross-entropy family's switch starts off here and ltfast/_extension.py turns it on at import
-// (FORWARD_GRADIENT_DEFAULT, next to ltfast.set_forward_gradient and its documentation). Its forward-time gradient reuses the exponentials of the statistics pass
+// (FORWARD_GRADIENT_DEFAULT, next to ltfast.set_forward_gradient and its documentation). On the CPU
+// the forward-time gradient reuses the exponentials of the statistics pass
 // (RowGradient::write_from_exponentials): a float32 4096 x 1000 balanced_softmax step took 2.97 ms
 // with it against 3.74 ms with the backward op (Zen 4, AVX512 kernels, 1 thread, minima of 60 steps).
 // A first version that recomputed each exponential was slower (9.3 vs 4.2 ms on a busy machine): the
@@ -214,8 +215,10 @@ inline at::Tensor forward_grad_if_unit_upstream(AutogradContext* ctx, const at::
 //
 // On a GPU the upstream gradient is not read on the host (that would synchronise every step):
 // ltfast::_scale_forward_grad_ reads it on the device and returns at once where it is exactly 1,
-// else scales in place; non-finite factors are scaled too (elements that are exactly 0 stay 0, as the
-// backward op writes them; the others become inf/NaN where the backward op's do, within rounding).
+// else scales in place. A non-finite factor is applied too, where the CPU path runs the backward op:
+// elements that are exactly 0 stay 0 (ignored rows, SEQL's drops: as the backward op writes them),
+// the others become inf or NaN, though not entry for entry as the backward op's (where a probability
+// underflowed to 0 that op gives 0 * inf = NaN, this 0).
 inline at::Tensor forward_grad_for_upstream(AutogradContext* ctx, const at::Tensor& logits,
                                             const at::Tensor& upstream) {
   at::Tensor grad = take_forward_grad(ctx);
