@@ -18,7 +18,7 @@ if [ "$have_torch" != "$TORCH_VERSION $TORCHVISION_VERSION" ]; then
   echo "== installing torch $TORCH_VERSION and torchvision $TORCHVISION_VERSION"
   "$PYTHON" -m pip install --quiet "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi
-"$PYTHON" -m pip install --quiet ninja "pytest>=7" expecttest numpy "setuptools>=64" wheel \
+"$PYTHON" -m pip install --quiet ninja "pytest>=7" pytest-xdist expecttest numpy "setuptools>=64" wheel \
   pyyaml matplotlib tqdm pillow "import-linter>=2.17" ruff
 # DALI (CPU pipelines here, nvJPEG where a GPU is present). The cuda130 build matches torch's CUDA.
 if ! "$PYTHON" -c "import nvidia.dali" >/dev/null 2>&1; then

@@ -49,6 +49,13 @@ inline unsigned row_blocks(int64_t num_rows, int group) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxRowBlocks)));
 }
 
+// Blocks of a row kernel whose groups (with_row_group's size for C) take one row at a time.
+inline unsigned row_blocks_for_classes(int64_t num_rows, int64_t num_classes) {
+  unsigned blocks = 1;
+  with_row_group(num_classes, [&](auto group) { blocks = row_blocks(num_rows, group); });
+  return blocks;
+}
+
 // The lanes of the calling thread's row group within its warp: groups smaller than a warp must
 // not name the other groups' lanes, which may have left the row loop already.
 template <int GROUP>

@@ -49,6 +49,52 @@ __device__ __forceinline__ void fill_row(scalar_t* row, int C, int lane, scalar_
   if (split.tail_begin + lane < C) gpu::store(row + split.tail_begin + lane, value);
 }
 
+// Tiles of short rows. A row of C <= 32 classes is at most 64 bytes in bf16 (CIFAR-10-LT: 20 bytes), less
+// than one warp request: split per row, its head, vectors and tail are three requests that each touch
+// the sectors of neighbouring rows (sector efficiency 0.42 forward / 0.52 backward at 256 x 20 bf16,
+// benchmarks/results/memory_model.json before the tiles). Consecutive rows of a contiguous [N, C] are
+// one flat span, so a block copies the span of its rows between global memory and a __shared__ tile
+// split once for the whole span: a scalar head, 16-byte vectors over the block's threads, a scalar
+// tail. The tile holds acc_t (the kernels compute in it; bf16 -> float -> bf16 is exact), indexed as
+// tile[i] so that the emulator's checked shared arrays work too.
+
+// tile[0 .. count) = span[0 .. count) as acc_t, by the THREADS threads of the block (count <= the
+// tile's size; every thread calls it).
+template <int THREADS, typename acc_t, typename scalar_t, typename Tile>
+__device__ __forceinline__ void load_span_to_tile(const scalar_t* span, int count, Tile& tile) {
+  constexpr int V = kVectorElements<scalar_t>;
+  static_assert(V <= THREADS, "one thread per head or tail element");
+  const RowSplit split = split_row(span, count);
+  const int t = static_cast<int>(threadIdx.x);
+  if (t < split.head) tile[t] = static_cast<acc_t>(gpu::load(span + t));
+  for (int v = t; v < split.vectors; v += THREADS) {
+    const gpu::Vector<scalar_t, V> x = gpu::load_vector<V>(span + split.head + v * V);
+#pragma unroll
+    for (int i = 0; i < V; ++i) tile[split.head + v * V + i] = static_cast<acc_t>(x.v[i]);
+  }
+  if (split.tail_begin + t < count) {
+    tile[split.tail_begin + t] = static_cast<acc_t>(gpu::load(span + split.tail_begin + t));
+  }
+}
+
+// span[0 .. count) = tile[0 .. count) converted to scalar_t, split by span's own alignment.
+template <int THREADS, typename acc_t, typename scalar_t, typename Tile>
+__device__ __forceinline__ void store_tile_to_span(const Tile& tile, int count, scalar_t* span) {
+  constexpr int V = kVectorElements<scalar_t>;
+  static_assert(V <= THREADS, "one thread per head or tail element");
+  const RowSplit split = split_row(span, count);
+  const int t = static_cast<int>(threadIdx.x);
+  auto element = [&](int i) -> scalar_t { return static_cast<scalar_t>(static_cast<acc_t>(tile[i])); };
+  if (t < split.head) gpu::store(span + t, element(t));
+  for (int v = t; v < split.vectors; v += THREADS) {
+    gpu::Vector<scalar_t, V> x;
+#pragma unroll
+    for (int i = 0; i < V; ++i) x.v[i] = element(split.head + v * V + i);
+    gpu::store_vector<V>(span + split.head + v * V, x);
+  }
+  if (split.tail_begin + t < count) gpu::store(span + split.tail_begin + t, element(split.tail_begin + t));
+}
+
 // Loads V consecutive elements of a per-class vector ([C]: the adjustment, weights, the tail mask)
 // at an address aligned to sizeof(T) only, in the widest accesses its alignment allows (16, 8, 4
 // bytes, else one element each). A thread of the vector body needs the V classes of its logits

@@ -6,13 +6,15 @@
 // A "group" of threads owns a row (gpu_reduce::with_row_group): 8 lanes for C <= 32, a warp for
 // C <= 1024, the whole block otherwise. Forward streams the row once in 16-byte vectors (a scalar
 // head and tail around them: split_row) with an online softmax (the row max and exp-sum merged
-// once per 16 elements), reduces the group's partial states with shuffles
-// and, for block groups, a fixed-order pass over shared memory. For 'mean'/'sum' each block also
-// writes its rows' loss and weight sums (fixed order), and the block that takes the last ticket adds
-// those partials in a fixed order (gpu_reduce::finish_in_last_block): one launch, deterministic, no
-// serial pass over N in one block (two launches, row kernel then finish_mean_kernel, under CUDA
-// graph capture, which has no ticket counter: gpu_glue.h). Backward streams the row once
-// more and writes the gradient once. No host synchronisation: grad_output and the mean's
+// once per 16 elements), reduces the group's partial states with shuffles and, for block groups, a
+// fixed-order pass over shared memory. Rows of C <= 32 are too short to stream one by one: a block
+// copies 32 x floor(32 / C) of them, one flat span, through a shared-memory tile ("tiled rows"
+// below). For 'mean'/'sum' each block also writes its rows' loss and weight sums (fixed order), and
+// the block that takes the last ticket adds those partials in a fixed order
+// (gpu_reduce::finish_in_last_block): one launch, deterministic, no serial pass over N in one block
+// (two launches, row kernel then finish_mean_kernel, under CUDA graph capture, which has no ticket
+// counter: gpu_glue.h). Backward streams the row once more (tiled rows: the tile) and writes the
+// gradient once. No host synchronisation: grad_output and the mean's
 // denominator are read from device memory by the kernels.
 #pragma once
 
@@ -257,6 +259,30 @@ __device__ __forceinline__ math::CrossEntropyConfig<acc_t> gradient_config(const
   return cfg;
 }
 
+// d loss / d z_c of one element z_c of a row (per-class values in `run` at i): every kernel that writes
+// a cross-entropy gradient computes it here, so that they agree bit for bit.
+template <InnerLoop kInner, int V, typename acc_t>
+__device__ __forceinline__ acc_t gradient_at(const KernelParams<acc_t>& p, const RowInfo<acc_t>& r,
+                                             const math::RowLogSumExp<acc_t>& stats,
+                                             const math::RowGradientCoefficients<acc_t>& coef, uint32_t column_seed,
+                                             acc_t zc, int c, const ClassRun<kInner, V, acc_t>& run, int i) {
+  acc_t a = p.adjustment ? math::adjusted_logit(zc, run.adjustment[i]) : zc;
+  if constexpr (kInner == InnerLoop::kGeneral) {
+    if (c == r.y) a = r.target_logit;
+  }
+  acc_t class_weight = acc_t(1);
+  if constexpr (kInner == InnerLoop::kGeneral) {
+    if (p.weight) class_weight = run.weight[i];
+  }
+  acc_t grad =
+      math::element_gradient(math::softmax_probability(a, stats), coef.prob_coef, coef.class_coef, class_weight);
+  if (c == r.y) grad -= coef.target_coef;
+  if constexpr (kInner != InnerLoop::kAdjusted) {
+    if (dropped_at<kInner>(p, r, column_seed, c, run.tail[i])) grad = acc_t(0);  // dropped: exactly zero
+  }
+  return grad;
+}
+
 // Writes row g = d loss / d z of one row z (GROUP lanes, `lane` of them), from the row's statistics
 // and gradient coefficients: a scalar head, 16-byte vectors, a scalar tail (split_row), the
 // gradient stored in vectors when its row splits like the logits row (`vector_stores`). Shared by the
@@ -269,23 +295,8 @@ __device__ __forceinline__ void write_row_gradient(const scalar_t* z, scalar_t* 
                                                    uint32_t column_seed, bool vector_stores) {
   constexpr int V = kVectorElements<scalar_t>;
   constexpr int U = kVectorUnroll<scalar_t>;
-  // d loss / d z_c of one element (per-class values in `run` at i).
   auto gradient = [&](acc_t zc, int c, const ClassRun<kInner, V, acc_t>& run, int i) -> acc_t {
-    acc_t a = p.adjustment ? math::adjusted_logit(zc, run.adjustment[i]) : zc;
-    if constexpr (kInner == InnerLoop::kGeneral) {
-      if (c == r.y) a = r.target_logit;
-    }
-    acc_t class_weight = acc_t(1);
-    if constexpr (kInner == InnerLoop::kGeneral) {
-      if (p.weight) class_weight = run.weight[i];
-    }
-    acc_t grad =
-        math::element_gradient(math::softmax_probability(a, stats), coef.prob_coef, coef.class_coef, class_weight);
-    if (c == r.y) grad -= coef.target_coef;
-    if constexpr (kInner != InnerLoop::kAdjusted) {
-      if (dropped_at<kInner>(p, r, column_seed, c, run.tail[i])) grad = acc_t(0);  // dropped: exactly zero
-    }
-    return grad;
+    return gradient_at<kInner>(p, r, stats, coef, column_seed, zc, c, run, i);
   };
   auto scalar_gradient = [&](int c) -> acc_t {
     ClassRun<kInner, V, acc_t> run;
@@ -328,20 +339,20 @@ __device__ __forceinline__ void write_row_gradient(const scalar_t* z, scalar_t* 
   }
 }
 
-// ------------------------------------------------------------------------------ kernels
+// ------------------------------------------------------------------------------ streamed rows
+// Rows of more than 32 classes, each streamed from global memory by its group (a warp or the block).
 // kWithGrad: the forward-time gradient. Once a row's statistics are reduced, the group streams the
 // row again (from L1/L2: the block read it microseconds before) and writes grad_logits for an
 // upstream gradient of 1, with write_row_gradient, the backward's code: bit-identical to the backward
 // kernel's result for that upstream. The scale is 1 / *grad_denominator for 'mean' (computed before
 // this kernel by mean_denominator_kernel, the value the finish will write), 1 otherwise (nullptr).
 template <typename scalar_t, int GROUP, InnerLoop kInner, bool kWithGrad>
-__global__ void __launch_bounds__(kBlockThreads)
-    forward_rows_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
-                        at::opmath_type<scalar_t>* __restrict__ row_loss,
-                        at::opmath_type<scalar_t>* __restrict__ row_stats,
-                        at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials,
-                        gpu_reduce::FinishArgs<at::opmath_type<scalar_t>> finish, scalar_t* __restrict__ grad_logits,
-                        const at::opmath_type<scalar_t>* __restrict__ grad_denominator) {
+__device__ __forceinline__ void forward_streamed_rows(
+    const scalar_t* __restrict__ logits, const KernelParams<at::opmath_type<scalar_t>>& p,
+    at::opmath_type<scalar_t>* __restrict__ row_loss, at::opmath_type<scalar_t>* __restrict__ row_stats,
+    at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials,
+    const gpu_reduce::FinishArgs<at::opmath_type<scalar_t>>& finish, scalar_t* __restrict__ grad_logits,
+    const at::opmath_type<scalar_t>* __restrict__ grad_denominator) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   constexpr int V = kVectorElements<scalar_t>;
@@ -465,12 +476,13 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 template <typename scalar_t, int GROUP, InnerLoop kInner>
-__global__ void __launch_bounds__(kBlockThreads)
-    backward_rows_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
-                         const at::opmath_type<scalar_t>* __restrict__ row_stats,
-                         const at::opmath_type<scalar_t>* __restrict__ grad_loss, bool per_row_grad,
-                         const at::opmath_type<scalar_t>* __restrict__ denominator,
-                         scalar_t* __restrict__ grad_logits) {
+__device__ __forceinline__ void backward_streamed_rows(const scalar_t* __restrict__ logits,
+                                                       const KernelParams<at::opmath_type<scalar_t>>& p,
+                                                       const at::opmath_type<scalar_t>* __restrict__ row_stats,
+                                                       const at::opmath_type<scalar_t>* __restrict__ grad_loss,
+                                                       bool per_row_grad,
+                                                       const at::opmath_type<scalar_t>* __restrict__ denominator,
+                                                       scalar_t* __restrict__ grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   LTFAST_SHARED_ARRAY(math::SoftmaxState<acc_t>, scratch_state, kWarpsPerBlock);
@@ -513,31 +525,316 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// ------------------------------------------------------------------------------ tiled rows
+// Rows of C <= 32 classes (kSmallGroup = 8 lanes each) in tiles: a block's tile of rows is one flat
+// span of the contiguous [N, C], copied to a __shared__ tile in 16-byte vectors
+// (gpu_row_stream::load_span_to_tile) and computed from there; gradients go back out through a second
+// tile the same way. Streamed per row, these rows ran at sector efficiency 0.42 (forward) and 0.52
+// (backward) at 256 x 20 bf16. A tile is 32 x T rows, T = tile_rows_per_group(C): group g takes
+// rows g, g + 32, ..., g + 32 (T - 1) of it. Lane l owns classes l, l + 8, l + 16, l + 24 of every
+// row, so it loads their per-class values (adjustment, tail mask, weights) once per kernel.
+constexpr int kTileGroups = kBlockThreads / gpu_reduce::kSmallGroup;               // 32
+constexpr int kTileClasses = static_cast<int>(gpu_reduce::kSmallGroupMaxClasses);  // 32
+constexpr int kTileElements = kTileGroups * kTileClasses;                           // 1024
+constexpr int kClassesPerLane = kTileClasses / gpu_reduce::kSmallGroup;            // 4
+
+// Rows each group takes per tile: floor(32 / C) for C <= 32, so that every tile holds more than 512
+// elements (> 1 KiB in bf16). The span's scalar head and tail each touch a sector its vectors touch
+// too, 2 sectors per tile counted twice; at one row per group a tile of C = 10 bf16 was 640 bytes
+// and read at 0.86 sector efficiency (emulator, a span 6 bytes off 16), at T = 3 it is 1920 bytes.
+// Streamed rows (C > 32): 1, the row loop of the block and warp groups.
+LTFAST_HOST_DEVICE int tile_rows_per_group(int64_t num_classes) {
+  return num_classes >= 1 && num_classes <= gpu_reduce::kSmallGroupMaxClasses
+             ? static_cast<int>(gpu_reduce::kSmallGroupMaxClasses / num_classes)
+             : 1;
+}
+
+// The per-class values of the classes lane + 8 k (k < kClassesPerLane) that are < C.
+template <InnerLoop kInner, typename acc_t>
+__device__ __forceinline__ ClassRun<kInner, kClassesPerLane, acc_t> lane_classes(const KernelParams<acc_t>& p,
+                                                                                 int lane, int C, bool with_weight) {
+  ClassRun<kInner, kClassesPerLane, acc_t> run;
+#pragma unroll
+  for (int k = 0; k < kClassesPerLane; ++k) {
+    const int c = lane + k * gpu_reduce::kSmallGroup;
+    if (c >= C) continue;
+    if (p.adjustment) run.adjustment[k] = gpu::load(p.adjustment + c);
+    if constexpr (kInner != InnerLoop::kAdjusted) {
+      if (kInner == InnerLoop::kTail || p.tail) run.tail[k] = gpu::load(p.tail + c);
+    }
+    if constexpr (kInner == InnerLoop::kGeneral) {
+      if (with_weight && p.weight) run.weight[k] = gpu::load(p.weight + c);
+    }
+  }
+  return run;
+}
+
+// The target's logit from the tile row `z` (as target_logit_of from global memory).
+template <typename acc_t, typename Tile>
+__device__ __forceinline__ acc_t tile_target_logit(const Tile& tile, int row_base, const KernelParams<acc_t>& p,
+                                                   int y) {
+  const acc_t z = tile[row_base + y];
+  const acc_t a = p.adjustment ? math::adjusted_logit(z, gpu::load(p.adjustment + y)) : z;
+  return p.target_margin ? a - gpu::load(p.target_margin + y) : a;
+}
+
+// The gradient of the tile row at row_base (grad_tile, same layout) for an upstream scale `scale`:
+// from the row's statistics, with gradient_at as every other cross-entropy gradient. Every lane of
+// the group calls it (gradient_config reduces over the group).
+template <InnerLoop kInner, typename acc_t, typename Tile, typename GradTile, typename StateScratch,
+          typename SumScratch>
+__device__ __forceinline__ void write_tile_row_gradient(const Tile& tile, GradTile& grad_tile, int row_base, int C,
+                                                        int lane, const KernelParams<acc_t>& p,
+                                                        const RowInfo<acc_t>& r,
+                                                        const math::RowLogSumExp<acc_t>& stats, acc_t scale,
+                                                        const ClassRun<kInner, kClassesPerLane, acc_t>& run,
+                                                        uint32_t column_seed, StateScratch& scratch_state,
+                                                        SumScratch& scratch_a, SumScratch& scratch_b) {
+  if (math::row_is_nan(stats)) {  // NaN/inf in the row: every gradient is NaN, as in F.cross_entropy
+#pragma unroll
+    for (int k = 0; k < kClassesPerLane; ++k) {
+      const int c = lane + k * gpu_reduce::kSmallGroup;
+      if (c < C) grad_tile[row_base + c] = stats.log_sum;
+    }
+    return;  // row-uniform: the whole group returns
+  }
+  const auto cfg = gradient_config<gpu_reduce::kSmallGroup, kInner>(p, lane, scratch_state, scratch_a, scratch_b);
+  const auto coef = math::row_gradient_coefficients(cfg, scale, stats, r.target_logit,
+                                                    p.weight ? gpu::load(p.weight + r.y) : acc_t(1));
+#pragma unroll
+  for (int k = 0; k < kClassesPerLane; ++k) {
+    const int c = lane + k * gpu_reduce::kSmallGroup;
+    if (c < C) {
+      grad_tile[row_base + c] =
+          gradient_at<kInner>(p, r, stats, coef, column_seed, static_cast<acc_t>(tile[row_base + c]), c, run, k);
+    }
+  }
+}
+
+template <typename scalar_t, InnerLoop kInner, bool kWithGrad>
+__device__ __forceinline__ void forward_tiled_rows(
+    const scalar_t* __restrict__ logits, const KernelParams<at::opmath_type<scalar_t>>& p,
+    at::opmath_type<scalar_t>* __restrict__ row_loss, at::opmath_type<scalar_t>* __restrict__ row_stats,
+    at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials,
+    const gpu_reduce::FinishArgs<at::opmath_type<scalar_t>>& finish, scalar_t* __restrict__ grad_logits,
+    const at::opmath_type<scalar_t>* __restrict__ grad_denominator) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int GROUP = gpu_reduce::kSmallGroup;
+  constexpr int K = kClassesPerLane;
+  LTFAST_SHARED_ARRAY(acc_t, tile, kTileElements);
+  LTFAST_SHARED_ARRAY(acc_t, grad_tile, kWithGrad ? kTileElements : 1);
+  // group_reduce uses its scratch only for block groups; 8-lane groups reduce with shuffles.
+  LTFAST_SHARED_ARRAY(math::SoftmaxState<acc_t>, scratch_state, 1);
+  LTFAST_SHARED_ARRAY(acc_t, scratch_a, 1);
+  LTFAST_SHARED_ARRAY(acc_t, scratch_b, 1);
+  LTFAST_SHARED_ARRAY(double, partial_loss, kTileGroups);
+  LTFAST_SHARED_ARRAY(double, partial_weight, kTileGroups);
+  double group_loss = 0.0, group_weight = 0.0;  // this group's rows, summed by its lane 0 in row order
+  const int lane = threadIdx.x % GROUP;
+  const int group = threadIdx.x / GROUP;
+  const int C = static_cast<int>(p.num_classes);
+  const int tile_rows = kTileGroups * tile_rows_per_group(C);
+  const bool smoothing = p.cfg.label_smoothing != acc_t(0);
+  const bool sum_weights = smoothing && p.weight != nullptr;
+  const bool tail_on = kInner != InnerLoop::kAdjusted && p.tail != nullptr;
+  const uint32_t column_seed = tail_on ? static_cast<uint32_t>(gpu::load(p.seed)) : 0u;
+  const uint32_t row_seed = tail_on ? static_cast<uint32_t>(gpu::load(p.seed + 1)) : 0u;
+  const acc_t grad_scale = kWithGrad && grad_denominator != nullptr ? acc_t(1) / gpu::load(grad_denominator) : acc_t(1);
+  if (unit_denominator != nullptr && blockIdx.x == 0 && threadIdx.x == 0) gpu::store(unit_denominator, acc_t(1));
+  const ClassRun<kInner, K, acc_t> run = lane_classes<kInner>(p, lane, C, /*with_weight=*/kWithGrad);
+
+  // The tile loop's bounds are uniform over the block: every thread reaches each __syncthreads.
+  for (int64_t first_row = int64_t(blockIdx.x) * tile_rows; first_row < p.num_rows;
+       first_row += int64_t(gridDim.x) * tile_rows) {
+    gpu::mark_row_start();
+    const int rows = static_cast<int>(p.num_rows - first_row < tile_rows ? p.num_rows - first_row : tile_rows);
+    gpu_row_stream::load_span_to_tile<kBlockThreads, acc_t>(logits + first_row * p.num_classes, rows * C, tile);
+    __syncthreads();
+    for (int tile_row = group; tile_row < rows; tile_row += kTileGroups) {
+      const int64_t row = first_row + tile_row;
+      const int row_base = tile_row * C;
+      const int64_t y = gpu::load(p.target + row);
+      if (y == p.ignore_index) {
+        if (lane == 0) {
+          gpu::store(row_loss + row, acc_t(0));
+          gpu::store(row_stats + row, acc_t(0));
+          gpu::store(row_stats + p.num_rows + row, acc_t(0));
+        }
+        if constexpr (kWithGrad) {
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            if (lane + k * GROUP < C) grad_tile[row_base + lane + k * GROUP] = acc_t(0);
+          }
+        }
+        continue;
+      }
+      CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
+      const RowInfo<acc_t> r{static_cast<int>(y), tile_target_logit(tile, row_base, p, static_cast<int>(y)),
+                             tail_on ? math::seql_row_key(row, row_seed) : 0u};
+      acc_t a[K];
+      int cls[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int c = lane + k * GROUP;
+        cls[k] = c < C ? c : C;
+        a[k] = c < C ? softmax_logit<kInner>(p, r, column_seed, static_cast<acc_t>(tile[row_base + c]), c, run, k)
+                     : math::negative_infinity<acc_t>();
+      }
+      math::SoftmaxState<acc_t> state = math::empty_softmax_state<acc_t>();
+      acc_t offset_sum = acc_t(0), weight_sum = acc_t(0);
+      accumulate_logits<kInner>(a, cls, C, p, r.target_logit, smoothing, state, offset_sum, weight_sum);
+      group_reduce<GROUP>(state, offset_sum, weight_sum, scratch_state, scratch_a, scratch_b);
+      const math::RowLogSumExp<acc_t> stats = math::finish_row(state);  // every lane: lane 0's bits
+      if (lane == 0) {
+        auto cfg = p.cfg;
+        if (sum_weights) cfg.total_weight = weight_sum;
+        const acc_t target_weight = p.weight ? gpu::load(p.weight + y) : acc_t(1);
+        const acc_t loss = math::row_loss(cfg, stats, r.target_logit, target_weight, offset_sum);
+        gpu::store(row_stats + row, stats.max);
+        gpu::store(row_stats + p.num_rows + row, stats.log_sum);
+        gpu::store(row_loss + row, loss);
+        group_loss += static_cast<double>(loss);
+        group_weight += static_cast<double>(target_weight);
+      }
+      if constexpr (kWithGrad) {
+        write_tile_row_gradient<kInner>(tile, grad_tile, row_base, C, lane, p, r, stats, grad_scale, run,
+                                        column_seed, scratch_state, scratch_a, scratch_b);
+      }
+    }
+    if constexpr (kWithGrad) {
+      __syncthreads();
+      gpu_row_stream::store_tile_to_span<kBlockThreads, acc_t>(grad_tile, rows * C,
+                                                               grad_logits + first_row * p.num_classes);
+    }
+    __syncthreads();  // the next tile overwrites both tiles
+  }
+  if (partials != nullptr) {
+    gpu_reduce::write_block_partials<GROUP>(group_loss, group_weight, partials, partial_loss, partial_weight);
+    gpu_reduce::finish_mean_in_last_block(partials, finish);
+  }
+}
+
+template <typename scalar_t, InnerLoop kInner>
+__device__ __forceinline__ void backward_tiled_rows(const scalar_t* __restrict__ logits,
+                                                    const KernelParams<at::opmath_type<scalar_t>>& p,
+                                                    const at::opmath_type<scalar_t>* __restrict__ row_stats,
+                                                    const at::opmath_type<scalar_t>* __restrict__ grad_loss,
+                                                    bool per_row_grad,
+                                                    const at::opmath_type<scalar_t>* __restrict__ denominator,
+                                                    scalar_t* __restrict__ grad_logits) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int GROUP = gpu_reduce::kSmallGroup;
+  LTFAST_SHARED_ARRAY(acc_t, tile, kTileElements);
+  LTFAST_SHARED_ARRAY(acc_t, grad_tile, kTileElements);
+  LTFAST_SHARED_ARRAY(math::SoftmaxState<acc_t>, scratch_state, 1);  // unused by 8-lane groups
+  LTFAST_SHARED_ARRAY(acc_t, scratch_a, 1);
+  LTFAST_SHARED_ARRAY(acc_t, scratch_b, 1);
+  const int lane = threadIdx.x % GROUP;
+  const int group = threadIdx.x / GROUP;
+  const int C = static_cast<int>(p.num_classes);
+  const int tile_rows = kTileGroups * tile_rows_per_group(C);
+  const acc_t shared_scale = per_row_grad ? acc_t(0) : gpu::load(grad_loss) / gpu::load(denominator);
+  const bool tail_on = kInner != InnerLoop::kAdjusted && p.tail != nullptr;
+  const uint32_t column_seed = tail_on ? static_cast<uint32_t>(gpu::load(p.seed)) : 0u;
+  const uint32_t row_seed = tail_on ? static_cast<uint32_t>(gpu::load(p.seed + 1)) : 0u;
+  const ClassRun<kInner, kClassesPerLane, acc_t> run = lane_classes<kInner>(p, lane, C, /*with_weight=*/true);
+
+  for (int64_t first_row = int64_t(blockIdx.x) * tile_rows; first_row < p.num_rows;
+       first_row += int64_t(gridDim.x) * tile_rows) {
+    gpu::mark_row_start();
+    const int rows = static_cast<int>(p.num_rows - first_row < tile_rows ? p.num_rows - first_row : tile_rows);
+    gpu_row_stream::load_span_to_tile<kBlockThreads, acc_t>(logits + first_row * p.num_classes, rows * C, tile);
+    __syncthreads();
+    for (int tile_row = group; tile_row < rows; tile_row += kTileGroups) {
+      const int64_t row = first_row + tile_row;
+      const int row_base = tile_row * C;
+      const int64_t y = gpu::load(p.target + row);
+      if (y == p.ignore_index) {
+#pragma unroll
+        for (int k = 0; k < kClassesPerLane; ++k) {
+          if (lane + k * GROUP < C) grad_tile[row_base + lane + k * GROUP] = acc_t(0);
+        }
+        continue;
+      }
+      CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
+      const math::RowLogSumExp<acc_t> stats{gpu::load(row_stats + row), gpu::load(row_stats + p.num_rows + row)};
+      const RowInfo<acc_t> r{static_cast<int>(y), tile_target_logit(tile, row_base, p, static_cast<int>(y)),
+                             tail_on ? math::seql_row_key(row, row_seed) : 0u};
+      const acc_t scale = per_row_grad ? gpu::load(grad_loss + row) : shared_scale;
+      write_tile_row_gradient<kInner>(tile, grad_tile, row_base, C, lane, p, r, stats, scale, run, column_seed,
+                                      scratch_state, scratch_a, scratch_b);
+    }
+    __syncthreads();
+    gpu_row_stream::store_tile_to_span<kBlockThreads, acc_t>(grad_tile, rows * C,
+                                                             grad_logits + first_row * p.num_classes);
+    __syncthreads();  // the next tile overwrites both tiles
+  }
+}
+
+// ------------------------------------------------------------------------------ kernels
+// The row kernels: tiles for rows of <= 32 classes, streamed rows otherwise (with_row_group picks
+// GROUP from C, so each instantiation compiles one of the two).
+template <typename scalar_t, int GROUP, InnerLoop kInner, bool kWithGrad>
+__global__ void __launch_bounds__(kBlockThreads)
+    forward_rows_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
+                        at::opmath_type<scalar_t>* __restrict__ row_loss,
+                        at::opmath_type<scalar_t>* __restrict__ row_stats,
+                        at::opmath_type<scalar_t>* __restrict__ unit_denominator, double* __restrict__ partials,
+                        gpu_reduce::FinishArgs<at::opmath_type<scalar_t>> finish, scalar_t* __restrict__ grad_logits,
+                        const at::opmath_type<scalar_t>* __restrict__ grad_denominator) {
+  if constexpr (GROUP == gpu_reduce::kSmallGroup) {
+    forward_tiled_rows<scalar_t, kInner, kWithGrad>(logits, p, row_loss, row_stats, unit_denominator, partials,
+                                                     finish, grad_logits, grad_denominator);
+  } else {
+    forward_streamed_rows<scalar_t, GROUP, kInner, kWithGrad>(logits, p, row_loss, row_stats, unit_denominator,
+                                                              partials, finish, grad_logits, grad_denominator);
+  }
+}
+
+template <typename scalar_t, int GROUP, InnerLoop kInner>
+__global__ void __launch_bounds__(kBlockThreads)
+    backward_rows_kernel(const scalar_t* __restrict__ logits, KernelParams<at::opmath_type<scalar_t>> p,
+                         const at::opmath_type<scalar_t>* __restrict__ row_stats,
+                         const at::opmath_type<scalar_t>* __restrict__ grad_loss, bool per_row_grad,
+                         const at::opmath_type<scalar_t>* __restrict__ denominator,
+                         scalar_t* __restrict__ grad_logits) {
+  if constexpr (GROUP == gpu_reduce::kSmallGroup) {
+    backward_tiled_rows<scalar_t, kInner>(logits, p, row_stats, grad_loss, per_row_grad, denominator, grad_logits);
+  } else {
+    backward_streamed_rows<scalar_t, GROUP, kInner>(logits, p, row_stats, grad_loss, per_row_grad, denominator,
+                                                    grad_logits);
+  }
+}
+
 // 'mean' with the forward-time gradient: the denominator the gradient is scaled by must be known
 // before the row kernel writes any gradient, but the finish computes it only after every row. This
 // one-block kernel computes that very value first: the sum of the target weights (1 without class
 // weights) over the rows not ignored, added in the row kernel's exact order (each group's rows in
-// grid-stride order, the groups of a block in order, the blocks as gpu_reduce::finish_mean_kernel
-// adds them: thread t the blocks t, t + 256, ..., then block_sum), so it equals the finish's
-// denominator bit for bit. It reads the [N] targets (and gathers the weights): 512 KB at N = 65536,
-// ~3 % of the 65536 x 8142 bf16 row kernel's 2.1 GB (estimate: no GPU has run it).
+// grid-stride order, T = tile_rows_per_group(C) of them per tile for tiled rows, the groups of a
+// block in order, the blocks as gpu_reduce::finish_mean_kernel adds them: thread t the blocks t,
+// t + 256, ..., then block_sum), so it equals the finish's denominator bit for bit. It reads the [N]
+// targets (and gathers the weights): 512 KB at N = 65536, ~3 % of the 65536 x 8142 bf16 row
+// kernel's 2.1 GB (estimate: no GPU has run it).
 template <typename acc_t, int GROUP>
 __global__ void __launch_bounds__(kBlockThreads)
     mean_denominator_kernel(KernelParams<acc_t> p, int64_t row_blocks, acc_t* __restrict__ denominator) {
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   LTFAST_SHARED_ARRAY(double, scratch, kBlockThreads);
   const int64_t C = p.num_classes;
-  const int64_t row_stride = row_blocks * kRowsPerBlock;
+  const int64_t tile_rows = int64_t(kRowsPerBlock) * tile_rows_per_group(C);  // streamed rows: one per group
+  const int64_t tile_stride = row_blocks * tile_rows;
   double value = 0.0;
   for (int64_t block = threadIdx.x; block < row_blocks; block += kBlockThreads) {
     double block_weight = 0.0;
     for (int group = 0; group < kRowsPerBlock; ++group) {
       double group_weight = 0.0;
-      for (int64_t row = block * kRowsPerBlock + group; row < p.num_rows; row += row_stride) {
-        const int64_t y = gpu::load(p.target + row);
-        if (y == p.ignore_index) continue;
-        CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
-        group_weight += static_cast<double>(p.weight ? gpu::load(p.weight + y) : acc_t(1));
+      for (int64_t first_row = block * tile_rows; first_row < p.num_rows; first_row += tile_stride) {
+        for (int64_t row = first_row + group; row < first_row + tile_rows && row < p.num_rows; row += kRowsPerBlock) {
+          const int64_t y = gpu::load(p.target + row);
+          if (y == p.ignore_index) continue;
+          CUDA_KERNEL_ASSERT(y >= 0 && y < C && "ltfast: target out of range [0, C) and not ignore_index");
+          group_weight += static_cast<double>(p.weight ? gpu::load(p.weight + y) : acc_t(1));
+        }
       }
       block_weight += group_weight;  // one group per block: 0.0 + x is x, the partial the row kernel stores
     }
@@ -600,11 +897,11 @@ inline void check_class_count(int64_t num_classes) {
   }
 }
 
-// Blocks of the row kernels for this call (the partials buffer of forward has 2 x this many).
+// Blocks of the row kernels for this call (the partials buffer of forward has 2 x this many): the
+// groups of a block take tile_rows_per_group(C) rows each per tile (1 for streamed rows).
 inline unsigned row_kernel_blocks(int64_t num_rows, int64_t num_classes) {
-  unsigned blocks = 1;
-  gpu_reduce::with_row_group(num_classes, [&](auto group) { blocks = gpu_reduce::row_blocks(num_rows, group); });
-  return blocks;
+  const int64_t rows_per_group = tile_rows_per_group(num_classes);
+  return gpu_reduce::row_blocks_for_classes((num_rows + rows_per_group - 1) / rows_per_group, num_classes);
 }
 
 // Row kernel: per-row loss, row_stats [2, N] (row max, log-sum offset) and, when `partials` (double
@@ -625,7 +922,7 @@ void launch_forward_rows(const scalar_t* logits, const KernelParams<at::opmath_t
     with_inner_loop(inner_loop_of(p), [&](auto inner) {
       constexpr int kGroup = decltype(group)::value;
       constexpr InnerLoop kInner = decltype(inner)::value;
-      const unsigned blocks = gpu_reduce::row_blocks(p.num_rows, kGroup);
+      const unsigned blocks = row_kernel_blocks(p.num_rows, p.num_classes);
       if (grad_logits == nullptr) {
         gpu::launch("cross_entropy forward_rows_kernel", &forward_rows_kernel<scalar_t, kGroup, kInner, false>, blocks,
                     kBlockThreads, stream, logits, p, row_loss, row_stats, unit_denominator, partials, finish,
@@ -660,7 +957,7 @@ void launch_forward(const scalar_t* logits, const KernelParams<at::opmath_type<s
     gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
       constexpr int kGroup = decltype(group)::value;
       gpu::launch("cross_entropy mean_denominator_kernel", &mean_denominator_kernel<acc_t, kGroup>, 1, kBlockThreads,
-                  stream, p, static_cast<int64_t>(gpu_reduce::row_blocks(p.num_rows, kGroup)), grad_denominator);
+                  stream, p, static_cast<int64_t>(row_kernel_blocks(p.num_rows, p.num_classes)), grad_denominator);
     });
   }
   launch_forward_rows(logits, p, row_loss, row_stats, unit_denominator, reduce ? partials : nullptr, stream,
@@ -685,7 +982,7 @@ void launch_backward(const scalar_t* logits, const KernelParams<at::opmath_type<
       constexpr int kGroup = decltype(group)::value;
       gpu::launch("cross_entropy backward_rows_kernel",
                   &backward_rows_kernel<scalar_t, kGroup, decltype(inner)::value>,
-                  gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_stats, grad_loss,
+                  row_kernel_blocks(p.num_rows, p.num_classes), kBlockThreads, stream, logits, p, row_stats, grad_loss,
                   per_row_grad, denominator, grad_logits);
     });
   });

@@ -186,11 +186,7 @@ inline void check_class_count(int64_t C) {
 }
 
 // Blocks of the row kernels (the forward partials buffer holds 2 x this many doubles).
-inline unsigned row_kernel_blocks(int64_t N, int64_t C) {
-  unsigned blocks = 1;
-  gpu_reduce::with_row_group(C, [&](auto group) { blocks = gpu_reduce::row_blocks(N, group); });
-  return blocks;
-}
+inline unsigned row_kernel_blocks(int64_t N, int64_t C) { return gpu_reduce::row_blocks_for_classes(N, C); }
 
 // Forward: one launch. For 'mean'/'sum' the row kernel's last block finishes the loss from its
 // partials when `ticket` (gpu::ticket_counter) is given, else (CUDA graph capture) the finish

@@ -676,9 +676,7 @@ inline void check_class_count(int64_t num_classes) {
 }
 
 inline unsigned row_kernel_blocks(int64_t num_rows, int64_t num_classes) {
-  unsigned blocks = 1;
-  gpu_reduce::with_row_group(num_classes, [&](auto group) { blocks = gpu_reduce::row_blocks(num_rows, group); });
-  return blocks;
+  return gpu_reduce::row_blocks_for_classes(num_rows, num_classes);
 }
 
 // diverse_expert_loss forward: the row kernel, whose last block (reduce) finishes the loss from its

@@ -395,8 +395,10 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// Blocks of the row kernels: one row per group (the hard-target kernels tile rows of <= 32 classes
+// and count their blocks otherwise, cross_entropy_kernels::row_kernel_blocks).
 inline unsigned row_kernel_blocks(int64_t num_rows, int64_t num_classes) {
-  return cross_entropy_kernels::row_kernel_blocks(num_rows, num_classes);
+  return gpu_reduce::row_blocks_for_classes(num_rows, num_classes);
 }
 
 // The row kernels index within a row in 32 bits.
