@@ -94,7 +94,7 @@ def model(op: str, N: int, C: int, dtype: str = "bfloat16", reduction: str = "me
                       sum(k.read_bytes for k in kernels.values()), sum(k.write_bytes for k in kernels.values()),
                       passes[phase], fused) for phase, kernels in phases.items()]
     reduced = reduction != "none"
-    ce_blocks = row_blocks(N, C, tiled=op in CE_FAMILY or op == "lade")  # LADE's rows: the CE row kernel
+    ce_blocks = row_blocks(N, C, tiled=op in TILED_ROW_OPS)
     vectors = _class_vectors(op, C)
     row_stats = 2 * N * F32       # [2, N] fp32 saved for backward
     loss_out = e if reduced else N * e
@@ -147,13 +147,16 @@ class KernelTraffic:
 
 
 BLOCK_THREADS = 256  # gpu_reduce::kBlockThreads
+# Ops whose row kernels tile rows of <= 32 classes (gpu_reduce.cuh, tiled rows); LADE's rows are the
+# cross-entropy row kernel's.
+TILED_ROW_OPS = CE_FAMILY + ("lade", "equalization_loss")
 
 
 def row_blocks(N: int, C: int, tiled: bool = False) -> int:
     """Blocks of a row kernel (gpu_reduce::with_row_group / row_blocks): 8 lanes per row for
     C <= 32, a warp for C <= 1024, the block beyond; at most 4096 blocks. tiled: the cross-entropy
-    family's tiles of short rows, floor(32 / C) rows per 8-lane group for C <= 32
-    (cross_entropy_kernels::row_kernel_blocks)."""
+    family's and EQL's tiles of short rows, floor(32 / C) rows per 8-lane group for C <= 32
+    (gpu_reduce::tiled_row_blocks)."""
     group = 8 if C <= 32 else 32 if C <= 1024 else BLOCK_THREADS
     rows_per_group = 32 // C if tiled and 1 <= C <= 32 else 1
     return max(1, min(-(-N // (BLOCK_THREADS // group * rows_per_group)), 4096))
@@ -187,7 +190,7 @@ def kernel_model(op: str, shape, dtype: str = "bfloat16", fused: bool = False) -
     N, C = shape[0], shape[-1]
     E = shape[1] if len(shape) == 3 else 1
     logits = N * E * C * e
-    B = row_blocks(N, C, tiled=op in CE_FAMILY or op == "lade")  # LADE's rows: the CE row kernel
+    B = row_blocks(N, C, tiled=op in TILED_ROW_OPS)
     gathered = min(N, C) * acc  # a [C] vector read at each row's target
     K = KernelTraffic
 

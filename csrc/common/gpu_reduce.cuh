@@ -56,6 +56,31 @@ inline unsigned row_blocks_for_classes(int64_t num_rows, int64_t num_classes) {
   return blocks;
 }
 
+// Tiled rows: row kernels whose rows of C <= kSmallGroupMaxClasses classes are one flat span per
+// block, copied through a __shared__ tile of kTileElements (gpu_row_stream::load_span_to_tile):
+// 8-lane groups, lane l owning classes l + 8 k (k < kClassesPerLane), each group taking
+// tile_rows_per_group(C) rows of a tile (group g: rows g, g + 32, ...).
+constexpr int kTileGroups = kBlockThreads / kSmallGroup;                 // 32
+constexpr int kTileClasses = static_cast<int>(kSmallGroupMaxClasses);    // 32
+constexpr int kTileElements = kTileGroups * kTileClasses;                // 1024
+constexpr int kClassesPerLane = kTileClasses / kSmallGroup;              // 4
+
+// Rows each group takes per tile: floor(32 / C) for C <= 32, so that every tile holds more than 512
+// elements (> 1 KiB in bf16). The span's scalar head and tail each touch a sector its vectors touch
+// too, 2 sectors per tile counted twice; at one row per group a tile of C = 10 bf16 was 640 bytes
+// and read at 0.86 sector efficiency (emulator, a span 6 bytes off 16), at T = 3 it is 1920 bytes.
+// Streamed rows (C > 32): 1, the row loop of the block and warp groups.
+__host__ __device__ inline int tile_rows_per_group(int64_t num_classes) {
+  if (num_classes < 1 || num_classes > kSmallGroupMaxClasses) return 1;
+  return static_cast<int>(kSmallGroupMaxClasses / num_classes);
+}
+
+// Blocks of a row kernel that tiles rows of <= 32 classes (and streams longer ones one per group).
+inline unsigned tiled_row_blocks(int64_t num_rows, int64_t num_classes) {
+  const int64_t rows_per_group = tile_rows_per_group(num_classes);
+  return row_blocks_for_classes((num_rows + rows_per_group - 1) / rows_per_group, num_classes);
+}
+
 // The lanes of the calling thread's row group within its warp: groups smaller than a warp must
 // not name the other groups' lanes, which may have left the row loop already.
 template <int GROUP>

@@ -531,23 +531,13 @@ __device__ __forceinline__ void backward_streamed_rows(const scalar_t* __restric
 // (gpu_row_stream::load_span_to_tile) and computed from there; gradients go back out through a second
 // tile the same way. Streamed per row, these rows ran at sector efficiency 0.42 (forward) and 0.52
 // (backward) at 256 x 20 bf16. A tile is 32 x T rows, T = tile_rows_per_group(C): group g takes
-// rows g, g + 32, ..., g + 32 (T - 1) of it. Lane l owns classes l, l + 8, l + 16, l + 24 of every
-// row, so it loads their per-class values (adjustment, tail mask, weights) once per kernel.
-constexpr int kTileGroups = kBlockThreads / gpu_reduce::kSmallGroup;               // 32
-constexpr int kTileClasses = static_cast<int>(gpu_reduce::kSmallGroupMaxClasses);  // 32
-constexpr int kTileElements = kTileGroups * kTileClasses;                           // 1024
-constexpr int kClassesPerLane = kTileClasses / gpu_reduce::kSmallGroup;            // 4
-
-// Rows each group takes per tile: floor(32 / C) for C <= 32, so that every tile holds more than 512
-// elements (> 1 KiB in bf16). The span's scalar head and tail each touch a sector its vectors touch
-// too, 2 sectors per tile counted twice; at one row per group a tile of C = 10 bf16 was 640 bytes
-// and read at 0.86 sector efficiency (emulator, a span 6 bytes off 16), at T = 3 it is 1920 bytes.
-// Streamed rows (C > 32): 1, the row loop of the block and warp groups.
-LTFAST_HOST_DEVICE int tile_rows_per_group(int64_t num_classes) {
-  return num_classes >= 1 && num_classes <= gpu_reduce::kSmallGroupMaxClasses
-             ? static_cast<int>(gpu_reduce::kSmallGroupMaxClasses / num_classes)
-             : 1;
-}
+// rows g, g + 32, ..., g + 32 (T - 1) of it (gpu_reduce.cuh, tiled rows). Lane l owns classes l,
+// l + 8, l + 16, l + 24 of every row, so it loads their per-class values (adjustment, tail mask,
+// weights) once per kernel.
+using gpu_reduce::kClassesPerLane;
+using gpu_reduce::kTileElements;
+using gpu_reduce::kTileGroups;
+using gpu_reduce::tile_rows_per_group;
 
 // The per-class values of the classes lane + 8 k (k < kClassesPerLane) that are < C.
 template <InnerLoop kInner, typename acc_t>
@@ -900,8 +890,7 @@ inline void check_class_count(int64_t num_classes) {
 // Blocks of the row kernels for this call (the partials buffer of forward has 2 x this many): the
 // groups of a block take tile_rows_per_group(C) rows each per tile (1 for streamed rows).
 inline unsigned row_kernel_blocks(int64_t num_rows, int64_t num_classes) {
-  const int64_t rows_per_group = tile_rows_per_group(num_classes);
-  return gpu_reduce::row_blocks_for_classes((num_rows + rows_per_group - 1) / rows_per_group, num_classes);
+  return gpu_reduce::tiled_row_blocks(num_rows, num_classes);
 }
 
 // Row kernel: per-row loss, row_stats [2, N] (row max, log-sum offset) and, when `partials` (double
