@@ -139,14 +139,13 @@ def test_vector_body_at_any_row_alignment(offset):
 @pytest.mark.parametrize("with_grad", [False, True], ids=["backward", "fused"])
 @pytest.mark.parametrize("C, offset", [(10, 3), (13, 1), (20, 0), (20, 1), (32, 5)])
 def test_tiled_short_rows(C, offset, with_grad):
-    """Rows of C <= 32 classes go through shared-memory tiles of 32 rows (one flat span each): the
-    logits are read and the gradient written in 16-byte vectors at >= 0.9 sector efficiency
-    (streamed per row they were at 0.42 / 0.52), at a storage offset of 0, 2, 6 or 10 bytes; the loss
-    and gradient equal the aligned call's bit for bit and the float64 reference's to bf16 rounding.
-    The 200 rows end in a partial tile, and rows 3 and 41 are ignored. A tile's head and tail
-    sectors are each counted twice (the scalar and the vector request touch them), so at C = 10 and
-    a misaligned span a tile of 640 bytes is at 20 / 22 = 0.91 at worst; below C = 10 the tiles are
-    too small for 0.9 at every alignment (C = 7: 448 bytes, 0.875)."""
+    """Rows of C <= 32 classes go through shared-memory tiles of 32 x floor(32 / C) rows (one flat
+    span each): the logits are read and the gradient written in 16-byte vectors at >= 0.9 sector
+    efficiency (streamed per row they were at 0.42 / 0.52), at a storage offset of 0, 2, 6 or 10
+    bytes; the loss and gradient equal the aligned call's bit for bit and the float64 reference's to
+    bf16 rounding. The 200 rows end in a partial tile, and rows 3 and 41 are ignored. A tile's head
+    and tail sectors are each counted twice (the scalar and the vector requests touch them): with one
+    row per group a misaligned C = 10 tile (640 bytes) read at 0.86, hence floor(32 / C) rows."""
     gen = torch.Generator().manual_seed(C + offset)
     N = 200
     base = torch.randn(N * C + offset, generator=gen).mul(3).to(torch.bfloat16)
