@@ -121,12 +121,13 @@ def cases(quick: bool = False) -> list[Case]:
            "lade_regularizer", "mixed_cross_entropy", "probability_cross_entropy")
     out = [Case(op, shape, "bfloat16") for op in ops for shape in big]
     out.append(Case("balanced_softmax", (32, 100_000) if not quick else (2, 100_000), "float32"))
-    # Rows of <= 32 classes, tiled (cross-entropy family, EQL): 1 row per 8-lane group and tile at C = 20,
-    # 3 at CIFAR-10's C = 10.
+    # Rows of <= 32 classes, tiled (cross-entropy family, EQL, soft targets): 1 row per 8-lane group
+    # and tile at C = 20, 3 at CIFAR-10's C = 10.
     out.append(Case("balanced_softmax", (256, 20) if not quick else (32, 20), "bfloat16"))
     out.append(Case("balanced_softmax", (1024, 10) if not quick else (200, 10), "bfloat16"))
     out.append(Case("balanced_softmax", (1024, 10) if not quick else (200, 10), "bfloat16", fused=True))
-    out.append(Case("equalization_loss", (1024, 10) if not quick else (200, 10), "bfloat16"))
+    out += [Case(op, (1024, 10) if not quick else (200, 10), "bfloat16")
+            for op in ("equalization_loss", "mixed_cross_entropy", "probability_cross_entropy")]
     experts = [(128, 3, 1000)] if not quick else [(16, 3, 1000)]
     out += [Case(op, shape, "bfloat16") for op in ("diverse_expert_loss", "ride_loss") for shape in experts]
     out += [Case(op, shape, "bfloat16", fused=True) for op in traffic_model.CE_FAMILY for shape in big]

@@ -149,14 +149,14 @@ class KernelTraffic:
 BLOCK_THREADS = 256  # gpu_reduce::kBlockThreads
 # Ops whose row kernels tile rows of <= 32 classes (gpu_reduce.cuh, tiled rows); LADE's rows are the
 # cross-entropy row kernel's.
-TILED_ROW_OPS = CE_FAMILY + ("lade", "equalization_loss")
+TILED_ROW_OPS = CE_FAMILY + ("lade", "equalization_loss", "mixed_cross_entropy", "probability_cross_entropy")
 
 
 def row_blocks(N: int, C: int, tiled: bool = False) -> int:
     """Blocks of a row kernel (gpu_reduce::with_row_group / row_blocks): 8 lanes per row for
     C <= 32, a warp for C <= 1024, the block beyond; at most 4096 blocks. tiled: the cross-entropy
-    family's and EQL's tiles of short rows, floor(32 / C) rows per 8-lane group for C <= 32
-    (gpu_reduce::tiled_row_blocks)."""
+    family's, EQL's and the soft targets' tiles of short rows, floor(32 / C) rows per 8-lane group for
+    C <= 32 (gpu_reduce::tiled_row_blocks)."""
     group = 8 if C <= 32 else 32 if C <= 1024 else BLOCK_THREADS
     rows_per_group = 32 // C if tiled and 1 <= C <= 32 else 1
     return max(1, min(-(-N // (BLOCK_THREADS // group * rows_per_group)), 4096))

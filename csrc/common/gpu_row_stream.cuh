@@ -77,6 +77,26 @@ __device__ __forceinline__ void load_span_to_tile(const scalar_t* span, int coun
   }
 }
 
+// load_span_to_tile for a second stream read beside the first (the probability targets beside the
+// logits). The same code at source lines of its own: the emulator counts requests per source site,
+// and a site whose accesses span two tensors is a stream of neither (benchmarks/memory_model.py).
+template <int THREADS, typename acc_t, typename scalar_t, typename Tile>
+__device__ __forceinline__ void load_second_span_to_tile(const scalar_t* span, int count, Tile& tile) {
+  constexpr int V = kVectorElements<scalar_t>;
+  static_assert(V <= THREADS, "one thread per head or tail element");
+  const RowSplit split = split_row(span, count);
+  const int t = static_cast<int>(threadIdx.x);
+  if (t < split.head) tile[t] = static_cast<acc_t>(gpu::load(span + t));
+  for (int v = t; v < split.vectors; v += THREADS) {
+    const gpu::Vector<scalar_t, V> x = gpu::load_vector<V>(span + split.head + v * V);
+#pragma unroll
+    for (int i = 0; i < V; ++i) tile[split.head + v * V + i] = static_cast<acc_t>(x.v[i]);
+  }
+  if (split.tail_begin + t < count) {
+    tile[split.tail_begin + t] = static_cast<acc_t>(gpu::load(span + split.tail_begin + t));
+  }
+}
+
 // span[0 .. count) = tile[0 .. count) converted to scalar_t, split by span's own alignment.
 template <int THREADS, typename acc_t, typename scalar_t, typename Tile>
 __device__ __forceinline__ void store_tile_to_span(const Tile& tile, int count, scalar_t* span) {

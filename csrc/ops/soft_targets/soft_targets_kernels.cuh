@@ -6,7 +6,8 @@
 // probability targets) are streamed in 16-byte vectors with a scalar head and tail per row
 // (gpu_row_stream::split_row): element-wise loads of 2 bytes strided by the group measured 0.63-0.67
 // sector efficiency in the emulator (tests/test_memory_traffic.py). The arithmetic is
-// csrc/common/soft_target_math.h, shared with the CPU kernels.
+// csrc/common/soft_target_math.h, shared with the CPU kernels. Rows of C <= 32 classes go through
+// shared-memory tiles instead of being streamed one by one (gpu_reduce.cuh, tiled rows).
 //
 // Mixed targets: both terms share the row's softmax; 'mean'/'sum' write four block partials (each
 // term's loss sum and weight sum) and the block that takes the last ticket divides each term by its
@@ -131,6 +132,89 @@ __device__ __forceinline__ void merge_mixed_chunk(const acc_t (&a)[K], const acc
   }
 }
 
+// A group's running sums over its rows (lane 0's), for the block partials.
+struct MixedSums {
+  double loss_a = 0.0, weight_a = 0.0, loss_b = 0.0, weight_b = 0.0;
+};
+
+// Lane 0's end of a mixed-target row in the forward, from the group's reduced state: each active
+// term's loss (times lam or 1 - lam), the row's statistics and loss, the group's sums. `ref` is the
+// term whose logit the softmax saw at its class; term_of_class(y) the target term of class y.
+template <typename acc_t, typename TermOf>
+__device__ __forceinline__ void finish_mixed_row(const MixedParams<acc_t>& p, int64_t row,
+                                                 const math::SoftmaxState<acc_t>& state, acc_t offset_sum,
+                                                 acc_t weight_sum, const math::TargetTerm<acc_t>& ref, int64_t ya,
+                                                 int64_t yb, bool active_a, bool active_b, TermOf&& term_of_class,
+                                                 acc_t* row_loss, acc_t* row_stats, MixedSums& sums) {
+  auto cfg = p.cfg;
+  if (p.any_smoothing && p.weight != nullptr) cfg.total_weight = weight_sum;
+  const math::RowLogSumExp<acc_t> finished = math::finish_row(state);
+  const acc_t lam = mix_of(p, row);
+  acc_t loss_a = acc_t(0), loss_b = acc_t(0);
+  if (active_a) {
+    const auto term = term_of_class(ya);
+    loss_a = lam * math::mixed_term_loss(cfg, finished, term, ref, offset_sum);
+    sums.loss_a += static_cast<double>(loss_a);
+    sums.weight_a += static_cast<double>(term.weight);
+  }
+  if (active_b) {
+    const auto term = term_of_class(yb);
+    loss_b = (acc_t(1) - lam) * math::mixed_term_loss(cfg, finished, term, ref, offset_sum);
+    sums.loss_b += static_cast<double>(loss_b);
+    sums.weight_b += static_cast<double>(term.weight);
+  }
+  gpu::store(row_stats + row, finished.max);
+  gpu::store(row_stats + (p.num_rows + row), finished.log_sum);
+  if (row_loss) gpu::store(row_loss + row, loss_a + loss_b);
+}
+
+// The gradient of one mixed-target row, d loss / d z_c for each class c (`at`), from the row's
+// statistics and each active term's coefficients: shared by the streamed and the tiled backward.
+template <typename acc_t>
+struct MixedRowGradient {
+  math::RowLogSumExp<acc_t> stats;
+  acc_t prob_coef, class_coef, target_a_coef, target_b_coef;
+  acc_t term_a_logit;  // the softmax sees term a's logit (with its margin) at ya
+  int ya_c, yb_c;      // an inactive target's class is -1: no c matches it
+
+  // Per-class values in `run` at i.
+  template <int V>
+  __device__ __forceinline__ acc_t at(const MixedParams<acc_t>& p, acc_t zc, int c, const ClassValues<V, acc_t>& run,
+                                      int i) const {
+    const acc_t a = c == ya_c ? term_a_logit : (p.adjustment ? math::adjusted_logit(zc, run.adjustment[i]) : zc);
+    acc_t grad = math::element_gradient(math::softmax_probability(a, stats), prob_coef, class_coef,
+                                        p.weight ? run.weight[i] : acc_t(1));
+    if (c == ya_c) grad -= target_a_coef;
+    if (c == yb_c) grad -= target_b_coef;
+    return grad;
+  }
+};
+
+// The row's MixedRowGradient: term t's coefficients scaled by scale_t (upstream x lam or 1 - lam,
+// over the term's denominator); term_of_class(y) is the target term of class y from the row.
+template <typename acc_t, typename TermOf>
+__device__ __forceinline__ MixedRowGradient<acc_t> mixed_row_gradient(const math::CrossEntropyConfig<acc_t>& cfg,
+                                                                      const math::RowLogSumExp<acc_t>& stats,
+                                                                      acc_t scale_a, acc_t scale_b, int64_t ya,
+                                                                      int64_t yb, bool active_a, bool active_b,
+                                                                      TermOf&& term_of_class) {
+  math::RowGradientCoefficients<acc_t> coef_a{0, 0, 0}, coef_b{0, 0, 0};
+  math::TargetTerm<acc_t> term_a{0, 0, 0};
+  if (active_a) {
+    term_a = term_of_class(ya);
+    coef_a = math::mixed_term_coefficients(cfg, scale_a, stats, term_a);
+  }
+  if (active_b) coef_b = math::mixed_term_coefficients(cfg, scale_b, stats, term_of_class(yb));
+  return {stats,
+          coef_a.prob_coef + coef_b.prob_coef,
+          coef_a.class_coef + coef_b.class_coef,
+          coef_a.target_coef,
+          coef_b.target_coef,
+          term_a.logit,
+          active_a ? static_cast<int>(ya) : -1,
+          active_b ? static_cast<int>(yb) : -1};
+}
+
 // loss = S_a / D_a + S_b / D_b (mean) or S_a + S_b (sum) from the partials [4, num_blocks], by every
 // thread of one block in a fixed order (the last block of mixed_forward_kernel, or
 // mixed_finish_kernel); writes the two denominators (term b: 1 without target_b).
@@ -151,10 +235,10 @@ __device__ void mixed_finish(const double* partials, int64_t num_blocks, bool me
 }
 
 template <typename scalar_t, int GROUP>
-__global__ void __launch_bounds__(kBlockThreads)
-    mixed_forward_kernel(const scalar_t* __restrict__ logits, MixedParams<at::opmath_type<scalar_t>> p,
-                         at::opmath_type<scalar_t>* __restrict__ row_loss, at::opmath_type<scalar_t>* __restrict__ row_stats,
-                         double* __restrict__ partials, gpu_reduce::FinishArgs<at::opmath_type<scalar_t>> finish) {
+__device__ __forceinline__ void mixed_forward_streamed_rows(
+    const scalar_t* __restrict__ logits, const MixedParams<at::opmath_type<scalar_t>>& p,
+    at::opmath_type<scalar_t>* __restrict__ row_loss, at::opmath_type<scalar_t>* __restrict__ row_stats,
+    double* __restrict__ partials, const gpu_reduce::FinishArgs<at::opmath_type<scalar_t>>& finish) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   LTFAST_SHARED_ARRAY(math::SoftmaxState<acc_t>, scratch_state, kWarpsPerBlock);
@@ -166,10 +250,9 @@ __global__ void __launch_bounds__(kBlockThreads)
   LTFAST_SHARED_ARRAY(double, partial_weight_b, kRowsPerBlock);
   constexpr int V = kVectorElements<scalar_t>;
   constexpr int U = kVectorUnroll<scalar_t>;
-  double loss_a_sum = 0.0, weight_a_sum = 0.0, loss_b_sum = 0.0, weight_b_sum = 0.0;
+  MixedSums sums;
   const int lane = threadIdx.x % GROUP;
   const int C = static_cast<int>(p.num_classes);
-  const bool sum_weights = p.any_smoothing && p.weight != nullptr;
   // The class weights are read in the row pass only for the smoothing term's sums.
   const acc_t* smoothing_weight = p.any_smoothing ? p.weight : nullptr;
 
@@ -244,35 +327,226 @@ __global__ void __launch_bounds__(kBlockThreads)
     if (split.tail_begin + lane < C) scalar_element(split.tail_begin + lane, state, offset_sum, weight_sum);
     cross_entropy_kernels::group_reduce<GROUP>(state, offset_sum, weight_sum, scratch_state, scratch_a, scratch_b);
     if (lane == 0) {
-      auto cfg = p.cfg;
-      if (sum_weights) cfg.total_weight = weight_sum;
-      const math::RowLogSumExp<acc_t> finished = math::finish_row(state);
-      const acc_t lam = mix_of(p, row);
-      acc_t loss_a = acc_t(0), loss_b = acc_t(0);
-      if (active_a) {
-        const auto term = term_of(z, p, ya);
-        loss_a = lam * math::mixed_term_loss(cfg, finished, term, ref, offset_sum);
-        loss_a_sum += static_cast<double>(loss_a);
-        weight_a_sum += static_cast<double>(term.weight);
-      }
-      if (active_b) {
-        const auto term = term_of(z, p, yb);
-        loss_b = (acc_t(1) - lam) * math::mixed_term_loss(cfg, finished, term, ref, offset_sum);
-        loss_b_sum += static_cast<double>(loss_b);
-        weight_b_sum += static_cast<double>(term.weight);
-      }
-      gpu::store(row_stats + row, finished.max);
-      gpu::store(row_stats + (p.num_rows + row), finished.log_sum);
-      if (row_loss) gpu::store(row_loss + row, loss_a + loss_b);
+      finish_mixed_row(p, row, state, offset_sum, weight_sum, ref, ya, yb, active_a, active_b,
+                       [&](int64_t y) { return term_of(z, p, y); }, row_loss, row_stats, sums);
     }
   }
   if (partials != nullptr) {
-    gpu_reduce::write_block_partials<GROUP>(loss_a_sum, weight_a_sum, partials, partial_loss_a, partial_weight_a);
-    gpu_reduce::write_block_partials<GROUP>(loss_b_sum, weight_b_sum, partials + 2 * gridDim.x, partial_loss_b,
+    gpu_reduce::write_block_partials<GROUP>(sums.loss_a, sums.weight_a, partials, partial_loss_a, partial_weight_a);
+    gpu_reduce::write_block_partials<GROUP>(sums.loss_b, sums.weight_b, partials + 2 * gridDim.x, partial_loss_b,
                                             partial_weight_b);
     gpu_reduce::finish_in_last_block(finish.ticket, [&](auto& scratch) {
       mixed_finish(partials, gridDim.x, finish.mean, p.target_b != nullptr, finish.loss, finish.denominator, scratch);
     });
+  }
+}
+
+// ------------------------------------------------------------------------------ tiled rows
+// Rows of C <= 32 classes (both ops): a block's 32 x tile_rows_per_group(C) rows, one flat span of
+// the contiguous [N, C] logits (and of the probability targets), through __shared__ tiles in 16-byte
+// vectors, as the hard-target kernels do (gpu_reduce.cuh, tiled rows). Streamed one by one these
+// rows read at 0.23 / 0.32 (mixed) and 0.45 / 0.43 (probability) sector efficiency at 1024 x 10
+// bf16 in the emulator. Lane l owns classes l + 8 k of every row and loads their per-class values
+// once per kernel.
+using gpu_reduce::kClassesPerLane;
+using gpu_reduce::kTileElements;
+using gpu_reduce::kTileGroups;
+
+// The per-class values (each pointer nullable: not read) of the classes lane + 8 k that are < C.
+template <typename acc_t>
+__device__ __forceinline__ ClassValues<kClassesPerLane, acc_t> lane_class_values(const acc_t* adjustment,
+                                                                                 const acc_t* weight, int lane,
+                                                                                 int C) {
+  ClassValues<kClassesPerLane, acc_t> run;
+#pragma unroll
+  for (int k = 0; k < kClassesPerLane; ++k) {
+    const int c = lane + k * gpu_reduce::kSmallGroup;
+    if (c >= C) continue;
+    if (adjustment) run.adjustment[k] = gpu::load(adjustment + c);
+    if (weight) run.weight[k] = gpu::load(weight + c);
+  }
+  return run;
+}
+
+// The target term of class y from a tile row (term_of from global memory).
+template <typename acc_t, typename Tile>
+__device__ __forceinline__ math::TargetTerm<acc_t> tile_term(const Tile& tile, int row_base,
+                                                             const MixedParams<acc_t>& p, int64_t y) {
+  const acc_t z = tile[row_base + static_cast<int>(y)];
+  const acc_t a = p.adjustment ? math::adjusted_logit(z, gpu::load(p.adjustment + y)) : z;
+  return {p.target_margin ? a - gpu::load(p.target_margin + y) : a, p.weight ? gpu::load(p.weight + y) : acc_t(1),
+          p.class_smoothing ? gpu::load(p.class_smoothing + y) : p.smoothing};
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void mixed_forward_tiled_rows(
+    const scalar_t* __restrict__ logits, const MixedParams<at::opmath_type<scalar_t>>& p,
+    at::opmath_type<scalar_t>* __restrict__ row_loss, at::opmath_type<scalar_t>* __restrict__ row_stats,
+    double* __restrict__ partials, const gpu_reduce::FinishArgs<at::opmath_type<scalar_t>>& finish) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int GROUP = gpu_reduce::kSmallGroup;
+  constexpr int K = kClassesPerLane;
+  LTFAST_SHARED_ARRAY(acc_t, tile, kTileElements);
+  LTFAST_SHARED_ARRAY(math::SoftmaxState<acc_t>, scratch_state, 1);  // group_reduce: block groups only
+  LTFAST_SHARED_ARRAY(acc_t, scratch_a, 1);
+  LTFAST_SHARED_ARRAY(acc_t, scratch_b, 1);
+  LTFAST_SHARED_ARRAY(double, partial_loss_a, kTileGroups);
+  LTFAST_SHARED_ARRAY(double, partial_weight_a, kTileGroups);
+  LTFAST_SHARED_ARRAY(double, partial_loss_b, kTileGroups);
+  LTFAST_SHARED_ARRAY(double, partial_weight_b, kTileGroups);
+  MixedSums sums;
+  const int lane = threadIdx.x % GROUP;
+  const int group = threadIdx.x / GROUP;
+  const int C = static_cast<int>(p.num_classes);
+  const int tile_rows = kTileGroups * gpu_reduce::tile_rows_per_group(C);
+  // The class weights are read in the row pass only for the smoothing term's sums.
+  const acc_t* smoothing_weight = p.any_smoothing ? p.weight : nullptr;
+  const ClassValues<K, acc_t> run = lane_class_values(p.adjustment, smoothing_weight, lane, C);
+
+  // The tile loop's bounds are uniform over the block: every thread reaches each __syncthreads.
+  for (int64_t first_row = int64_t(blockIdx.x) * tile_rows; first_row < p.num_rows;
+       first_row += int64_t(gridDim.x) * tile_rows) {
+    gpu::mark_row_start();
+    const int rows = static_cast<int>(p.num_rows - first_row < tile_rows ? p.num_rows - first_row : tile_rows);
+    gpu_row_stream::load_span_to_tile<kBlockThreads, acc_t>(logits + first_row * p.num_classes, rows * C, tile);
+    __syncthreads();
+    for (int tile_row = group; tile_row < rows; tile_row += kTileGroups) {
+      const int64_t row = first_row + tile_row;
+      const int row_base = tile_row * C;
+      const int64_t ya = gpu::load(p.target_a + row);
+      const int64_t yb = p.target_b ? gpu::load(p.target_b + row) : p.ignore_index;
+      const bool active_a = ya != p.ignore_index, active_b = yb != p.ignore_index;
+      if (!active_a && !active_b) {
+        if (lane == 0) {
+          if (row_loss) gpu::store(row_loss + row, acc_t(0));
+          gpu::store(row_stats + row, acc_t(0));
+          gpu::store(row_stats + (p.num_rows + row), acc_t(0));
+        }
+        continue;
+      }
+      CUDA_KERNEL_ASSERT((!active_a || (ya >= 0 && ya < C)) &&
+                         "ltfast: target out of range [0, C) and not ignore_index");
+      CUDA_KERNEL_ASSERT((!active_b || (yb >= 0 && yb < C)) &&
+                         "ltfast: target_b out of range [0, C) and not ignore_index");
+      const int64_t y_ref = active_a ? ya : yb;
+      const auto ref = tile_term(tile, row_base, p, y_ref);
+      acc_t a[K], w[K];
+      bool valid[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int c = lane + k * GROUP;
+        valid[k] = c < C;
+        // the reference term's logit (with its margin) at y_ref, else z + adjustment
+        a[k] = !valid[k] ? math::negative_infinity<acc_t>()
+               : c == y_ref ? ref.logit
+               : p.adjustment ? math::adjusted_logit(static_cast<acc_t>(tile[row_base + c]), run.adjustment[k])
+                              : static_cast<acc_t>(tile[row_base + c]);
+        w[k] = (valid[k] && smoothing_weight) ? run.weight[k] : acc_t(1);
+      }
+      math::SoftmaxState<acc_t> state = math::empty_softmax_state<acc_t>();
+      acc_t offset_sum = acc_t(0), weight_sum = acc_t(0);
+      merge_mixed_chunk(a, w, valid, ref.logit, p.any_smoothing, state, offset_sum, weight_sum);
+      cross_entropy_kernels::group_reduce<GROUP>(state, offset_sum, weight_sum, scratch_state, scratch_a, scratch_b);
+      if (lane == 0) {
+        finish_mixed_row(p, row, state, offset_sum, weight_sum, ref, ya, yb, active_a, active_b,
+                         [&](int64_t y) { return tile_term(tile, row_base, p, y); }, row_loss, row_stats, sums);
+      }
+    }
+    __syncthreads();  // the next tile overwrites the tile
+  }
+  if (partials != nullptr) {
+    gpu_reduce::write_block_partials<GROUP>(sums.loss_a, sums.weight_a, partials, partial_loss_a, partial_weight_a);
+    gpu_reduce::write_block_partials<GROUP>(sums.loss_b, sums.weight_b, partials + 2 * gridDim.x, partial_loss_b,
+                                            partial_weight_b);
+    gpu_reduce::finish_in_last_block(finish.ticket, [&](auto& scratch) {
+      mixed_finish(partials, gridDim.x, finish.mean, p.target_b != nullptr, finish.loss, finish.denominator, scratch);
+    });
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void mixed_backward_tiled_rows(
+    const scalar_t* __restrict__ logits, const MixedParams<at::opmath_type<scalar_t>>& p,
+    const at::opmath_type<scalar_t>* __restrict__ row_stats, const at::opmath_type<scalar_t>* __restrict__ grad_loss,
+    bool per_row_grad, const at::opmath_type<scalar_t>* __restrict__ denominators, scalar_t* __restrict__ grad_logits) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int GROUP = gpu_reduce::kSmallGroup;
+  constexpr int K = kClassesPerLane;
+  LTFAST_SHARED_ARRAY(acc_t, tile, kTileElements);
+  LTFAST_SHARED_ARRAY(acc_t, grad_tile, kTileElements);
+  LTFAST_SHARED_ARRAY(acc_t, scratch_sum, 1);  // group_sum: block groups only
+  const int lane = threadIdx.x % GROUP;
+  const int group = threadIdx.x / GROUP;
+  const int C = static_cast<int>(p.num_classes);
+  const int tile_rows = kTileGroups * gpu_reduce::tile_rows_per_group(C);
+  const bool sum_weights = p.any_smoothing && p.weight != nullptr;
+  const acc_t shared_a = per_row_grad ? acc_t(0) : gpu::load(grad_loss) / gpu::load(denominators);
+  const acc_t shared_b = per_row_grad ? acc_t(0) : gpu::load(grad_loss) / gpu::load(denominators + 1);
+  const ClassValues<K, acc_t> run = lane_class_values(p.adjustment, p.weight, lane, C);
+
+  for (int64_t first_row = int64_t(blockIdx.x) * tile_rows; first_row < p.num_rows;
+       first_row += int64_t(gridDim.x) * tile_rows) {
+    gpu::mark_row_start();
+    const int rows = static_cast<int>(p.num_rows - first_row < tile_rows ? p.num_rows - first_row : tile_rows);
+    gpu_row_stream::load_span_to_tile<kBlockThreads, acc_t>(logits + first_row * p.num_classes, rows * C, tile);
+    __syncthreads();
+    for (int tile_row = group; tile_row < rows; tile_row += kTileGroups) {
+      const int64_t row = first_row + tile_row;
+      const int row_base = tile_row * C;
+      auto fill = [&](acc_t value) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          if (lane + k * GROUP < C) grad_tile[row_base + lane + k * GROUP] = value;
+        }
+      };
+      const int64_t ya = gpu::load(p.target_a + row);
+      const int64_t yb = p.target_b ? gpu::load(p.target_b + row) : p.ignore_index;
+      const bool active_a = ya != p.ignore_index, active_b = yb != p.ignore_index;
+      if (!active_a && !active_b) {
+        fill(acc_t(0));
+        continue;
+      }
+      CUDA_KERNEL_ASSERT((!active_a || (ya >= 0 && ya < C)) &&
+                         "ltfast: target out of range [0, C) and not ignore_index");
+      CUDA_KERNEL_ASSERT((!active_b || (yb >= 0 && yb < C)) &&
+                         "ltfast: target_b out of range [0, C) and not ignore_index");
+      const math::RowLogSumExp<acc_t> stats{gpu::load(row_stats + row), gpu::load(row_stats + (p.num_rows + row))};
+      if (math::row_is_nan(stats)) {  // row-uniform, as in the streamed kernel
+        fill(stats.log_sum);
+        continue;
+      }
+      auto cfg = p.cfg;
+      if (sum_weights) cfg.total_weight = class_weight_total<GROUP>(p, lane, scratch_sum);
+      const acc_t lam = mix_of(p, row);
+      const acc_t upstream = per_row_grad ? gpu::load(grad_loss + row) : acc_t(1);
+      const auto row_gradient = mixed_row_gradient(
+          cfg, stats, upstream * lam * (per_row_grad ? acc_t(1) : shared_a),
+          upstream * (acc_t(1) - lam) * (per_row_grad ? acc_t(1) : shared_b), ya, yb, active_a, active_b,
+          [&](int64_t y) { return tile_term(tile, row_base, p, y); });
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int c = lane + k * GROUP;
+        if (c < C) grad_tile[row_base + c] = row_gradient.at(p, static_cast<acc_t>(tile[row_base + c]), c, run, k);
+      }
+    }
+    __syncthreads();
+    gpu_row_stream::store_tile_to_span<kBlockThreads, acc_t>(grad_tile, rows * C,
+                                                             grad_logits + first_row * p.num_classes);
+    __syncthreads();  // the next tile overwrites both tiles
+  }
+}
+
+// ------------------------------------------------------------------------------ mixed kernels
+// Tiles for rows of <= 32 classes, streamed rows otherwise (with_row_group picks GROUP from C).
+template <typename scalar_t, int GROUP>
+__global__ void __launch_bounds__(kBlockThreads)
+    mixed_forward_kernel(const scalar_t* __restrict__ logits, MixedParams<at::opmath_type<scalar_t>> p,
+                         at::opmath_type<scalar_t>* __restrict__ row_loss, at::opmath_type<scalar_t>* __restrict__ row_stats,
+                         double* __restrict__ partials, gpu_reduce::FinishArgs<at::opmath_type<scalar_t>> finish) {
+  if constexpr (GROUP == gpu_reduce::kSmallGroup) {
+    mixed_forward_tiled_rows(logits, p, row_loss, row_stats, partials, finish);
+  } else {
+    mixed_forward_streamed_rows<scalar_t, GROUP>(logits, p, row_loss, row_stats, partials, finish);
   }
 }
 
@@ -287,12 +561,10 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 template <typename scalar_t, int GROUP>
-__global__ void __launch_bounds__(kBlockThreads)
-    mixed_backward_kernel(const scalar_t* __restrict__ logits, MixedParams<at::opmath_type<scalar_t>> p,
-                          const at::opmath_type<scalar_t>* __restrict__ row_stats,
-                          const at::opmath_type<scalar_t>* __restrict__ grad_loss, bool per_row_grad,
-                          const at::opmath_type<scalar_t>* __restrict__ denominators,
-                          scalar_t* __restrict__ grad_logits) {
+__device__ __forceinline__ void mixed_backward_streamed_rows(
+    const scalar_t* __restrict__ logits, const MixedParams<at::opmath_type<scalar_t>>& p,
+    const at::opmath_type<scalar_t>* __restrict__ row_stats, const at::opmath_type<scalar_t>* __restrict__ grad_loss,
+    bool per_row_grad, const at::opmath_type<scalar_t>* __restrict__ denominators, scalar_t* __restrict__ grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   LTFAST_SHARED_ARRAY(acc_t, scratch_sum, kWarpsPerBlock);
@@ -332,29 +604,12 @@ __global__ void __launch_bounds__(kBlockThreads)
     if (sum_weights) cfg.total_weight = class_weight_total<GROUP>(p, lane, scratch_sum);
     const acc_t lam = mix_of(p, row);
     const acc_t upstream = per_row_grad ? gpu::load(grad_loss + row) : acc_t(1);
-    math::RowGradientCoefficients<acc_t> coef_a{0, 0, 0}, coef_b{0, 0, 0};
-    math::TargetTerm<acc_t> term_a{0, 0, 0}, term_b{0, 0, 0};
-    if (active_a) {
-      term_a = term_of(z, p, ya);
-      coef_a = math::mixed_term_coefficients(cfg, upstream * lam * (per_row_grad ? acc_t(1) : shared_a), stats, term_a);
-    }
-    if (active_b) {
-      term_b = term_of(z, p, yb);
-      coef_b = math::mixed_term_coefficients(cfg, upstream * (acc_t(1) - lam) * (per_row_grad ? acc_t(1) : shared_b),
-                                             stats, term_b);
-    }
-    const acc_t prob_coef = coef_a.prob_coef + coef_b.prob_coef;
-    const acc_t class_coef = coef_a.class_coef + coef_b.class_coef;
-    // An inactive target's class is -1: no c matches it.
-    const int ya_c = active_a ? static_cast<int>(ya) : -1, yb_c = active_b ? static_cast<int>(yb) : -1;
-    // d loss / d z_c of one element (per-class values in `run` at i).
+    const auto row_gradient = mixed_row_gradient(
+        cfg, stats, upstream * lam * (per_row_grad ? acc_t(1) : shared_a),
+        upstream * (acc_t(1) - lam) * (per_row_grad ? acc_t(1) : shared_b), ya, yb, active_a, active_b,
+        [&](int64_t y) { return term_of(z, p, y); });
     auto gradient = [&](acc_t zc, int c, const ClassValues<V, acc_t>& run, int i) -> acc_t {
-      const acc_t a = c == ya_c ? term_a.logit : (p.adjustment ? math::adjusted_logit(zc, run.adjustment[i]) : zc);
-      acc_t grad = math::element_gradient(math::softmax_probability(a, stats), prob_coef, class_coef,
-                                          p.weight ? run.weight[i] : acc_t(1));
-      if (c == ya_c) grad -= coef_a.target_coef;
-      if (c == yb_c) grad -= coef_b.target_coef;
-      return grad;
+      return row_gradient.at(p, zc, c, run, i);
     };
     auto scalar_gradient = [&](int c) -> acc_t {
       ClassValues<V, acc_t> run;
@@ -395,10 +650,24 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// Blocks of the row kernels: one row per group (the hard-target kernels tile rows of <= 32 classes
-// and count their blocks otherwise, cross_entropy_kernels::row_kernel_blocks).
+template <typename scalar_t, int GROUP>
+__global__ void __launch_bounds__(kBlockThreads)
+    mixed_backward_kernel(const scalar_t* __restrict__ logits, MixedParams<at::opmath_type<scalar_t>> p,
+                          const at::opmath_type<scalar_t>* __restrict__ row_stats,
+                          const at::opmath_type<scalar_t>* __restrict__ grad_loss, bool per_row_grad,
+                          const at::opmath_type<scalar_t>* __restrict__ denominators,
+                          scalar_t* __restrict__ grad_logits) {
+  if constexpr (GROUP == gpu_reduce::kSmallGroup) {
+    mixed_backward_tiled_rows(logits, p, row_stats, grad_loss, per_row_grad, denominators, grad_logits);
+  } else {
+    mixed_backward_streamed_rows<scalar_t, GROUP>(logits, p, row_stats, grad_loss, per_row_grad, denominators,
+                                                  grad_logits);
+  }
+}
+
+// Blocks of the row kernels of both ops (rows of <= 32 classes tiled, gpu_reduce.cuh).
 inline unsigned row_kernel_blocks(int64_t num_rows, int64_t num_classes) {
-  return gpu_reduce::row_blocks_for_classes(num_rows, num_classes);
+  return gpu_reduce::tiled_row_blocks(num_rows, num_classes);
 }
 
 // The row kernels index within a row in 32 bits.
@@ -424,7 +693,7 @@ void launch_mixed_forward(const scalar_t* logits, const MixedParams<at::opmath_t
     gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
       constexpr int kGroup = decltype(group)::value;
       gpu::launch("soft_targets mixed_forward_kernel", &mixed_forward_kernel<scalar_t, kGroup>,
-                  gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_loss, row_stats,
+                  row_kernel_blocks(p.num_rows, p.num_classes), kBlockThreads, stream, logits, p, row_loss, row_stats,
                   partials, gpu_reduce::FinishArgs<acc_t>{partials ? ticket : nullptr, mean, loss, denominators});
     });
   }
@@ -446,7 +715,7 @@ void launch_mixed_backward(const scalar_t* logits, const MixedParams<at::opmath_
   gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
     constexpr int kGroup = decltype(group)::value;
     gpu::launch("soft_targets mixed_backward_kernel", &mixed_backward_kernel<scalar_t, kGroup>,
-                gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, p, row_stats, grad_loss,
+                row_kernel_blocks(p.num_rows, p.num_classes), kBlockThreads, stream, logits, p, row_stats, grad_loss,
                 per_row_grad, denominators, grad_logits);
   });
 }
@@ -539,12 +808,11 @@ __device__ __forceinline__ void load_target_run(const target_t* t, bool target_v
 }
 
 template <typename scalar_t, typename target_t, int GROUP>
-__global__ void __launch_bounds__(kBlockThreads)
-    probability_forward_kernel(const scalar_t* __restrict__ logits, const target_t* __restrict__ target,
-                               ProbabilityParams<at::opmath_type<scalar_t>> p,
-                               at::opmath_type<scalar_t>* __restrict__ row_loss,
-                               at::opmath_type<scalar_t>* __restrict__ row_stats, double* __restrict__ partials,
-                               gpu_reduce::FinishArgs<at::opmath_type<scalar_t>> finish) {
+__device__ __forceinline__ void probability_forward_streamed_rows(
+    const scalar_t* __restrict__ logits, const target_t* __restrict__ target,
+    const ProbabilityParams<at::opmath_type<scalar_t>>& p, at::opmath_type<scalar_t>* __restrict__ row_loss,
+    at::opmath_type<scalar_t>* __restrict__ row_stats, double* __restrict__ partials,
+    const gpu_reduce::FinishArgs<at::opmath_type<scalar_t>>& finish) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   LTFAST_SHARED_ARRAY(math::ProbabilityState<acc_t>, scratch_state, kWarpsPerBlock);
@@ -628,13 +896,11 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 template <typename scalar_t, typename target_t, int GROUP>
-__global__ void __launch_bounds__(kBlockThreads)
-    probability_backward_kernel(const scalar_t* __restrict__ logits, const target_t* __restrict__ target,
-                                ProbabilityParams<at::opmath_type<scalar_t>> p,
-                                const at::opmath_type<scalar_t>* __restrict__ row_stats,
-                                const at::opmath_type<scalar_t>* __restrict__ grad_loss, bool per_row_grad,
-                                const at::opmath_type<scalar_t>* __restrict__ denominator,
-                                scalar_t* __restrict__ grad_logits) {
+__device__ __forceinline__ void probability_backward_streamed_rows(
+    const scalar_t* __restrict__ logits, const target_t* __restrict__ target,
+    const ProbabilityParams<at::opmath_type<scalar_t>>& p, const at::opmath_type<scalar_t>* __restrict__ row_stats,
+    const at::opmath_type<scalar_t>* __restrict__ grad_loss, bool per_row_grad,
+    const at::opmath_type<scalar_t>* __restrict__ denominator, scalar_t* __restrict__ grad_logits) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsPerBlock = kBlockThreads / GROUP;
   constexpr int V = kVectorElements<scalar_t>;
@@ -711,6 +977,165 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+// ------------------------------------------------------------------------------ probability: tiled rows
+template <typename scalar_t, typename target_t>
+__device__ __forceinline__ void probability_forward_tiled_rows(
+    const scalar_t* __restrict__ logits, const target_t* __restrict__ target,
+    const ProbabilityParams<at::opmath_type<scalar_t>>& p, at::opmath_type<scalar_t>* __restrict__ row_loss,
+    at::opmath_type<scalar_t>* __restrict__ row_stats, double* __restrict__ partials,
+    const gpu_reduce::FinishArgs<at::opmath_type<scalar_t>>& finish) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int GROUP = gpu_reduce::kSmallGroup;
+  constexpr int K = kClassesPerLane;
+  LTFAST_SHARED_ARRAY(acc_t, tile, kTileElements);
+  LTFAST_SHARED_ARRAY(acc_t, target_tile, kTileElements);
+  LTFAST_SHARED_ARRAY(math::ProbabilityState<acc_t>, scratch_state, 1);  // block groups only
+  LTFAST_SHARED_ARRAY(double, partial_loss, kTileGroups);
+  LTFAST_SHARED_ARRAY(double, partial_rows, kTileGroups);
+  double group_loss = 0.0, group_rows = 0.0;
+  const int lane = threadIdx.x % GROUP;
+  const int group = threadIdx.x / GROUP;
+  const int C = static_cast<int>(p.num_classes);
+  const int tile_rows = kTileGroups * gpu_reduce::tile_rows_per_group(C);
+  const ClassValues<K, acc_t> run = lane_class_values(p.adjustment, p.weight, lane, C);
+
+  for (int64_t first_row = int64_t(blockIdx.x) * tile_rows; first_row < p.num_rows;
+       first_row += int64_t(gridDim.x) * tile_rows) {
+    gpu::mark_row_start();
+    const int rows = static_cast<int>(p.num_rows - first_row < tile_rows ? p.num_rows - first_row : tile_rows);
+    gpu_row_stream::load_span_to_tile<kBlockThreads, acc_t>(logits + first_row * p.num_classes, rows * C, tile);
+    gpu_row_stream::load_second_span_to_tile<kBlockThreads, acc_t>(target + first_row * p.num_classes, rows * C,
+                                                                   target_tile);
+    __syncthreads();
+    for (int tile_row = group; tile_row < rows; tile_row += kTileGroups) {
+      const int64_t row = first_row + tile_row;
+      const int row_base = tile_row * C;
+      acc_t a[K], wq[K];
+      bool valid[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int c = lane + k * GROUP;
+        valid[k] = c < C;
+        const acc_t zc = valid[k] ? static_cast<acc_t>(tile[row_base + c]) : acc_t(0);
+        a[k] = !valid[k] ? math::negative_infinity<acc_t>()
+                         : (p.adjustment ? math::adjusted_logit(zc, run.adjustment[k]) : zc);
+        wq[k] = !valid[k] ? acc_t(0)
+                          : math::weighted_probability(static_cast<acc_t>(target_tile[row_base + c]),
+                                                       p.weight ? run.weight[k] : acc_t(1), p.one_minus_eps,
+                                                       p.eps_over_c);
+      }
+      auto state = math::empty_probability_state<acc_t>();
+      merge_probability_chunk(a, wq, valid, state);
+      state = group_reduce_probability<GROUP>(state, scratch_state);
+      if (lane == 0) {
+        const auto finished = math::finish_row(math::SoftmaxState<acc_t>{state.max, state.sum});
+        const acc_t loss = math::probability_row_loss(finished, state.mass, state.offset);
+        gpu::store(row_stats + row, finished.max);
+        gpu::store(row_stats + (p.num_rows + row), finished.log_sum);
+        gpu::store(row_stats + (2 * p.num_rows + row), state.mass);
+        gpu::store(row_loss + row, loss);
+        group_loss += static_cast<double>(loss);
+        group_rows += 1.0;
+      }
+    }
+    __syncthreads();  // the next tile overwrites both tiles
+  }
+  if (partials != nullptr) {
+    gpu_reduce::write_block_partials<GROUP>(group_loss, group_rows, partials, partial_loss, partial_rows);
+    gpu_reduce::finish_mean_in_last_block(partials, finish);
+  }
+}
+
+template <typename scalar_t, typename target_t>
+__device__ __forceinline__ void probability_backward_tiled_rows(
+    const scalar_t* __restrict__ logits, const target_t* __restrict__ target,
+    const ProbabilityParams<at::opmath_type<scalar_t>>& p, const at::opmath_type<scalar_t>* __restrict__ row_stats,
+    const at::opmath_type<scalar_t>* __restrict__ grad_loss, bool per_row_grad,
+    const at::opmath_type<scalar_t>* __restrict__ denominator, scalar_t* __restrict__ grad_logits) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int GROUP = gpu_reduce::kSmallGroup;
+  constexpr int K = kClassesPerLane;
+  LTFAST_SHARED_ARRAY(acc_t, tile, kTileElements);
+  LTFAST_SHARED_ARRAY(acc_t, target_tile, kTileElements);
+  LTFAST_SHARED_ARRAY(acc_t, grad_tile, kTileElements);
+  const int lane = threadIdx.x % GROUP;
+  const int group = threadIdx.x / GROUP;
+  const int C = static_cast<int>(p.num_classes);
+  const int tile_rows = kTileGroups * gpu_reduce::tile_rows_per_group(C);
+  const acc_t shared_scale = per_row_grad ? acc_t(0) : gpu::load(grad_loss) / gpu::load(denominator);
+  const ClassValues<K, acc_t> run = lane_class_values(p.adjustment, p.weight, lane, C);
+
+  for (int64_t first_row = int64_t(blockIdx.x) * tile_rows; first_row < p.num_rows;
+       first_row += int64_t(gridDim.x) * tile_rows) {
+    gpu::mark_row_start();
+    const int rows = static_cast<int>(p.num_rows - first_row < tile_rows ? p.num_rows - first_row : tile_rows);
+    gpu_row_stream::load_span_to_tile<kBlockThreads, acc_t>(logits + first_row * p.num_classes, rows * C, tile);
+    gpu_row_stream::load_second_span_to_tile<kBlockThreads, acc_t>(target + first_row * p.num_classes, rows * C,
+                                                                   target_tile);
+    __syncthreads();
+    for (int tile_row = group; tile_row < rows; tile_row += kTileGroups) {
+      const int64_t row = first_row + tile_row;
+      const int row_base = tile_row * C;
+      const math::RowLogSumExp<acc_t> stats{gpu::load(row_stats + row), gpu::load(row_stats + (p.num_rows + row))};
+      const bool nan_row = math::row_is_nan(stats);
+      const acc_t scale = per_row_grad ? gpu::load(grad_loss + row) : shared_scale;
+      const acc_t mass_scale = nan_row ? acc_t(0) : scale * gpu::load(row_stats + (2 * p.num_rows + row));
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int c = lane + k * GROUP;
+        if (c >= C) continue;
+        if (nan_row) {  // every gradient of the row is NaN, as in the streamed kernel
+          grad_tile[row_base + c] = stats.log_sum;
+          continue;
+        }
+        const acc_t zc = tile[row_base + c];
+        const acc_t a = p.adjustment ? math::adjusted_logit(zc, run.adjustment[k]) : zc;
+        const acc_t wq = math::weighted_probability(static_cast<acc_t>(target_tile[row_base + c]),
+                                                    p.weight ? run.weight[k] : acc_t(1), p.one_minus_eps,
+                                                    p.eps_over_c);
+        grad_tile[row_base + c] = math::softmax_probability(a, stats) * mass_scale - wq * scale;
+      }
+    }
+    __syncthreads();
+    gpu_row_stream::store_tile_to_span<kBlockThreads, acc_t>(grad_tile, rows * C,
+                                                             grad_logits + first_row * p.num_classes);
+    __syncthreads();  // the next tile overwrites the tiles
+  }
+}
+
+// ------------------------------------------------------------------------------ probability kernels
+// Tiles for rows of <= 32 classes, streamed rows otherwise (with_row_group picks GROUP from C).
+template <typename scalar_t, typename target_t, int GROUP>
+__global__ void __launch_bounds__(kBlockThreads)
+    probability_forward_kernel(const scalar_t* __restrict__ logits, const target_t* __restrict__ target,
+                               ProbabilityParams<at::opmath_type<scalar_t>> p,
+                               at::opmath_type<scalar_t>* __restrict__ row_loss,
+                               at::opmath_type<scalar_t>* __restrict__ row_stats, double* __restrict__ partials,
+                               gpu_reduce::FinishArgs<at::opmath_type<scalar_t>> finish) {
+  if constexpr (GROUP == gpu_reduce::kSmallGroup) {
+    probability_forward_tiled_rows(logits, target, p, row_loss, row_stats, partials, finish);
+  } else {
+    probability_forward_streamed_rows<scalar_t, target_t, GROUP>(logits, target, p, row_loss, row_stats, partials,
+                                                                 finish);
+  }
+}
+
+template <typename scalar_t, typename target_t, int GROUP>
+__global__ void __launch_bounds__(kBlockThreads)
+    probability_backward_kernel(const scalar_t* __restrict__ logits, const target_t* __restrict__ target,
+                                ProbabilityParams<at::opmath_type<scalar_t>> p,
+                                const at::opmath_type<scalar_t>* __restrict__ row_stats,
+                                const at::opmath_type<scalar_t>* __restrict__ grad_loss, bool per_row_grad,
+                                const at::opmath_type<scalar_t>* __restrict__ denominator,
+                                scalar_t* __restrict__ grad_logits) {
+  if constexpr (GROUP == gpu_reduce::kSmallGroup) {
+    probability_backward_tiled_rows(logits, target, p, row_stats, grad_loss, per_row_grad, denominator, grad_logits);
+  } else {
+    probability_backward_streamed_rows<scalar_t, target_t, GROUP>(logits, target, p, row_stats, grad_loss,
+                                                                  per_row_grad, denominator, grad_logits);
+  }
+}
+
 template <typename scalar_t, typename target_t>
 void launch_probability_forward(const scalar_t* logits, const target_t* target,
                                 const ProbabilityParams<at::opmath_type<scalar_t>>& p,
@@ -723,7 +1148,7 @@ void launch_probability_forward(const scalar_t* logits, const target_t* target,
     gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
       constexpr int kGroup = decltype(group)::value;
       gpu::launch("soft_targets probability_forward_kernel", &probability_forward_kernel<scalar_t, target_t, kGroup>,
-                  gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, target, p, row_loss,
+                  row_kernel_blocks(p.num_rows, p.num_classes), kBlockThreads, stream, logits, target, p, row_loss,
                   row_stats, partials, gpu_reduce::FinishArgs<acc_t>{partials ? ticket : nullptr, mean, loss, denominator});
     });
   }
@@ -745,7 +1170,7 @@ void launch_probability_backward(const scalar_t* logits, const target_t* target,
   gpu_reduce::with_row_group(p.num_classes, [&](auto group) {
     constexpr int kGroup = decltype(group)::value;
     gpu::launch("soft_targets probability_backward_kernel", &probability_backward_kernel<scalar_t, target_t, kGroup>,
-                gpu_reduce::row_blocks(p.num_rows, kGroup), kBlockThreads, stream, logits, target, p, row_stats,
+                row_kernel_blocks(p.num_rows, p.num_classes), kBlockThreads, stream, logits, target, p, row_stats,
                 grad_loss, per_row_grad, denominator, grad_logits);
   });
 }
