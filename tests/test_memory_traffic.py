@@ -136,6 +136,14 @@ def test_vector_body_at_any_row_alignment(offset):
     assert max(s.widest for s in memory_model.stream_sites(backward, [(begin, end)])) == 16
 
 
+def _assert_full_width(launch, ranges, write):
+    """The launch's loads (write=False) or stores of the [N, C] streams in `ranges`: 16-byte accesses
+    at >= 0.9 sector efficiency."""
+    sites = [s for s in memory_model.stream_sites(launch, ranges) if s.write == write]
+    assert max(s.widest for s in sites) == 16, (launch.kernel, write)
+    assert _sector_efficiency(sites) >= 0.9, (launch.kernel, write, _sector_efficiency(sites))
+
+
 @pytest.mark.parametrize("with_grad", [False, True], ids=["backward", "fused"])
 @pytest.mark.parametrize("C, offset", [(10, 3), (13, 1), (20, 0), (20, 1), (32, 5)])
 def test_tiled_short_rows(C, offset, with_grad):
@@ -173,14 +181,9 @@ def test_tiled_short_rows(C, offset, with_grad):
     (rows,) = [launch for launch in fwd if launch.kernel == "cross_entropy forward_rows_kernel"]
     writer = rows if with_grad else next(launch for launch in bwd if launch.kernel == "cross_entropy backward_rows_kernel")
     grad_begin = logits.grad.data_ptr()
-    stores = [s for s in memory_model.stream_sites(writer, [(grad_begin, grad_begin + N * C * 2)]) if s.write]
-    reader = rows if with_grad else writer
-    for launch in {id(rows): rows, id(reader): reader}.values():
-        reads = [s for s in memory_model.stream_sites(launch, [(begin, end)]) if not s.write]
-        assert max(s.widest for s in reads) == 16
-        assert _sector_efficiency(reads) >= 0.9, (launch.kernel, _sector_efficiency(reads))
-    assert max(s.widest for s in stores) == 16
-    assert _sector_efficiency(stores) >= 0.9, _sector_efficiency(stores)
+    for launch in {id(rows): rows, id(writer): writer}.values():  # the forward, and the backward if separate
+        _assert_full_width(launch, [(begin, end)], write=False)
+    _assert_full_width(writer, [(grad_begin, grad_begin + N * C * 2)], write=True)
 
 
 @pytest.mark.parametrize("C, offset", [(10, 3), (20, 1), (32, 0)])
@@ -213,12 +216,8 @@ def test_tiled_short_rows_equalization(C, offset):
     (rows,) = [launch for launch in fwd if launch.kernel == "equalization forward_rows_kernel"]
     (backward,) = [launch for launch in bwd if launch.kernel == "equalization backward_rows_kernel"]
     for launch in (rows, backward):
-        reads = [s for s in memory_model.stream_sites(launch, [(begin, end)]) if not s.write]
-        assert max(s.widest for s in reads) == 16
-        assert _sector_efficiency(reads) >= 0.9, (launch.kernel, _sector_efficiency(reads))
-    stores = [s for s in memory_model.stream_sites(backward, [(grad_begin, grad_begin + N * C * 2)]) if s.write]
-    assert max(s.widest for s in stores) == 16
-    assert _sector_efficiency(stores) >= 0.9, _sector_efficiency(stores)
+        _assert_full_width(launch, [(begin, end)], write=False)
+    _assert_full_width(backward, [(grad_begin, grad_begin + N * C * 2)], write=True)
 
 
 @pytest.mark.parametrize("op", ["mixed_cross_entropy", "probability_cross_entropy"])
@@ -273,13 +272,9 @@ def test_tiled_short_rows_soft_targets(op, C, offset):
     if op == "probability_cross_entropy":
         streams.append((q_shifted.data_ptr(), q_shifted.data_ptr() + N * C * 4))
     for launch in (rows, backward):
-        reads = [s for s in memory_model.stream_sites(launch, streams) if not s.write]
-        assert max(s.widest for s in reads) == 16
-        assert _sector_efficiency(reads) >= 0.9, (launch.kernel, _sector_efficiency(reads))
+        _assert_full_width(launch, streams, write=False)
     grad_begin = logits.grad.data_ptr()
-    stores = [s for s in memory_model.stream_sites(backward, [(grad_begin, grad_begin + N * C * 2)]) if s.write]
-    assert max(s.widest for s in stores) == 16
-    assert _sector_efficiency(stores) >= 0.9, _sector_efficiency(stores)
+    _assert_full_width(backward, [(grad_begin, grad_begin + N * C * 2)], write=True)
 
 
 @pytest.mark.parametrize("op", ["mixed_cross_entropy", "probability_cross_entropy"])
